@@ -1,0 +1,179 @@
+"""The provider contract: `IMetering` (what a provider is), `BaseProvider` (defaults for
+plugin authors) and `Capabilities` (what a provider can do, stated up front)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from datetime import timedelta
+from enum import StrEnum
+from typing import ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from metering_core.errors import UnsupportedOperationError
+from metering_core.models import (
+    Aggregation,
+    CancelResult,
+    Customer,
+    CustomerCreate,
+    IngestResult,
+    Meter,
+    MeterCreate,
+    MeterUpdate,
+    Page,
+    Usage,
+    UsageEvent,
+    UsageQuery,
+    Window,
+)
+
+__all__ = ["BaseProvider", "Capabilities", "IMetering", "Operation"]
+
+
+class Operation(StrEnum):
+    """The ten operations of the IMetering interface."""
+
+    CREATE_METER = "create_meter"
+    FETCH_METER = "fetch_meter"
+    FETCH_ALL_METERS = "fetch_all_meters"
+    UPDATE_METER = "update_meter"
+    DELETE_METER = "delete_meter"
+    INGEST_USAGE_EVENTS = "ingest_usage_events"
+    FETCH_USAGE = "fetch_usage"
+    CANCEL_USAGE_EVENTS = "cancel_usage_events"
+    CREATE_CUSTOMER = "create_customer"
+    DELETE_CUSTOMER = "delete_customer"
+
+
+REQUIRED_OPERATIONS = frozenset(
+    {
+        Operation.CREATE_METER,
+        Operation.FETCH_METER,
+        Operation.FETCH_ALL_METERS,
+        Operation.INGEST_USAGE_EVENTS,
+        Operation.FETCH_USAGE,
+    }
+)
+
+
+class Capabilities(BaseModel):
+    """What a provider can do. The facade checks these before it calls, so an unsupported
+    request fails fast with a message that says what the provider lacks."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    operations: frozenset[Operation] = frozenset(Operation)
+    aggregations: frozenset[Aggregation] = frozenset(Aggregation)
+    windows: frozenset[Window] = frozenset(Window)
+    max_batch_size: int = Field(default=1000, ge=1)
+    requires_customer: bool = False
+    """`fetch_usage` needs `customer_id`."""
+    group_by: bool = True
+    dimensions: bool = True
+    """Meters may declare dimensions and events' dimensions are kept."""
+    updatable_meter_fields: frozenset[str] = frozenset({"display_name", "description", "dimensions"})
+    max_event_age: timedelta | None = None
+    """The oldest event timestamp accepted, as an age; `None` means no limit."""
+    max_future_skew: timedelta | None = None
+    """How far ahead of now an event timestamp may be; `None` means no limit."""
+    cancel_window: timedelta | None = None
+    """How long after delivery an event can still be cancelled; `None` means always."""
+
+    def supports(self, operation: Operation | str) -> bool:
+        return Operation(operation) in self.operations
+
+
+@runtime_checkable
+class IMetering(Protocol):
+    """What every provider implements; all operations are async, ingestion is batched."""
+
+    name: str
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    async def create_meter(self, meter: MeterCreate) -> Meter: ...
+
+    async def fetch_meter(self, meter_id: str) -> Meter: ...
+
+    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]: ...
+
+    async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter: ...
+
+    async def delete_meter(self, meter_id: str) -> None: ...
+
+    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult: ...
+
+    async def fetch_usage(self, query: UsageQuery) -> Usage: ...
+
+    async def cancel_usage_events(
+        self, event_ids: Sequence[str], *, event_name: str | None = None
+    ) -> CancelResult: ...
+
+    async def create_customer(self, customer: CustomerCreate) -> Customer: ...
+
+    async def delete_customer(self, customer_id: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class BaseProvider(abc.ABC):
+    """Defaults for plugin authors: optional operations raise `UnsupportedOperationError`,
+    `ingest_usage_events` chunks to `capabilities.max_batch_size` and calls `ingest_batch`,
+    `aclose` does nothing."""
+
+    name: ClassVar[str]
+    default_capabilities: ClassVar[Capabilities] = Capabilities()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.default_capabilities
+
+    def unsupported(self, operation: Operation, detail: str | None = None) -> UnsupportedOperationError:
+        return UnsupportedOperationError(self.name, operation.value, detail)
+
+    @abc.abstractmethod
+    async def create_meter(self, meter: MeterCreate) -> Meter: ...
+
+    @abc.abstractmethod
+    async def fetch_meter(self, meter_id: str) -> Meter: ...
+
+    @abc.abstractmethod
+    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]: ...
+
+    async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
+        raise self.unsupported(Operation.UPDATE_METER)
+
+    async def delete_meter(self, meter_id: str) -> None:
+        raise self.unsupported(Operation.DELETE_METER)
+
+    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
+        size = self.capabilities.max_batch_size
+        if len(events) <= size:
+            return await self.ingest_batch(events)
+        result = IngestResult()
+        for offset in range(0, len(events), size):
+            result = result.merge(await self.ingest_batch(events[offset : offset + size]))
+        return result
+
+    @abc.abstractmethod
+    async def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
+        """Deliver at most `max_batch_size` events; report every id in the result."""
+
+    @abc.abstractmethod
+    async def fetch_usage(self, query: UsageQuery) -> Usage: ...
+
+    async def cancel_usage_events(
+        self, event_ids: Sequence[str], *, event_name: str | None = None
+    ) -> CancelResult:
+        raise self.unsupported(Operation.CANCEL_USAGE_EVENTS)
+
+    async def create_customer(self, customer: CustomerCreate) -> Customer:
+        raise self.unsupported(Operation.CREATE_CUSTOMER)
+
+    async def delete_customer(self, customer_id: str) -> None:
+        raise self.unsupported(Operation.DELETE_CUSTOMER)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,297 @@
+"""The values that cross the API: meters, usage events, queries, results, customers.
+
+Every model validates on construction and raises `metering_core.ValidationError`, which
+names the field and the value, so bad input is refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import pydantic
+from pydantic import AfterValidator, AwareDatetime, ConfigDict, Field, model_validator
+
+from metering_core.errors import ValidationError
+
+__all__ = [
+    "Aggregation",
+    "CancelResult",
+    "Customer",
+    "CustomerCreate",
+    "IngestResult",
+    "Meter",
+    "MeterCreate",
+    "MeterUpdate",
+    "Page",
+    "Usage",
+    "UsageEvent",
+    "UsageQuery",
+    "UsageRow",
+    "Window",
+]
+
+_SLUG = re.compile(r"[a-z0-9_.\-]{1,100}")
+
+
+def _slug(value: str) -> str:
+    if not _SLUG.fullmatch(value):
+        raise ValueError(
+            "must be a slug of 1 to 100 lowercase letters, digits, '_', '.' or '-'"
+        )
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
+
+
+def _iana_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("must be an IANA time zone name such as 'UTC' or 'Europe/Paris'") from None
+    return value
+
+
+Slug = Annotated[str, AfterValidator(_slug)]
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
+Identifier = Annotated[str, Field(min_length=1, max_length=100)]
+TimeZoneName = Annotated[str, AfterValidator(_iana_zone)]
+FiniteDecimal = Annotated[Decimal, Field(allow_inf_nan=False)]
+
+
+def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
+    field = ".".join(str(part) for part in error["loc"]) or "value"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return field, f"{field}={error.get('input')!r}: {message}"
+
+
+def validation_error(exc: pydantic.ValidationError, what: str) -> ValidationError:
+    """Turn pydantic's error into ours: the first bad field and value lead the message."""
+    errors = exc.errors(include_url=False)
+    described = [_describe(error) for error in errors]
+    field = described[0][0] if described else None
+    value = errors[0].get("input") if errors else None
+    detail = "; ".join(text for _, text in described)
+    return ValidationError(f"invalid {what}: {detail}", field=field, value=value, errors=errors)
+
+
+class _Model(pydantic.BaseModel):
+    """Base that reports bad input as `metering_core.ValidationError`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise validation_error(exc, type(self).__name__) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
+        try:
+            return super().model_validate(obj, **kwargs)
+        except pydantic.ValidationError as exc:
+            raise validation_error(exc, cls.__name__) from None
+
+
+class Aggregation(StrEnum):
+    """How a meter folds the values of its events into one number per window."""
+
+    SUM = "sum"
+    COUNT = "count"
+    MIN = "min"
+    MAX = "max"
+    AVG = "avg"
+    LATEST = "latest"
+    UNIQUE_COUNT = "unique_count"
+
+
+class Window(StrEnum):
+    """The width of one usage row; `None` in a query means the whole range."""
+
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
+
+
+class MeterCreate(_Model):
+    """What a caller states to create a meter.
+
+    `unique_dimension` names the dimension whose distinct values a `unique_count`
+    meter counts (e.g. `user_id` for monthly active users); other aggregations have none.
+    """
+
+    event_name: Slug
+    display_name: Annotated[str, Field(min_length=1, max_length=250)] | None = None
+    aggregation: Aggregation = Aggregation.SUM
+    dimensions: list[Annotated[str, Field(min_length=1, max_length=100)]] = []
+    description: Annotated[str, Field(max_length=1000)] | None = None
+    unique_dimension: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+
+    @model_validator(mode="after")
+    def _check_unique_dimension(self) -> Self:
+        if self.aggregation is Aggregation.UNIQUE_COUNT and self.unique_dimension is None:
+            raise ValueError("unique_count meters need unique_dimension: the dimension to count")
+        if self.aggregation is not Aggregation.UNIQUE_COUNT and self.unique_dimension is not None:
+            raise ValueError(f"unique_dimension applies to unique_count, not {self.aggregation}")
+        if len(set(self.dimensions)) != len(self.dimensions):
+            raise ValueError(f"dimensions has repeats: {self.dimensions!r}")
+        return self
+
+
+class Meter(MeterCreate):
+    """A meter as the provider holds it."""
+
+    id: Identifier
+    display_name: str  # type: ignore[assignment]  # always set once created
+    status: Literal["active", "inactive"] = "active"
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+
+
+class MeterUpdate(_Model):
+    """The fields of a meter that may change after creation; at least one must be given."""
+
+    display_name: Annotated[str, Field(min_length=1, max_length=250)] | None = None
+    description: Annotated[str, Field(max_length=1000)] | None = None
+    dimensions: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Self:
+        if not self.model_fields_set:
+            raise ValueError("a meter update needs at least one field to change")
+        return self
+
+
+def _new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UsageEvent(_Model):
+    """One unit of usage. `id` is the idempotency key: the same id is never counted twice."""
+
+    id: Identifier = Field(default_factory=_new_event_id)
+    event_name: Slug
+    customer_id: Identifier
+    value: FiniteDecimal = Decimal(1)
+    timestamp: UtcDatetime = Field(default_factory=_now)
+    dimensions: dict[str, str] = {}
+
+
+class UsageQuery(_Model):
+    """What `fetch_usage` asks for: `start` inclusive, `end` exclusive."""
+
+    meter_id: Identifier
+    customer_id: Identifier | None = None
+    start: UtcDatetime
+    end: UtcDatetime
+    window: Window | None = None
+    group_by: tuple[str, ...] = ()
+    tz: TimeZoneName = "UTC"
+
+    @model_validator(mode="after")
+    def _check_range(self) -> Self:
+        if self.end <= self.start:
+            raise ValueError(
+                f"end ({self.end.isoformat()}) must be after start ({self.start.isoformat()})"
+            )
+        if len(set(self.group_by)) != len(self.group_by):
+            raise ValueError(f"group_by has repeats: {self.group_by!r}")
+        return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.tz)
+
+
+class UsageRow(_Model):
+    """The aggregated value of one window (and one group, when grouped)."""
+
+    start: UtcDatetime
+    end: UtcDatetime
+    customer_id: str | None = None
+    dimensions: dict[str, str] = {}
+    value: Decimal
+
+
+class Usage(_Model):
+    """The answer to a usage query, rows ordered by window start then group."""
+
+    meter_id: str
+    aggregation: Aggregation
+    start: UtcDatetime
+    end: UtcDatetime
+    window: Window | None = None
+    rows: list[UsageRow]
+
+    @property
+    def total(self) -> Decimal:
+        """Sum of the row values; meaningful for sum and count meters."""
+        return sum((row.value for row in self.rows), Decimal(0))
+
+
+T = TypeVar("T")
+
+
+class Page(_Model, Generic[T]):
+    """One page of a listing; pass `next_cursor` back to get the next page."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class IngestResult(_Model):
+    """What became of each delivered event: accepted, a duplicate (success), or rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    accepted: list[str] = []
+    duplicates: list[str] = []
+    rejected: dict[str, str] = {}
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected
+
+    def merge(self, other: IngestResult) -> IngestResult:
+        return IngestResult(
+            accepted=[*self.accepted, *other.accepted],
+            duplicates=[*self.duplicates, *other.duplicates],
+            rejected={**self.rejected, **other.rejected},
+        )
+
+
+class CancelResult(_Model):
+    """Per id: cancelled, never seen, or refused with a reason."""
+
+    cancelled: list[str] = []
+    not_found: list[str] = []
+    rejected: dict[str, str] = {}
+
+
+class CustomerCreate(_Model):
+    """A tenant to register with the provider; `id` is the SaaS tenant id."""
+
+    id: Identifier
+    name: Annotated[str, Field(max_length=256)] | None = None
+    email: Annotated[str, Field(max_length=512)] | None = None
+    metadata: dict[str, str] = {}
+
+
+class Customer(CustomerCreate):
+    """A registered tenant; `provider_ref` is the provider's own id (Stripe's `cus_…`)."""
+
+    provider_ref: str | None = None
+
