@@ -42,9 +42,7 @@ _SLUG = re.compile(r"[a-z0-9_.\-]{1,100}")
 
 def _slug(value: str) -> str:
     if not _SLUG.fullmatch(value):
-        raise ValueError(
-            "must be a slug of 1 to 100 lowercase letters, digits, '_', '.' or '-'"
-        )
+        raise ValueError("must be a slug of 1 to 100 lowercase letters, digits, '_', '.' or '-'")
     return value
 
 
@@ -69,6 +67,8 @@ FiniteDecimal = Annotated[Decimal, Field(allow_inf_nan=False)]
 
 def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
     field = ".".join(str(part) for part in error["loc"]) or "value"
+    if error["type"] == "missing":
+        return field, f"{field} is required"
     message = str(error["msg"]).removeprefix("Value error, ")
     return field, f"{field}={error.get('input')!r}: {message}"
 
@@ -80,7 +80,9 @@ def validation_error(exc: pydantic.ValidationError, what: str) -> ValidationErro
     field = described[0][0] if described else None
     value = errors[0].get("input") if errors else None
     detail = "; ".join(text for _, text in described)
-    return ValidationError(f"invalid {what}: {detail}", field=field, value=value, errors=errors)
+    return ValidationError(
+        f"invalid {what}: {detail}", field=field, value=value, errors=[dict(e) for e in errors]
+    )
 
 
 class _Model(pydantic.BaseModel):
@@ -93,6 +95,10 @@ class _Model(pydantic.BaseModel):
             super().__init__(**data)
         except pydantic.ValidationError as exc:
             raise validation_error(exc, type(self).__name__) from None
+
+    # Tell pydantic this is still its own __init__: validation (model_validate, nested
+    # models) then runs without re-entering it, so errors are wrapped exactly once.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> Self:
@@ -151,7 +157,7 @@ class Meter(MeterCreate):
     """A meter as the provider holds it."""
 
     id: Identifier
-    display_name: str  # type: ignore[assignment]  # always set once created
+    display_name: str
     status: Literal["active", "inactive"] = "active"
     created_at: UtcDatetime
     updated_at: UtcDatetime
@@ -294,4 +300,3 @@ class Customer(CustomerCreate):
     """A registered tenant; `provider_ref` is the provider's own id (Stripe's `cus_…`)."""
 
     provider_ref: str | None = None
-

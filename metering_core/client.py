@@ -1,0 +1,452 @@
+"""The facades users hold: `AsyncMetering`, and `Metering`, its synchronous twin.
+
+Both expose the ten operations with the same names and arguments. A method takes either
+the model (`MeterCreate`, `UsageEvent`, …) or its fields as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from metering_core import guards
+from metering_core.config import (
+    MeteringSettings,
+    provider_name,
+    resolve_provider_settings,
+    resolve_settings,
+)
+from metering_core.errors import ValidationError
+from metering_core.interface import Capabilities, IMetering, Operation
+from metering_core.models import (
+    CancelResult,
+    Customer,
+    CustomerCreate,
+    IngestResult,
+    Meter,
+    MeterCreate,
+    MeterUpdate,
+    Page,
+    Usage,
+    UsageEvent,
+    UsageQuery,
+    Window,
+    _Model,
+)
+from metering_core.pipeline import Pipeline
+from metering_core.plugins import get_provider, plugin_manager
+
+__all__ = ["AsyncMetering", "Metering"]
+
+M = TypeVar("M", bound=_Model)
+T = TypeVar("T")
+
+EventInput = UsageEvent | Mapping[str, Any]
+
+
+def _coerce(model: type[M], value: M | Mapping[str, Any] | None, fields: Mapping[str, Any]) -> M:
+    """The model itself, a mapping of its fields, or its fields as keyword arguments."""
+    if value is None:
+        return model(**fields)
+    if fields:
+        raise TypeError(f"pass a {model.__name__} or its fields as keyword arguments, not both")
+    if isinstance(value, model):
+        return value
+    if isinstance(value, Mapping):
+        return model.model_validate(value)
+    raise ValidationError(
+        f"expected a {model.__name__} or a mapping of its fields, got {value!r}",
+        field=model.__name__,
+        value=value,
+    )
+
+
+def _coerce_events(events: Iterable[EventInput]) -> list[UsageEvent]:
+    """Validate every event before any is queued, so one bad row changes nothing."""
+    checked: list[UsageEvent] = []
+    for index, event in enumerate(events):
+        if type(event) is UsageEvent:
+            checked.append(event)
+            continue
+        try:
+            checked.append(_coerce(UsageEvent, event, {}))
+        except ValidationError as exc:
+            raise ValidationError(
+                f"events[{index}]: {exc}", field=f"events[{index}].{exc.field}", value=exc.value
+            ) from None
+    return checked
+
+
+def _build_provider(
+    provider: str | IMetering | None,
+    config_file: Path | str | None,
+    library_options: Mapping[str, Any],
+    provider_options: Mapping[str, Any],
+) -> tuple[IMetering, MeteringSettings]:
+    settings, file_table = resolve_settings(
+        {"provider": provider if isinstance(provider, str) else None, **library_options},
+        config_file=config_file,
+    )
+    if provider is not None and not isinstance(provider, str):
+        return provider, settings
+    name = provider_name(settings)
+    spec = get_provider(name)
+    provider_settings = resolve_provider_settings(
+        spec.settings_model, name, file_table, provider_options
+    )
+    return spec.factory(provider_settings), settings
+
+
+class AsyncMetering:
+    """The async facade: one metering API over whichever provider configuration selects.
+
+    It may be built outside a running event loop; background work starts on first use,
+    in the loop that uses it.
+    """
+
+    def __init__(
+        self,
+        provider: str | IMetering | None = None,
+        *,
+        config_file: Path | str | None = None,
+        spool_path: Path | str | None = None,
+        linger: float | None = None,
+        max_queue: int | None = None,
+        max_concurrency: int | None = None,
+        max_attempts: int | None = None,
+        **provider_options: Any,
+    ) -> None:
+        library_options = {
+            "spool_path": spool_path,
+            "linger": linger,
+            "max_queue": max_queue,
+            "max_concurrency": max_concurrency,
+            "max_attempts": max_attempts,
+        }
+        self._provider, self.settings = _build_provider(
+            provider, config_file, library_options, provider_options
+        )
+        self._pipeline = Pipeline(self._provider, self.settings, on_delivered=self._report_delivery)
+
+    def _report_delivery(self, result: IngestResult) -> None:
+        plugin_manager().hook.usage_delivered(provider=self.provider_name, result=result)
+
+    @property
+    def provider(self) -> IMetering:
+        """The provider behind this facade."""
+        return self._provider
+
+    @property
+    def provider_name(self) -> str:
+        return self._provider.name
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._provider.capabilities
+
+    def _require(self, operation: Operation) -> None:
+        guards.require_operation(self.capabilities, self.provider_name, operation)
+
+    async def create_meter(
+        self, meter: MeterCreate | Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> Meter:
+        """Create a meter for one event name."""
+        request = _coerce(MeterCreate, meter, fields)
+        guards.check_meter_create(self.capabilities, self.provider_name, request)
+        return await self._provider.create_meter(request)
+
+    async def fetch_meter(self, meter_id: str) -> Meter:
+        self._require(Operation.FETCH_METER)
+        return await self._provider.fetch_meter(meter_id)
+
+    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
+        """One page of meters; pass `next_cursor` back for the next."""
+        self._require(Operation.FETCH_ALL_METERS)
+        return await self._provider.fetch_all_meters(limit=limit, cursor=cursor)
+
+    async def iter_meters(self, *, page_size: int = 100) -> AsyncIterator[Meter]:
+        """Every meter, following cursors page by page."""
+        cursor: str | None = None
+        while True:
+            page = await self.fetch_all_meters(limit=page_size, cursor=cursor)
+            for meter in page.items:
+                yield meter
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def update_meter(
+        self, meter_id: str, update: MeterUpdate | Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> Meter:
+        request = _coerce(MeterUpdate, update, fields)
+        guards.check_meter_update(self.capabilities, self.provider_name, request)
+        return await self._provider.update_meter(meter_id, request)
+
+    async def delete_meter(self, meter_id: str) -> None:
+        self._require(Operation.DELETE_METER)
+        await self._provider.delete_meter(meter_id)
+
+    async def ingest_usage_event(
+        self, event: EventInput | None = None, /, *, timeout: float | None = None, **fields: Any
+    ) -> str:
+        """Queue one event for delivery and return its id (the idempotency key)."""
+        checked = _coerce(UsageEvent, event, fields)
+        self._require(Operation.INGEST_USAGE_EVENTS)
+        await self._pipeline.submit([checked], timeout=timeout)
+        return checked.id
+
+    async def ingest_usage_events(
+        self, events: Iterable[EventInput], *, timeout: float | None = None
+    ) -> list[str]:
+        """Queue events for delivery and return their ids in order; all are validated first."""
+        checked = _coerce_events(events)
+        self._require(Operation.INGEST_USAGE_EVENTS)
+        await self._pipeline.submit(checked, timeout=timeout)
+        return [event.id for event in checked]
+
+    async def flush(self, timeout: float | None = None) -> IngestResult:
+        """Wait until every queued event reached the provider; report all since the last flush."""
+        return await self._pipeline.flush(timeout)
+
+    async def fetch_usage(
+        self,
+        meter_id: str | UsageQuery,
+        *,
+        customer_id: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        window: Window | str | None = None,
+        group_by: Sequence[str] = (),
+        tz: str = "UTC",
+    ) -> Usage:
+        """Aggregated usage of one meter over [start, end), by window and group."""
+        if isinstance(meter_id, UsageQuery):
+            query = meter_id
+        else:
+            query = UsageQuery(
+                meter_id=meter_id,
+                customer_id=customer_id,
+                start=start,
+                end=end,
+                window=window,
+                group_by=tuple(group_by),
+                tz=tz,
+            )
+        guards.check_usage_query(self.capabilities, self.provider_name, query)
+        return await self._provider.fetch_usage(query)
+
+    async def cancel_usage_events(
+        self, event_ids: Sequence[str], *, event_name: str | None = None
+    ) -> CancelResult:
+        """Cancel delivered events by id; the result says what became of each id."""
+        self._require(Operation.CANCEL_USAGE_EVENTS)
+        if isinstance(event_ids, str):
+            raise ValidationError(
+                f"event_ids must be a list of ids, not one string ({event_ids!r})",
+                field="event_ids",
+                value=event_ids,
+            )
+        return await self._provider.cancel_usage_events(list(event_ids), event_name=event_name)
+
+    async def create_customer(
+        self, customer: CustomerCreate | Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> Customer:
+        """Register a tenant with the provider; its id is the tenant id."""
+        request = _coerce(CustomerCreate, customer, fields)
+        self._require(Operation.CREATE_CUSTOMER)
+        return await self._provider.create_customer(request)
+
+    async def delete_customer(self, customer_id: str) -> None:
+        self._require(Operation.DELETE_CUSTOMER)
+        await self._provider.delete_customer(customer_id)
+
+    async def close(self) -> IngestResult:
+        """Deliver what is queued, release the provider, and report the last deliveries."""
+        try:
+            return await self._pipeline.aclose()
+        finally:
+            await self._provider.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncMetering provider={self.provider_name!r}>"
+
+
+class _LoopThread:
+    """A private event loop in a daemon thread, for the synchronous facade."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="metering-loop", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class Metering:
+    """The synchronous twin of `AsyncMetering`: same methods, same arguments, not awaited."""
+
+    def __init__(
+        self,
+        provider: str | IMetering | None = None,
+        *,
+        config_file: Path | str | None = None,
+        spool_path: Path | str | None = None,
+        linger: float | None = None,
+        max_queue: int | None = None,
+        max_concurrency: int | None = None,
+        max_attempts: int | None = None,
+        **provider_options: Any,
+    ) -> None:
+        self._async = AsyncMetering(
+            provider,
+            config_file=config_file,
+            spool_path=spool_path,
+            linger=linger,
+            max_queue=max_queue,
+            max_concurrency=max_concurrency,
+            max_attempts=max_attempts,
+            **provider_options,
+        )
+        self._runner = _LoopThread()
+        self._closed = False
+
+    @property
+    def provider(self) -> IMetering:
+        return self._async.provider
+
+    @property
+    def provider_name(self) -> str:
+        return self._async.provider_name
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._async.capabilities
+
+    @property
+    def settings(self) -> MeteringSettings:
+        return self._async.settings
+
+    def create_meter(
+        self, meter: MeterCreate | Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> Meter:
+        return self._runner.run(self._async.create_meter(meter, **fields))
+
+    def fetch_meter(self, meter_id: str) -> Meter:
+        return self._runner.run(self._async.fetch_meter(meter_id))
+
+    def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
+        return self._runner.run(self._async.fetch_all_meters(limit=limit, cursor=cursor))
+
+    def iter_meters(self, *, page_size: int = 100) -> Iterator[Meter]:
+        cursor: str | None = None
+        while True:
+            page = self.fetch_all_meters(limit=page_size, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def update_meter(
+        self, meter_id: str, update: MeterUpdate | Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> Meter:
+        return self._runner.run(self._async.update_meter(meter_id, update, **fields))
+
+    def delete_meter(self, meter_id: str) -> None:
+        self._runner.run(self._async.delete_meter(meter_id))
+
+    def ingest_usage_event(
+        self, event: EventInput | None = None, /, *, timeout: float | None = None, **fields: Any
+    ) -> str:
+        return self._runner.run(self._async.ingest_usage_event(event, timeout=timeout, **fields))
+
+    def ingest_usage_events(
+        self, events: Iterable[EventInput], *, timeout: float | None = None
+    ) -> list[str]:
+        return self._runner.run(self._async.ingest_usage_events(events, timeout=timeout))
+
+    def flush(self, timeout: float | None = None) -> IngestResult:
+        return self._runner.run(self._async.flush(timeout))
+
+    def fetch_usage(
+        self,
+        meter_id: str | UsageQuery,
+        *,
+        customer_id: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        window: Window | str | None = None,
+        group_by: Sequence[str] = (),
+        tz: str = "UTC",
+    ) -> Usage:
+        return self._runner.run(
+            self._async.fetch_usage(
+                meter_id,
+                customer_id=customer_id,
+                start=start,
+                end=end,
+                window=window,
+                group_by=group_by,
+                tz=tz,
+            )
+        )
+
+    def cancel_usage_events(
+        self, event_ids: Sequence[str], *, event_name: str | None = None
+    ) -> CancelResult:
+        return self._runner.run(self._async.cancel_usage_events(event_ids, event_name=event_name))
+
+    def create_customer(
+        self, customer: CustomerCreate | Mapping[str, Any] | None = None, /, **fields: Any
+    ) -> Customer:
+        return self._runner.run(self._async.create_customer(customer, **fields))
+
+    def delete_customer(self, customer_id: str) -> None:
+        self._runner.run(self._async.delete_customer(customer_id))
+
+    def close(self) -> IngestResult:
+        """Deliver what is queued, release the provider and stop the private loop."""
+        if self._closed:
+            return IngestResult()
+        self._closed = True
+        try:
+            return self._runner.run(self._async.close())
+        finally:
+            self._runner.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Metering provider={self.provider_name!r}>"

@@ -1,0 +1,182 @@
+"""Settings resolution: which provider, with which options, from where.
+
+Provider: an explicit argument, then `METERING_PROVIDER`, then the config file
+(`metering.toml` in the working directory, else `[tool.metering]` in `pyproject.toml`),
+otherwise `memory` with a warning. Provider options: keyword arguments, then
+`METERING_<PROVIDER>_<OPTION>` variables, then the file's table for that provider.
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from metering_core.errors import ConfigurationError
+
+__all__ = [
+    "ApiKey",
+    "MeteringSettings",
+    "ProviderSettings",
+    "load_config_file",
+    "resolve_provider_settings",
+    "resolve_settings",
+]
+
+logger = logging.getLogger("metering")
+
+DEFAULT_PROVIDER = "memory"
+Scope = Literal["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
+S = TypeVar("S", bound=BaseSettings)
+
+
+class ProviderSettings(BaseSettings):
+    """Base of every provider's settings model; unknown options are refused."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, case_sensitive=False)
+
+
+class ApiKey(BaseModel):
+    """One REST-service key: what it may do, and the one tenant it is bound to, if any."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scopes: frozenset[Scope]
+    tenant: str | None = None
+
+
+class MeteringSettings(BaseSettings):
+    """Settings of the library itself (not of one provider)."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
+
+    provider: str | None = None
+    spool_path: Path | None = None
+    """Durable outbox for ingestion; events survive a crash when set."""
+    linger: float = Field(default=0.005, ge=0)
+    """Seconds a partial batch waits for more events before it is sent."""
+    max_queue: int = Field(default=100_000, ge=1)
+    """Events held in memory before `ingest_usage_event` blocks."""
+    max_concurrency: int = Field(default=4, ge=1)
+    """Batches in flight to the provider at once."""
+    max_attempts: int = Field(default=8, ge=1)
+    """Delivery attempts of a batch on retryable failures before its events are reported."""
+    keys: dict[SecretStr, ApiKey] = {}
+    """REST-service API keys (`metering serve`)."""
+
+
+def load_config_file(path: Path | str | None = None) -> dict[str, Any]:
+    """The metering table of the config file: `path` if given (a `metering.toml` or a
+    `pyproject.toml`), else `metering.toml` or `pyproject.toml` in the working directory."""
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigurationError(f"config file {str(file)!r} does not exist")
+        candidates = [file]
+    else:
+        candidates = [Path("metering.toml"), Path("pyproject.toml")]
+    for file in candidates:
+        if not file.is_file():
+            continue
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"config file {str(file)!r} is not valid TOML: {exc}") from exc
+        if file.name == "pyproject.toml":
+            table = data.get("tool", {}).get("metering")
+            if table is None:
+                continue
+            data = table
+        if not isinstance(data, dict):
+            raise ConfigurationError(
+                f"config file {str(file)!r}: the metering table is not a table"
+            )
+        return data
+    return {}
+
+
+def _env_prefix(provider: str | None) -> str:
+    if provider is None:
+        return "METERING_"
+    return "METERING_" + provider.upper().replace("-", "_") + "_"
+
+
+def _secret_fields(model: type[BaseModel]) -> set[str]:
+    return {
+        name for name, field in model.model_fields.items() if "Secret" in repr(field.annotation)
+    }
+
+
+def _configuration_error(
+    exc: pydantic.ValidationError, model: type[BaseModel], where: str
+) -> ConfigurationError:
+    """Name each bad option and its value, masking secrets."""
+    secrets = _secret_fields(model)
+    parts = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        shown = (
+            "'**********'"
+            if error["loc"] and error["loc"][0] in secrets
+            else repr(error.get("input"))
+        )
+        if error["type"] == "missing":
+            parts.append(f"{field} is required")
+        else:
+            parts.append(f"{field}={shown}: {error['msg']}")
+    return ConfigurationError(f"invalid {where} settings: " + "; ".join(parts))
+
+
+def _layered(
+    model: type[S],
+    prefix: str,
+    file_values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    where: str,
+) -> S:
+    """Keyword arguments beat environment variables, which beat the config file."""
+    env_values = EnvSettingsSource(model, env_prefix=prefix, case_sensitive=False)()
+    values = {**file_values, **env_values, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return model(_env_prefix=prefix, **values)
+    except pydantic.ValidationError as exc:
+        raise _configuration_error(exc, model, where) from None
+
+
+def resolve_settings(
+    overrides: Mapping[str, Any] | None = None, *, config_file: Path | str | None = None
+) -> tuple[MeteringSettings, dict[str, Any]]:
+    """The library settings and the whole file table (for provider tables)."""
+    file_table = load_config_file(config_file)
+    file_values = {k: v for k, v in file_table.items() if not isinstance(v, dict) or k == "keys"}
+    settings = _layered(
+        MeteringSettings, _env_prefix(None), file_values, overrides or {}, "metering"
+    )
+    return settings, file_table
+
+
+def provider_name(settings: MeteringSettings) -> str:
+    """The configured provider, or `memory` with a warning that usage is not persisted."""
+    if settings.provider:
+        return settings.provider
+    logger.warning(
+        "no metering provider configured (METERING_PROVIDER, metering.toml or [tool.metering]); "
+        "using 'memory': usage is not persisted"
+    )
+    return DEFAULT_PROVIDER
+
+
+def resolve_provider_settings(
+    model: type[S], provider: str, file_table: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> S:
+    """One provider's settings: kwargs, then METERING_<PROVIDER>_* variables, then its table."""
+    table = file_table.get(provider, {})
+    if not isinstance(table, dict):
+        raise ConfigurationError(f"config file: [{provider}] must be a table, got {table!r}")
+    return _layered(model, _env_prefix(provider), table, overrides, f"{provider!r} provider")

@@ -1,0 +1,63 @@
+"""Capability checks the facade runs before calling a provider, so an unsupported request
+fails fast with a message naming the provider and what it lacks."""
+
+from __future__ import annotations
+
+from metering_core.errors import UnsupportedOperationError, ValidationError
+from metering_core.interface import Capabilities, Operation
+from metering_core.models import MeterCreate, MeterUpdate, UsageQuery
+
+
+def require_operation(caps: Capabilities, provider: str, operation: Operation) -> None:
+    if not caps.supports(operation):
+        raise UnsupportedOperationError(provider, operation.value)
+
+
+def check_meter_create(caps: Capabilities, provider: str, meter: MeterCreate) -> None:
+    require_operation(caps, provider, Operation.CREATE_METER)
+    if meter.aggregation not in caps.aggregations:
+        supported = ", ".join(sorted(caps.aggregations))
+        raise UnsupportedOperationError(
+            provider,
+            Operation.CREATE_METER.value,
+            f"aggregation={meter.aggregation.value!r} is not supported (supported: {supported})",
+        )
+    if meter.dimensions and not caps.dimensions:
+        raise UnsupportedOperationError(
+            provider,
+            Operation.CREATE_METER.value,
+            f"dimensions={meter.dimensions!r}: this provider keeps no dimensions",
+        )
+
+
+def check_meter_update(caps: Capabilities, provider: str, update: MeterUpdate) -> None:
+    require_operation(caps, provider, Operation.UPDATE_METER)
+    refused = sorted(update.model_fields_set - caps.updatable_meter_fields)
+    if refused:
+        allowed = ", ".join(sorted(caps.updatable_meter_fields)) or "none"
+        raise UnsupportedOperationError(
+            provider,
+            Operation.UPDATE_METER.value,
+            f"cannot change {', '.join(refused)} (changeable: {allowed})",
+        )
+
+
+def check_usage_query(caps: Capabilities, provider: str, query: UsageQuery) -> None:
+    require_operation(caps, provider, Operation.FETCH_USAGE)
+    if query.window is not None and query.window not in caps.windows:
+        supported = ", ".join(sorted(caps.windows)) or "none"
+        raise UnsupportedOperationError(
+            provider,
+            Operation.FETCH_USAGE.value,
+            f"window={query.window.value!r} is not supported (supported: {supported})",
+        )
+    if query.group_by and not caps.group_by:
+        raise UnsupportedOperationError(
+            provider, Operation.FETCH_USAGE.value, f"group_by={list(query.group_by)!r}: no group-by"
+        )
+    if caps.requires_customer and query.customer_id is None:
+        raise ValidationError(
+            f"provider {provider!r} needs customer_id to fetch usage (customer_id=None)",
+            field="customer_id",
+            value=None,
+        )
