@@ -72,7 +72,9 @@ class Capabilities(BaseModel):
     group_by: bool = True
     dimensions: bool = True
     """Meters may declare dimensions and events' dimensions are kept."""
-    updatable_meter_fields: frozenset[str] = frozenset({"display_name", "description", "dimensions"})
+    updatable_meter_fields: frozenset[str] = frozenset(
+        {"display_name", "description", "dimensions"}
+    )
     max_event_age: timedelta | None = None
     """The oldest event timestamp accepted, as an age; `None` means no limit."""
     max_future_skew: timedelta | None = None
@@ -88,7 +90,10 @@ class Capabilities(BaseModel):
 class IMetering(Protocol):
     """What every provider implements; all operations are async, ingestion is batched."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The provider's registered name, used in every message about it."""
+        ...
 
     @property
     def capabilities(self) -> Capabilities: ...
@@ -97,7 +102,9 @@ class IMetering(Protocol):
 
     async def fetch_meter(self, meter_id: str) -> Meter: ...
 
-    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]: ...
+    async def fetch_all_meters(
+        self, *, limit: int = 100, cursor: str | None = None
+    ) -> Page[Meter]: ...
 
     async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter: ...
 
@@ -130,7 +137,9 @@ class BaseProvider(abc.ABC):
     def capabilities(self) -> Capabilities:
         return self.default_capabilities
 
-    def unsupported(self, operation: Operation, detail: str | None = None) -> UnsupportedOperationError:
+    def unsupported(
+        self, operation: Operation, detail: str | None = None
+    ) -> UnsupportedOperationError:
         return UnsupportedOperationError(self.name, operation.value, detail)
 
     @abc.abstractmethod
@@ -140,7 +149,9 @@ class BaseProvider(abc.ABC):
     async def fetch_meter(self, meter_id: str) -> Meter: ...
 
     @abc.abstractmethod
-    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]: ...
+    async def fetch_all_meters(
+        self, *, limit: int = 100, cursor: str | None = None
+    ) -> Page[Meter]: ...
 
     async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
         raise self.unsupported(Operation.UPDATE_METER)

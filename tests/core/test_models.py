@@ -1,0 +1,117 @@
+"""Model validation: every bad field is refused with its name and value."""
+
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from metering_core import (
+    IngestResult,
+    MeterCreate,
+    MeterUpdate,
+    UsageEvent,
+    UsageQuery,
+    ValidationError,
+)
+
+
+def event(**fields: object) -> UsageEvent:
+    return UsageEvent(**{"event_name": "api_calls", "customer_id": "t1", **fields})
+
+
+def test_event_defaults_give_a_fresh_id_and_an_aware_now() -> None:
+    first, second = event(), event()
+    assert first.id != second.id
+    assert first.timestamp.tzinfo is UTC
+    assert abs(first.timestamp - datetime.now(UTC)) < timedelta(seconds=5)
+    assert first.value == Decimal(1)
+
+
+def test_timestamps_are_normalised_to_utc() -> None:
+    paris_summer = timezone(timedelta(hours=2))
+    stamped = event(timestamp=datetime(2026, 7, 1, 12, 0, tzinfo=paris_summer))
+    assert stamped.timestamp == datetime(2026, 7, 1, 10, 0, tzinfo=UTC)
+    assert stamped.timestamp.tzinfo is UTC
+
+
+def test_float_values_keep_their_decimal_spelling() -> None:
+    assert event(value=0.1).value == Decimal("0.1")
+    assert event(value="12.50").value == Decimal("12.50")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "shown", "says"),
+    [
+        ("event_name", "API Calls", "'API Calls'", "slug"),
+        ("event_name", "x" * 101, "'xxxxxxxx", "slug"),
+        ("value", "nan", "'nan'", "finite"),
+        ("value", float("inf"), "inf", "finite"),
+        ("timestamp", datetime(2026, 1, 1), "datetime(2026, 1, 1, 0, 0)", "timezone"),
+        ("id", "", "id=''", "at least 1"),
+        ("id", "i" * 101, "'iiiiiiii", "at most 100"),
+        ("customer_id", "", "customer_id=''", "at least 1"),
+        ("dimensions", {"region": 3}, "dimensions.region=3", "string"),
+    ],
+)
+def test_a_bad_field_is_named_with_its_value(
+    field: str, value: object, shown: str, says: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        event(**{field: value})
+    assert caught.value.field is not None
+    assert caught.value.field.split(".")[0] == field
+    assert f"{field}" in str(caught.value)
+    assert shown in str(caught.value)
+    assert says in str(caught.value)
+
+
+def test_validation_error_is_also_a_value_error() -> None:
+    with pytest.raises(ValueError, match="event_name"):
+        event(event_name="Bad")
+
+
+def test_unknown_fields_are_refused_not_ignored() -> None:
+    with pytest.raises(ValidationError, match="custmer_id"):
+        UsageEvent(event_name="a", customer_id="t", custmer_id="typo")  # type: ignore[call-arg]
+
+
+def test_model_validate_reports_the_same_way() -> None:
+    with pytest.raises(ValidationError) as caught:
+        UsageEvent.model_validate({"event_name": "a", "customer_id": "t", "value": "lots"})
+    assert caught.value.field == "value"
+    assert "'lots'" in str(caught.value)
+
+
+def test_unique_count_needs_its_dimension_and_others_refuse_one() -> None:
+    with pytest.raises(ValidationError, match="unique_dimension"):
+        MeterCreate(event_name="mau", aggregation="unique_count")
+    with pytest.raises(ValidationError, match="unique_dimension"):
+        MeterCreate(event_name="calls", aggregation="sum", unique_dimension="user")
+    assert MeterCreate(event_name="mau", aggregation="unique_count", unique_dimension="user")
+
+
+def test_meter_update_needs_a_field() -> None:
+    with pytest.raises(ValidationError, match="at least one field"):
+        MeterUpdate()
+    assert MeterUpdate(display_name="New").model_fields_set == {"display_name"}
+
+
+def test_query_range_must_be_forward_and_tz_real() -> None:
+    now = datetime.now(UTC)
+    with pytest.raises(ValidationError, match="must be after start"):
+        UsageQuery(meter_id="m", start=now, end=now)
+    with pytest.raises(ValidationError) as caught:
+        UsageQuery(meter_id="m", start=now, end=now + timedelta(days=1), tz="Mars/Olympus")
+    assert caught.value.field == "tz"
+    with pytest.raises(ValidationError, match="window"):
+        UsageQuery(meter_id="m", start=now, end=now + timedelta(days=1), window="week")
+
+
+def test_ingest_results_merge_without_losing_ids() -> None:
+    merged = IngestResult(accepted=["a"], rejected={"x": "bad"}).merge(
+        IngestResult(accepted=["b"], duplicates=["a"], rejected={"y": "worse"})
+    )
+    assert merged.accepted == ["a", "b"]
+    assert merged.duplicates == ["a"]
+    assert merged.rejected == {"x": "bad", "y": "worse"}
+    assert not merged.ok
