@@ -251,7 +251,8 @@ class AsyncMetering:
                 field="event_ids",
                 value=event_ids,
             )
-        return await self._provider.cancel_usage_events(list(event_ids), event_name=event_name)
+        unique_ids = list(dict.fromkeys(event_ids))  # one verdict per id, even if repeated
+        return await self._provider.cancel_usage_events(unique_ids, event_name=event_name)
 
     async def create_customer(
         self, customer: CustomerCreate | Mapping[str, Any] | None = None, /, **fields: Any

@@ -1,0 +1,325 @@
+"""The in-memory provider: complete, exact, the embedded default.
+
+Nothing is persisted: it serves development, tests, demos, and a single-process metering
+service. Events are indexed by meter and customer in time-sorted columns, so a usage query
+reads only the events of its range. Semantics every provider is measured against:
+
+- one meter per event name (`ConflictError`); deleting a meter drops its events, and later
+  events for its event name are rejected;
+- an id seen before, cancelled or not, is a duplicate: the first occurrence wins;
+- an event for an event name without a meter, or a unique_count event without the counted
+  dimension, is rejected with the reason;
+- cancelling removes an event from usage; cancelling it again is rejected ("already
+  cancelled");
+- creating a customer again with the same fields returns it; with other fields, `ConflictError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import secrets
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from pydantic import Field
+
+from metering_core.config import ProviderSettings
+from metering_core.errors import ConflictError, NotFoundError, ValidationError
+from metering_core.hookspecs import RegisterProvider, hookimpl
+from metering_core.interface import BaseProvider, Capabilities
+from metering_core.memory.aggregate import Bucket, fold
+from metering_core.memory.store import Series, epoch_micros
+from metering_core.models import (
+    Aggregation,
+    CancelResult,
+    Customer,
+    CustomerCreate,
+    IngestResult,
+    Meter,
+    MeterCreate,
+    MeterUpdate,
+    Page,
+    Usage,
+    UsageEvent,
+    UsageQuery,
+    UsageRow,
+)
+from metering_core.windows import window_bounds
+
+__all__ = ["MemoryProvider", "MemorySettings"]
+
+CAPABILITIES = Capabilities(max_batch_size=10_000)
+_SHARED_VALUES = {Decimal(i): Decimal(i) for i in range(-100, 1001)}
+"""Common whole values share one object: a million events of value 1 hold one Decimal."""
+
+
+class MemorySettings(ProviderSettings):
+    """Options of the memory provider."""
+
+    max_batch_size: int = Field(default=10_000, ge=1)
+
+
+class _StoredMeter:
+    __slots__ = ("meter", "sequence", "series")
+
+    def __init__(self, meter: Meter, sequence: int) -> None:
+        self.meter = meter
+        self.sequence = sequence
+        self.series: dict[str, Series] = {}
+
+
+def _encode_cursor(sequence: int) -> str:
+    return base64.urlsafe_b64encode(f"m{sequence}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor.encode()).decode()
+        if text.startswith("m"):
+            return int(text[1:])
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise ValidationError(
+        f"cursor={cursor!r} is not a cursor this provider gave", field="cursor", value=cursor
+    )
+
+
+class MemoryProvider(BaseProvider):
+    """Every operation, every aggregation and window, group-by, exact Decimal values."""
+
+    name = "memory"
+
+    def __init__(self, settings: MemorySettings | None = None) -> None:
+        settings = settings or MemorySettings()
+        self._capabilities = CAPABILITIES.model_copy(
+            update={"max_batch_size": settings.max_batch_size}
+        )
+        self._lock = threading.Lock()
+        self._meters: dict[str, _StoredMeter] = {}
+        self._by_event_name: dict[str, _StoredMeter] = {}
+        self._seen: dict[str, Series] = {}
+        self._customers: dict[str, Customer] = {}
+        self._sequence = itertools.count()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    # meters
+
+    async def create_meter(self, meter: MeterCreate) -> Meter:
+        now = datetime.now(UTC)
+        fields = meter.model_dump(exclude={"display_name"})
+        created = Meter(
+            **fields,
+            id=f"mtr_{secrets.token_hex(12)}",
+            display_name=meter.display_name or meter.event_name,
+            created_at=now,
+            updated_at=now,
+        )
+        with self._lock:
+            existing = self._by_event_name.get(meter.event_name)
+            if existing is not None:
+                raise ConflictError(
+                    f"a meter for event_name={meter.event_name!r} exists already: "
+                    f"{existing.meter.id}"
+                )
+            stored = _StoredMeter(created, next(self._sequence))
+            self._meters[created.id] = stored
+            self._by_event_name[created.event_name] = stored
+        return created
+
+    def _stored(self, meter_id: str) -> _StoredMeter:
+        stored = self._meters.get(meter_id)
+        if stored is None:
+            raise NotFoundError(f"no meter with id {meter_id!r}")
+        return stored
+
+    async def fetch_meter(self, meter_id: str) -> Meter:
+        with self._lock:
+            return self._stored(meter_id).meter
+
+    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
+        if not 1 <= limit <= 100:
+            raise ValidationError(
+                f"limit={limit!r} must be from 1 to 100", field="limit", value=limit
+            )
+        after = -1 if cursor is None else _decode_cursor(cursor)
+        with self._lock:
+            later = [stored for stored in self._meters.values() if stored.sequence > after]
+        page = later[:limit]
+        more = len(later) > limit
+        return Page[Meter](
+            items=[stored.meter for stored in page],
+            next_cursor=_encode_cursor(page[-1].sequence) if more else None,
+        )
+
+    async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
+        changes = {name: getattr(update, name) for name in update.model_fields_set}
+        with self._lock:
+            stored = self._stored(meter_id)
+            stored.meter = stored.meter.model_copy(
+                update={**changes, "updated_at": datetime.now(UTC)}
+            )
+            return stored.meter
+
+    async def delete_meter(self, meter_id: str) -> None:
+        with self._lock:
+            stored = self._stored(meter_id)
+            del self._meters[meter_id]
+            del self._by_event_name[stored.meter.event_name]
+
+    # usage
+
+    async def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
+        result = IngestResult()
+        with self._lock:
+            for event in events:
+                reason = self._store(event)
+                if reason is None:
+                    result.accepted.append(event.id)
+                elif reason == "duplicate":
+                    result.duplicates.append(event.id)
+                else:
+                    result.rejected[event.id] = reason
+        return result
+
+    def _store(self, event: UsageEvent) -> str | None:
+        """Store one event; None when stored, else "duplicate" or the rejection reason."""
+        if event.id in self._seen:
+            return "duplicate"
+        stored = self._by_event_name.get(event.event_name)
+        if stored is None:
+            return f"no meter for event_name={event.event_name!r}"
+        counted = stored.meter.unique_dimension
+        if counted is not None and counted not in event.dimensions:
+            return (
+                f"unique_count meter {stored.meter.id} needs dimension {counted!r} on every event"
+            )
+        series = stored.series.get(event.customer_id)
+        if series is None:
+            series = stored.series[event.customer_id] = Series(
+                event.customer_id, stored.meter.event_name
+            )
+        series.append(
+            event, epoch_micros(event.timestamp), _SHARED_VALUES.get(event.value, event.value)
+        )
+        self._seen[event.id] = series
+        return None
+
+    async def fetch_usage(self, query: UsageQuery) -> Usage:
+        with self._lock:
+            stored = self._stored(query.meter_id)
+            meter = stored.meter
+            unknown = [
+                key
+                for key in query.group_by
+                if key != "customer_id" and key not in meter.dimensions
+            ]
+            if unknown:
+                raise ValidationError(
+                    f"group_by={list(query.group_by)!r}: {unknown[0]!r} is not a dimension of "
+                    f"meter {meter.id} (dimensions: {meter.dimensions!r}, or 'customer_id')",
+                    field="group_by",
+                    value=unknown[0],
+                )
+            if query.customer_id is None:
+                series = list(stored.series.values())
+            else:
+                series = [s for s in (stored.series.get(query.customer_id),) if s is not None]
+            rows = _rows(meter, query, series)
+        return Usage(
+            meter_id=meter.id,
+            aggregation=meter.aggregation,
+            start=query.start,
+            end=query.end,
+            window=query.window,
+            rows=rows,
+        )
+
+    async def cancel_usage_events(
+        self, event_ids: Sequence[str], *, event_name: str | None = None
+    ) -> CancelResult:
+        result = CancelResult()
+        with self._lock:
+            for event_id in event_ids:
+                series = self._seen.get(event_id)
+                if series is None:
+                    result.not_found.append(event_id)
+                elif event_name is not None and event_name != series.event_name:
+                    result.rejected[event_id] = (
+                        f"event {event_id!r} has event_name={series.event_name!r}, "
+                        f"not {event_name!r}"
+                    )
+                elif not series.cancel(event_id):
+                    result.rejected[event_id] = f"event {event_id!r} is already cancelled"
+                else:
+                    result.cancelled.append(event_id)
+        return result
+
+    # customers
+
+    async def create_customer(self, customer: CustomerCreate) -> Customer:
+        created = Customer(**customer.model_dump())
+        with self._lock:
+            existing = self._customers.get(customer.id)
+            if existing is None:
+                self._customers[customer.id] = created
+                return created
+        if existing == created:
+            return existing
+        raise ConflictError(f"customer {customer.id!r} exists already with other fields")
+
+    async def delete_customer(self, customer_id: str) -> None:
+        with self._lock:
+            if self._customers.pop(customer_id, None) is None:
+                raise NotFoundError(f"no customer with id {customer_id!r}")
+
+
+def _rows(meter: Meter, query: UsageQuery, series_list: list[Series]) -> list[UsageRow]:
+    """Fold the events of each (window, group) into one row; only combinations with events."""
+    bounds = window_bounds(query)
+    micros = [epoch_micros(bound) for bound in bounds]
+    by_customer = "customer_id" in query.group_by
+    dimension_keys = [key for key in query.group_by if key != "customer_id"]
+    counted = meter.unique_dimension
+    buckets: dict[tuple[int, str | None, tuple[str, ...]], Bucket] = {}
+    for series in series_list:
+        customer = series.customer_id if by_customer or query.customer_id else None
+        for window in range(len(bounds) - 1):
+            for position in series.span(micros[window], micros[window + 1]):
+                value = series.values[position]
+                if value is None:
+                    continue
+                dimensions = series.dimensions[position]
+                group = tuple(dimensions.get(key, "") for key in dimension_keys)
+                bucket = buckets.get((window, customer, group))
+                if bucket is None:
+                    bucket = buckets[(window, customer, group)] = Bucket()
+                bucket.values.append(value)
+                if meter.aggregation is Aggregation.LATEST:
+                    bucket.add_latest(series.times[position], value)
+                elif counted is not None:
+                    bucket.distinct.add(dimensions[counted])
+    return [
+        UsageRow(
+            start=bounds[window],
+            end=bounds[window + 1],
+            customer_id=customer,
+            dimensions=dict(zip(dimension_keys, group, strict=True)),
+            value=fold(meter.aggregation, bucket),
+        )
+        for (window, customer, group), bucket in sorted(
+            buckets.items(), key=lambda item: (item[0][0], item[0][1] or "", item[0][2])
+        )
+    ]
+
+
+@hookimpl
+def register_providers(register: RegisterProvider) -> None:
+    """The memory provider registers through the same hook as every other provider."""
+    register("memory", MemoryProvider, MemorySettings, capabilities=CAPABILITIES)
