@@ -1,0 +1,447 @@
+"""The provider conformance suite (in the spirit of fsspec's shared abstract tests).
+
+A provider package subclasses `ProviderConformance` in its tests and supplies an async
+`provider` fixture that yields a fresh provider:
+
+    class TestMyProvider(ProviderConformance):
+        @pytest.fixture
+        async def provider(self):
+            p = MyProvider(...)
+            yield p
+            await p.aclose()
+
+The tests call the provider directly (the `IMetering` contract) and read its
+`capabilities`: what it declares unsupported is skipped, what it declares is exercised
+for real, so a provider fails when it claims a capability it does not honour. Event
+timestamps fall within the last two days, and customers are created first when the
+provider manages customers. Override `settle` for a backend that is eventually
+consistent. Needs pytest-asyncio with `asyncio_mode = "auto"`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from metering_core.errors import ConflictError, NotFoundError, UnsupportedOperationError
+from metering_core.interface import IMetering, Operation
+from metering_core.models import (
+    Aggregation,
+    CustomerCreate,
+    Meter,
+    MeterCreate,
+    MeterUpdate,
+    Usage,
+    UsageEvent,
+    UsageQuery,
+    Window,
+)
+
+__all__ = ["ProviderConformance"]
+
+EXPECTED = {
+    Aggregation.SUM: Decimal(6),
+    Aggregation.COUNT: Decimal(3),
+    Aggregation.MIN: Decimal(1),
+    Aggregation.MAX: Decimal(3),
+    Aggregation.AVG: Decimal(2),
+    Aggregation.LATEST: Decimal(2),
+    Aggregation.UNIQUE_COUNT: Decimal(2),
+}
+"""What each aggregation gives for the values 3, 1, 2 (in time order) with users a, a, b."""
+
+
+def unique_name(prefix: str = "conf") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def day_start() -> datetime:
+    """UTC midnight two days ago: the suite's events fall in the two days after it."""
+    now = datetime.now(UTC)
+    return now.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
+
+
+def nonzero(usage: Usage) -> list[tuple[datetime, datetime, str | None, dict[str, str], Decimal]]:
+    """Rows with a value; providers may add rows valued 0 for windows without events."""
+    return [
+        (r.start, r.end, r.customer_id, r.dimensions, r.value) for r in usage.rows if r.value != 0
+    ]
+
+
+class ProviderConformance:
+    """Shared behaviour every provider must show; subclass it and supply `provider`."""
+
+    async def settle(self, provider: IMetering) -> None:
+        """Wait until ingested events are visible to `fetch_usage` (no-op by default)."""
+
+    # helpers
+
+    def supports(self, provider: IMetering, operation: Operation) -> bool:
+        return provider.capabilities.supports(operation)
+
+    def need(self, provider: IMetering, operation: Operation) -> None:
+        if not self.supports(provider, operation):
+            pytest.skip(f"{provider.name} does not support {operation.value}")
+
+    async def tenant(self, provider: IMetering) -> str:
+        """A fresh tenant id, registered first when the provider manages customers."""
+        tenant = unique_name("tenant")
+        if self.supports(provider, Operation.CREATE_CUSTOMER):
+            await provider.create_customer(CustomerCreate(id=tenant, name=f"Tenant {tenant}"))
+        return tenant
+
+    async def meter(self, provider: IMetering, **fields: Any) -> Meter:
+        return await provider.create_meter(MeterCreate(event_name=unique_name(), **fields))
+
+    async def ingest(self, provider: IMetering, events: list[UsageEvent]) -> None:
+        result = await provider.ingest_usage_events(events)
+        assert not result.rejected, result.rejected
+        await self.settle(provider)
+
+    async def usage(self, provider: IMetering, meter: Meter, **query: Any) -> Usage:
+        query.setdefault("start", day_start())
+        query.setdefault("end", day_start() + timedelta(days=2))
+        return await provider.fetch_usage(UsageQuery(meter_id=meter.id, **query))
+
+    # meters
+
+    async def test_create_and_fetch_meter(self, provider: IMetering) -> None:
+        created = await self.meter(provider, display_name="Conformance calls")
+        assert created.display_name == "Conformance calls"
+        assert created.aggregation is Aggregation.SUM
+        assert created.status == "active"
+        fetched = await provider.fetch_meter(created.id)
+        assert (fetched.id, fetched.event_name) == (created.id, created.event_name)
+
+    async def test_fetch_unknown_meter_is_not_found(self, provider: IMetering) -> None:
+        with pytest.raises(NotFoundError):
+            await provider.fetch_meter("mtr_doesnotexist000000")
+
+    async def test_one_meter_per_event_name(self, provider: IMetering) -> None:
+        created = await self.meter(provider)
+        with pytest.raises(ConflictError):
+            await provider.create_meter(MeterCreate(event_name=created.event_name))
+
+    async def test_pages_list_every_meter_exactly_once(self, provider: IMetering) -> None:
+        created = {(await self.meter(provider)).id for _ in range(5)}
+        seen: list[str] = []
+        cursor = None
+        for _ in range(1000):
+            page = await provider.fetch_all_meters(limit=2, cursor=cursor)
+            assert len(page.items) <= 2
+            seen.extend(meter.id for meter in page.items)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert len(seen) == len(set(seen)), "a meter appeared on two pages"
+        assert created <= set(seen)
+
+    async def test_update_changes_the_display_name(self, provider: IMetering) -> None:
+        self.need(provider, Operation.UPDATE_METER)
+        if "display_name" not in provider.capabilities.updatable_meter_fields:
+            pytest.skip("display_name is not updatable")
+        created = await self.meter(provider)
+        updated = await provider.update_meter(created.id, MeterUpdate(display_name="Renamed"))
+        assert updated.display_name == "Renamed"
+        assert (await provider.fetch_meter(created.id)).display_name == "Renamed"
+
+    async def test_deleted_meter_is_gone_or_inactive(self, provider: IMetering) -> None:
+        self.need(provider, Operation.DELETE_METER)
+        created = await self.meter(provider)
+        await provider.delete_meter(created.id)
+        try:
+            fetched = await provider.fetch_meter(created.id)
+        except NotFoundError:
+            return
+        assert fetched.status == "inactive"
+
+    async def test_undeclared_operations_raise_unsupported(self, provider: IMetering) -> None:
+        calls: dict[Operation, Callable[[], Awaitable[object]]] = {
+            Operation.UPDATE_METER: lambda: provider.update_meter(
+                "m", MeterUpdate(display_name="x")
+            ),
+            Operation.DELETE_METER: lambda: provider.delete_meter("m"),
+            Operation.CANCEL_USAGE_EVENTS: lambda: provider.cancel_usage_events(["e"]),
+            Operation.CREATE_CUSTOMER: lambda: provider.create_customer(CustomerCreate(id="t")),
+            Operation.DELETE_CUSTOMER: lambda: provider.delete_customer("t"),
+        }
+        missing = [op for op in calls if not self.supports(provider, op)]
+        if not missing:
+            pytest.skip("every optional operation is supported")
+        for operation in missing:
+            with pytest.raises(UnsupportedOperationError):
+                await calls[operation]()
+
+    # ingestion and usage
+
+    async def test_every_id_is_accounted_for_and_counted_once(self, provider: IMetering) -> None:
+        meter = await self.meter(provider)
+        tenant = await self.tenant(provider)
+        at = day_start() + timedelta(hours=1)
+        first = [
+            UsageEvent(
+                id=unique_name("e"),
+                event_name=meter.event_name,
+                customer_id=tenant,
+                value=v,
+                timestamp=at,
+            )
+            for v in (1, 2, 3)
+        ]
+        repeat = first[0].model_copy(update={"value": Decimal(100)})
+        result = await provider.ingest_usage_events([*first, repeat])
+        assert not result.rejected, result.rejected
+        reported = result.accepted + result.duplicates
+        assert sorted(set(reported)) == sorted(e.id for e in first)
+        assert set(result.accepted) == {e.id for e in first}
+        again = await provider.ingest_usage_events(first)
+        assert not again.rejected, again.rejected
+        assert set(again.accepted + again.duplicates) == {e.id for e in first}
+        await self.settle(provider)
+        usage = await self.usage(provider, meter, customer_id=tenant)
+        assert sum(row.value for row in usage.rows) == Decimal(6)
+
+    async def test_an_event_without_a_meter_is_rejected_with_a_reason(
+        self, provider: IMetering
+    ) -> None:
+        tenant = await self.tenant(provider)
+        event = UsageEvent(event_name=unique_name("nometer"), customer_id=tenant)
+        result = await provider.ingest_usage_events([event])
+        assert list(result.rejected) == [event.id]
+        assert result.rejected[event.id].strip()
+
+    async def test_start_is_inclusive_and_end_exclusive(self, provider: IMetering) -> None:
+        meter = await self.meter(provider)
+        tenant = await self.tenant(provider)
+        start = day_start() + timedelta(hours=2)
+        end = start + timedelta(hours=3)
+        stamps = {
+            start - timedelta(seconds=1): 100,
+            start: 1,
+            end - timedelta(seconds=1): 2,
+            end: 1000,
+        }
+        await self.ingest(
+            provider,
+            [
+                UsageEvent(event_name=meter.event_name, customer_id=tenant, value=v, timestamp=t)
+                for t, v in stamps.items()
+            ],
+        )
+        usage = await self.usage(provider, meter, customer_id=tenant, start=start, end=end)
+        assert sum(row.value for row in usage.rows) == Decimal(3)
+        assert (usage.start, usage.end) == (start, end)
+
+    async def test_day_windows_split_usage_by_day(self, provider: IMetering) -> None:
+        self.need_window(provider, Window.DAY)
+        meter = await self.meter(provider)
+        tenant = await self.tenant(provider)
+        first_day = day_start()
+        await self.ingest(
+            provider,
+            [
+                UsageEvent(
+                    event_name=meter.event_name,
+                    customer_id=tenant,
+                    value=2,
+                    timestamp=first_day + timedelta(hours=3),
+                ),
+                UsageEvent(
+                    event_name=meter.event_name,
+                    customer_id=tenant,
+                    value=5,
+                    timestamp=first_day + timedelta(hours=27),
+                ),
+            ],
+        )
+        usage = await self.usage(provider, meter, customer_id=tenant, window=Window.DAY)
+        second_day = first_day + timedelta(days=1)
+        assert nonzero(usage) == [
+            (first_day, second_day, tenant, {}, Decimal(2)),
+            (second_day, second_day + timedelta(days=1), tenant, {}, Decimal(5)),
+        ]
+
+    async def test_hour_windows_split_usage_by_hour(self, provider: IMetering) -> None:
+        self.need_window(provider, Window.HOUR)
+        meter = await self.meter(provider)
+        tenant = await self.tenant(provider)
+        hour = day_start() + timedelta(hours=5)
+        await self.ingest(
+            provider,
+            [
+                UsageEvent(
+                    event_name=meter.event_name,
+                    customer_id=tenant,
+                    value=v,
+                    timestamp=hour + timedelta(minutes=m),
+                )
+                for v, m in ((1, 0), (2, 59), (4, 60))
+            ],
+        )
+        usage = await self.usage(
+            provider,
+            meter,
+            customer_id=tenant,
+            start=hour,
+            end=hour + timedelta(hours=2),
+            window=Window.HOUR,
+        )
+        assert [(r[0], r[4]) for r in nonzero(usage)] == [
+            (hour, Decimal(3)),
+            (hour + timedelta(hours=1), Decimal(4)),
+        ]
+
+    async def test_month_windows_follow_the_calendar(self, provider: IMetering) -> None:
+        self.need_window(provider, Window.MONTH)
+        meter = await self.meter(provider)
+        tenant = await self.tenant(provider)
+        start = day_start()
+        await self.ingest(
+            provider,
+            [
+                UsageEvent(
+                    event_name=meter.event_name,
+                    customer_id=tenant,
+                    value=v,
+                    timestamp=start + timedelta(hours=h),
+                )
+                for v, h in ((1, 1), (2, 30))
+            ],
+        )
+        usage = await self.usage(provider, meter, customer_id=tenant, window=Window.MONTH)
+        rows = nonzero(usage)
+        assert sum(row[4] for row in rows) == Decimal(3)
+        for row_start, row_end, *_ in rows:
+            last_instant = row_end - timedelta(microseconds=1)
+            assert (row_start.year, row_start.month) == (last_instant.year, last_instant.month)
+
+    def need_window(self, provider: IMetering, window: Window) -> None:
+        if window not in provider.capabilities.windows:
+            pytest.skip(f"{provider.name} has no {window.value} windows")
+
+    async def test_customer_filter_keeps_one_customer(self, provider: IMetering) -> None:
+        meter = await self.meter(provider)
+        first, second = await self.tenant(provider), await self.tenant(provider)
+        at = day_start() + timedelta(hours=4)
+        await self.ingest(
+            provider,
+            [
+                UsageEvent(event_name=meter.event_name, customer_id=first, value=7, timestamp=at),
+                UsageEvent(event_name=meter.event_name, customer_id=second, value=11, timestamp=at),
+            ],
+        )
+        usage = await self.usage(provider, meter, customer_id=first)
+        assert [(r[2], r[4]) for r in nonzero(usage)] == [(first, Decimal(7))]
+        if not provider.capabilities.requires_customer:
+            everyone = await self.usage(provider, meter)
+            assert [(r[2], r[4]) for r in nonzero(everyone)] == [(None, Decimal(18))]
+
+    async def test_group_by_customer_and_dimension(self, provider: IMetering) -> None:
+        if not provider.capabilities.group_by or not provider.capabilities.dimensions:
+            pytest.skip(f"{provider.name} has no group-by over dimensions")
+        meter = await self.meter(provider, dimensions=["region"])
+        first, second = sorted([await self.tenant(provider), await self.tenant(provider)])
+        at = day_start() + timedelta(hours=6)
+        rows = [(first, "eu", 1), (first, "eu", 2), (first, "us", 4), (second, "eu", 8)]
+        await self.ingest(
+            provider,
+            [
+                UsageEvent(
+                    event_name=meter.event_name,
+                    customer_id=c,
+                    value=v,
+                    timestamp=at,
+                    dimensions={"region": r},
+                )
+                for c, r, v in rows
+            ],
+        )
+        usage = await self.usage(provider, meter, group_by=("customer_id", "region"))
+        got = sorted((r[2], r[3]["region"], r[4]) for r in nonzero(usage))
+        assert got == [
+            (first, "eu", Decimal(3)),
+            (first, "us", Decimal(4)),
+            (second, "eu", Decimal(8)),
+        ]
+
+    @pytest.mark.parametrize("aggregation", list(Aggregation))
+    async def test_each_declared_aggregation_folds_correctly(
+        self, provider: IMetering, aggregation: Aggregation
+    ) -> None:
+        if aggregation not in provider.capabilities.aggregations:
+            pytest.skip(f"{provider.name} does not support {aggregation.value}")
+        counted = "user" if aggregation is Aggregation.UNIQUE_COUNT else None
+        meter = await self.meter(
+            provider,
+            aggregation=aggregation,
+            unique_dimension=counted,
+            dimensions=[counted] if counted else [],
+        )
+        tenant = await self.tenant(provider)
+        at = day_start() + timedelta(hours=7)
+        await self.ingest(
+            provider,
+            [
+                UsageEvent(
+                    event_name=meter.event_name,
+                    customer_id=tenant,
+                    value=value,
+                    timestamp=at + timedelta(minutes=minute),
+                    dimensions={"user": user} if counted else {},
+                )
+                for value, minute, user in ((3, 0, "a"), (1, 1, "a"), (2, 2, "b"))
+            ],
+        )
+        usage = await self.usage(provider, meter, customer_id=tenant)
+        assert [r[4] for r in nonzero(usage)] == [EXPECTED[aggregation]]
+        assert usage.aggregation is aggregation
+
+    # cancellation
+
+    async def test_cancel_removes_usage_and_reports_each_id(self, provider: IMetering) -> None:
+        self.need(provider, Operation.CANCEL_USAGE_EVENTS)
+        meter = await self.meter(provider)
+        tenant = await self.tenant(provider)
+        at = day_start() + timedelta(days=1, hours=8)
+        keep, drop = (
+            UsageEvent(event_name=meter.event_name, customer_id=tenant, value=v, timestamp=at)
+            for v in (5, 50)
+        )
+        await self.ingest(provider, [keep, drop])
+        result = await provider.cancel_usage_events([drop.id, "never-sent-id"])
+        assert result.cancelled == [drop.id]
+        assert result.not_found == ["never-sent-id"]
+        await self.settle(provider)
+        usage = await self.usage(provider, meter, customer_id=tenant)
+        assert sum(row.value for row in usage.rows) == Decimal(5)
+        again = await provider.ingest_usage_events([drop])
+        assert drop.id not in again.rejected
+        await self.settle(provider)
+        assert (
+            sum(row.value for row in (await self.usage(provider, meter, customer_id=tenant)).rows)
+            == 5
+        )
+
+    # customers
+
+    async def test_customers_are_created_idempotently_and_deleted(
+        self, provider: IMetering
+    ) -> None:
+        self.need(provider, Operation.CREATE_CUSTOMER)
+        request = CustomerCreate(
+            id=unique_name("tenant"), name="Acme", email="ops@acme.test", metadata={"plan": "pro"}
+        )
+        created = await provider.create_customer(request)
+        assert (created.id, created.name, created.email) == (request.id, "Acme", "ops@acme.test")
+        assert created.metadata.get("plan") == "pro"
+        assert (await provider.create_customer(request)).id == created.id
+        if not self.supports(provider, Operation.DELETE_CUSTOMER):
+            return
+        await provider.delete_customer(request.id)
+        with pytest.raises(NotFoundError):
+            await provider.delete_customer(request.id)
