@@ -40,6 +40,7 @@ from metering_core.models import (
 )
 from metering_core.pipeline import Pipeline
 from metering_core.plugins import get_provider, plugin_manager
+from metering_core.spool import DeadLetter
 
 __all__ = ["AsyncMetering", "Metering"]
 
@@ -132,6 +133,7 @@ class AsyncMetering:
             provider, config_file, library_options, provider_options
         )
         self._pipeline = Pipeline(self._provider, self.settings, on_delivered=self._report_delivery)
+        self._closed = False
 
     def _report_delivery(self, result: IngestResult) -> None:
         plugin_manager().hook.usage_delivered(provider=self.provider_name, result=result)
@@ -191,23 +193,36 @@ class AsyncMetering:
         self._require(Operation.DELETE_METER)
         await self._provider.delete_meter(meter_id)
 
+    def _checked_events(self, events: Iterable[EventInput]) -> list[UsageEvent]:
+        self._require(Operation.INGEST_USAGE_EVENTS)
+        return _coerce_events(events)
+
     async def ingest_usage_event(
         self, event: EventInput | None = None, /, *, timeout: float | None = None, **fields: Any
     ) -> str:
-        """Queue one event for delivery and return its id (the idempotency key)."""
-        checked = _coerce(UsageEvent, event, fields)
-        self._require(Operation.INGEST_USAGE_EVENTS)
-        await self._pipeline.submit([checked], timeout=timeout)
-        return checked.id
+        """Queue one event for delivery and return its id (the idempotency key).
+
+        With `spool_path` set, it returns only once the event is committed to the spool.
+        """
+        checked = self._checked_events([_coerce(UsageEvent, event, fields)])
+        await self._pipeline.submit(checked, timeout=timeout)
+        return checked[0].id
 
     async def ingest_usage_events(
         self, events: Iterable[EventInput], *, timeout: float | None = None
     ) -> list[str]:
         """Queue events for delivery and return their ids in order; all are validated first."""
-        checked = _coerce_events(events)
-        self._require(Operation.INGEST_USAGE_EVENTS)
+        checked = self._checked_events(events)
         await self._pipeline.submit(checked, timeout=timeout)
         return [event.id for event in checked]
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Events rejected for good, kept in the spool with their reasons (needs `spool_path`)."""
+        return self._pipeline.spool.dead_letters() if self._pipeline.spool is not None else []
+
+    def retry_dead_letters(self, ids: Sequence[str] | None = None) -> list[str]:
+        """Queue dead letters (all, or these ids) for another delivery; returns their ids."""
+        return self._pipeline.retry_dead_letters(ids)
 
     async def flush(self, timeout: float | None = None) -> IngestResult:
         """Wait until every queued event reached the provider; report all since the last flush."""
@@ -268,6 +283,9 @@ class AsyncMetering:
 
     async def close(self) -> IngestResult:
         """Deliver what is queued, release the provider, and report the last deliveries."""
+        if self._closed:
+            return IngestResult()
+        self._closed = True
         try:
             return await self._pipeline.aclose()
         finally:
@@ -333,6 +351,7 @@ class Metering:
             **provider_options,
         )
         self._runner = _LoopThread()
+        self._runner.run(self._async._pipeline.start())
         self._closed = False
 
     @property
@@ -382,12 +401,23 @@ class Metering:
     def ingest_usage_event(
         self, event: EventInput | None = None, /, *, timeout: float | None = None, **fields: Any
     ) -> str:
-        return self._runner.run(self._async.ingest_usage_event(event, timeout=timeout, **fields))
+        # Validated and queued in the caller's thread: no round trip to the loop per event.
+        checked = self._async._checked_events([_coerce(UsageEvent, event, fields)])
+        self._async._pipeline.submit_threadsafe(checked, timeout=timeout)
+        return checked[0].id
 
     def ingest_usage_events(
         self, events: Iterable[EventInput], *, timeout: float | None = None
     ) -> list[str]:
-        return self._runner.run(self._async.ingest_usage_events(events, timeout=timeout))
+        checked = self._async._checked_events(events)
+        self._async._pipeline.submit_threadsafe(checked, timeout=timeout)
+        return [event.id for event in checked]
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return self._async.dead_letters()
+
+    def retry_dead_letters(self, ids: Sequence[str] | None = None) -> list[str]:
+        return self._async.retry_dead_letters(ids)
 
     def flush(self, timeout: float | None = None) -> IngestResult:
         return self._runner.run(self._async.flush(timeout))

@@ -1,20 +1,82 @@
-"""Ingestion: the seam between the facade and the provider's batched ingestion.
+"""Ingestion: events queue here, form batches, and reach the provider with retries.
 
-This first version delivers each submission directly and keeps the results for `flush()`;
-batching, retries and backpressure grow here behind the same methods.
+Batches form by size (the provider's `max_batch_size`) and by linger time. Up to
+`max_concurrency` batches are in flight. Retryable failures are retried with exponential
+backoff and jitter, never sooner than a provider's `retry_after`; a batch that fails for
+good is split so one bad event cannot sink the others. Nothing is dropped: a full queue
+blocks the caller (or raises `QueueFullError` after its timeout), and every event ends up
+accepted, a duplicate, or rejected with its reason in the report `flush()` returns.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
 from metering_core.config import MeteringSettings
+from metering_core.errors import ProviderError, QueueFullError, RateLimitedError
 from metering_core.interface import IMetering
 from metering_core.models import IngestResult, UsageEvent
+from metering_core.spool import Spool
+
+__all__ = ["Pipeline"]
+
+logger = logging.getLogger("metering")
+
+MAX_BACKOFF = 30.0
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or (isinstance(exc, ProviderError) and exc.retryable)
+
+
+_backoff = wait_exponential_jitter(multiplier=0.05, max=MAX_BACKOFF, jitter=0.05)
+
+
+def _wait(state: RetryCallState) -> float:
+    """Exponential backoff with jitter, and never sooner than the provider asked."""
+    delay = _backoff(state)
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
+        delay = max(delay, exc.retry_after)
+    return delay
+
+
+class _Report:
+    """What became of delivered events since the last flush; appended per batch."""
+
+    def __init__(self) -> None:
+        self.accepted: list[str] = []
+        self.duplicates: list[str] = []
+        self.rejected: dict[str, str] = {}
+
+    def add(self, result: IngestResult) -> None:
+        self.accepted.extend(result.accepted)
+        self.duplicates.extend(result.duplicates)
+        self.rejected.update(result.rejected)
+
+    def take(self) -> IngestResult:
+        result = IngestResult(
+            accepted=self.accepted, duplicates=self.duplicates, rejected=self.rejected
+        )
+        self.accepted, self.duplicates, self.rejected = [], [], {}
+        return result
 
 
 class Pipeline:
-    """Hands validated events to the provider and reports what became of them."""
+    """Queues validated events and delivers them in batches; safe to feed from any thread."""
 
     def __init__(
         self,
@@ -26,20 +88,235 @@ class Pipeline:
         self._provider = provider
         self._settings = settings
         self._on_delivered = on_delivered
-        self._report = IngestResult()
+        self._spool = Spool(settings.spool_path) if settings.spool_path is not None else None
+        self._buffer: collections.deque[UsageEvent] = collections.deque()
+        self._state = threading.Condition()  # guards the counters below; signals free space
+        self._submitted = 0
+        self._completed = 0
+        self._report = _Report()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._wake_pending = False
+        self._flushing = 0
+        self._runner: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._progress: asyncio.Condition | None = None
+        self._failure: BaseException | None = None
+        if self._spool is not None:
+            self._enqueue(self._spool.pending())
+
+    @property
+    def spool(self) -> Spool | None:
+        """The durable outbox, when `spool_path` is set (dead letters live there)."""
+        return self._spool
+
+    # starting, in the loop that first uses the pipeline
+
+    async def start(self) -> None:
+        """Bind to the running loop and start the batching task (idempotent)."""
+        if self._runner is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._settings.max_concurrency)
+        self._progress = asyncio.Condition()
+        self._runner = asyncio.create_task(self._run(), name="metering-pipeline")
+        self._wake.set()
+
+    # submitting
 
     async def submit(self, events: Sequence[UsageEvent], *, timeout: float | None = None) -> None:
-        """Accept events for delivery."""
-        result = await self._provider.ingest_usage_events(events)
+        """Queue events from the loop; waits (without blocking the loop) while the queue is full."""
+        await self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._has_room(len(events)):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise self._queue_full(len(events), timeout)
+            assert self._progress is not None
+            async with self._progress:
+                try:
+                    await asyncio.wait_for(self._progress.wait(), remaining)
+                except TimeoutError:
+                    continue
+        self._accept(events)
+
+    def submit_threadsafe(
+        self, events: Sequence[UsageEvent], *, timeout: float | None = None
+    ) -> None:
+        """Queue events from another thread; blocks that thread while the queue is full."""
+        with self._state:
+            if not self._state.wait_for(lambda: self._has_room(len(events)), timeout):
+                raise self._queue_full(len(events), timeout)
+        self._accept(events)
+
+    def _has_room(self, count: int) -> bool:
+        pending = self._submitted - self._completed
+        return pending == 0 or pending + count <= self._settings.max_queue
+
+    def _queue_full(self, count: int, timeout: float | None) -> QueueFullError:
+        return QueueFullError(
+            f"the ingestion queue stayed full for {timeout}s "
+            f"(max_queue={self._settings.max_queue}); {count} event(s) not queued"
+        )
+
+    def _accept(self, events: Sequence[UsageEvent]) -> None:
+        """Make events durable (with a spool), then queue them: only then is ingest acknowledged."""
+        if self._spool is not None:
+            self._spool.add(events)
+        self._enqueue(events)
+
+    def _enqueue(self, events: Sequence[UsageEvent]) -> None:
+        with self._state:
+            self._submitted += len(events)
+            self._buffer.extend(events)
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """Wake the batching task once, from whichever thread we are on."""
+        if self._wake_pending or self._loop is None or self._wake is None:
+            return
+        self._wake_pending = True
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._wake.set()
+        else:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    # batching and delivery
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        assert self._slots is not None
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                self._wake_pending = False
+                while self._buffer:
+                    size = self._provider.capabilities.max_batch_size
+                    if (
+                        len(self._buffer) < size
+                        and not self._flushing
+                        and self._settings.linger > 0
+                    ):
+                        await asyncio.sleep(self._settings.linger)
+                    batch = [self._buffer.popleft() for _ in range(min(size, len(self._buffer)))]
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._deliver(batch))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._in_flight.discard)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # surfaced by flush(); never swallowed
+            self._failure = exc
+            raise
+
+    async def _deliver(self, batch: list[UsageEvent]) -> None:
+        assert self._slots is not None
+        try:
+            result = await self._settle(batch)
+            self._record(batch, result)
+        except BaseException as exc:
+            self._failure = self._failure or exc
+            raise
+        finally:
+            self._slots.release()
+            await self._completed_batch(len(batch))
+
+    async def _settle(self, batch: list[UsageEvent]) -> IngestResult:
+        """Deliver with retries; split a batch that fails for good; report every id."""
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_retryable),
+                stop=stop_after_attempt(self._settings.max_attempts),
+                wait=_wait,
+                reraise=True,
+            ):
+                with attempt:
+                    result = await self._provider.ingest_usage_events(batch)
+        except Exception as exc:
+            if len(batch) > 1 and not _retryable(exc):
+                middle = len(batch) // 2
+                return (await self._settle(batch[:middle])).merge(
+                    await self._settle(batch[middle:])
+                )
+            reason = f"{type(exc).__name__}: {exc}"
+            if _retryable(exc):
+                reason = f"gave up after {self._settings.max_attempts} attempts: {reason}"
+            return IngestResult(rejected={event.id: reason for event in batch})
+        return self._complete(batch, result)
+
+    def _complete(self, batch: list[UsageEvent], result: IngestResult) -> IngestResult:
+        """Any id the provider left out of its result is reported, never silently lost."""
+        if len(result.accepted) + len(result.duplicates) + len(result.rejected) >= len(batch):
+            return result
+        seen = {*result.accepted, *result.duplicates, *result.rejected}
+        reason = f"provider {self._provider.name!r} did not report this event"
+        missing = {event.id: reason for event in batch if event.id not in seen}
+        return result.merge(IngestResult(rejected=missing)) if missing else result
+
+    def _record(self, batch: list[UsageEvent], result: IngestResult) -> None:
+        if self._spool is not None:
+            self._spool.settle(batch, result)
+        self._report.add(result)
         if self._on_delivered is not None:
-            self._on_delivered(result)
-        self._report = self._report.merge(result)
+            try:
+                self._on_delivered(result)
+            except Exception:
+                logger.exception("a usage_delivered hook failed; the delivery report is kept")
+
+    async def _completed_batch(self, count: int) -> None:
+        with self._state:
+            self._completed += count
+            self._state.notify_all()
+        assert self._progress is not None
+        async with self._progress:
+            self._progress.notify_all()
+
+    def retry_dead_letters(self, ids: Sequence[str] | None = None) -> list[str]:
+        """Queue dead letters (all, or these ids) for another delivery; returns their ids."""
+        if self._spool is None:
+            return []
+        events = self._spool.requeue_dead_letters(ids)
+        self._enqueue(events)
+        return [event.id for event in events]
+
+    # flushing
 
     async def flush(self, timeout: float | None = None) -> IngestResult:
-        """Everything delivered since the last flush."""
-        report, self._report = self._report, IngestResult()
-        return report
+        """Wait until every event queued before this call is delivered; report since last flush."""
+        await self.start()
+        target = self._submitted
+        self._flushing += 1
+        try:
+            self._nudge()
+            await asyncio.wait_for(self._until_completed(target), timeout)
+        finally:
+            self._flushing -= 1
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        return self._report.take()
+
+    async def _until_completed(self, target: int) -> None:
+        assert self._progress is not None
+        async with self._progress:
+            await self._progress.wait_for(
+                lambda: self._completed >= target or self._failure is not None
+            )
 
     async def aclose(self) -> IngestResult:
-        """Deliver what is left and report it."""
-        return await self.flush()
+        """Deliver what is queued, stop the batching task, and report."""
+        report = await self.flush()
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+            self._runner = None
+        if self._spool is not None:
+            self._spool.close()
+        return report
