@@ -1,0 +1,421 @@
+"""The `metering` command: providers, meters, customers, usage, backfills, the service, a demo.
+
+Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad input. Errors print as one
+line; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from metering_core.client import Metering
+from metering_core.errors import ConfigurationError, MeteringError, ValidationError
+from metering_core.models import Usage, UsageEvent, Window
+from metering_core.plugins import providers
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="Usage metering on whichever provider is configured.", no_args_is_help=True)
+meters_app = typer.Typer(help="Create, list, show, update and delete meters.", no_args_is_help=True)
+customers_app = typer.Typer(help="Register and remove customers (tenants).", no_args_is_help=True)
+app.add_typer(meters_app, name="meters")
+app.add_typer(customers_app, name="customers")
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Options:
+    """Options every command shares, set by the top-level callback."""
+
+    provider: str | None = None
+    config: Path | None = None
+    debug: bool = False
+
+
+@app.callback()
+def _global(
+    provider: Annotated[
+        str | None, typer.Option(help="Provider name (else configuration).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Config file (metering.toml or pyproject.toml).")
+    ] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    Options.provider, Options.config, Options.debug = provider, config, debug
+
+
+def _reported(command: F) -> F:
+    """Turn library errors into one line and the documented exit code."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ValidationError, ConfigurationError) as exc:
+            _fail(exc, 2)
+        except MeteringError as exc:
+            _fail(exc, 1)
+
+    return run  # type: ignore[return-value]
+
+
+def _fail(exc: Exception, code: int) -> None:
+    if Options.debug:
+        err.print_exception()
+    err.print(f"error: {exc}", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def _metering(**options: Any) -> Metering:
+    return Metering(Options.provider, config_file=Options.config, **options)
+
+
+def _json(model: Any) -> None:
+    out.print_json(model.model_dump_json())
+
+
+# providers
+
+
+@app.command("providers")
+@_reported
+def list_providers() -> None:
+    """Installed providers and what each can do."""
+    table = Table(
+        "provider", "plugin", "aggregations", "windows", "group-by", "needs customer", "operations"
+    )
+    for spec in providers():
+        caps = spec.capabilities
+        if caps is None:
+            table.add_row(spec.name, spec.plugin, "(asked when connected)", "", "", "", "")
+            continue
+        table.add_row(
+            spec.name,
+            spec.plugin,
+            ", ".join(sorted(caps.aggregations)),
+            ", ".join(sorted(caps.windows)),
+            "yes" if caps.group_by else "no",
+            "yes" if caps.requires_customer else "no",
+            str(len(caps.operations)) + "/10",
+        )
+    out.print(table)
+
+
+# meters
+
+
+@meters_app.command("create")
+@_reported
+def create_meter(
+    event_name: str,
+    display_name: Annotated[str | None, typer.Option()] = None,
+    aggregation: Annotated[str, typer.Option()] = "sum",
+    dimension: Annotated[list[str] | None, typer.Option(help="Repeat for each dimension.")] = None,
+    unique_dimension: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Create a meter for one event name."""
+    with _metering() as m:
+        _json(
+            m.create_meter(
+                event_name=event_name,
+                display_name=display_name,
+                aggregation=aggregation,
+                dimensions=dimension or [],
+                unique_dimension=unique_dimension,
+            )
+        )
+
+
+@meters_app.command("list")
+@_reported
+def list_meters() -> None:
+    """Every meter, across pages."""
+    with _metering() as m:
+        table = Table("id", "event name", "display name", "aggregation", "status")
+        for meter in m.iter_meters():
+            table.add_row(
+                meter.id,
+                meter.event_name,
+                meter.display_name,
+                meter.aggregation.value,
+                meter.status,
+            )
+        out.print(table)
+
+
+@meters_app.command("get")
+@_reported
+def get_meter(meter_id: str) -> None:
+    """One meter."""
+    with _metering() as m:
+        _json(m.fetch_meter(meter_id))
+
+
+@meters_app.command("update")
+@_reported
+def update_meter(
+    meter_id: str,
+    display_name: Annotated[str | None, typer.Option()] = None,
+    description: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Change a meter's display name or description."""
+    changes = {
+        k: v for k, v in {"display_name": display_name, "description": description}.items() if v
+    }
+    with _metering() as m:
+        _json(m.update_meter(meter_id, **changes))
+
+
+@meters_app.command("delete")
+@_reported
+def delete_meter(meter_id: str) -> None:
+    """Delete a meter (Stripe deactivates it)."""
+    with _metering() as m:
+        m.delete_meter(meter_id)
+    out.print(f"deleted {meter_id}")
+
+
+# customers
+
+
+@customers_app.command("create")
+@_reported
+def create_customer(
+    customer_id: str,
+    name: Annotated[str | None, typer.Option()] = None,
+    email: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Register a tenant with the provider."""
+    with _metering() as m:
+        _json(m.create_customer(id=customer_id, name=name, email=email))
+
+
+@customers_app.command("delete")
+@_reported
+def delete_customer(customer_id: str) -> None:
+    """Remove a tenant from the provider."""
+    with _metering() as m:
+        m.delete_customer(customer_id)
+    out.print(f"deleted {customer_id}")
+
+
+# usage
+
+
+def _parse_time(value: str, option: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValidationError(
+            f"{option}={value!r} is not an ISO 8601 time", field=option, value=value
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def print_usage(usage: Usage, output: str) -> None:
+    """A usage answer as a table with bars, JSON, or CSV."""
+    if output == "json":
+        _json(usage)
+        return
+    keys = sorted({key for row in usage.rows for key in row.dimensions})
+    if output == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["start", "end", "customer_id", *keys, "value"])
+        for row in usage.rows:
+            writer.writerow(
+                [
+                    row.start.isoformat(),
+                    row.end.isoformat(),
+                    row.customer_id or "",
+                    *(row.dimensions.get(k, "") for k in keys),
+                    row.value,
+                ]
+            )
+        return
+    table = Table("start", "end", "customer", *keys, "value", "")
+    top = max((abs(row.value) for row in usage.rows), default=0) or 1
+    for row in usage.rows:
+        bar = "█" * round(float(abs(row.value) / top) * 30)
+        table.add_row(
+            f"{row.start:%Y-%m-%d %H:%M}",
+            f"{row.end:%Y-%m-%d %H:%M}",
+            row.customer_id or "all",
+            *(row.dimensions.get(k, "") for k in keys),
+            f"{row.value:f}",
+            bar,
+        )
+    out.print(table)
+    out.print(f"{usage.aggregation.value} of {usage.meter_id}, total {usage.total:f}")
+
+
+@app.command("usage")
+@_reported
+def usage(
+    meter_id: str,
+    from_: Annotated[str, typer.Option("--from", help="Start, ISO 8601 (inclusive).")],
+    to: Annotated[str, typer.Option("--to", help="End, ISO 8601 (exclusive).")],
+    customer: Annotated[str | None, typer.Option()] = None,
+    window: Annotated[Window | None, typer.Option()] = None,
+    group_by: Annotated[list[str] | None, typer.Option(help="Repeat per key.")] = None,
+    tz: Annotated[str, typer.Option()] = "UTC",
+    output: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+) -> None:
+    """Aggregated usage of one meter by window and group."""
+    if output not in {"table", "json", "csv"}:
+        raise ValidationError(
+            f"--format={output!r} must be table, json or csv", field="format", value=output
+        )
+    with _metering() as m:
+        answer = m.fetch_usage(
+            meter_id,
+            customer_id=customer,
+            start=_parse_time(from_, "--from"),
+            end=_parse_time(to, "--to"),
+            window=window,
+            group_by=group_by or [],
+            tz=tz,
+        )
+    print_usage(answer, output)
+
+
+@app.command("cancel")
+@_reported
+def cancel(
+    event_ids: list[str],
+    event_name: Annotated[str | None, typer.Option(help="Needed by some providers.")] = None,
+) -> None:
+    """Cancel usage events by id."""
+    with _metering() as m:
+        _json(m.cancel_usage_events(event_ids, event_name=event_name))
+
+
+# ingest
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) from JSON Lines or CSV (by extension)."""
+    with path.open(encoding="utf-8", newline="") as file:
+        if path.suffix.lower() == ".csv":
+            for number, row in enumerate(csv.DictReader(file), start=2):
+                dimensions = {
+                    k.removeprefix("dimensions."): v
+                    for k, v in row.items()
+                    if k.startswith("dimensions.")
+                }
+                plain = {
+                    k: v for k, v in row.items() if not k.startswith("dimensions.") and v != ""
+                }
+                yield number, {**plain, "dimensions": dimensions} if dimensions else plain
+            return
+        for number, line in enumerate(file, start=1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield number, {"__error__": f"not JSON: {exc.msg}"}
+
+
+def _validate_file(path: Path) -> tuple[list[UsageEvent], list[tuple[int, str]]]:
+    good: list[UsageEvent] = []
+    bad: list[tuple[int, str]] = []
+    for number, row in _rows(path):
+        if "__error__" in row:
+            bad.append((number, row["__error__"]))
+            continue
+        try:
+            good.append(UsageEvent.model_validate(row))
+        except ValidationError as exc:
+            bad.append((number, str(exc)))
+    return good, bad
+
+
+@app.command("ingest")
+@_reported
+def ingest(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON Lines or .csv")],
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Send the valid rows even if some are bad.")
+    ] = False,
+    spool: Annotated[
+        Path | None, typer.Option(help="SQLite spool: an interrupted backfill resumes.")
+    ] = None,
+) -> None:
+    """Backfill usage from a file: every row is validated before anything is sent.
+
+    Rows should carry an `id` so that running the backfill again never counts twice.
+    """
+    events, bad = _validate_file(file)
+    for number, reason in bad:
+        err.print(f"{file}:{number}: {reason}", markup=False, highlight=False)
+    if bad and not skip_invalid:
+        err.print(
+            f"error: {len(bad)} bad row(s); nothing was sent (use --skip-invalid to send the rest)"
+        )
+        raise typer.Exit(2)
+    with _metering(spool_path=spool) as m, out.status(f"ingesting {len(events):,} events"):
+        for offset in range(0, len(events), 1000):
+            m.ingest_usage_events(events[offset : offset + 1000])
+        report = m.flush()
+    out.print(
+        f"accepted {len(report.accepted):,}, duplicates {len(report.duplicates):,}, "
+        f"rejected {len(report.rejected):,}"
+    )
+    for event_id, reason in report.rejected.items():
+        err.print(f"rejected {event_id}: {reason}", markup=False, highlight=False)
+    if report.rejected:
+        raise typer.Exit(1)
+
+
+# service and demo
+
+
+@app.command("serve")
+@_reported
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Bind address; loopback unless told otherwise.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Run the REST service (needs the `server` extra)."""
+    import uvicorn
+
+    from metering_core.client import AsyncMetering
+    from metering_core.server import create_app
+
+    uvicorn.run(
+        create_app(AsyncMetering(Options.provider, config_file=Options.config)),
+        host=host,
+        port=port,
+    )
+
+
+@app.command("demo")
+@_reported
+def demo() -> None:
+    """A month of usage for a few tenants on the in-memory provider, by day and by tenant."""
+    from metering_core.demo import run_demo
+
+    run_demo(out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
