@@ -386,22 +386,22 @@ def ingest(
 @app.command("serve")
 @_reported
 def serve(
-    host: Annotated[
-        str, typer.Option(help="Bind address; loopback unless told otherwise.")
-    ] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Bind address; loopback unless told otherwise.")] = (
+        "127.0.0.1"
+    ),
     port: Annotated[int, typer.Option()] = 8000,
+    allow_anonymous: Annotated[
+        bool, typer.Option(help="Serve without API keys (trusted local network only).")
+    ] = False,
 ) -> None:
-    """Run the REST service (needs the `server` extra)."""
+    """Run the REST service; API keys come from configuration (METERING_KEYS)."""
     import uvicorn
 
     from metering_core.client import AsyncMetering
     from metering_core.server import create_app
 
-    uvicorn.run(
-        create_app(AsyncMetering(Options.provider, config_file=Options.config)),
-        host=host,
-        port=port,
-    )
+    service = AsyncMetering(Options.provider, config_file=Options.config)
+    uvicorn.run(create_app(service, allow_anonymous=allow_anonymous), host=host, port=port)
 
 
 @app.command("demo")

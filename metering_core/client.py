@@ -216,6 +216,11 @@ class AsyncMetering:
         await self._pipeline.submit(checked, timeout=timeout)
         return [event.id for event in checked]
 
+    async def deliver_usage_events(self, events: Iterable[EventInput]) -> IngestResult:
+        """Deliver now, without the queue, and answer per event: for gateways (the REST
+        service) whose caller keeps its own queue and retries."""
+        return await self._provider.ingest_usage_events(self._checked_events(events))
+
     def dead_letters(self) -> list[DeadLetter]:
         """Events rejected for good, kept in the spool with their reasons (needs `spool_path`)."""
         return self._pipeline.spool.dead_letters() if self._pipeline.spool is not None else []
