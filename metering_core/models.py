@@ -65,7 +65,7 @@ TimeZoneName = Annotated[str, AfterValidator(_iana_zone)]
 FiniteDecimal = Annotated[Decimal, Field(allow_inf_nan=False)]
 
 
-def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
+def describe_error(error: Mapping[str, Any]) -> tuple[str, str]:
     field = ".".join(str(part) for part in error["loc"]) or "value"
     if error["type"] == "missing":
         return field, f"{field} is required"
@@ -76,7 +76,7 @@ def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
 def validation_error(exc: pydantic.ValidationError, what: str) -> ValidationError:
     """Turn pydantic's error into ours: the first bad field and value lead the message."""
     errors = exc.errors(include_url=False)
-    described = [_describe(error) for error in errors]
+    described = [describe_error(error) for error in errors]
     field = described[0][0] if described else None
     value = errors[0].get("input") if errors else None
     detail = "; ".join(text for _, text in described)

@@ -49,6 +49,7 @@ from metering_core.models import (
     UsageEvent,
     UsageQuery,
     Window,
+    describe_error,
 )
 
 __all__ = ["ERROR_TYPES", "create_app"]
@@ -130,12 +131,10 @@ def _request_error(_: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    field = ".".join(location) or None
-    parts = [
-        f"{'.'.join(str(p) for p in e.get('loc', ()))}={e.get('input')!r}: {e.get('msg')}"
-        for e in errors
-    ]
-    return _error("validation_error", "invalid request: " + "; ".join(parts), 422, field)
+    texts = [describe_error(error)[1] for error in errors]
+    return _error(
+        "validation_error", "invalid request: " + "; ".join(texts), 422, ".".join(location) or None
+    )
 
 
 def _forbidden(_: Request, exc: Exception) -> JSONResponse:
