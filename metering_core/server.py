@@ -329,3 +329,12 @@ def create_app(
         return Response(status_code=204)
 
     return app
+
+
+if __name__ == "__main__":  # python -m metering_core.server > docs/openapi.json
+    import json
+    import sys
+
+    document = create_app(AsyncMetering("memory"), allow_anonymous=True).openapi()
+    json.dump(document, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")

@@ -1,0 +1,161 @@
+"""The HTTP provider: the ten operations over the REST contract, with httpx."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+from pydantic import Field, SecretStr, TypeAdapter
+
+from metering_core.config import ProviderSettings
+from metering_core.interface import BaseProvider, Capabilities, Operation
+from metering_core.models import (
+    CancelResult,
+    Customer,
+    CustomerCreate,
+    IngestResult,
+    Meter,
+    MeterCreate,
+    MeterUpdate,
+    Page,
+    Usage,
+    UsageEvent,
+    UsageQuery,
+)
+from metering_http.errors import error_from_response, error_from_transport
+
+__all__ = ["HttpProvider", "HttpSettings"]
+
+_EVENTS = TypeAdapter(list[UsageEvent])
+
+
+class HttpSettings(ProviderSettings):
+    """Where the metering service is and how to reach it."""
+
+    base_url: str
+    api_key: SecretStr | None = None
+    timeout: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=20, ge=1)
+
+
+class HttpProvider(BaseProvider):
+    """Speaks to a metering service (`metering serve`, or any backend of the same contract).
+
+    Its capabilities are the service's, fetched once from `GET /capabilities` on first
+    use (a short blocking request, since the facade reads capabilities synchronously).
+    """
+
+    name = "http"
+
+    def __init__(self, settings: HttpSettings) -> None:
+        self._settings = settings
+        headers = {"Accept": "application/json"}
+        if settings.api_key is not None:
+            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        self._headers = headers
+        self._client = httpx.AsyncClient(
+            base_url=settings.base_url,
+            headers=headers,
+            timeout=settings.timeout,
+            limits=httpx.Limits(max_connections=settings.max_connections),
+        )
+        self._capabilities: Capabilities | None = None
+
+    def __repr__(self) -> str:
+        return f"HttpProvider(base_url={self._settings.base_url!r})"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        if self._capabilities is None:
+            try:
+                response = httpx.get(
+                    f"{self._settings.base_url.rstrip('/')}/capabilities",
+                    headers=self._headers,
+                    timeout=self._settings.timeout,
+                )
+            except httpx.TransportError as exc:
+                raise error_from_transport(exc) from exc
+            if response.is_error:
+                raise error_from_response(response, "capabilities")
+            self._capabilities = Capabilities.model_validate_json(response.content)
+        return self._capabilities
+
+    async def _call(
+        self, operation: Operation, method: str, path: str, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            response = await self._client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise error_from_transport(exc) from exc
+        if response.is_error:
+            raise error_from_response(response, operation.value)
+        return response
+
+    async def create_meter(self, meter: MeterCreate) -> Meter:
+        body = meter.model_dump(mode="json", exclude_unset=True)
+        response = await self._call(Operation.CREATE_METER, "POST", "/meters", json=body)
+        return Meter.model_validate_json(response.content)
+
+    async def fetch_meter(self, meter_id: str) -> Meter:
+        response = await self._call(Operation.FETCH_METER, "GET", f"/meters/{meter_id}")
+        return Meter.model_validate_json(response.content)
+
+    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
+        params: dict[str, Any] = {"limit": limit}
+        if cursor is not None:
+            params["cursor"] = cursor
+        response = await self._call(Operation.FETCH_ALL_METERS, "GET", "/meters", params=params)
+        return Page[Meter].model_validate_json(response.content)
+
+    async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
+        body = update.model_dump(mode="json", exclude_unset=True)
+        response = await self._call(Operation.UPDATE_METER, "PUT", f"/meters/{meter_id}", json=body)
+        return Meter.model_validate_json(response.content)
+
+    async def delete_meter(self, meter_id: str) -> None:
+        await self._call(Operation.DELETE_METER, "DELETE", f"/meters/{meter_id}")
+
+    async def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
+        body = b'{"events":' + _EVENTS.dump_json(list(events)) + b"}"
+        response = await self._call(
+            Operation.INGEST_USAGE_EVENTS,
+            "POST",
+            "/usage",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        return IngestResult.model_validate_json(response.content)
+
+    async def fetch_usage(self, query: UsageQuery) -> Usage:
+        params: list[tuple[str, str]] = [
+            ("start", query.start.isoformat()),
+            ("end", query.end.isoformat()),
+        ]
+        params += [("tz", query.tz)] + [("group_by", key) for key in query.group_by]
+        if query.customer_id is not None:
+            params.append(("customer_id", query.customer_id))
+        if query.window is not None:
+            params.append(("window", query.window.value))
+        response = await self._call(
+            Operation.FETCH_USAGE, "GET", f"/usage/{query.meter_id}", params=params
+        )
+        return Usage.model_validate_json(response.content)
+
+    async def cancel_usage_events(
+        self, event_ids: Sequence[str], *, event_name: str | None = None
+    ) -> CancelResult:
+        body = {"event_ids": list(event_ids), "event_name": event_name}
+        response = await self._call(Operation.CANCEL_USAGE_EVENTS, "DELETE", "/usage", json=body)
+        return CancelResult.model_validate_json(response.content)
+
+    async def create_customer(self, customer: CustomerCreate) -> Customer:
+        body = customer.model_dump(mode="json")
+        response = await self._call(Operation.CREATE_CUSTOMER, "POST", "/customers", json=body)
+        return Customer.model_validate_json(response.content)
+
+    async def delete_customer(self, customer_id: str) -> None:
+        await self._call(Operation.DELETE_CUSTOMER, "DELETE", f"/customers/{customer_id}")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

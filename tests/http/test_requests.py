@@ -1,0 +1,185 @@
+"""The exact requests the HTTP provider sends, and how each error answer is mapped (respx)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import httpx
+import pytest
+import respx
+from metering_http import HttpProvider, HttpSettings
+
+from metering_core import (
+    AuthenticationError,
+    Capabilities,
+    ConflictError,
+    NotFoundError,
+    ProviderUnavailableError,
+    RateLimitedError,
+    UnsupportedOperationError,
+    UsageEvent,
+    UsageQuery,
+    ValidationError,
+)
+
+BASE = "http://metering.test"
+
+
+def only_request(route: respx.Route) -> httpx.Request:
+    assert route.call_count == 1
+    return route.calls.last.request
+
+
+SECRET = "sk_test_do_not_print"
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[HttpProvider]:
+    provider = HttpProvider(HttpSettings(base_url=BASE, api_key=SECRET))
+    yield provider
+    await provider.aclose()
+
+
+@respx.mock
+async def test_ingest_posts_one_batch_with_the_key_and_exact_values(provider: HttpProvider) -> None:
+    route = respx.post(f"{BASE}/usage").respond(
+        200, json={"accepted": ["e1"], "duplicates": ["e2"], "rejected": {}}
+    )
+    at = datetime(2026, 11, 1, 12, tzinfo=UTC)
+    events = [
+        UsageEvent(
+            id="e1", event_name="api_calls", customer_id="t1", value=Decimal("0.1"), timestamp=at
+        ),
+        UsageEvent(
+            id="e2", event_name="api_calls", customer_id="t1", timestamp=at, dimensions={"r": "eu"}
+        ),
+    ]
+    result = await provider.ingest_batch(events)
+    assert result.duplicates == ["e2"]
+    request = only_request(route)
+    assert request.headers["Authorization"] == f"Bearer {SECRET}"
+    sent = json.loads(request.content)["events"]
+    assert [e["id"] for e in sent] == ["e1", "e2"]
+    assert sent[0]["value"] == "0.1"  # Decimal as a string: exact end to end
+    assert sent[0]["timestamp"] == "2026-11-01T12:00:00Z"
+    assert sent[1]["dimensions"] == {"r": "eu"}
+
+
+@respx.mock
+async def test_usage_query_goes_as_query_parameters(provider: HttpProvider) -> None:
+    route = respx.get(f"{BASE}/usage/mtr_1").respond(
+        200,
+        json={
+            "meter_id": "mtr_1",
+            "aggregation": "sum",
+            "start": "2026-11-01T00:00:00Z",
+            "end": "2026-11-02T00:00:00Z",
+            "rows": [],
+        },
+    )
+    query = UsageQuery(
+        meter_id="mtr_1",
+        customer_id="t1",
+        start=datetime(2026, 11, 1, tzinfo=UTC),
+        end=datetime(2026, 11, 2, tzinfo=UTC),
+        window="hour",
+        group_by=("customer_id", "region"),
+        tz="Europe/Paris",
+    )
+    await provider.fetch_usage(query)
+    params = only_request(route).url.params
+    assert params.get_list("group_by") == ["customer_id", "region"]
+    assert (params["customer_id"], params["window"], params["tz"]) == ("t1", "hour", "Europe/Paris")
+    assert params["start"] == "2026-11-01T00:00:00+00:00"
+
+
+@respx.mock
+async def test_cancel_sends_ids_and_event_name_in_a_delete_body(provider: HttpProvider) -> None:
+    route = respx.delete(f"{BASE}/usage").respond(
+        200, json={"cancelled": ["e1"], "not_found": [], "rejected": {}}
+    )
+    await provider.cancel_usage_events(["e1"], event_name="api_calls")
+    assert json.loads(only_request(route).content) == {
+        "event_ids": ["e1"],
+        "event_name": "api_calls",
+    }
+
+
+def error(status: int, kind: str, message: str = "nope", **extra: object) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"type": kind, "message": message, **extra}})
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (error(404, "not_found"), NotFoundError),
+        (error(409, "conflict"), ConflictError),
+        (error(422, "validation_error", field="event_name"), ValidationError),
+        (error(400, "unsupported_operation"), UnsupportedOperationError),
+        (error(401, "unauthorized"), AuthenticationError),
+        (error(403, "forbidden"), AuthenticationError),
+        (error(503, "provider_unavailable"), ProviderUnavailableError),
+        (httpx.Response(502, text="<html>bad gateway</html>"), ProviderUnavailableError),
+    ],
+)
+@respx.mock
+async def test_error_answers_map_to_the_core_hierarchy(
+    provider: HttpProvider, response: httpx.Response, expected: type[Exception]
+) -> None:
+    respx.get(f"{BASE}/meters/m").mock(return_value=response)
+    with pytest.raises(expected) as caught:
+        await provider.fetch_meter("m")
+    assert SECRET not in str(caught.value)
+
+
+@respx.mock
+async def test_validation_errors_keep_the_field(provider: HttpProvider) -> None:
+    respx.get(f"{BASE}/meters/m").mock(
+        return_value=error(422, "validation_error", "bad", field="limit")
+    )
+    with pytest.raises(ValidationError) as caught:
+        await provider.fetch_meter("m")
+    assert caught.value.field == "limit"
+
+
+@respx.mock
+async def test_429_carries_retry_after(provider: HttpProvider) -> None:
+    respx.post(f"{BASE}/usage").mock(
+        return_value=httpx.Response(
+            429,
+            headers={"Retry-After": "3"},
+            json={"error": {"type": "rate_limited", "message": "slow"}},
+        )
+    )
+    with pytest.raises(RateLimitedError) as caught:
+        await provider.ingest_batch([UsageEvent(event_name="a", customer_id="t")])
+    assert caught.value.retry_after == 3.0
+    assert caught.value.retryable
+
+
+@respx.mock
+async def test_connection_failures_are_retryable_unavailability(provider: HttpProvider) -> None:
+    respx.get(f"{BASE}/meters/m").mock(side_effect=httpx.ConnectError("refused"))
+    with pytest.raises(ProviderUnavailableError) as caught:
+        await provider.fetch_meter("m")
+    assert caught.value.retryable
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+
+
+@respx.mock
+async def test_capabilities_are_the_services_fetched_once(provider: HttpProvider) -> None:
+    route = respx.get(f"{BASE}/capabilities").respond(
+        200, content=Capabilities(max_batch_size=7, group_by=False).model_dump_json()
+    )
+    assert provider.capabilities.max_batch_size == 7
+    assert not provider.capabilities.group_by
+    assert route.call_count == 1
+
+
+def test_the_key_never_shows_in_repr_or_settings() -> None:
+    settings = HttpSettings(base_url=BASE, api_key=SECRET)
+    assert SECRET not in repr(settings)
+    assert SECRET not in repr(HttpProvider(settings))

@@ -1,0 +1,134 @@
+"""API keys: missing 401, wrong scope 403, tenant-bound keys confined to their tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from metering_core import AsyncMetering, ConfigurationError
+from metering_core.server import create_app
+
+ALL = ["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
+KEYS = {
+    "admin": {"scopes": ALL},
+    "reader": {"scopes": ["meters:read", "usage:read"]},
+    "acme": {"scopes": ["usage:read", "usage:write", "customers:write"], "tenant": "acme"},
+}
+ADMIN = {"Authorization": "Bearer admin"}
+ACME = {"Authorization": "Bearer acme"}
+RANGE = {"start": "2026-01-01T00:00:00Z", "end": "2030-01-01T00:00:00Z"}
+
+
+def event(event_id: str, customer: str) -> dict[str, object]:
+    return {"id": event_id, "event_name": "api_calls", "customer_id": customer, "value": 1}
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    with TestClient(create_app(AsyncMetering("memory"), keys=KEYS)) as client:
+        client.post("/meters", json={"event_name": "api_calls"}, headers=ADMIN).raise_for_status()
+        yield client
+
+
+@pytest.fixture
+def meter_id(client: TestClient) -> str:
+    return str(client.get("/meters", headers=ADMIN).json()["items"][0]["id"])
+
+
+def error_of(response: object) -> dict[str, str]:
+    return response.json()["error"]  # type: ignore[attr-defined, no-any-return]
+
+
+def test_a_missing_or_unknown_key_is_401(client: TestClient) -> None:
+    missing = client.get("/meters")
+    assert missing.status_code == 401
+    assert error_of(missing)["type"] == "unauthorized"
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert client.get("/meters", headers={"Authorization": "Bearer guess"}).status_code == 401
+
+
+def test_a_key_without_the_scope_is_403_and_says_which(client: TestClient) -> None:
+    response = client.post(
+        "/meters", json={"event_name": "x"}, headers={"Authorization": "Bearer reader"}
+    )
+    assert response.status_code == 403
+    assert "meters:write" in error_of(response)["message"]
+    assert client.get("/meters", headers={"Authorization": "Bearer reader"}).status_code == 200
+
+
+def test_a_tenant_key_cannot_write_another_tenants_usage(client: TestClient, meter_id: str) -> None:
+    mixed = client.post(
+        "/usage", json={"events": [event("a1", "acme"), event("g1", "globex")]}, headers=ACME
+    )
+    assert mixed.status_code == 403
+    assert "'globex'" in error_of(mixed)["message"]
+    usage = client.get(f"/usage/{meter_id}", params=RANGE, headers=ADMIN).json()
+    assert usage["rows"] == []  # nothing half-applied
+
+
+def test_a_tenant_key_reads_only_its_tenant(client: TestClient, meter_id: str) -> None:
+    client.post(
+        "/usage", json={"events": [event("g1", "globex"), event("g2", "globex")]}, headers=ADMIN
+    )
+    client.post("/usage", json={"events": [event("a1", "acme")]}, headers=ACME).raise_for_status()
+    own = client.get(f"/usage/{meter_id}", params=RANGE, headers=ACME).json()
+    assert [(r["customer_id"], r["value"]) for r in own["rows"]] == [("acme", "1")]
+    other = client.get(
+        f"/usage/{meter_id}", params={**RANGE, "customer_id": "globex"}, headers=ACME
+    )
+    assert other.status_code == 403
+
+
+def test_a_tenant_key_cancels_only_events_its_tenant_sent(
+    client: TestClient, meter_id: str
+) -> None:
+    client.post(
+        "/usage", json={"events": [event("g1", "globex")]}, headers=ADMIN
+    ).raise_for_status()
+    client.post("/usage", json={"events": [event("a1", "acme")]}, headers=ACME).raise_for_status()
+    refused = client.request("DELETE", "/usage", json={"event_ids": ["g1"]}, headers=ACME)
+    assert refused.status_code == 403
+    assert "g1" in error_of(refused)["message"]
+    done = client.request("DELETE", "/usage", json={"event_ids": ["a1"]}, headers=ACME)
+    assert done.json()["cancelled"] == ["a1"]
+    total = client.get(f"/usage/{meter_id}", params=RANGE, headers=ADMIN).json()["rows"]
+    assert [r["value"] for r in total] == ["1"]  # globex's event still counts
+
+
+def test_a_tenant_key_manages_only_its_own_customer(client: TestClient) -> None:
+    assert client.post("/customers", json={"id": "globex"}, headers=ACME).status_code == 403
+    assert client.post("/customers", json={"id": "acme"}, headers=ACME).status_code == 201
+    assert client.delete("/customers/globex", headers=ACME).status_code == 403
+    assert client.delete("/customers/acme", headers=ACME).status_code == 204
+
+
+def test_errors_share_one_shape_with_the_field(client: TestClient) -> None:
+    bad = client.post(
+        "/usage", json={"events": [{**event("x", "acme"), "value": "lots"}]}, headers=ADMIN
+    )
+    assert bad.status_code == 422
+    assert error_of(bad)["field"] == "events.0.value"
+    assert "'lots'" in error_of(bad)["message"]
+    assert error_of(client.get("/meters/nope", headers=ADMIN))["type"] == "not_found"
+    conflict = client.post("/meters", json={"event_name": "api_calls"}, headers=ADMIN)
+    assert (conflict.status_code, error_of(conflict)["type"]) == (409, "conflict")
+
+
+def test_a_service_without_keys_refuses_to_start_unless_told() -> None:
+    with pytest.raises(ConfigurationError, match="no API keys"):
+        create_app(AsyncMetering("memory"), keys={})
+    with TestClient(
+        create_app(AsyncMetering("memory"), keys={}, allow_anonymous=True)
+    ) as open_client:
+        assert open_client.get("/meters").status_code == 200
+
+
+def test_keys_come_from_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERING_KEYS", '{"from-env": {"scopes": ["meters:read"]}}')
+    with TestClient(create_app(AsyncMetering("memory"))) as client:
+        assert (
+            client.get("/meters", headers={"Authorization": "Bearer from-env"}).status_code == 200
+        )
+        assert client.get("/meters", headers=ADMIN).status_code == 401
