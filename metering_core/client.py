@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from metering_core import events as events_module
 from metering_core import guards
 from metering_core.config import (
     MeteringSettings,
@@ -221,6 +222,11 @@ class AsyncMetering:
         service) whose caller keeps its own queue and retries."""
         return await self._provider.ingest_usage_events(self._checked_events(events))
 
+    async def handle_event(self, event: Mapping[str, Any]) -> Any:
+        """Route an event-bus message (EventBridge or CloudEvent) to ingestion, onboarding or
+        offboarding; returns the ids ingested, the customer created, or None."""
+        return await events_module.dispatch(self, event)
+
     def dead_letters(self) -> list[DeadLetter]:
         """Events rejected for good, kept in the spool with their reasons (needs `spool_path`)."""
         return self._pipeline.spool.dead_letters() if self._pipeline.spool is not None else []
@@ -417,6 +423,9 @@ class Metering:
         checked = self._async._checked_events(events)
         self._async._pipeline.submit_threadsafe(checked, timeout=timeout)
         return [event.id for event in checked]
+
+    def handle_event(self, event: Mapping[str, Any]) -> Any:
+        return self._runner.run(self._async.handle_event(event))
 
     def dead_letters(self) -> list[DeadLetter]:
         return self._async.dead_letters()

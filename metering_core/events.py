@@ -1,0 +1,192 @@
+"""Event-triggered functions: event-bus messages routed to ingestion and onboarding.
+
+`handle_event` takes an EventBridge envelope (`{"detail-type": ..., "detail": {...}}`) or a
+CloudEvent (`{"type": ..., "data": {...}}`), so an existing sbt-aws application can switch
+to this library without changing the events it publishes. Everything is validated before
+anything happens: an unknown type or a malformed detail raises `ValidationError` and
+changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from metering_core.errors import ValidationError
+from metering_core.models import CustomerCreate, UsageEvent
+
+if TYPE_CHECKING:
+    from metering_core.client import AsyncMetering, Metering
+
+__all__ = ["ParsedEvent", "lambda_handler", "parse_event"]
+
+Kind = Literal["ingest", "onboard", "offboard"]
+
+NAMES: dict[str, Kind] = {
+    "INGEST_USAGE": "ingest",
+    "ingestUsage": "ingest",
+    "sbt_aws_ingestUsage": "ingest",
+    "ONBOARDING_REQUEST": "onboard",
+    "onboardingRequest": "onboard",
+    "sbt_aws_onboardingRequest": "onboard",
+    "OFFBOARDING_REQUEST": "offboard",
+    "offboardingRequest": "offboard",
+    "sbt_aws_offboardingRequest": "offboard",
+}
+
+USAGE_FIELDS = {"id", "event_name", "customer_id", "value", "timestamp", "dimensions"}
+AMBERFLO_FIELDS = {
+    "tenantId",
+    "meterApiName",
+    "meterValue",
+    "uniqueId",
+    "meterTimeInMillis",
+    "time",
+}
+
+
+@dataclass(frozen=True)
+class ParsedEvent:
+    """A validated event-bus message: what to do, and with what."""
+
+    kind: Kind
+    usage: list[UsageEvent]
+    customer: CustomerCreate | None = None
+    tenant_id: str | None = None
+
+
+def _envelope(message: Any) -> tuple[str, Any, str | None]:
+    """The message's type, its detail, and its own id (EventBridge and CloudEvents have one)."""
+    if not isinstance(message, Mapping):
+        raise ValidationError(f"event={message!r} is not an object", field="event", value=message)
+    envelope_id = str(message["id"]) if message.get("id") else None
+    if "detail-type" in message:
+        return str(message["detail-type"]), message.get("detail"), envelope_id
+    if "type" in message:
+        return str(message["type"]), message.get("data"), envelope_id
+    raise ValidationError(
+        "event has neither 'detail-type' (EventBridge) nor 'type' and 'data' (CloudEvent)",
+        field="detail-type",
+        value=None,
+    )
+
+
+def _usage_fields(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's field names, the sbt-aws `tenantId`, or the Amberflo-style shape."""
+    if "meterApiName" in detail:
+        fields: dict[str, Any] = {
+            "event_name": detail["meterApiName"],
+            "customer_id": detail.get("tenantId"),
+            "value": detail.get("meterValue", 1),
+            "dimensions": {str(k): str(v) for k, v in detail.items() if k not in AMBERFLO_FIELDS},
+        }
+        if "uniqueId" in detail:
+            fields["id"] = detail["uniqueId"]
+        if "meterTimeInMillis" in detail:
+            fields["timestamp"] = detail["meterTimeInMillis"] / 1000
+        return fields
+    fields = dict(detail)
+    if "tenantId" in fields:
+        fields.setdefault("customer_id", fields.pop("tenantId"))
+    return fields
+
+
+def _usage(detail: Any, envelope_id: str | None) -> list[UsageEvent]:
+    """Usage events; one without an id takes `<envelope id>:<index>`, so a redelivered
+    message is a duplicate rather than counted again."""
+    items = detail if isinstance(detail, list) else [detail]
+    if not items:
+        raise ValidationError("detail holds no usage events", field="detail", value=detail)
+    events = []
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ValidationError(
+                f"detail[{index}]={item!r} is not an object", field="detail", value=item
+            )
+        fields = _usage_fields(item)
+        if "id" not in fields and envelope_id is not None:
+            fields["id"] = f"{envelope_id}:{index}"
+        try:
+            events.append(UsageEvent.model_validate(fields))
+        except ValidationError as exc:
+            raise ValidationError(
+                f"detail[{index}]: {exc}", field=f"detail[{index}].{exc.field}", value=exc.value
+            ) from None
+    return events
+
+
+def _tenant(detail: Mapping[str, Any]) -> str:
+    tenant = detail.get("tenantId", detail.get("customer_id", detail.get("id")))
+    if not isinstance(tenant, str) or not tenant:
+        raise ValidationError(
+            f"detail.tenantId={tenant!r} must be a tenant id", field="tenantId", value=tenant
+        )
+    return tenant
+
+
+def _customer(detail: Mapping[str, Any]) -> CustomerCreate:
+    known = {"tenantId", "tenantName", "email", "customer_id", "id", "name"}
+    metadata = {
+        str(k): v if isinstance(v, str) else str(v) for k, v in detail.items() if k not in known
+    }
+    return CustomerCreate(
+        id=_tenant(detail),
+        name=detail.get("tenantName", detail.get("name")),
+        email=detail.get("email"),
+        metadata=metadata,
+    )
+
+
+def parse_event(message: Any) -> ParsedEvent:
+    """Validate an event-bus message completely, before anything acts on it."""
+    name, detail, envelope_id = _envelope(message)
+    kind = NAMES.get(name)
+    if kind is None:
+        raise ValidationError(
+            f"event type {name!r} is not one of {sorted(NAMES)}", field="detail-type", value=name
+        )
+    if kind == "ingest":
+        return ParsedEvent(kind, _usage(detail, envelope_id))
+    if not isinstance(detail, Mapping):
+        raise ValidationError(f"detail={detail!r} is not an object", field="detail", value=detail)
+    if kind == "onboard":
+        return ParsedEvent(kind, [], customer=_customer(detail))
+    return ParsedEvent(kind, [], tenant_id=_tenant(detail))
+
+
+async def dispatch(metering: AsyncMetering, message: Any) -> Any:
+    """Act on a message: the ids ingested, the customer created, or None after offboarding."""
+    parsed = parse_event(message)
+    if parsed.kind == "ingest":
+        return await metering.ingest_usage_events(parsed.usage)
+    if parsed.customer is not None:
+        return await metering.create_customer(parsed.customer)
+    assert parsed.tenant_id is not None
+    await metering.delete_customer(parsed.tenant_id)
+    return None
+
+
+_lambda_metering: Metering | None = None
+
+
+def lambda_handler(event: Mapping[str, Any], context: object) -> dict[str, Any]:
+    """AWS Lambda entry point: one `Metering` from configuration per warm container.
+
+    Usage is flushed before returning, so Lambda's freeze cannot strand queued events, and
+    a rejected event fails the invocation so the event bus retries or dead-letters it.
+    """
+    global _lambda_metering
+    from metering_core.client import Metering
+
+    if _lambda_metering is None:
+        _lambda_metering = Metering()
+    outcome = _lambda_metering.handle_event(event)
+    report = _lambda_metering.flush()
+    if report.rejected:
+        raise ValidationError(
+            f"rejected usage events: {report.rejected}", field="detail", value=list(report.rejected)
+        )
+    if isinstance(outcome, list):
+        return {"ingested": outcome, "duplicates": report.duplicates}
+    return {"ok": True, "customer": outcome.id if outcome is not None else None}

@@ -1,0 +1,176 @@
+"""Event-bus dispatch: every name alias, both envelopes, sbt-aws spellings, malformed input."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from metering_core import Customer, Metering, NotFoundError, ValidationError
+from metering_core.events import NAMES
+
+INGEST = [name for name, kind in NAMES.items() if kind == "ingest"]
+ONBOARD = [name for name, kind in NAMES.items() if kind == "onboard"]
+OFFBOARD = [name for name, kind in NAMES.items() if kind == "offboard"]
+START = datetime.now(UTC) - timedelta(days=1)
+
+
+@pytest.fixture
+def metering() -> Iterator[Metering]:
+    with Metering("memory") as m:
+        m.create_meter(event_name="api_calls", dimensions=["region"])
+        yield m
+
+
+def total(m: Metering, customer: str | None = None) -> Decimal:
+    meter = next(m.iter_meters())
+    m.flush()
+    return m.fetch_usage(
+        meter.id, customer_id=customer, start=START, end=START + timedelta(days=2)
+    ).total
+
+
+def eventbridge(kind: str, detail: Any, envelope_id: str = "eb-1") -> dict[str, Any]:
+    return {"id": envelope_id, "detail-type": kind, "source": "sbt", "detail": detail}
+
+
+def cloudevent(kind: str, data: Any, envelope_id: str = "ce-1") -> dict[str, Any]:
+    return {"specversion": "1.0", "id": envelope_id, "type": kind, "source": "sbt", "data": data}
+
+
+@pytest.mark.parametrize("name", INGEST)
+@pytest.mark.parametrize("envelope", [eventbridge, cloudevent])
+def test_every_ingest_alias_in_both_envelopes(metering: Metering, name: str, envelope: Any) -> None:
+    detail = {
+        "event_name": "api_calls",
+        "customer_id": "t1",
+        "value": 4,
+        "timestamp": START.isoformat(),
+    }
+    ids = metering.handle_event(envelope(name, detail))
+    assert len(ids) == 1
+    assert total(metering) == 4
+
+
+def test_sbt_aws_and_amberflo_spellings(metering: Metering) -> None:
+    at = START + timedelta(hours=1)
+    metering.handle_event(
+        eventbridge(
+            "INGEST_USAGE",
+            {"event_name": "api_calls", "tenantId": "t1", "value": 2, "timestamp": at.isoformat()},
+        )
+    )
+    amberflo = {
+        "tenantId": "t2",
+        "meterApiName": "api_calls",
+        "meterValue": 5,
+        "meterTimeInMillis": int(at.timestamp() * 1000),
+        "region": "eu",
+    }
+    metering.handle_event(eventbridge("sbt_aws_ingestUsage", amberflo, "eb-2"))
+    assert total(metering, "t1") == 2
+    assert total(metering, "t2") == 5
+    meter = next(metering.iter_meters())
+    rows = metering.fetch_usage(
+        meter.id, customer_id="t2", start=START, end=START + timedelta(days=2), group_by=["region"]
+    ).rows
+    assert [(r.dimensions, r.value) for r in rows] == [({"region": "eu"}, 5)]
+
+
+def test_a_list_detail_ingests_each_event(metering: Metering) -> None:
+    detail = [
+        {"event_name": "api_calls", "tenantId": "t1", "value": v, "timestamp": START.isoformat()}
+        for v in (1, 2, 3)
+    ]
+    assert len(metering.handle_event(cloudevent("ingestUsage", detail))) == 3
+    assert total(metering) == 6
+
+
+def test_a_redelivered_message_is_not_counted_twice(metering: Metering) -> None:
+    item = {"event_name": "api_calls", "tenantId": "t1", "value": 7, "timestamp": START.isoformat()}
+    message = eventbridge("INGEST_USAGE", [item, item])
+    first = metering.handle_event(message)
+    assert sorted(metering.flush().accepted) == ["eb-1:0", "eb-1:1"]
+    again = metering.handle_event(message)
+    assert first == again == ["eb-1:0", "eb-1:1"]
+    assert sorted(metering.flush().duplicates) == ["eb-1:0", "eb-1:1"]
+    assert total(metering) == 14
+
+
+@pytest.mark.parametrize("name", ONBOARD)
+def test_every_onboarding_alias_creates_the_customer(metering: Metering, name: str) -> None:
+    detail = {
+        "tenantId": "acme",
+        "tenantName": "Acme",
+        "email": "ops@acme.test",
+        "tier": "premium",
+        "seats": 5,
+    }
+    customer = metering.handle_event(eventbridge(name, detail))
+    assert isinstance(customer, Customer)
+    assert (customer.id, customer.name, customer.email) == ("acme", "Acme", "ops@acme.test")
+    assert customer.metadata == {"tier": "premium", "seats": "5"}
+
+
+@pytest.mark.parametrize("name", OFFBOARD)
+def test_every_offboarding_alias_deletes_the_customer(metering: Metering, name: str) -> None:
+    metering.create_customer(id="acme")
+    assert metering.handle_event(cloudevent(name, {"tenantId": "acme"})) is None
+    with pytest.raises(NotFoundError):
+        metering.delete_customer("acme")
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ("not an object", "event"),
+        ({"source": "sbt"}, "detail-type"),
+        (eventbridge("PROVISION_TENANT", {"tenantId": "x"}), "detail-type"),
+        (eventbridge("INGEST_USAGE", []), "detail"),
+        (eventbridge("INGEST_USAGE", "text"), "detail"),
+        (eventbridge("ONBOARDING_REQUEST", {"tenantName": "no id"}), "tenantId"),
+        (eventbridge("OFFBOARDING_REQUEST", None), "detail"),
+    ],
+)
+def test_malformed_messages_are_refused_naming_the_field(
+    metering: Metering, message: Any, field: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        metering.handle_event(message)
+    assert caught.value.field == field
+
+
+def test_one_bad_event_in_a_list_changes_nothing(metering: Metering) -> None:
+    detail = [
+        {"event_name": "api_calls", "tenantId": "t1", "value": 1, "timestamp": START.isoformat()},
+        {
+            "event_name": "api_calls",
+            "tenantId": "t1",
+            "value": "many",
+            "timestamp": START.isoformat(),
+        },
+    ]
+    with pytest.raises(ValidationError) as caught:
+        metering.handle_event(eventbridge("INGEST_USAGE", detail))
+    assert caught.value.field == "detail[1].value"
+    assert total(metering) == 0
+
+
+def test_lambda_handler_ingests_and_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import metering_core.events as events
+
+    monkeypatch.setenv("METERING_PROVIDER", "memory")
+    monkeypatch.setattr(events, "_lambda_metering", None)
+    message = eventbridge("INGEST_USAGE", {"event_name": "nometer", "tenantId": "t1"})
+    with pytest.raises(ValidationError, match="rejected"):
+        events.lambda_handler(message, None)
+    assert events._lambda_metering is not None
+    events._lambda_metering.create_meter(event_name="api_calls")
+    ok = events.lambda_handler(
+        eventbridge("INGEST_USAGE", {"event_name": "api_calls", "tenantId": "t1"}, "eb-9"), None
+    )
+    assert ok["ingested"] == ["eb-9:0"]
+    events._lambda_metering.close()
