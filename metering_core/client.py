@@ -116,20 +116,13 @@ class AsyncMetering:
         provider: str | IMetering | None = None,
         *,
         config_file: Path | str | None = None,
-        spool_path: Path | str | None = None,
-        linger: float | None = None,
-        max_queue: int | None = None,
-        max_concurrency: int | None = None,
-        max_attempts: int | None = None,
-        **provider_options: Any,
+        **options: Any,
     ) -> None:
-        library_options = {
-            "spool_path": spool_path,
-            "linger": linger,
-            "max_queue": max_queue,
-            "max_concurrency": max_concurrency,
-            "max_attempts": max_attempts,
-        }
+        """`options` naming a library setting (`spool_path`, `linger`, `max_queue`,
+        `max_concurrency`, `max_attempts`, `retry_backoff`, `delivery_timeout`) configure
+        the library; the rest are the provider's options (e.g. `api_key`)."""
+        library_options = {k: v for k, v in options.items() if k in MeteringSettings.model_fields}
+        provider_options = {k: v for k, v in options.items() if k not in library_options}
         self._provider, self.settings = _build_provider(
             provider, config_file, library_options, provider_options
         )
@@ -344,23 +337,9 @@ class Metering:
         provider: str | IMetering | None = None,
         *,
         config_file: Path | str | None = None,
-        spool_path: Path | str | None = None,
-        linger: float | None = None,
-        max_queue: int | None = None,
-        max_concurrency: int | None = None,
-        max_attempts: int | None = None,
-        **provider_options: Any,
+        **options: Any,
     ) -> None:
-        self._async = AsyncMetering(
-            provider,
-            config_file=config_file,
-            spool_path=spool_path,
-            linger=linger,
-            max_queue=max_queue,
-            max_concurrency=max_concurrency,
-            max_attempts=max_attempts,
-            **provider_options,
-        )
+        self._async = AsyncMetering(provider, config_file=config_file, **options)
         self._runner = _LoopThread()
         self._runner.run(self._async._pipeline.start())
         self._closed = False

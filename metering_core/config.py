@@ -67,6 +67,10 @@ class MeteringSettings(BaseSettings):
     """Batches in flight to the provider at once."""
     max_attempts: int = Field(default=8, ge=1)
     """Delivery attempts of a batch on retryable failures before its events are reported."""
+    retry_backoff: float = Field(default=0.05, gt=0)
+    """First retry delay in seconds; it doubles per attempt (with jitter) up to 30 s."""
+    delivery_timeout: float = Field(default=30.0, gt=0)
+    """Seconds one provider call may take before it counts as a retryable failure."""
     keys: dict[SecretStr, ApiKey] = {}
     """REST-service API keys (`metering serve`)."""
 

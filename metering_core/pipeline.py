@@ -42,16 +42,18 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError) or (isinstance(exc, ProviderError) and exc.retryable)
 
 
-_backoff = wait_exponential_jitter(multiplier=0.05, max=MAX_BACKOFF, jitter=0.05)
-
-
-def _wait(state: RetryCallState) -> float:
+class _Backoff:
     """Exponential backoff with jitter, and never sooner than the provider asked."""
-    delay = _backoff(state)
-    exc = state.outcome.exception() if state.outcome else None
-    if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
-        delay = max(delay, exc.retry_after)
-    return delay
+
+    def __init__(self, first: float) -> None:
+        self._exponential = wait_exponential_jitter(multiplier=first, max=MAX_BACKOFF, jitter=first)
+
+    def __call__(self, state: RetryCallState) -> float:
+        delay: float = self._exponential(state)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        return delay
 
 
 class _Report:
@@ -234,11 +236,13 @@ class Pipeline:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_retryable),
                 stop=stop_after_attempt(self._settings.max_attempts),
-                wait=_wait,
+                wait=_Backoff(self._settings.retry_backoff),
                 reraise=True,
             ):
                 with attempt:
-                    result = await self._provider.ingest_usage_events(batch)
+                    result = await asyncio.wait_for(
+                        self._provider.ingest_usage_events(batch), self._settings.delivery_timeout
+                    )
         except Exception as exc:
             if len(batch) > 1 and not _retryable(exc):
                 middle = len(batch) // 2

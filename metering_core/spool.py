@@ -53,6 +53,8 @@ class Spool:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise ConfigurationError(f"spool_path={str(self.path)!r}: its folder does not exist")
         self._lock_file = self._lock_exclusively(self.path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._mutex = threading.Lock()

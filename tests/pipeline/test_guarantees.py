@@ -1,0 +1,196 @@
+"""Delivery guarantees under faults: every acknowledged event is held exactly once, or
+reported rejected with its reason; nothing is dropped, nothing is counted twice."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metering_core import AsyncMetering, MeterCreate, Metering, QueueFullError, UsageEvent
+
+from .faulty import FAULTS, FaultyProvider
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+FAST = {"linger": 0.0, "retry_backoff": 0.001, "delivery_timeout": 0.05, "max_attempts": 50}
+
+
+def events(ids: list[str]) -> list[UsageEvent]:
+    return [UsageEvent(id=i, event_name="api_calls", customer_id="t1", value=1) for i in ids]
+
+
+async def run(
+    provider: FaultyProvider, batches: list[list[str]], **options: object
+) -> dict[str, set[str]]:
+    async with AsyncMetering(provider, **{**FAST, **options}) as m:
+        await provider.create_meter(MeterCreate(event_name="api_calls"))
+        acknowledged: list[str] = []
+        for batch in batches:
+            acknowledged += await m.ingest_usage_events(events(batch))
+        report = await m.flush()
+    return {
+        "acknowledged": set(acknowledged),
+        "accepted": set(report.accepted),
+        "duplicates": set(report.duplicates),
+        "rejected": set(report.rejected),
+    }
+
+
+id_lists = st.lists(
+    st.lists(st.sampled_from([f"e{i}" for i in range(30)]), min_size=1, max_size=15),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches=id_lists,
+    schedule=st.lists(st.sampled_from(FAULTS), max_size=12),
+    rejected=st.sets(st.sampled_from([f"e{i}" for i in range(30)]), max_size=3),
+    poisoned=st.sets(st.sampled_from([f"e{i}" for i in range(30)]), max_size=2),
+    batch_size=st.integers(1, 12),
+    concurrency=st.integers(1, 4),
+)
+def test_every_schedule_holds_exactly_the_acknowledged_events_once(
+    batches: list[list[str]],
+    schedule: list[str],
+    rejected: set[str],
+    poisoned: set[str],
+    batch_size: int,
+    concurrency: int,
+) -> None:
+    provider = FaultyProvider(
+        schedule=list(schedule), rejected_ids=rejected, poisoned_ids=poisoned, batch_size=batch_size
+    )
+    outcome = asyncio.run(run(provider, batches, max_concurrency=concurrency))
+    stored = provider.stored_ids()
+    assert len(stored) == len(set(stored)), "an event was counted twice"
+    refused = (rejected | poisoned) & outcome["acknowledged"]
+    assert set(stored) == outcome["acknowledged"] - refused
+    assert outcome["rejected"] == refused
+    assert (
+        outcome["accepted"] | outcome["duplicates"] | outcome["rejected"] == outcome["acknowledged"]
+    )
+
+
+def test_a_poisoned_event_does_not_sink_its_batch() -> None:
+    provider = FaultyProvider(poisoned_ids={"e3"}, batch_size=8)
+    outcome = asyncio.run(run(provider, [[f"e{i}" for i in range(8)]]))
+    assert outcome["rejected"] == {"e3"}
+    assert sorted(provider.stored_ids()) == sorted(f"e{i}" for i in range(8) if i != 3)
+
+
+def test_giving_up_reports_every_event_with_the_reason() -> None:
+    provider = FaultyProvider(schedule=["unavailable"] * 10)
+
+    async def scenario() -> dict[str, str]:
+        async with AsyncMetering(provider, **{**FAST, "max_attempts": 3}) as m:
+            await m.create_meter(event_name="api_calls")
+            await m.ingest_usage_events(events(["a", "b"]))
+            return (await m.flush()).rejected
+
+    rejected = asyncio.run(scenario())
+    assert set(rejected) == {"a", "b"}
+    assert "gave up after 3 attempts" in rejected["a"]
+    assert "injected outage" in rejected["a"]
+    assert provider.stored_ids() == []
+
+
+def test_a_429_is_not_retried_before_retry_after() -> None:
+    provider = FaultyProvider(schedule=["rate_limited"], retry_after=0.2)
+    outcome = asyncio.run(run(provider, [["a"]]))
+    assert outcome["accepted"] == {"a"}
+    (first, _), (second, _) = provider.calls
+    assert second - first >= 0.2
+
+
+def test_a_hung_call_times_out_and_the_retry_counts_once() -> None:
+    provider = FaultyProvider(schedule=["hang_after_storing"])
+    outcome = asyncio.run(run(provider, [["a", "b"]]))
+    assert outcome["duplicates"] == {"a", "b"}  # stored by the hung call, confirmed by the retry
+    assert sorted(provider.stored_ids()) == ["a", "b"]
+
+
+def test_a_full_queue_raises_after_the_timeout_and_drops_nothing() -> None:
+    release = asyncio.Event()
+
+    class Stuck(FaultyProvider):
+        async def ingest_usage_events(self, batch):  # type: ignore[no-untyped-def]
+            await release.wait()
+            return await super().ingest_usage_events(batch)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        provider = Stuck(batch_size=5)
+        async with AsyncMetering(
+            provider, **{**FAST, "max_queue": 10, "delivery_timeout": 30}
+        ) as m:
+            await m.create_meter(event_name="api_calls")
+            queued = await m.ingest_usage_events(events([f"e{i}" for i in range(10)]))
+            began = time.monotonic()
+            with pytest.raises(QueueFullError, match="max_queue=10"):
+                await m.ingest_usage_event(event_name="api_calls", customer_id="t1", timeout=0.1)
+            assert time.monotonic() - began >= 0.1
+            release.set()
+            report = await m.flush()
+        return queued, report.accepted
+
+    queued, accepted = asyncio.run(scenario())
+    assert sorted(accepted) == sorted(queued)
+
+
+def test_a_full_queue_blocks_a_sync_caller_until_there_is_room() -> None:
+    provider = FaultyProvider(schedule=["unavailable"] * 3, batch_size=2)
+    with Metering(provider, **{**FAST, "max_queue": 2, "retry_backoff": 0.05}) as m:
+        provider_meter = m.create_meter(event_name="api_calls")
+        began = time.monotonic()
+        ids = [
+            m.ingest_usage_event(event_name="api_calls", customer_id="t1", value=1)
+            for _ in range(6)
+        ]
+        blocked = time.monotonic() - began
+        report = m.flush()
+        total = m.fetch_usage(
+            provider_meter.id,
+            start=EPOCH,
+            end=EPOCH + timedelta(days=365 * 200),
+        ).total
+    assert blocked >= 0.05  # the caller waited for the outage to clear
+    assert sorted(report.accepted) == sorted(ids)
+    assert total == Decimal(6)
+
+
+def test_a_failing_delivery_hook_does_not_lose_the_report(caplog: pytest.LogCaptureFixture) -> None:
+    from metering_core import hookimpl, register_plugin
+    from metering_core.plugins import unregister_plugin
+
+    class Broken:
+        @hookimpl
+        def usage_delivered(self, provider, result):  # type: ignore[no-untyped-def]
+            raise RuntimeError("observer crashed")
+
+    broken = Broken()
+    register_plugin(broken, name="broken-observer")
+    try:
+        outcome = asyncio.run(run(FaultyProvider(), [["a", "b"]]))
+    finally:
+        unregister_plugin(broken)
+    assert outcome["accepted"] == {"a", "b"}
+    assert "usage_delivered hook failed" in caplog.text
+
+
+def test_ids_a_provider_leaves_out_are_reported_not_lost() -> None:
+    class Forgetful(FaultyProvider):
+        async def ingest_usage_events(self, batch):  # type: ignore[no-untyped-def]
+            result = await super().ingest_usage_events(batch)
+            result.accepted.remove(batch[-1].id)
+            return result
+
+    outcome = asyncio.run(run(Forgetful(), [["a", "b", "c"]]))
+    assert outcome["accepted"] == {"a", "b"}
+    assert outcome["rejected"] == {"c"}
