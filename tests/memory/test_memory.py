@@ -1,0 +1,226 @@
+"""Memory-provider behaviour beyond the shared suite: calendars, folds, concurrency, dedupe."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metering_core import Metering, UsageEvent, ValidationError
+
+
+@pytest.fixture
+def m() -> Iterator[Metering]:
+    with Metering("memory", linger=0) as metering:
+        yield metering
+
+
+def ingest(m: Metering, *events: dict[str, object]) -> None:
+    m.ingest_usage_events([{"event_name": "api_calls", "customer_id": "t1", **e} for e in events])
+    assert m.flush().rejected == {}
+
+
+def test_days_follow_local_midnight_across_a_dst_change(m: Metering) -> None:
+    meter = m.create_meter(event_name="api_calls")
+    # Paris moves to summer time on 2026-03-29: that day runs 23 hours, 23:00Z to 22:00Z
+    ingest(
+        m,
+        {
+            "value": 1,
+            "timestamp": datetime(2026, 3, 28, 23, 30, tzinfo=UTC),
+        },  # 00:30 on the 29th in Paris
+        {
+            "value": 2,
+            "timestamp": datetime(2026, 3, 29, 21, 59, tzinfo=UTC),
+        },  # 23:59 on the 29th in Paris
+        {
+            "value": 4,
+            "timestamp": datetime(2026, 3, 29, 22, 0, tzinfo=UTC),
+        },  # 00:00 on the 30th in Paris
+    )
+    usage = m.fetch_usage(
+        meter.id,
+        start=datetime(2026, 3, 28, 23, tzinfo=UTC),
+        end=datetime(2026, 3, 30, 22, tzinfo=UTC),
+        window="day",
+        tz="Europe/Paris",
+    )
+    assert [(r.start, r.end, r.value) for r in usage.rows] == [
+        (datetime(2026, 3, 28, 23, tzinfo=UTC), datetime(2026, 3, 29, 22, tzinfo=UTC), Decimal(3)),
+        (datetime(2026, 3, 29, 22, tzinfo=UTC), datetime(2026, 3, 30, 22, tzinfo=UTC), Decimal(4)),
+    ]
+
+
+def test_months_follow_the_calendar_in_new_york(m: Metering) -> None:
+    meter = m.create_meter(event_name="api_calls")
+    ingest(
+        m,
+        {
+            "value": 1,
+            "timestamp": datetime(2026, 11, 1, 3, 59, tzinfo=UTC),
+        },  # still October in New York
+        {
+            "value": 10,
+            "timestamp": datetime(2026, 11, 1, 4, 0, tzinfo=UTC),
+        },  # November 1st, 00:00 EDT
+        {
+            "value": 100,
+            "timestamp": datetime(2026, 12, 1, 4, 59, tzinfo=UTC),
+        },  # still November (EST)
+    )
+    usage = m.fetch_usage(
+        meter.id,
+        start=datetime(2026, 10, 1, 4, tzinfo=UTC),
+        end=datetime(2026, 12, 1, 5, tzinfo=UTC),
+        window="month",
+        tz="America/New_York",
+    )
+    assert [(r.start, r.value) for r in usage.rows] == [
+        (datetime(2026, 10, 1, 4, tzinfo=UTC), Decimal(1)),
+        (datetime(2026, 11, 1, 4, tzinfo=UTC), Decimal(110)),
+    ]
+    assert usage.rows[1].end == datetime(2026, 12, 1, 5, tzinfo=UTC)  # EST midnight: 05:00Z
+
+
+def test_rows_are_clipped_to_the_query_range(m: Metering) -> None:
+    meter = m.create_meter(event_name="api_calls")
+    ingest(
+        m,
+        {"value": 1, "timestamp": datetime(2026, 5, 1, 10, tzinfo=UTC)},
+        {"value": 2, "timestamp": datetime(2026, 5, 2, 3, tzinfo=UTC)},
+    )
+    usage = m.fetch_usage(
+        meter.id,
+        start=datetime(2026, 5, 1, 9, tzinfo=UTC),
+        end=datetime(2026, 5, 2, 4, tzinfo=UTC),
+        window="day",
+    )
+    assert [(r.start, r.end) for r in usage.rows] == [
+        (datetime(2026, 5, 1, 9, tzinfo=UTC), datetime(2026, 5, 2, tzinfo=UTC)),
+        (datetime(2026, 5, 2, tzinfo=UTC), datetime(2026, 5, 2, 4, tzinfo=UTC)),
+    ]
+
+
+def test_latest_ties_go_to_the_last_ingested_and_avg_stays_exact(m: Metering) -> None:
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    latest = m.create_meter(event_name="seats", aggregation="latest")
+    average = m.create_meter(event_name="latency", aggregation="avg")
+    m.ingest_usage_events(
+        [
+            {"event_name": "seats", "customer_id": "t", "value": v, "timestamp": at}
+            for v in (5, 9, 7)
+        ]
+    )
+    m.ingest_usage_events(
+        [
+            {"event_name": "latency", "customer_id": "t", "value": v, "timestamp": at}
+            for v in ("0.1", "0.2")
+        ]
+    )
+    m.flush()
+    window = {"start": at, "end": at + timedelta(hours=1)}
+    assert m.fetch_usage(latest.id, **window).rows[0].value == 7
+    assert m.fetch_usage(average.id, **window).rows[0].value == Decimal("0.15")
+
+
+def test_unique_count_counts_distinct_users_per_group(m: Metering) -> None:
+    meter = m.create_meter(
+        event_name="mau", aggregation="unique_count", unique_dimension="user", dimensions=["user"]
+    )
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    visits = [("t1", "ann"), ("t1", "ann"), ("t1", "bob"), ("t2", "ann")]
+    m.ingest_usage_events(
+        [
+            {"event_name": "mau", "customer_id": c, "timestamp": at, "dimensions": {"user": u}}
+            for c, u in visits
+        ]
+    )
+    m.ingest_usage_event(event_name="mau", customer_id="t1", timestamp=at)
+    report = m.flush()
+    assert "needs dimension 'user'" in next(iter(report.rejected.values()))
+    usage = m.fetch_usage(meter.id, start=at, end=at + timedelta(days=1), group_by=["customer_id"])
+    assert [(r.customer_id, r.value) for r in usage.rows] == [("t1", 2), ("t2", 1)]
+
+
+def test_group_by_an_undeclared_dimension_is_refused(m: Metering) -> None:
+    meter = m.create_meter(event_name="api_calls", dimensions=["region"])
+    with pytest.raises(ValidationError) as caught:
+        m.fetch_usage(
+            meter.id,
+            start=datetime(2026, 1, 1, tzinfo=UTC),
+            end=datetime(2026, 2, 1, tzinfo=UTC),
+            group_by=["regoin"],
+        )
+    assert (caught.value.field, caught.value.value) == ("group_by", "regoin")
+
+
+def test_a_deleted_meter_takes_its_events_with_it(m: Metering) -> None:
+    meter = m.create_meter(event_name="api_calls")
+    ingest(m, {"value": 5, "timestamp": datetime(2026, 1, 1, tzinfo=UTC)})
+    m.delete_meter(meter.id)
+    again = m.create_meter(event_name="api_calls")
+    usage = m.fetch_usage(
+        again.id, start=datetime(2025, 1, 1, tzinfo=UTC), end=datetime(2027, 1, 1, tzinfo=UTC)
+    )
+    assert usage.rows == []
+
+
+def test_concurrent_threads_count_every_event_once(m: Metering) -> None:
+    meter = m.create_meter(event_name="api_calls")
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def worker(n: int) -> None:
+        for i in range(500):
+            # every id is sent by two threads: only one may count
+            m.ingest_usage_event(
+                id=f"e{i}-{n // 2}", event_name="api_calls", customer_id="t1", value=1, timestamp=at
+            )
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    report = m.flush()
+    assert (len(report.accepted), len(report.duplicates)) == (2000, 2000)
+    assert m.fetch_usage(meter.id, start=at, end=at + timedelta(days=1)).total == 2000
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(st.integers(0, 20), st.integers(-5, 50), st.integers(0, 96)), max_size=20
+        ),
+        max_size=6,
+    )
+)
+def test_usage_is_the_sum_of_each_ids_first_occurrence(
+    batches: list[list[tuple[int, int, int]]],
+) -> None:
+    start = datetime(2026, 2, 1, tzinfo=UTC)
+    expected: dict[str, int] = {}
+    with Metering("memory", linger=0) as m:
+        meter = m.create_meter(event_name="api_calls")
+        for batch in batches:
+            events = [
+                UsageEvent(
+                    id=f"e{i}",
+                    event_name="api_calls",
+                    customer_id="t",
+                    value=v,
+                    timestamp=start + timedelta(hours=h),
+                )
+                for i, v, h in batch
+            ]
+            for event in events:
+                expected.setdefault(event.id, int(event.value))
+            m.ingest_usage_events(events)
+        m.flush()
+        usage = m.fetch_usage(meter.id, start=start, end=start + timedelta(days=5), window="day")
+    assert usage.total == sum(expected.values())
