@@ -76,7 +76,7 @@ def _reported(command: F) -> F:
 def _fail(exc: Exception, code: int) -> None:
     if Options.debug:
         err.print_exception()
-    err.print(f"error: {exc}", markup=False, highlight=False)
+    typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(code)
 
 
@@ -360,10 +360,11 @@ def ingest(
     """
     events, bad = _validate_file(file)
     for number, reason in bad:
-        err.print(f"{file}:{number}: {reason}", markup=False, highlight=False)
+        typer.echo(f"{file}:{number}: {reason}", err=True)
     if bad and not skip_invalid:
-        err.print(
-            f"error: {len(bad)} bad row(s); nothing was sent (use --skip-invalid to send the rest)"
+        typer.echo(
+            f"error: {len(bad)} bad row(s); nothing was sent (use --skip-invalid to send the rest)",
+            err=True,
         )
         raise typer.Exit(2)
     with _metering(spool_path=spool) as m, out.status(f"ingesting {len(events):,} events"):
@@ -375,7 +376,7 @@ def ingest(
         f"rejected {len(report.rejected):,}"
     )
     for event_id, reason in report.rejected.items():
-        err.print(f"rejected {event_id}: {reason}", markup=False, highlight=False)
+        typer.echo(f"rejected {event_id}: {reason}", err=True)
     if report.rejected:
         raise typer.Exit(1)
 

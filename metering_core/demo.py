@@ -71,7 +71,8 @@ def run_demo(out: Console) -> None:
         out.print(
             f"ingested {len(events):,} events through the pipeline: "
             f"{len(report.accepted):,} accepted, {len(report.duplicates):,} duplicates "
-            f"(resent ids, counted once), {len(report.rejected)} rejected"
+            f"(resent ids, counted once), {len(report.rejected)} rejected",
+            soft_wrap=True,
         )
         daily = m.fetch_usage(calls.id, start=start, end=end, window="day")
         by_tenant = m.fetch_usage(

@@ -1,0 +1,189 @@
+"""The `metering` command: each subcommand, exit codes 0/1/2, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from metering_core import hookimpl, register_plugin
+from metering_core.cli import app
+from metering_core.memory import MemoryProvider, MemorySettings
+from metering_core.plugins import unregister_plugin
+
+runner = CliRunner()
+
+
+class SharedMemory:
+    """A provider whose state outlives one command, so commands can build on each other."""
+
+    def __init__(self) -> None:
+        self.provider = MemoryProvider()
+
+    @hookimpl
+    def register_providers(self, register):  # type: ignore[no-untyped-def]
+        register("shared", lambda settings: self.provider, MemorySettings)
+
+
+@pytest.fixture
+def shared() -> Iterator[MemoryProvider]:
+    plugin = SharedMemory()
+    register_plugin(plugin, name="shared-memory")
+    yield plugin.provider
+    unregister_plugin(plugin)
+
+
+def metering(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["--provider", "shared", *args])
+    return result.exit_code, result.output
+
+
+def test_meters_lifecycle(shared: MemoryProvider) -> None:
+    code, out = metering(
+        "meters", "create", "api_calls", "--display-name", "API calls", "--dimension", "region"
+    )
+    assert code == 0
+    meter_id = json.loads(out)["id"]
+    assert metering("meters", "list")[1].count("api_calls") == 1
+    assert json.loads(metering("meters", "get", meter_id)[1])["display_name"] == "API calls"
+    assert (
+        json.loads(metering("meters", "update", meter_id, "--display-name", "Calls")[1])[
+            "display_name"
+        ]
+        == "Calls"
+    )
+    assert metering("meters", "delete", meter_id) == (0, f"deleted {meter_id}\n")
+    code, out = metering("meters", "get", meter_id)
+    assert code == 1
+    assert out.strip().count("\n") == 0
+    assert out.startswith("error: no meter with id")
+
+
+def test_bad_input_exits_2_with_one_line(shared: MemoryProvider) -> None:
+    code, out = metering("meters", "create", "Not A Slug")
+    assert code == 2
+    assert out.startswith("error: invalid MeterCreate: event_name='Not A Slug'")
+
+
+def test_ingest_validates_every_row_before_sending(shared: MemoryProvider, tmp_path: Path) -> None:
+    metering("meters", "create", "api_calls")
+    rows = tmp_path / "usage.jsonl"
+    rows.write_text(
+        '{"id": "a", "event_name": "api_calls", "customer_id": "t1", "value": 2}\n'
+        '{"id": "b", "event_name": "api_calls", "customer_id": "t1", "value": "x"}\n'
+        "not json\n"
+    )
+    code, out = metering("ingest", str(rows))
+    assert code == 2
+    assert f"{rows}:2: " in out
+    assert f"{rows}:3: not JSON" in out
+    assert "nothing was sent" in out
+    assert shared._seen == {}
+    code, out = metering("ingest", str(rows), "--skip-invalid")
+    assert (code, "accepted 1") == (0, out.strip().splitlines()[-1][:10])
+
+
+def test_ingest_csv_with_a_spool_resumes_without_duplicates(
+    shared: MemoryProvider, tmp_path: Path
+) -> None:
+    metering("meters", "create", "api_calls", "--dimension", "region")
+    rows = tmp_path / "usage.csv"
+    rows.write_text(
+        "id,event_name,customer_id,value,timestamp,dimensions.region\n"
+        "a,api_calls,t1,2,2026-11-01T10:00:00Z,eu\n"
+        "b,api_calls,t2,3,2026-11-01T11:00:00Z,us\n"
+    )
+    spool = str(tmp_path / "spool.db")
+    assert (
+        metering("ingest", str(rows), "--spool", spool)[1]
+        .strip()
+        .endswith("accepted 2, duplicates 0, rejected 0")
+    )
+    assert (
+        metering("ingest", str(rows), "--spool", spool)[1]
+        .strip()
+        .endswith("accepted 0, duplicates 2, rejected 0")
+    )
+    meter_id = next(iter(shared._meters))
+    code, out = metering(
+        "usage",
+        meter_id,
+        "--from",
+        "2026-11-01T00:00:00Z",
+        "--to",
+        "2026-11-02T00:00:00Z",
+        "--group-by",
+        "region",
+        "--format",
+        "csv",
+    )
+    assert code == 0
+    assert out.splitlines() == [
+        "start,end,customer_id,region,value",
+        "2026-11-01T00:00:00+00:00,2026-11-02T00:00:00+00:00,,eu,2",
+        "2026-11-01T00:00:00+00:00,2026-11-02T00:00:00+00:00,,us,3",
+    ]
+
+
+def test_a_rejected_backfill_row_fails_the_command(shared: MemoryProvider, tmp_path: Path) -> None:
+    rows = tmp_path / "usage.jsonl"
+    rows.write_text('{"id": "a", "event_name": "unmetered", "customer_id": "t1"}\n')
+    code, out = metering("ingest", str(rows))
+    assert code == 1
+    assert "rejected a: no meter for event_name='unmetered'" in out
+
+
+def test_usage_table_json_and_a_bad_time(shared: MemoryProvider) -> None:
+    meter_id = json.loads(metering("meters", "create", "api_calls")[1])["id"]
+    window = ["--from", "2026-11-01T00:00:00Z", "--to", "2026-11-03T00:00:00Z"]
+    assert "sum of" in metering("usage", meter_id, *window, "--window", "day")[1]
+    assert json.loads(metering("usage", meter_id, *window, "--format", "json")[1])["rows"] == []
+    code, out = metering("usage", meter_id, "--from", "yesterday", "--to", "2026-11-03")
+    assert (code, out.strip()) == (2, "error: --from='yesterday' is not an ISO 8601 time")
+
+
+def test_customers_and_cancel(shared: MemoryProvider) -> None:
+    assert (
+        json.loads(metering("customers", "create", "acme", "--name", "Acme")[1])["name"] == "Acme"
+    )
+    assert metering("customers", "delete", "acme")[0] == 0
+    assert metering("customers", "delete", "acme")[0] == 1
+    assert json.loads(metering("cancel", "nope")[1])["not_found"] == ["nope"]
+
+
+def test_providers_lists_memory() -> None:
+    result = runner.invoke(app, ["providers"])
+    assert result.exit_code == 0
+    assert "memory" in result.output
+
+
+def command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "metering_core.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_demo_prints_usage_by_day_and_by_tenant() -> None:
+    result = command("demo")
+    assert result.returncode == 0, result.stderr
+    assert "API calls by day" in result.stdout
+    assert "acme" in result.stdout
+    assert "duplicates (resent ids, counted once)" in result.stdout
+
+
+def test_an_unknown_provider_is_exit_2_naming_the_fix() -> None:
+    result = command("--provider", "chargebee", "meters", "list")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: provider 'chargebee' is not installed (installed: "
+        + result.stderr.split("(installed: ")[1].split(")")[0]
+        + "); add it with: pip install metering-chargebee"
+    )
