@@ -232,7 +232,7 @@ class MemoryProvider(BaseProvider):
             else:
                 series = [s for s in (stored.series.get(query.customer_id),) if s is not None]
             rows = _rows(meter, query, series)
-        return Usage(
+        return Usage.model_construct(
             meter_id=meter.id,
             aggregation=meter.aggregation,
             start=query.start,
@@ -286,27 +286,26 @@ def _rows(meter: Meter, query: UsageQuery, series_list: list[Series]) -> list[Us
     micros = [epoch_micros(bound) for bound in bounds]
     by_customer = "customer_id" in query.group_by
     dimension_keys = [key for key in query.group_by if key != "customer_id"]
-    counted = meter.unique_dimension
+    per_event = bool(dimension_keys) or meter.aggregation in (
+        Aggregation.LATEST,
+        Aggregation.UNIQUE_COUNT,
+    )
     buckets: dict[tuple[int, str | None, tuple[str, ...]], Bucket] = {}
     for series in series_list:
         customer = series.customer_id if by_customer or query.customer_id else None
         for window in range(len(bounds) - 1):
-            for position in series.span(micros[window], micros[window + 1]):
-                value = series.values[position]
-                if value is None:
-                    continue
-                dimensions = series.dimensions[position]
-                group = tuple(dimensions.get(key, "") for key in dimension_keys)
-                bucket = buckets.get((window, customer, group))
-                if bucket is None:
-                    bucket = buckets[(window, customer, group)] = Bucket()
-                bucket.values.append(value)
-                if meter.aggregation is Aggregation.LATEST:
-                    bucket.add_latest(series.times[position], value)
-                elif counted is not None:
-                    bucket.distinct.add(dimensions[counted])
+            span = series.span(micros[window], micros[window + 1])
+            if not span:
+                continue
+            if per_event:
+                _fill_per_event(meter, series, span, window, customer, dimension_keys, buckets)
+                continue
+            values = [v for v in series.values[span.start : span.stop] if v is not None]
+            if values:
+                buckets.setdefault((window, customer, ()), Bucket()).values.extend(values)
+    # Rows are built from values this provider validated on the way in: no second validation.
     return [
-        UsageRow(
+        UsageRow.model_construct(
             start=bounds[window],
             end=bounds[window + 1],
             customer_id=customer,
@@ -317,6 +316,33 @@ def _rows(meter: Meter, query: UsageQuery, series_list: list[Series]) -> list[Us
             buckets.items(), key=lambda item: (item[0][0], item[0][1] or "", item[0][2])
         )
     ]
+
+
+def _fill_per_event(
+    meter: Meter,
+    series: Series,
+    span: range,
+    window: int,
+    customer: str | None,
+    dimension_keys: list[str],
+    buckets: dict[tuple[int, str | None, tuple[str, ...]], Bucket],
+) -> None:
+    """Bucket events one by one: for grouping by dimensions, latest, and unique_count."""
+    counted = meter.unique_dimension
+    for position in span:
+        value = series.values[position]
+        if value is None:
+            continue
+        dimensions = series.dimensions[position]
+        group = tuple(dimensions.get(key, "") for key in dimension_keys)
+        bucket = buckets.get((window, customer, group))
+        if bucket is None:
+            bucket = buckets[(window, customer, group)] = Bucket()
+        bucket.values.append(value)
+        if meter.aggregation is Aggregation.LATEST:
+            bucket.add_latest(series.times[position], value)
+        elif counted is not None:
+            bucket.distinct.add(dimensions[counted])
 
 
 @hookimpl
