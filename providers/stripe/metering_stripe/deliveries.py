@@ -1,0 +1,36 @@
+"""What the provider remembers of events it delivered: Stripe needs the event name to
+cancel, keeps identifiers unique for 24 hours, and validates the stream asynchronously."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+WINDOW = 24 * 3600
+
+
+class RecentDeliveries:
+    """Event id → (event name, when delivered), for the last 24 hours."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def add(self, event_id: str, event_name: str) -> None:
+        self._entries[event_id] = (event_name, time.time())
+        self._entries.move_to_end(event_id)
+        self._expire()
+
+    def get(self, event_id: str) -> tuple[str, float] | None:
+        self._expire()
+        return self._entries.get(event_id)
+
+    def __contains__(self, event_id: object) -> bool:
+        return isinstance(event_id, str) and self.get(event_id) is not None
+
+    def _expire(self) -> None:
+        cutoff = time.time() - WINDOW
+        while self._entries:
+            first = next(iter(self._entries.values()))
+            if first[1] >= cutoff:
+                return
+            self._entries.popitem(last=False)

@@ -1,0 +1,415 @@
+"""The Stripe provider: the ten operations on Billing Meters through the official SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import stripe
+
+from metering_core.errors import NotFoundError, UnsupportedOperationError, ValidationError
+from metering_core.interface import BaseProvider, Capabilities, Operation
+from metering_core.models import (
+    Aggregation,
+    CancelResult,
+    Customer,
+    CustomerCreate,
+    IngestResult,
+    Meter,
+    MeterCreate,
+    MeterUpdate,
+    Page,
+    Usage,
+    UsageEvent,
+    UsageQuery,
+    Window,
+)
+from metering_stripe.deliveries import RecentDeliveries
+from metering_stripe.errors import translate
+from metering_stripe.settings import StripeSettings
+from metering_stripe.usage import fold_summaries, summary_request, unix
+
+__all__ = ["CAPABILITIES", "StripeProvider"]
+
+T = TypeVar("T")
+FORMULAS = {Aggregation.SUM: "sum", Aggregation.COUNT: "count", Aggregation.LATEST: "last"}
+AGGREGATIONS = {formula: aggregation for aggregation, formula in FORMULAS.items()}
+MAX_AGE, MAX_AHEAD = timedelta(days=35), timedelta(minutes=5)
+SESSION_MARGIN = 60.0
+TENANT_KEY = "tenant_id"
+
+CAPABILITIES = Capabilities(
+    aggregations=frozenset(FORMULAS),
+    windows=frozenset(Window),
+    max_batch_size=100,
+    requires_customer=True,
+    group_by=False,
+    dimensions=False,
+    updatable_meter_fields=frozenset({"display_name"}),
+    max_event_age=MAX_AGE,
+    max_future_skew=MAX_AHEAD,
+    cancel_window=timedelta(hours=24),
+)
+
+
+def _meter(obj: Any) -> Meter:
+    return Meter(
+        id=obj["id"],
+        event_name=obj["event_name"],
+        display_name=obj["display_name"],
+        aggregation=AGGREGATIONS[obj["default_aggregation"]["formula"]],
+        status=obj["status"],
+        created_at=datetime.fromtimestamp(obj["created"], UTC),
+        updated_at=datetime.fromtimestamp(obj["updated"], UTC),
+    )
+
+
+def _customer(tenant: str, obj: stripe.Customer) -> Customer:
+    data = obj.to_dict()
+    metadata = {k: v for k, v in (data.get("metadata") or {}).items() if k != TENANT_KEY}
+    return Customer(
+        id=tenant,
+        name=data.get("name"),
+        email=data.get("email"),
+        metadata=metadata,
+        provider_ref=obj.id,
+    )
+
+
+class StripeProvider(BaseProvider):
+    """Stripe Billing Meters. Ingestion `accepted` means Stripe took the request: the v2
+    stream validates asynchronously, so the provider checks what it can first (meter,
+    customer, timestamp window, identifiers it delivered in the last 24 hours)."""
+
+    name = "stripe"
+    default_capabilities = CAPABILITIES
+
+    def __init__(self, settings: StripeSettings) -> None:
+        self._settings = settings
+        self._client = self._new_client(settings.api_key.get_secret_value())
+        self._stream: stripe.StripeClient | None = None
+        self._stream_expires = 0.0
+        self._session_lock = asyncio.Lock()
+        self._meters_by_event: dict[str, Meter] = {}
+        self._customers: dict[str, str] = {}
+        self._delivered = RecentDeliveries()
+
+    def __repr__(self) -> str:
+        return f"StripeProvider(base_url={self._settings.base_url!r})"
+
+    def _new_client(self, key: str) -> stripe.StripeClient:
+        addresses: Any = {}
+        if self._settings.base_url:
+            addresses["api"] = self._settings.base_url
+        events_url = self._settings.meter_events_url or self._settings.base_url
+        if events_url:
+            addresses["meter_events"] = events_url
+        return stripe.StripeClient(
+            key,
+            base_addresses=addresses,
+            http_client=stripe.HTTPXClient(timeout=self._settings.timeout),
+            max_network_retries=self._settings.max_network_retries,
+        )
+
+    async def _call(self, request: Awaitable[T]) -> T:
+        try:
+            return await request
+        except stripe.StripeError as exc:
+            raise translate(exc) from exc
+
+    # meters
+
+    async def create_meter(self, meter: MeterCreate) -> Meter:
+        formula = FORMULAS.get(meter.aggregation)
+        if formula is None:
+            raise UnsupportedOperationError(
+                self.name,
+                "create_meter",
+                f"aggregation={meter.aggregation.value!r}: Stripe has sum, count and last",
+            )
+        if meter.description is not None or meter.dimensions:
+            raise UnsupportedOperationError(
+                self.name, "create_meter", "Stripe meters keep no description or dimensions"
+            )
+        params: Any = {
+            "display_name": meter.display_name or meter.event_name,
+            "event_name": meter.event_name,
+            "default_aggregation": {"formula": formula},
+        }
+        created = _meter(await self._call(self._client.v1.billing.meters.create_async(params)))
+        self._meters_by_event[created.event_name] = created
+        return created
+
+    async def fetch_meter(self, meter_id: str) -> Meter:
+        return _meter(await self._call(self._client.v1.billing.meters.retrieve_async(meter_id)))
+
+    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
+        params: Any = {"limit": limit}
+        if cursor is not None:
+            params["starting_after"] = cursor
+        listing = await self._call(self._client.v1.billing.meters.list_async(params))
+        items = [_meter(obj) for obj in listing.data]
+        return Page[Meter](
+            items=items, next_cursor=items[-1].id if listing.has_more and items else None
+        )
+
+    async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
+        refused = sorted(update.model_fields_set - {"display_name"})
+        if refused:
+            raise UnsupportedOperationError(
+                self.name,
+                "update_meter",
+                f"Stripe can change display_name only, not {', '.join(refused)}",
+            )
+        params: Any = {"display_name": update.display_name}
+        return _meter(
+            await self._call(self._client.v1.billing.meters.update_async(meter_id, params))
+        )
+
+    async def delete_meter(self, meter_id: str) -> None:
+        """Stripe has no delete: the meter is deactivated (it then shows `inactive`)."""
+        meter = _meter(await self._call(self._client.v1.billing.meters.deactivate_async(meter_id)))
+        self._meters_by_event.pop(meter.event_name, None)
+
+    async def _active_meter(self, event_name: str) -> Meter | None:
+        if event_name not in self._meters_by_event:
+            cursor: str | None = None
+            while True:
+                page = await self.fetch_all_meters(limit=100, cursor=cursor)
+                for meter in page.items:
+                    if meter.status == "active":
+                        self._meters_by_event[meter.event_name] = meter
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+        return self._meters_by_event.get(event_name)
+
+    # customers
+
+    async def _stripe_customer(self, tenant: str, *, refresh: bool = True) -> str | None:
+        """The `cus_…` of a tenant; after a restart found again by listing customers'
+        metadata (search is eventually consistent, so it is not relied on)."""
+        if tenant not in self._customers and refresh:
+            params: Any = {"limit": 100}
+            while True:
+                listing = await self._call(self._client.v1.customers.list_async(params))
+                for obj in listing.data:
+                    owner = (obj.to_dict().get("metadata") or {}).get(TENANT_KEY)
+                    if owner:
+                        self._customers.setdefault(owner, obj.id)
+                if not listing.has_more or not listing.data:
+                    break
+                params["starting_after"] = listing.data[-1]["id"]
+        return self._customers.get(tenant)
+
+    async def create_customer(self, customer: CustomerCreate) -> Customer:
+        existing = await self._stripe_customer(customer.id)
+        if existing is not None:
+            return _customer(
+                customer.id, await self._call(self._client.v1.customers.retrieve_async(existing))
+            )
+        params: Any = {"metadata": {**customer.metadata, TENANT_KEY: customer.id}}
+        if customer.name is not None:
+            params["name"] = customer.name
+        if customer.email is not None:
+            params["email"] = customer.email
+        key = "metering-customer-" + hashlib.sha256(customer.id.encode()).hexdigest()[:32]
+        created = await self._call(
+            self._client.v1.customers.create_async(params, {"idempotency_key": key})
+        )
+        self._customers[customer.id] = created["id"]
+        return _customer(customer.id, created)
+
+    async def delete_customer(self, customer_id: str) -> None:
+        reference = await self._stripe_customer(customer_id)
+        if reference is None:
+            raise NotFoundError(f"no Stripe customer for tenant {customer_id!r}")
+        await self._call(self._client.v1.customers.delete_async(reference))
+        del self._customers[customer_id]
+
+    # ingestion
+
+    async def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
+        result = IngestResult()
+        ready: list[tuple[UsageEvent, dict[str, Any]]] = []
+        seen: set[str] = set()
+        now = datetime.now(UTC)
+        for event in events:
+            if event.id in seen or event.id in self._delivered:
+                result.duplicates.append(event.id)
+                continue
+            seen.add(event.id)
+            reason, payload = await self._prepare(event, now)
+            if reason is not None:
+                result.rejected[event.id] = reason
+            else:
+                ready.append((event, payload))
+        if ready:
+            sent, duplicates, rejected = await (
+                self._send_stream(ready)
+                if self._settings.use_event_stream
+                else self._send_v1(ready)
+            )
+            result.accepted.extend(sent)
+            result.duplicates.extend(duplicates)
+            result.rejected.update(rejected)
+        return result
+
+    async def _prepare(self, event: UsageEvent, now: datetime) -> tuple[str | None, dict[str, Any]]:
+        """Refuse, before any request, what Stripe would refuse; else the wire payload."""
+        if event.timestamp < now - MAX_AGE:
+            return (
+                f"timestamp {event.timestamp.isoformat()} is over 35 days ago; Stripe refuses it",
+                {},
+            )
+        if event.timestamp > now + MAX_AHEAD:
+            return (
+                f"timestamp {event.timestamp.isoformat()} is over 5 min ahead; Stripe refuses it",
+                {},
+            )
+        if await self._active_meter(event.event_name) is None:
+            return f"no active Stripe meter for event_name={event.event_name!r}", {}
+        customer = await self._stripe_customer(event.customer_id)
+        if customer is None:
+            return f"no Stripe customer for tenant {event.customer_id!r}: create_customer first", {}
+        payload = {"stripe_customer_id": customer, "value": format(event.value, "f")}
+        return None, {"event_name": event.event_name, "identifier": event.id, "payload": payload}
+
+    async def _session_client(self, *, renew: bool = False) -> stripe.StripeClient:
+        async with self._session_lock:
+            if renew or self._stream is None or time.time() > self._stream_expires - SESSION_MARGIN:
+                session = await self._call(
+                    self._client.v2.billing.meter_event_session.create_async()
+                )
+                self._stream = self._new_client(session.authentication_token)
+                expires = datetime.fromisoformat(str(session.expires_at).replace("Z", "+00:00"))
+                self._stream_expires = expires.timestamp()
+            return self._stream
+
+    async def _send_stream(
+        self, ready: list[tuple[UsageEvent, dict[str, Any]]]
+    ) -> tuple[list[str], list[str], dict[str, str]]:
+        body: Any = {
+            "events": [
+                {**wire, "timestamp": event.timestamp.isoformat().replace("+00:00", "Z")}
+                for event, wire in ready
+            ]
+        }
+        client = await self._session_client()
+        try:
+            await client.v2.billing.meter_event_stream.create_async(body)
+        except stripe.TemporarySessionExpiredError:
+            client = await self._session_client(renew=True)
+            await self._call(client.v2.billing.meter_event_stream.create_async(body))
+        except stripe.StripeError as exc:
+            raise translate(exc) from exc
+        for event, _ in ready:
+            self._delivered.add(event.id, event.event_name)
+        return [event.id for event, _ in ready], [], {}
+
+    async def _send_v1(
+        self, ready: list[tuple[UsageEvent, dict[str, Any]]]
+    ) -> tuple[list[str], list[str], dict[str, str]]:
+        sent, duplicates, rejected = [], [], {}
+        for event, wire in ready:
+            try:
+                params: Any = {**wire, "timestamp": unix(event.timestamp)}
+                await self._client.v1.billing.meter_events.create_async(params)
+            except stripe.InvalidRequestError as exc:
+                if exc.code == "resource_already_exists" and exc.param == "identifier":
+                    duplicates.append(event.id)
+                elif exc.http_status == 400:
+                    rejected[event.id] = f"Stripe: {exc.user_message or exc}"
+                    continue
+                else:
+                    raise translate(exc) from exc
+            except stripe.StripeError as exc:
+                raise translate(exc) from exc
+            else:
+                sent.append(event.id)
+            self._delivered.add(event.id, event.event_name)
+        return sent, duplicates, rejected
+
+    # usage
+
+    async def fetch_usage(self, query: UsageQuery) -> Usage:
+        if query.customer_id is None:
+            raise ValidationError(
+                "Stripe needs customer_id to fetch usage (customer_id=None)",
+                field="customer_id",
+                value=None,
+            )
+        if query.group_by:
+            raise UnsupportedOperationError(
+                self.name, Operation.FETCH_USAGE.value, "Stripe has no group-by"
+            )
+        meter = await self.fetch_meter(query.meter_id)
+        customer = await self._stripe_customer(query.customer_id)
+        if customer is None:
+            raise NotFoundError(f"no Stripe customer for tenant {query.customer_id!r}")
+        grouping, bounds = summary_request(query)
+        params: Any = {
+            "customer": customer,
+            "start_time": unix(query.start),
+            "end_time": unix(query.end),
+            "limit": 100,
+        }
+        if grouping is not None:
+            params["value_grouping_window"] = grouping
+        summaries: list[Any] = []
+        while True:
+            listing = await self._call(
+                self._client.v1.billing.meters.event_summaries.list_async(meter.id, params)
+            )
+            summaries.extend(listing.data)
+            if not listing.has_more or not listing.data:
+                break
+            params["starting_after"] = listing.data[-1]["id"]
+        rows = fold_summaries(summaries, bounds, meter.aggregation, query.customer_id)
+        return Usage(
+            meter_id=meter.id,
+            aggregation=meter.aggregation,
+            start=query.start,
+            end=query.end,
+            window=query.window,
+            rows=rows,
+        )
+
+    # cancellation
+
+    async def cancel_usage_events(
+        self, event_ids: Sequence[str], *, event_name: str | None = None
+    ) -> CancelResult:
+        result = CancelResult()
+        for event_id in event_ids:
+            remembered = self._delivered.get(event_id)
+            name = event_name or (remembered[0] if remembered else None)
+            if name is None:
+                result.rejected[event_id] = (
+                    "Stripe needs the event name to cancel, and this event was not delivered "
+                    "here in the last 24 hours: pass event_name"
+                )
+                continue
+            params: Any = {"event_name": name, "type": "cancel", "cancel": {"identifier": event_id}}
+            try:
+                await self._client.v1.billing.meter_event_adjustments.create_async(params)
+            except stripe.InvalidRequestError as exc:
+                message = exc.user_message or str(exc)
+                if "24 hours" in message:
+                    result.rejected[event_id] = f"Stripe: {message}"
+                elif exc.http_status in (400, 404):
+                    result.not_found.append(event_id)
+                else:
+                    raise translate(exc) from exc
+            except stripe.StripeError as exc:
+                raise translate(exc) from exc
+            else:
+                result.cancelled.append(event_id)
+        return result
+
+    async def aclose(self) -> None:
+        return None

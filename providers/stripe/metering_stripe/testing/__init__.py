@@ -1,0 +1,5 @@
+"""An offline Stripe for tests: a loopback server that enforces the Billing Meters rules."""
+
+from metering_stripe.testing.fake_server import FakeStripe
+
+__all__ = ["FakeStripe"]
