@@ -15,7 +15,9 @@ from .conftest import settings_for
 
 class TestStripeConformance(ProviderConformance):
     @pytest.fixture(params=[True, False], ids=["v2-stream", "v1-events"])
-    async def provider(self, fake_stripe: FakeStripe, request: pytest.FixtureRequest) -> AsyncIterator[StripeProvider]:
+    async def provider(
+        self, fake_stripe: FakeStripe, request: pytest.FixtureRequest
+    ) -> AsyncIterator[StripeProvider]:
         provider = StripeProvider(settings_for(fake_stripe, use_event_stream=request.param))
         yield provider
         await provider.aclose()

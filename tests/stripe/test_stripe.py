@@ -1,0 +1,370 @@
+"""Stripe specifics: error mapping, retries, sessions, Stripe's rules, DST windows, secrets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import stripe
+from metering_stripe import StripeProvider
+from metering_stripe.deliveries import RecentDeliveries
+from metering_stripe.testing import FakeStripe
+from metering_stripe.usage import fold_summaries, summary_request
+
+from metering_core import (
+    AuthenticationError,
+    ConfigurationError,
+    CustomerCreate,
+    MeterCreate,
+    Metering,
+    MeterUpdate,
+    NotFoundError,
+    ProviderUnavailableError,
+    RateLimitedError,
+    UnsupportedOperationError,
+    UsageEvent,
+    UsageQuery,
+    ValidationError,
+)
+from metering_core.models import Aggregation
+
+from .conftest import API_KEY, settings_for
+
+NOW = datetime.now(UTC).replace(second=0, microsecond=0)  # Stripe queries need minutes
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeStripe]:
+    with FakeStripe(api_key=API_KEY) as server:
+        yield server
+
+
+async def setup(provider: StripeProvider, tenant: str = "acme") -> str:
+    await provider.create_customer(CustomerCreate(id=tenant))
+    return (await provider.create_meter(MeterCreate(event_name="api_calls"))).id
+
+
+def event(event_id: str, value: int = 1, at: datetime = NOW, tenant: str = "acme") -> UsageEvent:
+    return UsageEvent(
+        id=event_id, event_name="api_calls", customer_id=tenant, value=value, timestamp=at
+    )
+
+
+@pytest.mark.parametrize(
+    ("inject", "expected"),
+    [
+        (lambda f: f.fail_next(1, 429, {"Retry-After": "2"}), RateLimitedError),
+        (lambda f: f.fail_next(1, 500), ProviderUnavailableError),
+        (lambda f: f.fail_next(1, 503), ProviderUnavailableError),
+        (lambda f: f.drop_next(1), ProviderUnavailableError),
+    ],
+)
+async def test_faults_map_to_the_core_hierarchy(
+    fake: FakeStripe, inject: object, expected: type[Exception]
+) -> None:
+    provider = StripeProvider(settings_for(fake))
+    meter_id = await setup(provider)
+    inject(fake)  # type: ignore[operator]
+    with pytest.raises(expected) as caught:
+        await provider.fetch_meter(meter_id)
+    assert isinstance(caught.value.__cause__, stripe.StripeError)
+    assert caught.value.retryable  # type: ignore[attr-defined]
+    if isinstance(caught.value, RateLimitedError):
+        assert caught.value.retry_after == 2.0
+
+
+async def test_missing_things_and_bad_keys_map_too(fake: FakeStripe) -> None:
+    with pytest.raises(NotFoundError):
+        await StripeProvider(settings_for(fake)).fetch_meter("mtr_missing")
+    wrong = StripeProvider(
+        settings_for(fake).model_copy(update={"api_key": stripe_key("sk_test_wrong_key_123456")})
+    )
+    with pytest.raises(AuthenticationError) as caught:
+        await wrong.fetch_meter("mtr_x")
+    assert "sk_test_wrong_key_123456" not in str(caught.value)
+
+
+def stripe_key(value: str):  # type: ignore[no-untyped-def]
+    from pydantic import SecretStr
+
+    return SecretStr(value)
+
+
+def test_retries_through_the_pipeline_count_once(fake: FakeStripe) -> None:
+    with Metering(StripeProvider(settings_for(fake)), linger=0, retry_backoff=0.001) as m:
+        meter = m.create_meter(event_name="api_calls")
+        m.create_customer(id="acme")
+        fake.fail_next(2, 500)
+        fake.drop_next(1)
+        ids = m.ingest_usage_events([event(f"e{i}", 2) for i in range(5)])
+        assert sorted(m.flush().accepted) == sorted(ids)
+        usage = m.fetch_usage(
+            meter.id,
+            customer_id="acme",
+            start=NOW - timedelta(hours=1),
+            end=NOW + timedelta(hours=1),
+        )
+    assert usage.total == 10
+
+
+async def test_an_expired_session_is_renewed_and_the_batch_resent(fake: FakeStripe) -> None:
+    provider = StripeProvider(settings_for(fake))
+    meter_id = await setup(provider)
+    assert (await provider.ingest_usage_events([event("a")])).accepted == ["a"]
+    fake.state.expire_sessions()
+    assert (await provider.ingest_usage_events([event("b")])).accepted == ["b"]
+    sessions = [path for method, path in fake.requests if path == "/v2/billing/meter_event_session"]
+    assert len(sessions) == 2
+    usage = await provider.fetch_usage(
+        UsageQuery(
+            meter_id=meter_id,
+            customer_id="acme",
+            start=NOW - timedelta(hours=1),
+            end=NOW + timedelta(hours=1),
+        )
+    )
+    assert usage.total == 2
+
+
+async def test_a_repeated_identifier_is_a_duplicate_even_across_restarts(fake: FakeStripe) -> None:
+    first = StripeProvider(settings_for(fake, use_event_stream=False))
+    await setup(first)
+    assert (await first.ingest_usage_events([event("same")])).accepted == ["same"]
+    restarted = StripeProvider(settings_for(fake, use_event_stream=False))  # remembers nothing
+    result = await restarted.ingest_usage_events([event("same")])
+    assert (result.accepted, result.duplicates) == ([], ["same"])
+
+
+async def test_timestamps_outside_stripes_window_are_refused_before_any_request(
+    fake: FakeStripe,
+) -> None:
+    provider = StripeProvider(settings_for(fake))
+    await setup(provider)
+    before = len(fake.requests)
+    result = await provider.ingest_usage_events(
+        [event("old", at=NOW - timedelta(days=36)), event("ahead", at=NOW + timedelta(minutes=6))]
+    )
+    assert "35 days" in result.rejected["old"]
+    assert "5 min" in result.rejected["ahead"]
+    assert [p for _, p in fake.requests[before:] if "meter_event" in p] == []
+
+
+async def test_a_tenant_without_a_customer_is_rejected_with_the_reason(fake: FakeStripe) -> None:
+    provider = StripeProvider(settings_for(fake))
+    await setup(provider)
+    result = await provider.ingest_usage_events([event("x", tenant="stranger")])
+    assert "create_customer first" in result.rejected["x"]
+
+
+async def test_the_tenant_mapping_is_found_again_after_a_restart(fake: FakeStripe) -> None:
+    first = StripeProvider(settings_for(fake))
+    meter_id = await setup(first)
+    restarted = StripeProvider(settings_for(fake))
+    assert (await restarted.ingest_usage_events([event("r1", 4)])).accepted == ["r1"]
+    usage = await restarted.fetch_usage(
+        UsageQuery(
+            meter_id=meter_id,
+            customer_id="acme",
+            start=NOW - timedelta(hours=1),
+            end=NOW + timedelta(hours=1),
+        )
+    )
+    assert usage.total == 4
+    again = await restarted.create_customer(CustomerCreate(id="acme"))
+    assert len(fake.state.customers) == 1
+    assert again.provider_ref in fake.state.customers
+
+
+async def test_refusals_happen_before_any_request(fake: FakeStripe) -> None:
+    provider = StripeProvider(settings_for(fake))
+    meter_id = await setup(provider)
+    before = len(fake.requests)
+    with pytest.raises(UnsupportedOperationError, match="aggregation='max'"):
+        await provider.create_meter(MeterCreate(event_name="peak", aggregation="max"))
+    with pytest.raises(UnsupportedOperationError, match="display_name only, not description"):
+        await provider.update_meter(meter_id, MeterUpdate(description="x"))
+    assert len(fake.requests) == before
+
+
+async def test_delete_deactivates(fake: FakeStripe) -> None:
+    provider = StripeProvider(settings_for(fake))
+    meter_id = await setup(provider)
+    await provider.delete_meter(meter_id)
+    assert (await provider.fetch_meter(meter_id)).status == "inactive"
+    result = await provider.ingest_usage_events([event("late")])
+    assert "no active Stripe meter" in result.rejected["late"]
+
+
+async def test_events_older_than_24_hours_cannot_be_cancelled(
+    fake: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = StripeProvider(settings_for(fake))
+    await setup(provider)
+    await provider.ingest_usage_events([event("old"), event("fresh")])
+    fake.state.events["old"].received -= 25 * 3600  # Stripe received it over a day ago
+    result = await provider.cancel_usage_events(["old", "fresh"])
+    assert result.cancelled == ["fresh"]
+    assert "24 hours" in result.rejected["old"]
+    later = time.time() + 25 * 3600
+    monkeypatch.setattr("metering_stripe.deliveries.time.time", lambda: later)
+    forgotten = await provider.cancel_usage_events(["fresh"])
+    assert "pass event_name" in forgotten.rejected["fresh"]
+
+
+def test_recent_deliveries_forget_after_a_day(monkeypatch: pytest.MonkeyPatch) -> None:
+    recent = RecentDeliveries()
+    recent.add("a", "api_calls")
+    assert recent.get("a") is not None
+    monkeypatch.setattr(
+        "metering_stripe.deliveries.time.time", lambda: time.time_ns() / 1e9 + 24 * 3600 + 1
+    )
+    assert "a" not in recent
+
+
+def summary(start: datetime, value: float) -> dict[str, object]:
+    return {
+        "start_time": int(start.timestamp()),
+        "end_time": int(start.timestamp()) + 3600,
+        "aggregated_value": value,
+    }
+
+
+def test_paris_days_and_months_across_the_autumn_dst_change_come_from_hours() -> None:
+    # 25 October 2026: Paris goes back from UTC+2 to UTC+1, so that local day has 25 hours.
+    query = UsageQuery(
+        meter_id="m",
+        customer_id="acme",
+        start=datetime(2026, 10, 24, 22, tzinfo=UTC),
+        end=datetime(2026, 10, 26, 23, tzinfo=UTC),
+        window="day",
+        tz="Europe/Paris",
+    )
+    grouping, bounds = summary_request(query)
+    assert grouping == "hour"
+    assert bounds == [
+        datetime(2026, 10, 24, 22, tzinfo=UTC),
+        datetime(2026, 10, 25, 23, tzinfo=UTC),
+        datetime(2026, 10, 26, 23, tzinfo=UTC),
+    ]
+    hours = [
+        summary(datetime(2026, 10, 25, 22, tzinfo=UTC), 1.5),
+        summary(datetime(2026, 10, 25, 23, tzinfo=UTC), 2.0),
+    ]
+    rows = fold_summaries(hours, bounds, Aggregation.SUM, "acme")
+    assert [(r.start, r.value) for r in rows] == [
+        (bounds[0], Decimal("1.5")),
+        (bounds[1], Decimal("2.0")),
+    ]
+    month = UsageQuery(
+        meter_id="m",
+        customer_id="acme",
+        start=datetime(2026, 9, 30, 22, tzinfo=UTC),
+        end=datetime(2026, 11, 30, 23, tzinfo=UTC),
+        window="month",
+        tz="Europe/Paris",
+    )
+    grouping, bounds = summary_request(month)
+    assert (grouping, bounds[1]) == ("hour", datetime(2026, 10, 31, 23, tzinfo=UTC))
+    latest = fold_summaries(
+        [
+            summary(datetime(2026, 10, 31, 22, tzinfo=UTC), 7),
+            summary(datetime(2026, 10, 31, 23, tzinfo=UTC), 9),
+        ],
+        bounds,
+        Aggregation.LATEST,
+        "acme",
+    )
+    assert [r.value for r in latest] == [
+        7,
+        9,
+    ]  # 22:00Z is still October in Paris, 23:00Z is November
+
+
+def test_utc_days_use_day_summaries_and_unaligned_ranges_are_refused() -> None:
+    day = UsageQuery(
+        meter_id="m",
+        customer_id="c",
+        start=datetime(2026, 11, 1, tzinfo=UTC),
+        end=datetime(2026, 11, 3, tzinfo=UTC),
+        window="day",
+    )
+    assert summary_request(day)[0] == "day"
+    with pytest.raises(ValidationError) as caught:
+        summary_request(day.model_copy(update={"start": datetime(2026, 11, 1, 0, 30, tzinfo=UTC)}))
+    assert caught.value.field == "start"
+    with pytest.raises(ValidationError, match="tz='Asia/Kolkata'"):
+        summary_request(day.model_copy(update={"tz": "Asia/Kolkata"}))
+
+
+async def test_non_utc_day_windows_end_to_end(fake: FakeStripe) -> None:
+    provider = StripeProvider(settings_for(fake))
+    meter_id = await setup(provider)
+    tokyo_midnight = (NOW + timedelta(hours=9)).replace(hour=0, minute=0, second=0) - timedelta(
+        hours=9
+    )
+    await provider.ingest_usage_events(
+        [
+            event("t1", 3, tokyo_midnight - timedelta(minutes=30)),
+            event("t2", 4, tokyo_midnight + timedelta(minutes=30)),
+        ]
+    )
+    query = UsageQuery(
+        meter_id=meter_id,
+        customer_id="acme",
+        start=tokyo_midnight - timedelta(days=1),
+        end=tokyo_midnight + timedelta(days=1),
+        window="day",
+        tz="Asia/Tokyo",
+    )
+    rows = (await provider.fetch_usage(query)).rows
+    assert [(r.start, r.value) for r in rows] == [
+        (tokyo_midnight - timedelta(days=1), 3),
+        (tokyo_midnight, 4),
+    ]
+
+
+def test_the_fake_refuses_unknown_parameters_like_stripe(fake: FakeStripe) -> None:
+    client = stripe.StripeClient(
+        API_KEY,
+        base_addresses={"api": fake.url},
+        http_client=stripe.HTTPXClient(allow_sync_methods=True),
+    )
+    with pytest.raises(stripe.InvalidRequestError, match="unknown parameter: aggregation"):
+        client.v1.billing.meters.create(
+            {
+                "display_name": "x",
+                "event_name": "x",
+                "default_aggregation": {"formula": "sum"},
+                "aggregation": "sum",
+            }
+        )  # type: ignore[typeddict-unknown-key]
+    with pytest.raises(stripe.InvalidRequestError, match="default_aggregation"):
+        client.v1.billing.meters.create(
+            {"display_name": "x", "event_name": "x", "default_aggregation": {"formula": "max"}}
+        )  # type: ignore[typeddict-item]
+
+
+def test_the_api_key_never_shows(fake: FakeStripe) -> None:
+    settings = settings_for(fake)
+    for text in (repr(settings), str(settings), repr(StripeProvider(settings))):
+        assert API_KEY not in text
+    with pytest.raises(ConfigurationError) as caught:
+        Metering("stripe", api_key=12345678901234, base_url=fake.url)
+    assert "12345678901234" not in str(caught.value)
+
+
+def test_configured_by_environment_through_the_entry_point(
+    fake: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METERING_PROVIDER", "stripe")
+    monkeypatch.setenv("METERING_STRIPE_API_KEY", API_KEY)
+    monkeypatch.setenv("METERING_STRIPE_BASE_URL", fake.url)
+    with Metering(linger=0) as m:
+        assert m.provider_name == "stripe"
+        assert not m.capabilities.group_by
+        meter = m.create_meter(event_name="env_calls", display_name="Env calls")
+        with pytest.raises(ValidationError, match="customer_id"):
+            m.fetch_usage(meter.id, start=NOW - timedelta(hours=1), end=NOW)
