@@ -145,7 +145,10 @@ async def test_timestamps_outside_stripes_window_are_refused_before_any_request(
     await setup(provider)
     before = len(fake.requests)
     result = await provider.ingest_usage_events(
-        [event("old", at=NOW - timedelta(days=36)), event("ahead", at=NOW + timedelta(minutes=6))]
+        [
+            event("old", at=datetime.now(UTC) - timedelta(days=36)),
+            event("ahead", at=datetime.now(UTC) + timedelta(minutes=10)),
+        ]
     )
     assert "35 days" in result.rejected["old"]
     assert "5 min" in result.rejected["ahead"]
