@@ -60,10 +60,15 @@ def unique_name(prefix: str = "conf") -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
+_DAY_START = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(
+    days=2
+)
+
+
 def day_start() -> datetime:
-    """UTC midnight two days ago: the suite's events fall in the two days after it."""
-    now = datetime.now(UTC)
-    return now.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=2)
+    """UTC midnight two days before the run began (fixed per run, so a test that crosses
+    midnight still agrees with itself): the suite's events fall in the two days after it."""
+    return _DAY_START
 
 
 def nonzero(usage: Usage) -> list[tuple[datetime, datetime, str | None, dict[str, str], Decimal]]:
