@@ -35,6 +35,7 @@ from metering_core.models import (
     Window,
 )
 from metering_core.plugins import ProviderSpec, providers, register_plugin
+from metering_core.spool import DeadLetter
 
 __all__ = [
     "Aggregation",
@@ -48,6 +49,7 @@ __all__ = [
     "ConflictError",
     "Customer",
     "CustomerCreate",
+    "DeadLetter",
     "IMetering",
     "IngestResult",
     "Meter",

@@ -303,8 +303,8 @@ class Pipeline:
         finally:
             self._flushing -= 1
         if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
+            # Sticky: a pipeline whose batching task died cannot deliver; every flush says so.
+            raise self._failure
         return self._report.take()
 
     async def _until_completed(self, target: int) -> None:
