@@ -35,6 +35,7 @@ from metering_core.errors import (
     UnsupportedOperationError,
     ValidationError,
 )
+from metering_core.events import parse_event
 from metering_core.interface import Capabilities
 from metering_core.models import (
     CancelResult,
@@ -311,6 +312,30 @@ def create_app(
                     f"events it did not send through this service: {foreign[:10]!r}"
                 )
         return await service.cancel_usage_events(request.event_ids, event_name=request.event_name)
+
+    @app.post("/events")
+    async def handle_event(
+        message: dict[str, Any],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> IngestResult | Customer | None:
+        """An event-bus message (EventBridge or CloudEvent), as `handle_event` takes it;
+        ingestion answers per event, like `POST /usage`."""
+        principal = authenticate(credentials)
+        parsed = parse_event(message)
+        scope: Scope = "usage:write" if parsed.kind == "ingest" else "customers:write"
+        if scope not in principal.scopes:
+            raise Forbidden(f"this key lacks the scope {scope!r}")
+        if parsed.kind == "ingest":
+            for event in parsed.usage:
+                own_tenant(principal, event.customer_id, "write usage for")
+            return await service.deliver_usage_events(parsed.usage)
+        if parsed.customer is not None:
+            own_tenant(principal, parsed.customer.id, "create customer")
+            return await service.create_customer(parsed.customer)
+        own_tenant(principal, parsed.tenant_id, "delete customer")
+        assert parsed.tenant_id is not None
+        await service.delete_customer(parsed.tenant_id)
+        return None
 
     @app.post("/customers", status_code=201)
     async def create_customer(

@@ -132,3 +132,24 @@ def test_keys_come_from_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
             client.get("/meters", headers={"Authorization": "Bearer from-env"}).status_code == 200
         )
         assert client.get("/meters", headers=ADMIN).status_code == 401
+
+
+def test_event_bus_messages_follow_the_same_scopes_and_tenants(
+    client: TestClient, meter_id: str
+) -> None:
+    usage = {
+        "id": "evb-1",
+        "detail-type": "INGEST_USAGE",
+        "detail": {"event_name": "api_calls", "tenantId": "acme", "value": 2},
+    }
+    answer = client.post("/events", json=usage, headers=ACME)
+    assert answer.json()["accepted"] == ["evb-1:0"]
+    assert client.post("/events", json=usage, headers=ACME).json()["duplicates"] == ["evb-1:0"]
+    other = {**usage, "detail": {**usage["detail"], "tenantId": "globex"}}
+    assert client.post("/events", json=other, headers=ACME).status_code == 403
+    onboard = {"type": "ONBOARDING_REQUEST", "data": {"tenantId": "acme", "tenantName": "Acme"}}
+    reader = client.post("/events", json=onboard, headers={"Authorization": "Bearer reader"})
+    assert (reader.status_code, "customers:write" in error_of(reader)["message"]) == (403, True)
+    assert client.post("/events", json=onboard, headers=ACME).json()["name"] == "Acme"
+    malformed = client.post("/events", json={"detail-type": "PROVISION"}, headers=ADMIN)
+    assert (malformed.status_code, error_of(malformed)["field"]) == (422, "detail-type")
