@@ -17,6 +17,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress, ProgressColumn, Task
+from rich.text import Text
 from rich.table import Table
 
 from metering_core.client import Metering
@@ -329,6 +331,15 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     yield number, {"__error__": f"not JSON: {exc.msg}"}
 
 
+class EventRate(ProgressColumn):
+    """Events per second, for the backfill progress bar."""
+
+    def render(self, task: Task) -> Text:
+        return Text(
+            f"{task.speed:,.0f} events/s" if task.speed else "", style="progress.data.speed"
+        )
+
+
 def _validate_file(path: Path) -> tuple[list[UsageEvent], list[tuple[int, str]]]:
     good: list[UsageEvent] = []
     bad: list[tuple[int, str]] = []
@@ -367,9 +378,13 @@ def ingest(
             err=True,
         )
         raise typer.Exit(2)
-    with _metering(spool_path=spool) as m, out.status(f"ingesting {len(events):,} events"):
+    columns = (*Progress.get_default_columns(), MofNCompleteColumn(), EventRate())
+    with _metering(spool_path=spool) as m, Progress(*columns, console=err) as progress:
+        task = progress.add_task("ingesting", total=len(events))
         for offset in range(0, len(events), 1000):
-            m.ingest_usage_events(events[offset : offset + 1000])
+            chunk = events[offset : offset + 1000]
+            m.ingest_usage_events(chunk)
+            progress.advance(task, len(chunk))
         report = m.flush()
     out.print(
         f"accepted {len(report.accepted):,}, duplicates {len(report.duplicates):,}, "
