@@ -18,12 +18,12 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, ProgressColumn, Task
-from rich.text import Text
 from rich.table import Table
+from rich.text import Text
 
 from metering_core.client import Metering
 from metering_core.errors import ConfigurationError, MeteringError, ValidationError
-from metering_core.models import Usage, UsageEvent, Window
+from metering_core.models import IngestResult, Usage, UsageEvent, Window
 from metering_core.plugins import providers
 
 __all__ = ["app", "main"]
@@ -380,12 +380,13 @@ def ingest(
         raise typer.Exit(2)
     columns = (*Progress.get_default_columns(), MofNCompleteColumn(), EventRate())
     with _metering(spool_path=spool) as m, Progress(*columns, console=err) as progress:
-        task = progress.add_task("ingesting", total=len(events))
-        for offset in range(0, len(events), 1000):
-            chunk = events[offset : offset + 1000]
+        task = progress.add_task("delivering", total=len(events))
+        report = IngestResult()
+        for offset in range(0, len(events), 5000):
+            chunk = events[offset : offset + 5000]
             m.ingest_usage_events(chunk)
+            report = report.merge(m.flush())  # the bar counts delivered events, not queued ones
             progress.advance(task, len(chunk))
-        report = m.flush()
     out.print(
         f"accepted {len(report.accepted):,}, duplicates {len(report.duplicates):,}, "
         f"rejected {len(report.rejected):,}"
