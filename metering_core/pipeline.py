@@ -26,7 +26,13 @@ from tenacity import (
 )
 
 from metering_core.config import MeteringSettings
-from metering_core.errors import ProviderError, QueueFullError, RateLimitedError
+from metering_core.errors import (
+    MeteringError,
+    ProviderError,
+    QueueFullError,
+    RateLimitedError,
+    ValidationError,
+)
 from metering_core.interface import IMetering
 from metering_core.models import IngestResult, UsageEvent
 from metering_core.spool import Spool
@@ -36,6 +42,7 @@ __all__ = ["Pipeline"]
 logger = logging.getLogger("metering")
 
 MAX_BACKOFF = 30.0
+DEFAULT_BATCH_SIZE = 100
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -200,7 +207,7 @@ class Pipeline:
                 self._wake.clear()
                 self._wake_pending = False
                 while self._buffer:
-                    size = self._provider.capabilities.max_batch_size
+                    size = self._batch_size()
                     if (
                         len(self._buffer) < size
                         and not self._flushing
@@ -217,6 +224,14 @@ class Pipeline:
         except BaseException as exc:  # surfaced by flush(); never swallowed
             self._failure = exc
             raise
+
+    def _batch_size(self) -> int:
+        """The provider's batch limit; while it cannot say (the HTTP provider asks its service,
+        which may be down), a modest default, and delivery's retries wait out the outage."""
+        try:
+            return self._provider.capabilities.max_batch_size
+        except MeteringError:
+            return DEFAULT_BATCH_SIZE
 
     async def _deliver(self, batch: list[UsageEvent]) -> None:
         assert self._slots is not None
@@ -244,7 +259,9 @@ class Pipeline:
                         self._provider.ingest_usage_events(batch), self._settings.delivery_timeout
                     )
         except Exception as exc:
-            if len(batch) > 1 and not _retryable(exc):
+            if len(batch) > 1 and isinstance(exc, ValidationError):
+                # Only a refused event can sink a batch: halve until it stands alone. Other
+                # failures (a bad key, an unsupported call) would fail every half alike.
                 middle = len(batch) // 2
                 return (await self._settle(batch[:middle])).merge(
                     await self._settle(batch[middle:])

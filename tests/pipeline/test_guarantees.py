@@ -7,12 +7,23 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metering_core import AsyncMetering, MeterCreate, Metering, QueueFullError, UsageEvent
+from metering_core import (
+    AsyncMetering,
+    AuthenticationError,
+    MeterCreate,
+    Metering,
+    ProviderUnavailableError,
+    QueueFullError,
+    UsageEvent,
+)
+from metering_core.memory import MemoryProvider
+from metering_core.spool import Spool
 
 from .faulty import FAULTS, FaultyProvider
 
@@ -194,3 +205,40 @@ def test_ids_a_provider_leaves_out_are_reported_not_lost() -> None:
     outcome = asyncio.run(run(Forgetful(), [["a", "b", "c"]]))
     assert outcome["accepted"] == {"a", "b"}
     assert outcome["rejected"] == {"c"}
+
+
+def test_a_provider_that_cannot_state_its_batch_size_yet_still_gets_the_spooled_events(
+    tmp_path: Path,
+) -> None:
+    class Unreachable(FaultyProvider):
+        """Like the HTTP provider while its service is down: even capabilities fail."""
+
+        outage = 3
+
+        @property
+        def capabilities(self):  # type: ignore[no-untyped-def]
+            if self.outage > 0:
+                self.outage -= 1
+                raise ProviderUnavailableError("service down", provider="faulty")
+            return super().capabilities
+
+    spool = Spool(tmp_path / "spool.db")
+    spool.add(events(["s1", "s2"]))
+    spool.close()
+    provider = Unreachable()
+    asyncio.run(MemoryProvider.create_meter(provider, MeterCreate(event_name="api_calls")))
+    with Metering(provider, spool_path=tmp_path / "spool.db", **FAST) as m:
+        assert sorted(m.flush().accepted) == ["s1", "s2"]
+    assert sorted(provider.stored_ids()) == ["s1", "s2"]
+
+
+def test_a_failure_no_event_causes_rejects_the_batch_without_splitting_it() -> None:
+    class BadKey(FaultyProvider):
+        async def ingest_usage_events(self, batch):  # type: ignore[no-untyped-def]
+            self.calls.append((time.monotonic(), len(batch)))
+            raise AuthenticationError("bad key", provider="faulty", status_code=401)
+
+    provider = BadKey(batch_size=8)
+    outcome = asyncio.run(run(provider, [[f"e{i}" for i in range(8)]]))
+    assert outcome["rejected"] == {f"e{i}" for i in range(8)}
+    assert len(provider.calls) == 1
