@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from metering_core.client import AsyncMetering
 from metering_core.config import ApiKey, Scope
@@ -53,7 +54,7 @@ from metering_core.models import (
     describe_error,
 )
 
-__all__ = ["ERROR_TYPES", "create_app"]
+__all__ = ["ERROR_TYPES", "create_app", "serve"]
 
 OWNERS_REMEMBERED = 1_000_000
 """Event ids whose tenant the service remembers, so tenant keys can cancel their own events."""
@@ -138,6 +139,13 @@ def _request_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    """Unknown routes and methods (404, 405) answer in the one error shape too."""
+    assert isinstance(exc, HTTPException)
+    kind = "not_found" if exc.status_code == 404 else "http_error"
+    return _error(kind, str(exc.detail), exc.status_code, **(exc.headers or {}))
+
+
 def _forbidden(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Forbidden)
     kind = "unauthorized" if exc.status_code == 401 else "forbidden"
@@ -219,6 +227,7 @@ def create_app(
     app.add_exception_handler(MeteringError, _metering_error)
     app.add_exception_handler(RequestValidationError, _request_error)
     app.add_exception_handler(Forbidden, _forbidden)
+    app.add_exception_handler(HTTPException, _http_error)
 
     @app.get("/health")
     async def health() -> Health:
@@ -345,7 +354,7 @@ def create_app(
         own_tenant(principal, customer.id, "create customer")
         return await service.create_customer(customer)
 
-    @app.delete("/customers/{customer_id}", status_code=204)
+    @app.delete("/customers/{customer_id:path}", status_code=204)
     async def delete_customer(
         customer_id: str, principal: Annotated[Principal, Depends(require("customers:write"))]
     ) -> Response:
@@ -354,6 +363,24 @@ def create_app(
         return Response(status_code=204)
 
     return app
+
+
+def serve(
+    app_or_metering: FastAPI | AsyncMetering | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    allow_anonymous: bool = False,
+) -> None:
+    """Run the service with uvicorn until stopped; loopback unless told otherwise."""
+    import uvicorn
+
+    app = (
+        app_or_metering
+        if isinstance(app_or_metering, FastAPI)
+        else create_app(app_or_metering, allow_anonymous=allow_anonymous)
+    )
+    uvicorn.run(app, host=host, port=port)
 
 
 if __name__ == "__main__":  # python -m metering_core.server > docs/openapi.json

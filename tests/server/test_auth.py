@@ -153,3 +153,10 @@ def test_event_bus_messages_follow_the_same_scopes_and_tenants(
     assert client.post("/events", json=onboard, headers=ACME).json()["name"] == "Acme"
     malformed = client.post("/events", json={"detail-type": "PROVISION"}, headers=ADMIN)
     assert (malformed.status_code, error_of(malformed)["field"]) == (422, "detail-type")
+
+
+def test_unknown_routes_and_methods_answer_in_the_error_shape(client: TestClient) -> None:
+    missing = client.get("/no-such-route", headers=ADMIN)
+    assert (missing.status_code, error_of(missing)["type"]) == (404, "not_found")
+    wrong = client.patch("/meters", headers=ADMIN)
+    assert (wrong.status_code, error_of(wrong)["type"]) == (405, "http_error")

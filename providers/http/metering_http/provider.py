@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from pydantic import Field, SecretStr, TypeAdapter
@@ -28,6 +29,11 @@ from metering_http.errors import error_from_response, error_from_transport
 __all__ = ["HttpProvider", "HttpSettings"]
 
 _EVENTS = TypeAdapter(list[UsageEvent])
+
+
+def _segment(value: str) -> str:
+    """An id as one path segment: '/', '?', '#' and spaces cannot change the route."""
+    return quote(value, safe="")
 
 
 class HttpSettings(ProviderSettings):
@@ -98,7 +104,7 @@ class HttpProvider(BaseProvider):
         return Meter.model_validate_json(response.content)
 
     async def fetch_meter(self, meter_id: str) -> Meter:
-        response = await self._call(Operation.FETCH_METER, "GET", f"/meters/{meter_id}")
+        response = await self._call(Operation.FETCH_METER, "GET", f"/meters/{_segment(meter_id)}")
         return Meter.model_validate_json(response.content)
 
     async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
@@ -110,11 +116,13 @@ class HttpProvider(BaseProvider):
 
     async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
         body = update.model_dump(mode="json", exclude_unset=True)
-        response = await self._call(Operation.UPDATE_METER, "PUT", f"/meters/{meter_id}", json=body)
+        response = await self._call(
+            Operation.UPDATE_METER, "PUT", f"/meters/{_segment(meter_id)}", json=body
+        )
         return Meter.model_validate_json(response.content)
 
     async def delete_meter(self, meter_id: str) -> None:
-        await self._call(Operation.DELETE_METER, "DELETE", f"/meters/{meter_id}")
+        await self._call(Operation.DELETE_METER, "DELETE", f"/meters/{_segment(meter_id)}")
 
     async def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
         body = b'{"events":' + _EVENTS.dump_json(list(events)) + b"}"
@@ -138,7 +146,7 @@ class HttpProvider(BaseProvider):
         if query.window is not None:
             params.append(("window", query.window.value))
         response = await self._call(
-            Operation.FETCH_USAGE, "GET", f"/usage/{query.meter_id}", params=params
+            Operation.FETCH_USAGE, "GET", f"/usage/{_segment(query.meter_id)}", params=params
         )
         return Usage.model_validate_json(response.content)
 
@@ -155,7 +163,7 @@ class HttpProvider(BaseProvider):
         return Customer.model_validate_json(response.content)
 
     async def delete_customer(self, customer_id: str) -> None:
-        await self._call(Operation.DELETE_CUSTOMER, "DELETE", f"/customers/{customer_id}")
+        await self._call(Operation.DELETE_CUSTOMER, "DELETE", f"/customers/{_segment(customer_id)}")
 
     async def aclose(self) -> None:
         await self._client.aclose()
