@@ -7,12 +7,13 @@ it answers and reports each event, so the client (which keeps the queue and the 
 knows what became of every id. Errors share one shape: `{"error": {"type", "message", "field"?}}`.
 """
 
+import hashlib
 import hmac
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -153,12 +154,17 @@ def _forbidden(_: Request, exc: Exception) -> JSONResponse:
     return _error(kind, str(exc), exc.status_code, **headers)
 
 
+def _digest(key: str) -> bytes:
+    """Keys are compared by SHA-256, so every comparison has the same length and cost."""
+    return hashlib.sha256(key.encode()).digest()
+
+
 def _load_keys(keys: Mapping[Any, ApiKey | Mapping[str, Any]]) -> list[tuple[bytes, ApiKey]]:
     loaded = []
     for secret, spec in keys.items():
         text = secret.get_secret_value() if hasattr(secret, "get_secret_value") else str(secret)
         loaded.append(
-            (text.encode(), spec if isinstance(spec, ApiKey) else ApiKey.model_validate(spec))
+            (_digest(text), spec if isinstance(spec, ApiKey) else ApiKey.model_validate(spec))
         )
     return loaded
 
@@ -188,10 +194,10 @@ def create_app(
 
     def authenticate(credentials: HTTPAuthorizationCredentials | None) -> Principal:
         if not known:
-            return Principal(ApiKey(scopes=frozenset(Scope.__args__)))  # type: ignore[attr-defined]
+            return Principal(ApiKey(scopes=frozenset(get_args(Scope))))
         if credentials is None:
             raise Forbidden("missing API key: send Authorization: Bearer <key>", 401)
-        offered = credentials.credentials.encode()
+        offered = _digest(credentials.credentials)
         match: ApiKey | None = None
         for secret, spec in known:  # compare against every key: timing says nothing
             if hmac.compare_digest(secret, offered):
@@ -233,8 +239,12 @@ def create_app(
     async def health() -> Health:
         return Health(status="ok", provider=service.provider_name)
 
-    @app.get("/capabilities", dependencies=[Depends(require("meters:read"))])
-    async def capabilities() -> Capabilities:
+    @app.get("/capabilities")
+    async def capabilities(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> Capabilities:
+        """Any valid key may read them: a client needs them to send usage at all."""
+        authenticate(credentials)
         return service.capabilities
 
     @app.post("/meters", status_code=201, dependencies=[Depends(require("meters:write"))])

@@ -11,7 +11,10 @@ from metering_core.server import create_app
 from metering_core.testing.serving import serve_in_thread
 
 ALL_SCOPES = ["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
-KEYS = {"admin-key": {"scopes": ALL_SCOPES}}
+KEYS = {
+    "admin-key": {"scopes": ALL_SCOPES},
+    "acme-key": {"scopes": ["usage:read", "usage:write"], "tenant": "acme"},
+}
 
 
 @pytest.fixture(scope="module")

@@ -160,3 +160,8 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(client: TestClient
     assert (missing.status_code, error_of(missing)["type"]) == (404, "not_found")
     wrong = client.patch("/meters", headers=ADMIN)
     assert (wrong.status_code, error_of(wrong)["type"]) == (405, "http_error")
+
+
+def test_any_valid_key_reads_capabilities_but_no_anonymous_caller(client: TestClient) -> None:
+    assert client.get("/capabilities", headers=ACME).json()["max_batch_size"] >= 1
+    assert client.get("/capabilities").status_code == 401
