@@ -224,6 +224,18 @@ def create_app(
                 f"and cannot {what} {customer_id!r}"
             )
 
+    async def deliver(events: list[UsageEvent]) -> IngestResult:
+        """Deliver now and remember who first sent each accepted id: a duplicate sent
+        under another tenant must not make that tenant its owner (and able to cancel it)."""
+        result = await service.deliver_usage_events(events)
+        accepted = set(result.accepted)
+        for event in events:
+            if event.id in accepted and event.id not in owners:
+                owners[event.id] = event.customer_id
+        while len(owners) > OWNERS_REMEMBERED:
+            owners.popitem(last=False)
+        return result
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -285,14 +297,7 @@ def create_app(
                 field="events",
                 value=len(batch.events),
             )
-        result = await service.deliver_usage_events(batch.events)
-        for event in batch.events:
-            if event.id not in result.rejected:
-                owners[event.id] = event.customer_id
-                owners.move_to_end(event.id)
-        while len(owners) > OWNERS_REMEMBERED:
-            owners.popitem(last=False)
-        return result
+        return await deliver(batch.events)
 
     @app.get("/usage/{meter_id}")
     async def fetch_usage(
@@ -347,7 +352,7 @@ def create_app(
         if parsed.kind == "ingest":
             for event in parsed.usage:
                 own_tenant(principal, event.customer_id, "write usage for")
-            return await service.deliver_usage_events(parsed.usage)
+            return await deliver(parsed.usage)
         if parsed.customer is not None:
             own_tenant(principal, parsed.customer.id, "create customer")
             return await service.create_customer(parsed.customer)

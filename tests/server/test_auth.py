@@ -15,6 +15,7 @@ KEYS = {
     "admin": {"scopes": ALL},
     "reader": {"scopes": ["meters:read", "usage:read"]},
     "acme": {"scopes": ["usage:read", "usage:write", "customers:write"], "tenant": "acme"},
+    "globex": {"scopes": ["usage:write"], "tenant": "globex"},
 }
 ADMIN = {"Authorization": "Bearer admin"}
 ACME = {"Authorization": "Bearer acme"}
@@ -165,3 +166,29 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(client: TestClient
 def test_any_valid_key_reads_capabilities_but_no_anonymous_caller(client: TestClient) -> None:
     assert client.get("/capabilities", headers=ACME).json()["max_batch_size"] >= 1
     assert client.get("/capabilities").status_code == 401
+
+
+def test_resending_another_tenants_event_id_does_not_make_it_yours(
+    client: TestClient, meter_id: str
+) -> None:
+    globex = {"Authorization": "Bearer globex"}
+    client.post("/usage", json={"events": [event("g1", "globex")]}, headers=globex)
+    replay = client.post("/usage", json={"events": [event("g1", "acme")]}, headers=ACME)
+    assert replay.json()["duplicates"] == ["g1"]
+    stolen = client.request("DELETE", "/usage", json={"event_ids": ["g1"]}, headers=ACME)
+    assert stolen.status_code == 403
+    own = client.request("DELETE", "/usage", json={"event_ids": ["g1"]}, headers=globex)
+    assert own.json()["cancelled"] == ["g1"]
+
+
+def test_a_tenant_key_cancels_usage_it_sent_as_an_event_bus_message(
+    client: TestClient, meter_id: str
+) -> None:
+    message = {
+        "id": "evb-9",
+        "detail-type": "INGEST_USAGE",
+        "detail": {"event_name": "api_calls", "tenantId": "acme"},
+    }
+    client.post("/events", json=message, headers=ACME).raise_for_status()
+    done = client.request("DELETE", "/usage", json={"event_ids": ["evb-9:0"]}, headers=ACME)
+    assert done.json()["cancelled"] == ["evb-9:0"]
