@@ -11,6 +11,8 @@ reads only the events of its range. Semantics every provider is measured against
   dimension, is rejected with the reason;
 - cancelling removes an event from usage; cancelling it again is rejected ("already
   cancelled");
+- `latest` takes the event with the greatest timestamp; a tie goes to the one ingested last,
+  whichever customer it belongs to;
 - creating a customer again with the same fields returns it; with other fields, `ConflictError`.
 """
 
@@ -104,6 +106,7 @@ class MemoryProvider(BaseProvider):
         self._seen: dict[str, Series] = {}
         self._customers: dict[str, Customer] = {}
         self._sequence = itertools.count()
+        self._ingested = itertools.count()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -205,9 +208,8 @@ class MemoryProvider(BaseProvider):
             series = stored.series[event.customer_id] = Series(
                 event.customer_id, stored.meter.event_name
             )
-        series.append(
-            event, epoch_micros(event.timestamp), _SHARED_VALUES.get(event.value, event.value)
-        )
+        value = _SHARED_VALUES.get(event.value, event.value)
+        series.append(event, epoch_micros(event.timestamp), value, next(self._ingested))
         self._seen[event.id] = series
         return None
 
@@ -245,6 +247,8 @@ class MemoryProvider(BaseProvider):
         self, event_ids: Sequence[str], *, event_name: str | None = None
     ) -> CancelResult:
         result = CancelResult()
+        wanted = set(event_ids)
+        found: dict[Series, dict[str, int]] = {}
         with self._lock:
             for event_id in event_ids:
                 series = self._seen.get(event_id)
@@ -255,10 +259,13 @@ class MemoryProvider(BaseProvider):
                         f"event {event_id!r} has event_name={series.event_name!r}, "
                         f"not {event_name!r}"
                     )
-                elif not series.cancel(event_id):
-                    result.rejected[event_id] = f"event {event_id!r} is already cancelled"
                 else:
-                    result.cancelled.append(event_id)
+                    if series not in found:
+                        found[series] = series.positions(wanted)
+                    if series.cancel(found[series][event_id]):
+                        result.cancelled.append(event_id)
+                    else:
+                        result.rejected[event_id] = f"event {event_id!r} is already cancelled"
         return result
 
     # customers
@@ -340,7 +347,7 @@ def _fill_per_event(
             bucket = buckets[(window, customer, group)] = Bucket()
         bucket.values.append(value)
         if meter.aggregation is Aggregation.LATEST:
-            bucket.add_latest(series.times[position], value)
+            bucket.add_latest(series.times[position], series.order[position], value)
         elif counted is not None:
             bucket.distinct.add(dimensions[counted])
 

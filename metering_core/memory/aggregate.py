@@ -16,13 +16,13 @@ class Bucket:
     """The events of one (window, group): values in time order, and what some folds need."""
 
     values: list[Decimal] = field(default_factory=list)
-    latest: tuple[int, Decimal] | None = None
+    latest: tuple[int, int, Decimal] | None = None
     distinct: set[str] = field(default_factory=set)
 
-    def add_latest(self, micros: int, value: Decimal) -> None:
-        """Keep the value with the greatest time; a tie goes to the one added last."""
-        if self.latest is None or micros >= self.latest[0]:
-            self.latest = (micros, value)
+    def add_latest(self, micros: int, order: int, value: Decimal) -> None:
+        """Keep the value with the greatest time; a tie goes to the one ingested last."""
+        if self.latest is None or (micros, order) > self.latest[:2]:
+            self.latest = (micros, order, value)
 
 
 def _sum(bucket: Bucket) -> Decimal:
@@ -35,7 +35,7 @@ def _avg(bucket: Bucket) -> Decimal:
 
 def _latest(bucket: Bucket) -> Decimal:
     assert bucket.latest is not None
-    return bucket.latest[1]
+    return bucket.latest[2]
 
 
 FOLDS: dict[Aggregation, Callable[[Bucket], Decimal]] = {

@@ -128,6 +128,28 @@ def test_latest_ties_go_to_the_last_ingested_and_avg_stays_exact(m: Metering) ->
     assert m.fetch_usage(average.id, **window).rows[0].value == Decimal("0.15")
 
 
+def test_a_latest_tie_across_customers_goes_to_the_last_ingested(m: Metering) -> None:
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    meter = m.create_meter(event_name="seats", aggregation="latest")
+    # "a" is stored first, so a fold over customers meets "a" before "b": the tie must still
+    # go to a's 6, the last event ingested
+    for customer, value, when in (("a", 1, at - timedelta(minutes=1)), ("b", 4, at), ("a", 6, at)):
+        m.ingest_usage_event(event_name="seats", customer_id=customer, value=value, timestamp=when)
+    m.flush()
+    assert m.fetch_usage(meter.id, start=at, end=at + timedelta(hours=1)).rows[0].value == 6
+
+
+def test_a_bulk_cancel_reports_every_id_and_a_second_cancel_is_refused(m: Metering) -> None:
+    at = datetime(2026, 6, 1, tzinfo=UTC)
+    meter = m.create_meter(event_name="api_calls")
+    ingest(m, *({"id": f"e{i}", "value": 1, "timestamp": at} for i in range(1000)))
+    result = m.cancel_usage_events([*(f"e{i}" for i in range(0, 1000, 2)), "nope"])
+    assert (len(result.cancelled), result.not_found, result.rejected) == (500, ["nope"], {})
+    again = m.cancel_usage_events(["e0"])
+    assert again.rejected == {"e0": "event 'e0' is already cancelled"}
+    assert m.fetch_usage(meter.id, start=at, end=at + timedelta(hours=1)).total == 500
+
+
 def test_unique_count_counts_distinct_users_per_group(m: Metering) -> None:
     meter = m.create_meter(
         event_name="mau", aggregation="unique_count", unique_dimension="user", dimensions=["user"]
