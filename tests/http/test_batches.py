@@ -1,0 +1,48 @@
+"""Batches: the provider splits to the service's limit; the service refuses larger ones whole."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import respx
+from fastapi.testclient import TestClient
+from metering_http import HttpProvider, HttpSettings
+
+from metering_core import AsyncMetering, Capabilities, UsageEvent
+from metering_core.server import create_app
+
+BASE = "http://metering.test"
+
+
+@respx.mock
+async def test_the_provider_splits_batches_to_the_services_limit() -> None:
+    respx.get(f"{BASE}/capabilities").respond(
+        200, content=Capabilities(max_batch_size=2).model_dump_json()
+    )
+
+    def accept(request: httpx.Request) -> httpx.Response:
+        ids = [e["id"] for e in json.loads(request.content)["events"]]
+        return httpx.Response(200, json={"accepted": ids, "duplicates": [], "rejected": {}})
+
+    route = respx.post(f"{BASE}/usage").mock(side_effect=accept)
+    provider = HttpProvider(HttpSettings(base_url=BASE))
+    events = [UsageEvent(id=f"e{i}", event_name="a", customer_id="t") for i in range(5)]
+    result = await provider.ingest_usage_events(events)
+    await provider.aclose()
+    sizes = [len(json.loads(call.request.content)["events"]) for call in route.calls]
+    assert sizes == [2, 2, 1]
+    assert result.accepted == [f"e{i}" for i in range(5)]
+
+
+def test_the_service_refuses_a_batch_over_its_limit_whole() -> None:
+    metering = AsyncMetering("memory", max_batch_size=2)
+    app = create_app(metering, keys={"k": {"scopes": ["usage:write", "meters:write"]}})
+    with TestClient(app, headers={"Authorization": "Bearer k"}) as client:
+        client.post("/meters", json={"event_name": "a"}).raise_for_status()
+        events = [{"id": f"e{i}", "event_name": "a", "customer_id": "t"} for i in range(3)]
+        refused = client.post("/usage", json={"events": events})
+        assert refused.status_code == 422
+        assert refused.json()["error"]["field"] == "events"
+        accepted = client.post("/usage", json={"events": events[:2]}).json()["accepted"]
+        assert accepted == ["e0", "e1"]  # e0, e1 were not half-applied by the refusal
