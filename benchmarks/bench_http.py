@@ -15,12 +15,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx
 from metering_http import HttpProvider, HttpSettings
 
-from metering_core import MeterCreate, Metering, UsageEvent
+from metering_core import Meter, MeterCreate, Metering, UsageEvent
 
 KEY = "bench-key"
 SCOPES = ["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
@@ -113,7 +114,7 @@ async def measure(url: str) -> None:
     )
 
 
-async def _all(provider: HttpProvider):  # type: ignore[no-untyped-def]
+async def _all(provider: HttpProvider) -> AsyncIterator[Meter]:
     cursor = None
     while True:
         page = await provider.fetch_all_meters(limit=100, cursor=cursor)
