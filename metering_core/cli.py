@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -340,17 +342,41 @@ class EventRate(ProgressColumn):
         )
 
 
+def _backfill_id(event: UsageEvent, timed: bool, seen: Counter[str]) -> str:
+    """A stable id for a row without one: its content and which occurrence of it this is.
+
+    Rerunning the file, or editing other rows, gives every row the same id again, so a
+    resumed or repeated backfill is reported as duplicates instead of counted twice.
+    """
+    content = json.dumps(
+        [
+            event.event_name,
+            event.customer_id,
+            str(event.value.normalize()),
+            event.timestamp.isoformat() if timed else None,
+            sorted(event.dimensions.items()),
+        ]
+    )
+    seen[content] += 1
+    return "backfill-" + hashlib.sha256(f"{content}#{seen[content]}".encode()).hexdigest()[:40]
+
+
 def _validate_file(path: Path) -> tuple[list[UsageEvent], list[tuple[int, str]]]:
     good: list[UsageEvent] = []
     bad: list[tuple[int, str]] = []
+    seen: Counter[str] = Counter()
     for number, row in _rows(path):
         if "__error__" in row:
             bad.append((number, row["__error__"]))
             continue
         try:
-            good.append(UsageEvent.model_validate(row))
+            event = UsageEvent.model_validate(row)
         except ValidationError as exc:
             bad.append((number, str(exc)))
+            continue
+        if "id" not in row:
+            event = event.model_copy(update={"id": _backfill_id(event, "timestamp" in row, seen)})
+        good.append(event)
     return good, bad
 
 
@@ -367,7 +393,7 @@ def ingest(
 ) -> None:
     """Backfill usage from a file: every row is validated before anything is sent.
 
-    Rows should carry an `id` so that running the backfill again never counts twice.
+    A row without an `id` gets one derived from its content, so a rerun never counts twice.
     """
     events, bad = _validate_file(file)
     for number, reason in bad:
@@ -412,13 +438,11 @@ def serve(
     ] = False,
 ) -> None:
     """Run the REST service; API keys come from configuration (METERING_KEYS)."""
-    import uvicorn
-
     from metering_core.client import AsyncMetering
-    from metering_core.server import create_app
+    from metering_core.server import serve as run_service
 
     service = AsyncMetering(Options.provider, config_file=Options.config)
-    uvicorn.run(create_app(service, allow_anonymous=allow_anonymous), host=host, port=port)
+    run_service(service, host=host, port=port, allow_anonymous=allow_anonymous)
 
 
 @app.command("demo")

@@ -130,6 +130,38 @@ def test_ingest_csv_with_a_spool_resumes_without_duplicates(
     ]
 
 
+def test_rows_without_ids_rerun_as_duplicates_and_identical_rows_both_count(
+    shared: MemoryProvider, tmp_path: Path
+) -> None:
+    meter_id = json.loads(metering("meters", "create", "api_calls")[1])["id"]
+    row = '{"event_name": "api_calls", "customer_id": "t1", "value": 2, "timestamp": "%s"}\n'
+    lines = [row % "2026-11-01T10:00:00Z"] * 2 + [row % "2026-11-01T11:00:00Z"]
+    rows = tmp_path / "usage.jsonl"
+    rows.write_text("".join(lines[:2]))  # a backfill interrupted after two rows
+    assert metering("ingest", str(rows))[1].strip().endswith("accepted 2, duplicates 0, rejected 0")
+    rows.write_text("".join(lines))
+    assert metering("ingest", str(rows))[1].strip().endswith("accepted 1, duplicates 2, rejected 0")
+    window = ["--from", "2026-11-01T00:00:00Z", "--to", "2026-11-02T00:00:00Z"]
+    assert (
+        json.loads(metering("usage", meter_id, *window, "--format", "json")[1])["rows"][0]["value"]
+        == "6"
+    )
+
+
+def test_serve_without_keys_is_exit_2_and_binds_loopback_by_default(
+    shared: MemoryProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out = metering("serve")
+    assert (code, out.count("\n")) == (2, 1)
+    assert out.startswith("error: no API keys configured")
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(
+        "metering_core.server.serve", lambda service, **options: calls.append(options)
+    )
+    assert metering("serve", "--allow-anonymous")[0] == 0
+    assert calls == [{"host": "127.0.0.1", "port": 8000, "allow_anonymous": True}]
+
+
 def test_a_rejected_backfill_row_fails_the_command(shared: MemoryProvider, tmp_path: Path) -> None:
     rows = tmp_path / "usage.jsonl"
     rows.write_text('{"id": "a", "event_name": "unmetered", "customer_id": "t1"}\n')
@@ -163,8 +195,11 @@ def test_providers_lists_memory() -> None:
 
 
 def command(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed `metering` script (or the module when it is not installed)."""
+    script = Path(sys.executable).with_name("metering")
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "metering_core.cli"]
     return subprocess.run(
-        [sys.executable, "-m", "metering_core.cli", *args],
+        [*argv, *args],
         capture_output=True,
         text=True,
         timeout=60,
