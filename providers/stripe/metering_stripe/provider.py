@@ -90,6 +90,7 @@ class StripeProvider(BaseProvider):
 
     def __init__(self, settings: StripeSettings) -> None:
         self._settings = settings
+        self._http = stripe.HTTPXClient(timeout=settings.timeout)
         self._client = self._new_client(settings.api_key.get_secret_value())
         self._stream: stripe.StripeClient | None = None
         self._stream_expires = 0.0
@@ -111,7 +112,7 @@ class StripeProvider(BaseProvider):
         return stripe.StripeClient(
             key,
             base_addresses=addresses,
-            http_client=stripe.HTTPXClient(timeout=self._settings.timeout),
+            http_client=self._http,
             max_network_retries=self._settings.max_network_retries,
         )
 
@@ -412,4 +413,5 @@ class StripeProvider(BaseProvider):
         return result
 
     async def aclose(self) -> None:
-        return None
+        """Close the connection pool the API and session clients share."""
+        await self._http.close_async()  # type: ignore[no-untyped-call]
