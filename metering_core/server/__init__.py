@@ -166,6 +166,13 @@ def create_app(
     async def cancel(
         request: CancelRequest, principal: Annotated[Principal, Depends(require("usage:write"))]
     ) -> CancelResult:
+        limit = service.capabilities.max_batch_size
+        if len(request.event_ids) > limit:
+            raise ValidationError(
+                f"event_ids: {len(request.event_ids)} ids exceed max_batch_size={limit}",
+                field="event_ids",
+                value=len(request.event_ids),
+            )
         if principal.tenant is not None:
             foreign = [i for i in request.event_ids if owners.get(i) != principal.tenant]
             if foreign:

@@ -1,4 +1,5 @@
-"""Batches: the provider splits to the service's limit; the service refuses larger ones whole."""
+"""Batches (ingestion and cancellation): the provider splits to the service's limit; the
+service refuses larger ones whole."""
 
 from __future__ import annotations
 
@@ -46,3 +47,35 @@ def test_the_service_refuses_a_batch_over_its_limit_whole() -> None:
         assert refused.json()["error"]["field"] == "events"
         accepted = client.post("/usage", json={"events": events[:2]}).json()["accepted"]
         assert accepted == ["e0", "e1"]  # e0, e1 were not half-applied by the refusal
+
+
+@respx.mock
+async def test_cancellation_is_split_to_the_same_limit_and_merged() -> None:
+    respx.get(f"{BASE}/capabilities").respond(
+        200, content=Capabilities(max_batch_size=2).model_dump_json()
+    )
+
+    def cancel(request: httpx.Request) -> httpx.Response:
+        first, *rest = json.loads(request.content)["event_ids"]
+        return httpx.Response(200, json={"cancelled": [first], "not_found": rest, "rejected": {}})
+
+    route = respx.delete(f"{BASE}/usage").mock(side_effect=cancel)
+    provider = HttpProvider(HttpSettings(base_url=BASE))
+    result = await provider.cancel_usage_events(["a", "b", "c"], event_name="x")
+    await provider.aclose()
+    sent = [json.loads(call.request.content) for call in route.calls]
+    assert sent == [
+        {"event_ids": ["a", "b"], "event_name": "x"},
+        {"event_ids": ["c"], "event_name": "x"},
+    ]
+    assert (result.cancelled, result.not_found) == (["a", "c"], ["b"])
+
+
+def test_the_service_refuses_too_many_ids_to_cancel() -> None:
+    app = create_app(
+        AsyncMetering("memory", max_batch_size=2), keys={"k": {"scopes": ["usage:write"]}}
+    )
+    with TestClient(app, headers={"Authorization": "Bearer k"}) as client:
+        refused = client.request("DELETE", "/usage", json={"event_ids": ["a", "b", "c"]})
+        assert (refused.status_code, refused.json()["error"]["field"]) == (422, "event_ids")
+        assert client.request("DELETE", "/usage", json={"event_ids": ["a", "b"]}).status_code == 200

@@ -98,6 +98,7 @@ async def test_usage_query_goes_as_query_parameters(provider: HttpProvider) -> N
 
 @respx.mock
 async def test_cancel_sends_ids_and_event_name_in_a_delete_body(provider: HttpProvider) -> None:
+    respx.get(f"{BASE}/capabilities").respond(200, content=Capabilities().model_dump_json())
     route = respx.delete(f"{BASE}/usage").respond(
         200, json={"cancelled": ["e1"], "not_found": [], "rejected": {}}
     )

@@ -153,9 +153,21 @@ class HttpProvider(BaseProvider):
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None
     ) -> CancelResult:
-        body = {"event_ids": list(event_ids), "event_name": event_name}
-        response = await self._call(Operation.CANCEL_USAGE_EVENTS, "DELETE", "/usage", json=body)
-        return CancelResult.model_validate_json(response.content)
+        """In requests of at most the service's `max_batch_size` ids, like ingestion."""
+        size = self.capabilities.max_batch_size
+        cancelled: list[str] = []
+        not_found: list[str] = []
+        rejected: dict[str, str] = {}
+        for offset in range(0, len(event_ids), size):
+            body = {"event_ids": list(event_ids[offset : offset + size]), "event_name": event_name}
+            response = await self._call(
+                Operation.CANCEL_USAGE_EVENTS, "DELETE", "/usage", json=body
+            )
+            part = CancelResult.model_validate_json(response.content)
+            cancelled += part.cancelled
+            not_found += part.not_found
+            rejected.update(part.rejected)
+        return CancelResult(cancelled=cancelled, not_found=not_found, rejected=rejected)
 
     async def create_customer(self, customer: CustomerCreate) -> Customer:
         body = customer.model_dump(mode="json")
