@@ -13,7 +13,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -25,7 +25,8 @@ from rich.text import Text
 
 from metering_core.client import Metering
 from metering_core.errors import ConfigurationError, MeteringError, ValidationError
-from metering_core.models import IngestResult, Usage, UsageEvent, Window
+from metering_core.interface import Capabilities, Operation
+from metering_core.models import Aggregation, IngestResult, Usage, UsageEvent, Window
 from metering_core.plugins import providers
 
 __all__ = ["app", "main"]
@@ -95,28 +96,55 @@ def _json(model: Any) -> None:
 # providers
 
 
+def _mark(yes: bool) -> str:
+    return "✓" if yes else "—"
+
+
+def _duration(value: timedelta | None, unlimited: str = "no limit") -> str:
+    """A limit in its largest whole unit: `35 days`, `5 minutes`."""
+    if value is None:
+        return unlimited
+    seconds = int(value.total_seconds())
+    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60)):
+        if seconds and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return f"{seconds} s"
+
+
+def _member(field: str, item: object) -> Callable[[Capabilities], str]:
+    return lambda caps: _mark(item in getattr(caps, field))
+
+
+def _capability_rows() -> list[tuple[str, Callable[[Capabilities], str]]]:
+    """The capability matrix's rows: a label and how to read it off `Capabilities`."""
+    return [
+        *((op.value, _member("operations", op)) for op in Operation),
+        *((f"aggregation {a.value}", _member("aggregations", a)) for a in Aggregation),
+        *((f"window {w.value}", _member("windows", w)) for w in Window),
+        ("dimensions", lambda c: _mark(c.dimensions)),
+        ("group_by", lambda c: _mark(c.group_by)),
+        ("usage needs a customer", lambda c: _mark(c.requires_customer)),
+        ("updatable meter fields", lambda c: ", ".join(sorted(c.updatable_meter_fields)) or "—"),
+        ("max batch size", lambda c: f"{c.max_batch_size:,}"),
+        ("oldest event accepted", lambda c: _duration(c.max_event_age)),
+        ("furthest future event", lambda c: _duration(c.max_future_skew)),
+        ("cancellable for", lambda c: _duration(c.cancel_window, "always")),
+    ]
+
+
 @app.command("providers")
 @_reported
 def list_providers() -> None:
-    """Installed providers and what each can do."""
-    table = Table(
-        "provider", "plugin", "aggregations", "windows", "group-by", "needs customer", "operations"
-    )
-    for spec in providers():
-        caps = spec.capabilities
-        if caps is None:
-            table.add_row(spec.name, spec.plugin, "(asked when connected)", "", "", "", "")
-            continue
-        table.add_row(
-            spec.name,
-            spec.plugin,
-            ", ".join(sorted(caps.aggregations)),
-            ", ".join(sorted(caps.windows)),
-            "yes" if caps.group_by else "no",
-            "yes" if caps.requires_customer else "no",
-            str(len(caps.operations)) + "/10",
-        )
+    """Installed providers and a matrix of what each can do."""
+    specs = providers()
+    table = Table("", *(spec.name for spec in specs), title="Installed providers")
+    table.add_row("plugin", *(spec.plugin for spec in specs), end_section=True)
+    for label, read in _capability_rows():
+        table.add_row(label, *(read(s.capabilities) if s.capabilities else "?" for s in specs))
     out.print(table)
+    if any(spec.capabilities is None for spec in specs):
+        out.print("?: stated by the backend when connected")
 
 
 # meters

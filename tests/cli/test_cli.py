@@ -6,12 +6,13 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from metering_core import hookimpl, register_plugin
+from metering_core import Aggregation, Capabilities, hookimpl, register_plugin
 from metering_core.cli import app
 from metering_core.memory import MemoryProvider, MemorySettings
 from metering_core.plugins import unregister_plugin
@@ -188,10 +189,33 @@ def test_customers_and_cancel(shared: MemoryProvider) -> None:
     assert json.loads(metering("cancel", "nope")[1])["not_found"] == ["nope"]
 
 
-def test_providers_lists_memory() -> None:
-    result = runner.invoke(app, ["providers"])
+class Limited:
+    """A provider that states narrow capabilities up front."""
+
+    @hookimpl
+    def register_providers(self, register):  # type: ignore[no-untyped-def]
+        caps = Capabilities(
+            aggregations=frozenset({Aggregation.SUM}), cancel_window=timedelta(hours=24)
+        )
+        register("limited", lambda settings: MemoryProvider(), MemorySettings, capabilities=caps)
+
+
+def test_providers_prints_a_capability_matrix() -> None:
+    plugin = Limited()
+    register_plugin(plugin, name="limited")
+    try:
+        result = runner.invoke(app, ["providers"], env={"COLUMNS": "200"})
+    finally:
+        unregister_plugin(plugin)
     assert result.exit_code == 0
-    assert "memory" in result.output
+    lines = result.output.splitlines()
+    names = [cell.strip() for cell in next(line for line in lines if "memory" in line).split("┃")]
+    cells = {line.split("│")[1].strip(): line.split("│") for line in lines if "│" in line}
+    column = {name: index for index, name in enumerate(names) if name}
+    assert cells["aggregation min"][column["memory"]].strip() == "✓"
+    assert cells["aggregation min"][column["limited"]].strip() == "—"
+    assert cells["cancellable for"][column["limited"]].strip() == "1 day"
+    assert cells["cancellable for"][column["memory"]].strip() == "always"
 
 
 def command(*args: str) -> subprocess.CompletedProcess[str]:
