@@ -1,95 +1,23 @@
-"""The fake Stripe's HTTP side: a loopback server the real SDK reaches via `base_addresses`.
+"""The fake Stripe's lifecycle: a loopback server the real SDK reaches via `base_addresses`.
 
-v1 requests arrive form-encoded with Stripe's bracket notation (`payload[value]=3`), v2
-as JSON; answers and error bodies have Stripe's shapes, so the SDK raises its own
-exception classes. Switches inject 429s, 5xx, dropped connections and latency.
+Answers and error bodies have Stripe's shapes, so the SDK raises its own exception
+classes. Switches inject 429s, 5xx, dropped connections and latency.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
-from metering_stripe.testing.rules import State, StripeFault, allow
+from metering_stripe.testing.routes import Router
+from metering_stripe.testing.rules import State, StripeFault
 
 __all__ = ["FakeStripe"]
-
-Route = Callable[[State, dict[str, Any], re.Match[str]], dict[str, Any]]
-
-ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
-    ("POST", re.compile(r"/v1/billing/meters"), lambda s, p, m: s.create_meter(p)),
-    ("GET", re.compile(r"/v1/billing/meters"), lambda s, p, m: s.list_meters(p)),
-    (
-        "GET",
-        re.compile(r"/v1/billing/meters/(mtr_\w+)"),
-        lambda s, p, m: s.meter(only(p, {"expand"}) or m[1]),
-    ),
-    ("POST", re.compile(r"/v1/billing/meters/(mtr_\w+)"), lambda s, p, m: s.update_meter(m[1], p)),
-    (
-        "POST",
-        re.compile(r"/v1/billing/meters/(mtr_\w+)/deactivate"),
-        lambda s, p, m: s.set_status(m[1], "inactive", p),
-    ),
-    (
-        "POST",
-        re.compile(r"/v1/billing/meters/(mtr_\w+)/reactivate"),
-        lambda s, p, m: s.set_status(m[1], "active", p),
-    ),
-    (
-        "GET",
-        re.compile(r"/v1/billing/meters/(mtr_\w+)/event_summaries"),
-        lambda s, p, m: s.summaries(m[1], p),
-    ),
-    ("POST", re.compile(r"/v1/billing/meter_events"), lambda s, p, m: s.record_event(p)),
-    ("POST", re.compile(r"/v1/billing/meter_event_adjustments"), lambda s, p, m: s.adjust(p)),
-    ("POST", re.compile(r"/v1/customers"), lambda s, p, m: s.create_customer(p)),
-    ("GET", re.compile(r"/v1/customers"), lambda s, p, m: s.list_customers(p)),
-    (
-        "GET",
-        re.compile(r"/v1/customers/(cus_\w+)"),
-        lambda s, p, m: s.customer(only(p, {"expand"}) or m[1]),
-    ),
-    ("DELETE", re.compile(r"/v1/customers/(cus_\w+)"), lambda s, p, m: s.delete_customer(m[1])),
-    (
-        "POST",
-        re.compile(r"/v2/billing/meter_event_session"),
-        lambda s, p, m: s.new_session(only(p, set())),
-    ),
-]
-
-
-def only(params: dict[str, Any], allowed: set[str]) -> str:
-    """Refuse unknown parameters on routes that take none of their own; returns ''."""
-    allow(params, allowed)
-    return ""
-
-
-def parse_form(text: str) -> dict[str, Any]:
-    """Stripe's form encoding: `a[b][c]=v` nests, `a[0]=v` makes lists."""
-    result: dict[str, Any] = {}
-    for key, value in parse_qsl(text, keep_blank_values=True):
-        parts = re.findall(r"[^\[\]]+", key)
-        node = result
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    parsed: dict[str, Any] = _lists(result)
-    return parsed
-
-
-def _lists(node: Any) -> Any:
-    if isinstance(node, dict):
-        if node and all(k.isdigit() for k in node):
-            return [_lists(node[k]) for k in sorted(node, key=int)]
-        return {k: _lists(v) for k, v in node.items()}
-    return node
 
 
 class FakeStripe:
@@ -105,7 +33,7 @@ class FakeStripe:
         self.latency = latency
         self.state = State()
         self.requests: list[tuple[str, str]] = []
-        self._replies: dict[str, dict[str, Any]] = {}
+        self._router = Router(self.state, api_key)
         self._faults: list[tuple[int, dict[str, str]] | None] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -185,7 +113,7 @@ class FakeStripe:
                 try:
                     status, body = (
                         200,
-                        fake._dispatch(method, url.path, url.query, raw, self.headers),
+                        fake._router.dispatch(method, url.path, url.query, raw, self.headers),
                     )
                 except StripeFault as failure:
                     status, body = failure.status, failure.body()
@@ -203,33 +131,3 @@ class FakeStripe:
                 self.wfile.write(data)
 
         return Handler
-
-    def _dispatch(
-        self, method: str, path: str, query: str, raw: str, headers: Any
-    ) -> dict[str, Any]:
-        token = str(headers.get("Authorization", "")).removeprefix("Bearer ").strip()
-        if path == "/v2/billing/meter_event_stream" and method == "POST":
-            self.state.check_session(token)
-            body = json.loads(raw or "{}")
-            allow(body, {"events"})
-            self.state.stream(body.get("events"))
-            return {}
-        if token != self.api_key:
-            shown = token[:8] + "*" * max(0, len(token) - 12) + token[-4:] if token else ""
-            raise StripeFault(401, f"Invalid API Key provided: {shown}")
-        params = (
-            json.loads(raw or "{}")
-            if path.startswith("/v2/")
-            else parse_form(query if method != "POST" else raw)
-        )
-        cache_key = headers.get("Idempotency-Key") if method == "POST" else None
-        if cache_key and cache_key in self._replies:
-            return self._replies[cache_key]
-        for verb, pattern, route in ROUTES:
-            match = pattern.fullmatch(path)
-            if verb == method and match:
-                reply = route(self.state, params, match)
-                if cache_key:
-                    self._replies[cache_key] = reply
-                return reply
-        raise StripeFault(404, f"Unrecognized request URL ({method}: {path}).")
