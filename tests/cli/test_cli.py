@@ -246,3 +246,22 @@ def test_an_unknown_provider_is_exit_2_naming_the_fix() -> None:
         + result.stderr.split("(installed: ")[1].split(")")[0]
         + "); add it with: pip install metering-chargebee"
     )
+
+
+def test_debug_adds_the_traceback(shared: MemoryProvider) -> None:
+    assert "Traceback" not in metering("meters", "get", "nope")[1]
+    result = runner.invoke(app, ["--provider", "shared", "--debug", "meters", "get", "nope"])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: no meter with id")
+
+
+def test_bad_rows_as_a_subprocess_name_each_line_and_exit_2(tmp_path: Path) -> None:
+    rows = tmp_path / "usage.csv"
+    rows.write_text("event_name,customer_id,value\napi_calls,t1,1\napi_calls,,2\nAPI,t1,3\n")
+    result = command("ingest", str(rows))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines[:2]] == [f"{rows}:3", f"{rows}:4"]
+    assert lines[-1].startswith("error: 2 bad row(s); nothing was sent")
+    assert result.stdout == ""
