@@ -162,6 +162,20 @@ async def test_a_tenant_without_a_customer_is_rejected_with_the_reason(fake: Fak
     assert "create_customer first" in result.rejected["x"]
 
 
+async def test_strangers_in_a_batch_cost_one_lookup_not_one_per_event(fake: FakeStripe) -> None:
+    provider = StripeProvider(settings_for(fake))
+    await setup(provider)
+    before = len(fake.requests)
+    strangers = [event(f"s{i}", tenant=f"stranger-{i % 3}") for i in range(30)]
+    unknown = [event(f"u{i}").model_copy(update={"event_name": "nope"}) for i in range(30)]
+    result = await provider.ingest_usage_events(strangers + unknown)
+    assert len(result.rejected) == 60
+    lookups = [path for _, path in fake.requests[before:]]
+    assert lookups.count("/v1/customers") == 1
+    assert lookups.count("/v1/billing/meters") == 1
+    await provider.aclose()
+
+
 async def test_the_tenant_mapping_is_found_again_after_a_restart(fake: FakeStripe) -> None:
     first = StripeProvider(settings_for(fake))
     meter_id = await setup(first)

@@ -176,35 +176,38 @@ class StripeProvider(BaseProvider):
         meter = _meter(await self._call(self._client.v1.billing.meters.deactivate_async(meter_id)))
         self._meters_by_event.pop(meter.event_name, None)
 
-    async def _active_meter(self, event_name: str) -> Meter | None:
-        if event_name not in self._meters_by_event:
-            cursor: str | None = None
-            while True:
-                page = await self.fetch_all_meters(limit=100, cursor=cursor)
-                for meter in page.items:
-                    if meter.status == "active":
-                        self._meters_by_event[meter.event_name] = meter
-                if page.next_cursor is None:
-                    break
-                cursor = page.next_cursor
-        return self._meters_by_event.get(event_name)
+    async def _load_meters(self) -> None:
+        """Learn every active meter's event name (one listing, however many are missing)."""
+        cursor: str | None = None
+        while True:
+            page = await self.fetch_all_meters(limit=100, cursor=cursor)
+            for meter in page.items:
+                if meter.status == "active":
+                    self._meters_by_event[meter.event_name] = meter
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     # customers
 
-    async def _stripe_customer(self, tenant: str, *, refresh: bool = True) -> str | None:
-        """The `cus_…` of a tenant; after a restart found again by listing customers'
-        metadata (search is eventually consistent, so it is not relied on)."""
-        if tenant not in self._customers and refresh:
-            params: Any = {"limit": 100}
-            while True:
-                listing = await self._call(self._client.v1.customers.list_async(params))
-                for obj in listing.data:
-                    owner = (obj.to_dict().get("metadata") or {}).get(TENANT_KEY)
-                    if owner:
-                        self._customers.setdefault(owner, obj.id)
-                if not listing.has_more or not listing.data:
-                    break
-                params["starting_after"] = listing.data[-1]["id"]
+    async def _load_customers(self) -> None:
+        """Find tenants' `cus_…` again after a restart by listing customers' metadata
+        (search is eventually consistent, so it is not relied on)."""
+        params: Any = {"limit": 100}
+        while True:
+            listing = await self._call(self._client.v1.customers.list_async(params))
+            for obj in listing.data:
+                owner = (obj.to_dict().get("metadata") or {}).get(TENANT_KEY)
+                if owner:
+                    self._customers.setdefault(owner, obj.id)
+            if not listing.has_more or not listing.data:
+                return
+            params["starting_after"] = listing.data[-1]["id"]
+
+    async def _stripe_customer(self, tenant: str) -> str | None:
+        """The `cus_…` of a tenant, or None when Stripe has no customer for it."""
+        if tenant not in self._customers:
+            await self._load_customers()
         return self._customers.get(tenant)
 
     async def create_customer(self, customer: CustomerCreate) -> Customer:
@@ -239,12 +242,16 @@ class StripeProvider(BaseProvider):
         ready: list[tuple[UsageEvent, dict[str, Any]]] = []
         seen: set[str] = set()
         now = datetime.now(UTC)
+        if any(event.event_name not in self._meters_by_event for event in events):
+            await self._load_meters()
+        if any(event.customer_id not in self._customers for event in events):
+            await self._load_customers()
         for event in events:
             if event.id in seen or event.id in self._delivered:
                 result.duplicates.append(event.id)
                 continue
             seen.add(event.id)
-            reason, payload = await self._prepare(event, now)
+            reason, payload = self._prepare(event, now)
             if reason is not None:
                 result.rejected[event.id] = reason
             else:
@@ -260,8 +267,8 @@ class StripeProvider(BaseProvider):
             result.rejected.update(rejected)
         return result
 
-    async def _prepare(self, event: UsageEvent, now: datetime) -> tuple[str | None, dict[str, Any]]:
-        """Refuse, before any request, what Stripe would refuse; else the wire payload."""
+    def _prepare(self, event: UsageEvent, now: datetime) -> tuple[str | None, dict[str, Any]]:
+        """Refuse, before sending, what Stripe would refuse; else the wire payload."""
         if event.timestamp < now - MAX_AGE:
             return (
                 f"timestamp {event.timestamp.isoformat()} is over 35 days ago; Stripe refuses it",
@@ -272,9 +279,9 @@ class StripeProvider(BaseProvider):
                 f"timestamp {event.timestamp.isoformat()} is over 5 min ahead; Stripe refuses it",
                 {},
             )
-        if await self._active_meter(event.event_name) is None:
+        if event.event_name not in self._meters_by_event:
             return f"no active Stripe meter for event_name={event.event_name!r}", {}
-        customer = await self._stripe_customer(event.customer_id)
+        customer = self._customers.get(event.customer_id)
         if customer is None:
             return f"no Stripe customer for tenant {event.customer_id!r}: create_customer first", {}
         payload = {"stripe_customer_id": customer, "value": format(event.value, "f")}
