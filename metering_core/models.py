@@ -62,7 +62,9 @@ Slug = Annotated[str, AfterValidator(_slug)]
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_utc)]
 Identifier = Annotated[str, Field(min_length=1, max_length=100)]
 TimeZoneName = Annotated[str, AfterValidator(_iana_zone)]
-FiniteDecimal = Annotated[Decimal, Field(allow_inf_nan=False)]
+FiniteDecimal = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=38, decimal_places=18)]
+"""Exact, finite and bounded: 1e999999 is finite but no bill holds it, and a provider
+would have to spell it out digit by digit."""
 
 
 def describe_error(error: Mapping[str, Any]) -> tuple[str, str]:

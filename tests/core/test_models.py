@@ -46,6 +46,8 @@ def test_float_values_keep_their_decimal_spelling() -> None:
         ("event_name", "x" * 101, "'xxxxxxxx", "slug"),
         ("value", "nan", "'nan'", "finite"),
         ("value", float("inf"), "inf", "finite"),
+        ("value", "1e999999", "'1e999999'", "no more than 38 digits"),
+        ("value", "0.0000000000000000001", "'0.0000000000000000001'", "no more than 18 decimal"),
         ("timestamp", datetime(2026, 1, 1), "datetime(2026, 1, 1, 0, 0)", "timezone"),
         ("id", "", "id=''", "at least 1"),
         ("id", "i" * 101, "'iiiiiiii", "at most 100"),
