@@ -26,7 +26,7 @@ from rich.text import Text
 from metering_core.client import Metering
 from metering_core.errors import ConfigurationError, MeteringError, ValidationError
 from metering_core.interface import Capabilities, Operation
-from metering_core.models import Aggregation, IngestResult, Usage, UsageEvent, Window
+from metering_core.models import Aggregation, Usage, UsageEvent, Window
 from metering_core.plugins import providers
 
 __all__ = ["app", "main"]
@@ -361,6 +361,10 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     yield number, {"__error__": f"not JSON: {exc.msg}"}
 
 
+BACKFILL_CHUNK = 5000
+"""Events queued per flush: the progress bar moves once per delivered chunk."""
+
+
 class EventRate(ProgressColumn):
     """Events per second, for the backfill progress bar."""
 
@@ -389,23 +393,68 @@ def _backfill_id(event: UsageEvent, timed: bool, seen: Counter[str]) -> str:
     return "backfill-" + hashlib.sha256(f"{content}#{seen[content]}".encode()).hexdigest()[:40]
 
 
-def _validate_file(path: Path) -> tuple[list[UsageEvent], list[tuple[int, str]]]:
-    good: list[UsageEvent] = []
-    bad: list[tuple[int, str]] = []
+def _events(path: Path) -> Iterator[tuple[int, UsageEvent | str]]:
+    """(line number, the event or why the row is bad), streaming the file."""
     seen: Counter[str] = Counter()
     for number, row in _rows(path):
         if "__error__" in row:
-            bad.append((number, row["__error__"]))
+            yield number, row["__error__"]
             continue
         try:
             event = UsageEvent.model_validate(row)
         except ValidationError as exc:
-            bad.append((number, str(exc)))
+            yield number, str(exc)
             continue
         if "id" not in row:
             event = event.model_copy(update={"id": _backfill_id(event, "timestamp" in row, seen)})
-        good.append(event)
-    return good, bad
+        yield number, event
+
+
+def _check_rows(path: Path, skip_invalid: bool) -> int:
+    """First pass: report each bad row; stop before sending unless told to skip them."""
+    good = bad = 0
+    for number, event in _events(path):
+        if isinstance(event, str):
+            bad += 1
+            typer.echo(f"{path}:{number}: {event}", err=True)
+        else:
+            good += 1
+    if bad and not skip_invalid:
+        typer.echo(
+            f"error: {bad} bad row(s); nothing was sent (use --skip-invalid to send the rest)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return good
+
+
+def _chunks(path: Path, size: int) -> Iterator[list[UsageEvent]]:
+    chunk: list[UsageEvent] = []
+    for _, event in _events(path):
+        if isinstance(event, UsageEvent):
+            chunk.append(event)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _deliver(path: Path, total: int, spool: Path | None) -> tuple[int, int, dict[str, str]]:
+    """Second pass: send the valid rows; (accepted, duplicates, rejected {id: reason})."""
+    accepted = duplicates = 0
+    rejected: dict[str, str] = {}
+    columns = (*Progress.get_default_columns(), MofNCompleteColumn(), EventRate())
+    with _metering(spool_path=spool) as m, Progress(*columns, console=err) as progress:
+        task = progress.add_task("delivering", total=total)
+        for chunk in _chunks(path, BACKFILL_CHUNK):
+            m.ingest_usage_events(chunk)
+            report = m.flush()  # the bar counts delivered events, not queued ones
+            accepted += len(report.accepted)
+            duplicates += len(report.duplicates)
+            rejected.update(report.rejected)
+            progress.advance(task, len(chunk))
+    return accepted, duplicates, rejected
 
 
 @app.command("ingest")
@@ -422,32 +471,14 @@ def ingest(
     """Backfill usage from a file: every row is validated before anything is sent.
 
     A row without an `id` gets one derived from its content, so a rerun never counts twice.
+    The file is read twice (check, then send), so it is never held in memory whole.
     """
-    events, bad = _validate_file(file)
-    for number, reason in bad:
-        typer.echo(f"{file}:{number}: {reason}", err=True)
-    if bad and not skip_invalid:
-        typer.echo(
-            f"error: {len(bad)} bad row(s); nothing was sent (use --skip-invalid to send the rest)",
-            err=True,
-        )
-        raise typer.Exit(2)
-    columns = (*Progress.get_default_columns(), MofNCompleteColumn(), EventRate())
-    with _metering(spool_path=spool) as m, Progress(*columns, console=err) as progress:
-        task = progress.add_task("delivering", total=len(events))
-        report = IngestResult()
-        for offset in range(0, len(events), 5000):
-            chunk = events[offset : offset + 5000]
-            m.ingest_usage_events(chunk)
-            report = report.merge(m.flush())  # the bar counts delivered events, not queued ones
-            progress.advance(task, len(chunk))
-    out.print(
-        f"accepted {len(report.accepted):,}, duplicates {len(report.duplicates):,}, "
-        f"rejected {len(report.rejected):,}"
-    )
-    for event_id, reason in report.rejected.items():
+    total = _check_rows(file, skip_invalid)
+    accepted, duplicates, rejected = _deliver(file, total, spool)
+    out.print(f"accepted {accepted:,}, duplicates {duplicates:,}, rejected {len(rejected):,}")
+    for event_id, reason in rejected.items():
         typer.echo(f"rejected {event_id}: {reason}", err=True)
-    if report.rejected:
+    if rejected:
         raise typer.Exit(1)
 
 
