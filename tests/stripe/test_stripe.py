@@ -206,6 +206,20 @@ async def test_refusals_happen_before_any_request(fake: FakeStripe) -> None:
     assert len(fake.requests) == before
 
 
+async def test_pages_over_stripes_limit_and_cleared_display_names(fake: FakeStripe) -> None:
+    provider = StripeProvider(settings_for(fake))
+    for i in range(102):
+        await provider.create_meter(MeterCreate(event_name=f"m{i}"))
+    page = await provider.fetch_all_meters(limit=500)
+    assert len(page.items) == 100
+    rest = await provider.fetch_all_meters(limit=500, cursor=page.next_cursor)
+    assert len(rest.items) == 2
+    assert rest.next_cursor is None
+    with pytest.raises(ValidationError, match="display_name=None"):
+        await provider.update_meter(page.items[0].id, MeterUpdate(display_name=None))
+    await provider.aclose()
+
+
 async def test_delete_deactivates(fake: FakeStripe) -> None:
     provider = StripeProvider(settings_for(fake))
     meter_id = await setup(provider)

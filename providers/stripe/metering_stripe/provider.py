@@ -149,7 +149,7 @@ class StripeProvider(BaseProvider):
         return _meter(await self._call(self._client.v1.billing.meters.retrieve_async(meter_id)))
 
     async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
-        params: Any = {"limit": limit}
+        params: Any = {"limit": min(limit, 100)}  # Stripe's page limit; a shorter page is fine
         if cursor is not None:
             params["starting_after"] = cursor
         listing = await self._call(self._client.v1.billing.meters.list_async(params))
@@ -165,6 +165,12 @@ class StripeProvider(BaseProvider):
                 self.name,
                 "update_meter",
                 f"Stripe can change display_name only, not {', '.join(refused)}",
+            )
+        if update.display_name is None:
+            raise ValidationError(
+                "Stripe meters need a display_name (display_name=None)",
+                field="display_name",
+                value=None,
             )
         params: Any = {"display_name": update.display_name}
         return _meter(
