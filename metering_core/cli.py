@@ -206,7 +206,9 @@ def update_meter(
 ) -> None:
     """Change a meter's display name or description."""
     changes = {
-        k: v for k, v in {"display_name": display_name, "description": description}.items() if v
+        k: v
+        for k, v in {"display_name": display_name, "description": description}.items()
+        if v is not None
     }
     with _metering() as m:
         _json(m.update_meter(meter_id, **changes))
