@@ -78,11 +78,13 @@ def test_ingest_validates_every_row_before_sending(shared: MemoryProvider, tmp_p
         '{"id": "a", "event_name": "api_calls", "customer_id": "t1", "value": 2}\n'
         '{"id": "b", "event_name": "api_calls", "customer_id": "t1", "value": "x"}\n'
         "not json\n"
+        "5\n"
     )
     code, out = metering("ingest", str(rows))
     assert code == 2
     assert f"{rows}:2: " in out
     assert f"{rows}:3: not JSON" in out
+    assert f"{rows}:4: not a JSON object" in out
     assert "nothing was sent" in out
     assert shared._seen == {}
     code, out = metering("ingest", str(rows), "--skip-invalid")

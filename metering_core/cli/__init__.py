@@ -1,0 +1,15 @@
+"""The `metering` command: providers, meters, customers, usage, backfills, the service, a demo.
+
+Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad input. Errors print as one
+line; `--debug` shows the traceback.
+"""
+
+from metering_core.cli import commands as _commands  # noqa: F401  (registers the subcommands)
+from metering_core.cli.app import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """The console script's entry point."""
+    app()

@@ -1,0 +1,5 @@
+"""`python -m metering_core.cli`."""
+
+from metering_core.cli import main
+
+main()

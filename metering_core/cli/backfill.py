@@ -1,0 +1,141 @@
+"""`metering ingest`: reading JSON Lines and CSV, stable ids, checking, then delivering."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import MofNCompleteColumn, Progress, ProgressColumn, Task
+from rich.text import Text
+
+from metering_core.cli.app import connect, err
+from metering_core.errors import ValidationError
+from metering_core.models import UsageEvent
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) from JSON Lines or CSV (by extension)."""
+    with path.open(encoding="utf-8", newline="") as file:
+        if path.suffix.lower() == ".csv":
+            reader = csv.DictReader(file)
+            for row in reader:
+                number = reader.line_num  # where the record ends (quoted newlines count)
+                dimensions = {
+                    k.removeprefix("dimensions."): v
+                    for k, v in row.items()
+                    if k.startswith("dimensions.")
+                }
+                plain = {
+                    k: v for k, v in row.items() if not k.startswith("dimensions.") and v != ""
+                }
+                yield number, {**plain, "dimensions": dimensions} if dimensions else plain
+            return
+        for number, line in enumerate(file, start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    row = {"__error__": f"not JSON: {exc.msg}"}
+                yield number, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
+
+
+BACKFILL_CHUNK = 5000
+"""Events queued per flush: the progress bar moves once per delivered chunk."""
+
+
+class EventRate(ProgressColumn):
+    """Events per second, for the backfill progress bar."""
+
+    def render(self, task: Task) -> Text:
+        return Text(
+            f"{task.speed:,.0f} events/s" if task.speed else "", style="progress.data.speed"
+        )
+
+
+def _backfill_id(event: UsageEvent, timed: bool, seen: Counter[str]) -> str:
+    """A stable id for a row without one: its content and which occurrence of it this is.
+
+    Rerunning the file, or editing other rows, gives every row the same id again, so a
+    resumed or repeated backfill is reported as duplicates instead of counted twice.
+    """
+    content = json.dumps(
+        [
+            event.event_name,
+            event.customer_id,
+            str(event.value.normalize()),
+            event.timestamp.isoformat() if timed else None,
+            sorted(event.dimensions.items()),
+        ]
+    )
+    seen[content] += 1
+    return "backfill-" + hashlib.sha256(f"{content}#{seen[content]}".encode()).hexdigest()[:40]
+
+
+def _events(path: Path) -> Iterator[tuple[int, UsageEvent | str]]:
+    """(line number, the event or why the row is bad), streaming the file."""
+    seen: Counter[str] = Counter()
+    for number, row in _rows(path):
+        if "__error__" in row:
+            yield number, row["__error__"]
+            continue
+        try:
+            event = UsageEvent.model_validate(row)
+        except ValidationError as exc:
+            yield number, str(exc)
+            continue
+        if "id" not in row:
+            event = event.model_copy(update={"id": _backfill_id(event, "timestamp" in row, seen)})
+        yield number, event
+
+
+def check_rows(path: Path, skip_invalid: bool) -> int:
+    """First pass: report each bad row; stop before sending unless told to skip them."""
+    good = bad = 0
+    for number, event in _events(path):
+        if isinstance(event, str):
+            bad += 1
+            typer.echo(f"{path}:{number}: {event}", err=True)
+        else:
+            good += 1
+    if bad and not skip_invalid:
+        typer.echo(
+            f"error: {bad} bad row(s); nothing was sent (use --skip-invalid to send the rest)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return good
+
+
+def _chunks(path: Path, size: int) -> Iterator[list[UsageEvent]]:
+    chunk: list[UsageEvent] = []
+    for _, event in _events(path):
+        if isinstance(event, UsageEvent):
+            chunk.append(event)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def deliver(path: Path, total: int, spool: Path | None) -> tuple[int, int, dict[str, str]]:
+    """Second pass: send the valid rows; (accepted, duplicates, rejected {id: reason})."""
+    accepted = duplicates = 0
+    rejected: dict[str, str] = {}
+    columns = (*Progress.get_default_columns(), MofNCompleteColumn(), EventRate())
+    with connect(spool_path=spool) as m, Progress(*columns, console=err) as progress:
+        task = progress.add_task("delivering", total=total)
+        for chunk in _chunks(path, BACKFILL_CHUNK):
+            m.ingest_usage_events(chunk)
+            report = m.flush()  # the bar counts delivered events, not queued ones
+            accepted += len(report.accepted)
+            duplicates += len(report.duplicates)
+            rejected.update(report.rejected)
+            progress.advance(task, len(chunk))
+    return accepted, duplicates, rejected

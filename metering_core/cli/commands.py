@@ -1,0 +1,246 @@
+"""The `metering` subcommands."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from metering_core.cli.app import (
+    Options,
+    app,
+    connect,
+    customers_app,
+    meters_app,
+    out,
+    print_json,
+    reported,
+)
+from metering_core.cli.backfill import check_rows, deliver
+from metering_core.cli.tables import capability_table, print_usage
+from metering_core.errors import ValidationError
+from metering_core.models import Window
+from metering_core.plugins import providers
+
+
+@app.command("providers")
+@reported
+def list_providers() -> None:
+    """Installed providers and a matrix of what each can do."""
+    specs = providers()
+    out.print(capability_table(specs))
+    if any(spec.capabilities is None for spec in specs):
+        out.print("?: stated by the backend when connected")
+
+
+# meters
+
+
+@meters_app.command("create")
+@reported
+def create_meter(
+    event_name: str,
+    display_name: Annotated[str | None, typer.Option()] = None,
+    aggregation: Annotated[str, typer.Option()] = "sum",
+    dimension: Annotated[list[str] | None, typer.Option(help="Repeat for each dimension.")] = None,
+    unique_dimension: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Create a meter for one event name."""
+    with connect() as m:
+        print_json(
+            m.create_meter(
+                event_name=event_name,
+                display_name=display_name,
+                aggregation=aggregation,
+                dimensions=dimension or [],
+                unique_dimension=unique_dimension,
+            )
+        )
+
+
+@meters_app.command("list")
+@reported
+def list_meters() -> None:
+    """Every meter, across pages."""
+    with connect() as m:
+        table = Table("id", "event name", "display name", "aggregation", "status")
+        for meter in m.iter_meters():
+            table.add_row(
+                meter.id,
+                meter.event_name,
+                meter.display_name,
+                meter.aggregation.value,
+                meter.status,
+            )
+        out.print(table)
+
+
+@meters_app.command("get")
+@reported
+def get_meter(meter_id: str) -> None:
+    """One meter."""
+    with connect() as m:
+        print_json(m.fetch_meter(meter_id))
+
+
+@meters_app.command("update")
+@reported
+def update_meter(
+    meter_id: str,
+    display_name: Annotated[str | None, typer.Option()] = None,
+    description: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Change a meter's display name or description."""
+    changes = {
+        k: v
+        for k, v in {"display_name": display_name, "description": description}.items()
+        if v is not None
+    }
+    with connect() as m:
+        print_json(m.update_meter(meter_id, **changes))
+
+
+@meters_app.command("delete")
+@reported
+def delete_meter(meter_id: str) -> None:
+    """Delete a meter (Stripe deactivates it)."""
+    with connect() as m:
+        m.delete_meter(meter_id)
+    out.print(f"deleted {meter_id}")
+
+
+# customers
+
+
+@customers_app.command("create")
+@reported
+def create_customer(
+    customer_id: str,
+    name: Annotated[str | None, typer.Option()] = None,
+    email: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Register a tenant with the provider."""
+    with connect() as m:
+        print_json(m.create_customer(id=customer_id, name=name, email=email))
+
+
+@customers_app.command("delete")
+@reported
+def delete_customer(customer_id: str) -> None:
+    """Remove a tenant from the provider."""
+    with connect() as m:
+        m.delete_customer(customer_id)
+    out.print(f"deleted {customer_id}")
+
+
+# usage
+
+
+def _parse_time(value: str, option: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValidationError(
+            f"{option}={value!r} is not an ISO 8601 time", field=option, value=value
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@app.command("usage")
+@reported
+def usage(
+    meter_id: str,
+    from_: Annotated[str, typer.Option("--from", help="Start, ISO 8601 (inclusive).")],
+    to: Annotated[str, typer.Option("--to", help="End, ISO 8601 (exclusive).")],
+    customer: Annotated[str | None, typer.Option()] = None,
+    window: Annotated[Window | None, typer.Option()] = None,
+    group_by: Annotated[list[str] | None, typer.Option(help="Repeat per key.")] = None,
+    tz: Annotated[str, typer.Option()] = "UTC",
+    output: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+) -> None:
+    """Aggregated usage of one meter by window and group."""
+    if output not in {"table", "json", "csv"}:
+        raise ValidationError(
+            f"--format={output!r} must be table, json or csv", field="format", value=output
+        )
+    with connect() as m:
+        answer = m.fetch_usage(
+            meter_id,
+            customer_id=customer,
+            start=_parse_time(from_, "--from"),
+            end=_parse_time(to, "--to"),
+            window=window,
+            group_by=group_by or [],
+            tz=tz,
+        )
+    print_usage(out, answer, output)
+
+
+@app.command("cancel")
+@reported
+def cancel(
+    event_ids: list[str],
+    event_name: Annotated[str | None, typer.Option(help="Needed by some providers.")] = None,
+) -> None:
+    """Cancel usage events by id."""
+    with connect() as m:
+        print_json(m.cancel_usage_events(event_ids, event_name=event_name))
+
+
+@app.command("ingest")
+@reported
+def ingest(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON Lines or .csv")],
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Send the valid rows even if some are bad.")
+    ] = False,
+    spool: Annotated[
+        Path | None, typer.Option(help="SQLite spool: an interrupted backfill resumes.")
+    ] = None,
+) -> None:
+    """Backfill usage from a file: every row is validated before anything is sent.
+
+    A row without an `id` gets one derived from its content, so a rerun never counts twice.
+    The file is read twice (check, then send), so it is never held in memory whole.
+    """
+    total = check_rows(file, skip_invalid)
+    accepted, duplicates, rejected = deliver(file, total, spool)
+    out.print(f"accepted {accepted:,}, duplicates {duplicates:,}, rejected {len(rejected):,}")
+    for event_id, reason in rejected.items():
+        typer.echo(f"rejected {event_id}: {reason}", err=True)
+    if rejected:
+        raise typer.Exit(1)
+
+
+# service and demo
+
+
+@app.command("serve")
+@reported
+def serve(
+    host: Annotated[str, typer.Option(help="Bind address; loopback unless told otherwise.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option()] = 8000,
+    allow_anonymous: Annotated[
+        bool, typer.Option(help="Serve without API keys (trusted local network only).")
+    ] = False,
+) -> None:
+    """Run the REST service; API keys come from configuration (METERING_KEYS)."""
+    from metering_core.client import AsyncMetering
+    from metering_core.server import serve as run_service
+
+    service = AsyncMetering(Options.provider, config_file=Options.config)
+    run_service(service, host=host, port=port, allow_anonymous=allow_anonymous)
+
+
+@app.command("demo")
+@reported
+def demo() -> None:
+    """A month of usage for a few tenants on the in-memory provider, by day and by tenant."""
+    from metering_core.demo import run_demo
+
+    run_demo(out)

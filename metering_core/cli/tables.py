@@ -1,0 +1,97 @@
+"""Rich renderings: the provider capability matrix and usage answers."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+from rich.console import Console
+from rich.table import Table
+
+from metering_core.interface import Capabilities, Operation
+from metering_core.models import Aggregation, Usage, Window
+from metering_core.plugins import ProviderSpec
+
+
+def _mark(yes: bool) -> str:
+    return "✓" if yes else "—"
+
+
+def _duration(value: timedelta | None, unlimited: str = "no limit") -> str:
+    """A limit in its largest whole unit: `35 days`, `5 minutes`."""
+    if value is None:
+        return unlimited
+    seconds = int(value.total_seconds())
+    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60)):
+        if seconds and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    return f"{seconds} s"
+
+
+def _member(field: str, item: object) -> Callable[[Capabilities], str]:
+    return lambda caps: _mark(item in getattr(caps, field))
+
+
+def _capability_rows() -> list[tuple[str, Callable[[Capabilities], str]]]:
+    """The capability matrix's rows: a label and how to read it off `Capabilities`."""
+    return [
+        *((op.value, _member("operations", op)) for op in Operation),
+        *((f"aggregation {a.value}", _member("aggregations", a)) for a in Aggregation),
+        *((f"window {w.value}", _member("windows", w)) for w in Window),
+        ("dimensions", lambda c: _mark(c.dimensions)),
+        ("group_by", lambda c: _mark(c.group_by)),
+        ("usage needs a customer", lambda c: _mark(c.requires_customer)),
+        ("updatable meter fields", lambda c: ", ".join(sorted(c.updatable_meter_fields)) or "—"),
+        ("max batch size", lambda c: f"{c.max_batch_size:,}"),
+        ("oldest event accepted", lambda c: _duration(c.max_event_age)),
+        ("furthest future event", lambda c: _duration(c.max_future_skew)),
+        ("cancellable for", lambda c: _duration(c.cancel_window, "always")),
+    ]
+
+
+def capability_table(specs: Sequence[ProviderSpec]) -> Table:
+    """A row per capability, a column per provider; `?` where the backend states it later."""
+    table = Table("", *(spec.name for spec in specs), title="Installed providers")
+    table.add_row("plugin", *(spec.plugin for spec in specs), end_section=True)
+    for label, read in _capability_rows():
+        table.add_row(label, *(read(s.capabilities) if s.capabilities else "?" for s in specs))
+    return table
+
+
+def print_usage(out: Console, usage: Usage, output: str) -> None:
+    """A usage answer as a table with bars, JSON, or CSV."""
+    if output == "json":
+        out.print_json(usage.model_dump_json())
+        return
+    keys = sorted({key for row in usage.rows for key in row.dimensions})
+    if output == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["start", "end", "customer_id", *keys, "value"])
+        for row in usage.rows:
+            writer.writerow(
+                [
+                    row.start.isoformat(),
+                    row.end.isoformat(),
+                    row.customer_id or "",
+                    *(row.dimensions.get(k, "") for k in keys),
+                    row.value,
+                ]
+            )
+        return
+    table = Table("start", "end", "customer", *keys, "value", "")
+    top = max((abs(row.value) for row in usage.rows), default=0) or 1
+    for row in usage.rows:
+        bar = "█" * round(float(abs(row.value) / top) * 30)
+        table.add_row(
+            f"{row.start:%Y-%m-%d %H:%M}",
+            f"{row.end:%Y-%m-%d %H:%M}",
+            row.customer_id or "all",
+            *(row.dimensions.get(k, "") for k in keys),
+            f"{row.value:f}",
+            bar,
+        )
+    out.print(table)
+    out.print(f"{usage.aggregation.value} of {usage.meter_id}, total {usage.total:f}")
