@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from metering_core.client import Metering
-from metering_core.models import UsageEvent
+from metering_core.models import Usage, UsageEvent
 
 TENANTS = {"acme": 900, "globex": 400, "initech": 150}
 """Tenant id and its typical API calls per day."""
@@ -48,6 +48,7 @@ def month_of_events(start: datetime, rng: random.Random) -> list[UsageEvent]:
 
 
 def run_demo(out: Console) -> None:
+    """Create two meters, ingest a month for three tenants (plus resends), print the usage."""
     start = (datetime.now(UTC) - timedelta(days=31)).replace(
         hour=0, minute=0, second=0, microsecond=0
     )
@@ -64,9 +65,7 @@ def run_demo(out: Console) -> None:
             dimensions=["user"],
         )
         m.ingest_usage_events(events)
-        m.ingest_usage_events(
-            events[:500]
-        )  # a retried delivery: the same ids are not counted again
+        m.ingest_usage_events(events[:500])  # a retried delivery: the same ids count once
         report = m.flush()
         out.print(
             f"ingested {len(events):,} events through the pipeline: "
@@ -79,17 +78,26 @@ def run_demo(out: Console) -> None:
             calls.id, start=start, end=end, group_by=["customer_id", "region"]
         )
         active = m.fetch_usage(users.id, start=start, end=end, group_by=["customer_id"])
+    out.print(_by_day(daily))
+    out.print(_by_tenant(by_tenant, active))
+    out.print(f"total API calls: {daily.total:,}")
 
+
+def _by_day(daily: Usage) -> Table:
+    """API calls per day with a bar each."""
     top = max(row.value for row in daily.rows)
     table = Table("day", "API calls", "", title="API calls by day (all tenants)")
     for row in daily.rows:
         table.add_row(
             f"{row.start:%a %Y-%m-%d}", f"{row.value:,}", "█" * round(float(row.value / top) * 40)
         )
-    out.print(table)
+    return table
 
+
+def _by_tenant(by_tenant: Usage, active: Usage) -> Table:
+    """API calls per tenant and region, beside each tenant's active users for the month."""
     users_of = {row.customer_id: row.value for row in active.rows}
-    tenants = Table(
+    table = Table(
         "tenant",
         "region",
         "API calls",
@@ -97,11 +105,10 @@ def run_demo(out: Console) -> None:
         title="API calls by tenant and region",
     )
     for row in by_tenant.rows:
-        tenants.add_row(
+        table.add_row(
             row.customer_id,
             row.dimensions["region"],
             f"{row.value:,}",
             f"{users_of[row.customer_id]:,}",
         )
-    out.print(tenants)
-    out.print(f"total API calls: {daily.total:,}")
+    return table
