@@ -75,7 +75,8 @@ def reported(command: F) -> F:
 def _fail(exc: Exception, code: int) -> None:
     if Options.debug:
         err.print_exception()
-    typer.echo(f"error: {exc}", err=True)
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    typer.echo(f"error: {message}", err=True)  # one line, whatever the provider SDK wrote
     raise typer.Exit(code)
 
 

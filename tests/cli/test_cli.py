@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from metering_core import Aggregation, Capabilities, hookimpl, register_plugin
 from metering_core.cli import app
+from metering_core.errors import ProviderUnavailableError
 from metering_core.memory import MemoryProvider, MemorySettings
 from metering_core.plugins import unregister_plugin
 
@@ -267,3 +268,23 @@ def test_bad_rows_as_a_subprocess_name_each_line_and_exit_2(tmp_path: Path) -> N
     assert [line.split(": ")[0] for line in lines[:2]] == [f"{rows}:3", f"{rows}:4"]
     assert lines[-1].startswith("error: 2 bad row(s); nothing was sent")
     assert result.stdout == ""
+
+
+def test_a_multiline_provider_error_prints_as_one_line(
+    shared: MemoryProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def down(meter_id: str) -> None:
+        raise ProviderUnavailableError("Unexpected error.\n\n(Network error)", provider="shared")
+
+    monkeypatch.setattr(shared, "fetch_meter", down)
+    assert metering("meters", "get", "m1") == (1, "error: Unexpected error. (Network error)\n")
+
+
+def test_secrets_stay_out_of_errors_and_tracebacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("metering_stripe")
+    monkeypatch.setenv("METERING_STRIPE_API_KEY", "sk_test_SECRET123")
+    monkeypatch.setenv("METERING_STRIPE_TIMEOUT", "soon")
+    result = runner.invoke(app, ["--provider", "stripe", "--debug", "meters", "list"])
+    assert result.exit_code == 2
+    assert "timeout='soon'" in result.output
+    assert "SECRET123" not in result.output
