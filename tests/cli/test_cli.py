@@ -288,3 +288,13 @@ def test_secrets_stay_out_of_errors_and_tracebacks(monkeypatch: pytest.MonkeyPat
     assert result.exit_code == 2
     assert "timeout='soon'" in result.output
     assert "SECRET123" not in result.output
+
+
+def test_the_readme_demo_command_runs_as_written() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- ci: demo -->", 1)[1].split("```bash\n", 1)[1].split("```")[0]
+    last = block.strip().split("&&")[-1].split()  # after the venv and pip steps
+    assert last[0] == "metering"
+    result = command(*last[1:])
+    assert result.returncode == 0, result.stderr
+    assert "API calls by tenant and region" in result.stdout
