@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import stripe
@@ -13,6 +14,7 @@ from metering_stripe import StripeProvider
 from metering_stripe.deliveries import RecentDeliveries
 from metering_stripe.testing import FakeStripe
 from metering_stripe.usage import fold_summaries, summary_request
+from pydantic import SecretStr
 
 from metering_core import (
     AuthenticationError,
@@ -36,10 +38,27 @@ from .conftest import API_KEY, settings_for
 NOW = datetime.now(UTC).replace(second=0, microsecond=0)  # Stripe queries need minutes
 
 
+Make = Callable[..., StripeProvider]
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeStripe]:
     with FakeStripe(api_key=API_KEY) as server:
         yield server
+
+
+@pytest.fixture
+async def make(fake: FakeStripe) -> AsyncIterator[Make]:
+    """Providers on the fake with the given options, closed after the test."""
+    made: list[StripeProvider] = []
+
+    def build(**options: object) -> StripeProvider:
+        made.append(StripeProvider(settings_for(fake).model_copy(update=options)))
+        return made[-1]
+
+    yield build
+    for provider in made:
+        await provider.aclose()
 
 
 async def setup(provider: StripeProvider, tenant: str = "acme") -> str:
@@ -63,9 +82,9 @@ def event(event_id: str, value: int = 1, at: datetime = NOW, tenant: str = "acme
     ],
 )
 async def test_faults_map_to_the_core_hierarchy(
-    fake: FakeStripe, inject: object, expected: type[Exception]
+    fake: FakeStripe, make: Make, inject: object, expected: type[Exception]
 ) -> None:
-    provider = StripeProvider(settings_for(fake))
+    provider = make()
     meter_id = await setup(provider)
     inject(fake)  # type: ignore[operator]
     with pytest.raises(expected) as caught:
@@ -76,21 +95,13 @@ async def test_faults_map_to_the_core_hierarchy(
         assert caught.value.retry_after == 2.0
 
 
-async def test_missing_things_and_bad_keys_map_too(fake: FakeStripe) -> None:
+async def test_missing_things_and_bad_keys_map_too(fake: FakeStripe, make: Make) -> None:
     with pytest.raises(NotFoundError):
-        await StripeProvider(settings_for(fake)).fetch_meter("mtr_missing")
-    wrong = StripeProvider(
-        settings_for(fake).model_copy(update={"api_key": stripe_key("sk_test_wrong_key_123456")})
-    )
+        await make().fetch_meter("mtr_missing")
+    wrong = make(api_key=SecretStr("sk_test_wrong_key_123456"))
     with pytest.raises(AuthenticationError) as caught:
         await wrong.fetch_meter("mtr_x")
     assert "sk_test_wrong_key_123456" not in str(caught.value)
-
-
-def stripe_key(value: str):  # type: ignore[no-untyped-def]
-    from pydantic import SecretStr
-
-    return SecretStr(value)
 
 
 def test_retries_through_the_pipeline_count_once(fake: FakeStripe) -> None:
@@ -110,8 +121,10 @@ def test_retries_through_the_pipeline_count_once(fake: FakeStripe) -> None:
     assert usage.total == 10
 
 
-async def test_an_expired_session_is_renewed_and_the_batch_resent(fake: FakeStripe) -> None:
-    provider = StripeProvider(settings_for(fake))
+async def test_an_expired_session_is_renewed_and_the_batch_resent(
+    fake: FakeStripe, make: Make
+) -> None:
+    provider = make()
     meter_id = await setup(provider)
     assert (await provider.ingest_usage_events([event("a")])).accepted == ["a"]
     fake.state.expire_sessions()
@@ -129,19 +142,22 @@ async def test_an_expired_session_is_renewed_and_the_batch_resent(fake: FakeStri
     assert usage.total == 2
 
 
-async def test_a_repeated_identifier_is_a_duplicate_even_across_restarts(fake: FakeStripe) -> None:
-    first = StripeProvider(settings_for(fake, use_event_stream=False))
+async def test_a_repeated_identifier_is_a_duplicate_even_across_restarts(
+    fake: FakeStripe, make: Make
+) -> None:
+    first = make(use_event_stream=False)
     await setup(first)
     assert (await first.ingest_usage_events([event("same")])).accepted == ["same"]
-    restarted = StripeProvider(settings_for(fake, use_event_stream=False))  # remembers nothing
+    restarted = make(use_event_stream=False)  # remembers nothing
     result = await restarted.ingest_usage_events([event("same")])
     assert (result.accepted, result.duplicates) == ([], ["same"])
 
 
 async def test_timestamps_outside_stripes_window_are_refused_before_any_request(
     fake: FakeStripe,
+    make: Make,
 ) -> None:
-    provider = StripeProvider(settings_for(fake))
+    provider = make()
     await setup(provider)
     before = len(fake.requests)
     result = await provider.ingest_usage_events(
@@ -155,15 +171,19 @@ async def test_timestamps_outside_stripes_window_are_refused_before_any_request(
     assert [p for _, p in fake.requests[before:] if "meter_event" in p] == []
 
 
-async def test_a_tenant_without_a_customer_is_rejected_with_the_reason(fake: FakeStripe) -> None:
-    provider = StripeProvider(settings_for(fake))
+async def test_a_tenant_without_a_customer_is_rejected_with_the_reason(
+    fake: FakeStripe, make: Make
+) -> None:
+    provider = make()
     await setup(provider)
     result = await provider.ingest_usage_events([event("x", tenant="stranger")])
     assert "create_customer first" in result.rejected["x"]
 
 
-async def test_strangers_in_a_batch_cost_one_lookup_not_one_per_event(fake: FakeStripe) -> None:
-    provider = StripeProvider(settings_for(fake))
+async def test_strangers_in_a_batch_cost_one_lookup_not_one_per_event(
+    fake: FakeStripe, make: Make
+) -> None:
+    provider = make()
     await setup(provider)
     before = len(fake.requests)
     strangers = [event(f"s{i}", tenant=f"stranger-{i % 3}") for i in range(30)]
@@ -173,13 +193,14 @@ async def test_strangers_in_a_batch_cost_one_lookup_not_one_per_event(fake: Fake
     lookups = [path for _, path in fake.requests[before:]]
     assert lookups.count("/v1/customers") == 1
     assert lookups.count("/v1/billing/meters") == 1
-    await provider.aclose()
 
 
-async def test_the_tenant_mapping_is_found_again_after_a_restart(fake: FakeStripe) -> None:
-    first = StripeProvider(settings_for(fake))
+async def test_the_tenant_mapping_is_found_again_after_a_restart(
+    fake: FakeStripe, make: Make
+) -> None:
+    first = make()
     meter_id = await setup(first)
-    restarted = StripeProvider(settings_for(fake))
+    restarted = make()
     assert (await restarted.ingest_usage_events([event("r1", 4)])).accepted == ["r1"]
     usage = await restarted.fetch_usage(
         UsageQuery(
@@ -195,8 +216,8 @@ async def test_the_tenant_mapping_is_found_again_after_a_restart(fake: FakeStrip
     assert again.provider_ref in fake.state.customers
 
 
-async def test_refusals_happen_before_any_request(fake: FakeStripe) -> None:
-    provider = StripeProvider(settings_for(fake))
+async def test_refusals_happen_before_any_request(fake: FakeStripe, make: Make) -> None:
+    provider = make()
     meter_id = await setup(provider)
     before = len(fake.requests)
     with pytest.raises(UnsupportedOperationError, match="aggregation='max'"):
@@ -206,8 +227,10 @@ async def test_refusals_happen_before_any_request(fake: FakeStripe) -> None:
     assert len(fake.requests) == before
 
 
-async def test_pages_over_stripes_limit_and_cleared_display_names(fake: FakeStripe) -> None:
-    provider = StripeProvider(settings_for(fake))
+async def test_pages_over_stripes_limit_and_cleared_display_names(
+    fake: FakeStripe, make: Make
+) -> None:
+    provider = make()
     for i in range(102):
         await provider.create_meter(MeterCreate(event_name=f"m{i}"))
     page = await provider.fetch_all_meters(limit=500)
@@ -217,11 +240,10 @@ async def test_pages_over_stripes_limit_and_cleared_display_names(fake: FakeStri
     assert rest.next_cursor is None
     with pytest.raises(ValidationError, match="display_name=None"):
         await provider.update_meter(page.items[0].id, MeterUpdate(display_name=None))
-    await provider.aclose()
 
 
-async def test_delete_deactivates(fake: FakeStripe) -> None:
-    provider = StripeProvider(settings_for(fake))
+async def test_delete_deactivates(fake: FakeStripe, make: Make) -> None:
+    provider = make()
     meter_id = await setup(provider)
     await provider.delete_meter(meter_id)
     assert (await provider.fetch_meter(meter_id)).status == "inactive"
@@ -230,9 +252,9 @@ async def test_delete_deactivates(fake: FakeStripe) -> None:
 
 
 async def test_events_older_than_24_hours_cannot_be_cancelled(
-    fake: FakeStripe, monkeypatch: pytest.MonkeyPatch
+    fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    provider = StripeProvider(settings_for(fake))
+    provider = make()
     await setup(provider)
     await provider.ingest_usage_events([event("old"), event("fresh")])
     fake.state.events["old"].received -= 25 * 3600  # Stripe received it over a day ago
@@ -330,8 +352,8 @@ def test_utc_days_use_day_summaries_and_unaligned_ranges_are_refused() -> None:
         summary_request(day.model_copy(update={"tz": "Asia/Kolkata"}))
 
 
-async def test_non_utc_day_windows_end_to_end(fake: FakeStripe) -> None:
-    provider = StripeProvider(settings_for(fake))
+async def test_non_utc_day_windows_end_to_end(fake: FakeStripe, make: Make) -> None:
+    provider = make()
     meter_id = await setup(provider)
     tokyo_midnight = (NOW + timedelta(hours=9)).replace(hour=0, minute=0, second=0) - timedelta(
         hours=9
@@ -352,30 +374,30 @@ async def test_non_utc_day_windows_end_to_end(fake: FakeStripe) -> None:
     )
     rows = (await provider.fetch_usage(query)).rows
     assert [(r.start, r.value) for r in rows] == [
-        (tokyo_midnight - timedelta(days=1), 3),
-        (tokyo_midnight, 4),
+        (tokyo_midnight - timedelta(days=1), Decimal(3)),
+        (tokyo_midnight, Decimal(4)),
     ]
 
 
 def test_the_fake_refuses_unknown_parameters_like_stripe(fake: FakeStripe) -> None:
-    client = stripe.StripeClient(
-        API_KEY,
-        base_addresses={"api": fake.url},
-        http_client=stripe.HTTPXClient(allow_sync_methods=True),
-    )
+    http = stripe.HTTPXClient(allow_sync_methods=True)
+    client = stripe.StripeClient(API_KEY, base_addresses={"api": fake.url}, http_client=http)
+    unknown: Any = {
+        "display_name": "x",
+        "event_name": "x",
+        "default_aggregation": {"formula": "sum"},
+        "aggregation": "sum",
+    }
     with pytest.raises(stripe.InvalidRequestError, match="unknown parameter: aggregation"):
-        client.v1.billing.meters.create(
-            {
-                "display_name": "x",
-                "event_name": "x",
-                "default_aggregation": {"formula": "sum"},
-                "aggregation": "sum",
-            }
-        )  # type: ignore[typeddict-unknown-key]
+        client.v1.billing.meters.create(unknown)
+    bad_formula: Any = {
+        "display_name": "x",
+        "event_name": "x",
+        "default_aggregation": {"formula": "max"},
+    }
     with pytest.raises(stripe.InvalidRequestError, match="default_aggregation"):
-        client.v1.billing.meters.create(
-            {"display_name": "x", "event_name": "x", "default_aggregation": {"formula": "max"}}
-        )  # type: ignore[typeddict-item]
+        client.v1.billing.meters.create(bad_formula)
+    http.close()  # type: ignore[no-untyped-call]
 
 
 def test_the_api_key_never_shows(fake: FakeStripe) -> None:
