@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -140,6 +141,20 @@ async def test_an_expired_session_is_renewed_and_the_batch_resent(
         )
     )
     assert usage.total == 2
+
+
+async def test_a_session_is_renewed_before_its_15_minutes_run_out(
+    fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = make()
+    await setup(provider)
+    assert (await provider.ingest_usage_events([event("a")])).accepted == ["a"]
+    later = time.time() + 15 * 60 - 30  # still valid at Stripe, but about to lapse
+    monkeypatch.setattr("metering_stripe.provider.time", SimpleNamespace(time=lambda: later))
+    assert (await provider.ingest_usage_events([event("b")])).accepted == ["b"]
+    paths = [path for _, path in fake.requests]
+    assert paths.count("/v2/billing/meter_event_session") == 2
+    assert paths.count("/v2/billing/meter_event_stream") == 2  # no request wasted on expiry
 
 
 async def test_a_repeated_identifier_is_a_duplicate_even_across_restarts(
