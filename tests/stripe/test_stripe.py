@@ -96,6 +96,20 @@ async def test_faults_map_to_the_core_hierarchy(
         assert caught.value.retry_after == 2.0
 
 
+async def test_a_429_without_retry_after_and_a_403_map_too(fake: FakeStripe, make: Make) -> None:
+    provider = make()
+    meter_id = await setup(provider)
+    fake.fail_next(1, 429, {"Stripe-Should-Retry": "true"})
+    with pytest.raises(RateLimitedError) as limited:
+        await provider.fetch_meter(meter_id)
+    assert limited.value.retry_after is None
+    fake.fail_next(1, 403)
+    with pytest.raises(AuthenticationError) as forbidden:
+        await provider.fetch_meter(meter_id)
+    assert not forbidden.value.retryable
+    assert isinstance(forbidden.value.__cause__, stripe.PermissionError)
+
+
 async def test_missing_things_and_bad_keys_map_too(fake: FakeStripe, make: Make) -> None:
     with pytest.raises(NotFoundError):
         await make().fetch_meter("mtr_missing")
