@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -427,6 +428,19 @@ def test_the_fake_refuses_unknown_parameters_like_stripe(fake: FakeStripe) -> No
     with pytest.raises(stripe.InvalidRequestError, match="default_aggregation"):
         client.v1.billing.meters.create(bad_formula)
     http.close()  # type: ignore[no-untyped-call]
+
+
+async def test_the_api_key_never_shows_in_debug_logs(
+    fake: FakeStripe, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    provider = make()
+    await setup(provider)
+    await provider.ingest_usage_events([event("logged")])
+    with pytest.raises(AuthenticationError):
+        await make(api_key=SecretStr(API_KEY + "x")).fetch_meter("mtr_x")
+    assert "meter_event" in caplog.text  # the SDK did log its requests
+    assert API_KEY not in caplog.text
 
 
 def test_the_api_key_never_shows(fake: FakeStripe) -> None:
