@@ -272,6 +272,21 @@ async def test_pages_over_stripes_limit_and_cleared_display_names(
         await provider.update_meter(page.items[0].id, MeterUpdate(display_name=None))
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["v2-stream", "v1-events"])
+async def test_what_accepted_means_when_stripe_refuses_after_our_checks(
+    fake: FakeStripe, make: Make, stream: bool
+) -> None:
+    provider = make(use_event_stream=stream)
+    meter_id = await setup(provider)
+    await make().delete_meter(meter_id)  # deactivated elsewhere: this provider's cache is stale
+    result = await provider.ingest_usage_events([event("stale")])
+    if stream:  # the stream validates after answering: accepted means handed to Stripe
+        assert result.accepted == ["stale"]
+        assert [e["identifier"] for e in fake.state.stream_errors] == ["stale"]
+    else:  # v1 validates before answering: Stripe's reason comes back per event
+        assert "No active meter" in result.rejected["stale"]
+
+
 async def test_delete_deactivates(fake: FakeStripe, make: Make) -> None:
     provider = make()
     meter_id = await setup(provider)
