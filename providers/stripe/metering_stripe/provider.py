@@ -83,7 +83,8 @@ def _customer(tenant: str, obj: stripe.Customer) -> Customer:
 class StripeProvider(BaseProvider):
     """Stripe Billing Meters. Ingestion `accepted` means Stripe took the request: the v2
     stream validates asynchronously, so the provider checks what it can first (meter,
-    customer, timestamp window, identifiers it delivered in the last 24 hours)."""
+    customer, timestamp window, identifiers it delivered in the last 24 hours); what Stripe
+    refuses after that shows only in Stripe's meter error reports. v1 answers per event."""
 
     name = "stripe"
     default_capabilities = CAPABILITIES
