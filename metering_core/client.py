@@ -145,24 +145,28 @@ class AsyncMetering:
     def capabilities(self) -> Capabilities:
         return self._provider.capabilities
 
-    def _require(self, operation: Operation) -> None:
-        guards.require_operation(self.capabilities, self.provider_name, operation)
+    async def load_capabilities(self) -> Capabilities:
+        """The provider's capabilities, asking its backend (without blocking) if it must."""
+        return await self._provider.load_capabilities()
+
+    async def _require(self, operation: Operation) -> None:
+        guards.require_operation(await self.load_capabilities(), self.provider_name, operation)
 
     async def create_meter(
         self, meter: MeterCreate | Mapping[str, Any] | None = None, /, **fields: Any
     ) -> Meter:
         """Create a meter for one event name."""
         request = _coerce(MeterCreate, meter, fields)
-        guards.check_meter_create(self.capabilities, self.provider_name, request)
+        guards.check_meter_create(await self.load_capabilities(), self.provider_name, request)
         return await self._provider.create_meter(request)
 
     async def fetch_meter(self, meter_id: str) -> Meter:
-        self._require(Operation.FETCH_METER)
+        await self._require(Operation.FETCH_METER)
         return await self._provider.fetch_meter(meter_id)
 
     async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
         """One page of meters; pass `next_cursor` back for the next."""
-        self._require(Operation.FETCH_ALL_METERS)
+        await self._require(Operation.FETCH_ALL_METERS)
         return await self._provider.fetch_all_meters(limit=limit, cursor=cursor)
 
     async def iter_meters(self, *, page_size: int = 100) -> AsyncIterator[Meter]:
@@ -180,15 +184,16 @@ class AsyncMetering:
         self, meter_id: str, update: MeterUpdate | Mapping[str, Any] | None = None, /, **fields: Any
     ) -> Meter:
         request = _coerce(MeterUpdate, update, fields)
-        guards.check_meter_update(self.capabilities, self.provider_name, request)
+        guards.check_meter_update(await self.load_capabilities(), self.provider_name, request)
         return await self._provider.update_meter(meter_id, request)
 
     async def delete_meter(self, meter_id: str) -> None:
-        self._require(Operation.DELETE_METER)
+        await self._require(Operation.DELETE_METER)
         await self._provider.delete_meter(meter_id)
 
     def _checked_events(self, events: Iterable[EventInput]) -> list[UsageEvent]:
-        self._require(Operation.INGEST_USAGE_EVENTS)
+        """Validated events. Ingestion is an operation every provider has, so nothing is
+        asked of the provider here: with a spool, ingesting never needs it reachable."""
         return _coerce_events(events)
 
     async def ingest_usage_event(
@@ -256,14 +261,14 @@ class AsyncMetering:
                 group_by=tuple(group_by),
                 tz=tz,
             )
-        guards.check_usage_query(self.capabilities, self.provider_name, query)
+        guards.check_usage_query(await self.load_capabilities(), self.provider_name, query)
         return await self._provider.fetch_usage(query)
 
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None
     ) -> CancelResult:
         """Cancel delivered events by id; the result says what became of each id."""
-        self._require(Operation.CANCEL_USAGE_EVENTS)
+        await self._require(Operation.CANCEL_USAGE_EVENTS)
         if isinstance(event_ids, str):
             raise ValidationError(
                 f"event_ids must be a list of ids, not one string ({event_ids!r})",
@@ -278,11 +283,11 @@ class AsyncMetering:
     ) -> Customer:
         """Register a tenant with the provider; its id is the tenant id."""
         request = _coerce(CustomerCreate, customer, fields)
-        self._require(Operation.CREATE_CUSTOMER)
+        await self._require(Operation.CREATE_CUSTOMER)
         return await self._provider.create_customer(request)
 
     async def delete_customer(self, customer_id: str) -> None:
-        self._require(Operation.DELETE_CUSTOMER)
+        await self._require(Operation.DELETE_CUSTOMER)
         await self._provider.delete_customer(customer_id)
 
     async def close(self) -> IngestResult:
@@ -359,6 +364,9 @@ class Metering:
     @property
     def settings(self) -> MeteringSettings:
         return self._async.settings
+
+    def load_capabilities(self) -> Capabilities:
+        return self._runner.run(self._async.load_capabilities())
 
     def create_meter(
         self, meter: MeterCreate | Mapping[str, Any] | None = None, /, **fields: Any

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from metering_core.errors import ConfigurationError
@@ -43,7 +43,8 @@ class ProviderSettings(BaseSettings):
 
 
 class ApiKey(BaseModel):
-    """One REST-service key: what it may do, and the one tenant it is bound to, if any."""
+    """One REST-service key: what it may do, and the one tenant it is bound to, if any.
+    (The keys themselves are the service's settings: `metering_core.server.settings`.)"""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -70,9 +71,8 @@ class MeteringSettings(BaseSettings):
     retry_backoff: float = Field(default=0.05, gt=0)
     """First retry delay in seconds; it doubles per attempt (with jitter) up to 30 s."""
     delivery_timeout: float = Field(default=30.0, gt=0)
-    """Seconds one provider call may take before it counts as a retryable failure."""
-    keys: dict[SecretStr, ApiKey] = {}
-    """REST-service API keys (`metering serve`)."""
+    """Seconds one provider call may take before it counts as a retryable failure; also
+    how long closing waits for an outage to end before leaving events in the spool."""
 
 
 def load_config_file(path: Path | str | None = None) -> dict[str, Any]:
@@ -158,7 +158,7 @@ def resolve_settings(
 ) -> tuple[MeteringSettings, dict[str, Any]]:
     """The library settings and the whole file table (for provider tables)."""
     file_table = load_config_file(config_file)
-    file_values = {k: v for k, v in file_table.items() if not isinstance(v, dict) or k == "keys"}
+    file_values = {k: v for k, v in file_table.items() if not isinstance(v, dict)}
     settings = _layered(
         MeteringSettings, _env_prefix(None), file_values, overrides or {}, "metering"
     )

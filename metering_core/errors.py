@@ -1,4 +1,6 @@
-"""The exception hierarchy: every failure a caller can catch, from one root."""
+"""The exception hierarchy: every failure a caller can catch, from one root, and the one
+table that names each on the wire (the REST service answers with it, the HTTP provider
+maps it back)."""
 
 from __future__ import annotations
 
@@ -106,3 +108,84 @@ class ProviderUnavailableError(ProviderError):
 
     def __init__(self, message: str, *, provider: str, status_code: int | None = None) -> None:
         super().__init__(message, provider=provider, status_code=status_code, retryable=True)
+
+
+ERROR_TYPES: tuple[tuple[type[MeteringError], str, int], ...] = (
+    (ValidationError, "validation_error", 422),
+    (UnsupportedOperationError, "unsupported_operation", 400),
+    (NotFoundError, "not_found", 404),
+    (ConflictError, "conflict", 409),
+    (RateLimitedError, "rate_limited", 429),
+    (QueueFullError, "queue_full", 503),
+    (ProviderUnavailableError, "provider_unavailable", 503),
+    (AuthenticationError, "provider_authentication", 502),
+    (ProviderError, "provider_error", 502),
+    (ConfigurationError, "configuration_error", 500),
+    (MeteringError, "metering_error", 500),
+)
+"""Each error's wire type and HTTP status, most specific class first."""
+
+
+def wire_type(exc: MeteringError) -> tuple[str, int]:
+    """The wire type and HTTP status of an error: its most specific row of `ERROR_TYPES`."""
+    return next((kind, status) for cls, kind, status in ERROR_TYPES if isinstance(exc, cls))
+
+
+MAX_MESSAGE = 500
+"""Characters of a message carried across the wire: a huge echoed value stays bounded."""
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text`, cut to `limit` characters with a marker saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
+_TYPE_BY_STATUS = {
+    400: "validation_error",
+    401: "provider_authentication",
+    403: "provider_authentication",
+    404: "not_found",
+    409: "conflict",
+    422: "validation_error",
+    429: "rate_limited",
+}
+"""What an answer without a known type (a proxy's, a gateway's) stands for, by status;
+other 5xx are outages, anything else a provider error."""
+
+
+def error_from_wire(
+    kind: str,
+    message: str,
+    *,
+    provider: str,
+    operation: str,
+    status: int,
+    field: str | None = None,
+    retry_after: float | None = None,
+) -> MeteringError:
+    """The exception a wire error stands for: by its type, else by its status alone. Only
+    outages and rate limits come back retryable; a misconfigured service is not retried."""
+    message = clip(message)
+    if kind not in {name for _, name, _ in ERROR_TYPES}:
+        kind = _TYPE_BY_STATUS.get(status) or (
+            "provider_unavailable" if status >= 500 else "provider_error"
+        )
+    if kind == "validation_error":
+        return ValidationError(message, field=field)
+    if kind == "unsupported_operation":
+        return UnsupportedOperationError(provider, operation, message)
+    if kind == "not_found":
+        return NotFoundError(message)
+    if kind == "conflict":
+        return ConflictError(message)
+    if kind == "rate_limited":
+        return RateLimitedError(message, provider=provider, retry_after=retry_after)
+    if kind in ("provider_unavailable", "queue_full"):
+        return ProviderUnavailableError(message, provider=provider, status_code=status)
+    if kind == "provider_authentication":
+        return AuthenticationError(message, provider=provider, status_code=status)
+    if kind == "configuration_error":
+        message = f"the service is misconfigured: {message}"
+    return ProviderError(message, provider=provider, status_code=status)

@@ -35,7 +35,6 @@ NAMES: dict[str, Kind] = {
     "sbt_aws_offboardingRequest": "offboard",
 }
 
-USAGE_FIELDS = {"id", "event_name", "customer_id", "value", "timestamp", "dimensions"}
 AMBERFLO_FIELDS = {
     "tenantId",
     "meterApiName",
@@ -72,6 +71,21 @@ def _envelope(message: Any) -> tuple[str, Any, str | None]:
     )
 
 
+def _from_millis(millis: Any) -> float:
+    """Epoch milliseconds as seconds; refused by name when not a usable number (the
+    timestamp's own range is checked by the model)."""
+    if isinstance(millis, int | float) and not isinstance(millis, bool):
+        try:
+            return millis / 1000
+        except OverflowError:
+            pass
+    raise ValidationError(
+        f"meterTimeInMillis={millis!r} must be a number of milliseconds since the epoch",
+        field="meterTimeInMillis",
+        value=millis,
+    )
+
+
 def _usage_fields(detail: Mapping[str, Any]) -> dict[str, Any]:
     """The model's field names, the sbt-aws `tenantId`, or the Amberflo-style shape."""
     if "meterApiName" in detail:
@@ -84,7 +98,7 @@ def _usage_fields(detail: Mapping[str, Any]) -> dict[str, Any]:
         if "uniqueId" in detail:
             fields["id"] = detail["uniqueId"]
         if "meterTimeInMillis" in detail:
-            fields["timestamp"] = detail["meterTimeInMillis"] / 1000
+            fields["timestamp"] = _from_millis(detail["meterTimeInMillis"])
         return fields
     fields = dict(detail)
     if "tenantId" in fields:
@@ -104,10 +118,10 @@ def _usage(detail: Any, envelope_id: str | None) -> list[UsageEvent]:
             raise ValidationError(
                 f"detail[{index}]={item!r} is not an object", field="detail", value=item
             )
-        fields = _usage_fields(item)
-        if "id" not in fields and envelope_id is not None:
-            fields["id"] = f"{envelope_id}:{index}"
         try:
+            fields = _usage_fields(item)
+            if "id" not in fields and envelope_id is not None:
+                fields["id"] = f"{envelope_id}:{index}"
             events.append(UsageEvent.model_validate(fields))
         except ValidationError as exc:
             raise ValidationError(

@@ -46,17 +46,6 @@ class Operation(StrEnum):
     DELETE_CUSTOMER = "delete_customer"
 
 
-REQUIRED_OPERATIONS = frozenset(
-    {
-        Operation.CREATE_METER,
-        Operation.FETCH_METER,
-        Operation.FETCH_ALL_METERS,
-        Operation.INGEST_USAGE_EVENTS,
-        Operation.FETCH_USAGE,
-    }
-)
-
-
 class Capabilities(BaseModel):
     """What a provider can do. The facade checks these before it calls, so an unsupported
     request fails fast with a message that says what the provider lacks."""
@@ -96,7 +85,13 @@ class IMetering(Protocol):
         ...
 
     @property
-    def capabilities(self) -> Capabilities: ...
+    def capabilities(self) -> Capabilities:
+        """What the provider can do, when it knows without I/O (else it may block once)."""
+        ...
+
+    async def load_capabilities(self) -> Capabilities:
+        """What the provider can do, asking its backend without blocking the loop if needed."""
+        ...
 
     async def create_meter(self, meter: MeterCreate) -> Meter: ...
 
@@ -137,6 +132,10 @@ class BaseProvider(abc.ABC):
     def capabilities(self) -> Capabilities:
         return self.default_capabilities
 
+    async def load_capabilities(self) -> Capabilities:
+        """Override when capabilities come from the backend (the HTTP provider's)."""
+        return self.capabilities
+
     def unsupported(
         self, operation: Operation, detail: str | None = None
     ) -> UnsupportedOperationError:
@@ -160,7 +159,7 @@ class BaseProvider(abc.ABC):
         raise self.unsupported(Operation.DELETE_METER)
 
     async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
-        size = self.capabilities.max_batch_size
+        size = (await self.load_capabilities()).max_batch_size
         if len(events) <= size:
             return await self.ingest_batch(events)
         result = IngestResult()

@@ -9,18 +9,28 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pydantic
-from pydantic import AfterValidator, AwareDatetime, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from metering_core.errors import ValidationError
+from metering_core.errors import ValidationError, clip
 
 __all__ = [
+    "MAX_ROWS",
+    "MAX_WINDOWS",
     "Aggregation",
     "CancelResult",
     "Customer",
@@ -46,14 +56,26 @@ def _slug(value: str) -> str:
     return value
 
 
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(3000, 1, 1, tzinfo=UTC)
+"""Timestamps this library accepts: [EARLIEST, LATEST). Far enough for any bill, and near
+enough that a window or a time zone shift can never overflow `datetime`."""
+
+
 def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo is UTC else value.astimezone(UTC)
+    try:
+        moment = value if value.tzinfo is UTC else value.astimezone(UTC)
+    except OverflowError:
+        moment = None
+    if moment is None or not EARLIEST <= moment < LATEST:
+        raise ValueError(f"must be from {EARLIEST.isoformat()} to before {LATEST.isoformat()}")
+    return moment
 
 
 def _iana_zone(value: str) -> str:
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder such as "America"
         raise ValueError("must be an IANA time zone name such as 'UTC' or 'Europe/Paris'") from None
     return value
 
@@ -72,7 +94,7 @@ def describe_error(error: Mapping[str, Any]) -> tuple[str, str]:
     if error["type"] == "missing":
         return field, f"{field} is required"
     message = str(error["msg"]).removeprefix("Value error, ")
-    return field, f"{field}={error.get('input')!r}: {message}"
+    return field, f"{field}={clip(repr(error.get('input')), 200)}: {message}"
 
 
 def validation_error(exc: pydantic.ValidationError, what: str) -> ValidationError:
@@ -198,8 +220,18 @@ class UsageEvent(_Model):
     dimensions: dict[str, str] = {}
 
 
+MAX_WINDOWS = 10_000
+"""Windows one usage query may span (a year of hours is 8,760): checked before any work."""
+
+MAX_ROWS = 100_000
+"""Rows one usage answer may hold (windows x groups); a provider refuses a query past it."""
+
+_WINDOW_WIDTH = {"hour": timedelta(hours=1), "day": timedelta(days=1), "month": timedelta(days=28)}
+
+
 class UsageQuery(_Model):
-    """What `fetch_usage` asks for: `start` inclusive, `end` exclusive."""
+    """What `fetch_usage` asks for: `start` inclusive, `end` exclusive; at most
+    `MAX_WINDOWS` windows."""
 
     meter_id: Identifier
     customer_id: Identifier | None = None
@@ -208,6 +240,20 @@ class UsageQuery(_Model):
     window: Window | None = None
     group_by: tuple[str, ...] = ()
     tz: TimeZoneName = "UTC"
+
+    @field_validator("window")
+    @classmethod
+    def _bounded(cls, window: Window | None, info: ValidationInfo) -> Window | None:
+        start, end = info.data.get("start"), info.data.get("end")
+        if window is None or start is None or end is None:
+            return window
+        windows = (end - start) // _WINDOW_WIDTH[window.value] + 2  # a bound, never less
+        if windows > MAX_WINDOWS:
+            raise ValueError(
+                f"{start.isoformat()} to {end.isoformat()} spans up to {windows} {window.value} "
+                f"windows; at most {MAX_WINDOWS} per query: narrow the range or widen the window"
+            )
+        return window
 
     @model_validator(mode="after")
     def _check_range(self) -> Self:
@@ -232,6 +278,17 @@ class UsageRow(_Model):
     customer_id: str | None = None
     dimensions: dict[str, str] = {}
     value: Decimal
+
+
+def too_many_rows(query: UsageQuery) -> ValidationError:
+    """The refusal of a query whose answer would pass `MAX_ROWS`."""
+    return ValidationError(
+        f"the usage of meter {query.meter_id!r} from {query.start.isoformat()} to "
+        f"{query.end.isoformat()} by window={query.window} and group_by={list(query.group_by)!r} "
+        f"has more than {MAX_ROWS} rows (MAX_ROWS): narrow the range, the windows or the groups",
+        field="group_by",
+        value=list(query.group_by),
+    )
 
 
 class Usage(_Model):

@@ -21,7 +21,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
     wait_exponential_jitter,
 )
 
@@ -41,12 +40,49 @@ __all__ = ["Pipeline"]
 
 logger = logging.getLogger("metering")
 
-MAX_BACKOFF = 30.0
+MAX_BACKOFF = 10.0
 DEFAULT_BATCH_SIZE = 100
+ASK_LIMIT_EVERY = 5.0
+"""Seconds between asking a provider that could not state its batch size."""
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, TimeoutError) or (isinstance(exc, ProviderError) and exc.retryable)
+    return isinstance(exc, TimeoutError | _Unreported) or (
+        isinstance(exc, ProviderError) and exc.retryable
+    )
+
+
+class _Unreported(Exception):
+    """The provider answered without accounting for some ids of the batch."""
+
+    def __init__(self, provider: str, count: int) -> None:
+        super().__init__(f"provider {provider!r} left {count} id(s) of the batch out of its answer")
+
+
+def _account(
+    batch: Sequence[UsageEvent], answer: IngestResult
+) -> tuple[IngestResult, list[UsageEvent]]:
+    """What the answer says of each event of the batch, once per event (an id sent twice
+    in one batch is one accepted and one duplicate), ignoring ids not in the batch; and
+    the events it left out."""
+    verdicts: dict[str, list[bool]] = {event.id: [] for event in batch}  # True: accepted
+    for event_id in answer.accepted:
+        if event_id in verdicts:
+            verdicts[event_id].append(True)
+    for event_id in answer.duplicates:
+        if event_id in verdicts:
+            verdicts[event_id].append(False)
+    accounted = IngestResult()
+    missing: list[UsageEvent] = []
+    for event in batch:
+        said = verdicts[event.id]
+        if said:
+            (accounted.accepted if said.pop(0) else accounted.duplicates).append(event.id)
+        elif event.id in answer.rejected:
+            accounted.rejected[event.id] = answer.rejected[event.id] or "rejected, no reason given"
+        else:
+            missing.append(event)
+    return accounted, missing
 
 
 class _Backoff:
@@ -112,6 +148,8 @@ class Pipeline:
         self._slots: asyncio.Semaphore | None = None
         self._progress: asyncio.Condition | None = None
         self._failure: BaseException | None = None
+        self._batch_limit: int | None = None
+        self._ask_limit_after = 0.0
         if self._spool is not None:
             self._enqueue(self._spool.pending())
 
@@ -207,7 +245,7 @@ class Pipeline:
                 self._wake.clear()
                 self._wake_pending = False
                 while self._buffer:
-                    size = self._batch_size()
+                    size = await self._batch_size()
                     if (
                         len(self._buffer) < size
                         and not self._flushing
@@ -225,19 +263,27 @@ class Pipeline:
             self._failure = exc
             raise
 
-    def _batch_size(self) -> int:
-        """The provider's batch limit; while it cannot say (the HTTP provider asks its service,
-        which may be down), a modest default, and delivery's retries wait out the outage."""
-        try:
-            return self._provider.capabilities.max_batch_size
-        except MeteringError:
-            return DEFAULT_BATCH_SIZE
+    async def _batch_size(self) -> int:
+        """The provider's batch limit. While it cannot say (the HTTP provider asks its
+        service, which may be down), a modest default, asked again at most every few
+        seconds: ingestion never waits for the provider, delivery's retries do."""
+        if self._batch_limit is None and time.monotonic() >= self._ask_limit_after:
+            try:
+                capabilities = await asyncio.wait_for(
+                    self._provider.load_capabilities(), self._settings.delivery_timeout
+                )
+                self._batch_limit = capabilities.max_batch_size
+            except (MeteringError, TimeoutError):
+                self._ask_limit_after = time.monotonic() + ASK_LIMIT_EVERY
+        return self._batch_limit or DEFAULT_BATCH_SIZE
 
     async def _deliver(self, batch: list[UsageEvent]) -> None:
         assert self._slots is not None
         try:
             result = await self._settle(batch)
             self._record(batch, result)
+        except asyncio.CancelledError:
+            raise  # closing: the batch stays in the spool (or was never acknowledged durably)
         except BaseException as exc:
             self._failure = self._failure or exc
             raise
@@ -246,40 +292,51 @@ class Pipeline:
             await self._completed_batch(len(batch))
 
     async def _settle(self, batch: list[UsageEvent]) -> IngestResult:
-        """Deliver with retries; split a batch that fails for good; report every id."""
+        """Deliver with retries until the provider has answered for every id; split a batch
+        that is refused for good; report every id exactly once.
+
+        Ids an answer leaves out are sent again (alone) on the next attempt. With a spool,
+        retryable failures never end: the events are durable and wait out any outage.
+        """
+        settled = IngestResult()
+        pending = batch
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_retryable),
-                stop=stop_after_attempt(self._settings.max_attempts),
+                stop=self._stop,
                 wait=_Backoff(self._settings.retry_backoff),
                 reraise=True,
             ):
                 with attempt:
-                    result = await asyncio.wait_for(
-                        self._provider.ingest_usage_events(batch), self._settings.delivery_timeout
+                    answer = await asyncio.wait_for(
+                        self._provider.ingest_usage_events(pending),
+                        self._settings.delivery_timeout,
                     )
+                    answered, pending = _account(pending, answer)
+                    settled = settled.merge(answered)
+                    if pending:
+                        raise _Unreported(self._provider.name, len(pending))
         except Exception as exc:
-            if len(batch) > 1 and isinstance(exc, ValidationError):
+            if len(pending) > 1 and isinstance(exc, ValidationError):
                 # Only a refused event can sink a batch: halve until it stands alone. Other
                 # failures (a bad key, an unsupported call) would fail every half alike.
-                middle = len(batch) // 2
-                return (await self._settle(batch[:middle])).merge(
-                    await self._settle(batch[middle:])
-                )
+                middle = len(pending) // 2
+                first = await self._settle(pending[:middle])
+                return settled.merge(first).merge(await self._settle(pending[middle:]))
             reason = f"{type(exc).__name__}: {exc}"
             if _retryable(exc):
                 reason = f"gave up after {self._settings.max_attempts} attempts: {reason}"
-            return IngestResult(rejected={event.id: reason for event in batch})
-        return self._complete(batch, result)
+            return settled.merge(IngestResult(rejected={event.id: reason for event in pending}))
+        return settled
 
-    def _complete(self, batch: list[UsageEvent], result: IngestResult) -> IngestResult:
-        """Any id the provider left out of its result is reported, never silently lost."""
-        if len(result.accepted) + len(result.duplicates) + len(result.rejected) >= len(batch):
-            return result
-        seen = {*result.accepted, *result.duplicates, *result.rejected}
-        reason = f"provider {self._provider.name!r} did not report this event"
-        missing = {event.id: reason for event in batch if event.id not in seen}
-        return result.merge(IngestResult(rejected=missing)) if missing else result
+    def _stop(self, state: RetryCallState) -> bool:
+        """Stop after `max_attempts`; with a spool, only for a provider that keeps leaving
+        ids out of its answers: outages and rate limits are waited out."""
+        if state.attempt_number < self._settings.max_attempts:
+            return False
+        if self._spool is None or state.outcome is None:
+            return True
+        return isinstance(state.outcome.exception(), _Unreported)
 
     def _record(self, batch: list[UsageEvent], result: IngestResult) -> None:
         if self._spool is not None:
@@ -332,12 +389,34 @@ class Pipeline:
             )
 
     async def aclose(self) -> IngestResult:
-        """Deliver what is queued, stop the batching task, and report."""
-        report = await self.flush()
-        if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
-            self._runner = None
-        if self._spool is not None:
-            self._spool.close()
+        """Deliver what is queued, stop the batching task, and report.
+
+        With a spool, an outage cannot hold the caller: after `delivery_timeout` the
+        undelivered events stay committed in the spool for the next process to deliver.
+        """
+        try:
+            if self._spool is None:
+                report = await self.flush()
+            else:
+                try:
+                    report = await self.flush(self._settings.delivery_timeout)
+                except TimeoutError:
+                    report = self._report.take()
+                    logger.warning(
+                        "closing with %d event(s) undelivered; they stay in the spool %s "
+                        "and are delivered when it is opened again",
+                        self._submitted - self._completed,
+                        self._spool.path,
+                    )
+        finally:
+            await self._stop_tasks()
+            if self._spool is not None:
+                self._spool.close()
         return report
+
+    async def _stop_tasks(self) -> None:
+        tasks = [*self._in_flight, *([self._runner] if self._runner is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._runner = None

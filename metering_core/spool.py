@@ -7,7 +7,9 @@ next process opens the spool; event ids make that redelivery harmless.
 
 Durability: WAL with synchronous=NORMAL survives a crash of the process (SIGKILL
 included), not the loss of the machine's power. One process per spool file: a second one
-gets `ConfigurationError`.
+gets `ConfigurationError`, as does a spool that cannot be opened (corrupt, unreadable,
+read-only), naming the path and the cause and leaving no lock behind. A row that can no
+longer be read as an event becomes a dead letter; it does not block the others.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from metering_core.errors import ConfigurationError
+from metering_core.errors import ConfigurationError, MeteringError
 from metering_core.models import IngestResult, UsageEvent
 
 __all__ = ["DeadLetter", "Spool"]
@@ -36,16 +38,29 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 
 class DeadLetter:
-    """An event the provider rejected for good, with the reason."""
+    """An event the provider rejected for good, with the reason; or a spool row that could
+    no longer be read as an event (`event` is None, `raw` holds what was stored)."""
 
-    __slots__ = ("event", "reason")
+    __slots__ = ("event", "id", "raw", "reason")
 
-    def __init__(self, event: UsageEvent, reason: str) -> None:
+    def __init__(
+        self, event: UsageEvent | None, reason: str, *, id: str | None = None, raw: str = ""
+    ) -> None:
         self.event = event
         self.reason = reason
+        self.id = event.id if event is not None else (id or "")
+        self.raw = raw
 
     def __repr__(self) -> str:
-        return f"DeadLetter(id={self.event.id!r}, reason={self.reason!r})"
+        return f"DeadLetter(id={self.id!r}, reason={self.reason!r})"
+
+
+def _read(text: str) -> UsageEvent | str:
+    """The event a row holds, or why it cannot be read."""
+    try:
+        return UsageEvent.model_validate_json(text)
+    except (MeteringError, ValueError) as exc:
+        return f"unreadable spool row: {exc}"
 
 
 class Spool:
@@ -56,16 +71,32 @@ class Spool:
         if not self.path.parent.is_dir():
             raise ConfigurationError(f"spool_path={str(self.path)!r}: its folder does not exist")
         self._lock_file = self._lock_exclusively(self.path)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._mutex = threading.Lock()
-        with self._mutex:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                self._db.execute("SELECT count(*) FROM outbox").fetchone()
+            except BaseException:
+                self._db.close()
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            os.close(self._lock_file)  # a spool that failed to open holds no lock
+            raise ConfigurationError(
+                f"spool_path={str(self.path)!r} cannot be opened: {type(exc).__name__}: {exc}"
+            ) from exc
 
     @staticmethod
     def _lock_exclusively(path: Path) -> int:
-        descriptor = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            descriptor = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"spool_path={str(path)!r} cannot be opened: its lock file {path!s}.lock: "
+                f"{type(exc).__name__}: {exc.strerror}"
+            ) from exc
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -84,10 +115,29 @@ class Spool:
             self._db.execute("COMMIT")
 
     def pending(self) -> list[UsageEvent]:
-        """Events still waiting for delivery, in the order they were committed."""
+        """Events still waiting for delivery, in the order they were committed; a row that
+        cannot be read moves to the dead letters with the reason, in the same transaction."""
         with self._mutex:
-            rows = self._db.execute("SELECT event FROM outbox ORDER BY seq").fetchall()
-        return [UsageEvent.model_validate_json(event) for (event,) in rows]
+            rows = self._db.execute("SELECT seq, id, event FROM outbox ORDER BY seq").fetchall()
+            events: list[UsageEvent] = []
+            unreadable: list[tuple[int, str, str, str]] = []
+            for seq, event_id, text in rows:
+                event = _read(text)
+                if isinstance(event, str):
+                    unreadable.append((seq, event_id, text, event))
+                else:
+                    events.append(event)
+            if unreadable:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO dead_letters (id, event, reason) VALUES (?, ?, ?)",
+                    [(event_id, text, reason) for _, event_id, text, reason in unreadable],
+                )
+                self._db.executemany(
+                    "DELETE FROM outbox WHERE seq = ?", [(seq,) for seq, *_ in unreadable]
+                )
+                self._db.execute("COMMIT")
+        return events
 
     def settle(self, batch: Sequence[UsageEvent], result: IngestResult) -> None:
         """Remove delivered events; move rejected ones, with their reasons, to dead letters."""
@@ -110,17 +160,23 @@ class Spool:
         """Events the provider rejected for good."""
         with self._mutex:
             rows = self._db.execute(
-                "SELECT event, reason FROM dead_letters ORDER BY rowid"
+                "SELECT id, event, reason FROM dead_letters ORDER BY rowid"
             ).fetchall()
-        return [DeadLetter(UsageEvent.model_validate_json(event), reason) for event, reason in rows]
+        letters = []
+        for event_id, text, reason in rows:
+            event = _read(text)
+            readable = event if isinstance(event, UsageEvent) else None
+            letters.append(DeadLetter(readable, reason, id=event_id, raw=text))
+        return letters
 
     def requeue_dead_letters(self, ids: Sequence[str] | None = None) -> list[UsageEvent]:
         """Move dead letters (all, or these ids) back to the outbox in one transaction, so a
-        crash leaves each event in exactly one of the two tables; returns them to deliver."""
+        crash leaves each event in exactly one of the two tables; returns them to deliver.
+        Rows that cannot be read as events stay where they are."""
         with self._mutex:
             self._db.execute("BEGIN")
             if ids is None:
-                rows = self._db.execute(
+                listed = self._db.execute(
                     "SELECT id, event FROM dead_letters ORDER BY rowid"
                 ).fetchall()
             else:
@@ -128,7 +184,8 @@ class Spool:
                     self._db.execute("SELECT id, event FROM dead_letters WHERE id = ?", (i,))
                     for i in ids
                 )
-                rows = [row for cursor in found for row in cursor]
+                listed = [row for cursor in found for row in cursor]
+            rows = [(i, text) for i, text in listed if not isinstance(_read(text), str)]
             self._db.executemany("INSERT INTO outbox (id, event) VALUES (?, ?)", rows)
             self._db.executemany(
                 "DELETE FROM dead_letters WHERE id = ?", [(event_id,) for event_id, _ in rows]

@@ -234,7 +234,13 @@ def serve(
     from metering_core.server import serve as run_service
 
     service = AsyncMetering(Options.provider, config_file=Options.config)
-    run_service(service, host=host, port=port, allow_anonymous=allow_anonymous)
+    run_service(
+        service,
+        host=host,
+        port=port,
+        allow_anonymous=allow_anonymous,
+        config_file=Options.config,
+    )
 
 
 @app.command("demo")

@@ -18,6 +18,7 @@ reads only the events of its range. Semantics every provider is measured against
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import itertools
@@ -36,6 +37,7 @@ from metering_core.interface import BaseProvider, Capabilities
 from metering_core.memory.aggregate import Bucket, fold
 from metering_core.memory.store import Series, epoch_micros
 from metering_core.models import (
+    MAX_ROWS,
     Aggregation,
     CancelResult,
     Customer,
@@ -49,6 +51,7 @@ from metering_core.models import (
     UsageEvent,
     UsageQuery,
     UsageRow,
+    too_many_rows,
 )
 from metering_core.windows import window_bounds
 
@@ -214,6 +217,11 @@ class MemoryProvider(BaseProvider):
         return None
 
     async def fetch_usage(self, query: UsageQuery) -> Usage:
+        # CPU-bound and bounded (MAX_WINDOWS, MAX_ROWS): run off the event loop, so one
+        # large query cannot delay a service's other requests.
+        return await asyncio.to_thread(self._usage, query)
+
+    def _usage(self, query: UsageQuery) -> Usage:
         with self._lock:
             stored = self._stored(query.meter_id)
             meter = stored.meter
@@ -310,6 +318,8 @@ def _rows(meter: Meter, query: UsageQuery, series_list: list[Series]) -> list[Us
             values = [v for v in series.values[span.start : span.stop] if v is not None]
             if values:
                 buckets.setdefault((window, customer, ()), Bucket()).values.extend(values)
+        if len(buckets) > MAX_ROWS:
+            raise too_many_rows(query)
     # Rows are built from values this provider validated on the way in: no second validation.
     return [
         UsageRow.model_construct(

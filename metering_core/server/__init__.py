@@ -2,22 +2,23 @@
 
 `create_app(metering, keys=...)` returns a FastAPI app. Clients send
 `Authorization: Bearer <key>`; each key has scopes and may be bound to one tenant, whose
-usage is then the only usage it can write, read or cancel. `POST /usage` delivers before
+usage is then the only usage it can write, read or cancel, in that tenant's own space of
+event ids. `POST /usage` delivers before
 it answers and reports each event, so the client (which keeps the queue and the retries)
 knows what became of every id. Errors share one shape: `{"error": {"type", "message", "field"?}}`.
 """
 
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Response
 
 from metering_core.client import AsyncMetering
 from metering_core.config import ApiKey, Scope
-from metering_core.errors import ConfigurationError, ValidationError
+from metering_core.errors import ERROR_TYPES, ConfigurationError, ValidationError
 from metering_core.events import parse_event
 from metering_core.interface import Capabilities
 from metering_core.models import (
@@ -35,13 +36,11 @@ from metering_core.models import (
     Window,
 )
 from metering_core.server.auth import Credentials, Keys, Principal
-from metering_core.server.errors import ERROR_TYPES, Forbidden, install_error_handlers
+from metering_core.server.errors import Forbidden, install_error_handlers
 from metering_core.server.schemas import CancelRequest, Health, UsageBatch
+from metering_core.server.settings import configured_keys
 
 __all__ = ["ERROR_TYPES", "create_app", "serve"]
-
-OWNERS_REMEMBERED = 1_000_000
-"""Event ids whose tenant the service remembers, so tenant keys can cancel their own events."""
 
 
 def create_app(
@@ -49,6 +48,7 @@ def create_app(
     *,
     keys: Mapping[Any, ApiKey | Mapping[str, Any]] | None = None,
     allow_anonymous: bool = False,
+    config_file: Path | str | None = None,
 ) -> FastAPI:
     """The REST service over `metering` (built from configuration when omitted).
 
@@ -57,27 +57,27 @@ def create_app(
     no keys at all the service refuses to start unless `allow_anonymous=True`, which grants
     every scope to every caller (for a trusted local network only).
     """
-    service = metering or AsyncMetering()
-    gate = Keys(keys if keys is not None else service.settings.keys)
+    gate = Keys(keys if keys is not None else configured_keys(config_file))
     if not gate and not allow_anonymous:
         raise ConfigurationError(
             "no API keys configured for the REST service: pass keys=..., set METERING_KEYS, "
             "or allow_anonymous=True for a trusted local network"
         )
+    service = metering or AsyncMetering(config_file=config_file)
     require = gate.require
-    owners: OrderedDict[str, str] = OrderedDict()
 
-    async def deliver(events: list[UsageEvent]) -> IngestResult:
-        """Deliver now and remember who first sent each accepted id: a duplicate sent
-        under another tenant must not make that tenant its owner (and able to cancel it)."""
-        result = await service.deliver_usage_events(events)
-        accepted = set(result.accepted)
-        for event in events:
-            if event.id in accepted and event.id not in owners:
-                owners[event.id] = event.customer_id
-        while len(owners) > OWNERS_REMEMBERED:
-            owners.popitem(last=False)
-        return result
+    async def within_batch_limit(field: str, count: int) -> None:
+        limit = (await service.load_capabilities()).max_batch_size
+        if count > limit:
+            raise ValidationError(
+                f"{field}: {count} exceed max_batch_size={limit}", field=field, value=count
+            )
+
+    async def deliver(principal: Principal, events: Sequence[UsageEvent]) -> IngestResult:
+        """Deliver now, in the caller's id space, and answer per id as the caller sent it."""
+        stored, sent = principal.outgoing(events)
+        await within_batch_limit("events", len(stored))
+        return principal.ingest_answer(await service.deliver_usage_events(stored), sent)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -95,7 +95,7 @@ def create_app(
     async def capabilities(credentials: Credentials) -> Capabilities:
         """Any valid key may read them: a client needs them to send usage at all."""
         gate.authenticate(credentials)
-        return service.capabilities
+        return await service.load_capabilities()
 
     @app.post("/meters", status_code=201, dependencies=[Depends(require("meters:write"))])
     async def create_meter(meter: MeterCreate) -> Meter:
@@ -126,16 +126,7 @@ def create_app(
     async def ingest(
         batch: UsageBatch, principal: Annotated[Principal, Depends(require("usage:write"))]
     ) -> IngestResult:
-        for event in batch.events:
-            principal.own_tenant(event.customer_id, "write usage for")
-        limit = service.capabilities.max_batch_size
-        if len(batch.events) > limit:
-            raise ValidationError(
-                f"events: {len(batch.events)} events exceed max_batch_size={limit}",
-                field="events",
-                value=len(batch.events),
-            )
-        return await deliver(batch.events)
+        return await deliver(principal, batch.events)
 
     @app.get("/usage/{meter_id}")
     async def fetch_usage(
@@ -166,21 +157,11 @@ def create_app(
     async def cancel(
         request: CancelRequest, principal: Annotated[Principal, Depends(require("usage:write"))]
     ) -> CancelResult:
-        limit = service.capabilities.max_batch_size
-        if len(request.event_ids) > limit:
-            raise ValidationError(
-                f"event_ids: {len(request.event_ids)} ids exceed max_batch_size={limit}",
-                field="event_ids",
-                value=len(request.event_ids),
-            )
-        if principal.tenant is not None:
-            foreign = [i for i in request.event_ids if owners.get(i) != principal.tenant]
-            if foreign:
-                raise Forbidden(
-                    f"this key is bound to tenant {principal.tenant!r} and cannot cancel "
-                    f"events it did not send through this service: {foreign[:10]!r}"
-                )
-        return await service.cancel_usage_events(request.event_ids, event_name=request.event_name)
+        """A tenant-bound key names ids in its own space, so it can cancel only what it sent."""
+        await within_batch_limit("event_ids", len(request.event_ids))
+        sent = {principal.stored_id(i): i for i in request.event_ids}
+        result = await service.cancel_usage_events(list(sent), event_name=request.event_name)
+        return principal.cancel_answer(result, sent if principal.tenant is not None else {})
 
     @app.post("/events")
     async def handle_event(
@@ -194,9 +175,7 @@ def create_app(
         if scope not in principal.scopes:
             raise Forbidden(f"this key lacks the scope {scope!r}")
         if parsed.kind == "ingest":
-            for event in parsed.usage:
-                principal.own_tenant(event.customer_id, "write usage for")
-            return await deliver(parsed.usage)
+            return await deliver(principal, parsed.usage)
         if parsed.customer is not None:
             principal.own_tenant(parsed.customer.id, "create customer")
             return await service.create_customer(parsed.customer)
@@ -230,6 +209,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     allow_anonymous: bool = False,
+    config_file: Path | str | None = None,
 ) -> None:
     """Run the service with uvicorn until stopped; loopback unless told otherwise."""
     import uvicorn
@@ -237,6 +217,6 @@ def serve(
     app = (
         app_or_metering
         if isinstance(app_or_metering, FastAPI)
-        else create_app(app_or_metering, allow_anonymous=allow_anonymous)
+        else create_app(app_or_metering, allow_anonymous=allow_anonymous, config_file=config_file)
     )
     uvicorn.run(app, host=host, port=port)

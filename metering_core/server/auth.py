@@ -1,14 +1,16 @@
-"""API keys: who is calling, with which scopes, bound to which tenant."""
+"""API keys: who is calling, with which scopes, bound to which tenant; and the tenant's
+own space of event ids."""
 
 import hashlib
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, get_args
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from metering_core.config import ApiKey, Scope
+from metering_core.models import CancelResult, IngestResult, UsageEvent
 from metering_core.server.errors import Forbidden
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
@@ -18,6 +20,11 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(
 def _digest(key: str) -> bytes:
     """Keys are compared by SHA-256, so every comparison has the same length and cost."""
     return hashlib.sha256(key.encode()).digest()
+
+
+def _as_sent(stored: str, reason: str, sent: Mapping[str, str]) -> str:
+    """A provider's reason, naming the id as the caller sent it."""
+    return reason.replace(stored, sent.get(stored, stored))
 
 
 class Principal:
@@ -33,6 +40,58 @@ class Principal:
             raise Forbidden(
                 f"this key is bound to tenant {self.tenant!r} and cannot {what} {customer_id!r}"
             )
+
+    def stored_id(self, event_id: str) -> str:
+        """The id the provider holds for an id this caller sent. A tenant-bound key's ids
+        live in its tenant's own space: the same id from two tenants is two events, and
+        no tenant can learn, suppress or cancel another's. Keys with no tenant act for
+        every tenant and use ids as sent."""
+        if self.tenant is None:
+            return event_id
+        spaced = f"{len(self.tenant)}:{self.tenant}:{event_id}".encode()
+        return "tenant-" + hashlib.sha256(spaced).hexdigest()[:48]
+
+    def outgoing(self, events: Sequence[UsageEvent]) -> tuple[list[UsageEvent], dict[str, str]]:
+        """Events as the provider will hold them, checked for this caller, and a map back
+        from stored ids to the ids sent. A tenant-bound key writes only its tenant's usage
+        and cannot lower it (no negative values)."""
+        if self.tenant is None:
+            return list(events), {}
+        stored: list[UsageEvent] = []
+        sent: dict[str, str] = {}
+        for index, event in enumerate(events):
+            self.own_tenant(event.customer_id, "write usage for")
+            if event.value < 0:
+                raise Forbidden(
+                    f"this key is bound to tenant {self.tenant!r} and cannot lower its usage: "
+                    f"events[{index}].value={event.value}"
+                )
+            stored_id = self.stored_id(event.id)
+            sent[stored_id] = event.id
+            stored.append(event.model_copy(update={"id": stored_id}))
+        return stored, sent
+
+    @staticmethod
+    def ingest_answer(result: IngestResult, sent: Mapping[str, str]) -> IngestResult:
+        """The provider's answer in the ids the caller sent."""
+        if not sent:
+            return result
+        return IngestResult(
+            accepted=[sent.get(i, i) for i in result.accepted],
+            duplicates=[sent.get(i, i) for i in result.duplicates],
+            rejected={sent.get(i, i): _as_sent(i, why, sent) for i, why in result.rejected.items()},
+        )
+
+    @staticmethod
+    def cancel_answer(result: CancelResult, sent: Mapping[str, str]) -> CancelResult:
+        """The provider's answer in the ids the caller sent (reasons included)."""
+        if not sent:
+            return result
+        return CancelResult(
+            cancelled=[sent.get(i, i) for i in result.cancelled],
+            not_found=[sent.get(i, i) for i in result.not_found],
+            rejected={sent.get(i, i): _as_sent(i, why, sent) for i, why in result.rejected.items()},
+        )
 
 
 class Keys:

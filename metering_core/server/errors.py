@@ -1,5 +1,11 @@
-"""One error shape for every answer: `{"error": {"type", "message", "field"?}}`."""
+"""One error shape for every answer: `{"error": {"type", "message", "field"?}}`.
 
+Types and statuses come from the core's one table (`metering_core.errors.ERROR_TYPES`),
+which the HTTP provider maps back. Nothing leaves as a plain-text 500: an unexpected
+failure is logged here and answered in the same shape.
+"""
+
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -7,35 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from metering_core.errors import (
-    AuthenticationError,
-    ConfigurationError,
-    ConflictError,
-    MeteringError,
-    NotFoundError,
-    ProviderError,
-    ProviderUnavailableError,
-    QueueFullError,
-    RateLimitedError,
-    UnsupportedOperationError,
-    ValidationError,
-)
+from metering_core.errors import MeteringError, RateLimitedError, ValidationError, clip, wire_type
 from metering_core.models import describe_error
 
-ERROR_TYPES: dict[type[MeteringError], tuple[str, int]] = {
-    ValidationError: ("validation_error", 422),
-    UnsupportedOperationError: ("unsupported_operation", 400),
-    NotFoundError: ("not_found", 404),
-    ConflictError: ("conflict", 409),
-    RateLimitedError: ("rate_limited", 429),
-    QueueFullError: ("queue_full", 503),
-    ProviderUnavailableError: ("provider_unavailable", 503),
-    AuthenticationError: ("provider_authentication", 502),
-    ProviderError: ("provider_error", 502),
-    ConfigurationError: ("configuration_error", 500),
-    MeteringError: ("metering_error", 500),
-}
-"""Error type names and statuses, most specific first; the HTTP provider maps them back."""
+logger = logging.getLogger("metering.server")
 
 
 class Forbidden(Exception):
@@ -49,7 +30,7 @@ class Forbidden(Exception):
 def _error(
     kind: str, message: str, status_code: int, field: str | None = None, **headers: str
 ) -> JSONResponse:
-    body: dict[str, Any] = {"type": kind, "message": message}
+    body: dict[str, Any] = {"type": kind, "message": clip(message)}
     if field is not None:
         body["field"] = field
     return JSONResponse({"error": body}, status_code=status_code, headers=headers or None)
@@ -57,7 +38,7 @@ def _error(
 
 def _metering_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, MeteringError)
-    kind, status_code = next(v for t, v in ERROR_TYPES.items() if isinstance(exc, t))
+    kind, status_code = wire_type(exc)
     headers = {}
     if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
@@ -77,8 +58,11 @@ def _request_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
-    """Unknown routes and methods (404, 405) answer in the one error shape too."""
+    """Unknown routes (404) and methods (405) answer in the one error shape too; a body
+    that cannot be parsed (400) is a validation error of the body, like any other."""
     assert isinstance(exc, HTTPException)
+    if exc.status_code == 400:
+        return _error("validation_error", f"invalid request body: {exc.detail}", 422, "body")
     kind = "not_found" if exc.status_code == 404 else "http_error"
     return _error(kind, str(exc.detail), exc.status_code, **(exc.headers or {}))
 
@@ -90,8 +74,15 @@ def _forbidden(_: Request, exc: Exception) -> JSONResponse:
     return _error(kind, str(exc), exc.status_code, **headers)
 
 
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A failure nothing foresaw: logged with its traceback, answered without its text."""
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error("internal_error", "the service failed unexpectedly; it is logged", 500)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(MeteringError, _metering_error)
     app.add_exception_handler(RequestValidationError, _request_error)
     app.add_exception_handler(Forbidden, _forbidden)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -163,7 +163,9 @@ def test_serve_without_keys_is_exit_2_and_binds_loopback_by_default(
         "metering_core.server.serve", lambda service, **options: calls.append(options)
     )
     assert metering("serve", "--allow-anonymous")[0] == 0
-    assert calls == [{"host": "127.0.0.1", "port": 8000, "allow_anonymous": True}]
+    assert calls == [
+        {"host": "127.0.0.1", "port": 8000, "allow_anonymous": True, "config_file": None}
+    ]
 
 
 def test_a_rejected_backfill_row_fails_the_command(shared: MemoryProvider, tmp_path: Path) -> None:

@@ -89,9 +89,9 @@ def test_a_tenant_key_cancels_only_events_its_tenant_sent(
         "/usage", json={"events": [event("g1", "globex")]}, headers=ADMIN
     ).raise_for_status()
     client.post("/usage", json={"events": [event("a1", "acme")]}, headers=ACME).raise_for_status()
+    # In acme's own id space there is no "g1": nothing to cancel, and nothing learned.
     refused = client.request("DELETE", "/usage", json={"event_ids": ["g1"]}, headers=ACME)
-    assert refused.status_code == 403
-    assert "g1" in error_of(refused)["message"]
+    assert refused.json() == {"cancelled": [], "not_found": ["g1"], "rejected": {}}
     done = client.request("DELETE", "/usage", json={"event_ids": ["a1"]}, headers=ACME)
     assert done.json()["cancelled"] == ["a1"]
     total = client.get(f"/usage/{meter_id}", params=RANGE, headers=ADMIN).json()["rows"]
@@ -168,17 +168,40 @@ def test_any_valid_key_reads_capabilities_but_no_anonymous_caller(client: TestCl
     assert client.get("/capabilities").status_code == 401
 
 
-def test_resending_another_tenants_event_id_does_not_make_it_yours(
+def test_the_same_id_from_two_tenants_is_two_events_and_neither_learns_of_the_other(
     client: TestClient, meter_id: str
 ) -> None:
     globex = {"Authorization": "Bearer globex"}
-    client.post("/usage", json={"events": [event("g1", "globex")]}, headers=globex)
-    replay = client.post("/usage", json={"events": [event("g1", "acme")]}, headers=ACME)
-    assert replay.json()["duplicates"] == ["g1"]
-    stolen = client.request("DELETE", "/usage", json={"event_ids": ["g1"]}, headers=ACME)
-    assert stolen.status_code == 403
-    own = client.request("DELETE", "/usage", json={"event_ids": ["g1"]}, headers=globex)
-    assert own.json()["cancelled"] == ["g1"]
+    first = client.post("/usage", json={"events": [event("order-42", "globex")]}, headers=globex)
+    assert first.json()["accepted"] == ["order-42"]
+    later = {**event("order-42", "acme"), "value": 1000}
+    answer = client.post("/usage", json={"events": [later]}, headers=ACME)
+    assert answer.json() == {"accepted": ["order-42"], "duplicates": [], "rejected": {}}
+    again = client.post("/usage", json={"events": [later]}, headers=ACME)
+    assert again.json()["duplicates"] == ["order-42"]  # a resend in its own space: no charge
+
+    def total(customer: str) -> str:
+        params = {**RANGE, "customer_id": customer}
+        rows = client.get(f"/usage/{meter_id}", params=params, headers=ADMIN).json()["rows"]
+        return str(rows[0]["value"]) if rows else "0"
+
+    assert (total("acme"), total("globex")) == ("1000", "1")
+    mine = client.request("DELETE", "/usage", json={"event_ids": ["order-42"]}, headers=ACME)
+    assert mine.json()["cancelled"] == ["order-42"]
+    assert (total("acme"), total("globex")) == ("0", "1")  # globex's order-42 untouched
+
+
+def test_a_tenant_key_cannot_lower_its_own_usage(client: TestClient, meter_id: str) -> None:
+    client.post("/usage", json={"events": [event("a1", "acme")]}, headers=ACME).raise_for_status()
+    lowered = {**event("a2", "acme"), "value": -5000}
+    refused = client.post("/usage", json={"events": [lowered]}, headers=ACME)
+    assert refused.status_code == 403
+    assert "events[0].value=-5000" in error_of(refused)["message"]
+    params = {**RANGE, "customer_id": "acme"}
+    rows = client.get(f"/usage/{meter_id}", params=params, headers=ADMIN).json()["rows"]
+    assert [r["value"] for r in rows] == ["1"]
+    correction = {**event("fix-1", "acme"), "value": -1}
+    assert client.post("/usage", json={"events": [correction]}, headers=ADMIN).status_code == 200
 
 
 def test_a_tenant_key_cancels_usage_it_sent_as_an_event_bus_message(

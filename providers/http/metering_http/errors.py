@@ -1,20 +1,10 @@
-"""HTTP answers and transport failures, as the core's exceptions."""
+"""HTTP answers and transport failures, as the core's exceptions (by the core's one table)."""
 
 from __future__ import annotations
 
 import httpx
 
-from metering_core.errors import (
-    AuthenticationError,
-    ConflictError,
-    MeteringError,
-    NotFoundError,
-    ProviderError,
-    ProviderUnavailableError,
-    RateLimitedError,
-    UnsupportedOperationError,
-    ValidationError,
-)
+from metering_core.errors import MeteringError, ProviderUnavailableError, error_from_wire
 
 PROVIDER = "http"
 
@@ -27,28 +17,27 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 def error_from_response(response: httpx.Response, operation: str) -> MeteringError:
-    """The exception an error answer stands for, by the service's error type and status."""
+    """The exception an error answer stands for. A body in the service's error shape gives
+    the type and message; any other body (a proxy's page, a gateway echoing headers) is
+    never copied into the message: only its status and size are."""
     try:
         body = response.json()["error"]
-        kind, message, field = body["type"], body["message"], body.get("field")
+        kind, message, field = str(body["type"]), str(body["message"]), body.get("field")
     except (ValueError, KeyError, TypeError):
-        kind, message, field = "", f"HTTP {response.status_code}: {response.text[:200]}", None
-    status = response.status_code
-    if status == 429:
-        return RateLimitedError(message, provider=PROVIDER, retry_after=_retry_after(response))
-    if kind == "unsupported_operation":
-        return UnsupportedOperationError(PROVIDER, operation, message)
-    if status in (400, 422):
-        return ValidationError(message, field=field)
-    if status in (401, 403) or kind == "provider_authentication":
-        return AuthenticationError(message, provider=PROVIDER, status_code=status)
-    if status == 404:
-        return NotFoundError(message)
-    if status == 409:
-        return ConflictError(message)
-    if status >= 500 and kind != "provider_error":
-        return ProviderUnavailableError(message, provider=PROVIDER, status_code=status)
-    return ProviderError(message, provider=PROVIDER, status_code=status)
+        kind, field = "", None
+        message = (
+            f"HTTP {response.status_code} from the metering service, not in its error shape "
+            f"({len(response.content)} bytes, not shown)"
+        )
+    return error_from_wire(
+        kind,
+        message,
+        provider=PROVIDER,
+        operation=operation,
+        status=response.status_code,
+        field=field if isinstance(field, str) else None,
+        retry_after=_retry_after(response),
+    )
 
 
 def error_from_transport(exc: httpx.TransportError) -> ProviderUnavailableError:

@@ -48,8 +48,9 @@ class HttpSettings(ProviderSettings):
 class HttpProvider(BaseProvider):
     """Speaks to a metering service (`metering serve`, or any backend of the same contract).
 
-    Its capabilities are the service's, fetched once from `GET /capabilities` on first
-    use (a short blocking request, since the facade reads capabilities synchronously).
+    Its capabilities are the service's, fetched once from `GET /capabilities` when first
+    needed, without blocking the event loop (`load_capabilities`). Ingestion never needs
+    them: the pipeline sends modest batches until the service has stated its limit.
     """
 
     name = "http"
@@ -73,6 +74,8 @@ class HttpProvider(BaseProvider):
 
     @property
     def capabilities(self) -> Capabilities:
+        """The service's capabilities; for a synchronous caller that has not loaded them
+        yet, one blocking request (never made from the event loop's own code paths)."""
         if self._capabilities is None:
             try:
                 response = httpx.get(
@@ -82,10 +85,23 @@ class HttpProvider(BaseProvider):
                 )
             except httpx.TransportError as exc:
                 raise error_from_transport(exc) from exc
-            if response.is_error:
-                raise error_from_response(response, "capabilities")
-            self._capabilities = Capabilities.model_validate_json(response.content)
+            self._capabilities = self._parse_capabilities(response)
         return self._capabilities
+
+    async def load_capabilities(self) -> Capabilities:
+        if self._capabilities is None:
+            try:
+                response = await self._client.get("/capabilities")
+            except httpx.TransportError as exc:
+                raise error_from_transport(exc) from exc
+            self._capabilities = self._parse_capabilities(response)
+        return self._capabilities
+
+    @staticmethod
+    def _parse_capabilities(response: httpx.Response) -> Capabilities:
+        if response.is_error:
+            raise error_from_response(response, "capabilities")
+        return Capabilities.model_validate_json(response.content)
 
     async def _call(
         self, operation: Operation, method: str, path: str, **kwargs: Any
@@ -154,7 +170,7 @@ class HttpProvider(BaseProvider):
         self, event_ids: Sequence[str], *, event_name: str | None = None
     ) -> CancelResult:
         """In requests of at most the service's `max_batch_size` ids, like ingestion."""
-        size = self.capabilities.max_batch_size
+        size = (await self.load_capabilities()).max_batch_size
         cancelled: list[str] = []
         not_found: list[str] = []
         rejected: dict[str, str] = {}
