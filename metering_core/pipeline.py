@@ -261,6 +261,9 @@ class Pipeline:
             raise
         except BaseException as exc:  # surfaced by flush(); never swallowed
             self._failure = exc
+            assert self._progress is not None
+            async with self._progress:
+                self._progress.notify_all()  # a waiting flush() raises instead of waiting on
             raise
 
     async def _batch_size(self) -> int:
@@ -273,7 +276,11 @@ class Pipeline:
                     self._provider.load_capabilities(), self._settings.delivery_timeout
                 )
                 self._batch_limit = capabilities.max_batch_size
-            except (MeteringError, TimeoutError):
+            except Exception as exc:  # unreachable, or a provider's bug: never fatal here
+                if not isinstance(exc, MeteringError | TimeoutError):
+                    logger.warning(
+                        "provider %r failed to state its capabilities: %r", self._provider.name, exc
+                    )
                 self._ask_limit_after = time.monotonic() + ASK_LIMIT_EVERY
         return self._batch_limit or DEFAULT_BATCH_SIZE
 

@@ -8,7 +8,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import typer
 from rich.progress import MofNCompleteColumn, Progress, ProgressColumn, Task
@@ -18,31 +18,68 @@ from metering_core.cli.app import connect, err
 from metering_core.errors import ValidationError
 from metering_core.models import UsageEvent
 
+_ERROR = "__error__"
+_EXTRA = "__extra__"
+
+
+def _utf8_problem(text: str) -> str | None:
+    """Why a line read with surrogateescape is not UTF-8, if it is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"not UTF-8: byte {text[exc.start].encode('utf-8', 'surrogateescape')!r}"
+    return None
+
+
+def _csv_rows(file: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(file, restkey=_EXTRA)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a field over the csv module's size limit
+            # line_num has not counted the failed record yet: it begins on the next line
+            yield reader.line_num + 1, {_ERROR: f"not a CSV row: {exc}"}
+            continue
+        number = reader.line_num  # where the record ends (quoted newlines count)
+        problem = _utf8_problem(json.dumps(row, ensure_ascii=False))
+        if problem is not None:
+            yield number, {_ERROR: problem}
+        elif _EXTRA in row:
+            yield number, {_ERROR: f"{len(row[_EXTRA])} more field(s) than the header names"}
+        elif None in row.values():
+            yield number, {_ERROR: "fewer fields than the header names"}
+        else:
+            dimensions = {
+                k.removeprefix("dimensions."): v
+                for k, v in row.items()
+                if k.startswith("dimensions.")
+            }
+            plain = {k: v for k, v in row.items() if not k.startswith("dimensions.") and v != ""}
+            yield number, {**plain, "dimensions": dimensions} if dimensions else plain
+
+
+def _json_rows(file: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
+    for number, line in enumerate(file, start=1):
+        if not line.strip():
+            continue
+        problem = _utf8_problem(line)
+        if problem is not None:
+            yield number, {_ERROR: problem}
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            row = {_ERROR: f"not JSON: {exc.msg}"}
+        yield number, row if isinstance(row, dict) else {_ERROR: "not a JSON object"}
+
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) from JSON Lines or CSV (by extension)."""
-    with path.open(encoding="utf-8", newline="") as file:
-        if path.suffix.lower() == ".csv":
-            reader = csv.DictReader(file)
-            for row in reader:
-                number = reader.line_num  # where the record ends (quoted newlines count)
-                dimensions = {
-                    k.removeprefix("dimensions."): v
-                    for k, v in row.items()
-                    if k.startswith("dimensions.")
-                }
-                plain = {
-                    k: v for k, v in row.items() if not k.startswith("dimensions.") and v != ""
-                }
-                yield number, {**plain, "dimensions": dimensions} if dimensions else plain
-            return
-        for number, line in enumerate(file, start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    row = {"__error__": f"not JSON: {exc.msg}"}
-                yield number, row if isinstance(row, dict) else {"__error__": "not a JSON object"}
+    """(line number, row) from JSON Lines or CSV (by extension); a row that cannot be read
+    (bad bytes, a ragged or oversized CSV record, not JSON) carries why, under `_ERROR`."""
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as file:
+        yield from _csv_rows(file) if path.suffix.lower() == ".csv" else _json_rows(file)
 
 
 BACKFILL_CHUNK = 5000
@@ -81,8 +118,8 @@ def _events(path: Path) -> Iterator[tuple[int, UsageEvent | str]]:
     """(line number, the event or why the row is bad), streaming the file."""
     seen: Counter[str] = Counter()
     for number, row in _rows(path):
-        if "__error__" in row:
-            yield number, row["__error__"]
+        if _ERROR in row:
+            yield number, row[_ERROR]
             continue
         try:
             event = UsageEvent.model_validate(row)

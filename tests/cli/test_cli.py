@@ -300,3 +300,40 @@ def test_the_readme_demo_command_runs_as_written() -> None:
     result = command(*last[1:])
     assert result.returncode == 0, result.stderr
     assert "API calls by tenant and region" in result.stdout
+
+
+def test_unreadable_backfill_rows_are_named_by_line_and_exit_2(
+    shared: MemoryProvider, tmp_path: Path
+) -> None:
+    metering("meters", "create", "api_calls")
+    rows = tmp_path / "usage.csv"
+    rows.write_bytes(
+        b"event_name,customer_id,value\n"
+        b"api_calls,t1,1,extra\n"  # 2: a column the header does not name
+        b"api_calls,t\xe91,1\n"  # 3: a Latin-1 byte
+        b"api_calls," + b"x" * 140_000 + b",1\n"  # 4: over the csv module's field limit
+        b"api_calls,t1\n"  # 5: a column short
+        b"api_calls,t1,5\n"  # 6: good
+    )
+    code, out = metering("ingest", str(rows))
+    assert code == 2
+    named = [line.split(": ", 1)[0] for line in out.splitlines()[:4]]
+    assert named == [f"{rows}:{n}" for n in (2, 3, 4, 5)]
+    assert "Traceback" not in out
+    assert shared._seen == {}
+    code, out = metering("ingest", str(rows), "--skip-invalid")
+    assert code == 0
+    assert out.strip().splitlines()[-1].startswith("accepted 1")
+
+
+def test_an_overflowing_timestamp_is_a_bad_row_not_a_crash(
+    shared: MemoryProvider, tmp_path: Path
+) -> None:
+    rows = tmp_path / "usage.jsonl"
+    rows.write_text(
+        '{"event_name": "api_calls", "customer_id": "t1", '
+        '"timestamp": "9999-12-31T23:30:00-01:00"}\n'
+    )
+    code, out = metering("ingest", str(rows))
+    assert code == 2
+    assert out.startswith(f"{rows}:1: invalid UsageEvent: timestamp=")

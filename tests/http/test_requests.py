@@ -17,6 +17,7 @@ from metering_core import (
     Capabilities,
     ConflictError,
     NotFoundError,
+    ProviderError,
     ProviderUnavailableError,
     RateLimitedError,
     UnsupportedOperationError,
@@ -124,6 +125,9 @@ def error(status: int, kind: str, message: str = "nope", **extra: object) -> htt
         (error(403, "forbidden"), AuthenticationError),
         (error(503, "provider_unavailable"), ProviderUnavailableError),
         (httpx.Response(502, text="<html>bad gateway</html>"), ProviderUnavailableError),
+        (error(500, "configuration_error"), ProviderError),
+        (error(500, "internal_error"), ProviderUnavailableError),
+        (httpx.Response(400, text="malformed"), ValidationError),
     ],
 )
 @respx.mock
@@ -133,7 +137,46 @@ async def test_error_answers_map_to_the_core_hierarchy(
     respx.get(f"{BASE}/meters/m").mock(return_value=response)
     with pytest.raises(expected) as caught:
         await provider.fetch_meter("m")
+    assert type(caught.value) is expected
     assert SECRET not in str(caught.value)
+
+
+@respx.mock
+async def test_a_misconfigured_service_is_not_retried(provider: HttpProvider) -> None:
+    from metering_core import AsyncMetering
+
+    respx.get(f"{BASE}/capabilities").respond(200, content=Capabilities().model_dump_json())
+    route = respx.post(f"{BASE}/usage").mock(
+        return_value=error(500, "configuration_error", "no STRIPE key")
+    )
+    async with AsyncMetering(provider, linger=0, retry_backoff=0.001) as m:
+        await m.ingest_usage_event(id="a", event_name="api_calls", customer_id="t1")
+        rejected = (await m.flush()).rejected
+    assert route.call_count == 1
+    assert "misconfigured: no STRIPE key" in rejected["a"]
+
+
+@respx.mock
+async def test_a_foreign_error_body_is_never_copied_into_the_message(
+    provider: HttpProvider,
+) -> None:
+    echoed = f"<pre>Authorization: Bearer sk_live_LEAKED\nX-Key: {SECRET}</pre>" + "x" * 10**6
+    respx.get(f"{BASE}/meters/m").mock(return_value=httpx.Response(502, text=echoed))
+    with pytest.raises(ProviderUnavailableError) as caught:
+        await provider.fetch_meter("m")
+    message = str(caught.value)
+    assert "sk_live_LEAKED" not in message
+    assert SECRET not in message
+    assert "HTTP 502" in message
+    assert len(message) < 300
+
+
+@respx.mock
+async def test_a_huge_message_in_the_error_shape_is_clipped(provider: HttpProvider) -> None:
+    respx.get(f"{BASE}/meters/m").mock(return_value=error(422, "validation_error", "v" * 10**6))
+    with pytest.raises(ValidationError) as caught:
+        await provider.fetch_meter("m")
+    assert len(str(caught.value)) < 1_000
 
 
 @respx.mock

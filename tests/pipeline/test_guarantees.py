@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from metering_core import (
     AsyncMetering,
     AuthenticationError,
+    IngestResult,
     MeterCreate,
     Metering,
     ProviderUnavailableError,
@@ -195,16 +196,54 @@ def test_a_failing_delivery_hook_does_not_lose_the_report(caplog: pytest.LogCapt
     assert "usage_delivered hook failed" in caplog.text
 
 
-def test_ids_a_provider_leaves_out_are_reported_not_lost() -> None:
+def test_an_id_left_out_once_is_sent_again_and_counted_once() -> None:
+    class ForgetsOnce(FaultyProvider):
+        forgot = False
+
+        async def ingest_usage_events(self, batch):  # type: ignore[no-untyped-def]
+            result = await super().ingest_usage_events(batch)
+            if not self.forgot:
+                self.forgot = True
+                result.accepted.remove(batch[-1].id)  # stored, but not said
+            return result
+
+    provider = ForgetsOnce()
+    outcome = asyncio.run(run(provider, [["a", "b", "c"]]))
+    assert (outcome["accepted"], outcome["duplicates"]) == ({"a", "b"}, {"c"})
+    assert sorted(provider.stored_ids()) == ["a", "b", "c"]
+    assert [size for _, size in provider.calls] == [3, 1]  # only the missing id went again
+
+
+def test_an_answer_repeating_one_id_for_the_batch_does_not_hide_the_others() -> None:
+    class Repeats(FaultyProvider):
+        async def ingest_usage_events(self, batch):  # type: ignore[no-untyped-def]
+            self.calls.append((time.monotonic(), len(batch)))
+            return IngestResult(accepted=["a"] * len(batch))  # as one backend answered
+
+    provider = Repeats()
+    outcome = asyncio.run(run(provider, [["a", "b", "c"]], max_attempts=3))
+    assert outcome["accepted"] == {"a"}
+    assert outcome["rejected"] == {"b", "c"}
+    assert [size for _, size in provider.calls] == [3, 2, 2]
+
+
+def test_ids_a_provider_keeps_leaving_out_are_rejected_with_that_reason(tmp_path: Path) -> None:
     class Forgetful(FaultyProvider):
         async def ingest_usage_events(self, batch):  # type: ignore[no-untyped-def]
             result = await super().ingest_usage_events(batch)
-            result.accepted.remove(batch[-1].id)
+            result.duplicates = [i for i in result.duplicates if i != "c"]
+            result.accepted = [i for i in result.accepted if i != "c"]
             return result
 
-    outcome = asyncio.run(run(Forgetful(), [["a", "b", "c"]]))
-    assert outcome["accepted"] == {"a", "b"}
-    assert outcome["rejected"] == {"c"}
+    with Metering(
+        Forgetful(), spool_path=tmp_path / "spool.db", **{**FAST, "max_attempts": 4}
+    ) as m:
+        m.create_meter(event_name="api_calls")
+        m.ingest_usage_events(events(["a", "b", "c"]))
+        report = m.flush()
+        assert set(report.accepted) == {"a", "b"}
+        assert "left 1 id(s) of the batch out of its answer" in report.rejected["c"]
+        assert [letter.id for letter in m.dead_letters()] == ["c"]
 
 
 def test_a_provider_that_cannot_state_its_batch_size_yet_still_gets_the_spooled_events(

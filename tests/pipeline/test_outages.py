@@ -1,0 +1,152 @@
+"""With a spool, ingestion never needs the provider, and outages never become dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from metering_core import (
+    IngestResult,
+    MeterCreate,
+    Metering,
+    ProviderUnavailableError,
+    UsageEvent,
+)
+from metering_core.spool import Spool
+
+from .faulty import FaultyProvider
+
+
+def pending(path: Path) -> list[UsageEvent]:
+    """What the spool at `path` still holds (opened and closed, so its lock is free)."""
+    spool = Spool(path)
+    try:
+        return spool.pending()
+    finally:
+        spool.close()
+
+
+class Outage(FaultyProvider):
+    """Unavailable (503) until a moment on the monotonic clock, then memory."""
+
+    until: float = 0.0
+
+    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
+        self.calls.append((time.monotonic(), len(events)))
+        if time.monotonic() < self.until:
+            raise ProviderUnavailableError("injected outage", provider="faulty", status_code=503)
+        return await FaultyProvider.ingest_usage_events(self, events)
+
+
+def test_a_twenty_second_outage_with_a_spool_delivers_everything_once_with_defaults(
+    tmp_path: Path,
+) -> None:
+    provider = Outage(batch_size=25)
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    provider.until = time.monotonic() + 20
+    with Metering(provider, spool_path=tmp_path / "spool.db") as m:  # default settings
+        ids = [
+            m.ingest_usage_event(id=f"e{i}", event_name="api_calls", customer_id="t1")
+            for i in range(150)
+        ]
+        report = m.flush(timeout=60)
+        assert sorted(report.accepted) == sorted(ids)
+        assert report.rejected == {}
+        assert m.dead_letters() == []
+    assert sorted(provider.stored_ids()) == sorted(ids)
+    assert pending(tmp_path / "spool.db") == []
+
+
+def test_without_a_spool_the_retry_budget_ends_and_says_why() -> None:
+    provider = Outage()
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    provider.until = time.monotonic() + 3600
+    with Metering(provider, retry_backoff=0.001, max_attempts=3, linger=0) as m:
+        m.ingest_usage_event(id="a", event_name="api_calls", customer_id="t1")
+        rejected = m.flush().rejected
+    assert "gave up after 3 attempts" in rejected["a"]
+    assert "injected outage" in rejected["a"]
+
+
+def test_closing_during_an_outage_leaves_the_events_in_the_spool_for_the_next_start(
+    tmp_path: Path,
+) -> None:
+    provider = Outage()
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    provider.until = time.monotonic() + 3600
+    began = time.monotonic()
+    with Metering(provider, spool_path=tmp_path / "spool.db", delivery_timeout=0.5) as m:
+        m.ingest_usage_event(id="a", event_name="api_calls", customer_id="t1", value=2)
+    assert time.monotonic() - began < 5
+    assert [e.id for e in pending(tmp_path / "spool.db")] == ["a"]
+    provider.until = 0
+    with Metering(provider, spool_path=tmp_path / "spool.db", linger=0) as m:
+        assert m.flush().accepted == ["a"]
+    assert provider.stored_ids() == ["a"]
+
+
+def test_the_http_provider_down_at_start_still_spools_and_acknowledges(tmp_path: Path) -> None:
+    pytest.importorskip("metering_http")
+    spool = tmp_path / "spool.db"
+    began = time.monotonic()
+    with Metering(
+        "http", base_url="http://127.0.0.1:1", spool_path=spool, delivery_timeout=0.5
+    ) as m:
+        event_id = m.ingest_usage_event(event_name="api_calls", customer_id="t1", value=7)
+    assert time.monotonic() - began < 5
+    [left] = pending(spool)
+    assert (left.id, left.value) == (event_id, Decimal(7))
+
+
+def test_a_corrupt_spool_is_a_configuration_error_and_leaves_no_lock(tmp_path: Path) -> None:
+    from metering_core import ConfigurationError
+
+    spool = tmp_path / "spool.db"
+    spool.write_bytes(b"this is not a database" * 100)
+    for _ in range(2):  # a second try is not told "in use by another process"
+        with pytest.raises(ConfigurationError, match="cannot be opened") as caught:
+            Metering("memory", spool_path=spool)
+        assert str(spool) in str(caught.value)
+        assert "another process" not in str(caught.value)
+    spool.unlink()
+    with Metering("memory", spool_path=spool):
+        pass
+
+
+def test_a_spool_whose_lock_cannot_be_created_is_a_configuration_error(tmp_path: Path) -> None:
+    from metering_core import ConfigurationError
+
+    spool = tmp_path / "spool.db"
+    (tmp_path / "spool.db.lock").mkdir()  # as a read-only place would: the lock cannot open
+    with pytest.raises(ConfigurationError, match=r"spool\.db\.lock"):
+        Metering("memory", spool_path=spool)
+
+
+def test_one_tampered_row_becomes_a_dead_letter_and_the_others_are_delivered(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    path = tmp_path / "spool.db"
+    outbox = Spool(path)
+    outbox.add(
+        [UsageEvent(id=f"e{i}", event_name="api_calls", customer_id="t1") for i in range(2000)]
+    )
+    outbox.close()
+    with sqlite3.connect(path) as db:
+        db.execute('UPDATE outbox SET event = \'{"id": "e7", "value": "NaN"}\' WHERE id = \'e7\'')
+    provider = FaultyProvider(batch_size=500)
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    with Metering(provider, spool_path=path, linger=0) as m:
+        assert len(m.flush().accepted) == 1999
+        [letter] = m.dead_letters()
+        assert (letter.id, letter.event) == ("e7", None)
+        assert "unreadable spool row" in letter.reason
+        assert "NaN" in letter.raw
+        assert m.retry_dead_letters() == []  # nothing deliverable in it
+    assert len(provider.stored_ids()) == 1999
