@@ -2,7 +2,8 @@
 
 Provider: an explicit argument, then `METERING_PROVIDER`, then the config file
 (`metering.toml` in the working directory, else `[tool.metering]` in `pyproject.toml`),
-otherwise `memory` with a warning. Provider options: keyword arguments, then
+otherwise the durable store (`sql` on a SQLite file in the user data directory), with a
+warning naming the file. Provider options: keyword arguments, then
 `METERING_<PROVIDER>_<OPTION>` variables, then the file's table for that provider.
 """
 
@@ -31,7 +32,7 @@ __all__ = [
 
 logger = logging.getLogger("metering")
 
-DEFAULT_PROVIDER = "memory"
+DEFAULT_PROVIDER = "sql"
 Scope = Literal["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
 S = TypeVar("S", bound=BaseSettings)
 
@@ -166,12 +167,15 @@ def resolve_settings(
 
 
 def provider_name(settings: MeteringSettings) -> str:
-    """The configured provider, or `memory` with a warning that usage is not persisted."""
+    """The configured provider, or the embedded durable store with a warning naming it."""
     if settings.provider:
         return settings.provider
+    from metering_core.sql import default_path
+
     logger.warning(
         "no metering provider configured (METERING_PROVIDER, metering.toml or [tool.metering]); "
-        "using 'memory': usage is not persisted"
+        "using 'sql' on %s",
+        default_path(),
     )
     return DEFAULT_PROVIDER
 

@@ -23,7 +23,7 @@ from metering_core.interface import Capabilities
 
 __all__ = ["ProviderSpec", "get_provider", "plugin_manager", "providers", "register_plugin"]
 
-BUILTIN_PLUGINS = ("metering_core.memory",)
+BUILTIN_PLUGINS = ("metering_core.memory", "metering_core.sql")
 
 _pm = pluggy.PluginManager("metering")
 _pm.add_hookspecs(hookspecs)

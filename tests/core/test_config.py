@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -73,12 +74,16 @@ def test_explicit_config_file_is_read(tmp_path: object) -> None:
         build(config_file="missing.toml")
 
 
-def test_no_configuration_falls_back_to_memory_with_a_warning(
-    caplog: pytest.LogCaptureFixture,
+def test_no_configuration_uses_the_durable_store_and_names_its_file(
+    caplog: pytest.LogCaptureFixture, private_data_home: Path
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="metering"), Metering() as m:
-        assert m.provider_name == "memory"
-    assert "not persisted" in caplog.text
+        assert m.provider_name == "sql"
+        m.create_meter(event_name="api_calls")
+    store = private_data_home / "metering" / "metering.db"
+    assert f"using 'sql' on {store}" in caplog.text
+    with Metering() as again:  # a new process, a new facade: the meter is still there
+        assert [meter.event_name for meter in again.iter_meters()] == ["api_calls"]
 
 
 def test_unknown_provider_lists_installed_ones_and_the_pip_command() -> None:

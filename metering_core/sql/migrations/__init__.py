@@ -1,0 +1,1 @@
+"""Alembic migrations of the durable store, shipped in the package."""

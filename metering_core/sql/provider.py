@@ -1,0 +1,386 @@
+"""The sql provider: the ten operations as SQL statements on the store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from metering_core.errors import ConflictError, MeteringError, NotFoundError, ValidationError
+from metering_core.interface import BaseProvider
+from metering_core.memory.store import epoch_micros
+from metering_core.models import (
+    CancelResult,
+    Customer,
+    CustomerCreate,
+    IngestResult,
+    Meter,
+    MeterCreate,
+    MeterUpdate,
+    Page,
+    Usage,
+    UsageEvent,
+    UsageQuery,
+)
+from metering_core.sql import CAPABILITIES, SqlSettings, default_path
+from metering_core.sql.schema import customers, events, meters
+from metering_core.sql.store import STORE_FAILURES, StoreUrl, migrate, store_error
+from metering_core.sql.usage import usage_rows, usage_statement
+
+__all__ = ["SqlProvider"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(moment: datetime) -> int:
+    return epoch_micros(moment)
+
+
+def _moment(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"m{seq}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor.encode()).decode()
+        if text.startswith("m"):
+            return int(text[1:])
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise ValidationError(
+        f"cursor={cursor!r} is not a cursor this provider gave", field="cursor", value=cursor
+    )
+
+
+def _meter(row: Any) -> Meter:
+    return Meter(
+        id=row.id,
+        event_name=row.event_name,
+        display_name=row.display_name,
+        aggregation=row.aggregation,
+        dimensions=row.dimensions,
+        description=row.description,
+        unique_dimension=row.unique_dimension,
+        status=row.status,
+        created_at=_moment(row.created_at),
+        updated_at=_moment(row.updated_at),
+    )
+
+
+class SqlProvider(BaseProvider):
+    """Every operation, aggregation and window of the memory provider, kept in a database."""
+
+    name = "sql"
+    default_capabilities = CAPABILITIES
+
+    def __init__(self, settings: SqlSettings | None = None) -> None:
+        settings = settings or SqlSettings()
+        self.store = StoreUrl(settings.url)
+        self._upgrade = (
+            settings.auto_upgrade
+            if settings.auto_upgrade is not None
+            else self.store.backend == "sqlite"
+        )
+        self._engine: AsyncEngine | None = None
+        self._ready: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"SqlProvider({self.store.shown!r})"
+
+    # connections, with the schema checked once and failures named by the store
+
+    async def _connected(self) -> AsyncEngine:
+        if self._engine is not None:
+            return self._engine
+        self._ready = self._ready or asyncio.Lock()
+        async with self._ready:
+            if self._engine is None:
+                if self.store.sqlite_path == default_path():
+                    default_path().parent.mkdir(parents=True, exist_ok=True)
+                engine = self.store.engine()
+                try:
+                    async with engine.begin() as connection:
+                        await connection.run_sync(
+                            migrate, upgrade=self._upgrade, shown=self.store.shown
+                        )
+                except BaseException:
+                    await engine.dispose()
+                    raise
+                self._engine = engine
+        return self._engine
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            engine = await self._connected()
+            async with engine.begin() as connection:
+                yield connection
+        except MeteringError:
+            raise
+        except STORE_FAILURES as exc:
+            raise store_error(exc, self.store) from exc
+
+    @property
+    def _insert(self) -> Any:
+        return postgresql.insert if self.store.backend == "postgresql" else sqlite.insert
+
+    # meters
+
+    async def create_meter(self, meter: MeterCreate) -> Meter:
+        now = _micros(datetime.now(UTC))
+        row = {
+            "id": f"mtr_{secrets.token_hex(12)}",
+            "event_name": meter.event_name,
+            "display_name": meter.display_name or meter.event_name,
+            "aggregation": meter.aggregation.value,
+            "dimensions": list(meter.dimensions),
+            "description": meter.description,
+            "unique_dimension": meter.unique_dimension,
+            "status": "active",
+            "created_at": now,
+            "updated_at": now,
+        }
+        statement = (
+            self._insert(meters)
+            .values(row)
+            .on_conflict_do_nothing(index_elements=["event_name"])
+            .returning(meters.c.seq)
+        )
+        async with self._transaction() as connection:
+            created = (await connection.execute(statement)).first()
+            if created is None:
+                existing = await connection.scalar(
+                    sa.select(meters.c.id).where(meters.c.event_name == meter.event_name)
+                )
+                raise ConflictError(
+                    f"a meter for event_name={meter.event_name!r} exists already: {existing}"
+                )
+        return _meter(_Record(row))
+
+    async def _meter_row(self, connection: AsyncConnection, meter_id: str) -> Any:
+        row = (await connection.execute(sa.select(meters).where(meters.c.id == meter_id))).first()
+        if row is None:
+            raise NotFoundError(f"no meter with id {meter_id!r}")
+        return row
+
+    async def fetch_meter(self, meter_id: str) -> Meter:
+        async with self._transaction() as connection:
+            return _meter(await self._meter_row(connection, meter_id))
+
+    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
+        if not 1 <= limit <= 100:
+            raise ValidationError(
+                f"limit={limit!r} must be from 1 to 100", field="limit", value=limit
+            )
+        after = -1 if cursor is None else _decode_cursor(cursor)
+        statement = (
+            sa.select(meters).where(meters.c.seq > after).order_by(meters.c.seq).limit(limit + 1)
+        )
+        async with self._transaction() as connection:
+            rows = (await connection.execute(statement)).all()
+        page = rows[:limit]
+        return Page[Meter](
+            items=[_meter(row) for row in page],
+            next_cursor=_encode_cursor(page[-1].seq) if len(rows) > limit else None,
+        )
+
+    async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
+        changes: dict[str, Any] = {name: getattr(update, name) for name in update.model_fields_set}
+        changes["updated_at"] = _micros(datetime.now(UTC))
+        async with self._transaction() as connection:
+            await self._meter_row(connection, meter_id)
+            await connection.execute(
+                sa.update(meters).where(meters.c.id == meter_id).values(changes)
+            )
+            return _meter(await self._meter_row(connection, meter_id))
+
+    async def delete_meter(self, meter_id: str) -> None:
+        """The meter goes; its events stay as ids already seen, counted nowhere."""
+        async with self._transaction() as connection:
+            deleted = await connection.execute(sa.delete(meters).where(meters.c.id == meter_id))
+            if deleted.rowcount == 0:
+                raise NotFoundError(f"no meter with id {meter_id!r}")
+
+    # usage
+
+    async def ingest_batch(self, batch: Sequence[UsageEvent]) -> IngestResult:
+        names = {event.event_name for event in batch}
+        result = IngestResult()
+        async with self._transaction() as connection:
+            found = await connection.execute(
+                sa.select(
+                    meters.c.seq, meters.c.event_name, meters.c.id, meters.c.unique_dimension
+                ).where(meters.c.event_name.in_(names))
+            )
+            by_name = {row.event_name: row for row in found}
+            rows: list[dict[str, Any]] = []
+            refused: dict[str, str] = {}
+            for event in batch:
+                meter = by_name.get(event.event_name)
+                if meter is None:
+                    refused[event.id] = f"no meter for event_name={event.event_name!r}"
+                elif meter.unique_dimension and meter.unique_dimension not in event.dimensions:
+                    refused[event.id] = (
+                        f"unique_count meter {meter.id} needs dimension "
+                        f"{meter.unique_dimension!r} on every event"
+                    )
+                else:
+                    rows.append(self._event_row(event, meter.seq))
+            inserted: set[str] = set()
+            if rows:
+                statement = (
+                    self._insert(events)
+                    .on_conflict_do_nothing(index_elements=["id"])
+                    .returning(events.c.id)
+                )
+                inserted = set((await connection.execute(statement, rows)).scalars())
+            seen_before: set[str] = set()
+            if refused:  # an id seen before is a duplicate, whatever became of its meter
+                seen_before = set(
+                    await connection.scalars(
+                        sa.select(events.c.id).where(events.c.id.in_(list(refused)))
+                    )
+                )
+        for event in batch:
+            if event.id in inserted:
+                inserted.discard(event.id)  # a second occurrence in the batch is a duplicate
+                result.accepted.append(event.id)
+            elif event.id in refused and event.id not in seen_before:
+                result.rejected[event.id] = refused[event.id]
+            else:
+                result.duplicates.append(event.id)
+        return result
+
+    def _event_row(self, event: UsageEvent, meter_seq: int) -> dict[str, Any]:
+        return {
+            "id": event.id,
+            "meter_seq": meter_seq,
+            "event_name": event.event_name,
+            "customer_id": event.customer_id,
+            "ts": _micros(event.timestamp),
+            "value": event.value if self.store.backend == "postgresql" else str(event.value),
+            "dimensions": event.dimensions,
+        }
+
+    async def fetch_usage(self, query: UsageQuery) -> Usage:
+        async with self._transaction() as connection:
+            row = await self._meter_row(connection, query.meter_id)
+            meter = _meter(row)
+            statement, bounds, keys = usage_statement(
+                connection.dialect.name, row.seq, meter, query
+            )
+            found = (await connection.execute(statement)).all()
+        return Usage.model_construct(
+            meter_id=meter.id,
+            aggregation=meter.aggregation,
+            start=query.start,
+            end=query.end,
+            window=query.window,
+            rows=usage_rows(found, meter, query, bounds, keys),
+        )
+
+    async def cancel_usage_events(
+        self, event_ids: Sequence[str], *, event_name: str | None = None
+    ) -> CancelResult:
+        result = CancelResult()
+        async with self._transaction() as connection:
+            known = {
+                row.id: row
+                for row in await connection.execute(
+                    sa.select(events.c.id, events.c.event_name, events.c.cancelled).where(
+                        events.c.id.in_(list(event_ids))
+                    )
+                )
+            }
+            wanted = [
+                i
+                for i in event_ids
+                if i in known and (event_name is None or known[i].event_name == event_name)
+            ]
+            cancelled: set[str] = set()
+            if wanted:
+                cancelled = set(
+                    await connection.scalars(
+                        sa.update(events)
+                        .where(events.c.id.in_(wanted), events.c.cancelled == sa.false())
+                        .values(cancelled=True)
+                        .returning(events.c.id)
+                    )
+                )
+        for event_id in event_ids:
+            row = known.get(event_id)
+            if row is None:
+                result.not_found.append(event_id)
+            elif event_name is not None and row.event_name != event_name:
+                result.rejected[event_id] = (
+                    f"event {event_id!r} has event_name={row.event_name!r}, not {event_name!r}"
+                )
+            elif event_id in cancelled:
+                result.cancelled.append(event_id)
+            else:
+                result.rejected[event_id] = f"event {event_id!r} is already cancelled"
+        return result
+
+    # customers
+
+    async def create_customer(self, customer: CustomerCreate) -> Customer:
+        created = Customer(**customer.model_dump())
+        row = {
+            "id": customer.id,
+            "name": customer.name,
+            "email": customer.email,
+            "metadata": customer.metadata,
+        }
+        async with self._transaction() as connection:
+            inserted = await connection.execute(
+                self._insert(customers)
+                .values(row)
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(customers.c.id)
+            )
+            if inserted.first() is not None:
+                return created
+            existing = (
+                await connection.execute(sa.select(customers).where(customers.c.id == customer.id))
+            ).one()
+        if (
+            Customer(
+                id=existing.id, name=existing.name, email=existing.email, metadata=existing.metadata
+            )
+            == created
+        ):
+            return created
+        raise ConflictError(f"customer {customer.id!r} exists already with other fields")
+
+    async def delete_customer(self, customer_id: str) -> None:
+        async with self._transaction() as connection:
+            deleted = await connection.execute(
+                sa.delete(customers).where(customers.c.id == customer_id)
+            )
+            if deleted.rowcount == 0:
+                raise NotFoundError(f"no customer with id {customer_id!r}")
+
+    async def aclose(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+
+class _Record:
+    """A mapping read as attributes, so a row just written converts like one read back."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)

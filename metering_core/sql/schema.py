@@ -1,0 +1,62 @@
+"""The tables of the durable store (SQLAlchemy Core), as the migrations create them.
+
+Times are integer microseconds since the epoch (exact, and the same on every database).
+Values are exact decimals: `numeric` on PostgreSQL, text on SQLite (summed by the store's
+own decimal aggregates there). Events keep their row after their meter is deleted or they
+are cancelled, so an id once seen stays a duplicate, as on every provider.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+__all__ = ["customers", "events", "metadata", "meters"]
+
+metadata = sa.MetaData()
+
+Sequence = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+"""An auto-incrementing key: BIGINT identity on PostgreSQL, the rowid on SQLite."""
+
+Value = sa.Numeric().with_variant(sa.Text(), "sqlite")
+"""An exact decimal; SQLite has no such type, so the text of the Decimal is kept."""
+
+meters = sa.Table(
+    "meters",
+    metadata,
+    sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(100), nullable=False, unique=True),
+    sa.Column("event_name", sa.String(100), nullable=False, unique=True),
+    sa.Column("display_name", sa.String(250), nullable=False),
+    sa.Column("aggregation", sa.String(20), nullable=False),
+    sa.Column("dimensions", sa.JSON, nullable=False),
+    sa.Column("description", sa.String(1000)),
+    sa.Column("unique_dimension", sa.String(100)),
+    sa.Column("status", sa.String(10), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(100), nullable=False, unique=True),
+    sa.Column("meter_seq", sa.BigInteger, nullable=False),
+    sa.Column("event_name", sa.String(100), nullable=False),
+    sa.Column("customer_id", sa.String(100), nullable=False),
+    sa.Column("ts", sa.BigInteger, nullable=False),
+    sa.Column("value", Value, nullable=False),
+    sa.Column("dimensions", sa.JSON, nullable=False),
+    sa.Column("cancelled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Index("events_meter_customer_ts", "meter_seq", "customer_id", "ts"),
+    sa.Index("events_meter_ts", "meter_seq", "ts"),
+)
+
+customers = sa.Table(
+    "customers",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("name", sa.String(256)),
+    sa.Column("email", sa.String(512)),
+    sa.Column("metadata", sa.JSON, nullable=False),
+)

@@ -1,0 +1,235 @@
+"""Where the durable store lives and how to reach it: URLs, engines, errors, migrations.
+
+`sqlite:///path` runs on aiosqlite, `postgresql://user@host/db` on asyncpg; a `+driver`
+given explicitly is kept. The URL's password is a secret: every message shows the URL
+with `***` in its place. A new database gets the schema on first use; an embedded SQLite
+store is also upgraded in place; a PostgreSQL one that is behind asks for
+`metering db upgrade`; a database newer than this code is refused.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import json
+import sqlite3
+from collections.abc import Callable
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from metering_core.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    MeteringError,
+    ProviderUnavailableError,
+)
+
+__all__ = ["StoreUrl", "migrate", "schema_revisions", "store_error"]
+
+ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+
+
+class StoreUrl:
+    """A store's URL: the async driver chosen, and a form safe to print."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            parsed = make_url(url)
+        except sa.exc.ArgumentError:
+            raise ConfigurationError(
+                "url is not a database URL: expected sqlite:///path or "
+                "postgresql://user@host:port/db"
+            ) from None
+        backend = parsed.get_backend_name()
+        if backend not in ASYNC_DRIVERS:
+            raise ConfigurationError(
+                f"url={parsed.render_as_string()!r}: the sql provider takes sqlite or "
+                f"postgresql URLs, not {backend!r}"
+            )
+        if "+" not in parsed.drivername:
+            parsed = parsed.set(drivername=ASYNC_DRIVERS[backend])
+        self.url: URL = parsed
+        self.backend = backend
+
+    @property
+    def shown(self) -> str:
+        """The URL with its password masked."""
+        return self.url.render_as_string(hide_password=True)
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        database = self.url.database
+        if self.backend != "sqlite" or not database or database == ":memory:":
+            return None
+        return Path(database)
+
+    def __repr__(self) -> str:
+        return f"StoreUrl({self.shown!r})"
+
+    def engine(self) -> AsyncEngine:
+        if self.backend == "sqlite":
+            path = self.sqlite_path
+            if path is not None and not path.parent.is_dir():
+                raise ConfigurationError(
+                    f"store {self.shown}: the folder {str(path.parent)!r} does not exist"
+                )
+            engine = create_async_engine(self.url)
+            sa.event.listen(engine.sync_engine, "connect", _prepare_sqlite)
+            return engine
+        return create_async_engine(self.url, pool_pre_ping=True)
+
+
+# SQLite: exact decimal aggregates over the text of each value, and window numbers.
+
+
+class _DecimalFold:
+    def __init__(self, pick: Callable[[Decimal, Decimal], Decimal] | None) -> None:
+        self.pick = pick
+        self.value: Decimal | None = None
+
+    def step(self, text: str | None) -> None:
+        if text is None:
+            return
+        value = Decimal(text)
+        if self.value is None:
+            self.value = value if self.pick is not None else Decimal(0) + value
+        elif self.pick is None:
+            self.value += value
+        else:
+            self.value = self.pick(self.value, value)
+
+    def finalize(self) -> str | None:
+        return None if self.value is None else str(self.value)
+
+
+class _Latest:
+    """The value with the greatest (time, ingestion order)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[int, int] | None = None
+        self.value: str | None = None
+
+    def step(self, ts: int, seq: int, text: str) -> None:
+        if self.key is None or (ts, seq) > self.key:
+            self.key, self.value = (ts, seq), text
+
+    def finalize(self) -> str | None:
+        return self.value
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(text: str) -> list[int]:
+    return [int(bound) for bound in json.loads(text)]
+
+
+def _window(ts: int, bounds: str) -> int:
+    """The index of the window [b_i, b_i+1) holding `ts` (the query keeps ts in range)."""
+    return bisect.bisect_right(_bounds(bounds), ts) - 1
+
+
+def _prepare_sqlite(dbapi_connection: Any, _: Any) -> None:
+    """Per connection: WAL, a busy timeout (two processes may share the file), and the
+    store's functions, registered on the sqlite3 connection in aiosqlite's own thread."""
+
+    def register(connection: sqlite3.Connection) -> None:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=30000")
+        # typeshed's aggregate protocol wants int results: these fold exact decimal text
+        aggregates: dict[str, tuple[int, Any]] = {
+            "dec_sum": (1, lambda: _DecimalFold(None)),
+            "dec_min": (1, lambda: _DecimalFold(min)),
+            "dec_max": (1, lambda: _DecimalFold(max)),
+            "latest_value": (3, _Latest),
+        }
+        for name, (arity, factory) in aggregates.items():
+            connection.create_aggregate(name, arity, factory)
+        connection.create_function("window_index", 2, _window, deterministic=True)
+
+    dbapi_connection.run_async(lambda conn: conn._execute(register, conn._conn))
+
+
+# errors
+
+
+def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
+    """One line naming the store (password masked): unreachable stores are retryable,
+    refused credentials are not, and a database that is not one is a configuration error."""
+    origin = getattr(exc, "orig", None) or exc
+    cause = getattr(origin, "__cause__", None) or origin
+    sqlstate = getattr(cause, "sqlstate", None) or getattr(origin, "sqlstate", None)
+    detail = f"{type(cause).__name__}: {cause}".splitlines()[0]
+    where = f"store {store.shown}"
+    if sqlstate in ("28P01", "28000"):
+        return AuthenticationError(f"{where} refused the credentials: {detail}", provider="sql")
+    if sqlstate == "3D000" or isinstance(cause, sqlite3.DatabaseError | sqlite3.OperationalError):
+        return ConfigurationError(f"{where} cannot be used: {detail}")
+    return ProviderUnavailableError(f"{where} is unreachable: {detail}", provider="sql")
+
+
+STORE_FAILURES: tuple[type[BaseException], ...] = (OSError, sa.exc.DBAPIError, sqlite3.Error)
+"""What a database or its driver raises when the store itself fails."""
+try:  # asyncpg raises some errors unwrapped (before SQLAlchemy sees a connection)
+    import asyncpg
+
+    STORE_FAILURES = (*STORE_FAILURES, asyncpg.PostgresError)
+except ImportError:  # pragma: no cover - PostgreSQL support not installed
+    pass
+
+
+# migrations
+
+
+def _config(connection: sa.Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option(
+        "script_location", str(resources.files("metering_core.sql") / "migrations")
+    )
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def schema_revisions() -> tuple[str, list[str]]:
+    """This code's newest revision, and every revision it knows."""
+    script = ScriptDirectory.from_config(_config())
+    head = script.get_current_head()
+    assert head is not None
+    return head, [revision.revision for revision in script.walk_revisions()]
+
+
+def current_revision(connection: sa.Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def migrate(connection: sa.Connection, *, upgrade: bool, shown: str) -> str:
+    """Bring the schema to this code's head: create it in an empty database, upgrade when
+    `upgrade` is allowed; refuse a database newer than this code. Returns the revision."""
+    if connection.dialect.name == "postgresql":  # one process migrates; the others wait
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(4242001)"))
+    head, known = schema_revisions()
+    current = current_revision(connection)
+    if current == head:
+        return head
+    if current is not None and current not in known:
+        raise ConfigurationError(
+            f"store {shown} has schema revision {current!r}, newer than this version of "
+            f"metering-core knows (newest: {head!r}): upgrade metering-core"
+        )
+    if current is not None and not upgrade:
+        raise ConfigurationError(
+            f"store {shown} has schema revision {current!r}, older than {head!r}: "
+            "run `metering db upgrade`"
+        )
+    command.upgrade(_config(connection), "head")
+    return head
