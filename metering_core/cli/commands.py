@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -21,9 +21,12 @@ from metering_core.cli.app import (
 )
 from metering_core.cli.backfill import check_rows, deliver
 from metering_core.cli.tables import capability_table, print_usage
-from metering_core.errors import ValidationError
+from metering_core.errors import ConfigurationError, ValidationError
 from metering_core.models import Window
 from metering_core.plugins import providers
+
+if TYPE_CHECKING:
+    from metering_core.sql.provider import SqlProvider
 
 
 @app.command("providers")
@@ -241,6 +244,59 @@ def serve(
         allow_anonymous=allow_anonymous,
         config_file=Options.config,
     )
+
+
+db_app = typer.Typer(
+    help="The sql provider's store: where it is, its schema.", no_args_is_help=True
+)
+app.add_typer(db_app, name="db")
+
+
+def _store() -> SqlProvider:
+    """The configured store: the sql provider, whatever else is configured is refused."""
+    import asyncio
+
+    from metering_core.sql.provider import SqlProvider
+
+    with connect() as m:
+        provider = m.provider
+        name = m.provider_name
+    if not isinstance(provider, SqlProvider):
+        raise ConfigurationError(f"the configured provider is {name!r}; `metering db` is for sql")
+    asyncio.run(provider.aclose())
+    return provider
+
+
+@db_app.command("path")
+@reported
+def db_path() -> None:
+    """Where the store is (its URL, password masked; the file for SQLite)."""
+    store = _store().store
+    out.print(str(store.sqlite_path) if store.sqlite_path else store.shown, soft_wrap=True)
+
+
+@db_app.command("current")
+@reported
+def db_current() -> None:
+    """The store's schema revision and this version's newest."""
+    import asyncio
+
+    current, head = asyncio.run(_store().schema_revision())
+    out.print(f"{current or 'empty'} (newest: {head})")
+
+
+@db_app.command("upgrade")
+@reported
+def db_upgrade() -> None:
+    """Create or upgrade the store's schema (PostgreSQL: once, for the whole fleet)."""
+    import asyncio
+
+    provider = _store()
+    try:
+        revision = asyncio.run(provider.upgrade_schema())
+    finally:
+        asyncio.run(provider.aclose())
+    out.print(f"at {revision}")
 
 
 @app.command("demo")

@@ -33,7 +33,14 @@ from metering_core.models import (
 )
 from metering_core.sql import CAPABILITIES, SqlSettings, default_path
 from metering_core.sql.schema import customers, events, meters
-from metering_core.sql.store import STORE_FAILURES, StoreUrl, migrate, store_error
+from metering_core.sql.store import (
+    STORE_FAILURES,
+    StoreUrl,
+    current_revision,
+    migrate,
+    schema_revisions,
+    store_error,
+)
 from metering_core.sql.usage import usage_rows, usage_statement
 
 __all__ = ["SqlProvider"]
@@ -121,6 +128,33 @@ class SqlProvider(BaseProvider):
                     raise
                 self._engine = engine
         return self._engine
+
+    async def schema_revision(self) -> tuple[str | None, str]:
+        """The store's schema revision (None when empty) and this code's newest."""
+        path = self.store.sqlite_path
+        if path is not None and not path.exists():
+            return None, schema_revisions()[0]
+        engine = self.store.engine()
+        try:
+            async with engine.connect() as connection:
+                current = await connection.run_sync(current_revision)
+        except STORE_FAILURES as exc:
+            raise store_error(exc, self.store) from exc
+        finally:
+            await engine.dispose()
+        return current, schema_revisions()[0]
+
+    async def upgrade_schema(self) -> str:
+        """Create or upgrade the schema to this code's newest revision; returns it."""
+        self._upgrade = True
+        try:
+            engine = await self._connected()
+        except STORE_FAILURES as exc:
+            raise store_error(exc, self.store) from exc
+        async with engine.connect() as connection:
+            revision = await connection.run_sync(current_revision)
+        assert revision is not None
+        return revision
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:

@@ -1,0 +1,265 @@
+"""The durable store: it remembers across processes, counts an event once across
+processes, refuses what it cannot use with one line naming it, and answers as memory does."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metering_core import (
+    AuthenticationError,
+    ConfigurationError,
+    MeterCreate,
+    ProviderUnavailableError,
+    UsageEvent,
+    UsageQuery,
+)
+from metering_core.memory import MemoryProvider
+from metering_core.sql import SqlSettings
+from metering_core.sql.provider import SqlProvider
+
+START = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def metering(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+    env["XDG_DATA_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "metering_core.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_what_one_command_writes_the_next_one_reads(tmp_path: Path) -> None:
+    created = metering("meters", "create", "api_calls", home=tmp_path)
+    assert created.returncode == 0, created.stderr
+    assert "using 'sql' on" in created.stderr
+    rows = tmp_path / "usage.jsonl"
+    rows.write_text(
+        '{"id": "a", "event_name": "api_calls", "customer_id": "t1", "value": 2,'
+        ' "timestamp": "2026-03-01T10:00:00Z"}\n'
+        '{"id": "b", "event_name": "api_calls", "customer_id": "t1", "value": 3,'
+        ' "timestamp": "2026-03-01T11:00:00Z"}\n'
+    )
+    assert metering("ingest", str(rows), home=tmp_path).returncode == 0
+    again = metering("ingest", str(rows), home=tmp_path)  # a rerun counts nothing twice
+    assert "duplicates 2" in again.stdout
+    listed = metering("meters", "list", home=tmp_path).stdout
+    assert "api_calls" in listed
+    meter_id = next(word for word in listed.split() if word.startswith("mtr_"))
+    meter_id = meter_id.rstrip("…")
+    path = metering("db", "path", home=tmp_path).stdout.strip()
+    assert path == str(tmp_path / "metering" / "metering.db")
+    assert metering("db", "current", home=tmp_path).stdout.startswith("0001")
+
+
+async def _usage_total(provider: SqlProvider, meter_id: str) -> Decimal:
+    usage = await provider.fetch_usage(
+        UsageQuery(meter_id=meter_id, start=START, end=START + timedelta(days=1))
+    )
+    return usage.total
+
+
+def test_a_restarted_store_answers_the_same_totals(sqlite_url: str) -> None:
+    async def first() -> str:
+        provider = SqlProvider(SqlSettings(url=sqlite_url))
+        meter = await provider.create_meter(MeterCreate(event_name="api_calls"))
+        events = [
+            UsageEvent(
+                id=f"e{i}", event_name="api_calls", customer_id="t1", value=i, timestamp=START
+            )
+            for i in range(10)
+        ]
+        await provider.ingest_usage_events(events)
+        await provider.aclose()
+        return meter.id
+
+    async def second(meter_id: str) -> Decimal:
+        provider = SqlProvider(SqlSettings(url=sqlite_url))
+        try:
+            return await _usage_total(provider, meter_id)
+        finally:
+            await provider.aclose()
+
+    meter_id = asyncio.run(first())
+    assert asyncio.run(second(meter_id)) == Decimal(45)
+
+
+def test_two_processes_sending_overlapping_events_count_each_once(postgres_url: str) -> None:
+    """Two providers (two engines, as two processes have) race over the same ids."""
+
+    async def scenario() -> tuple[list[str], list[str], Decimal]:
+        a, b = (
+            SqlProvider(SqlSettings(url=postgres_url)),
+            SqlProvider(SqlSettings(url=postgres_url)),
+        )
+        meter = await a.create_meter(MeterCreate(event_name="api_calls"))
+        events = [
+            UsageEvent(id=f"e{i}", event_name="api_calls", customer_id="t1", timestamp=START)
+            for i in range(2000)
+        ]
+        batches = [events[i : i + 250] for i in range(0, 2000, 250)]
+        results = await asyncio.gather(
+            *(a.ingest_usage_events(batch) for batch in batches),
+            *(b.ingest_usage_events(batch) for batch in reversed(batches)),
+        )
+        accepted = [i for result in results for i in result.accepted]
+        duplicates = [i for result in results for i in result.duplicates]
+        total = await _usage_total(b, meter.id)
+        await a.aclose()
+        await b.aclose()
+        return accepted, duplicates, total
+
+    accepted, duplicates, total = asyncio.run(scenario())
+    assert sorted(accepted) == sorted(f"e{i}" for i in range(2000))
+    assert sorted(duplicates) == sorted(accepted)
+    assert total == Decimal(2000)
+
+
+def test_a_database_newer_than_the_code_is_refused(sqlite_url: str) -> None:
+    import sqlite3
+
+    async def touch() -> None:
+        provider = SqlProvider(SqlSettings(url=sqlite_url))
+        await provider.create_meter(MeterCreate(event_name="api_calls"))
+        await provider.aclose()
+
+    asyncio.run(touch())
+    path = sqlite_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999_future'")
+
+    async def reopen() -> None:
+        provider = SqlProvider(SqlSettings(url=sqlite_url))
+        try:
+            await provider.fetch_all_meters()
+        finally:
+            await provider.aclose()
+
+    with pytest.raises(ConfigurationError, match="'9999_future', newer than this version"):
+        asyncio.run(reopen())
+
+
+def _open(url: str) -> None:
+    async def run() -> None:
+        provider = SqlProvider(SqlSettings(url=url))
+        try:
+            await provider.fetch_all_meters()
+        finally:
+            await provider.aclose()
+
+    asyncio.run(run())
+
+
+def test_an_unreachable_store_is_one_line_with_the_password_masked() -> None:
+    with pytest.raises(ProviderUnavailableError) as caught:
+        _open("postgresql://billing:s3cret-pw@127.0.0.1:1/metering")
+    message = str(caught.value)
+    assert "s3cret-pw" not in message
+    assert "billing:***@127.0.0.1:1" in message
+    assert "\n" not in message
+
+
+def test_a_missing_database_and_refused_credentials_are_not_retried(postgres_server: str) -> None:
+    with pytest.raises(ConfigurationError, match="cannot be used"):
+        _open(f"{postgres_server}/no_such_database")
+    with pytest.raises((AuthenticationError, ConfigurationError)) as caught:
+        _open(postgres_server.replace("postgres@", "nobody:pw@") + "/postgres")
+    assert "pw@" not in str(caught.value)
+
+
+def test_a_corrupt_sqlite_file_is_a_configuration_error_and_is_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "metering.db"
+    path.write_bytes(b"definitely not sqlite" * 200)
+    with pytest.raises(ConfigurationError, match=f"store sqlite.*{path.name}.* cannot be used"):
+        _open(f"sqlite:///{path}")
+    assert path.read_bytes() == b"definitely not sqlite" * 200
+
+
+AGGREGATIONS = ["sum", "count", "min", "max", "avg", "latest", "unique_count"]
+event_rows = st.lists(
+    st.tuples(
+        st.integers(0, 24 * 70),  # hour offset over ten weeks
+        st.sampled_from(["t1", "t2", "t3"]),
+        st.decimals(min_value=-50, max_value=500, places=2, allow_nan=False),
+        st.sampled_from(["eu", "us", ""]),
+        st.sampled_from(["u1", "u2", "u3", "u4"]),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    rows=event_rows,
+    aggregation=st.sampled_from(AGGREGATIONS),
+    window=st.sampled_from([None, "hour", "day", "month"]),
+    tz=st.sampled_from(["UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata"]),
+    group_by=st.sampled_from([(), ("customer_id",), ("region",), ("customer_id", "region")]),
+    customer=st.sampled_from([None, "t2"]),
+    cancel=st.sets(st.integers(0, 59), max_size=5),
+)
+def test_answers_are_the_memory_providers_for_the_same_events(
+    tmp_path_factory: pytest.TempPathFactory,
+    rows: list[tuple[int, str, Decimal, str, str]],
+    aggregation: str,
+    window: str | None,
+    tz: str,
+    group_by: tuple[str, ...],
+    customer: str | None,
+    cancel: set[int],
+) -> None:
+    url = f"sqlite:///{tmp_path_factory.mktemp('same') / 'metering.db'}"
+    meter = MeterCreate(
+        event_name="api_calls",
+        aggregation=aggregation,
+        dimensions=["region", "user"],
+        unique_dimension="user" if aggregation == "unique_count" else None,
+    )
+    events = [
+        UsageEvent(
+            id=f"e{i}",
+            event_name="api_calls",
+            customer_id=who,
+            value=value,
+            timestamp=START + timedelta(hours=hour),
+            dimensions={"user": user, **({"region": region} if region else {})},
+        )
+        for i, (hour, who, value, region, user) in enumerate(rows)
+    ]
+
+    async def answer(provider: MemoryProvider | SqlProvider) -> list[tuple[object, ...]]:
+        created = await provider.create_meter(meter)
+        await provider.ingest_usage_events(events)
+        await provider.cancel_usage_events([f"e{i}" for i in cancel])
+        usage = await provider.fetch_usage(
+            UsageQuery(
+                meter_id=created.id,
+                customer_id=customer,
+                start=START + timedelta(hours=5),
+                end=START + timedelta(days=65),
+                window=window,
+                group_by=group_by,
+                tz=tz,
+            )
+        )
+        await provider.aclose()
+        return [(r.start, r.end, r.customer_id, r.dimensions, r.value) for r in usage.rows]
+
+    expected = asyncio.run(answer(MemoryProvider()))
+    assert asyncio.run(answer(SqlProvider(SqlSettings(url=url)))) == expected
