@@ -146,13 +146,14 @@ _TYPE_BY_STATUS = {
     400: "validation_error",
     401: "provider_authentication",
     403: "provider_authentication",
-    404: "not_found",
     409: "conflict",
+    413: "validation_error",
     422: "validation_error",
     429: "rate_limited",
 }
-"""What an answer without a known type (a proxy's, a gateway's) stands for, by status;
-other 5xx are outages, anything else a provider error."""
+"""What an answer without a known type (a proxy's, a gateway's) stands for, by status.
+A 413 is a refused size (the pipeline splits the batch); anything else, a 404 or a 408
+from a proxy mid-deploy included, is an outage: retried, never a lost event."""
 
 
 def error_from_wire(
@@ -169,9 +170,7 @@ def error_from_wire(
     outages and rate limits come back retryable; a misconfigured service is not retried."""
     message = clip(message)
     if kind not in {name for _, name, _ in ERROR_TYPES}:
-        kind = _TYPE_BY_STATUS.get(status) or (
-            "provider_unavailable" if status >= 500 else "provider_error"
-        )
+        kind = _TYPE_BY_STATUS.get(status, "provider_unavailable")
     if kind == "validation_error":
         return ValidationError(message, field=field)
     if kind == "unsupported_operation":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from metering_core.errors import ValidationError
@@ -71,13 +72,14 @@ def _envelope(message: Any) -> tuple[str, Any, str | None]:
     )
 
 
-def _from_millis(millis: Any) -> float:
-    """Epoch milliseconds as seconds; refused by name when not a usable number (the
-    timestamp's own range is checked by the model)."""
+def _from_millis(millis: Any) -> datetime:
+    """Epoch milliseconds as a moment (converted here: a bare number would be read as
+    milliseconds again past 2e10); refused by name when not a usable number. The range
+    itself is checked by the model."""
     if isinstance(millis, int | float) and not isinstance(millis, bool):
         try:
-            return millis / 1000
-        except OverflowError:
+            return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
+        except (OverflowError, ValueError):
             pass
     raise ValidationError(
         f"meterTimeInMillis={millis!r} must be a number of milliseconds since the epoch",

@@ -198,7 +198,19 @@ class MeterUpdate(_Model):
     def _not_empty(self) -> Self:
         if not self.model_fields_set:
             raise ValueError("a meter update needs at least one field to change")
+        if self.dimensions is not None and len(set(self.dimensions)) != len(self.dimensions):
+            raise ValueError(f"dimensions has repeats: {self.dimensions!r}")
         return self
+
+
+def _unicode(*texts: str) -> None:
+    """Refuse lone surrogates: such text cannot be stored or sent as JSON or UTF-8."""
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"holds text that is not valid Unicode: {exc.object[exc.start]!r}"
+        ) from None
 
 
 def _new_event_id() -> str:
@@ -218,6 +230,11 @@ class UsageEvent(_Model):
     value: FiniteDecimal = Decimal(1)
     timestamp: UtcDatetime = Field(default_factory=_now)
     dimensions: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _valid_text(self) -> Self:
+        _unicode(self.id, self.customer_id, *self.dimensions, *self.dimensions.values())
+        return self
 
 
 MAX_WINDOWS = 10_000
@@ -353,6 +370,13 @@ class CustomerCreate(_Model):
     name: Annotated[str, Field(max_length=256)] | None = None
     email: Annotated[str, Field(max_length=512)] | None = None
     metadata: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _valid_text(self) -> Self:
+        _unicode(
+            self.id, self.name or "", self.email or "", *self.metadata, *self.metadata.values()
+        )
+        return self
 
 
 class Customer(CustomerCreate):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,8 @@ __all__ = ["Pipeline"]
 logger = logging.getLogger("metering")
 
 MAX_BACKOFF = 10.0
+MAX_RETRY_AFTER = 300.0
+"""The longest a provider's Retry-After is honoured (an absurd one must not stall us)."""
 DEFAULT_BATCH_SIZE = 100
 ASK_LIMIT_EVERY = 5.0
 """Seconds between asking a provider that could not state its batch size."""
@@ -95,7 +98,8 @@ class _Backoff:
         delay: float = self._exponential(state)
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
-            delay = max(delay, exc.retry_after)
+            asked = exc.retry_after if math.isfinite(exc.retry_after) else MAX_RETRY_AFTER
+            delay = max(delay, min(asked, MAX_RETRY_AFTER))
         return delay
 
 

@@ -21,8 +21,10 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import pydantic
+
 from metering_core.errors import ConfigurationError, MeteringError
-from metering_core.models import IngestResult, UsageEvent
+from metering_core.models import IngestResult, UsageEvent, validation_error
 
 __all__ = ["DeadLetter", "Spool"]
 
@@ -55,10 +57,17 @@ class DeadLetter:
         return f"DeadLetter(id={self.id!r}, reason={self.reason!r})"
 
 
+def _text(value: bytes | str) -> str:
+    """A stored text column (read as bytes, so bad bytes cannot stop a read)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 def _read(text: str) -> UsageEvent | str:
-    """The event a row holds, or why it cannot be read."""
+    """The event a row holds, or why it cannot be read (one line)."""
     try:
         return UsageEvent.model_validate_json(text)
+    except pydantic.ValidationError as exc:
+        return f"unreadable spool row: {validation_error(exc, 'UsageEvent')}"
     except (MeteringError, ValueError) as exc:
         return f"unreadable spool row: {exc}"
 
@@ -72,13 +81,18 @@ class Spool:
             raise ConfigurationError(f"spool_path={str(self.path)!r}: its folder does not exist")
         self._lock_file = self._lock_exclusively(self.path)
         self._mutex = threading.Lock()
+        self._startup: list[UsageEvent] | None = None
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             try:
+                self._db.text_factory = bytes  # a row of bad bytes is a dead letter, not a crash
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
-                self._db.execute("SELECT count(*) FROM outbox").fetchone()
+                (verdict,) = self._db.execute("PRAGMA quick_check").fetchone()
+                if verdict != b"ok":
+                    raise sqlite3.DatabaseError(f"damaged: {verdict.decode(errors='replace')}")
+                self._startup = self._read_pending()
             except BaseException:
                 self._db.close()
                 raise
@@ -117,12 +131,21 @@ class Spool:
     def pending(self) -> list[UsageEvent]:
         """Events still waiting for delivery, in the order they were committed; a row that
         cannot be read moves to the dead letters with the reason, in the same transaction."""
+        if self._startup is not None:  # read (and checked) when the spool was opened
+            events, self._startup = self._startup, None
+            return events
+        return self._read_pending()
+
+    def _read_pending(self) -> list[UsageEvent]:
         with self._mutex:
             rows = self._db.execute("SELECT seq, id, event FROM outbox ORDER BY seq").fetchall()
             events: list[UsageEvent] = []
             unreadable: list[tuple[int, str, str, str]] = []
-            for seq, event_id, text in rows:
+            for seq, raw_id, raw in rows:
+                event_id, text = _text(raw_id), _text(raw)
                 event = _read(text)
+                if isinstance(event, UsageEvent) and event.id != event_id:
+                    event = f"unreadable spool row: its id column {event_id!r} is not its event's"
                 if isinstance(event, str):
                     unreadable.append((seq, event_id, text, event))
                 else:
@@ -148,8 +171,11 @@ class Spool:
         ]
         with self._mutex:
             self._db.execute("BEGIN")
+            # One row per delivered event, the oldest with its id: a later event resent
+            # under the same id keeps its own row until its own delivery settles.
             self._db.executemany(
-                "DELETE FROM outbox WHERE id = ?", [(event.id,) for event in batch]
+                "DELETE FROM outbox WHERE seq = (SELECT min(seq) FROM outbox WHERE id = ?)",
+                [(event.id,) for event in batch],
             )
             self._db.executemany(
                 "INSERT OR REPLACE INTO dead_letters (id, event, reason) VALUES (?, ?, ?)", rejected
@@ -163,7 +189,8 @@ class Spool:
                 "SELECT id, event, reason FROM dead_letters ORDER BY rowid"
             ).fetchall()
         letters = []
-        for event_id, text, reason in rows:
+        for raw_id, raw, raw_reason in rows:
+            event_id, text, reason = _text(raw_id), _text(raw), _text(raw_reason)
             event = _read(text)
             readable = event if isinstance(event, UsageEvent) else None
             letters.append(DeadLetter(readable, reason, id=event_id, raw=text))
@@ -185,7 +212,11 @@ class Spool:
                     for i in ids
                 )
                 listed = [row for cursor in found for row in cursor]
-            rows = [(i, text) for i, text in listed if not isinstance(_read(text), str)]
+            rows = [
+                (_text(i), _text(raw))
+                for i, raw in listed
+                if not isinstance(_read(_text(raw)), str)
+            ]
             self._db.executemany("INSERT INTO outbox (id, event) VALUES (?, ?)", rows)
             self._db.executemany(
                 "DELETE FROM dead_letters WHERE id = ?", [(event_id,) for event_id, _ in rows]

@@ -33,6 +33,11 @@ def _utf8_problem(text: str) -> str | None:
 
 def _csv_rows(file: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
     reader = csv.DictReader(file, restkey=_EXTRA)
+    header = reader.fieldnames or []
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:  # a later column would silently win: the file is refused, not guessed
+        yield 1, {_ERROR: f"the header names {', '.join(map(repr, repeated))} more than once"}
+        return
     while True:
         try:
             row = next(reader)
@@ -72,6 +77,8 @@ def _json_rows(file: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             row = {_ERROR: f"not JSON: {exc.msg}"}
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, [[[[…
+            row = {_ERROR: f"not a usable JSON row: {type(exc).__name__}"}
         yield number, row if isinstance(row, dict) else {_ERROR: "not a JSON object"}
 
 

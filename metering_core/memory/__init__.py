@@ -24,9 +24,10 @@ import binascii
 import itertools
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from pydantic import Field
 
@@ -58,6 +59,8 @@ from metering_core.windows import window_bounds
 __all__ = ["MemoryProvider", "MemorySettings"]
 
 CAPABILITIES = Capabilities(max_batch_size=10_000)
+P = ParamSpec("P")
+R = TypeVar("R")
 _SHARED_VALUES = {Decimal(i): Decimal(i) for i in range(-100, 1001)}
 """Common whole values share one object: a million events of value 1 hold one Decimal."""
 
@@ -93,6 +96,23 @@ def _decode_cursor(cursor: str) -> int:
     )
 
 
+def _off_loop(
+    method: Callable[Concatenate[MemoryProvider, P], R],
+) -> Callable[Concatenate[MemoryProvider, P], Coroutine[Any, Any, R]]:
+    """Run an operation in a worker thread: each takes the provider's lock, which a long
+    usage query may hold, and the event loop must never wait on a lock."""
+
+    async def run(self: MemoryProvider, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await asyncio.to_thread(method, self, *args, **kwargs)
+
+    run.__name__, run.__qualname__, run.__doc__ = (
+        method.__name__,
+        method.__qualname__,
+        method.__doc__,
+    )
+    return run
+
+
 class MemoryProvider(BaseProvider):
     """Every operation, every aggregation and window, group-by, exact Decimal values."""
 
@@ -117,7 +137,8 @@ class MemoryProvider(BaseProvider):
 
     # meters
 
-    async def create_meter(self, meter: MeterCreate) -> Meter:
+    @_off_loop
+    def create_meter(self, meter: MeterCreate) -> Meter:
         now = datetime.now(UTC)
         fields = meter.model_dump(exclude={"display_name"})
         created = Meter(
@@ -145,11 +166,13 @@ class MemoryProvider(BaseProvider):
             raise NotFoundError(f"no meter with id {meter_id!r}")
         return stored
 
-    async def fetch_meter(self, meter_id: str) -> Meter:
+    @_off_loop
+    def fetch_meter(self, meter_id: str) -> Meter:
         with self._lock:
             return self._stored(meter_id).meter
 
-    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
+    @_off_loop
+    def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
         if not 1 <= limit <= 100:
             raise ValidationError(
                 f"limit={limit!r} must be from 1 to 100", field="limit", value=limit
@@ -164,7 +187,8 @@ class MemoryProvider(BaseProvider):
             next_cursor=_encode_cursor(page[-1].sequence) if more else None,
         )
 
-    async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
+    @_off_loop
+    def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
         changes = {name: getattr(update, name) for name in update.model_fields_set}
         with self._lock:
             stored = self._stored(meter_id)
@@ -173,7 +197,8 @@ class MemoryProvider(BaseProvider):
             )
             return stored.meter
 
-    async def delete_meter(self, meter_id: str) -> None:
+    @_off_loop
+    def delete_meter(self, meter_id: str) -> None:
         with self._lock:
             stored = self._stored(meter_id)
             del self._meters[meter_id]
@@ -181,7 +206,8 @@ class MemoryProvider(BaseProvider):
 
     # usage
 
-    async def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
+    @_off_loop
+    def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
         result = IngestResult()
         with self._lock:
             for event in events:
@@ -251,7 +277,8 @@ class MemoryProvider(BaseProvider):
             rows=rows,
         )
 
-    async def cancel_usage_events(
+    @_off_loop
+    def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None
     ) -> CancelResult:
         result = CancelResult()
@@ -278,7 +305,8 @@ class MemoryProvider(BaseProvider):
 
     # customers
 
-    async def create_customer(self, customer: CustomerCreate) -> Customer:
+    @_off_loop
+    def create_customer(self, customer: CustomerCreate) -> Customer:
         created = Customer(**customer.model_dump())
         with self._lock:
             existing = self._customers.get(customer.id)
@@ -289,7 +317,8 @@ class MemoryProvider(BaseProvider):
             return existing
         raise ConflictError(f"customer {customer.id!r} exists already with other fields")
 
-    async def delete_customer(self, customer_id: str) -> None:
+    @_off_loop
+    def delete_customer(self, customer_id: str) -> None:
         with self._lock:
             if self._customers.pop(customer_id, None) is None:
                 raise NotFoundError(f"no customer with id {customer_id!r}")
@@ -313,7 +342,9 @@ def _rows(meter: Meter, query: UsageQuery, series_list: list[Series]) -> list[Us
             if not span:
                 continue
             if per_event:
-                _fill_per_event(meter, series, span, window, customer, dimension_keys, buckets)
+                _fill_per_event(
+                    query, meter, series, span, window, customer, dimension_keys, buckets
+                )
                 continue
             values = [v for v in series.values[span.start : span.stop] if v is not None]
             if values:
@@ -336,6 +367,7 @@ def _rows(meter: Meter, query: UsageQuery, series_list: list[Series]) -> list[Us
 
 
 def _fill_per_event(
+    query: UsageQuery,
     meter: Meter,
     series: Series,
     span: range,
@@ -354,6 +386,8 @@ def _fill_per_event(
         group = tuple(dimensions.get(key, "") for key in dimension_keys)
         bucket = buckets.get((window, customer, group))
         if bucket is None:
+            if len(buckets) >= MAX_ROWS:
+                raise too_many_rows(query)
             bucket = buckets[(window, customer, group)] = Bucket()
         bucket.values.append(value)
         if meter.aggregation is Aggregation.LATEST:

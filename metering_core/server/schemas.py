@@ -1,5 +1,7 @@
 """Request and answer bodies of the service that are not core models."""
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from metering_core.models import Usage, UsageEvent, UsageRow
@@ -19,7 +21,7 @@ class CancelRequest(BaseModel):
     """`DELETE /usage`: ids to cancel, and the event name where the provider needs it."""
 
     model_config = ConfigDict(extra="forbid")
-    event_ids: list[str] = Field(min_length=1)
+    event_ids: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(min_length=1)
     event_name: str | None = None
 
 

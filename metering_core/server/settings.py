@@ -17,7 +17,6 @@ import pydantic
 
 from metering_core.config import ApiKey, load_config_file
 from metering_core.errors import ConfigurationError
-from metering_core.models import describe_error
 
 __all__ = ["configured_keys"]
 
@@ -28,6 +27,8 @@ def _from_environment() -> Any | None:
         return None
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise ConfigurationError("METERING_KEYS is nested too deeply to be key settings") from None
     except json.JSONDecodeError as exc:  # its message quotes no part of the text
         raise ConfigurationError(
             f"METERING_KEYS is not valid JSON ({exc.msg} at line {exc.lineno} column "
@@ -46,9 +47,17 @@ def _validated(entries: Any, where: str) -> dict[str, ApiKey]:
         if not isinstance(secret, str) or not secret:
             raise ConfigurationError(f"{where}: key #{position} is empty")
         try:
+            secret.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"{where}: key #{position} is not valid text") from None
+        try:
             keys[secret] = ApiKey.model_validate(spec)
         except pydantic.ValidationError as exc:
-            problems = "; ".join(describe_error(e)[1] for e in exc.errors(include_url=False))
+            # Where and what, never the input: an operator may have put a key anywhere.
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc']) or 'value'}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
             raise ConfigurationError(f"{where}: key #{position}: {problems}") from None
     return keys
 

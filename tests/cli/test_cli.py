@@ -337,3 +337,25 @@ def test_an_overflowing_timestamp_is_a_bad_row_not_a_crash(
     code, out = metering("ingest", str(rows))
     assert code == 2
     assert out.startswith(f"{rows}:1: invalid UsageEvent: timestamp=")
+
+
+def test_absurd_json_rows_and_a_repeated_csv_column_are_bad_rows(
+    shared: MemoryProvider, tmp_path: Path
+) -> None:
+    rows = tmp_path / "usage.jsonl"
+    rows.write_text(
+        '{"event_name": "api_calls", "customer_id": "t1", "value": '
+        + "9" * 5000
+        + "}\n"
+        + "[" * 200_000
+        + "\n"
+    )
+    code, out = metering("ingest", str(rows))
+    assert code == 2
+    assert "Traceback" not in out
+    assert [line.split(": ")[0] for line in out.splitlines()[:2]] == [f"{rows}:1", f"{rows}:2"]
+    table = tmp_path / "usage.csv"
+    table.write_text("event_name,customer_id,customer_id\napi_calls,a,b\n")
+    code, out = metering("ingest", str(table))
+    assert code == 2
+    assert out.startswith(f"{table}:1: the header names 'customer_id' more than once")

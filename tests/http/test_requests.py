@@ -227,3 +227,70 @@ def test_the_key_never_shows_in_repr_or_settings() -> None:
     settings = HttpSettings(base_url=BASE, api_key=SECRET)
     assert SECRET not in repr(settings)
     assert SECRET not in repr(HttpProvider(settings))
+
+
+def _usage_ok(request: httpx.Request) -> httpx.Response:
+    ids = [e["id"] for e in json.loads(request.content)["events"]]
+    return httpx.Response(200, json={"accepted": ids, "duplicates": [], "rejected": {}})
+
+
+@pytest.mark.parametrize(
+    "capabilities",
+    [httpx.Response(404, text="no such route"), httpx.Response(503, text="down")],
+)
+@respx.mock
+def test_ingestion_needs_no_route_but_post_usage(
+    capabilities: httpx.Response, tmp_path: object
+) -> None:
+    from metering_core import Metering
+
+    respx.get(f"{BASE}/capabilities").mock(return_value=capabilities)
+    respx.post(f"{BASE}/usage").mock(side_effect=_usage_ok)
+    spool = f"{tmp_path}/spool.db"
+    with Metering("http", base_url=BASE, spool_path=spool, linger=0) as m:
+        ids = m.ingest_usage_events([{"event_name": "a", "customer_id": "t"} for _ in range(4)])
+        assert sorted(m.flush(timeout=10).accepted) == sorted(ids)
+        assert m.dead_letters() == []
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        httpx.Response(408, text="proxy timeout"),
+        httpx.Response(404, text="<html>deploying</html>"),
+        httpx.Response(200, text="<html>maintenance</html>"),
+        httpx.Response(502, text="bad gateway"),
+    ],
+)
+@respx.mock
+def test_a_foreign_answer_is_retried_never_a_dead_letter(
+    first: httpx.Response, tmp_path: object
+) -> None:
+    from metering_core import Metering
+
+    respx.get(f"{BASE}/capabilities").respond(200, content=Capabilities().model_dump_json())
+    answers = iter([first])
+    respx.post(f"{BASE}/usage").mock(side_effect=lambda r: next(answers, None) or _usage_ok(r))
+    with Metering(
+        "http", base_url=BASE, spool_path=f"{tmp_path}/spool.db", linger=0, retry_backoff=0.01
+    ) as m:
+        event_id = m.ingest_usage_event(event_name="a", customer_id="t")
+        assert m.flush(timeout=10).accepted == [event_id]
+        assert m.dead_letters() == []
+
+
+@respx.mock
+def test_a_batch_the_service_finds_too_large_is_split() -> None:
+    from metering_core import Metering
+
+    respx.get(f"{BASE}/capabilities").respond(200, content=Capabilities().model_dump_json())
+
+    def small_only(request: httpx.Request) -> httpx.Response:
+        if len(json.loads(request.content)["events"]) > 2:
+            return httpx.Response(413, text="<html>Request Entity Too Large</html>")
+        return _usage_ok(request)
+
+    respx.post(f"{BASE}/usage").mock(side_effect=small_only)
+    with Metering("http", base_url=BASE, linger=0) as m:
+        ids = m.ingest_usage_events([{"event_name": "a", "customer_id": "t"} for _ in range(7)])
+        assert sorted(m.flush(timeout=10).accepted) == sorted(ids)

@@ -150,3 +150,68 @@ def test_one_tampered_row_becomes_a_dead_letter_and_the_others_are_delivered(
         assert "NaN" in letter.raw
         assert m.retry_dead_letters() == []  # nothing deliverable in it
     assert len(provider.stored_ids()) == 1999
+
+
+def test_an_event_resent_under_a_rejected_id_keeps_its_own_spool_row(tmp_path: Path) -> None:
+    """The first send is refused for good; the corrected resend (same id) waits out an
+    outage: settling the refusal must not delete the resend's row."""
+    provider = Outage()
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    path = tmp_path / "spool.db"
+    with Metering(provider, spool_path=path, linger=0, delivery_timeout=0.3) as m:
+        m.ingest_usage_event(id="order-42", event_name="no_meter", customer_id="t1")
+        assert "no meter" in m.flush().rejected["order-42"]
+        provider.until = time.monotonic() + 3600
+        m.ingest_usage_event(id="order-42", event_name="api_calls", customer_id="t1", value=5)
+    [kept] = pending(path)
+    assert (kept.id, kept.event_name, kept.value) == ("order-42", "api_calls", Decimal(5))
+
+
+def test_a_row_of_bad_bytes_or_a_mismatched_id_is_a_dead_letter(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "spool.db"
+    outbox = Spool(path)
+    outbox.add([UsageEvent(id=f"e{i}", event_name="api_calls", customer_id="t1") for i in range(3)])
+    outbox.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE outbox SET event = CAST(X'7B22FF22' AS TEXT) WHERE id = 'e0'")
+        db.execute("UPDATE outbox SET id = 'other' WHERE id = 'e1'")
+    provider = FaultyProvider()
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    with Metering(provider, spool_path=path, linger=0) as m:
+        assert m.flush().accepted == ["e2"]
+        letters = {letter.id: letter.reason for letter in m.dead_letters()}
+    assert sorted(letters) == ["e0", "e1"]
+    assert "Invalid JSON" in letters["e0"]
+    assert "its id column 'other' is not its event's" in letters["e1"]
+
+
+def test_a_damaged_page_is_a_configuration_error_and_the_lock_is_released(tmp_path: Path) -> None:
+    from metering_core import ConfigurationError
+
+    path = tmp_path / "spool.db"
+    outbox = Spool(path)
+    outbox.add(
+        [UsageEvent(id=f"e{i}" * 20, event_name="api_calls", customer_id="t1") for i in range(3000)]
+    )
+    outbox.close()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    for _ in range(2):
+        with pytest.raises(ConfigurationError, match="cannot be opened"):
+            Metering("memory", spool_path=path)
+
+
+def test_an_absurd_retry_after_is_capped() -> None:
+    from tenacity import RetryCallState
+
+    from metering_core import RateLimitedError
+    from metering_core.pipeline import MAX_RETRY_AFTER, _Backoff
+
+    state = RetryCallState(None, None, (), {})
+    state.set_exception(
+        (RateLimitedError, RateLimitedError("slow", provider="x", retry_after=float("inf")), None)
+    )
+    assert _Backoff(0.01)(state) == MAX_RETRY_AFTER

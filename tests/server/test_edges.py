@@ -3,6 +3,7 @@ shape, work is bounded before it is done, and nothing is echoed back whole."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -197,3 +198,78 @@ def test_health_answers_quickly_while_the_heaviest_allowed_query_runs() -> None:
     waits.sort()
     assert waits[len(waits) // 2] < 0.1, f"/health took {waits} s during the query"
     assert waits[-1] < 1.0, f"/health took {waits} s during the query"
+
+
+def test_text_that_is_not_unicode_is_refused_before_it_can_break_a_query(
+    client: TestClient, meter_id: str
+) -> None:
+    message = {
+        "detail-type": "ingestUsage",
+        "detail": {"tenantId": "acme", "meterApiName": "api_calls", "x": "\ud800"},
+    }
+    body = json.dumps(message)  # the lone surrogate travels as the JSON escape \ud800
+    sent = client.post(
+        "/events", content=body, headers={**ACME, "Content-Type": "application/json"}
+    )
+    refused(sent)
+    params = {"start": "2026-01-01T00:00:00Z", "end": "2026-02-01T00:00:00Z"}
+    assert client.get(f"/usage/{meter_id}", params=params, headers=ADMIN).status_code == 200
+
+
+def test_a_far_future_millisecond_time_is_refused_not_moved_to_1971(client: TestClient) -> None:
+    message = {
+        "detail-type": "ingestUsage",
+        "detail": {
+            "tenantId": "acme",
+            "meterApiName": "api_calls",
+            "meterTimeInMillis": 32503680000000,
+        },
+    }
+    refused(client.post("/events", json=message, headers=ACME))
+
+
+def test_repeated_dimensions_in_an_update_are_refused_and_change_nothing(
+    client: TestClient, meter_id: str
+) -> None:
+    refused(client.put(f"/meters/{meter_id}", json={"dimensions": ["a", "a"]}, headers=ADMIN))
+    assert client.get(f"/meters/{meter_id}", headers=ADMIN).json()["dimensions"] == []
+
+
+def test_cancel_ids_are_bounded_like_event_ids(client: TestClient) -> None:
+    huge = client.request("DELETE", "/usage", json={"event_ids": ["x" * 100_000]}, headers=ACME)
+    refused(huge, "event_ids.0")
+    assert len(huge.content) < 2_000
+
+
+def test_a_grouped_query_stops_at_the_row_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import metering_core.memory as memory
+    from metering_core import ValidationError
+
+    monkeypatch.setattr(memory, "MAX_ROWS", 10)
+    provider = MemoryProvider()
+
+    async def scenario() -> None:
+        meter = await provider.create_meter(MeterCreate(event_name="api_calls", dimensions=["req"]))
+        at = datetime(2026, 1, 1, tzinfo=UTC)
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(
+                    event_name="api_calls",
+                    customer_id="t",
+                    timestamp=at,
+                    dimensions={"req": str(i)},
+                )
+                for i in range(50)
+            ]
+        )
+        from metering_core import UsageQuery
+
+        query = UsageQuery(
+            meter_id=meter.id, start=at, end=at + timedelta(days=1), group_by=("req",)
+        )
+        with pytest.raises(ValidationError, match="more than"):
+            await provider.fetch_usage(query)
+
+    asyncio.run(scenario())

@@ -40,7 +40,7 @@ def test_serve_with_a_bad_key_exits_2_without_printing_it(monkeypatch: pytest.Mo
     monkeypatch.setenv("METERING_KEYS", f'{{"{SECRET}": {{"scopes": ["usage:writ"]}}}}')
     result = CliRunner().invoke(app, ["--provider", "memory", "serve"])
     assert result.exit_code == 2
-    assert result.output.startswith("error: METERING_KEYS: key #1: scopes.0='usage:writ'")
+    assert result.output.startswith("error: METERING_KEYS: key #1: scopes.0: Input should be")
     assert SECRET not in result.output
 
 
@@ -60,3 +60,28 @@ def test_keys_come_from_the_config_file_when_the_environment_has_none(
     keys = configured_keys()
     assert keys["k-1"].tenant == "acme"
     assert keys["k-1"].scopes == {"usage:read"}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        f'{{"tenant-a": "{SECRET}"}}',  # the key where its settings belong
+        f'{{"k": {{"scopes": ["usage:read"], "key": "{SECRET}"}}}}',  # an extra field
+        f'{{"k": {{"scopes": ["{SECRET}"]}}}}',  # the key where a scope belongs
+        f'{{"k": {{"scopes": ["usage:read"], "tenant": ["{SECRET}"]}}}}',
+    ],
+)
+def test_no_misplaced_key_is_ever_shown(monkeypatch: pytest.MonkeyPatch, entry: str) -> None:
+    monkeypatch.setenv("METERING_KEYS", entry)
+    with pytest.raises(ConfigurationError) as caught:
+        configured_keys()
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize("raw", ['{"\\ud800": {"scopes": []}}', "[" * 100_000])
+def test_undecodable_or_absurd_keys_are_configuration_errors(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    monkeypatch.setenv("METERING_KEYS", raw)
+    with pytest.raises(ConfigurationError):
+        configured_keys()

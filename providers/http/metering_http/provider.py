@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import Field, SecretStr, TypeAdapter
+import pydantic
+from pydantic import BaseModel, Field, SecretStr, TypeAdapter
 
 from metering_core.config import ProviderSettings
+from metering_core.errors import MeteringError, ProviderUnavailableError
 from metering_core.interface import BaseProvider, Capabilities, Operation
 from metering_core.models import (
     CancelResult,
@@ -29,6 +31,23 @@ from metering_http.errors import error_from_response, error_from_transport
 __all__ = ["HttpProvider", "HttpSettings"]
 
 _EVENTS = TypeAdapter(list[UsageEvent])
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _answer(model: type[M], response: httpx.Response) -> M:
+    """A success answer in the contract's shape; anything else (a proxy's page answered
+    with 200) is an outage to retry, never a lost event."""
+    try:
+        return model.model_validate_json(response.content)
+    except (pydantic.ValidationError, MeteringError) as exc:
+        raise ProviderUnavailableError(
+            f"HTTP {response.status_code} from the metering service is not a {model.__name__} "
+            f"({len(response.content)} bytes, not shown)",
+            provider="http",
+            status_code=response.status_code,
+        ) from exc
 
 
 def _segment(value: str) -> str:
@@ -101,7 +120,7 @@ class HttpProvider(BaseProvider):
     def _parse_capabilities(response: httpx.Response) -> Capabilities:
         if response.is_error:
             raise error_from_response(response, "capabilities")
-        return Capabilities.model_validate_json(response.content)
+        return _answer(Capabilities, response)
 
     async def _call(
         self, operation: Operation, method: str, path: str, **kwargs: Any
@@ -117,28 +136,39 @@ class HttpProvider(BaseProvider):
     async def create_meter(self, meter: MeterCreate) -> Meter:
         body = meter.model_dump(mode="json", exclude_unset=True)
         response = await self._call(Operation.CREATE_METER, "POST", "/meters", json=body)
-        return Meter.model_validate_json(response.content)
+        return _answer(Meter, response)
 
     async def fetch_meter(self, meter_id: str) -> Meter:
         response = await self._call(Operation.FETCH_METER, "GET", f"/meters/{_segment(meter_id)}")
-        return Meter.model_validate_json(response.content)
+        return _answer(Meter, response)
 
     async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
         params: dict[str, Any] = {"limit": limit}
         if cursor is not None:
             params["cursor"] = cursor
         response = await self._call(Operation.FETCH_ALL_METERS, "GET", "/meters", params=params)
-        return Page[Meter].model_validate_json(response.content)
+        return _answer(Page[Meter], response)
 
     async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
         body = update.model_dump(mode="json", exclude_unset=True)
         response = await self._call(
             Operation.UPDATE_METER, "PUT", f"/meters/{_segment(meter_id)}", json=body
         )
-        return Meter.model_validate_json(response.content)
+        return _answer(Meter, response)
 
     async def delete_meter(self, meter_id: str) -> None:
         await self._call(Operation.DELETE_METER, "DELETE", f"/meters/{_segment(meter_id)}")
+
+    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
+        """In requests of the service's `max_batch_size`; when `/capabilities` does not
+        answer, as given (the pipeline sends a modest default): ingestion must not depend
+        on any route but `POST /usage`. A batch the service finds too large is refused
+        whole, and the pipeline splits it."""
+        try:
+            await self.load_capabilities()
+        except MeteringError:
+            return await self.ingest_batch(events)
+        return await super().ingest_usage_events(events)
 
     async def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
         body = b'{"events":' + _EVENTS.dump_json(list(events)) + b"}"
@@ -149,7 +179,7 @@ class HttpProvider(BaseProvider):
             content=body,
             headers={"Content-Type": "application/json"},
         )
-        return IngestResult.model_validate_json(response.content)
+        return _answer(IngestResult, response)
 
     async def fetch_usage(self, query: UsageQuery) -> Usage:
         params: list[tuple[str, str]] = [
@@ -164,7 +194,7 @@ class HttpProvider(BaseProvider):
         response = await self._call(
             Operation.FETCH_USAGE, "GET", f"/usage/{_segment(query.meter_id)}", params=params
         )
-        return Usage.model_validate_json(response.content)
+        return _answer(Usage, response)
 
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None
@@ -179,7 +209,7 @@ class HttpProvider(BaseProvider):
             response = await self._call(
                 Operation.CANCEL_USAGE_EVENTS, "DELETE", "/usage", json=body
             )
-            part = CancelResult.model_validate_json(response.content)
+            part = _answer(CancelResult, response)
             cancelled += part.cancelled
             not_found += part.not_found
             rejected.update(part.rejected)
@@ -188,7 +218,7 @@ class HttpProvider(BaseProvider):
     async def create_customer(self, customer: CustomerCreate) -> Customer:
         body = customer.model_dump(mode="json")
         response = await self._call(Operation.CREATE_CUSTOMER, "POST", "/customers", json=body)
-        return Customer.model_validate_json(response.content)
+        return _answer(Customer, response)
 
     async def delete_customer(self, customer_id: str) -> None:
         await self._call(Operation.DELETE_CUSTOMER, "DELETE", f"/customers/{_segment(customer_id)}")
