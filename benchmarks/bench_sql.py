@@ -27,14 +27,20 @@ START = datetime(2026, 1, 1, tzinfo=UTC)
 BATCH = 500
 
 
-def make_events(count: int, prefix: str) -> list[UsageEvent]:
+SPAN = 90 * 86400
+
+
+def make_events(count: int, prefix: str, scattered: bool = False) -> list[UsageEvent]:
+    """1,000 customers over 90 days: in time order as live usage arrives, or scattered
+    over the whole span as a backfill of old files may be."""
     return [
         UsageEvent(
             id=f"{prefix}-{i}",
             event_name="api_calls",
             customer_id=f"tenant-{i % 1000}",
             value=Decimal(i % 7 + 1),
-            timestamp=START + timedelta(seconds=(i * 7919) % (90 * 86400)),
+            timestamp=START
+            + timedelta(seconds=(i * 7919) % SPAN if scattered else i * SPAN / count),
             dimensions={"region": ("eu", "us", "ap")[i % 3]},
         )
         for i in range(count)
@@ -108,25 +114,34 @@ async def query_vs_scan(provider: SqlProvider, meter_id: str) -> tuple[float, fl
     return best, scan
 
 
+async def _empty_store(path: Path) -> SqlProvider:
+    provider = SqlProvider(SqlSettings(url=f"sqlite:///{path}"))
+    await provider.fetch_all_meters()  # the schema, empty
+    return provider
+
+
 async def run_sqlite(count: int) -> None:
     folder = Path(tempfile.mkdtemp())
-    provider = SqlProvider(SqlSettings(url=f"sqlite:///{folder / 'store.db'}"))
-    meter = await provider.create_meter(MeterCreate(event_name="api_calls", dimensions=["region"]))
-    rate = await ingest(provider, make_events(count, "p"))
+    for scattered in (False, True):
+        order = "scattered (backfill)" if scattered else "in time order (live)"
+        provider = await _empty_store(folder / f"store-{scattered}.db")
+        meter = await provider.create_meter(
+            MeterCreate(event_name="api_calls", dimensions=["region"])
+        )
+        if not scattered:
+            queried = meter.id
+        rate = await ingest(provider, make_events(count, "p", scattered))
+        await provider.aclose()
+        await (await _empty_store(folder / f"raw-{scattered}.db")).aclose()
+        raw = raw_sqlite(folder / f"raw-{scattered}.db", make_events(count, "r", scattered))
+        print(
+            f"sqlite ingest {order}, batches of {BATCH}: {rate:,.0f} events/s; raw "
+            f"executemany {raw:,.0f}/s; ratio {rate / raw:.2f}x"
+        )
+    provider = SqlProvider(SqlSettings(url=f"sqlite:///{folder / 'store-False.db'}"))
+    best, scan = await query_vs_scan(provider, queried)
     await provider.aclose()
-    raw_path = folder / "raw.db"
-    provider = SqlProvider(SqlSettings(url=f"sqlite:///{raw_path}"))
-    await provider.fetch_all_meters()  # the same schema, empty
-    await provider.aclose()
-    raw = raw_sqlite(raw_path, make_events(count, "r"))
-    provider = SqlProvider(SqlSettings(url=f"sqlite:///{folder / 'store.db'}"))
-    best, scan = await query_vs_scan(provider, meter.id)
-    await provider.aclose()
-    size = sum(p.stat().st_size for p in folder.glob("store.db*"))  # noqa: ASYNC240
-    print(
-        f"sqlite ingest, batches of {BATCH}: {rate:,.0f} events/s; raw executemany "
-        f"{raw:,.0f}/s; ratio {rate / raw:.2f}x"
-    )
+    size = sum(p.stat().st_size for p in folder.glob("store-False.db*"))  # noqa: ASYNC240
     print(
         f"sqlite fetch_usage over {count:,} events, 1 customer, 30 days: {best * 1000:.1f} ms;"
         f" full scan {scan * 1000:.0f} ms ({scan / best:.0f}x)"
@@ -134,69 +149,106 @@ async def run_sqlite(count: int) -> None:
     print(f"sqlite bytes on disk per event: {size / count:.0f}")
 
 
-async def run_postgres(url: str, count: int) -> None:
+async def _timed(provider: SqlProvider, query: UsageQuery, tries: int) -> float:
+    best = float("inf")
+    for _ in range(tries):
+        began = time.perf_counter()
+        await provider.fetch_usage(query)
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+async def run_postgres(url: str, count: int, stored: int) -> None:
+    """Ingest beside COPY on `count` events; then queries over `stored` events (bulk-loaded
+    by COPY), with the planner's index paths on and off (a sequential scan)."""
     import asyncpg
 
     provider = SqlProvider(SqlSettings(url=url))
     meter = await provider.create_meter(MeterCreate(event_name="api_calls", dimensions=["region"]))
     rate = await ingest(provider, make_events(count, "p"))
-    events = make_events(count, "c")
     connection = await asyncpg.connect(url)
-    records = [
-        (
-            e.id,
-            1,
-            e.event_name,
-            e.customer_id,
-            int(e.timestamp.timestamp() * 1e6),
-            e.value,
-            json.dumps(e.dimensions),
-            False,
-        )
-        for e in events
-    ]
+    columns = ["id", "meter_seq", "event_name", "customer_id", "ts", "value", "dimensions"]
+
+    def records(prefix: str, first: int, last: int, total: int) -> list[tuple[object, ...]]:
+        start = int(START.timestamp() * 1e6)
+        return [
+            (
+                f"{prefix}-{i}",
+                1,
+                "api_calls",
+                f"tenant-{i % 1000}",
+                start + i * SPAN * 1_000_000 // total,
+                Decimal(i % 7 + 1),
+                json.dumps({"region": ("eu", "us", "ap")[i % 3]}),
+            )
+            for i in range(first, last)
+        ]
+
+    copied = records("c", 0, count, count)
     began = time.perf_counter()
     for offset in range(0, count, BATCH):
         await connection.copy_records_to_table(
-            "events",
-            records=records[offset : offset + BATCH],
-            columns=[
-                "id",
-                "meter_seq",
-                "event_name",
-                "customer_id",
-                "ts",
-                "value",
-                "dimensions",
-                "cancelled",
-            ],
+            "events", records=copied[offset : offset + BATCH], columns=columns
         )
     copy = count / (time.perf_counter() - began)
     await connection.execute("DELETE FROM events WHERE id LIKE 'c-%'")
-    await connection.execute("VACUUM ANALYZE events")
-    size = await connection.fetchval("SELECT pg_total_relation_size('events')")
-    await connection.close()
-    best, scan = await query_vs_scan(provider, meter.id)
-    await provider.aclose()
     print(
         f"postgres ingest, batches of {BATCH}: {rate:,.0f} events/s; COPY {copy:,.0f}/s; "
         f"ratio {rate / copy:.2f}x"
     )
+    began = time.perf_counter()
+    for first in range(count, stored, 200_000):
+        chunk = records("b", first, min(stored, first + 200_000), stored)
+        await connection.copy_records_to_table("events", records=chunk, columns=columns)
+    await connection.execute("VACUUM ANALYZE events")
+    size = await connection.fetchval("SELECT pg_total_relation_size('events')")
     print(
-        f"postgres fetch_usage over {count:,} events, 1 customer, 30 days: "
-        f"{best * 1000:.1f} ms; full scan {scan * 1000:.0f} ms ({scan / best:.0f}x)"
+        f"postgres: {stored:,} events stored ({time.perf_counter() - began:.0f} s to load); "
+        f"{size / stored:.0f} bytes on disk per event (table and indexes)"
     )
-    print(f"postgres bytes on disk per event (table and indexes): {size / count:.0f}")
+    one = UsageQuery(
+        meter_id=meter.id,
+        customer_id="tenant-7",
+        start=START,
+        end=START + timedelta(days=30),
+        window="day",
+    )
+    everyone = UsageQuery(
+        meter_id=meter.id,
+        start=START,
+        end=START + timedelta(days=31),
+        window="month",
+        group_by=("region",),
+    )
+    indexed = (await _timed(provider, one, 5), await _timed(provider, everyone, 3))
+    await provider.aclose()
+    database = url.rsplit("/", 1)[1]
+    await connection.execute(f'ALTER DATABASE "{database}" SET enable_indexscan = off')
+    await connection.execute(f'ALTER DATABASE "{database}" SET enable_bitmapscan = off')
+    scanning = SqlProvider(SqlSettings(url=url))
+    scanned = (await _timed(scanning, one, 1), await _timed(scanning, everyone, 1))
+    await scanning.aclose()
+    await connection.execute(f'ALTER DATABASE "{database}" RESET ALL')
+    await connection.close()
+    print(
+        f"postgres fetch_usage, one customer, 30 day windows: {indexed[0] * 1000:.1f} ms; "
+        f"sequential scan {scanned[0] * 1000:.0f} ms ({scanned[0] / indexed[0]:.0f}x)"
+    )
+    print(
+        f"postgres fetch_usage, all customers by region, one month window: "
+        f"{indexed[1] * 1000:.0f} ms; sequential scan {scanned[1] * 1000:.0f} ms"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--postgres")
+    parser.add_argument("--stored", type=int, default=10_000_000, help="PostgreSQL query size")
     args = parser.parse_args()
     asyncio.run(run_sqlite(args.events))
     if args.postgres:
-        asyncio.run(run_postgres(args.postgres, args.events))
+        asyncio.run(run_postgres(args.postgres, args.events, args.stored))
 
 
 if __name__ == "__main__":

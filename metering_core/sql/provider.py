@@ -32,6 +32,7 @@ from metering_core.models import (
     UsageQuery,
 )
 from metering_core.sql import CAPABILITIES, SqlSettings, default_path
+from metering_core.sql.ingest import insert_events
 from metering_core.sql.schema import customers, events, meters
 from metering_core.sql.store import (
     STORE_FAILURES,
@@ -260,7 +261,7 @@ class SqlProvider(BaseProvider):
                 ).where(meters.c.event_name.in_(names))
             )
             by_name = {row.event_name: row for row in found}
-            rows: list[dict[str, Any]] = []
+            rows: list[tuple[UsageEvent, int]] = []
             refused: dict[str, str] = {}
             for event in batch:
                 meter = by_name.get(event.event_name)
@@ -272,15 +273,8 @@ class SqlProvider(BaseProvider):
                         f"{meter.unique_dimension!r} on every event"
                     )
                 else:
-                    rows.append(self._event_row(event, meter.seq))
-            inserted: set[str] = set()
-            if rows:
-                statement = (
-                    self._insert(events)
-                    .on_conflict_do_nothing(index_elements=["id"])
-                    .returning(events.c.id)
-                )
-                inserted = set((await connection.execute(statement, rows)).scalars())
+                    rows.append((event, meter.seq))
+            inserted = await insert_events(connection, rows) if rows else set()
             seen_before: set[str] = set()
             if refused:  # an id seen before is a duplicate, whatever became of its meter
                 seen_before = set(
@@ -297,17 +291,6 @@ class SqlProvider(BaseProvider):
             else:
                 result.duplicates.append(event.id)
         return result
-
-    def _event_row(self, event: UsageEvent, meter_seq: int) -> dict[str, Any]:
-        return {
-            "id": event.id,
-            "meter_seq": meter_seq,
-            "event_name": event.event_name,
-            "customer_id": event.customer_id,
-            "ts": _micros(event.timestamp),
-            "value": event.value if self.store.backend == "postgresql" else str(event.value),
-            "dimensions": event.dimensions,
-        }
 
     async def fetch_usage(self, query: UsageQuery) -> Usage:
         async with self._transaction() as connection:
