@@ -6,13 +6,19 @@ the model (`MeterCreate`, `UsageEvent`, …) or its fields as keyword arguments.
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from metering_core import events as events_module
 from metering_core import guards
@@ -24,6 +30,7 @@ from metering_core.config import (
 )
 from metering_core.errors import ValidationError
 from metering_core.interface import Capabilities, IMetering, Operation
+from metering_core.loop import shared_loop
 from metering_core.models import (
     CancelResult,
     Customer,
@@ -46,7 +53,9 @@ from metering_core.spool import DeadLetter
 __all__ = ["AsyncMetering", "Metering"]
 
 M = TypeVar("M", bound=_Model)
-T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
 EventInput = UsageEvent | Mapping[str, Any]
 
@@ -191,6 +200,16 @@ class AsyncMetering:
         await self._require(Operation.DELETE_METER)
         await self._provider.delete_meter(meter_id)
 
+    async def start(self) -> None:
+        """Start background delivery in the running loop (otherwise done on first use)."""
+        await self._pipeline.start()
+
+    def _queue_from_thread(self, events: Iterable[EventInput], timeout: float | None) -> list[str]:
+        """Validate and queue from a thread other than the loop's (the sync facade's)."""
+        checked = self._checked_events(events)
+        self._pipeline.submit_threadsafe(checked, timeout=timeout)
+        return [event.id for event in checked]
+
     def _checked_events(self, events: Iterable[EventInput]) -> list[UsageEvent]:
         """Validated events. Ingestion is an operation every provider has, so nothing is
         asked of the provider here: with a spool, ingesting never needs it reachable."""
@@ -315,27 +334,63 @@ class AsyncMetering:
         return f"<AsyncMetering provider={self.provider_name!r}>"
 
 
-class _LoopThread:
-    """A private event loop in a daemon thread, for the synchronous facade."""
+def _mirror(
+    method: Callable[Concatenate[AsyncMetering, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Metering, P], R]:
+    """The synchronous twin of an `AsyncMetering` method: same name, signature and doc,
+    run on the process-wide loop thread."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="metering-loop", daemon=True
-        )
-        self._thread.start()
+    def run(self: Metering, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return shared_loop().run(method(self._async, *args, **kwargs))
 
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+    return _named_like(run, method)
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
+
+def _mirror_iterator(
+    method: Callable[Concatenate[AsyncMetering, P], AsyncIterator[R]],
+) -> Callable[Concatenate[Metering, P], Iterator[R]]:
+    """The synchronous twin of an async generator method: each item fetched on the loop."""
+
+    def run(self: Metering, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
+        items = method(self._async, *args, **kwargs)
+
+        async def step() -> R:
+            return await anext(items)
+
+        loop = shared_loop()
+        while True:
+            try:
+                yield loop.run(step())
+            except StopAsyncIteration:
+                return
+
+    return _named_like(run, method)
+
+
+def _delegate(
+    method: Callable[Concatenate[AsyncMetering, P], R],
+) -> Callable[Concatenate[Metering, P], R]:
+    """A method that needs no loop (it touches only the spool), called through as it is."""
+
+    def run(self: Metering, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return method(self._async, *args, **kwargs)
+
+    return _named_like(run, method)
+
+
+def _named_like(function: F, method: Callable[..., Any]) -> F:
+    for attribute in ("__name__", "__qualname__", "__doc__"):
+        setattr(function, attribute, getattr(method, attribute))
+    function.__wrapped__ = method  # type: ignore[attr-defined]  # inspect.signature follows it
+    return function
 
 
 class Metering:
-    """The synchronous twin of `AsyncMetering`: same methods, same arguments, not awaited."""
+    """The synchronous twin of `AsyncMetering`: same methods, same arguments, not awaited.
+
+    Every operation runs on one event loop in a daemon thread shared by the whole process;
+    ingestion validates and queues in the caller's thread, with no round trip per event.
+    """
 
     def __init__(
         self,
@@ -345,9 +400,7 @@ class Metering:
         **options: Any,
     ) -> None:
         self._async = AsyncMetering(provider, config_file=config_file, **options)
-        self._runner = _LoopThread()
-        self._runner.run(self._async._pipeline.start())
-        self._closed = False
+        shared_loop().run(self._async.start())
 
     @property
     def provider(self) -> IMetering:
@@ -365,109 +418,39 @@ class Metering:
     def settings(self) -> MeteringSettings:
         return self._async.settings
 
-    def load_capabilities(self) -> Capabilities:
-        return self._runner.run(self._async.load_capabilities())
-
-    def create_meter(
-        self, meter: MeterCreate | Mapping[str, Any] | None = None, /, **fields: Any
-    ) -> Meter:
-        return self._runner.run(self._async.create_meter(meter, **fields))
-
-    def fetch_meter(self, meter_id: str) -> Meter:
-        return self._runner.run(self._async.fetch_meter(meter_id))
-
-    def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
-        return self._runner.run(self._async.fetch_all_meters(limit=limit, cursor=cursor))
-
-    def iter_meters(self, *, page_size: int = 100) -> Iterator[Meter]:
-        cursor: str | None = None
-        while True:
-            page = self.fetch_all_meters(limit=page_size, cursor=cursor)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
-
-    def update_meter(
-        self, meter_id: str, update: MeterUpdate | Mapping[str, Any] | None = None, /, **fields: Any
-    ) -> Meter:
-        return self._runner.run(self._async.update_meter(meter_id, update, **fields))
-
-    def delete_meter(self, meter_id: str) -> None:
-        self._runner.run(self._async.delete_meter(meter_id))
+    load_capabilities = _mirror(AsyncMetering.load_capabilities)
+    create_meter = _mirror(AsyncMetering.create_meter)
+    fetch_meter = _mirror(AsyncMetering.fetch_meter)
+    fetch_all_meters = _mirror(AsyncMetering.fetch_all_meters)
+    iter_meters = _mirror_iterator(AsyncMetering.iter_meters)
+    update_meter = _mirror(AsyncMetering.update_meter)
+    delete_meter = _mirror(AsyncMetering.delete_meter)
+    deliver_usage_events = _mirror(AsyncMetering.deliver_usage_events)
+    handle_event = _mirror(AsyncMetering.handle_event)
+    flush = _mirror(AsyncMetering.flush)
+    fetch_usage = _mirror(AsyncMetering.fetch_usage)
+    cancel_usage_events = _mirror(AsyncMetering.cancel_usage_events)
+    create_customer = _mirror(AsyncMetering.create_customer)
+    delete_customer = _mirror(AsyncMetering.delete_customer)
+    close = _mirror(AsyncMetering.close)
 
     def ingest_usage_event(
         self, event: EventInput | None = None, /, *, timeout: float | None = None, **fields: Any
     ) -> str:
-        # Validated and queued in the caller's thread: no round trip to the loop per event.
-        checked = self._async._checked_events([_coerce(UsageEvent, event, fields)])
-        self._async._pipeline.submit_threadsafe(checked, timeout=timeout)
-        return checked[0].id
+        """Queue one event for delivery and return its id (the idempotency key).
+
+        With `spool_path` set, it returns only once the event is committed to the spool.
+        """
+        return self._async._queue_from_thread([_coerce(UsageEvent, event, fields)], timeout)[0]
 
     def ingest_usage_events(
         self, events: Iterable[EventInput], *, timeout: float | None = None
     ) -> list[str]:
-        checked = self._async._checked_events(events)
-        self._async._pipeline.submit_threadsafe(checked, timeout=timeout)
-        return [event.id for event in checked]
+        """Queue events for delivery and return their ids in order; all are validated first."""
+        return self._async._queue_from_thread(events, timeout)
 
-    def handle_event(self, event: Mapping[str, Any]) -> Any:
-        return self._runner.run(self._async.handle_event(event))
-
-    def dead_letters(self) -> list[DeadLetter]:
-        return self._async.dead_letters()
-
-    def retry_dead_letters(self, ids: Sequence[str] | None = None) -> list[str]:
-        return self._async.retry_dead_letters(ids)
-
-    def flush(self, timeout: float | None = None) -> IngestResult:
-        return self._runner.run(self._async.flush(timeout))
-
-    def fetch_usage(
-        self,
-        meter_id: str | UsageQuery,
-        *,
-        customer_id: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-        window: Window | str | None = None,
-        group_by: Sequence[str] = (),
-        tz: str = "UTC",
-    ) -> Usage:
-        return self._runner.run(
-            self._async.fetch_usage(
-                meter_id,
-                customer_id=customer_id,
-                start=start,
-                end=end,
-                window=window,
-                group_by=group_by,
-                tz=tz,
-            )
-        )
-
-    def cancel_usage_events(
-        self, event_ids: Sequence[str], *, event_name: str | None = None
-    ) -> CancelResult:
-        return self._runner.run(self._async.cancel_usage_events(event_ids, event_name=event_name))
-
-    def create_customer(
-        self, customer: CustomerCreate | Mapping[str, Any] | None = None, /, **fields: Any
-    ) -> Customer:
-        return self._runner.run(self._async.create_customer(customer, **fields))
-
-    def delete_customer(self, customer_id: str) -> None:
-        self._runner.run(self._async.delete_customer(customer_id))
-
-    def close(self) -> IngestResult:
-        """Deliver what is queued, release the provider and stop the private loop."""
-        if self._closed:
-            return IngestResult()
-        self._closed = True
-        try:
-            return self._runner.run(self._async.close())
-        finally:
-            self._runner.stop()
+    dead_letters = _delegate(AsyncMetering.dead_letters)
+    retry_dead_letters = _delegate(AsyncMetering.retry_dead_letters)
 
     def __enter__(self) -> Self:
         return self

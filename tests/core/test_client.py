@@ -179,3 +179,34 @@ async def test_async_facade_built_outside_a_loop_works_inside_one() -> None:
     assert report.accepted == [event_id]
     assert meters == []
     assert repr(metering) == "<AsyncMetering provider='recording'>"
+
+
+def test_the_two_facades_expose_the_same_methods_with_the_same_signatures() -> None:
+    import inspect
+
+    from metering_core import AsyncMetering, Metering
+
+    def public(cls: type) -> dict[str, inspect.Signature]:
+        return {
+            name: inspect.signature(member)
+            for name, member in inspect.getmembers(cls, callable)
+            if not name.startswith("_") and name != "start"
+        }
+
+    synchronous, asynchronous = public(Metering), public(AsyncMetering)
+    assert sorted(synchronous) == sorted(asynchronous)
+    assert synchronous == asynchronous
+    for name in synchronous:
+        assert getattr(Metering, name).__doc__ == getattr(AsyncMetering, name).__doc__, name
+
+
+def test_every_sync_facade_shares_one_loop_thread() -> None:
+    import threading
+
+    from metering_core import Metering
+
+    facades = [Metering("memory") for _ in range(5)]
+    loops = [t for t in threading.enumerate() if t.name == "metering-loop"]
+    for facade in facades:
+        facade.close()
+    assert len(loops) == 1
