@@ -242,7 +242,7 @@ class AsyncMetering:
     async def handle_event(self, event: Mapping[str, Any]) -> Any:
         """Route an event-bus message (EventBridge or CloudEvent) to ingestion, onboarding or
         offboarding; returns the ids ingested, the customer created, or None."""
-        return await events_module.dispatch(self, event)
+        return await events_module.route(events_module.parse_event(event), self)
 
     def dead_letters(self) -> list[DeadLetter]:
         """Events rejected for good, kept in the spool with their reasons (needs `spool_path`)."""

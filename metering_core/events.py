@@ -1,4 +1,6 @@
-"""Event-triggered functions: event-bus messages routed to ingestion and onboarding.
+"""Event-triggered functions: event-bus messages parsed, and routed to ingestion and
+onboarding. Pure: parsing and one router; the facade, the REST service and the Lambda
+handler all act through it.
 
 `handle_event` takes an EventBridge envelope (`{"detail-type": ..., "detail": {...}}`) or a
 CloudEvent (`{"type": ..., "data": {...}}`), so an existing sbt-aws application can switch
@@ -12,15 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from metering_core.errors import ValidationError
 from metering_core.models import CustomerCreate, UsageEvent
 
-if TYPE_CHECKING:
-    from metering_core.client import AsyncMetering, Metering
-
-__all__ = ["ParsedEvent", "lambda_handler", "parse_event"]
+__all__ = ["EventTarget", "ParsedEvent", "parse_event", "route"]
 
 Kind = Literal["ingest", "onboard", "offboard"]
 
@@ -171,38 +170,34 @@ def parse_event(message: Any) -> ParsedEvent:
     return ParsedEvent(kind, [], tenant_id=_tenant(detail))
 
 
-async def dispatch(metering: AsyncMetering, message: Any) -> Any:
-    """Act on a message: the ids ingested, the customer created, or None after offboarding."""
-    parsed = parse_event(message)
+class EventTarget(Protocol):
+    """What an event-bus message acts on: the facade itself, or a gateway that applies a
+    caller's rights first (the REST service)."""
+
+    async def ingest_usage_events(self, events: list[UsageEvent], /) -> Any: ...
+
+    async def create_customer(self, customer: CustomerCreate, /) -> Any: ...
+
+    async def delete_customer(self, customer_id: str, /) -> Any: ...
+
+
+async def route(parsed: ParsedEvent, target: EventTarget) -> Any:
+    """The one router: a parsed message to ingestion, onboarding or offboarding. Returns
+    what the target answered (ids or a report, the customer, or None)."""
     if parsed.kind == "ingest":
-        return await metering.ingest_usage_events(parsed.usage)
+        return await target.ingest_usage_events(parsed.usage)
     if parsed.customer is not None:
-        return await metering.create_customer(parsed.customer)
+        return await target.create_customer(parsed.customer)
     assert parsed.tenant_id is not None
-    await metering.delete_customer(parsed.tenant_id)
+    await target.delete_customer(parsed.tenant_id)
     return None
 
 
-_lambda_metering: Metering | None = None
+def __getattr__(name: str) -> Any:
+    """`lambda_handler` moved to `metering_core.aws` (as `event_handler`); the old
+    name still resolves."""
+    if name == "lambda_handler":
+        from metering_core.aws import event_handler
 
-
-def lambda_handler(event: Mapping[str, Any], context: object) -> dict[str, Any]:
-    """AWS Lambda entry point: one `Metering` from configuration per warm container.
-
-    Usage is flushed before returning, so Lambda's freeze cannot strand queued events, and
-    a rejected event fails the invocation so the event bus retries or dead-letters it.
-    """
-    global _lambda_metering
-    from metering_core.client import Metering
-
-    if _lambda_metering is None:
-        _lambda_metering = Metering()
-    outcome = _lambda_metering.handle_event(event)
-    report = _lambda_metering.flush()
-    if report.rejected:
-        raise ValidationError(
-            f"rejected usage events: {report.rejected}", field="detail", value=list(report.rejected)
-        )
-    if isinstance(outcome, list):
-        return {"ingested": outcome, "duplicates": report.duplicates}
-    return {"ok": True, "customer": outcome.id if outcome is not None else None}
+        return event_handler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Query, Response
 from metering_core.client import AsyncMetering
 from metering_core.config import ApiKey, Scope
 from metering_core.errors import ERROR_TYPES, ConfigurationError, ValidationError
-from metering_core.events import parse_event
+from metering_core.events import parse_event, route
 from metering_core.interface import Capabilities
 from metering_core.models import (
     CancelResult,
@@ -74,11 +74,27 @@ def create_app(
                 f"{field}: {count} exceed max_batch_size={limit}", field=field, value=count
             )
 
-    async def deliver(principal: Principal, events: Sequence[UsageEvent]) -> IngestResult:
-        """Deliver now, in the caller's id space, and answer per id as the caller sent it."""
-        stored, sent = principal.outgoing(events)
-        await within_batch_limit("events", len(stored))
-        return principal.ingest_answer(await service.deliver_usage_events(stored), sent)
+    class Gateway:
+        """The service acting for one caller: its rights applied, then the facade called.
+        The event router (`POST /events`) and the plain routes both act through it."""
+
+        def __init__(self, principal: Principal) -> None:
+            self.principal = principal
+
+        async def ingest_usage_events(self, events: Sequence[UsageEvent], /) -> IngestResult:
+            """Deliver now, in the caller's id space; answer per id as the caller sent it."""
+            stored, sent = self.principal.outgoing(events)
+            await within_batch_limit("events", len(stored))
+            answer = await service.deliver_usage_events(stored)
+            return self.principal.ingest_answer(answer, sent)
+
+        async def create_customer(self, customer: CustomerCreate, /) -> Customer:
+            self.principal.own_tenant(customer.id, "create customer")
+            return await service.create_customer(customer)
+
+        async def delete_customer(self, customer_id: str, /) -> None:
+            self.principal.own_tenant(customer_id, "delete customer")
+            await service.delete_customer(customer_id)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -127,7 +143,7 @@ def create_app(
     async def ingest(
         batch: UsageBatch, principal: Annotated[Principal, Depends(require("usage:write"))]
     ) -> IngestResult:
-        return await deliver(principal, batch.events)
+        return await Gateway(principal).ingest_usage_events(batch.events)
 
     @app.get("/usage/{meter_id}", response_model=Usage)
     async def fetch_usage(
@@ -178,30 +194,21 @@ def create_app(
         scope: Scope = "usage:write" if parsed.kind == "ingest" else "customers:write"
         if scope not in principal.scopes:
             raise Forbidden(f"this key lacks the scope {scope!r}")
-        if parsed.kind == "ingest":
-            return await deliver(principal, parsed.usage)
-        if parsed.customer is not None:
-            principal.own_tenant(parsed.customer.id, "create customer")
-            return await service.create_customer(parsed.customer)
-        principal.own_tenant(parsed.tenant_id, "delete customer")
-        assert parsed.tenant_id is not None
-        await service.delete_customer(parsed.tenant_id)
-        return None
+        answer: IngestResult | Customer | None = await route(parsed, Gateway(principal))
+        return answer
 
     @app.post("/customers", status_code=201)
     async def create_customer(
         customer: CustomerCreate,
         principal: Annotated[Principal, Depends(require("customers:write"))],
     ) -> Customer:
-        principal.own_tenant(customer.id, "create customer")
-        return await service.create_customer(customer)
+        return await Gateway(principal).create_customer(customer)
 
     @app.delete("/customers/{customer_id:path}", status_code=204)
     async def delete_customer(
         customer_id: str, principal: Annotated[Principal, Depends(require("customers:write"))]
     ) -> Response:
-        principal.own_tenant(customer_id, "delete customer")
-        await service.delete_customer(customer_id)
+        await Gateway(principal).delete_customer(customer_id)
         return Response(status_code=204)
 
     return app

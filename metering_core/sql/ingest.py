@@ -54,7 +54,12 @@ _POSTGRES = sa.text(
 
 
 async def insert_events(connection: Any, rows: Sequence[tuple[UsageEvent, int]]) -> set[str]:
-    """Insert (event, meter_seq) rows unless their id is known; the ids inserted."""
+    """Insert (event, meter_seq) rows unless their id is known; the ids inserted.
+
+    Rows go in id order: two processes inserting overlapping batches then take the unique
+    index's locks in the same order, so neither waits on the other in a cycle (PostgreSQL
+    answered such batches in arbitrary order with a deadlock)."""
+    rows = sorted(rows, key=lambda row: row[0].id)
     if connection.dialect.name == "postgresql":
         events = [event for event, _ in rows]
         result = await connection.execute(

@@ -172,8 +172,16 @@ def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
     where = f"store {store.shown}"
     if sqlstate in ("28P01", "28000"):
         return AuthenticationError(f"{where} refused the credentials: {detail}", provider="sql")
-    if sqlstate == "3D000" or isinstance(cause, sqlite3.DatabaseError | sqlite3.OperationalError):
+    if isinstance(cause, sqlite3.OperationalError) and "locked" in str(cause):
+        return ProviderUnavailableError(
+            f"{where} is busy; it can be retried: {detail}", provider="sql"
+        )
+    if sqlstate == "3D000" or isinstance(cause, sqlite3.DatabaseError):
         return ConfigurationError(f"{where} cannot be used: {detail}")
+    if isinstance(sqlstate, str) and sqlstate.startswith("40"):  # deadlock, serialization
+        return ProviderUnavailableError(
+            f"{where} rolled the transaction back; it can be retried: {detail}", provider="sql"
+        )
     return ProviderUnavailableError(f"{where} is unreachable: {detail}", provider="sql")
 
 

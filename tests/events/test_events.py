@@ -160,17 +160,19 @@ def test_one_bad_event_in_a_list_changes_nothing(metering: Metering) -> None:
 
 
 def test_lambda_handler_ingests_and_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
-    import metering_core.events as events
+    import metering_core.aws as aws
+    from metering_core.events import lambda_handler  # the entry point's earlier home
 
+    assert lambda_handler is aws.event_handler
     monkeypatch.setenv("METERING_PROVIDER", "memory")
-    monkeypatch.setattr(events, "_lambda_metering", None)
+    monkeypatch.setattr(aws, "_metering", None)
     message = eventbridge("INGEST_USAGE", {"event_name": "nometer", "tenantId": "t1"})
     with pytest.raises(ValidationError, match="rejected"):
-        events.lambda_handler(message, None)
-    assert events._lambda_metering is not None
-    events._lambda_metering.create_meter(event_name="api_calls")
-    ok = events.lambda_handler(
+        lambda_handler(message, None)
+    assert aws._metering is not None
+    aws._metering.create_meter(event_name="api_calls")
+    ok = lambda_handler(
         eventbridge("INGEST_USAGE", {"event_name": "api_calls", "tenantId": "t1"}, "eb-9"), None
     )
     assert ok["ingested"] == ["eb-9:0"]
-    events._lambda_metering.close()
+    aws._metering.close()

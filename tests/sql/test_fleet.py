@@ -107,8 +107,15 @@ def test_two_services_on_one_postgres_count_each_event_once(postgres_url: str) -
         with client(first) as admin:
             meter = admin.create_meter(event_name="api_calls")
         reports: list[tuple[list[str], list[str]]] = []
+        failures: list[BaseException] = []
 
         def app_server(n: int) -> None:
+            try:
+                send(n)
+            except BaseException as exc:
+                failures.append(exc)
+
+        def send(n: int) -> None:
             picked = random.Random(n).sample(pool, 1200)  # overlaps with the others
             with client(first if n % 2 else second) as m:
                 m.ingest_usage_events(
@@ -129,6 +136,7 @@ def test_two_services_on_one_postgres_count_each_event_once(postgres_url: str) -
             thread.start()
         for thread in threads:
             thread.join(180)
+        assert failures == []
         accepted = [i for a, _ in reports for i in a]
         sent = {i for n in range(10) for i in random.Random(n).sample(pool, 1200)}
         assert len(reports) == 10

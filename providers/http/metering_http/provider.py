@@ -8,9 +8,8 @@ from urllib.parse import quote
 
 import httpx
 import pydantic
-from pydantic import BaseModel, Field, SecretStr, TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
-from metering_core.config import ProviderSettings
 from metering_core.errors import MeteringError, ProviderUnavailableError
 from metering_core.interface import BaseProvider, Capabilities, Operation
 from metering_core.models import (
@@ -27,8 +26,9 @@ from metering_core.models import (
     UsageQuery,
 )
 from metering_http.errors import error_from_response, error_from_transport
+from metering_http.settings import HttpSettings
 
-__all__ = ["HttpProvider", "HttpSettings"]
+__all__ = ["HttpProvider"]
 
 _EVENTS = TypeAdapter(list[UsageEvent])
 
@@ -53,15 +53,6 @@ def _answer(model: type[M], response: httpx.Response) -> M:
 def _segment(value: str) -> str:
     """An id as one path segment: '/', '?', '#' and spaces cannot change the route."""
     return quote(value, safe="")
-
-
-class HttpSettings(ProviderSettings):
-    """Where the metering service is and how to reach it."""
-
-    base_url: str
-    api_key: SecretStr | None = None
-    timeout: float = Field(default=10.0, gt=0)
-    max_connections: int = Field(default=20, ge=1)
 
 
 class HttpProvider(BaseProvider):

@@ -6,15 +6,14 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import stripe
 
 from metering_core.errors import NotFoundError, UnsupportedOperationError, ValidationError
-from metering_core.interface import BaseProvider, Capabilities, Operation
+from metering_core.interface import BaseProvider, Operation
 from metering_core.models import (
-    Aggregation,
     CancelResult,
     Customer,
     CustomerCreate,
@@ -26,8 +25,8 @@ from metering_core.models import (
     Usage,
     UsageEvent,
     UsageQuery,
-    Window,
 )
+from metering_stripe.capabilities import CAPABILITIES, FORMULAS, MAX_AGE, MAX_AHEAD
 from metering_stripe.deliveries import RecentDeliveries
 from metering_stripe.errors import translate
 from metering_stripe.settings import StripeSettings
@@ -36,24 +35,9 @@ from metering_stripe.usage import fold_summaries, summary_request, unix
 __all__ = ["CAPABILITIES", "StripeProvider"]
 
 T = TypeVar("T")
-FORMULAS = {Aggregation.SUM: "sum", Aggregation.COUNT: "count", Aggregation.LATEST: "last"}
 AGGREGATIONS = {formula: aggregation for aggregation, formula in FORMULAS.items()}
-MAX_AGE, MAX_AHEAD = timedelta(days=35), timedelta(minutes=5)
 SESSION_MARGIN = 60.0
 TENANT_KEY = "tenant_id"
-
-CAPABILITIES = Capabilities(
-    aggregations=frozenset(FORMULAS),
-    windows=frozenset(Window),
-    max_batch_size=100,
-    requires_customer=True,
-    group_by=False,
-    dimensions=False,
-    updatable_meter_fields=frozenset({"display_name"}),
-    max_event_age=MAX_AGE,
-    max_future_skew=MAX_AHEAD,
-    cancel_window=timedelta(hours=24),
-)
 
 
 def _meter(obj: Any) -> Meter:

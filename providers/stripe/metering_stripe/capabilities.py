@@ -1,0 +1,26 @@
+"""What Stripe Billing Meters can do, stated without importing the SDK."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from metering_core.interface import Capabilities
+from metering_core.models import Aggregation, Window
+
+__all__ = ["CAPABILITIES", "FORMULAS", "MAX_AGE", "MAX_AHEAD"]
+
+FORMULAS = {Aggregation.SUM: "sum", Aggregation.COUNT: "count", Aggregation.LATEST: "last"}
+MAX_AGE, MAX_AHEAD = timedelta(days=35), timedelta(minutes=5)
+
+CAPABILITIES = Capabilities(
+    aggregations=frozenset(FORMULAS),
+    windows=frozenset(Window),
+    max_batch_size=100,
+    requires_customer=True,
+    group_by=False,
+    dimensions=False,
+    updatable_meter_fields=frozenset({"display_name"}),
+    max_event_age=MAX_AGE,
+    max_future_skew=MAX_AHEAD,
+    cancel_window=timedelta(hours=24),
+)
