@@ -1,7 +1,7 @@
 """metering-core: one Python API for usage metering, routed to the configured provider."""
 
 from metering_core.client import AsyncMetering, Metering
-from metering_core.config import ApiKey, MeteringSettings, ProviderSettings
+from metering_core.config import MeteringSettings, ProviderSettings
 from metering_core.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -35,6 +35,7 @@ from metering_core.models import (
     Window,
 )
 from metering_core.plugins import ProviderSpec, providers, register_plugin
+from metering_core.server.settings import ApiKey
 from metering_core.spool import DeadLetter
 
 __all__ = [

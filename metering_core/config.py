@@ -13,16 +13,15 @@ import logging
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from metering_core.errors import ConfigurationError
 
 __all__ = [
-    "ApiKey",
     "MeteringSettings",
     "ProviderSettings",
     "load_config_file",
@@ -33,7 +32,6 @@ __all__ = [
 logger = logging.getLogger("metering")
 
 DEFAULT_PROVIDER = "sql"
-Scope = Literal["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
 S = TypeVar("S", bound=BaseSettings)
 
 
@@ -41,16 +39,6 @@ class ProviderSettings(BaseSettings):
     """Base of every provider's settings model; unknown options are refused."""
 
     model_config = SettingsConfigDict(extra="forbid", frozen=True, case_sensitive=False)
-
-
-class ApiKey(BaseModel):
-    """One REST-service key: what it may do, and the one tenant it is bound to, if any.
-    (The keys themselves are the service's settings: `metering_core.server.settings`.)"""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    scopes: frozenset[Scope]
-    tenant: str | None = None
 
 
 class MeteringSettings(BaseSettings):

@@ -36,10 +36,33 @@ class RegisterProvider(Protocol):
 def register_providers(register: RegisterProvider) -> None:
     """Register providers with `register(name, factory, settings_model, capabilities=None)`.
 
-    `capabilities`, when known without connecting, lets `metering providers` show them.
+    :param register: call it once per provider. `name` is what configuration selects
+        (`METERING_PROVIDER`); `factory(settings)` builds the provider from an instance of
+        `settings_model` (a `ProviderSettings`), so import heavy SDKs inside the factory,
+        not at module level; `capabilities`, when known without connecting, lets
+        `metering providers` show them.
+
+    When: once per process, the first time a provider is looked up or listed (and again
+    after a plugin is registered or removed by hand), on the caller's thread.
+
+    Errors: an exception raised here propagates to that lookup (`Metering(...)`,
+    `metering providers`); a name registered twice raises `ConfigurationError` naming
+    both plugins.
     """
 
 
 @hookspec
 def usage_delivered(provider: str, result: IngestResult) -> None:
-    """Called once after each batch the pipeline delivered (observability)."""
+    """Observe each delivered batch (metrics, audit logs).
+
+    :param provider: the provider's registered name.
+    :param result: what became of each event of the batch (accepted, duplicates, rejected
+        with reasons), after retries and splitting. Do not modify it.
+
+    When: once per batch, after the provider answered and (with a spool) after the outcome
+    was committed, on the event loop's thread (the sync facade's shared loop thread, or
+    your own loop with `AsyncMetering`): return quickly and do no blocking I/O.
+
+    Errors: an exception raised here is logged with its traceback and otherwise ignored;
+    the delivery report is kept and no event is retried or lost because of it.
+    """

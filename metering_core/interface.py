@@ -77,7 +77,10 @@ class Capabilities(BaseModel):
 
 @runtime_checkable
 class IMetering(Protocol):
-    """What every provider implements; all operations are async, ingestion is batched."""
+    """The provider contract, stated once: what every provider implements. All operations
+    are async and ingestion is batched. The facade checks `capabilities` before it calls,
+    so a provider receives only requests its capabilities allow, and contains only the
+    translation to its backend. Subclass `BaseProvider` for the defaults."""
 
     @property
     def name(self) -> str:
@@ -93,39 +96,60 @@ class IMetering(Protocol):
         """What the provider can do, asking its backend without blocking the loop if needed."""
         ...
 
-    async def create_meter(self, meter: MeterCreate) -> Meter: ...
+    @abc.abstractmethod
+    async def create_meter(self, meter: MeterCreate) -> Meter:
+        """Create a meter; `ConflictError` if its event name has one already."""
 
-    async def fetch_meter(self, meter_id: str) -> Meter: ...
+    @abc.abstractmethod
+    async def fetch_meter(self, meter_id: str) -> Meter:
+        """One meter; `NotFoundError` if there is none with that id."""
 
-    async def fetch_all_meters(
-        self, *, limit: int = 100, cursor: str | None = None
-    ) -> Page[Meter]: ...
+    @abc.abstractmethod
+    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
+        """One page of meters, in a stable order; `next_cursor` is None on the last."""
 
-    async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter: ...
+    async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
+        """Change the fields set in `update` (optional operation)."""
+        ...
 
-    async def delete_meter(self, meter_id: str) -> None: ...
+    async def delete_meter(self, meter_id: str) -> None:
+        """Delete a meter; its events stop counting (optional operation)."""
+        ...
 
-    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult: ...
+    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
+        """Deliver events; the result accounts for every event exactly once: accepted,
+        duplicate (an id seen before: success) or rejected with the reason."""
+        ...
 
-    async def fetch_usage(self, query: UsageQuery) -> Usage: ...
+    @abc.abstractmethod
+    async def fetch_usage(self, query: UsageQuery) -> Usage:
+        """Aggregated usage of one meter over [start, end), by window and group."""
 
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None
-    ) -> CancelResult: ...
+    ) -> CancelResult:
+        """Cancel delivered events; a verdict per id (optional operation)."""
+        ...
 
-    async def create_customer(self, customer: CustomerCreate) -> Customer: ...
+    async def create_customer(self, customer: CustomerCreate) -> Customer:
+        """Register a tenant (optional operation); the same fields again return it."""
+        ...
 
-    async def delete_customer(self, customer_id: str) -> None: ...
+    async def delete_customer(self, customer_id: str) -> None:
+        """Remove a tenant (optional operation)."""
+        ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Release connections; called once by the facade's `close()`."""
+        ...
 
 
-class BaseProvider(abc.ABC):
-    """Defaults for plugin authors: optional operations raise `UnsupportedOperationError`,
-    `ingest_usage_events` chunks to `capabilities.max_batch_size` and calls `ingest_batch`,
-    `aclose` does nothing."""
+class BaseProvider(IMetering):
+    """Defaults for plugin authors, on the contract above: optional operations raise
+    `UnsupportedOperationError`, `ingest_usage_events` chunks to
+    `capabilities.max_batch_size` and calls `ingest_batch`, `aclose` does nothing."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # a class constant satisfies the contract's property
     default_capabilities: ClassVar[Capabilities] = Capabilities()
 
     @property
@@ -140,17 +164,6 @@ class BaseProvider(abc.ABC):
         self, operation: Operation, detail: str | None = None
     ) -> UnsupportedOperationError:
         return UnsupportedOperationError(self.name, operation.value, detail)
-
-    @abc.abstractmethod
-    async def create_meter(self, meter: MeterCreate) -> Meter: ...
-
-    @abc.abstractmethod
-    async def fetch_meter(self, meter_id: str) -> Meter: ...
-
-    @abc.abstractmethod
-    async def fetch_all_meters(
-        self, *, limit: int = 100, cursor: str | None = None
-    ) -> Page[Meter]: ...
 
     async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
         raise self.unsupported(Operation.UPDATE_METER)
@@ -170,9 +183,6 @@ class BaseProvider(abc.ABC):
     @abc.abstractmethod
     async def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
         """Deliver at most `max_batch_size` events; report every id in the result."""
-
-    @abc.abstractmethod
-    async def fetch_usage(self, query: UsageQuery) -> Usage: ...
 
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None

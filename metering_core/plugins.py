@@ -68,14 +68,34 @@ def plugin_manager() -> pluggy.PluginManager:
 def register_plugin(plugin: ModuleType | object, name: str | None = None) -> None:
     """Register a plugin by hand (tests, or an app that ships its own provider)."""
     plugin_manager().register(plugin, name=name)
+    _forget_registry()
 
 
 def unregister_plugin(plugin: ModuleType | object) -> None:
     """Remove a plugin registered by hand."""
     plugin_manager().unregister(plugin)
+    _forget_registry()
+
+
+_registry: dict[str, ProviderSpec] | None = None
+
+
+def _forget_registry() -> None:
+    global _registry
+    _registry = None
 
 
 def _collect() -> dict[str, ProviderSpec]:
+    """The providers registered by every plugin, collected once and kept until a plugin is
+    registered or removed. Plugins register factories: building one is what imports a
+    provider's SDK, so collecting costs no SDK import."""
+    global _registry
+    if _registry is None:
+        _registry = _gather()
+    return _registry
+
+
+def _gather() -> dict[str, ProviderSpec]:
     pm = plugin_manager()
     specs: dict[str, ProviderSpec] = {}
     for impl in pm.hook.register_providers.get_hookimpls():

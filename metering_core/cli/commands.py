@@ -303,6 +303,6 @@ def db_upgrade() -> None:
 @reported
 def demo() -> None:
     """A month of usage for a few tenants on the in-memory provider, by day and by tenant."""
-    from metering_core.demo import run_demo
+    from metering_core.cli.demo import run_demo
 
     run_demo(out)

@@ -9,9 +9,9 @@ from typing import Annotated, Any, get_args
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from metering_core.config import ApiKey, Scope
 from metering_core.models import CancelResult, IngestResult, UsageEvent
 from metering_core.server.errors import Forbidden
+from metering_core.server.settings import ApiKey, Scope
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 """The bearer token of a request, if it sent one."""

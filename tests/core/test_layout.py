@@ -46,7 +46,7 @@ def test_no_import_cycle_among_metering_core_modules() -> None:
             if target == node:
                 continue
             if state.get(target) == 1:
-                cycle = [*path[path.index(target):], target]
+                cycle = [*path[path.index(target) :], target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target)

@@ -19,6 +19,7 @@ from metering_stripe.usage import fold_summaries, summary_request
 from pydantic import SecretStr
 
 from metering_core import (
+    AsyncMetering,
     AuthenticationError,
     ConfigurationError,
     CustomerCreate,
@@ -249,11 +250,14 @@ async def test_the_tenant_mapping_is_found_again_after_a_restart(
 async def test_refusals_happen_before_any_request(fake: FakeStripe, make: Make) -> None:
     provider = make()
     meter_id = await setup(provider)
+    facade = AsyncMetering(provider)  # the facade checks the provider's capabilities
     before = len(fake.requests)
-    with pytest.raises(UnsupportedOperationError, match="aggregation='max'"):
-        await provider.create_meter(MeterCreate(event_name="peak", aggregation="max"))
-    with pytest.raises(UnsupportedOperationError, match="display_name only, not description"):
-        await provider.update_meter(meter_id, MeterUpdate(description="x"))
+    with pytest.raises(UnsupportedOperationError, match="aggregation='max' is not supported"):
+        await facade.create_meter(MeterCreate(event_name="peak", aggregation="max"))
+    with pytest.raises(UnsupportedOperationError, match="cannot change description"):
+        await facade.update_meter(meter_id, MeterUpdate(description="x"))
+    with pytest.raises(UnsupportedOperationError, match="keeps no dimensions"):
+        await facade.create_meter(MeterCreate(event_name="regional", dimensions=["region"]))
     assert len(fake.requests) == before
 
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import stripe
 
 from metering_core.errors import NotFoundError, UnsupportedOperationError, ValidationError
-from metering_core.interface import BaseProvider, Operation
+from metering_core.interface import BaseProvider
 from metering_core.models import (
     CancelResult,
     Customer,
@@ -110,16 +110,11 @@ class StripeProvider(BaseProvider):
     # meters
 
     async def create_meter(self, meter: MeterCreate) -> Meter:
-        formula = FORMULAS.get(meter.aggregation)
-        if formula is None:
+        # The facade has checked the aggregation and dimensions against CAPABILITIES.
+        formula = FORMULAS[meter.aggregation]
+        if meter.description is not None:
             raise UnsupportedOperationError(
-                self.name,
-                "create_meter",
-                f"aggregation={meter.aggregation.value!r}: Stripe has sum, count and last",
-            )
-        if meter.description is not None or meter.dimensions:
-            raise UnsupportedOperationError(
-                self.name, "create_meter", "Stripe meters keep no description or dimensions"
+                self.name, "create_meter", "Stripe meters keep no description"
             )
         params: Any = {
             "display_name": meter.display_name or meter.event_name,
@@ -144,13 +139,7 @@ class StripeProvider(BaseProvider):
         )
 
     async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
-        refused = sorted(update.model_fields_set - {"display_name"})
-        if refused:
-            raise UnsupportedOperationError(
-                self.name,
-                "update_meter",
-                f"Stripe can change display_name only, not {', '.join(refused)}",
-            )
+        # The facade allows display_name only (updatable_meter_fields); Stripe cannot clear it.
         if update.display_name is None:
             raise ValidationError(
                 "Stripe meters need a display_name (display_name=None)",
@@ -336,16 +325,8 @@ class StripeProvider(BaseProvider):
     # usage
 
     async def fetch_usage(self, query: UsageQuery) -> Usage:
-        if query.customer_id is None:
-            raise ValidationError(
-                "Stripe needs customer_id to fetch usage (customer_id=None)",
-                field="customer_id",
-                value=None,
-            )
-        if query.group_by:
-            raise UnsupportedOperationError(
-                self.name, Operation.FETCH_USAGE.value, "Stripe has no group-by"
-            )
+        # The facade has refused a missing customer and any group_by (CAPABILITIES).
+        assert query.customer_id is not None
         meter = await self.fetch_meter(query.meter_id)
         customer = await self._stripe_customer(query.customer_id)
         if customer is None:

@@ -1,0 +1,233 @@
+"""The REST service's app: the metering API over HTTP, for app fleets that send usage
+centrally.
+
+`create_app(metering, keys=...)` returns a FastAPI app. Clients send
+`Authorization: Bearer <key>`; each key has scopes and may be bound to one tenant, whose
+usage is then the only usage it can write, read or cancel, in that tenant's own space of
+event ids. `POST /usage` delivers before
+it answers and reports each event, so the client (which keeps the queue and the retries)
+knows what became of every id. Errors share one shape: `{"error": {"type", "message", "field"?}}`.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Response
+
+from metering_core.client import AsyncMetering
+from metering_core.errors import ConfigurationError, ValidationError
+from metering_core.events import parse_event, route
+from metering_core.interface import Capabilities
+from metering_core.models import (
+    CancelResult,
+    Customer,
+    CustomerCreate,
+    IngestResult,
+    Meter,
+    MeterCreate,
+    MeterUpdate,
+    Page,
+    Usage,
+    UsageEvent,
+    UsageQuery,
+    Window,
+)
+from metering_core.server.auth import Credentials, Keys, Principal
+from metering_core.server.errors import Forbidden, install_error_handlers
+from metering_core.server.schemas import CancelRequest, Health, UsageBatch, usage_json
+from metering_core.server.settings import ApiKey, Scope, configured_keys
+
+__all__ = ["create_app", "serve"]
+
+
+def create_app(
+    metering: AsyncMetering | None = None,
+    *,
+    keys: Mapping[Any, ApiKey | Mapping[str, Any]] | None = None,
+    allow_anonymous: bool = False,
+    config_file: Path | str | None = None,
+) -> FastAPI:
+    """The REST service over `metering` (built from configuration when omitted).
+
+    `keys` maps each API key to `{"scopes": [...], "tenant": None | "<tenant id>"}`; when
+    omitted they come from configuration (`METERING_KEYS`, or `[tool.metering.keys]`). With
+    no keys at all the service refuses to start unless `allow_anonymous=True`, which grants
+    every scope to every caller (for a trusted local network only).
+    """
+    gate = Keys(keys if keys is not None else configured_keys(config_file))
+    if not gate and not allow_anonymous:
+        raise ConfigurationError(
+            "no API keys configured for the REST service: pass keys=..., set METERING_KEYS, "
+            "or allow_anonymous=True for a trusted local network"
+        )
+    service = metering or AsyncMetering(config_file=config_file)
+    require = gate.require
+
+    async def within_batch_limit(field: str, count: int) -> None:
+        limit = (await service.load_capabilities()).max_batch_size
+        if count > limit:
+            raise ValidationError(
+                f"{field}: {count} exceed max_batch_size={limit}", field=field, value=count
+            )
+
+    class Gateway:
+        """The service acting for one caller: its rights applied, then the facade called.
+        The event router (`POST /events`) and the plain routes both act through it."""
+
+        def __init__(self, principal: Principal) -> None:
+            self.principal = principal
+
+        async def ingest_usage_events(self, events: Sequence[UsageEvent], /) -> IngestResult:
+            """Deliver now, in the caller's id space; answer per id as the caller sent it."""
+            stored, sent = self.principal.outgoing(events)
+            await within_batch_limit("events", len(stored))
+            answer = await service.deliver_usage_events(stored)
+            return self.principal.ingest_answer(answer, sent)
+
+        async def create_customer(self, customer: CustomerCreate, /) -> Customer:
+            self.principal.own_tenant(customer.id, "create customer")
+            return await service.create_customer(customer)
+
+        async def delete_customer(self, customer_id: str, /) -> None:
+            self.principal.own_tenant(customer_id, "delete customer")
+            await service.delete_customer(customer_id)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await service.close()
+
+    app = FastAPI(title="metering-core", version="1", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> Health:
+        return Health(status="ok", provider=service.provider_name)
+
+    @app.get("/capabilities")
+    async def capabilities(credentials: Credentials) -> Capabilities:
+        """Any valid key may read them: a client needs them to send usage at all."""
+        gate.authenticate(credentials)
+        return await service.load_capabilities()
+
+    @app.post("/meters", status_code=201, dependencies=[Depends(require("meters:write"))])
+    async def create_meter(meter: MeterCreate) -> Meter:
+        return await service.create_meter(meter)
+
+    @app.get("/meters", dependencies=[Depends(require("meters:read"))])
+    async def list_meters(
+        limit: Annotated[int, Query(ge=1, le=100)] = 100, cursor: str | None = None
+    ) -> Page[Meter]:
+        return await service.fetch_all_meters(limit=limit, cursor=cursor)
+
+    @app.get("/meters/{meter_id}", dependencies=[Depends(require("meters:read"))])
+    async def fetch_meter(meter_id: str) -> Meter:
+        return await service.fetch_meter(meter_id)
+
+    @app.put("/meters/{meter_id}", dependencies=[Depends(require("meters:write"))])
+    async def update_meter(meter_id: str, update: MeterUpdate) -> Meter:
+        return await service.update_meter(meter_id, update)
+
+    @app.delete(
+        "/meters/{meter_id}", status_code=204, dependencies=[Depends(require("meters:write"))]
+    )
+    async def delete_meter(meter_id: str) -> Response:
+        await service.delete_meter(meter_id)
+        return Response(status_code=204)
+
+    @app.post("/usage")
+    async def ingest(
+        batch: UsageBatch, principal: Annotated[Principal, Depends(require("usage:write"))]
+    ) -> IngestResult:
+        return await Gateway(principal).ingest_usage_events(batch.events)
+
+    @app.get("/usage/{meter_id}", response_model=Usage)
+    async def fetch_usage(
+        meter_id: str,
+        principal: Annotated[Principal, Depends(require("usage:read"))],
+        start: datetime,
+        end: datetime,
+        customer_id: str | None = None,
+        window: Window | None = None,
+        group_by: Annotated[list[str] | None, Query()] = None,
+        tz: str = "UTC",
+    ) -> Response:
+        # Up to MAX_ROWS rows: computed and serialised off the event loop, in slices that
+        # each hold the GIL briefly, so a large answer cannot delay other requests.
+        if principal.tenant is not None:
+            customer_id = customer_id or principal.tenant
+            principal.own_tenant(customer_id, "read usage of")
+        query = UsageQuery(
+            meter_id=meter_id,
+            customer_id=customer_id,
+            start=start,
+            end=end,
+            window=window,
+            group_by=tuple(group_by or ()),
+            tz=tz,
+        )
+        usage = await service.fetch_usage(query)
+        return Response(await asyncio.to_thread(usage_json, usage), media_type="application/json")
+
+    @app.delete("/usage")
+    async def cancel(
+        request: CancelRequest, principal: Annotated[Principal, Depends(require("usage:write"))]
+    ) -> CancelResult:
+        """A tenant-bound key names ids in its own space, so it can cancel only what it sent."""
+        await within_batch_limit("event_ids", len(request.event_ids))
+        sent = {principal.stored_id(i): i for i in request.event_ids}
+        result = await service.cancel_usage_events(list(sent), event_name=request.event_name)
+        return principal.cancel_answer(result, sent if principal.tenant is not None else {})
+
+    @app.post("/events")
+    async def handle_event(
+        message: dict[str, Any], credentials: Credentials
+    ) -> IngestResult | Customer | None:
+        """An event-bus message (EventBridge or CloudEvent), as `handle_event` takes it;
+        ingestion answers per event, like `POST /usage`."""
+        principal = gate.authenticate(credentials)
+        parsed = parse_event(message)
+        scope: Scope = "usage:write" if parsed.kind == "ingest" else "customers:write"
+        if scope not in principal.scopes:
+            raise Forbidden(f"this key lacks the scope {scope!r}")
+        answer: IngestResult | Customer | None = await route(parsed, Gateway(principal))
+        return answer
+
+    @app.post("/customers", status_code=201)
+    async def create_customer(
+        customer: CustomerCreate,
+        principal: Annotated[Principal, Depends(require("customers:write"))],
+    ) -> Customer:
+        return await Gateway(principal).create_customer(customer)
+
+    @app.delete("/customers/{customer_id:path}", status_code=204)
+    async def delete_customer(
+        customer_id: str, principal: Annotated[Principal, Depends(require("customers:write"))]
+    ) -> Response:
+        await Gateway(principal).delete_customer(customer_id)
+        return Response(status_code=204)
+
+    return app
+
+
+def serve(
+    app_or_metering: FastAPI | AsyncMetering | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    allow_anonymous: bool = False,
+    config_file: Path | str | None = None,
+) -> None:
+    """Run the service with uvicorn until stopped; loopback unless told otherwise."""
+    import uvicorn
+
+    app = (
+        app_or_metering
+        if isinstance(app_or_metering, FastAPI)
+        else create_app(app_or_metering, allow_anonymous=allow_anonymous, config_file=config_file)
+    )
+    uvicorn.run(app, host=host, port=port)
