@@ -31,6 +31,7 @@ from metering_core.config import (
 from metering_core.errors import ValidationError
 from metering_core.interface import Capabilities, IMetering, Operation
 from metering_core.loop import shared_loop
+from metering_core.metrics import PipelineStats
 from metering_core.models import (
     CancelResult,
     Customer,
@@ -252,6 +253,11 @@ class AsyncMetering:
         """Queue dead letters (all, or these ids) for another delivery; returns their ids."""
         return self._pipeline.retry_dead_letters(ids)
 
+    def stats(self) -> PipelineStats:
+        """What ingestion has done so far: queued, accepted, duplicates, rejected, retried,
+        dead-lettered, and the queue's depth (also reported through OpenTelemetry)."""
+        return self._pipeline.stats
+
     async def flush(self, timeout: float | None = None) -> IngestResult:
         """Wait until every queued event reached the provider; report all since the last flush."""
         return await self._pipeline.flush(timeout)
@@ -450,6 +456,7 @@ class Metering:
         return self._async._queue_from_thread(events, timeout)
 
     dead_letters = _delegate(AsyncMetering.dead_letters)
+    stats = _delegate(AsyncMetering.stats)
     retry_dead_letters = _delegate(AsyncMetering.retry_dead_letters)
 
     def __enter__(self) -> Self:

@@ -34,6 +34,7 @@ from metering_core.errors import (
     ValidationError,
 )
 from metering_core.interface import IMetering
+from metering_core.metrics import PipelineStats
 from metering_core.models import IngestResult, UsageEvent
 from metering_core.spool import Spool
 
@@ -152,6 +153,8 @@ class Pipeline:
         self._slots: asyncio.Semaphore | None = None
         self._progress: asyncio.Condition | None = None
         self._failure: BaseException | None = None
+        self.stats = PipelineStats(provider.name)
+        """Counts of what the pipeline did (also reported through OpenTelemetry)."""
         self._batch_limit: int | None = None
         self._ask_limit_after = 0.0
         if self._spool is not None:
@@ -221,6 +224,7 @@ class Pipeline:
     def _enqueue(self, events: Sequence[UsageEvent]) -> None:
         with self._state:
             self._submitted += len(events)
+            self.stats.on_queued(len(events))
             self._buffer.extend(events)
         self._nudge()
 
@@ -290,9 +294,10 @@ class Pipeline:
 
     async def _deliver(self, batch: list[UsageEvent]) -> None:
         assert self._slots is not None
+        began = time.monotonic()
         try:
             result = await self._settle(batch)
-            self._record(batch, result)
+            self._record(batch, result, time.monotonic() - began)
         except asyncio.CancelledError:
             raise  # closing: the batch stays in the spool (or was never acknowledged durably)
         except BaseException as exc:
@@ -316,6 +321,8 @@ class Pipeline:
                 retry=retry_if_exception(_retryable),
                 stop=self._stop,
                 wait=_Backoff(self._settings.retry_backoff),
+                # late binding on purpose: the events still pending when the retry waits
+                before_sleep=lambda state: self._retrying(state, len(pending)),  # noqa: B023
                 reraise=True,
             ):
                 with attempt:
@@ -349,9 +356,35 @@ class Pipeline:
             return True
         return isinstance(state.outcome.exception(), _Unreported)
 
-    def _record(self, batch: list[UsageEvent], result: IngestResult) -> None:
+    def _retrying(self, state: RetryCallState, count: int) -> None:
+        """One log line and a count per retry: what failed, and when it is tried again."""
+        self.stats.on_retry(count)
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        logger.warning(
+            "delivery of %d event(s) to provider %r failed (attempt %d), retrying in %.2f s: %s",
+            count,
+            self._provider.name,
+            state.attempt_number,
+            delay,
+            f"{type(exc).__name__}: {exc}" if exc else "no answer",
+        )
+
+    def _record(self, batch: list[UsageEvent], result: IngestResult, seconds: float) -> None:
         if self._spool is not None:
             self._spool.settle(batch, result)
+        dead = len(result.rejected) if self._spool is not None else 0
+        self.stats.on_settled(len(batch), result, seconds, dead)
+        if result.rejected:
+            first_id, reason = next(iter(result.rejected.items()))
+            logger.warning(
+                "provider %r refused %d event(s)%s; first: %s: %s",
+                self._provider.name,
+                len(result.rejected),
+                " (kept as dead letters)" if dead else "",
+                first_id,
+                reason,
+            )
         self._report.add(result)
         if self._on_delivered is not None:
             try:
@@ -413,6 +446,7 @@ class Pipeline:
                     report = await self.flush(self._settings.delivery_timeout)
                 except TimeoutError:
                     report = self._report.take()
+                    self.stats.on_abandoned(self._submitted - self._completed)
                     logger.warning(
                         "closing with %d event(s) undelivered; they stay in the spool %s "
                         "and are delivered when it is opened again",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -27,6 +28,13 @@ from metering_core.plugins import providers
 
 if TYPE_CHECKING:
     from metering_core.sql.provider import SqlProvider
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
 
 
 @app.command("providers")
@@ -231,11 +239,23 @@ def serve(
     allow_anonymous: Annotated[
         bool, typer.Option(help="Serve without API keys (trusted local network only).")
     ] = False,
+    public_metrics: Annotated[
+        bool, typer.Option(help="Serve /metrics without a key (a private scraper network).")
+    ] = False,
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="Least severe level logged.")
+    ] = LogLevel.info,
+    log_json: Annotated[bool, typer.Option(help="One JSON object per log line.")] = False,
 ) -> None:
     """Run the REST service; API keys come from configuration (METERING_KEYS)."""
+    import logging.config
+
+    from metering_core.cli.logs import log_config
     from metering_core.client import AsyncMetering
     from metering_core.server import serve as run_service
 
+    logging_setup = log_config(log_level.value, log_json)
+    logging.config.dictConfig(logging_setup)
     service = AsyncMetering(Options.provider, config_file=Options.config)
     run_service(
         service,
@@ -243,6 +263,8 @@ def serve(
         port=port,
         allow_anonymous=allow_anonymous,
         config_file=Options.config,
+        public_metrics=public_metrics,
+        log_config=logging_setup,
     )
 
 

@@ -38,6 +38,7 @@ from metering_core.models import (
 )
 from metering_core.server.auth import Credentials, Keys, Principal
 from metering_core.server.errors import Forbidden, install_error_handlers
+from metering_core.server.metrics import CONTENT_TYPE, RequestMetrics, ServiceMetrics
 from metering_core.server.schemas import CancelRequest, Health, UsageBatch, usage_json
 from metering_core.server.settings import ApiKey, Scope, configured_keys
 
@@ -50,13 +51,15 @@ def create_app(
     keys: Mapping[Any, ApiKey | Mapping[str, Any]] | None = None,
     allow_anonymous: bool = False,
     config_file: Path | str | None = None,
+    public_metrics: bool = False,
 ) -> FastAPI:
     """The REST service over `metering` (built from configuration when omitted).
 
     `keys` maps each API key to `{"scopes": [...], "tenant": None | "<tenant id>"}`; when
     omitted they come from configuration (`METERING_KEYS`, or `[tool.metering.keys]`). With
     no keys at all the service refuses to start unless `allow_anonymous=True`, which grants
-    every scope to every caller (for a trusted local network only).
+    every scope to every caller (for a trusted local network only). `GET /metrics` needs
+    the `metrics:read` scope unless `public_metrics` (a scraper on a private network).
     """
     gate = Keys(keys if keys is not None else configured_keys(config_file))
     if not gate and not allow_anonymous:
@@ -66,6 +69,7 @@ def create_app(
         )
     service = metering or AsyncMetering(config_file=config_file)
     require = gate.require
+    metrics = ServiceMetrics(service.stats)
 
     async def within_batch_limit(field: str, count: int) -> None:
         limit = (await service.load_capabilities()).max_batch_size
@@ -86,6 +90,7 @@ def create_app(
             stored, sent = self.principal.outgoing(events)
             await within_batch_limit("events", len(stored))
             answer = await service.deliver_usage_events(stored)
+            metrics.count_ingested(answer)
             return self.principal.ingest_answer(answer, sent)
 
         async def create_customer(self, customer: CustomerCreate, /) -> Customer:
@@ -103,6 +108,16 @@ def create_app(
 
     app = FastAPI(title="metering-core", version="1", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(credentials: Credentials) -> Response:
+        """Prometheus text format; a key with `metrics:read`, or none if made public."""
+        if not public_metrics:
+            principal = gate.authenticate(credentials)
+            if "metrics:read" not in principal.scopes:
+                raise Forbidden("this key lacks the scope 'metrics:read'")
+        return Response(metrics.page(), media_type=CONTENT_TYPE)
 
     @app.get("/health")
     async def health() -> Health:
@@ -221,8 +236,11 @@ def serve(
     port: int = 8000,
     allow_anonymous: bool = False,
     config_file: Path | str | None = None,
+    public_metrics: bool = False,
+    log_config: dict[str, Any] | None = None,
 ) -> None:
-    """Run the service with uvicorn until stopped; loopback unless told otherwise."""
+    """Run the service with uvicorn until stopped; loopback unless told otherwise.
+    `log_config` (a `logging.config.dictConfig` mapping) replaces uvicorn's default."""
     import uvicorn
 
     app = (

@@ -21,7 +21,9 @@ from metering_core.errors import ConfigurationError
 
 __all__ = ["ApiKey", "Scope", "configured_keys"]
 
-Scope = Literal["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
+Scope = Literal[
+    "meters:read", "meters:write", "usage:read", "usage:write", "customers:write", "metrics:read"
+]
 
 
 class ApiKey(BaseModel):

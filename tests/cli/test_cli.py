@@ -163,9 +163,16 @@ def test_serve_without_keys_is_exit_2_and_binds_loopback_by_default(
         "metering_core.server.serve", lambda service, **options: calls.append(options)
     )
     assert metering("serve", "--allow-anonymous")[0] == 0
-    assert calls == [
-        {"host": "127.0.0.1", "port": 8000, "allow_anonymous": True, "config_file": None}
-    ]
+    [options] = calls
+    assert (options["host"], options["port"], options["allow_anonymous"]) == (
+        "127.0.0.1",
+        8000,
+        True,
+    )
+    assert options["public_metrics"] is False
+    assert metering("serve", "--allow-anonymous", "--log-json", "--log-level", "debug")[0] == 0
+    handlers = calls[1]["log_config"]["formatters"]  # type: ignore[index]
+    assert "JsonFormatter" in str(handlers)
 
 
 def test_a_rejected_backfill_row_fails_the_command(shared: MemoryProvider, tmp_path: Path) -> None:

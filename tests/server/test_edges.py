@@ -273,3 +273,32 @@ def test_a_grouped_query_stops_at_the_row_limit(monkeypatch: pytest.MonkeyPatch)
             await provider.fetch_usage(query)
 
     asyncio.run(scenario())
+
+
+def test_metrics_need_their_scope_and_count_requests_and_events() -> None:
+    keys = {**KEYS, "scraper": {"scopes": ["metrics:read"]}}
+    with TestClient(create_app(AsyncMetering("memory"), keys=keys)) as client:
+        client.post("/meters", json={"event_name": "api_calls"}, headers=ADMIN).raise_for_status()
+        events = [
+            {"id": f"m{i}", "event_name": "api_calls", "customer_id": "acme"} for i in range(3)
+        ]
+        client.post("/usage", json={"events": events}, headers=ACME).raise_for_status()
+        client.post("/usage", json={"events": events[:1]}, headers=ACME).raise_for_status()
+        client.get("/meters/mtr_nope", headers=ADMIN)
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers=ACME).status_code == 403
+        page = client.get("/metrics", headers={"Authorization": "Bearer scraper"})
+    assert page.headers["content-type"].startswith("text/plain")
+    text = page.text
+    assert 'metering_events_ingested_total{outcome="accepted"} 3.0' in text
+    assert 'metering_events_ingested_total{outcome="duplicate"} 1.0' in text
+    assert 'route="/meters/{meter_id}",status="404"' in text  # the template, not the id
+    assert "mtr_nope" not in text
+    assert "metering_http_request_duration_seconds_bucket" in text
+    assert 'metering_pipeline_queue_depth{provider="memory"} 0.0' in text
+
+
+def test_metrics_can_be_public_when_the_operator_says_so() -> None:
+    app = create_app(AsyncMetering("memory"), keys=KEYS, public_metrics=True)
+    with TestClient(app) as client:
+        assert client.get("/metrics").status_code == 200

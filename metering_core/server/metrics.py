@@ -1,0 +1,128 @@
+"""The service's Prometheus page: requests by route and status, their latency, events
+ingested by outcome, and the facade's pipeline counts, in one registry per app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from metering_core.metrics import PipelineStats
+from metering_core.models import IngestResult
+
+__all__ = ["CONTENT_TYPE", "RequestMetrics", "ServiceMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _PipelineCollector(Collector):
+    """The facade's pipeline totals, read when the page is scraped."""
+
+    def __init__(self, stats: Callable[[], PipelineStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self._stats()
+        labels = ["provider"]
+        for name, value, text in (
+            ("metering_pipeline_events_queued", stats.queued, "Events queued for delivery"),
+            ("metering_pipeline_retries", stats.retried, "Events sent again after a failure"),
+            ("metering_pipeline_dead_letters", stats.dead_lettered, "Events kept as dead letters"),
+        ):
+            family = CounterMetricFamily(name, text, labels=labels)
+            family.add_metric([stats.provider], value)
+            yield family
+        settled = CounterMetricFamily(
+            "metering_pipeline_events_settled",
+            "Events settled by outcome",
+            labels=[*labels, "outcome"],
+        )
+        for outcome, value in (
+            ("accepted", stats.accepted),
+            ("duplicate", stats.duplicates),
+            ("rejected", stats.rejected),
+        ):
+            settled.add_metric([stats.provider, outcome], value)
+        yield settled
+        depth = GaugeMetricFamily(
+            "metering_pipeline_queue_depth", "Events queued and not yet settled", labels=labels
+        )
+        depth.add_metric([stats.provider], stats.queue_depth)
+        yield depth
+
+
+class ServiceMetrics:
+    """Instruments of one app; `RequestMetrics` feeds the request ones."""
+
+    def __init__(self, stats: Callable[[], PipelineStats]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "metering_http_requests",
+            "Requests answered, by route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "metering_http_request_duration_seconds",
+            "Time to answer a request, by route",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.ingested = Counter(
+            "metering_events_ingested",
+            "Events received by the service, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.registry.register(_PipelineCollector(stats))
+
+    def count_ingested(self, result: IngestResult) -> None:
+        for outcome, number in (
+            ("accepted", len(result.accepted)),
+            ("duplicate", len(result.duplicates)),
+            ("rejected", len(result.rejected)),
+        ):
+            if number:
+                self.ingested.labels(outcome).inc(number)
+
+    def page(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware measuring every request into `metrics` (a plain wrapper: no task or
+    body copy per request). The route template, not the raw path, labels each request, so
+    ids in paths cannot explode the label set."""
+
+    def __init__(self, app: App, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status = [500]
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, route, str(status[0])).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - began)
