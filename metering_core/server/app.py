@@ -16,7 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
 
 from metering_core.client import AsyncMetering
 from metering_core.errors import ConfigurationError, ValidationError
@@ -36,7 +37,7 @@ from metering_core.models import (
     UsageQuery,
     Window,
 )
-from metering_core.server.auth import Credentials, Keys, Principal
+from metering_core.server.auth import Gate, GatewayClaims, Keys, Principal, require
 from metering_core.server.errors import Forbidden, install_error_handlers
 from metering_core.server.metrics import CONTENT_TYPE, RequestMetrics, ServiceMetrics
 from metering_core.server.schemas import CancelRequest, Health, UsageBatch, usage_json
@@ -52,6 +53,7 @@ def create_app(
     allow_anonymous: bool = False,
     config_file: Path | str | None = None,
     public_metrics: bool = False,
+    gateway: GatewayClaims | None = None,
 ) -> FastAPI:
     """The REST service over `metering` (built from configuration when omitted).
 
@@ -60,16 +62,29 @@ def create_app(
     no keys at all the service refuses to start unless `allow_anonymous=True`, which grants
     every scope to every caller (for a trusted local network only). `GET /metrics` needs
     the `metrics:read` scope unless `public_metrics` (a scraper on a private network).
+    With `gateway` (AWS Lambda behind API Gateway), callers are who the gateway's JWT
+    authorizer says they are, and keys are not used.
     """
-    gate = Keys(keys if keys is not None else configured_keys(config_file))
+    gate: Gate = (
+        gateway
+        if gateway is not None
+        else Keys(keys if keys is not None else configured_keys(config_file))
+    )
     if not gate and not allow_anonymous:
         raise ConfigurationError(
             "no API keys configured for the REST service: pass keys=..., set METERING_KEYS, "
             "or allow_anonymous=True for a trusted local network"
         )
     service = metering or AsyncMetering(config_file=config_file)
-    require = gate.require
     metrics = ServiceMetrics(service.stats)
+
+    def caller(request: Request) -> Principal:
+        if isinstance(gate, GatewayClaims):
+            return gate.principal(request)
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
+        return gate.authenticate(bearer if scheme.lower() == "bearer" and token else None)
 
     async def within_batch_limit(field: str, count: int) -> None:
         limit = (await service.load_capabilities()).max_batch_size
@@ -111,10 +126,10 @@ def create_app(
     app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
-    async def prometheus(credentials: Credentials) -> Response:
+    async def prometheus(request: Request) -> Response:
         """Prometheus text format; a key with `metrics:read`, or none if made public."""
         if not public_metrics:
-            principal = gate.authenticate(credentials)
+            principal = caller(request)
             if "metrics:read" not in principal.scopes:
                 raise Forbidden("this key lacks the scope 'metrics:read'")
         return Response(metrics.page(), media_type=CONTENT_TYPE)
@@ -124,31 +139,32 @@ def create_app(
         return Health(status="ok", provider=service.provider_name)
 
     @app.get("/capabilities")
-    async def capabilities(credentials: Credentials) -> Capabilities:
+    async def capabilities(
+        principal: Annotated[Principal, Depends(gate.principal)],
+    ) -> Capabilities:
         """Any valid key may read them: a client needs them to send usage at all."""
-        gate.authenticate(credentials)
         return await service.load_capabilities()
 
-    @app.post("/meters", status_code=201, dependencies=[Depends(require("meters:write"))])
+    @app.post("/meters", status_code=201, dependencies=[Depends(require(gate, "meters:write"))])
     async def create_meter(meter: MeterCreate) -> Meter:
         return await service.create_meter(meter)
 
-    @app.get("/meters", dependencies=[Depends(require("meters:read"))])
+    @app.get("/meters", dependencies=[Depends(require(gate, "meters:read"))])
     async def list_meters(
         limit: Annotated[int, Query(ge=1, le=100)] = 100, cursor: str | None = None
     ) -> Page[Meter]:
         return await service.fetch_all_meters(limit=limit, cursor=cursor)
 
-    @app.get("/meters/{meter_id}", dependencies=[Depends(require("meters:read"))])
+    @app.get("/meters/{meter_id}", dependencies=[Depends(require(gate, "meters:read"))])
     async def fetch_meter(meter_id: str) -> Meter:
         return await service.fetch_meter(meter_id)
 
-    @app.put("/meters/{meter_id}", dependencies=[Depends(require("meters:write"))])
+    @app.put("/meters/{meter_id}", dependencies=[Depends(require(gate, "meters:write"))])
     async def update_meter(meter_id: str, update: MeterUpdate) -> Meter:
         return await service.update_meter(meter_id, update)
 
     @app.delete(
-        "/meters/{meter_id}", status_code=204, dependencies=[Depends(require("meters:write"))]
+        "/meters/{meter_id}", status_code=204, dependencies=[Depends(require(gate, "meters:write"))]
     )
     async def delete_meter(meter_id: str) -> Response:
         await service.delete_meter(meter_id)
@@ -156,14 +172,14 @@ def create_app(
 
     @app.post("/usage")
     async def ingest(
-        batch: UsageBatch, principal: Annotated[Principal, Depends(require("usage:write"))]
+        batch: UsageBatch, principal: Annotated[Principal, Depends(require(gate, "usage:write"))]
     ) -> IngestResult:
         return await Gateway(principal).ingest_usage_events(batch.events)
 
     @app.get("/usage/{meter_id}", response_model=Usage)
     async def fetch_usage(
         meter_id: str,
-        principal: Annotated[Principal, Depends(require("usage:read"))],
+        principal: Annotated[Principal, Depends(require(gate, "usage:read"))],
         start: datetime,
         end: datetime,
         customer_id: str | None = None,
@@ -190,7 +206,8 @@ def create_app(
 
     @app.delete("/usage")
     async def cancel(
-        request: CancelRequest, principal: Annotated[Principal, Depends(require("usage:write"))]
+        request: CancelRequest,
+        principal: Annotated[Principal, Depends(require(gate, "usage:write"))],
     ) -> CancelResult:
         """A tenant-bound key names ids in its own space, so it can cancel only what it sent."""
         await within_batch_limit("event_ids", len(request.event_ids))
@@ -200,11 +217,10 @@ def create_app(
 
     @app.post("/events")
     async def handle_event(
-        message: dict[str, Any], credentials: Credentials
+        message: dict[str, Any], principal: Annotated[Principal, Depends(gate.principal)]
     ) -> IngestResult | Customer | None:
         """An event-bus message (EventBridge or CloudEvent), as `handle_event` takes it;
         ingestion answers per event, like `POST /usage`."""
-        principal = gate.authenticate(credentials)
         parsed = parse_event(message)
         scope: Scope = "usage:write" if parsed.kind == "ingest" else "customers:write"
         if scope not in principal.scopes:
@@ -215,13 +231,13 @@ def create_app(
     @app.post("/customers", status_code=201)
     async def create_customer(
         customer: CustomerCreate,
-        principal: Annotated[Principal, Depends(require("customers:write"))],
+        principal: Annotated[Principal, Depends(require(gate, "customers:write"))],
     ) -> Customer:
         return await Gateway(principal).create_customer(customer)
 
     @app.delete("/customers/{customer_id:path}", status_code=204)
     async def delete_customer(
-        customer_id: str, principal: Annotated[Principal, Depends(require("customers:write"))]
+        customer_id: str, principal: Annotated[Principal, Depends(require(gate, "customers:write"))]
     ) -> Response:
         await Gateway(principal).delete_customer(customer_id)
         return Response(status_code=204)

@@ -6,7 +6,7 @@ import hmac
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, get_args
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from metering_core.models import CancelResult, IngestResult, UsageEvent
@@ -121,13 +121,51 @@ class Keys:
             raise Forbidden("unknown API key", 401)
         return Principal(match)
 
-    def require(self, scope: Scope) -> Callable[..., Principal]:
-        """A dependency: the caller, who must hold `scope`."""
+    def principal(self, credentials: Credentials) -> Principal:
+        """A dependency: the caller, by the bearer key it sent."""
+        return self.authenticate(credentials)
 
-        def dependency(credentials: Credentials) -> Principal:
-            principal = self.authenticate(credentials)
-            if scope not in principal.scopes:
-                raise Forbidden(f"this key lacks the scope {scope!r}")
-            return principal
 
-        return dependency
+class GatewayClaims:
+    """Behind API Gateway (AWS Lambda), the gateway has authorized the route: its JWT
+    authorizer checked the route's scope before the request arrived. The caller then has
+    every scope on the routes it reaches, and a tenant claim, when present, binds it to
+    that tenant exactly like a tenant-bound key. A request with no authorizer context is
+    refused (401) unless `allow_unauthenticated` (a trusted private integration)."""
+
+    def __init__(
+        self, *, tenant_claim: str = "custom:tenantId", allow_unauthenticated: bool = False
+    ) -> None:
+        self.tenant_claim = tenant_claim
+        self.allow_unauthenticated = allow_unauthenticated
+
+    def __bool__(self) -> bool:
+        return True
+
+    def principal(self, request: Request) -> Principal:
+        """A dependency: the caller, by the authorizer context Mangum hands over."""
+        event = request.scope.get("aws.event") or {}
+        context = event.get("requestContext", {}) if isinstance(event, dict) else {}
+        authorizer = context.get("authorizer") or {}
+        claims = (authorizer.get("jwt") or {}).get("claims") or authorizer.get("claims")
+        if not isinstance(claims, dict):
+            if not self.allow_unauthenticated:
+                raise Forbidden("no authorizer context: this function serves API Gateway", 401)
+            claims = {}
+        tenant = claims.get(self.tenant_claim)
+        scopes = frozenset(get_args(Scope))
+        return Principal(ApiKey(scopes=scopes, tenant=str(tenant) if tenant else None))
+
+
+Gate = Keys | GatewayClaims
+
+
+def require(gate: Gate, scope: Scope) -> Callable[..., Principal]:
+    """A dependency: the caller, who must hold `scope`."""
+
+    def dependency(principal: Annotated[Principal, Depends(gate.principal)]) -> Principal:
+        if scope not in principal.scopes:
+            raise Forbidden(f"this key lacks the scope {scope!r}")
+        return principal
+
+    return dependency
