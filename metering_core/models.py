@@ -198,15 +198,21 @@ class MeterUpdate(_Model):
     def _not_empty(self) -> Self:
         if not self.model_fields_set:
             raise ValueError("a meter update needs at least one field to change")
+        if "display_name" in self.model_fields_set and self.display_name is None:
+            raise ValueError("display_name cannot be cleared (display_name=None)")
         if self.dimensions is not None and len(set(self.dimensions)) != len(self.dimensions):
             raise ValueError(f"dimensions has repeats: {self.dimensions!r}")
         return self
 
 
 def _unicode(*texts: str) -> None:
-    """Refuse lone surrogates: such text cannot be stored or sent as JSON or UTF-8."""
+    """Refuse NUL and lone surrogates: PostgreSQL refuses NUL in text and SQLite cuts the
+    text at it; a surrogate cannot be stored or sent as UTF-8."""
+    joined = "".join(texts)
+    if "\x00" in joined:
+        raise ValueError("holds a NUL character ('\\x00')")
     try:
-        "".join(texts).encode("utf-8")
+        joined.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(
             f"holds text that is not valid Unicode: {exc.object[exc.start]!r}"

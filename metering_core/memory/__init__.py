@@ -87,7 +87,7 @@ def _encode_cursor(sequence: int) -> str:
 def _decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor.encode()).decode()
-        if text.startswith("m"):
+        if text.startswith("m") and 0 <= int(text[1:]) < 2**63:
             return int(text[1:])
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass

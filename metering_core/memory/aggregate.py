@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Context, Decimal, localcontext
 
 from metering_core.models import Aggregation
 
@@ -25,8 +25,13 @@ class Bucket:
             self.latest = (micros, order, value)
 
 
+EXACT = Context(prec=100)
+"""Enough digits for any sum of values of at most 38 digits: no sum is ever rounded."""
+
+
 def _sum(bucket: Bucket) -> Decimal:
-    return sum(bucket.values, Decimal(0))
+    with localcontext(EXACT):
+        return sum(bucket.values, Decimal(0))
 
 
 def _avg(bucket: Bucket) -> Decimal:

@@ -38,8 +38,15 @@ def default_url() -> str:
 
 
 def masked(url: str) -> str:
-    """`url` with any password replaced by `***`."""
-    return re.sub(r"(?<=://)([^:/@]*):[^@/]*@", r"\1:***@", url)
+    """`url` with its credentials' password, and any `password=` parameter, as `***`.
+    Whatever cannot be told apart (an '@' in a password) is masked up to the last '@'."""
+    scheme, separator, rest = url.rpartition("://") if "://" in url else ("", "", url)
+    if "@" in rest:
+        credentials, _, host = rest.rpartition("@")
+        user = credentials.split(":", 1)[0] if ":" in credentials else credentials
+        rest = f"{user}:***@{host}" if ":" in credentials or "@" in credentials else rest
+    rest = re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
+    return f"{scheme}{separator}{rest}"
 
 
 class SqlSettings(ProviderSettings):

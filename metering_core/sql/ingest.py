@@ -37,8 +37,13 @@ _SQLITE = sa.text(
 
 _POSTGRES = sa.text(
     """
-    INSERT INTO events (id, meter_seq, event_name, customer_id, ts, value, dimensions)
-    SELECT * FROM unnest(:ids, :meters, :names, :customers, :times, :values, :dimensions)
+    WITH arrived AS MATERIALIZED (
+        SELECT nextval(pg_get_serial_sequence('events', 'seq')) AS seq, u.*
+        FROM unnest(:ids, :meters, :names, :customers, :times, :values, :dimensions)
+            AS u (id, meter_seq, event_name, customer_id, ts, value, dimensions)
+    )
+    INSERT INTO events (seq, id, meter_seq, event_name, customer_id, ts, value, dimensions)
+    SELECT * FROM arrived ORDER BY id
     ON CONFLICT (id) DO NOTHING
     RETURNING id
     """
@@ -56,10 +61,10 @@ _POSTGRES = sa.text(
 async def insert_events(connection: Any, rows: Sequence[tuple[UsageEvent, int]]) -> set[str]:
     """Insert (event, meter_seq) rows unless their id is known; the ids inserted.
 
-    Rows go in id order: two processes inserting overlapping batches then take the unique
-    index's locks in the same order, so neither waits on the other in a cycle (PostgreSQL
-    answered such batches in arbitrary order with a deadlock)."""
-    rows = sorted(rows, key=lambda row: row[0].id)
+    Each row's `seq` (the ingestion order `latest` breaks ties by) follows the order the
+    events arrived in. On PostgreSQL the rows then go into the table in id order: two
+    processes inserting overlapping batches take the unique index's locks in the same
+    order, so neither waits on the other in a cycle (unsorted, they deadlocked)."""
     if connection.dialect.name == "postgresql":
         events = [event for event, _ in rows]
         result = await connection.execute(

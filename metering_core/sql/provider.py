@@ -64,7 +64,7 @@ def _encode_cursor(seq: int) -> str:
 def _decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor.encode()).decode()
-        if text.startswith("m"):
+        if text.startswith("m") and 0 <= int(text[1:]) < 2**63:
             return int(text[1:])
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
@@ -120,15 +120,26 @@ class SqlProvider(BaseProvider):
                     default_path().parent.mkdir(parents=True, exist_ok=True)
                 engine = self.store.engine()
                 try:
-                    async with engine.begin() as connection:
-                        await connection.run_sync(
-                            migrate, upgrade=self._upgrade, shown=self.store.shown
-                        )
+                    await self._migrate(engine)
                 except BaseException:
                     await engine.dispose()
                     raise
                 self._engine = engine
         return self._engine
+
+    async def _migrate(self, engine: AsyncEngine) -> None:
+        """Bring the schema to this code's. Processes opening a new SQLite file together
+        race to create it; the loser sees the tables appear and simply checks again."""
+        for attempt in range(3):
+            try:
+                async with engine.begin() as connection:
+                    await connection.run_sync(
+                        migrate, upgrade=self._upgrade, shown=self.store.shown
+                    )
+                return
+            except sa.exc.OperationalError as exc:
+                if "already exists" not in str(exc) or attempt == 2:
+                    raise
 
     async def schema_revision(self) -> tuple[str | None, str]:
         """The store's schema revision (None when empty) and this code's newest."""
@@ -341,6 +352,8 @@ class SqlProvider(BaseProvider):
             row = known.get(event_id)
             if row is None:
                 result.not_found.append(event_id)
+            elif event_id in result.cancelled:  # named twice: the second finds it cancelled
+                result.rejected[event_id] = f"event {event_id!r} is already cancelled"
             elif event_name is not None and row.event_name != event_name:
                 result.rejected[event_id] = (
                     f"event {event_id!r} has event_name={row.event_name!r}, not {event_name!r}"

@@ -34,6 +34,7 @@ meters = sa.Table(
     sa.Column("status", sa.String(10), nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sqlite_autoincrement=True,  # a deleted meter's number is never given to another
 )
 
 events = sa.Table(
@@ -50,6 +51,7 @@ events = sa.Table(
     sa.Column("cancelled", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("events_meter_customer_ts", "meter_seq", "customer_id", "ts"),
     sa.Index("events_meter_ts", "meter_seq", "ts"),
+    sqlite_autoincrement=True,
 )
 
 customers = sa.Table(

@@ -13,8 +13,9 @@ import bisect
 import functools
 import json
 import sqlite3
+import threading
 from collections.abc import Callable
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,11 @@ from metering_core.errors import (
     AuthenticationError,
     ConfigurationError,
     MeteringError,
+    ProviderError,
     ProviderUnavailableError,
 )
+from metering_core.memory.aggregate import EXACT
+from metering_core.sql import masked
 
 __all__ = ["StoreUrl", "migrate", "schema_revisions", "store_error"]
 
@@ -43,13 +47,22 @@ class StoreUrl:
     """A store's URL: the async driver chosen, and a form safe to print."""
 
     def __init__(self, url: str) -> None:
+        refusal = ConfigurationError(
+            f"url={masked(url)!r} is not a database URL: expected sqlite:///path or "
+            "postgresql://user:password@host:port/db (percent-encode '@', '/' or ':' in "
+            "the password)"
+        )
+        if url.partition("://")[2].split("/", 1)[0].count("@") > 1:
+            raise refusal
         try:
             parsed = make_url(url)
-        except sa.exc.ArgumentError:
+            parsed.port  # noqa: B018  # a port that is not a number fails here
+        except (sa.exc.ArgumentError, ValueError):
+            raise refusal from None
+        if "password" in parsed.query:
             raise ConfigurationError(
-                "url is not a database URL: expected sqlite:///path or "
-                "postgresql://user@host:port/db"
-            ) from None
+                f"url={masked(url)!r}: give the password before the host, not as a parameter"
+            )
         backend = parsed.get_backend_name()
         if backend not in ASYNC_DRIVERS:
             raise ConfigurationError(
@@ -101,12 +114,13 @@ class _DecimalFold:
         if text is None:
             return
         value = Decimal(text)
-        if self.value is None:
-            self.value = value if self.pick is not None else Decimal(0) + value
-        elif self.pick is None:
-            self.value += value
-        else:
-            self.value = self.pick(self.value, value)
+        with localcontext(EXACT):  # sums exact, as on memory and PostgreSQL
+            if self.value is None:
+                self.value = value if self.pick is not None else Decimal(0) + value
+            elif self.pick is None:
+                self.value += value
+            else:
+                self.value = self.pick(self.value, value)
 
     def finalize(self) -> str | None:
         return None if self.value is None else str(self.value)
@@ -125,6 +139,15 @@ class _Latest:
 
     def finalize(self) -> str | None:
         return self.value
+
+
+def _dimension(dimensions: str | None, key: str) -> str | None:
+    """A dimension's value from the stored JSON object, for any key (SQLite's JSON paths
+    cannot name every key: quotes, backslashes, non-ASCII)."""
+    if dimensions is None:
+        return None
+    value = json.loads(dimensions).get(key)
+    return value if isinstance(value, str) else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -155,6 +178,7 @@ def _prepare_sqlite(dbapi_connection: Any, _: Any) -> None:
         for name, (arity, factory) in aggregates.items():
             connection.create_aggregate(name, arity, factory)
         connection.create_function("window_index", 2, _window, deterministic=True)
+        connection.create_function("dimension", 2, _dimension, deterministic=True)
 
     dbapi_connection.run_async(lambda conn: conn._execute(register, conn._conn))
 
@@ -178,6 +202,10 @@ def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
         )
     if sqlstate == "3D000" or isinstance(cause, sqlite3.DatabaseError):
         return ConfigurationError(f"{where} cannot be used: {detail}")
+    if (isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")) or isinstance(
+        cause, sqlite3.IntegrityError | OverflowError
+    ):  # data or constraint: the store refused this request, trying again cannot help
+        return ProviderError(f"{where} refused the data: {detail}", provider="sql")
     if isinstance(sqlstate, str) and sqlstate.startswith("40"):  # deadlock, serialization
         return ProviderUnavailableError(
             f"{where} rolled the transaction back; it can be retried: {detail}", provider="sql"
@@ -185,7 +213,12 @@ def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
     return ProviderUnavailableError(f"{where} is unreachable: {detail}", provider="sql")
 
 
-STORE_FAILURES: tuple[type[BaseException], ...] = (OSError, sa.exc.DBAPIError, sqlite3.Error)
+STORE_FAILURES: tuple[type[BaseException], ...] = (
+    OSError,
+    OverflowError,  # a number past what the driver can send
+    sa.exc.DBAPIError,
+    sqlite3.Error,
+)
 """What a database or its driver raises when the store itself fails."""
 try:  # asyncpg raises some errors unwrapped (before SQLAlchemy sees a connection)
     import asyncpg
@@ -220,6 +253,10 @@ def current_revision(connection: sa.Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+_alembic = threading.Lock()
+"""Alembic's context is process-global: one migration at a time in a process."""
+
+
 def migrate(connection: sa.Connection, *, upgrade: bool, shown: str) -> str:
     """Bring the schema to this code's head: create it in an empty database, upgrade when
     `upgrade` is allowed; refuse a database newer than this code. Returns the revision."""
@@ -239,5 +276,6 @@ def migrate(connection: sa.Connection, *, upgrade: bool, shown: str) -> str:
             f"store {shown} has schema revision {current!r}, older than {head!r}: "
             "run `metering db upgrade`"
         )
-    command.upgrade(_config(connection), "head")
+    with _alembic:
+        command.upgrade(_config(connection), "head")
     return head

@@ -35,6 +35,13 @@ def _window_number(dialect: str, bounds: list[int]) -> sa.ColumnElement[Any]:
     return sa.func.window_index(events.c.ts, json.dumps(bounds))
 
 
+def _dimension(dialect: str, key: str) -> sa.ColumnElement[Any]:
+    """One dimension's value (NULL when the event lacks it), for any key."""
+    if dialect == "postgresql":
+        return events.c.dimensions.op("->>")(sa.bindparam(None, key, type_=sa.String))
+    return sa.func.dimension(events.c.dimensions, key)
+
+
 def _fold(dialect: str, meter: Meter) -> list[sa.ColumnElement[Any]]:
     """The aggregate columns a meter's rows need (avg needs sum and count)."""
     value = events.c.value
@@ -60,7 +67,7 @@ def _fold(dialect: str, meter: Meter) -> list[sa.ColumnElement[Any]]:
             return [sa.func.latest_value(events.c.ts, events.c.seq, value)]
         case Aggregation.UNIQUE_COUNT:
             assert meter.unique_dimension is not None
-            counted = events.c.dimensions[meter.unique_dimension].as_string()
+            counted = _dimension(dialect, meter.unique_dimension)
             return [sa.func.count(sa.distinct(counted))]
     raise AssertionError(meter.aggregation)  # pragma: no cover
 
@@ -92,8 +99,7 @@ def usage_statement(
     if by_customer:
         groups.append(events.c.customer_id)
     groups += [
-        sa.func.coalesce(events.c.dimensions[key].as_string(), "").label(f"d{i}")
-        for i, key in enumerate(keys)
+        sa.func.coalesce(_dimension(dialect, key), "").label(f"d{i}") for i, key in enumerate(keys)
     ]
     conditions = [
         events.c.meter_seq == meter_seq,

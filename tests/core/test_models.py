@@ -117,3 +117,17 @@ def test_ingest_results_merge_without_losing_ids() -> None:
     assert merged.duplicates == ["a"]
     assert merged.rejected == {"x": "bad", "y": "worse"}
     assert not merged.ok
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"customer_id": "a\x00b"},
+        {"id": "e\x00"},
+        {"dimensions": {"r": "x\x00"}},
+        {"dimensions": {"r\x00": "x"}},
+    ],
+)
+def test_a_nul_character_is_refused_before_any_store_sees_it(fields: dict[str, object]) -> None:
+    with pytest.raises(ValidationError, match="NUL"):
+        UsageEvent(**{"event_name": "api_calls", "customer_id": "t", **fields})

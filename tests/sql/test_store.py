@@ -4,12 +4,14 @@ processes, refuses what it cannot use with one line naming it, and answers as me
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -263,3 +265,167 @@ def test_answers_are_the_memory_providers_for_the_same_events(
 
     expected = asyncio.run(answer(MemoryProvider()))
     assert asyncio.run(answer(SqlProvider(SqlSettings(url=url)))) == expected
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'metering.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+async def _both(url: str, scenario: Any) -> tuple[Any, Any]:
+    """The same scenario on memory and on the store at `url`."""
+    memory, store = MemoryProvider(), SqlProvider(SqlSettings(url=url))
+    try:
+        return await scenario(memory), await scenario(store)
+    finally:
+        await store.aclose()
+
+
+def test_a_new_meter_never_inherits_a_deleted_meters_events(any_url: str) -> None:
+    async def scenario(provider: Any) -> Decimal:
+        old = await provider.create_meter(MeterCreate(event_name="storage_gb"))
+        await provider.ingest_usage_events(
+            [UsageEvent(event_name="storage_gb", customer_id="t", value=100, timestamp=START)] * 1
+        )
+        await provider.delete_meter(old.id)
+        new = await provider.create_meter(MeterCreate(event_name="api_calls"))
+        return (
+            await provider.fetch_usage(
+                UsageQuery(meter_id=new.id, start=START, end=START + timedelta(days=1))
+            )
+        ).total
+
+    assert asyncio.run(_both(any_url, scenario)) == (Decimal(0), Decimal(0))
+
+
+@pytest.mark.parametrize("key", ["é", 'a"b', "b\\s", "x.y"])
+def test_any_dimension_key_groups_and_counts_as_on_memory(any_url: str, key: str) -> None:
+    async def scenario(provider: Any) -> tuple[object, ...]:
+        grouped = await provider.create_meter(MeterCreate(event_name="g", dimensions=[key]))
+        unique = await provider.create_meter(
+            MeterCreate(event_name="u", aggregation="unique_count", unique_dimension=key)
+        )
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(event_name=name, customer_id="t", timestamp=START, dimensions={key: v})
+                for name in ("g", "u")
+                for v in ("ü", "ü", "ß")
+            ]
+        )
+        span = {"start": START, "end": START + timedelta(days=1)}
+        rows = (
+            await provider.fetch_usage(UsageQuery(meter_id=grouped.id, group_by=(key,), **span))
+        ).rows
+        distinct = (await provider.fetch_usage(UsageQuery(meter_id=unique.id, **span))).total
+        return tuple((r.dimensions[key], r.value) for r in rows), distinct
+
+    memory, store = asyncio.run(_both(any_url, scenario))
+    assert store == memory == (((("ß", Decimal(1)), ("ü", Decimal(2)))), Decimal(2))
+
+
+def test_latest_ties_in_one_batch_go_to_the_event_sent_last(any_url: str) -> None:
+    async def scenario(provider: Any) -> Decimal:
+        meter = await provider.create_meter(MeterCreate(event_name="seats", aggregation="latest"))
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(
+                    id=f"latest-z{9 - i}",
+                    event_name="seats",
+                    customer_id="t",
+                    value=i,
+                    timestamp=START,
+                )
+                for i in range(6)
+            ]
+        )
+        span = {"start": START, "end": START + timedelta(days=1)}
+        return (await provider.fetch_usage(UsageQuery(meter_id=meter.id, **span))).total
+
+    assert asyncio.run(_both(any_url, scenario)) == (Decimal(5), Decimal(5))
+
+
+def test_sums_of_38_digit_values_are_exact_everywhere(any_url: str) -> None:
+    big = Decimal("12345678901234567890.123456789012345678")
+
+    async def scenario(provider: Any) -> Decimal:
+        meter = await provider.create_meter(MeterCreate(event_name="bytes"))
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(event_name="bytes", customer_id="t", value=v, timestamp=START)
+                for v in (big, Decimal("99999.000000000000000002"))
+            ]
+        )
+        span = {"start": START, "end": START + timedelta(days=1)}
+        return (await provider.fetch_usage(UsageQuery(meter_id=meter.id, **span))).total
+
+    exact = big + Decimal("99999.000000000000000002")
+    assert asyncio.run(_both(any_url, scenario)) == (exact, exact)
+
+
+def test_cancelling_an_id_twice_in_one_call_cancels_it_once(any_url: str) -> None:
+    async def scenario(provider: Any) -> tuple[list[str], list[str]]:
+        await provider.create_meter(MeterCreate(event_name="c"))
+        await provider.ingest_usage_events(
+            [UsageEvent(id=i, event_name="c", customer_id="t") for i in ("e1", "e2")]
+        )
+        result = await provider.cancel_usage_events(["e1", "e1", "zz", "e2"])
+        return result.cancelled, sorted(result.rejected)
+
+    memory, store = asyncio.run(_both(any_url, scenario))
+    assert store == memory == (["e1", "e2"], ["e1"])
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("postgresql://app:S3cr/t!pw@127.0.0.1:1/appdb", "S3cr/t!pw"),
+        ("postgresql://app:S3cr@t!pw@127.0.0.1:1/appdb", "t!pw"),
+        ("postgresql://app@127.0.0.1:1/appdb?password=S3cr3t", "S3cr3t"),
+        ("app:S3cr3t!pw@nowhere", "S3cr3t"),
+        ("postgresql://app:S3cr3t@127.0.0.1:abc/appdb", "S3cr3t"),
+    ],
+)
+def test_no_url_form_shows_its_password(url: str, secret: str) -> None:
+    settings = SqlSettings(url=url)
+    assert secret not in repr(settings)
+    with pytest.raises((ConfigurationError, ProviderUnavailableError)) as caught:
+        _open(url)
+    assert secret not in str(caught.value)
+
+
+def test_bad_cursors_and_cleared_names_are_refused_before_the_store(sqlite_url: str) -> None:
+    from metering_core import MeterUpdate, ValidationError
+
+    async def scenario() -> None:
+        provider = SqlProvider(SqlSettings(url=sqlite_url))
+        cursor = base64.urlsafe_b64encode(b"m" + b"9" * 30).decode()
+        try:
+            with pytest.raises(ValidationError, match="cursor"):
+                await provider.fetch_all_meters(cursor=cursor)
+        finally:
+            await provider.aclose()
+
+    asyncio.run(scenario())
+    with pytest.raises(ValidationError, match="display_name cannot be cleared"):
+        MeterUpdate(display_name=None)
+
+
+def test_processes_opening_a_new_sqlite_store_together_all_succeed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    script = (
+        "import asyncio, sys\n"
+        "from metering_core.sql import SqlSettings\n"
+        "from metering_core.sql.provider import SqlProvider\n"
+        "async def main():\n"
+        f"    p = SqlProvider(SqlSettings(url={url!r}))\n"
+        "    await p.fetch_all_meters(); await p.aclose()\n"
+        "asyncio.run(main())\n"
+    )
+    runs = [
+        subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    failures = [run.communicate(timeout=60)[1] for run in runs if run.wait(60) != 0]
+    assert failures == []

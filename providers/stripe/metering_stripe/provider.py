@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import stripe
 
-from metering_core.errors import NotFoundError, UnsupportedOperationError, ValidationError
+from metering_core.errors import NotFoundError, UnsupportedOperationError
 from metering_core.interface import BaseProvider
 from metering_core.models import (
     CancelResult,
@@ -139,13 +139,7 @@ class StripeProvider(BaseProvider):
         )
 
     async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
-        # The facade allows display_name only (updatable_meter_fields); Stripe cannot clear it.
-        if update.display_name is None:
-            raise ValidationError(
-                "Stripe meters need a display_name (display_name=None)",
-                field="display_name",
-                value=None,
-            )
+        # The facade allows display_name only (updatable_meter_fields); it cannot be None.
         params: Any = {"display_name": update.display_name}
         return _meter(
             await self._call(self._client.v1.billing.meters.update_async(meter_id, params))

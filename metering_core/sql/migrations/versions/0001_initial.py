@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(10), nullable=False),
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("updated_at", sa.BigInteger, nullable=False),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "events",
@@ -41,6 +42,7 @@ def upgrade() -> None:
         sa.Column("value", Value, nullable=False),
         sa.Column("dimensions", sa.JSON, nullable=False),
         sa.Column("cancelled", sa.Boolean, nullable=False, server_default=sa.false()),
+        sqlite_autoincrement=True,
     )
     op.create_index("events_meter_customer_ts", "events", ["meter_seq", "customer_id", "ts"])
     op.create_index("events_meter_ts", "events", ["meter_seq", "ts"])
