@@ -1,29 +1,74 @@
-"""AWS Lambda entry points.
+"""AWS Lambda entry points, for an sbt-aws control plane (or any API Gateway and bus).
 
-`event_handler` is the EventBridge entry point of the event-triggered functions
-(ingestion, onboarding, offboarding). One `Metering` is built from configuration (the
-environment) per warm container; usage is flushed before the handler returns, because
-Lambda may freeze the process right after, and a rejected event fails the invocation so
-the bus retries or dead-letters it (event ids make the retry harmless).
+- `api_handler(event, context)`: the REST service's app behind API Gateway, through
+  Mangum (HTTP API payload 2.0 and REST API 1.0). Authorization is the gateway's: its JWT
+  authorizer checked the route's scope before the request arrived, and a tenant claim
+  (`METERING_AWS_TENANT_CLAIM`, default `custom:tenantId`) binds the request to that
+  tenant exactly like a tenant-bound key. A request with no authorizer context is
+  refused, unless `METERING_AWS_ALLOW_UNAUTHENTICATED=1`.
+- `event_handler(event, context)`: the EventBridge entry point of the event-triggered
+  functions (ingestion, onboarding, offboarding). Usage is flushed before it returns,
+  because Lambda may freeze the process right after, and a rejected event fails the
+  invocation so the bus retries or dead-letters it (event ids make the retry harmless).
+
+Both build their facade once per warm container, from the environment. Secrets come from
+Secrets Manager: `METERING_SECRETS='{"METERING_STRIPE_API_KEY": "<secret arn>"}'` sets
+each variable from its secret at cold start (the function's role must be allowed to read
+them; the CDK construct grants it).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from metering_core.client import Metering
-from metering_core.errors import ValidationError
+from metering_core.client import AsyncMetering, Metering
+from metering_core.errors import ConfigurationError, ValidationError
 from metering_core.models import Customer
 
-__all__ = ["event_handler", "lambda_handler"]
+if TYPE_CHECKING:
+    from mangum import Mangum
+
+__all__ = ["api_handler", "event_handler", "lambda_handler"]
 
 _metering: Metering | None = None
+_api: Mangum | None = None
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes"}
+
+
+def load_secrets() -> None:
+    """Set each variable named in `METERING_SECRETS` from its Secrets Manager secret (a
+    plain string, or a JSON object holding the value under the variable's name)."""
+    raw = os.environ.get("METERING_SECRETS")
+    if not raw:
+        return
+    try:
+        wanted = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ConfigurationError("METERING_SECRETS is not a JSON object of names") from None
+    if not isinstance(wanted, dict):
+        raise ConfigurationError("METERING_SECRETS must map variable names to secret ids")
+    import boto3  # present in every AWS Lambda Python runtime
+
+    client = boto3.client("secretsmanager")
+    for name, secret_id in wanted.items():
+        text = client.get_secret_value(SecretId=secret_id)["SecretString"]
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        os.environ[str(name)] = str(value.get(name, "")) if isinstance(value, dict) else text
 
 
 def _container_metering() -> Metering:
     global _metering
     if _metering is None:
+        load_secrets()
         _metering = Metering()
     return _metering
 
@@ -44,3 +89,30 @@ def event_handler(event: Mapping[str, Any], context: object) -> dict[str, Any]:
 
 lambda_handler = event_handler
 """The entry point's earlier name (it lived in `metering_core.events`)."""
+
+
+def _container_api() -> Mangum:
+    global _api
+    if _api is None:
+        from mangum import Mangum
+
+        from metering_core.server.app import create_app
+        from metering_core.server.auth import GatewayClaims
+
+        load_secrets()
+        gateway = GatewayClaims(
+            tenant_claim=os.environ.get("METERING_AWS_TENANT_CLAIM", "custom:tenantId"),
+            allow_unauthenticated=_truthy("METERING_AWS_ALLOW_UNAUTHENTICATED"),
+        )
+        app = create_app(AsyncMetering(), gateway=gateway)
+        _api = Mangum(
+            app, lifespan="off", api_gateway_base_path=os.environ.get("METERING_AWS_BASE_PATH", "/")
+        )
+    return _api
+
+
+def api_handler(event: Mapping[str, Any], context: object) -> dict[str, Any]:
+    """Serve one API Gateway request with the REST service's app. `POST /usage` delivers
+    before it answers, so nothing is left queued when the container freezes."""
+    response: dict[str, Any] = _container_api()(dict(event), context)  # type: ignore[arg-type]
+    return response  # (Mangum reads nothing of the context object)

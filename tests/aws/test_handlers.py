@@ -1,0 +1,237 @@
+"""The Lambda entry points, driven as sbt-aws drives them: API Gateway HTTP API (payload
+2.0, JWT authorizer) and REST API (1.0) requests, and EventBridge messages, on the memory
+and sql providers."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+import metering_core.aws as aws
+
+AT = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+ADMIN = {"sub": "admin-1", "cognito:username": "admin"}
+ACME = {"sub": "user-1", "custom:tenantId": "acme"}
+
+
+def http_api(
+    method: str,
+    path: str,
+    claims: dict[str, str] | None,
+    body: Any = None,
+    query: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """An API Gateway HTTP API event (payload 2.0) as the JWT authorizer hands it over."""
+    context: dict[str, Any] = {
+        "accountId": "123456789012",
+        "apiId": "api1",
+        "domainName": "api1.execute-api.us-east-1.amazonaws.com",
+        "http": {
+            "method": method,
+            "path": path,
+            "protocol": "HTTP/1.1",
+            "sourceIp": "10.0.0.1",
+            "userAgent": "test",
+        },
+        "requestId": "r1",
+        "routeKey": f"{method} {path}",
+        "stage": "$default",
+        "time": "25/Nov/2026:10:00:00 +0000",
+        "timeEpoch": 1795600000000,
+    }
+    if claims is not None:
+        context["authorizer"] = {"jwt": {"claims": claims, "scopes": ["metering/any"]}}
+    return {
+        "version": "2.0",
+        "routeKey": f"{method} {path}",
+        "rawPath": path,
+        "rawQueryString": urlencode(query or {}),
+        "headers": {"content-type": "application/json", "host": context["domainName"]},
+        "queryStringParameters": query,
+        "requestContext": context,
+        "body": json.dumps(body) if body is not None else None,
+        "isBase64Encoded": False,
+    }
+
+
+def rest_api(method: str, path: str, claims: dict[str, str], body: Any = None) -> dict[str, Any]:
+    """An API Gateway REST API event (payload 1.0) with a Cognito authorizer."""
+    return {
+        "resource": path,
+        "path": path,
+        "httpMethod": method,
+        "headers": {"Content-Type": "application/json", "Host": "api1.example.com"},
+        "multiValueHeaders": {},
+        "queryStringParameters": None,
+        "multiValueQueryStringParameters": None,
+        "pathParameters": None,
+        "requestContext": {
+            "httpMethod": method,
+            "path": path,
+            "stage": "prod",
+            "requestId": "r2",
+            "identity": {"sourceIp": "10.0.0.2"},
+            "authorizer": {"claims": claims},
+        },
+        "body": json.dumps(body) if body is not None else None,
+        "isBase64Encoded": False,
+    }
+
+
+def eventbridge(detail_type: str, detail: dict[str, Any], envelope: str) -> dict[str, Any]:
+    """An EventBridge event as sbt-aws's event manager publishes it."""
+    source = (
+        "controlPlaneEventSource" if "boarding" in detail_type else "applicationPlaneEventSource"
+    )
+    return {
+        "version": "0",
+        "id": envelope,
+        "detail-type": detail_type,
+        "source": source,
+        "account": "123456789012",
+        "time": "2026-11-25T10:00:00Z",
+        "region": "us-east-1",
+        "resources": [],
+        "detail": detail,
+    }
+
+
+def answer(response: dict[str, Any]) -> tuple[int, Any]:
+    return response["statusCode"], json.loads(response["body"]) if response["body"] else None
+
+
+@pytest.fixture(params=["memory", "sql"])
+def provider(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> Iterator[str]:
+    for name in ("METERING_PROVIDER", "METERING_SQL_URL", "METERING_SECRETS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("METERING_PROVIDER", request.param)
+    if request.param == "sql":
+        monkeypatch.setenv("METERING_SQL_URL", f"sqlite:///{tmp_path / 'metering.db'}")
+    monkeypatch.setattr(aws, "_api", None)  # a new container
+    monkeypatch.setattr(aws, "_metering", None)
+    yield request.param
+    if aws._metering is not None:
+        aws._metering.close()
+
+
+def test_an_sbt_aws_control_plane_meters_and_a_tenant_reads_only_its_usage(provider: str) -> None:
+    status, meter = answer(
+        aws.api_handler(http_api("POST", "/meters", ADMIN, {"event_name": "api_calls"}), None)
+    )
+    assert status == 201
+    events = [
+        {
+            "id": "o-1",
+            "event_name": "api_calls",
+            "customer_id": "acme",
+            "value": 3,
+            "timestamp": AT.isoformat(),
+        }
+    ]
+    status, ingested = answer(
+        aws.api_handler(http_api("POST", "/usage", ACME, {"events": events}), None)
+    )
+    assert (status, ingested["accepted"]) == (200, ["o-1"])
+    span = {
+        "start": (AT - timedelta(hours=1)).isoformat(),
+        "end": (AT + timedelta(hours=1)).isoformat(),
+    }
+    status, usage = answer(
+        aws.api_handler(http_api("GET", f"/usage/{meter['id']}", ACME, query=span), None)
+    )
+    assert (status, [row["value"] for row in usage["rows"]]) == (200, ["3"])
+    other = {**span, "customer_id": "globex"}
+    status, error = answer(
+        aws.api_handler(http_api("GET", f"/usage/{meter['id']}", ACME, query=other), None)
+    )
+    assert (status, error["error"]["type"]) == (403, "forbidden")
+    status, _ = answer(
+        aws.api_handler(
+            http_api("POST", "/usage", ACME, {"events": [{**events[0], "customer_id": "globex"}]}),
+            None,
+        )
+    )
+    assert status == 403
+
+
+def test_a_request_without_an_authorizer_is_refused(provider: str) -> None:
+    status, error = answer(aws.api_handler(http_api("GET", "/meters", None), None))
+    assert (status, error["error"]["type"]) == (401, "unauthorized")
+
+
+def test_without_an_authorizer_only_when_configured(
+    provider: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METERING_AWS_ALLOW_UNAUTHENTICATED", "1")
+    assert answer(aws.api_handler(http_api("GET", "/meters", None), None))[0] == 200
+
+
+def test_a_rest_api_request_is_served_too(provider: str) -> None:
+    status, meter = answer(
+        aws.api_handler(rest_api("POST", "/meters", ADMIN, {"event_name": "storage"}), None)
+    )
+    assert (status, meter["event_name"]) == (201, "storage")
+
+
+@pytest.mark.parametrize("name", ["ingestUsage", "sbt_aws_ingestUsage"])
+def test_a_redelivered_eventbridge_event_is_counted_once(provider: str, name: str) -> None:
+    onboard = eventbridge(
+        "onboardingRequest",
+        {"tenantId": "acme", "tenantName": "Acme", "email": "a@acme.test"},
+        "eb-0",
+    )
+    assert aws.event_handler(onboard, None) == {"ok": True, "customer": "acme"}
+    assert aws._metering is not None
+    meter = aws._metering.create_meter(event_name="api_calls")
+    usage = eventbridge(
+        name,
+        {
+            "tenantId": "acme",
+            "meterApiName": "api_calls",
+            "meterValue": 5,
+            "meterTimeInMillis": int(AT.timestamp() * 1000),
+        },
+        "eb-7",
+    )
+    first = aws.event_handler(usage, None)
+    again = aws.event_handler(usage, None)  # EventBridge delivers at least once
+    assert (first["ingested"], again["duplicates"]) == (["eb-7:0"], ["eb-7:0"])
+    total = aws._metering.fetch_usage(
+        meter.id, customer_id="acme", start=AT - timedelta(hours=1), end=AT + timedelta(hours=1)
+    ).total
+    assert total == 5
+
+
+def test_secrets_come_from_secrets_manager_at_cold_start(
+    provider: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+
+    class SecretsManager:
+        def get_secret_value(self, SecretId: str) -> dict[str, str]:
+            asked.append(SecretId)
+            return {"SecretString": json.dumps({"METERING_MEMORY_MAX_BATCH_SIZE": "7"})}
+
+    fake = types.ModuleType("boto3")
+    fake.client = lambda service: SecretsManager()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "boto3", fake)
+    monkeypatch.setenv("METERING_PROVIDER", "memory")
+    monkeypatch.setenv(
+        "METERING_SECRETS",
+        json.dumps(
+            {"METERING_MEMORY_MAX_BATCH_SIZE": "arn:aws:secretsmanager:us-east-1:1:secret:m"}
+        ),
+    )
+    monkeypatch.delenv("METERING_MEMORY_MAX_BATCH_SIZE", raising=False)
+    status, capabilities = answer(aws.api_handler(http_api("GET", "/capabilities", ADMIN), None))
+    assert (status, capabilities["max_batch_size"]) == (200, 7)
+    assert asked == ["arn:aws:secretsmanager:us-east-1:1:secret:m"]
