@@ -19,8 +19,6 @@ reads only the events of its range. Semantics every provider is measured against
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import itertools
 import secrets
 import threading
@@ -32,6 +30,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from pydantic import Field
 
 from metering_core.config import ProviderSettings
+from metering_core.cursors import check_limit, decode_cursor, encode_cursor
 from metering_core.errors import ConflictError, NotFoundError, ValidationError
 from metering_core.hookspecs import RegisterProvider, hookimpl
 from metering_core.interface import BaseProvider, Capabilities
@@ -78,22 +77,6 @@ class _StoredMeter:
         self.meter = meter
         self.sequence = sequence
         self.series: dict[str, Series] = {}
-
-
-def _encode_cursor(sequence: int) -> str:
-    return base64.urlsafe_b64encode(f"m{sequence}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor.encode()).decode()
-        if text.startswith("m") and 0 <= int(text[1:]) < 2**63:
-            return int(text[1:])
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
-    raise ValidationError(
-        f"cursor={cursor!r} is not a cursor this provider gave", field="cursor", value=cursor
-    )
 
 
 def _off_loop(
@@ -173,18 +156,15 @@ class MemoryProvider(BaseProvider):
 
     @_off_loop
     def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
-        if not 1 <= limit <= 100:
-            raise ValidationError(
-                f"limit={limit!r} must be from 1 to 100", field="limit", value=limit
-            )
-        after = -1 if cursor is None else _decode_cursor(cursor)
+        check_limit(limit)
+        after = decode_cursor(cursor)
         with self._lock:
             later = [stored for stored in self._meters.values() if stored.sequence > after]
         page = later[:limit]
         more = len(later) > limit
         return Page[Meter](
             items=[stored.meter for stored in page],
-            next_cursor=_encode_cursor(page[-1].sequence) if more else None,
+            next_cursor=encode_cursor(page[-1].sequence) if more else None,
         )
 
     @_off_loop

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -15,7 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from metering_core.errors import ConflictError, MeteringError, NotFoundError, ValidationError
+from metering_core.cursors import check_limit, decode_cursor, encode_cursor
+from metering_core.errors import ConflictError, MeteringError, NotFoundError
 from metering_core.interface import BaseProvider
 from metering_core.memory.store import epoch_micros
 from metering_core.models import (
@@ -55,22 +54,6 @@ def _micros(moment: datetime) -> int:
 
 def _moment(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
-
-
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"m{seq}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor.encode()).decode()
-        if text.startswith("m") and 0 <= int(text[1:]) < 2**63:
-            return int(text[1:])
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
-    raise ValidationError(
-        f"cursor={cursor!r} is not a cursor this provider gave", field="cursor", value=cursor
-    )
 
 
 def _meter(row: Any) -> Meter:
@@ -227,11 +210,8 @@ class SqlProvider(BaseProvider):
             return _meter(await self._meter_row(connection, meter_id))
 
     async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
-        if not 1 <= limit <= 100:
-            raise ValidationError(
-                f"limit={limit!r} must be from 1 to 100", field="limit", value=limit
-            )
-        after = -1 if cursor is None else _decode_cursor(cursor)
+        check_limit(limit)
+        after = decode_cursor(cursor)
         statement = (
             sa.select(meters).where(meters.c.seq > after).order_by(meters.c.seq).limit(limit + 1)
         )
@@ -240,7 +220,7 @@ class SqlProvider(BaseProvider):
         page = rows[:limit]
         return Page[Meter](
             items=[_meter(row) for row in page],
-            next_cursor=_encode_cursor(page[-1].seq) if len(rows) > limit else None,
+            next_cursor=encode_cursor(page[-1].seq) if len(rows) > limit else None,
         )
 
     async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
