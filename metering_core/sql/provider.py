@@ -7,6 +7,7 @@ import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -46,10 +47,6 @@ from metering_core.sql.usage import usage_rows, usage_statement
 __all__ = ["SqlProvider"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _micros(moment: datetime) -> int:
-    return epoch_micros(moment)
 
 
 def _moment(micros: int) -> datetime:
@@ -169,7 +166,7 @@ class SqlProvider(BaseProvider):
     # meters
 
     async def create_meter(self, meter: MeterCreate) -> Meter:
-        now = _micros(datetime.now(UTC))
+        now = epoch_micros(datetime.now(UTC))
         row = {
             "id": f"mtr_{secrets.token_hex(12)}",
             "event_name": meter.event_name,
@@ -197,7 +194,7 @@ class SqlProvider(BaseProvider):
                 raise ConflictError(
                     f"a meter for event_name={meter.event_name!r} exists already: {existing}"
                 )
-        return _meter(_Record(row))
+        return _meter(SimpleNamespace(**row))
 
     async def _meter_row(self, connection: AsyncConnection, meter_id: str) -> Any:
         row = (await connection.execute(sa.select(meters).where(meters.c.id == meter_id))).first()
@@ -225,7 +222,7 @@ class SqlProvider(BaseProvider):
 
     async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
         changes: dict[str, Any] = {name: getattr(update, name) for name in update.model_fields_set}
-        changes["updated_at"] = _micros(datetime.now(UTC))
+        changes["updated_at"] = epoch_micros(datetime.now(UTC))
         async with self._transaction() as connection:
             await self._meter_row(connection, meter_id)
             await connection.execute(
@@ -387,10 +384,3 @@ class SqlProvider(BaseProvider):
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
-
-
-class _Record:
-    """A mapping read as attributes, so a row just written converts like one read back."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update(values)
