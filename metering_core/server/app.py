@@ -264,4 +264,7 @@ def serve(
         if isinstance(app_or_metering, FastAPI)
         else create_app(app_or_metering, allow_anonymous=allow_anonymous, config_file=config_file)
     )
-    uvicorn.run(app, host=host, port=port)
+    if log_config is None:
+        uvicorn.run(app, host=host, port=port)
+    else:
+        uvicorn.run(app, host=host, port=port, log_config=log_config)

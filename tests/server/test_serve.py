@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
 
 from metering_core import AsyncMetering, ConfigurationError
 from metering_core.server import create_app, serve
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -39,3 +52,41 @@ def test_serve_without_keys_refuses(
     with pytest.raises(ConfigurationError, match="no API keys"):
         serve(AsyncMetering("memory"))
     assert runs == []
+
+
+def test_metering_serve_logs_as_asked_and_uvicorn_keeps_to_it(tmp_path: Any) -> None:
+    """`--log-json` reaches uvicorn's own loggers too (access lines included), and
+    `--log-level warning` silences the per-request lines a busy service cannot afford."""
+    key = "log-test-key-do-not-print"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("METERING_")},
+        "METERING_PROVIDER": "memory",
+        "METERING_KEYS": json.dumps({key: {"scopes": ["meters:read"]}}),
+    }
+
+    def lines(*options: str) -> list[str]:
+        port = free_port()
+        command = [sys.executable, "-m", "metering_core.cli", "serve", "--port", str(port)]
+        process = subprocess.Popen(
+            [*command, *options], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/meters", headers={"authorization": key})
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "metering serve did not start"
+                    time.sleep(0.05)
+        finally:
+            process.terminate()
+            _, err = process.communicate(timeout=10)
+        return err.decode().splitlines()
+
+    records = [json.loads(line) for line in lines("--log-json")]
+    assert {"uvicorn.error", "uvicorn.access"} <= {r["logger"] for r in records}
+    assert any("GET /meters" in r["message"] and "401" in r["message"] for r in records)
+    quiet = lines("--log-level", "warning")
+    assert not [line for line in quiet if "GET /meters" in line]
+    assert not [line for line in [*quiet, *map(str, records)] if key in line]
