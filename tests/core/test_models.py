@@ -27,6 +27,13 @@ def test_event_defaults_give_a_fresh_id_and_an_aware_now() -> None:
     assert first.value == Decimal(1)
 
 
+def test_the_bounds_are_instants_whatever_the_offset() -> None:
+    """2999-12-31 23:00 at UTC+5 is before 3000 UTC; the same at UTC-5 is not."""
+    east = event(timestamp=datetime(2999, 12, 31, 23, tzinfo=timezone(timedelta(hours=5))))
+    assert east.timestamp == datetime(2999, 12, 31, 18, tzinfo=UTC)
+    assert event(timestamp=datetime(1900, 1, 1, tzinfo=UTC)).timestamp.year == 1900
+
+
 def test_timestamps_are_normalised_to_utc() -> None:
     paris_summer = timezone(timedelta(hours=2))
     stamped = event(timestamp=datetime(2026, 7, 1, 12, 0, tzinfo=paris_summer))
@@ -53,6 +60,12 @@ def test_float_values_keep_their_decimal_spelling() -> None:
         ("id", "i" * 101, "'iiiiiiii", "at most 100"),
         ("customer_id", "", "customer_id=''", "at least 1"),
         ("dimensions", {"region": 3}, "dimensions.region=3", "string"),
+        ("customer_id", "t\ud800", "'t\\ud800'", "not valid Unicode"),
+        ("dimensions", {"region": "\udc00"}, "dimensions.region", "not valid Unicode"),
+        ("id", "e\x00", "'e\\x00'", "NUL"),
+        ("timestamp", datetime(2999, 12, 31, 23, tzinfo=timezone(-timedelta(hours=5))), "", "3000"),
+        ("timestamp", datetime(1900, 1, 1, 2, tzinfo=timezone(timedelta(hours=5))), "", "1900"),
+        ("timestamp", datetime(9999, 12, 31, 23, tzinfo=timezone(-timedelta(hours=5))), "", "3000"),
     ],
 )
 def test_a_bad_field_is_named_with_its_value(
