@@ -82,10 +82,16 @@ class _StoredMeter:
 def _off_loop(
     method: Callable[Concatenate[MemoryProvider, P], R],
 ) -> Callable[Concatenate[MemoryProvider, P], Coroutine[Any, Any, R]]:
-    """Run an operation in a worker thread: each takes the provider's lock, which a long
-    usage query may hold, and the event loop must never wait on a lock."""
+    """Run an operation without the event loop ever waiting on the provider's lock (which
+    a long usage query may hold): at once when the lock is free, as it nearly always is
+    (a thread hop costs more than the work), else in a worker thread."""
 
     async def run(self: MemoryProvider, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self._lock.acquire(blocking=False):
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._lock.release()
         return await asyncio.to_thread(method, self, *args, **kwargs)
 
     run.__name__, run.__qualname__, run.__doc__ = (
@@ -106,7 +112,7 @@ class MemoryProvider(BaseProvider):
         self._capabilities = CAPABILITIES.model_copy(
             update={"max_batch_size": settings.max_batch_size}
         )
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held by _off_loop, then taken again inside
         self._meters: dict[str, _StoredMeter] = {}
         self._by_event_name: dict[str, _StoredMeter] = {}
         self._seen: dict[str, Series] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -11,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metering_core import Metering, UsageEvent, ValidationError
+from metering_core import MeterCreate, Metering, UsageEvent, ValidationError
+from metering_core.memory import MemoryProvider
 
 
 @pytest.fixture
@@ -246,3 +248,33 @@ def test_usage_is_the_sum_of_each_ids_first_occurrence(
         m.flush()
         usage = m.fetch_usage(meter.id, start=start, end=start + timedelta(days=5), window="day")
     assert usage.total == sum(expected.values())
+
+
+async def test_ingest_never_makes_the_event_loop_wait_on_a_busy_provider() -> None:
+    """While another thread holds the provider (a long usage query does), ingestion moves
+    to a worker thread: the loop keeps running, and the events land once it is free."""
+    provider = MemoryProvider()
+    await provider.create_meter(MeterCreate(event_name="api_calls"))
+    held, release = threading.Event(), threading.Event()
+
+    def long_query() -> None:
+        with provider._lock:
+            held.set()
+            release.wait(5)
+
+    busy = threading.Thread(target=long_query)
+    busy.start()
+    held.wait(5)
+    ingest = asyncio.create_task(
+        provider.ingest_usage_events([UsageEvent(id="e1", event_name="api_calls", customer_id="t")])
+    )
+    for _ in range(20):  # the loop keeps turning while the provider is busy
+        await asyncio.sleep(0.005)
+    assert not ingest.done()
+    release.set()
+    assert (await ingest).accepted == ["e1"]
+    busy.join()
+    again = await provider.ingest_usage_events(
+        [UsageEvent(id="e1", event_name="api_calls", customer_id="t")]
+    )
+    assert again.duplicates == ["e1"]
