@@ -101,12 +101,23 @@ def test_an_event_bus_message_with_a_bad_time_is_4xx(client: TestClient) -> None
     refused(client.post("/events", json=message, headers=ACME), "detail[0].meterTimeInMillis")
 
 
-def test_a_body_that_is_not_json_is_a_validation_error(client: TestClient) -> None:
-    response = client.post(
-        "/usage", content=b"{not json", headers={**ACME, "Content-Type": "application/json"}
-    )
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"",
+        b'{"events": [{"id": "half", "event_name": "api_calls", "customer_id": "acme"}',
+        b'{"events": [{"id": "s", "event_name": "api_calls", "customer_id": "acme\\ud800"}]}',
+    ],
+)
+def test_a_body_that_is_not_json_is_a_validation_error_of_the_body(
+    client: TestClient, body: bytes
+) -> None:
+    response = client.post("/usage", content=body, headers={**ACME, "Content-Type": "text/plain"})
     assert response.status_code == 422
-    assert response.json()["error"]["type"] == "validation_error"
+    assert "Invalid JSON" in refused(response, "body")
+    gone = client.request("DELETE", "/usage", json={"event_ids": ["half", "s"]}, headers=ACME)
+    assert gone.json()["not_found"] == ["half", "s"]
 
 
 def test_a_huge_invalid_value_is_not_echoed_back_whole(client: TestClient) -> None:
