@@ -139,6 +139,14 @@ class _Model(pydantic.BaseModel):
         except pydantic.ValidationError as exc:
             raise validation_error(exc, cls.__name__) from None
 
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> Self:
+        """Parse and validate in one pass (no Python objects for the JSON in between)."""
+        try:
+            return super().model_validate_json(json_data, **kwargs)
+        except pydantic.ValidationError as exc:
+            raise validation_error(exc, cls.__name__) from None
+
 
 class Aggregation(StrEnum):
     """How a meter folds the values of its events into one number per window."""

@@ -8,7 +8,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import typer
 from rich.progress import MofNCompleteColumn, Progress, ProgressColumn, Task
@@ -18,7 +18,6 @@ from metering_core.cli.app import connect, err
 from metering_core.errors import ValidationError
 from metering_core.models import UsageEvent
 
-_ERROR = "__error__"
 _EXTRA = "__extra__"
 
 
@@ -31,12 +30,13 @@ def _utf8_problem(text: str) -> str | None:
     return None
 
 
-def _csv_rows(file: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
+def _csv_events(file: TextIO) -> Iterator[tuple[int, UsageEvent | str]]:
+    """Each record as an event; `dimensions.<name>` columns are its dimensions."""
     reader = csv.DictReader(file, restkey=_EXTRA)
     header = reader.fieldnames or []
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:  # a later column would silently win: the file is refused, not guessed
-        yield 1, {_ERROR: f"the header names {', '.join(map(repr, repeated))} more than once"}
+        yield 1, f"the header names {', '.join(map(repr, repeated))} more than once"
         return
     while True:
         try:
@@ -45,16 +45,16 @@ def _csv_rows(file: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
             return
         except csv.Error as exc:  # e.g. a field over the csv module's size limit
             # line_num has not counted the failed record yet: it begins on the next line
-            yield reader.line_num + 1, {_ERROR: f"not a CSV row: {exc}"}
+            yield reader.line_num + 1, f"not a CSV row: {exc}"
             continue
         number = reader.line_num  # where the record ends (quoted newlines count)
         problem = _utf8_problem(json.dumps(row, ensure_ascii=False))
         if problem is not None:
-            yield number, {_ERROR: problem}
+            yield number, problem
         elif _EXTRA in row:
-            yield number, {_ERROR: f"{len(row[_EXTRA])} more field(s) than the header names"}
+            yield number, f"{len(row[_EXTRA])} more field(s) than the header names"
         elif None in row.values():
-            yield number, {_ERROR: "fewer fields than the header names"}
+            yield number, "fewer fields than the header names"
         else:
             dimensions = {
                 k.removeprefix("dimensions."): v
@@ -62,31 +62,47 @@ def _csv_rows(file: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
                 if k.startswith("dimensions.")
             }
             plain = {k: v for k, v in row.items() if not k.startswith("dimensions.") and v != ""}
-            yield number, {**plain, "dimensions": dimensions} if dimensions else plain
+            try:
+                yield (
+                    number,
+                    UsageEvent.model_validate(
+                        {**plain, "dimensions": dimensions} if dimensions else plain
+                    ),
+                )
+            except ValidationError as exc:
+                yield number, str(exc)
 
 
-def _json_rows(file: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
+def _json_events(file: TextIO) -> Iterator[tuple[int, UsageEvent | str]]:
+    """Each line parsed and validated in one pass, straight into an event."""
     for number, line in enumerate(file, start=1):
         if not line.strip():
             continue
         problem = _utf8_problem(line)
         if problem is not None:
-            yield number, {_ERROR: problem}
+            yield number, problem
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            row = {_ERROR: f"not JSON: {exc.msg}"}
-        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, [[[[…
-            row = {_ERROR: f"not a usable JSON row: {type(exc).__name__}"}
-        yield number, row if isinstance(row, dict) else {_ERROR: "not a JSON object"}
+            yield number, UsageEvent.model_validate_json(line)
+        except ValidationError as exc:
+            yield number, _json_problem(exc)
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) from JSON Lines or CSV (by extension); a row that cannot be read
-    (bad bytes, a ragged or oversized CSV record, not JSON) carries why, under `_ERROR`."""
+def _json_problem(exc: ValidationError) -> str:
+    """Why a line is not an event: not JSON, not an object, or a bad field."""
+    first = exc.errors[0] if exc.errors else {}
+    if first.get("type") == "json_invalid":
+        return f"not JSON: {str(first['msg']).removeprefix('Invalid JSON: ')}"
+    if first.get("type") == "model_type":
+        return "not a JSON object"
+    return str(exc)
+
+
+def _read(path: Path) -> Iterator[tuple[int, UsageEvent | str]]:
+    """(line number, the event or why the row is not one) from JSON Lines or CSV (by
+    extension): bad bytes, a ragged or oversized CSV record, not JSON, a bad field."""
     with path.open(encoding="utf-8", errors="surrogateescape", newline="") as file:
-        yield from _csv_rows(file) if path.suffix.lower() == ".csv" else _json_rows(file)
+        yield from _csv_events(file) if path.suffix.lower() == ".csv" else _json_events(file)
 
 
 BACKFILL_CHUNK = 5000
@@ -122,19 +138,13 @@ def _backfill_id(event: UsageEvent, timed: bool, seen: Counter[str]) -> str:
 
 
 def _events(path: Path) -> Iterator[tuple[int, UsageEvent | str]]:
-    """(line number, the event or why the row is bad), streaming the file."""
+    """(line number, the event or why the row is bad), streaming the file; a row without
+    an id gets its stable backfill id."""
     seen: Counter[str] = Counter()
-    for number, row in _rows(path):
-        if _ERROR in row:
-            yield number, row[_ERROR]
-            continue
-        try:
-            event = UsageEvent.model_validate(row)
-        except ValidationError as exc:
-            yield number, str(exc)
-            continue
-        if "id" not in row:
-            event = event.model_copy(update={"id": _backfill_id(event, "timestamp" in row, seen)})
+    for number, event in _read(path):
+        if isinstance(event, UsageEvent) and "id" not in event.model_fields_set:
+            timed = "timestamp" in event.model_fields_set
+            event = event.model_copy(update={"id": _backfill_id(event, timed, seen)})
         yield number, event
 
 
