@@ -7,6 +7,7 @@ import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,7 +34,7 @@ from metering_core.models import (
 )
 from metering_core.sql import CAPABILITIES, SqlSettings, default_path
 from metering_core.sql.ingest import insert_events
-from metering_core.sql.schema import customers, events, meters
+from metering_core.sql.schema import HOUR, ROLLED_UP, customers, events, meters, rollups
 from metering_core.sql.store import (
     STORE_FAILURES,
     StoreUrl,
@@ -245,7 +246,11 @@ class SqlProvider(BaseProvider):
         async with self._transaction() as connection:
             found = await connection.execute(
                 sa.select(
-                    meters.c.seq, meters.c.event_name, meters.c.id, meters.c.unique_dimension
+                    meters.c.seq,
+                    meters.c.event_name,
+                    meters.c.id,
+                    meters.c.unique_dimension,
+                    meters.c.aggregation,
                 ).where(meters.c.event_name.in_(names))
             )
             by_name = {row.event_name: row for row in found}
@@ -262,7 +267,8 @@ class SqlProvider(BaseProvider):
                     )
                 else:
                     rows.append((event, meter.seq))
-            inserted = await insert_events(connection, rows) if rows else set()
+            rolled_up = {m.seq for m in by_name.values() if m.aggregation in ROLLED_UP}
+            inserted = await insert_events(connection, rows, rolled_up) if rows else set()
             seen_before: set[str] = set()
             if refused:  # an id seen before is a duplicate, whatever became of its meter
                 seen_before = set(
@@ -317,14 +323,22 @@ class SqlProvider(BaseProvider):
             ]
             cancelled: set[str] = set()
             if wanted:
-                cancelled = set(
-                    await connection.scalars(
+                gone = (
+                    await connection.execute(
                         sa.update(events)
                         .where(events.c.id.in_(wanted), events.c.cancelled == sa.false())
                         .values(cancelled=True)
-                        .returning(events.c.id)
+                        .returning(
+                            events.c.id,
+                            events.c.meter_seq,
+                            events.c.ts,
+                            events.c.value,
+                            sa.cast(events.c.dimensions, sa.Text),
+                        )
                     )
-                )
+                ).all()
+                cancelled = {row[0] for row in gone}
+                await self._roll_back_cancelled(connection, gone)
         for event_id in event_ids:
             row = known.get(event_id)
             if row is None:
@@ -340,6 +354,39 @@ class SqlProvider(BaseProvider):
             else:
                 result.rejected[event_id] = f"event {event_id!r} is already cancelled"
         return result
+
+    async def _roll_back_cancelled(self, connection: AsyncConnection, gone: Sequence[Any]) -> None:
+        """Negative rollups for cancelled events of rolled-up meters, so their hours
+        count what remains (the same transaction as the cancellation)."""
+        seqs = {row[1] for row in gone}
+        rolled_up = set(
+            await connection.scalars(
+                sa.select(meters.c.seq).where(
+                    meters.c.seq.in_(seqs), meters.c.aggregation.in_(ROLLED_UP)
+                )
+            )
+        )
+        deltas: dict[tuple[int, int, str], tuple[int, Decimal]] = {}
+        for _, meter_seq, ts, value, dimensions in gone:
+            if meter_seq in rolled_up:
+                key = (meter_seq, ts - ts % HOUR, dimensions)
+                count, total = deltas.get(key, (0, Decimal(0)))
+                deltas[key] = (count - 1, total - Decimal(str(value)))
+        if deltas:
+            native = connection.dialect.name == "postgresql"
+            await connection.execute(
+                rollups.insert(),
+                [
+                    {
+                        "meter_seq": meter_seq,
+                        "hour": hour,
+                        "dimensions": dimensions,
+                        "count": count,
+                        "total": total if native else str(total),
+                    }
+                    for (meter_seq, hour, dimensions), (count, total) in deltas.items()
+                ],
+            )
 
     # customers
 

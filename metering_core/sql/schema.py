@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["customers", "events", "metadata", "meters"]
+__all__ = ["HOUR", "ROLLED_UP", "customers", "events", "metadata", "meters", "rollups"]
 
 metadata = sa.MetaData()
 
@@ -53,6 +53,27 @@ events = sa.Table(
     sa.Index("events_meter_ts", "meter_seq", "ts"),
     sqlite_autoincrement=True,
 )
+
+HOUR = 3_600_000_000
+"""An hour in microseconds: the width of a rollup."""
+
+ROLLED_UP = ("sum", "count", "avg")
+"""The aggregations a rollup's count and total answer; the others read their events."""
+
+rollups = sa.Table(
+    "rollups",
+    metadata,
+    sa.Column("meter_seq", sa.BigInteger, nullable=False),
+    sa.Column("hour", sa.BigInteger, nullable=False),
+    sa.Column("dimensions", sa.Text, nullable=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("total", Value, nullable=False),
+    sa.Index("rollups_meter_hour", "meter_seq", "hour"),
+)
+"""Count and total of a meter's events per UTC hour and dimensions (as the events hold
+them), for meters whose aggregation they answer. Rows are deltas, only ever inserted: each
+ingested batch adds its own (so concurrent writers never wait on one row) and each
+cancellation adds a negative one; a query sums them."""
 
 customers = sa.Table(
     "customers",

@@ -8,12 +8,14 @@ import base64
 import os
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,10 +26,12 @@ from metering_core import (
     ProviderUnavailableError,
     UsageEvent,
     UsageQuery,
+    UsageRow,
 )
 from metering_core.memory import MemoryProvider
 from metering_core.sql import SqlSettings
 from metering_core.sql.provider import SqlProvider
+from metering_core.sql.store import schema_revisions
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -64,7 +68,7 @@ def test_what_one_command_writes_the_next_one_reads(tmp_path: Path) -> None:
     meter_id = meter_id.rstrip("…")
     path = metering("db", "path", home=tmp_path).stdout.strip()
     assert path == str(tmp_path / "metering" / "metering.db")
-    assert metering("db", "current", home=tmp_path).stdout.startswith("0001")
+    assert metering("db", "current", home=tmp_path).stdout.startswith(schema_revisions()[0])
 
 
 async def _usage_total(provider: SqlProvider, meter_id: str) -> Decimal:
@@ -154,6 +158,58 @@ def test_a_database_newer_than_the_code_is_refused(sqlite_url: str) -> None:
         asyncio.run(reopen())
 
 
+def test_a_store_from_before_rollups_is_upgraded_and_answers_the_same(any_url: str) -> None:
+    """A store written by revision 0001 (no rollups) gets them built from its events when
+    upgraded: embedded SQLite on first use, PostgreSQL by `metering db upgrade`."""
+    events = [
+        UsageEvent(
+            id=f"e{i}",
+            event_name="api_calls",
+            customer_id=f"t{i % 3}",
+            value=Decimal(i) / 4,
+            timestamp=START + timedelta(minutes=37 * i),
+            dimensions={"region": ("eu", "us")[i % 2]},
+        )
+        for i in range(200)
+    ]
+    query = {"start": START, "end": START + timedelta(days=7), "window": "hour"}
+
+    async def write() -> list[UsageRow]:
+        provider = SqlProvider(SqlSettings(url=any_url))
+        meter = await provider.create_meter(
+            MeterCreate(event_name="api_calls", dimensions=["region"])
+        )
+        await provider.ingest_usage_events(events)
+        await provider.cancel_usage_events(["e3", "e50"])
+        usage = await provider.fetch_usage(
+            UsageQuery(meter_id=meter.id, group_by=["region"], **query)
+        )
+        async with provider._transaction() as connection:  # back to revision 0001
+            await connection.execute(sa.text("DROP TABLE rollups"))
+            await connection.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
+        await provider.aclose()
+        return usage.rows
+
+    async def read(upgrade: bool) -> list[UsageRow]:
+        provider = SqlProvider(SqlSettings(url=any_url))
+        try:
+            if upgrade:
+                with pytest.raises(ConfigurationError, match="run `metering db upgrade`"):
+                    await provider.fetch_all_meters()
+                await provider.upgrade_schema()
+            [meter] = (await provider.fetch_all_meters()).items
+            usage = await provider.fetch_usage(
+                UsageQuery(meter_id=meter.id, group_by=["region"], **query)
+            )
+            return usage.rows
+        finally:
+            await provider.aclose()
+
+    before = asyncio.run(write())
+    assert len(before) > 100
+    assert asyncio.run(read(upgrade=any_url.startswith("postgresql"))) == before
+
+
 def _open(url: str) -> None:
     async def run() -> None:
         provider = SqlProvider(SqlSettings(url=url))
@@ -193,78 +249,21 @@ def test_a_corrupt_sqlite_file_is_a_configuration_error_and_is_left_as_it_was(
 
 
 AGGREGATIONS = ["sum", "count", "min", "max", "avg", "latest", "unique_count"]
-event_rows = st.lists(
-    st.tuples(
-        st.integers(0, 24 * 70),  # hour offset over ten weeks
-        st.sampled_from(["t1", "t2", "t3"]),
-        st.decimals(min_value=-50, max_value=500, places=2, allow_nan=False),
-        st.sampled_from(["eu", "us", ""]),
-        st.sampled_from(["u1", "u2", "u3", "u4"]),
-    ),
-    min_size=1,
-    max_size=60,
-)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-@given(
-    rows=event_rows,
-    aggregation=st.sampled_from(AGGREGATIONS),
-    window=st.sampled_from([None, "hour", "day", "month"]),
-    tz=st.sampled_from(["UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata"]),
-    group_by=st.sampled_from([(), ("customer_id",), ("region",), ("customer_id", "region")]),
-    customer=st.sampled_from([None, "t2"]),
-    cancel=st.sets(st.integers(0, 59), max_size=5),
-)
-def test_answers_are_the_memory_providers_for_the_same_events(
-    tmp_path_factory: pytest.TempPathFactory,
-    rows: list[tuple[int, str, Decimal, str, str]],
-    aggregation: str,
-    window: str | None,
-    tz: str,
-    group_by: tuple[str, ...],
-    customer: str | None,
-    cancel: set[int],
-) -> None:
-    url = f"sqlite:///{tmp_path_factory.mktemp('same') / 'metering.db'}"
-    meter = MeterCreate(
-        event_name="api_calls",
-        aggregation=aggregation,
-        dimensions=["region", "user"],
-        unique_dimension="user" if aggregation == "unique_count" else None,
+def event_rows(minutes: int) -> st.SearchStrategy[list[tuple[int, str, Decimal, str, str]]]:
+    """Events at a minute offset below `minutes`: customer, value, region, user."""
+    return st.lists(
+        st.tuples(
+            st.integers(0, minutes - 1),
+            st.sampled_from(["t1", "t2", "t3"]),
+            st.decimals(min_value=-50, max_value=500, places=2, allow_nan=False),
+            st.sampled_from(["eu", "us", ""]),
+            st.sampled_from(["u1", "u2", "u3", "u4"]),
+        ),
+        min_size=1,
+        max_size=60,
     )
-    events = [
-        UsageEvent(
-            id=f"e{i}",
-            event_name="api_calls",
-            customer_id=who,
-            value=value,
-            timestamp=START + timedelta(hours=hour),
-            dimensions={"user": user, **({"region": region} if region else {})},
-        )
-        for i, (hour, who, value, region, user) in enumerate(rows)
-    ]
-
-    async def answer(provider: MemoryProvider | SqlProvider) -> list[tuple[object, ...]]:
-        created = await provider.create_meter(meter)
-        await provider.ingest_usage_events(events)
-        await provider.cancel_usage_events([f"e{i}" for i in cancel])
-        usage = await provider.fetch_usage(
-            UsageQuery(
-                meter_id=created.id,
-                customer_id=customer,
-                start=START + timedelta(hours=5),
-                end=START + timedelta(days=65),
-                window=window,
-                group_by=group_by,
-                tz=tz,
-            )
-        )
-        await provider.aclose()
-        return [(r.start, r.end, r.customer_id, r.dimensions, r.value) for r in usage.rows]
-
-    expected = asyncio.run(answer(MemoryProvider()))
-    assert asyncio.run(answer(SqlProvider(SqlSettings(url=url)))) == expected
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -272,6 +271,132 @@ def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'metering.db'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+def _answers(
+    url: str,
+    rows: list[tuple[int, str, Decimal, str, str]],
+    origin: datetime,
+    aggregation: str,
+    cancel: set[int],
+    **query: Any,
+) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """The rows memory and the store at `url` answer for the same events and cancellations
+    (one store serves many examples: names and ids are this call's own)."""
+    run = uuid.uuid4().hex[:8]
+    meter = MeterCreate(
+        event_name=f"calls_{run}",
+        aggregation=aggregation,
+        dimensions=["region", "user"],
+        unique_dimension="user" if aggregation == "unique_count" else None,
+    )
+    events = [
+        UsageEvent(
+            id=f"{run}-e{i}",
+            event_name=meter.event_name,
+            customer_id=who,
+            value=value,
+            timestamp=origin + timedelta(minutes=minute),
+            dimensions={"user": user, **({"region": region} if region else {})},
+        )
+        for i, (minute, who, value, region, user) in enumerate(rows)
+    ]
+
+    async def answer(provider: MemoryProvider | SqlProvider) -> list[tuple[object, ...]]:
+        created = await provider.create_meter(meter)
+        await provider.ingest_usage_events(events[: len(events) // 2])
+        await provider.ingest_usage_events(events)  # the second half, and duplicates
+        await provider.cancel_usage_events([f"{run}-e{i}" for i in cancel])
+        usage = await provider.fetch_usage(UsageQuery(meter_id=created.id, **query))
+        await provider.aclose()
+        return [(r.start, r.end, r.customer_id, r.dimensions, r.value) for r in usage.rows]
+
+    return asyncio.run(answer(MemoryProvider())), asyncio.run(
+        answer(SqlProvider(SqlSettings(url=url)))
+    )
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    rows=event_rows(70 * 24 * 60),  # ten weeks
+    origin=st.sampled_from([START, datetime(1969, 12, 20, tzinfo=UTC)]),  # hours before 1970
+    aggregation=st.sampled_from(AGGREGATIONS),
+    window=st.sampled_from([None, "hour", "day", "month"]),
+    tz=st.sampled_from(["UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata"]),
+    group_by=st.sampled_from([(), ("customer_id",), ("region",), ("customer_id", "region")]),
+    customer=st.sampled_from([None, "t2"]),
+    start_minute=st.sampled_from([300, 301]),  # on an hour, or not
+    cancel=st.sets(st.integers(0, 59), max_size=5),
+)
+def test_answers_are_the_memory_providers_for_the_same_events(
+    any_url: str,
+    rows: list[tuple[int, str, Decimal, str, str]],
+    origin: datetime,
+    aggregation: str,
+    window: str | None,
+    tz: str,
+    group_by: tuple[str, ...],
+    customer: str | None,
+    start_minute: int,
+    cancel: set[int],
+) -> None:
+    """Every aggregation, window, zone and grouping, with cancellations, before and after
+    1970: the store answers as memory does."""
+    memory, store = _answers(
+        any_url,
+        rows,
+        origin,
+        aggregation,
+        cancel,
+        customer_id=customer,
+        start=origin + timedelta(minutes=start_minute),
+        end=origin + timedelta(days=65),
+        window=window,
+        group_by=group_by,
+        tz=tz,
+    )
+    assert store == memory
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    rows=event_rows(3 * 24 * 60),  # three days
+    origin=st.sampled_from([START, datetime(1969, 12, 31, 6, tzinfo=UTC)]),  # across 1970
+    aggregation=st.sampled_from(["sum", "count", "avg"]),
+    window=st.sampled_from([None, "hour", "day", "month"]),
+    tz=st.sampled_from(["UTC", "Europe/Paris", "America/New_York"]),
+    group_by=st.sampled_from([(), ("region",)]),
+    hours=st.tuples(st.integers(0, 24), st.integers(1, 24 * 40)),
+    cancel=st.sets(st.integers(0, 59), max_size=10),
+)
+def test_queries_the_rollups_answer_are_the_memory_providers_too(
+    any_url: str,
+    rows: list[tuple[int, str, Decimal, str, str]],
+    origin: datetime,
+    aggregation: str,
+    window: str | None,
+    tz: str,
+    group_by: tuple[str, ...],
+    hours: tuple[int, int],
+    cancel: set[int],
+) -> None:
+    """Across customers over whole hours (in zones a whole number of hours from UTC),
+    sum, count and avg come from the hourly rollups: still memory's answers, with
+    cancellations, duplicates and hours before 1970."""
+    start = origin + timedelta(hours=hours[0])
+    memory, store = _answers(
+        any_url,
+        rows,
+        origin,
+        aggregation,
+        cancel,
+        start=start,
+        end=start + timedelta(hours=hours[1]),
+        window=window,
+        group_by=group_by,
+        tz=tz,
+    )
+    assert store == memory
 
 
 async def _both(url: str, scenario: Any) -> tuple[Any, Any]:

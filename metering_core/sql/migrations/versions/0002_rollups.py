@@ -1,0 +1,47 @@
+"""Hourly rollups of count and total for sum, count and avg meters, built from the events
+already stored.
+
+Revision ID: 0002
+Revises: 0001
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+from metering_core.sql.schema import HOUR, ROLLED_UP, Value
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "rollups",
+        sa.Column("meter_seq", sa.BigInteger, nullable=False),
+        sa.Column("hour", sa.BigInteger, nullable=False),
+        sa.Column("dimensions", sa.Text, nullable=False),
+        sa.Column("count", sa.BigInteger, nullable=False),
+        sa.Column("total", Value, nullable=False),
+    )
+    op.create_index("rollups_meter_hour", "rollups", ["meter_seq", "hour"])
+    native = op.get_bind().dialect.name == "postgresql"
+    total = "sum(e.value)" if native else "dec_sum(e.value)"
+    dimensions = "CAST(e.dimensions AS TEXT)"
+    op.execute(
+        sa.text(
+            f"""
+            INSERT INTO rollups (meter_seq, hour, dimensions, count, total)
+            SELECT e.meter_seq, e.ts - ((e.ts % {HOUR}) + {HOUR}) % {HOUR}, {dimensions},
+                   count(*), {total}
+            FROM events AS e JOIN meters AS m ON m.seq = e.meter_seq
+            WHERE NOT e.cancelled AND m.aggregation IN :rolled_up
+            GROUP BY 1, 2, 3
+            """
+        ).bindparams(sa.bindparam("rolled_up", ROLLED_UP, expanding=True))
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("rollups")
