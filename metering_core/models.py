@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal, localcontext
 from enum import StrEnum
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -77,6 +77,9 @@ Text = Annotated[str, Field(pattern=TEXT_PATTERN)]
 Identifier = Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)]
 UtcDatetime = Annotated[AwareDatetime, Field(ge=EARLIEST, lt=LATEST), AfterValidator(_utc)]
 TimeZoneName = Annotated[str, AfterValidator(_iana_zone)]
+EXACT = Context(prec=100)
+"""Enough digits for any sum of values of at most 38 digits: no sum is ever rounded."""
+
 FiniteDecimal = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=38, decimal_places=18)]
 """Exact, finite and bounded: 1e999999 is finite but no bill holds it, and a provider
 would have to spell it out digit by digit."""
@@ -323,8 +326,9 @@ class Usage(_Model):
 
     @property
     def total(self) -> Decimal:
-        """Sum of the row values; meaningful for sum and count meters."""
-        return sum((row.value for row in self.rows), Decimal(0))
+        """Sum of the row values, exact; meaningful for sum and count meters."""
+        with localcontext(EXACT):
+            return sum((row.value for row in self.rows), Decimal(0))
 
 
 T = TypeVar("T")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Context, Decimal, localcontext
+from decimal import Decimal, localcontext
 
-from metering_core.models import Aggregation
+from metering_core.models import EXACT, Aggregation
 
 __all__ = ["Bucket", "fold"]
 
@@ -23,10 +23,6 @@ class Bucket:
         """Keep the value with the greatest time; a tie goes to the one ingested last."""
         if self.latest is None or (micros, order) > self.latest[:2]:
             self.latest = (micros, order, value)
-
-
-EXACT = Context(prec=100)
-"""Enough digits for any sum of values of at most 38 digits: no sum is ever rounded."""
 
 
 def _sum(bucket: Bucket) -> Decimal:

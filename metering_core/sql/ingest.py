@@ -10,17 +10,18 @@ left out, and so is a duplicate. The rollups of a batch are made from those rows
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from decimal import Decimal, localcontext
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from metering_core.memory.store import epoch_micros
-from metering_core.models import UsageEvent
-from metering_core.sql.schema import HOUR
+from metering_core.models import EXACT, UsageEvent
+from metering_core.sql.schema import HOUR, rollups
 
-__all__ = ["insert_events"]
+__all__ = ["insert_events", "rollup_deltas"]
 
 _HOUR_OF = f"ts - ((ts % {HOUR}) + {HOUR}) % {HOUR}"
 """The UTC hour an event falls in (floored: times before 1970 are negative)."""
@@ -35,21 +36,9 @@ _SQLITE = sa.text(
     FROM json_each(:rows) AS e
     WHERE true
     ON CONFLICT (id) DO NOTHING
-    RETURNING id, seq
+    RETURNING id
     """
 )
-
-_SQLITE_ROLLUPS = sa.text(
-    f"""
-    INSERT INTO rollups (meter_seq, hour, dimensions, count, total)
-    SELECT meter_seq, {_HOUR_OF}, dimensions, count(*), dec_sum(value)
-    FROM events
-    WHERE seq BETWEEN :first AND :last AND meter_seq IN (SELECT value FROM json_each(:meters))
-    GROUP BY 1, 2, 3
-    """
-)
-"""The batch's rows are the seqs it was given: the statement before holds the write lock
-until commit, so no other writer's rows fall between them."""
 
 _POSTGRES = sa.text(
     f"""
@@ -123,11 +112,42 @@ async def insert_events(
             for e, seq in rows
         ]
     )
-    inserted = (await connection.execute(_SQLITE, {"rows": payload})).all()
+    inserted = set((await connection.execute(_SQLITE, {"rows": payload})).scalars())
     if inserted and rolled_up:
-        seqs = [seq for _, seq in inserted]
-        await connection.execute(
-            _SQLITE_ROLLUPS,
-            {"first": min(seqs), "last": max(seqs), "meters": json.dumps(list(rolled_up))},
-        )
-    return {event_id for event_id, _ in inserted}
+        # Summed here rather than by a second statement over the new rows: SQLite would
+        # call back into Python for every exact decimal anyway, at twice the cost.
+        counted: set[str] = set()
+        kept = []
+        for event, seq in rows:
+            if seq in rolled_up and event.id in inserted and event.id not in counted:
+                counted.add(event.id)  # a repeat in the batch was not inserted: the first was
+                kept.append((seq, epoch_micros(event.timestamp), event.value, event.dimensions))
+        deltas = rollup_deltas(kept, sign=1, native=False)
+        if deltas:
+            await connection.execute(rollups.insert(), deltas)
+    return inserted
+
+
+def rollup_deltas(
+    counted: Iterable[tuple[int, int, Decimal, Any]], *, sign: int, native: bool
+) -> list[dict[str, Any]]:
+    """Rollup rows adding (`sign` 1) or taking away (-1) these (meter_seq, time, value,
+    dimensions) events: one row per meter, UTC hour and dimensions. Dimensions may be
+    stored JSON text or a mapping; queries read their values, never compare the text."""
+    deltas: dict[tuple[int, int, str], list[Any]] = {}
+    with localcontext(EXACT):  # totals exact, as every provider sums
+        for meter_seq, ts, value, dimensions in counted:
+            text = dimensions if isinstance(dimensions, str) else json.dumps(dimensions)
+            delta = deltas.setdefault((meter_seq, ts - ts % HOUR, text), [0, Decimal(0)])
+            delta[0] += sign
+            delta[1] += sign * Decimal(value)
+    return [
+        {
+            "meter_seq": meter_seq,
+            "hour": hour,
+            "dimensions": text,
+            "count": count,
+            "total": total if native else str(total),
+        }
+        for (meter_seq, hour, text), (count, total) in deltas.items()
+    ]

@@ -33,8 +33,8 @@ from metering_core.models import (
     UsageQuery,
 )
 from metering_core.sql import CAPABILITIES, SqlSettings, default_path
-from metering_core.sql.ingest import insert_events
-from metering_core.sql.schema import HOUR, ROLLED_UP, customers, events, meters, rollups
+from metering_core.sql.ingest import insert_events, rollup_deltas
+from metering_core.sql.schema import ROLLED_UP, customers, events, meters, rollups
 from metering_core.sql.store import (
     STORE_FAILURES,
     StoreUrl,
@@ -366,27 +366,13 @@ class SqlProvider(BaseProvider):
                 )
             )
         )
-        deltas: dict[tuple[int, int, str], tuple[int, Decimal]] = {}
-        for _, meter_seq, ts, value, dimensions in gone:
-            if meter_seq in rolled_up:
-                key = (meter_seq, ts - ts % HOUR, dimensions)
-                count, total = deltas.get(key, (0, Decimal(0)))
-                deltas[key] = (count - 1, total - Decimal(str(value)))
+        deltas = rollup_deltas(
+            [(row[1], row[2], Decimal(str(row[3])), row[4]) for row in gone if row[1] in rolled_up],
+            sign=-1,
+            native=connection.dialect.name == "postgresql",
+        )
         if deltas:
-            native = connection.dialect.name == "postgresql"
-            await connection.execute(
-                rollups.insert(),
-                [
-                    {
-                        "meter_seq": meter_seq,
-                        "hour": hour,
-                        "dimensions": dimensions,
-                        "count": count,
-                        "total": total if native else str(total),
-                    }
-                    for (meter_seq, hour, dimensions), (count, total) in deltas.items()
-                ],
-            )
+            await connection.execute(rollups.insert(), deltas)
 
     # customers
 

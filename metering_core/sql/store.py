@@ -35,7 +35,7 @@ from metering_core.errors import (
     ProviderError,
     ProviderUnavailableError,
 )
-from metering_core.memory.aggregate import EXACT
+from metering_core.models import EXACT
 from metering_core.sql import masked
 
 __all__ = ["StoreUrl", "migrate", "schema_revisions", "store_error"]
