@@ -1,30 +1,32 @@
 """A batch of events into the store, and its rollups, in one transaction.
 
-The rows travel as one JSON array (SQLite, unpacked by `json_each`) or as one array per
-column (PostgreSQL, unpacked by `unnest`), so the cost per event is the database's, not
-the driver's parameter handling. `ON CONFLICT (id) DO NOTHING RETURNING` answers with
-exactly the rows this statement inserted: a known id, from this batch or any process, is
-left out, and so is a duplicate. The rollups of a batch are made from those rows alone.
+The rows travel as one JSON array (unpacked by `json_each` on SQLite and by
+`jsonb_array_elements` on PostgreSQL), so the cost per event is the database's, not the
+driver's parameter handling. `ON CONFLICT (id) DO NOTHING RETURNING` answers with exactly
+the rows this statement inserted: a known id, from this batch or any process, is left
+out, and so is a duplicate. Only those rows are added to the rollups.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from decimal import Decimal, localcontext
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from metering_core.memory.store import epoch_micros
 from metering_core.models import EXACT, UsageEvent
-from metering_core.sql.schema import HOUR, rollups
+from metering_core.sql.schema import BUCKET, events, rollups
+from metering_core.sql.store import canonical_dimensions
 
-__all__ = ["insert_events", "rollup_deltas"]
+__all__ = ["add_to_rollups", "insert_events", "rollup_deltas", "rollup_key"]
 
-_HOUR_OF = f"ts - ((ts % {HOUR}) + {HOUR}) % {HOUR}"
-"""The UTC hour an event falls in (floored: times before 1970 are negative)."""
+_BUCKET_OF = f"ts - ((ts % {BUCKET}) + {BUCKET}) % {BUCKET}"
+"""The quarter hour an event falls in (floored: times before 1970 are negative)."""
 
 _SQLITE = sa.text(
     """
@@ -43,62 +45,37 @@ _SQLITE = sa.text(
 _POSTGRES = sa.text(
     f"""
     WITH arrived AS MATERIALIZED (
-        SELECT nextval(pg_get_serial_sequence('events', 'seq')) AS seq, u.*
-        FROM unnest(:ids, :meters, :names, :customers, :times, :values, :dimensions)
-            AS u (id, meter_seq, event_name, customer_id, ts, value, dimensions)
+        SELECT nextval(CAST('events_seq_seq' AS regclass)) AS seq,
+               e->>0 AS id, CAST(e->>1 AS bigint) AS meter_seq, e->>2 AS event_name,
+               e->>3 AS customer_id, CAST(e->>4 AS bigint) AS ts,
+               CAST(e->>5 AS numeric) AS value, CAST(e->6 AS json) AS dimensions
+        FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS e
     ), inserted AS (
         INSERT INTO events (seq, id, meter_seq, event_name, customer_id, ts, value, dimensions)
         SELECT * FROM arrived ORDER BY id
         ON CONFLICT (id) DO NOTHING
         RETURNING id, meter_seq, ts, value, dimensions
     ), rolled AS (
-        INSERT INTO rollups (meter_seq, hour, dimensions, count, total)
-        SELECT meter_seq, {_HOUR_OF}, CAST(dimensions AS TEXT), count(*), sum(value)
+        INSERT INTO rollups AS r (meter_seq, bucket, dimensions, count, total)
+        SELECT meter_seq, {_BUCKET_OF}, CAST(CAST(dimensions AS jsonb) AS text),
+               count(*), sum(value)
         FROM inserted
-        WHERE meter_seq = ANY(:rolled_up)
+        WHERE meter_seq = ANY(CAST(:rolled_up AS bigint[]))
         GROUP BY 1, 2, 3
+        ORDER BY 1, 2, 3
+        ON CONFLICT (meter_seq, bucket, dimensions) DO UPDATE
+        SET count = r.count + excluded.count, total = r.total + excluded.total
     )
     SELECT id FROM inserted
     """
-).bindparams(
-    sa.bindparam("ids", type_=postgresql.ARRAY(sa.String)),
-    sa.bindparam("meters", type_=postgresql.ARRAY(sa.BigInteger)),
-    sa.bindparam("names", type_=postgresql.ARRAY(sa.String)),
-    sa.bindparam("customers", type_=postgresql.ARRAY(sa.String)),
-    sa.bindparam("times", type_=postgresql.ARRAY(sa.BigInteger)),
-    sa.bindparam("values", type_=postgresql.ARRAY(sa.Numeric)),
-    sa.bindparam("dimensions", type_=postgresql.ARRAY(postgresql.JSON)),
-    sa.bindparam("rolled_up", type_=postgresql.ARRAY(sa.BigInteger)),
 )
+"""Arrival order numbers the rows (`seq`, the order `latest` breaks ties by); then they
+go in by id and their rollups by key: two processes writing overlapping batches take
+their locks in the same order, so neither waits on the other in a cycle."""
 
 
-async def insert_events(
-    connection: Any, rows: Sequence[tuple[UsageEvent, int]], rolled_up: Collection[int]
-) -> set[str]:
-    """Insert (event, meter_seq) rows unless their id is known, and roll up those of the
-    meters in `rolled_up`; the ids inserted.
-
-    Each row's `seq` (the ingestion order `latest` breaks ties by) follows the order the
-    events arrived in. On PostgreSQL the rows then go into the table in id order: two
-    processes inserting overlapping batches take the unique index's locks in the same
-    order, so neither waits on the other in a cycle (unsorted, they deadlocked)."""
-    if connection.dialect.name == "postgresql":
-        events = [event for event, _ in rows]
-        result = await connection.execute(
-            _POSTGRES,
-            {
-                "ids": [e.id for e in events],
-                "meters": [seq for _, seq in rows],
-                "names": [e.event_name for e in events],
-                "customers": [e.customer_id for e in events],
-                "times": [epoch_micros(e.timestamp) for e in events],
-                "values": [e.value for e in events],
-                "dimensions": [e.dimensions for e in events],
-                "rolled_up": list(rolled_up),
-            },
-        )
-        return set(result.scalars())
-    payload = json.dumps(
+def _payload(rows: Sequence[tuple[UsageEvent, int]]) -> str:
+    return json.dumps(
         [
             [
                 e.id,
@@ -112,7 +89,19 @@ async def insert_events(
             for e, seq in rows
         ]
     )
-    inserted = set((await connection.execute(_SQLITE, {"rows": payload})).scalars())
+
+
+async def insert_events(
+    connection: AsyncConnection,
+    rows: Sequence[tuple[UsageEvent, int]],
+    rolled_up: Collection[int],
+) -> set[str]:
+    """Insert (event, meter_seq) rows unless their id is known, adding those of the meters
+    in `rolled_up` to their rollups; the ids inserted."""
+    if connection.dialect.name == "postgresql":
+        parameters = {"rows": _payload(rows), "rolled_up": list(rolled_up)}
+        return set((await connection.execute(_POSTGRES, parameters)).scalars())
+    inserted = set((await connection.execute(_SQLITE, {"rows": _payload(rows)})).scalars())
     if inserted and rolled_up:
         # Summed here rather than by a second statement over the new rows: SQLite would
         # call back into Python for every exact decimal anyway, at twice the cost.
@@ -122,32 +111,52 @@ async def insert_events(
             if seq in rolled_up and event.id in inserted and event.id not in counted:
                 counted.add(event.id)  # a repeat in the batch was not inserted: the first was
                 kept.append((seq, epoch_micros(event.timestamp), event.value, event.dimensions))
-        deltas = rollup_deltas(kept, sign=1, native=False)
-        if deltas:
-            await connection.execute(rollups.insert(), deltas)
+        await add_to_rollups(connection, rollup_deltas(kept, sign=1))
     return inserted
 
 
 def rollup_deltas(
-    counted: Iterable[tuple[int, int, Decimal, Any]], *, sign: int, native: bool
+    counted: Iterable[tuple[int, int, Decimal, Mapping[str, str] | str]], *, sign: int
 ) -> list[dict[str, Any]]:
-    """Rollup rows adding (`sign` 1) or taking away (-1) these (meter_seq, time, value,
-    dimensions) events: one row per meter, UTC hour and dimensions. Dimensions may be
-    stored JSON text or a mapping; queries read their values, never compare the text."""
+    """What adding (`sign` 1) or taking away (-1) these (meter_seq, time, value,
+    dimensions) events does to the rollups: one row per key, in key order. Dimensions are
+    a mapping, or the key text the database made of them (`rollup_key`)."""
     deltas: dict[tuple[int, int, str], list[Any]] = {}
     with localcontext(EXACT):  # totals exact, as every provider sums
         for meter_seq, ts, value, dimensions in counted:
-            text = dimensions if isinstance(dimensions, str) else json.dumps(dimensions)
-            delta = deltas.setdefault((meter_seq, ts - ts % HOUR, text), [0, Decimal(0)])
+            text = dimensions if isinstance(dimensions, str) else canonical_dimensions(dimensions)
+            key = (meter_seq, ts - ts % BUCKET, text)
+            delta = deltas.setdefault(key, [0, Decimal(0)])
             delta[0] += sign
-            delta[1] += sign * Decimal(value)
+            delta[1] += sign * value
     return [
-        {
-            "meter_seq": meter_seq,
-            "hour": hour,
-            "dimensions": text,
-            "count": count,
-            "total": total if native else str(total),
-        }
-        for (meter_seq, hour, text), (count, total) in deltas.items()
+        {"meter_seq": seq, "bucket": bucket, "dimensions": text, "count": n, "total": total}
+        for (seq, bucket, text), (n, total) in sorted(deltas.items())
     ]
+
+
+def rollup_key(dialect: str) -> sa.ColumnElement[str]:
+    """An event's dimensions as its rollup key, in SQL: the form the ingest statement (on
+    PostgreSQL, jsonb's text) or `canonical_dimensions` (on SQLite) gives."""
+    if dialect == "postgresql":
+        return sa.cast(sa.cast(events.c.dimensions, postgresql.JSONB), sa.Text)
+    return sa.func.canonical(events.c.dimensions, type_=sa.Text)
+
+
+async def add_to_rollups(connection: AsyncConnection, deltas: list[dict[str, Any]]) -> None:
+    """Add `deltas` (from `rollup_deltas`) to the rollups, row by row in key order."""
+    if not deltas:
+        return
+    statement: postgresql.Insert | sqlite.Insert
+    if connection.dialect.name == "postgresql":
+        statement = postgresql.insert(rollups)
+        total = rollups.c.total + statement.excluded.total
+    else:
+        statement = sqlite.insert(rollups)
+        total = sa.func.dec_add(rollups.c.total, statement.excluded.total)
+        deltas = [{**delta, "total": str(delta["total"])} for delta in deltas]
+    upsert = statement.on_conflict_do_update(
+        index_elements=[rollups.c.meter_seq, rollups.c.bucket, rollups.c.dimensions],
+        set_={"count": rollups.c.count + statement.excluded.count, "total": total},
+    )
+    await connection.execute(upsert, deltas)

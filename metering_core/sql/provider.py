@@ -33,8 +33,8 @@ from metering_core.models import (
     UsageQuery,
 )
 from metering_core.sql import CAPABILITIES, SqlSettings, default_path
-from metering_core.sql.ingest import insert_events, rollup_deltas
-from metering_core.sql.schema import ROLLED_UP, customers, events, meters, rollups
+from metering_core.sql.ingest import add_to_rollups, insert_events, rollup_deltas, rollup_key
+from metering_core.sql.schema import ROLLED_UP, customers, events, meters
 from metering_core.sql.store import (
     STORE_FAILURES,
     StoreUrl,
@@ -333,7 +333,7 @@ class SqlProvider(BaseProvider):
                             events.c.meter_seq,
                             events.c.ts,
                             events.c.value,
-                            sa.cast(events.c.dimensions, sa.Text),
+                            rollup_key(connection.dialect.name),
                         )
                     )
                 ).all()
@@ -366,13 +366,10 @@ class SqlProvider(BaseProvider):
                 )
             )
         )
-        deltas = rollup_deltas(
-            [(row[1], row[2], Decimal(str(row[3])), row[4]) for row in gone if row[1] in rolled_up],
-            sign=-1,
-            native=connection.dialect.name == "postgresql",
+        counted = [(row[1], row[2], Decimal(str(row[3])), row[4]) for row in gone]
+        await add_to_rollups(
+            connection, rollup_deltas([r for r in counted if r[0] in rolled_up], sign=-1)
         )
-        if deltas:
-            await connection.execute(rollups.insert(), deltas)
 
     # customers
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["HOUR", "ROLLED_UP", "customers", "events", "metadata", "meters", "rollups"]
+__all__ = ["BUCKET", "ROLLED_UP", "customers", "events", "metadata", "meters", "rollups"]
 
 metadata = sa.MetaData()
 
@@ -54,8 +54,10 @@ events = sa.Table(
     sqlite_autoincrement=True,
 )
 
-HOUR = 3_600_000_000
-"""An hour in microseconds: the width of a rollup."""
+BUCKET = 900_000_000
+"""A rollup's width, 15 minutes in microseconds: every time zone's offset from UTC is a
+whole number of quarter hours (Asia/Kolkata +5:30, Asia/Kathmandu +5:45), so the windows
+of any zone are runs of whole buckets."""
 
 ROLLED_UP = ("sum", "count", "avg")
 """The aggregations a rollup's count and total answer; the others read their events."""
@@ -63,17 +65,18 @@ ROLLED_UP = ("sum", "count", "avg")
 rollups = sa.Table(
     "rollups",
     metadata,
-    sa.Column("meter_seq", sa.BigInteger, nullable=False),
-    sa.Column("hour", sa.BigInteger, nullable=False),
-    sa.Column("dimensions", sa.Text, nullable=False),
+    sa.Column("meter_seq", sa.BigInteger, primary_key=True),
+    sa.Column("bucket", sa.BigInteger, primary_key=True),
+    sa.Column("dimensions", sa.Text, primary_key=True),
     sa.Column("count", sa.BigInteger, nullable=False),
     sa.Column("total", Value, nullable=False),
-    sa.Index("rollups_meter_hour", "meter_seq", "hour"),
 )
-"""Count and total of a meter's events per UTC hour and dimensions (as the events hold
-them), for meters whose aggregation they answer. Rows are deltas, only ever inserted: each
-ingested batch adds its own (so concurrent writers never wait on one row) and each
-cancellation adds a negative one; a query sums them."""
+"""Count and total of a meter's events per 15 minutes (UTC) and dimensions (canonical
+JSON text), for meters whose aggregation they answer. Each ingested batch adds to its
+rows, in key order (two writers then never wait on each other in a cycle), and a
+cancellation takes away, in the same transaction: a rollup never disagrees with the
+events, and it holds at most one row per meter, quarter hour and dimensions however the
+events arrive."""
 
 customers = sa.Table(
     "customers",

@@ -14,7 +14,7 @@ import functools
 import json
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import Decimal, localcontext
 from importlib import resources
 from pathlib import Path
@@ -38,7 +38,7 @@ from metering_core.errors import (
 from metering_core.models import EXACT
 from metering_core.sql import masked
 
-__all__ = ["StoreUrl", "migrate", "schema_revisions", "store_error"]
+__all__ = ["StoreUrl", "canonical_dimensions", "migrate", "schema_revisions", "store_error"]
 
 ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 
@@ -160,6 +160,18 @@ def _window(ts: int, bounds: str) -> int:
     return bisect.bisect_right(_bounds(bounds), ts) - 1
 
 
+def canonical_dimensions(dimensions: Mapping[str, str] | str) -> str:
+    """Dimensions as one text per set of pairs (sorted keys, no spaces): a rollup's key.
+    Stored event dimensions (JSON text) and mappings give the same text."""
+    pairs = json.loads(dimensions) if isinstance(dimensions, str) else dimensions
+    return json.dumps(pairs, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _add(left: str, right: str) -> str:
+    with localcontext(EXACT):
+        return str(Decimal(left) + Decimal(right))
+
+
 def _prepare_sqlite(dbapi_connection: Any, _: Any) -> None:
     """Per connection: WAL, a busy timeout (two processes may share the file), and the
     store's functions, registered on the sqlite3 connection in aiosqlite's own thread."""
@@ -179,6 +191,8 @@ def _prepare_sqlite(dbapi_connection: Any, _: Any) -> None:
             connection.create_aggregate(name, arity, factory)
         connection.create_function("window_index", 2, _window, deterministic=True)
         connection.create_function("dimension", 2, _dimension, deterministic=True)
+        connection.create_function("canonical", 1, canonical_dimensions, deterministic=True)
+        connection.create_function("dec_add", 2, _add, deterministic=True)
 
     dbapi_connection.run_async(lambda conn: conn._execute(register, conn._conn))
 

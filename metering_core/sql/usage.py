@@ -21,7 +21,7 @@ from metering_core.models import (
     UsageRow,
     too_many_rows,
 )
-from metering_core.sql.schema import HOUR, ROLLED_UP, events, rollups
+from metering_core.sql.schema import BUCKET, ROLLED_UP, events, rollups
 from metering_core.windows import window_bounds
 
 __all__ = ["usage_rows"]
@@ -98,7 +98,7 @@ def usage_statement(
             value=unknown[0],
         )
     by_customer = "customer_id" in query.group_by or query.customer_id is not None
-    if not by_customer and meter.aggregation in ROLLED_UP and all(b % HOUR == 0 for b in micros):
+    if not by_customer and meter.aggregation in ROLLED_UP and all(b % BUCKET == 0 for b in micros):
         return _from_rollups(dialect, meter_seq, meter, micros, keys), bounds, keys
     window = _window_number(dialect, micros, events.c.ts).label("window")
     groups: list[sa.ColumnElement[Any]] = [window]
@@ -127,9 +127,9 @@ def usage_statement(
 def _from_rollups(
     dialect: str, meter_seq: int, meter: Meter, micros: list[int], keys: list[str]
 ) -> sa.Select[Any]:
-    """Across customers, over whole UTC hours: the hourly rollups answer sum, count and
-    avg without reading the events (each window is a run of whole hours)."""
-    window = _window_number(dialect, micros, rollups.c.hour).label("window")
+    """Across customers, over whole quarter hours: the rollups answer sum, count and avg
+    without reading the events (each window is a run of whole buckets)."""
+    window = _window_number(dialect, micros, rollups.c.bucket).label("window")
     stored: sa.ColumnElement[Any] = rollups.c.dimensions  # the events' JSON, as text
     if dialect == "postgresql":
         stored = sa.cast(stored, postgresql.JSON)
@@ -154,8 +154,8 @@ def _from_rollups(
         sa.select(*groups, *folds)
         .where(
             rollups.c.meter_seq == meter_seq,
-            rollups.c.hour >= micros[0],
-            rollups.c.hour < micros[-1],
+            rollups.c.bucket >= micros[0],
+            rollups.c.bucket < micros[-1],
         )
         .group_by(*groups)
         .having(count > 0)  # every event of the group cancelled: no row, as on memory

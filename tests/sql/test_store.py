@@ -210,6 +210,41 @@ def test_a_store_from_before_rollups_is_upgraded_and_answers_the_same(any_url: s
     assert asyncio.run(read(upgrade=any_url.startswith("postgresql"))) == before
 
 
+def test_rollups_hold_one_row_per_quarter_hour_and_dimensions_however_events_arrive(
+    any_url: str,
+) -> None:
+    """A backfill scattered over time, in many batches, with dimensions in any key order,
+    then cancellations: the rollups stay one row per (meter, quarter hour, dimensions)."""
+    regions = [{"region": "eu", "tier": "a"}, {"tier": "a", "region": "eu"}, {"region": "us"}]
+    events = [
+        UsageEvent(
+            id=f"e{i}",
+            event_name="api_calls",
+            customer_id=f"t{i % 7}",
+            timestamp=START + timedelta(minutes=(i * 37) % 45),  # three quarter hours
+            dimensions=regions[i % 3],
+        )
+        for i in range(300)
+    ]
+
+    async def scenario() -> list[int]:
+        provider = SqlProvider(SqlSettings(url=any_url))
+        await provider.create_meter(MeterCreate(event_name="api_calls", aggregation="count"))
+        for offset in range(0, 300, 7):
+            await provider.ingest_usage_events(events[offset : offset + 7])
+        counts = []
+        async with provider._transaction() as connection:
+            counts.append(await connection.scalar(sa.text("SELECT count(*) FROM rollups")))
+        await provider.cancel_usage_events([f"e{i}" for i in range(0, 300, 5)])
+        async with provider._transaction() as connection:
+            counts.append(await connection.scalar(sa.text("SELECT count(*) FROM rollups")))
+            counts.append(await connection.scalar(sa.text("SELECT sum(count) FROM rollups")))
+        await provider.aclose()
+        return counts
+
+    assert asyncio.run(scenario()) == [3 * 2, 3 * 2, 300 - 60]
+
+
 def _open(url: str) -> None:
     async def run() -> None:
         provider = SqlProvider(SqlSettings(url=url))
@@ -364,9 +399,9 @@ def test_answers_are_the_memory_providers_for_the_same_events(
     origin=st.sampled_from([START, datetime(1969, 12, 31, 6, tzinfo=UTC)]),  # across 1970
     aggregation=st.sampled_from(["sum", "count", "avg"]),
     window=st.sampled_from([None, "hour", "day", "month"]),
-    tz=st.sampled_from(["UTC", "Europe/Paris", "America/New_York"]),
+    tz=st.sampled_from(["UTC", "Europe/Paris", "America/New_York", "Asia/Kathmandu"]),
     group_by=st.sampled_from([(), ("region",)]),
-    hours=st.tuples(st.integers(0, 24), st.integers(1, 24 * 40)),
+    quarters=st.tuples(st.integers(0, 96), st.integers(1, 96 * 40)),
     cancel=st.sets(st.integers(0, 59), max_size=10),
 )
 def test_queries_the_rollups_answer_are_the_memory_providers_too(
@@ -377,13 +412,13 @@ def test_queries_the_rollups_answer_are_the_memory_providers_too(
     window: str | None,
     tz: str,
     group_by: tuple[str, ...],
-    hours: tuple[int, int],
+    quarters: tuple[int, int],
     cancel: set[int],
 ) -> None:
-    """Across customers over whole hours (in zones a whole number of hours from UTC),
-    sum, count and avg come from the hourly rollups: still memory's answers, with
-    cancellations, duplicates and hours before 1970."""
-    start = origin + timedelta(hours=hours[0])
+    """Across customers over whole quarter hours (any zone: Kathmandu is 5:45 from UTC),
+    sum, count and avg come from the rollups: still memory's answers, with cancellations,
+    duplicates and times before 1970."""
+    start = origin + timedelta(minutes=15 * quarters[0])
     memory, store = _answers(
         any_url,
         rows,
@@ -391,7 +426,7 @@ def test_queries_the_rollups_answer_are_the_memory_providers_too(
         aggregation,
         cancel,
         start=start,
-        end=start + timedelta(hours=hours[1]),
+        end=start + timedelta(minutes=15 * quarters[1]),
         window=window,
         group_by=group_by,
         tz=tz,

@@ -1,5 +1,5 @@
-"""Hourly rollups of count and total for sum, count and avg meters, built from the events
-already stored.
+"""Rollups of count and total per 15 minutes for sum, count and avg meters, built from the
+events already stored.
 
 Revision ID: 0002
 Revises: 0001
@@ -8,7 +8,7 @@ Revises: 0001
 import sqlalchemy as sa
 from alembic import op
 
-from metering_core.sql.schema import HOUR, ROLLED_UP, Value
+from metering_core.sql.schema import BUCKET, ROLLED_UP, Value
 
 revision = "0002"
 down_revision = "0001"
@@ -19,21 +19,20 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "rollups",
-        sa.Column("meter_seq", sa.BigInteger, nullable=False),
-        sa.Column("hour", sa.BigInteger, nullable=False),
-        sa.Column("dimensions", sa.Text, nullable=False),
+        sa.Column("meter_seq", sa.BigInteger, primary_key=True),
+        sa.Column("bucket", sa.BigInteger, primary_key=True),
+        sa.Column("dimensions", sa.Text, primary_key=True),
         sa.Column("count", sa.BigInteger, nullable=False),
         sa.Column("total", Value, nullable=False),
     )
-    op.create_index("rollups_meter_hour", "rollups", ["meter_seq", "hour"])
     native = op.get_bind().dialect.name == "postgresql"
     total = "sum(e.value)" if native else "dec_sum(e.value)"
-    dimensions = "CAST(e.dimensions AS TEXT)"
+    key = "CAST(CAST(e.dimensions AS jsonb) AS text)" if native else "canonical(e.dimensions)"
     op.execute(
         sa.text(
             f"""
-            INSERT INTO rollups (meter_seq, hour, dimensions, count, total)
-            SELECT e.meter_seq, e.ts - ((e.ts % {HOUR}) + {HOUR}) % {HOUR}, {dimensions},
+            INSERT INTO rollups (meter_seq, bucket, dimensions, count, total)
+            SELECT e.meter_seq, e.ts - ((e.ts % {BUCKET}) + {BUCKET}) % {BUCKET}, {key},
                    count(*), {total}
             FROM events AS e JOIN meters AS m ON m.seq = e.meter_seq
             WHERE NOT e.cancelled AND m.aggregation IN :rolled_up
