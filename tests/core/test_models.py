@@ -144,3 +144,20 @@ def test_ingest_results_merge_without_losing_ids() -> None:
 def test_a_nul_character_is_refused_before_any_store_sees_it(fields: dict[str, object]) -> None:
     with pytest.raises(ValidationError, match="NUL"):
         UsageEvent(**{"event_name": "api_calls", "customer_id": "t", **fields})
+
+
+def test_default_ids_are_uuid7_in_the_order_they_were_made() -> None:
+    """Time-ordered ids keep a store's unique index growing at its end."""
+    import time
+    import uuid
+
+    first = [event().id for _ in range(1000)]
+    time.sleep(0.002)
+    later = event().id
+    assert len(set(first)) == 1000
+    parsed = [uuid.UUID(i) for i in [*first, later]]
+    assert {(u.version, u.variant) for u in parsed} == {(7, uuid.RFC_4122)}
+    millis = [u.int >> 80 for u in parsed]
+    assert millis == sorted(millis)
+    assert millis[-1] > millis[0]
+    assert abs(millis[-1] - time.time_ns() // 1_000_000) < 5_000
