@@ -25,6 +25,7 @@ from metering_core import MeterCreate, UsageEvent, UsageQuery
 from metering_core.models import new_event_id
 from metering_core.sql import SqlSettings
 from metering_core.sql.provider import SqlProvider
+from metering_core.sql.schema import BUCKET
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 BATCH = 500
@@ -258,9 +259,12 @@ async def run_postgres(url: str, count: int, stored: int) -> None:
         await connection.copy_records_to_table("events", records=chunk, columns=columns)
     await connection.execute(  # as a bulk load must: the loaded events' rollups
         f"""
-        INSERT INTO rollups (meter_seq, hour, dimensions, count, total)
-        SELECT meter_seq, ts - ts % {3_600_000_000}, dimensions::text, count(*), sum(value)
+        INSERT INTO rollups AS r (meter_seq, bucket, dimensions, count, total)
+        SELECT meter_seq, ts - ts % {BUCKET}, CAST(CAST(dimensions AS jsonb) AS text),
+               count(*), sum(value)
         FROM events WHERE id LIKE 'b-%' GROUP BY 1, 2, 3
+        ON CONFLICT (meter_seq, bucket, dimensions) DO UPDATE
+        SET count = r.count + excluded.count, total = r.total + excluded.total
         """
     )
     await connection.execute("VACUUM ANALYZE events")
@@ -314,8 +318,10 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--postgres")
     parser.add_argument("--stored", type=int, default=10_000_000, help="PostgreSQL query size")
+    parser.add_argument("--skip-sqlite", action="store_true")
     args = parser.parse_args()
-    asyncio.run(run_sqlite(args.events))
+    if not args.skip_sqlite:
+        asyncio.run(run_sqlite(args.events))
     if args.postgres:
         asyncio.run(run_postgres(args.postgres, args.events, args.stored))
 

@@ -121,17 +121,23 @@ def rollup_deltas(
     """What adding (`sign` 1) or taking away (-1) these (meter_seq, time, value,
     dimensions) events does to the rollups: one row per key, in key order. Dimensions are
     a mapping, or the key text the database made of them (`rollup_key`)."""
-    deltas: dict[tuple[int, int, str], list[Any]] = {}
+    grouped: dict[tuple[int, int, Any], list[Any]] = {}
+    merged: dict[tuple[int, int, str], list[Any]] = {}
     with localcontext(EXACT):  # totals exact, as every provider sums
         for meter_seq, ts, value, dimensions in counted:
-            text = dimensions if isinstance(dimensions, str) else canonical_dimensions(dimensions)
-            key = (meter_seq, ts - ts % BUCKET, text)
-            delta = deltas.setdefault(key, [0, Decimal(0)])
+            # grouped by the pairs as given first: one key text per group, not per event
+            pairs = dimensions if isinstance(dimensions, str) else tuple(dimensions.items())
+            delta = grouped.setdefault((meter_seq, ts - ts % BUCKET, pairs), [0, Decimal(0)])
             delta[0] += sign
             delta[1] += sign * value
+        for (meter_seq, bucket, pairs), (count, total) in grouped.items():
+            text = pairs if isinstance(pairs, str) else canonical_dimensions(dict(pairs))
+            into = merged.setdefault((meter_seq, bucket, text), [0, Decimal(0)])
+            into[0] += count
+            into[1] += total
     return [
         {"meter_seq": seq, "bucket": bucket, "dimensions": text, "count": n, "total": total}
-        for (seq, bucket, text), (n, total) in sorted(deltas.items())
+        for (seq, bucket, text), (n, total) in sorted(merged.items())
     ]
 
 

@@ -49,8 +49,13 @@ events = sa.Table(
     sa.Column("value", Value, nullable=False),
     sa.Column("dimensions", sa.JSON, nullable=False),
     sa.Column("cancelled", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Index("events_meter_customer_ts", "meter_seq", "customer_id", "ts"),
-    sa.Index("events_meter_ts", "meter_seq", "ts"),
+    # PostgreSQL: one customer's range by index, and time ranges across customers
+    sa.Index("events_meter_customer_ts", "meter_seq", "customer_id", "ts").ddl_if(
+        dialect="postgresql"
+    ),
+    sa.Index("events_meter_ts", "meter_seq", "ts").ddl_if(dialect="postgresql"),
+    # SQLite: time first, so live ingest appends (see migration 0002)
+    sa.Index("events_meter_ts_customer", "meter_seq", "ts", "customer_id").ddl_if(dialect="sqlite"),
     sqlite_autoincrement=True,
 )
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +32,7 @@ from metering_core import (
 from metering_core.memory import MemoryProvider
 from metering_core.sql import SqlSettings
 from metering_core.sql.provider import SqlProvider
-from metering_core.sql.store import schema_revisions
+from metering_core.sql.store import _config, schema_revisions
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -185,8 +186,7 @@ def test_a_store_from_before_rollups_is_upgraded_and_answers_the_same(any_url: s
             UsageQuery(meter_id=meter.id, group_by=["region"], **query)
         )
         async with provider._transaction() as connection:  # back to revision 0001
-            await connection.execute(sa.text("DROP TABLE rollups"))
-            await connection.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
+            await connection.run_sync(lambda c: command.downgrade(_config(c), "0001"))
         await provider.aclose()
         return usage.rows
 
