@@ -62,8 +62,14 @@ enough that a window or a time zone shift can never overflow `datetime`."""
 
 
 def _utc(value: datetime) -> datetime:
-    """The same instant in UTC (the bounds were checked first, so this cannot overflow)."""
-    return value if value.tzinfo is UTC else value.astimezone(UTC)
+    """The same instant in UTC. pydantic checked the bounds first (so this cannot
+    overflow), but with the offset cut to whole seconds: checked again here."""
+    if value.tzinfo is UTC:
+        return value
+    moment = value.astimezone(UTC)
+    if not EARLIEST <= moment < LATEST:
+        raise ValueError(f"must be from {EARLIEST.isoformat()} to before {LATEST.isoformat()}")
+    return moment
 
 
 def _iana_zone(value: str) -> str:

@@ -108,9 +108,10 @@ async def insert_events(
         counted: set[str] = set()
         kept = []
         for event, seq in rows:
-            if seq in rolled_up and event.id in inserted and event.id not in counted:
-                counted.add(event.id)  # a repeat in the batch was not inserted: the first was
-                kept.append((seq, epoch_micros(event.timestamp), event.value, event.dimensions))
+            if event.id in inserted and event.id not in counted:
+                counted.add(event.id)  # the first of an id is what was stored, whatever meter
+                if seq in rolled_up:
+                    kept.append((seq, epoch_micros(event.timestamp), event.value, event.dimensions))
         await add_to_rollups(connection, rollup_deltas(kept, sign=1))
     return inserted
 

@@ -27,6 +27,13 @@ def test_event_defaults_give_a_fresh_id_and_an_aware_now() -> None:
     assert first.value == Decimal(1)
 
 
+def test_a_sub_second_offset_cannot_carry_a_time_past_the_bound() -> None:
+    """pydantic cuts offsets to whole seconds before its check; the bound still holds."""
+    last = datetime(2999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(-timedelta(microseconds=1)))
+    with pytest.raises(ValidationError, match="timestamp"):
+        event(timestamp=last)
+
+
 def test_the_bounds_are_instants_whatever_the_offset() -> None:
     """2999-12-31 23:00 at UTC+5 is before 3000 UTC; the same at UTC-5 is not."""
     east = event(timestamp=datetime(2999, 12, 31, 23, tzinfo=timezone(timedelta(hours=5))))

@@ -210,6 +210,30 @@ def test_a_store_from_before_rollups_is_upgraded_and_answers_the_same(any_url: s
     assert asyncio.run(read(upgrade=any_url.startswith("postgresql"))) == before
 
 
+def test_an_id_repeated_across_meters_in_one_batch_counts_only_where_it_was_stored(
+    any_url: str,
+) -> None:
+    """The first copy of an id is stored (for a max meter); the second, for a sum meter,
+    is a duplicate and must not reach that meter's rollups either."""
+
+    async def scenario(provider: Any) -> list[Decimal]:
+        peak = await provider.create_meter(MeterCreate(event_name="peak", aggregation="max"))
+        total = await provider.create_meter(MeterCreate(event_name="calls"))
+        sent = [
+            UsageEvent(id="x", event_name="peak", customer_id="t", value=5, timestamp=START),
+            UsageEvent(id="x", event_name="calls", customer_id="t", value=7, timestamp=START),
+        ]
+        await provider.ingest_usage_events(sent)
+        span = {"start": START, "end": START + timedelta(hours=1)}
+        return [
+            (await provider.fetch_usage(UsageQuery(meter_id=m.id, **span))).total
+            for m in (peak, total)
+        ]
+
+    memory, store = asyncio.run(_both(any_url, scenario))
+    assert store == memory == [Decimal(5), Decimal(0)]
+
+
 def test_rollups_hold_one_row_per_quarter_hour_and_dimensions_however_events_arrive(
     any_url: str,
 ) -> None:
