@@ -259,11 +259,15 @@ async def run_postgres(url: str, count: int, stored: int) -> None:
         await connection.copy_records_to_table("events", records=chunk, columns=columns)
     await connection.execute(  # as a bulk load must: the loaded events' rollups
         f"""
-        INSERT INTO rollups AS r (meter_seq, bucket, dimensions, count, total)
-        SELECT meter_seq, ts - ts % {BUCKET}, CAST(CAST(dimensions AS jsonb) AS text),
-               count(*), sum(value)
-        FROM events WHERE id LIKE 'b-%' GROUP BY 1, 2, 3
-        ON CONFLICT (meter_seq, bucket, dimensions) DO UPDATE
+        INSERT INTO rollups AS r (meter_seq, bucket, digest, dimensions, count, total)
+        SELECT meter_seq, bucket, md5(dimensions), dimensions, count(*), sum(value)
+        FROM (
+            SELECT meter_seq, ts - ts % {BUCKET} AS bucket,
+                   CAST(CAST(dimensions AS jsonb) AS text) AS dimensions, value
+            FROM events WHERE id LIKE 'b-%'
+        ) AS loaded
+        GROUP BY meter_seq, bucket, dimensions
+        ON CONFLICT (meter_seq, bucket, digest) DO UPDATE
         SET count = r.count + excluded.count, total = r.total + excluded.total
         """
     )

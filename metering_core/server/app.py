@@ -185,7 +185,7 @@ def create_app(
     async def ingest(
         request: Request, principal: Annotated[Principal, Depends(require(gate, "usage:write"))]
     ) -> Response:
-        batch = read_usage_batch(await request.body())
+        batch = read_usage_batch(await request.body(), request.headers.get("content-type"))
         result = await Gateway(principal).ingest_usage_events(batch.events)
         return Response(result.model_dump_json(), media_type="application/json")
 

@@ -1,5 +1,6 @@
 """Request and answer bodies of the service that are not core models."""
 
+import json
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -37,11 +38,24 @@ USAGE_BATCH_ROUTE: dict[str, Any] = {
 the 422 FastAPI would document for it."""
 
 
-def read_usage_batch(body: bytes) -> UsageBatch:
+def read_usage_batch(body: bytes, content_type: str | None) -> UsageBatch:
     """The batch, validated in one pass from the raw JSON; an error names each bad field
-    as FastAPI's own body validation would (`body.events.3.timestamp`)."""
+    as FastAPI's own body validation would (`body.events.3.timestamp`). As FastAPI does,
+    only a JSON content type is read (a plain form post from a web page is not), in any
+    encoding JSON allows (a UTF-8 byte order mark, UTF-16, UTF-32)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if not (
+        media == "application/json"
+        or (media.startswith("application/") and media.endswith("+json"))
+    ):
+        raise HTTPException(400, f"Content-Type={content_type!r}: send application/json")
+    encoding = json.detect_encoding(body)
     try:
-        return UsageBatch.model_validate_json(body)
+        return UsageBatch.model_validate_json(
+            body if encoding == "utf-8" else body.decode(encoding)
+        )
+    except UnicodeDecodeError as exc:
+        raise HTTPException(400, f"not {encoding}: {exc.reason}") from None
     except pydantic.ValidationError as exc:
         errors = exc.errors(include_url=False)
         if errors[0]["type"] == "json_invalid":  # not JSON at all: say where, not what

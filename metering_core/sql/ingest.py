@@ -9,6 +9,7 @@ out, and so is a duplicate. Only those rows are added to the rollups.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from decimal import Decimal, localcontext
@@ -56,14 +57,17 @@ _POSTGRES = sa.text(
         ON CONFLICT (id) DO NOTHING
         RETURNING id, meter_seq, ts, value, dimensions
     ), rolled AS (
-        INSERT INTO rollups AS r (meter_seq, bucket, dimensions, count, total)
-        SELECT meter_seq, {_BUCKET_OF}, CAST(CAST(dimensions AS jsonb) AS text),
-               count(*), sum(value)
-        FROM inserted
-        WHERE meter_seq = ANY(CAST(:rolled_up AS bigint[]))
-        GROUP BY 1, 2, 3
-        ORDER BY 1, 2, 3
-        ON CONFLICT (meter_seq, bucket, dimensions) DO UPDATE
+        INSERT INTO rollups AS r (meter_seq, bucket, digest, dimensions, count, total)
+        SELECT meter_seq, bucket, md5(dimensions), dimensions, count(*), sum(value)
+        FROM (
+            SELECT meter_seq, {_BUCKET_OF} AS bucket,
+                   CAST(CAST(dimensions AS jsonb) AS text) AS dimensions, value
+            FROM inserted
+            WHERE meter_seq = ANY(CAST(:rolled_up AS bigint[]))
+        ) AS rolled
+        GROUP BY meter_seq, bucket, dimensions
+        ORDER BY meter_seq, bucket, md5(dimensions) COLLATE "C"
+        ON CONFLICT (meter_seq, bucket, digest) DO UPDATE
         SET count = r.count + excluded.count, total = r.total + excluded.total
     )
     SELECT id FROM inserted
@@ -136,10 +140,19 @@ def rollup_deltas(
             into = merged.setdefault((meter_seq, bucket, text), [0, Decimal(0)])
             into[0] += count
             into[1] += total
-    return [
-        {"meter_seq": seq, "bucket": bucket, "dimensions": text, "count": n, "total": total}
-        for (seq, bucket, text), (n, total) in sorted(merged.items())
+    rows = [
+        {
+            "meter_seq": seq,
+            "bucket": bucket,
+            "digest": hashlib.md5(text.encode()).hexdigest(),
+            "dimensions": text,
+            "count": n,
+            "total": total,
+        }
+        for (seq, bucket, text), (n, total) in merged.items()
     ]
+    # the order the ingest statement locks in (byte order of the digest, as COLLATE "C")
+    return sorted(rows, key=lambda row: (row["meter_seq"], row["bucket"], row["digest"]))
 
 
 def rollup_key(dialect: str) -> sa.ColumnElement[str]:
@@ -163,7 +176,7 @@ async def add_to_rollups(connection: AsyncConnection, deltas: list[dict[str, Any
         total = sa.func.dec_add(rollups.c.total, statement.excluded.total)
         deltas = [{**delta, "total": str(delta["total"])} for delta in deltas]
     upsert = statement.on_conflict_do_update(
-        index_elements=[rollups.c.meter_seq, rollups.c.bucket, rollups.c.dimensions],
+        index_elements=[rollups.c.meter_seq, rollups.c.bucket, rollups.c.digest],
         set_={"count": rollups.c.count + statement.excluded.count, "total": total},
     )
     await connection.execute(upsert, deltas)

@@ -72,12 +72,14 @@ rollups = sa.Table(
     metadata,
     sa.Column("meter_seq", sa.BigInteger, primary_key=True),
     sa.Column("bucket", sa.BigInteger, primary_key=True),
-    sa.Column("dimensions", sa.Text, primary_key=True),
+    sa.Column("digest", sa.String(32), primary_key=True),
+    sa.Column("dimensions", sa.Text, nullable=False),
     sa.Column("count", sa.BigInteger, nullable=False),
     sa.Column("total", Value, nullable=False),
 )
 """Count and total of a meter's events per 15 minutes (UTC) and dimensions (canonical
-JSON text), for meters whose aggregation they answer. Each ingested batch adds to its
+JSON text, keyed by its MD5: dimensions of any size fit an index), for meters whose
+aggregation they answer. Each ingested batch adds to its
 rows, in key order (two writers then never wait on each other in a cycle), and a
 cancellation takes away, in the same transaction: a rollup never disagrees with the
 events, and it holds at most one row per meter, quarter hour and dimensions however the

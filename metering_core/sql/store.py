@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import json
 import sqlite3
 import threading
@@ -172,6 +173,11 @@ def _add(left: str, right: str) -> str:
         return str(Decimal(left) + Decimal(right))
 
 
+def _md5(text: str) -> str:
+    """PostgreSQL's md5(text), for the migration's rollups."""
+    return hashlib.md5(text.encode()).hexdigest()
+
+
 def _prepare_sqlite(dbapi_connection: Any, _: Any) -> None:
     """Per connection: WAL, a busy timeout (two processes may share the file), and the
     store's functions, registered on the sqlite3 connection in aiosqlite's own thread."""
@@ -193,6 +199,7 @@ def _prepare_sqlite(dbapi_connection: Any, _: Any) -> None:
         connection.create_function("dimension", 2, _dimension, deterministic=True)
         connection.create_function("canonical", 1, canonical_dimensions, deterministic=True)
         connection.create_function("dec_add", 2, _add, deterministic=True)
+        connection.create_function("md5", 1, _md5, deterministic=True)
 
     dbapi_connection.run_async(lambda conn: conn._execute(register, conn._conn))
 

@@ -113,11 +113,50 @@ def test_an_event_bus_message_with_a_bad_time_is_4xx(client: TestClient) -> None
 def test_a_body_that_is_not_json_is_a_validation_error_of_the_body(
     client: TestClient, body: bytes
 ) -> None:
-    response = client.post("/usage", content=body, headers={**ACME, "Content-Type": "text/plain"})
+    response = client.post(
+        "/usage", content=body, headers={**ACME, "Content-Type": "application/json"}
+    )
     assert response.status_code == 422
     assert "Invalid JSON" in refused(response, "body")
     gone = client.request("DELETE", "/usage", json={"event_ids": ["half", "s"]}, headers=ACME)
     assert gone.json()["not_found"] == ["half", "s"]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_usage_that_is_not_sent_as_json_is_refused_and_stores_nothing(
+    client: TestClient, content_type: str | None
+) -> None:
+    """As FastAPI's own body handling: only a JSON content type is read, so a web page's
+    plain form post cannot write usage (no CORS preflight guards a "simple" request)."""
+    body = json.dumps(
+        {"events": [{"id": "form", "event_name": "api_calls", "customer_id": "acme"}]}
+    )
+    headers = {**ACME, **({"Content-Type": content_type} if content_type else {})}
+    response = client.post("/usage", content=body.encode(), headers=headers)
+    assert "application/json" in refused(response, "body")
+    gone = client.request("DELETE", "/usage", json={"event_ids": ["form"]}, headers=ACME)
+    assert gone.json()["not_found"] == ["form"]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "content_type"),
+    [
+        ("utf-8-sig", "application/json"),
+        ("utf-16", "application/json"),
+        ("utf-8", "application/cloudevents+json"),
+    ],
+)
+def test_usage_in_any_json_encoding_is_read(
+    client: TestClient, encoding: str, content_type: str
+) -> None:
+    event_id = f"enc-{encoding}-{content_type[12:16]}"
+    body = json.dumps(
+        {"events": [{"id": event_id, "event_name": "api_calls", "customer_id": "acme"}]}
+    )
+    headers = {**ACME, "Content-Type": content_type}
+    answer = client.post("/usage", content=body.encode(encoding), headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["accepted"] == [event_id]
 
 
 def test_a_huge_invalid_value_is_not_echoed_back_whole(client: TestClient) -> None:

@@ -234,6 +234,30 @@ def test_an_id_repeated_across_meters_in_one_batch_counts_only_where_it_was_stor
     assert store == memory == [Decimal(5), Decimal(0)]
 
 
+def test_dimensions_of_any_size_are_rolled_up(any_url: str) -> None:
+    """A rollup is keyed by a digest of its dimensions, so a 6,000-character value fits
+    the index like any other, and its neighbours in the batch are not refused with it."""
+
+    async def scenario(provider: Any) -> tuple[list[str], Decimal]:
+        meter = await provider.create_meter(MeterCreate(event_name="calls", dimensions=["note"]))
+        sent = [
+            UsageEvent(
+                id="big",
+                event_name="calls",
+                customer_id="t",
+                timestamp=START,
+                dimensions={"note": "x" * 6000},
+            ),
+            UsageEvent(id="small", event_name="calls", customer_id="t", timestamp=START),
+        ]
+        accepted = (await provider.ingest_usage_events(sent)).accepted
+        span = {"start": START, "end": START + timedelta(hours=1), "group_by": ["note"]}
+        return accepted, (await provider.fetch_usage(UsageQuery(meter_id=meter.id, **span))).total
+
+    memory, store = asyncio.run(_both(any_url, scenario))
+    assert store == memory == (["big", "small"], Decimal(2))
+
+
 def test_rollups_hold_one_row_per_quarter_hour_and_dimensions_however_events_arrive(
     any_url: str,
 ) -> None:

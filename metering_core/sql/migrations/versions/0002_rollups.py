@@ -21,7 +21,8 @@ def upgrade() -> None:
         "rollups",
         sa.Column("meter_seq", sa.BigInteger, primary_key=True),
         sa.Column("bucket", sa.BigInteger, primary_key=True),
-        sa.Column("dimensions", sa.Text, primary_key=True),
+        sa.Column("digest", sa.String(32), primary_key=True),
+        sa.Column("dimensions", sa.Text, nullable=False),
         sa.Column("count", sa.BigInteger, nullable=False),
         sa.Column("total", Value, nullable=False),
     )
@@ -33,17 +34,20 @@ def upgrade() -> None:
         op.drop_index("events_meter_customer_ts", "events")
         op.drop_index("events_meter_ts", "events")
         op.create_index("events_meter_ts_customer", "events", ["meter_seq", "ts", "customer_id"])
-    total = "sum(e.value)" if native else "dec_sum(e.value)"
+    total = "sum(value)" if native else "dec_sum(value)"
     key = "CAST(CAST(e.dimensions AS jsonb) AS text)" if native else "canonical(e.dimensions)"
     op.execute(
         sa.text(
             f"""
-            INSERT INTO rollups (meter_seq, bucket, dimensions, count, total)
-            SELECT e.meter_seq, e.ts - ((e.ts % {BUCKET}) + {BUCKET}) % {BUCKET}, {key},
-                   count(*), {total}
-            FROM events AS e JOIN meters AS m ON m.seq = e.meter_seq
-            WHERE NOT e.cancelled AND m.aggregation IN :rolled_up
-            GROUP BY 1, 2, 3
+            INSERT INTO rollups (meter_seq, bucket, digest, dimensions, count, total)
+            SELECT meter_seq, bucket, md5(dimensions), dimensions, count(*), {total}
+            FROM (
+                SELECT e.meter_seq, e.ts - ((e.ts % {BUCKET}) + {BUCKET}) % {BUCKET} AS bucket,
+                       {key} AS dimensions, e.value
+                FROM events AS e JOIN meters AS m ON m.seq = e.meter_seq
+                WHERE NOT e.cancelled AND m.aggregation IN :rolled_up
+            ) AS rolled
+            GROUP BY meter_seq, bucket, dimensions
             """
         ).bindparams(sa.bindparam("rolled_up", ROLLED_UP, expanding=True))
     )
