@@ -1,5 +1,7 @@
 """Model validation: every bad field is refused with its name and value."""
 
+import time
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -155,9 +157,6 @@ def test_a_nul_character_is_refused_before_any_store_sees_it(fields: dict[str, o
 
 def test_default_ids_are_uuid7_in_the_order_they_were_made() -> None:
     """Time-ordered ids keep a store's unique index growing at its end."""
-    import time
-    import uuid
-
     first = [event().id for _ in range(1000)]
     time.sleep(0.002)
     later = event().id
