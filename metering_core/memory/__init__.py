@@ -35,7 +35,7 @@ from metering_core.errors import ConflictError, NotFoundError, ValidationError
 from metering_core.hookspecs import RegisterProvider, hookimpl
 from metering_core.interface import BaseProvider, Capabilities
 from metering_core.memory.aggregate import Bucket, fold
-from metering_core.memory.store import Series, epoch_micros
+from metering_core.memory.store import DimensionSets, Series, epoch_micros
 from metering_core.models import (
     MAX_ROWS,
     Aggregation,
@@ -115,7 +115,12 @@ class MemoryProvider(BaseProvider):
         self._lock = threading.RLock()  # held by _off_loop, then taken again inside
         self._meters: dict[str, _StoredMeter] = {}
         self._by_event_name: dict[str, _StoredMeter] = {}
-        self._seen: dict[str, Series] = {}
+        # every id ever stored -> its series' place in `_series`: a dict of strings and
+        # ints, which the garbage collector does not track (a dict holding the Series
+        # themselves would be walked entry by entry by every full collection)
+        self._seen: dict[str, int] = {}
+        self._series: list[Series] = []
+        self._dimension_sets = DimensionSets()
         self._customers: dict[str, Customer] = {}
         self._sequence = itertools.count()
         self._ingested = itertools.count()
@@ -194,39 +199,38 @@ class MemoryProvider(BaseProvider):
 
     @_off_loop
     def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
-        result = IngestResult()
+        accepted: list[str] = []
+        duplicates: list[str] = []
+        rejected: dict[str, str] = {}
         with self._lock:
+            seen, number = self._seen, self._dimension_sets.number
             for event in events:
-                reason = self._store(event)
-                if reason is None:
-                    result.accepted.append(event.id)
-                elif reason == "duplicate":
-                    result.duplicates.append(event.id)
-                else:
-                    result.rejected[event.id] = reason
-        return result
-
-    def _store(self, event: UsageEvent) -> str | None:
-        """Store one event; None when stored, else "duplicate" or the rejection reason."""
-        if event.id in self._seen:
-            return "duplicate"
-        stored = self._by_event_name.get(event.event_name)
-        if stored is None:
-            return f"no meter for event_name={event.event_name!r}"
-        counted = stored.meter.unique_dimension
-        if counted is not None and counted not in event.dimensions:
-            return (
-                f"unique_count meter {stored.meter.id} needs dimension {counted!r} on every event"
-            )
-        series = stored.series.get(event.customer_id)
-        if series is None:
-            series = stored.series[event.customer_id] = Series(
-                event.customer_id, stored.meter.event_name
-            )
-        value = _SHARED_VALUES.get(event.value, event.value)
-        series.append(event, epoch_micros(event.timestamp), value, next(self._ingested))
-        self._seen[event.id] = series
-        return None
+                event_id = event.id
+                if event_id in seen:
+                    duplicates.append(event_id)
+                    continue
+                stored = self._by_event_name.get(event.event_name)
+                reason = _refusal(stored, event)
+                if reason is not None:
+                    rejected[event_id] = reason
+                    continue
+                assert stored is not None
+                series = stored.series.get(event.customer_id)
+                if series is None:
+                    series = stored.series[event.customer_id] = Series(
+                        event.customer_id, event.event_name, len(self._series)
+                    )
+                    self._series.append(series)
+                series.append(
+                    event_id,
+                    epoch_micros(event.timestamp),
+                    _SHARED_VALUES.get(event.value, event.value),
+                    number(event.dimensions),
+                    next(self._ingested),
+                )
+                seen[event_id] = series.number
+                accepted.append(event_id)
+        return IngestResult(accepted=accepted, duplicates=duplicates, rejected=rejected)
 
     async def fetch_usage(self, query: UsageQuery) -> Usage:
         # CPU-bound and bounded (MAX_WINDOWS, MAX_ROWS): run off the event loop, so one
@@ -253,7 +257,7 @@ class MemoryProvider(BaseProvider):
                 series = list(stored.series.values())
             else:
                 series = [s for s in (stored.series.get(query.customer_id),) if s is not None]
-            rows = _rows(meter, query, series)
+            rows = _rows(meter, query, series, self._dimension_sets.sets)
         return Usage.model_construct(
             meter_id=meter.id,
             aggregation=meter.aggregation,
@@ -272,10 +276,12 @@ class MemoryProvider(BaseProvider):
         found: dict[Series, dict[str, int]] = {}
         with self._lock:
             for event_id in event_ids:
-                series = self._seen.get(event_id)
-                if series is None:
+                place = self._seen.get(event_id)
+                if place is None:
                     result.not_found.append(event_id)
-                elif event_name is not None and event_name != series.event_name:
+                    continue
+                series = self._series[place]
+                if event_name is not None and event_name != series.event_name:
                     result.rejected[event_id] = (
                         f"event {event_id!r} has event_name={series.event_name!r}, "
                         f"not {event_name!r}"
@@ -310,7 +316,19 @@ class MemoryProvider(BaseProvider):
                 raise NotFoundError(f"no customer with id {customer_id!r}")
 
 
-def _rows(meter: Meter, query: UsageQuery, series_list: list[Series]) -> list[UsageRow]:
+def _refusal(stored: _StoredMeter | None, event: UsageEvent) -> str | None:
+    """Why an event cannot be stored, or None."""
+    if stored is None:
+        return f"no meter for event_name={event.event_name!r}"
+    counted = stored.meter.unique_dimension
+    if counted is not None and counted not in event.dimensions:
+        return f"unique_count meter {stored.meter.id} needs dimension {counted!r} on every event"
+    return None
+
+
+def _rows(
+    meter: Meter, query: UsageQuery, series_list: list[Series], dimension_sets: list[dict[str, str]]
+) -> list[UsageRow]:
     """Fold the events of each (window, group) into one row; only combinations with events."""
     bounds = window_bounds(query)
     micros = [epoch_micros(bound) for bound in bounds]
@@ -329,10 +347,18 @@ def _rows(meter: Meter, query: UsageQuery, series_list: list[Series]) -> list[Us
                 continue
             if per_event:
                 _fill_per_event(
-                    query, meter, series, span, window, customer, dimension_keys, buckets
+                    query,
+                    meter,
+                    series,
+                    span,
+                    window,
+                    customer,
+                    dimension_keys,
+                    dimension_sets,
+                    buckets,
                 )
                 continue
-            values = [v for v in series.values[span.start : span.stop] if v is not None]
+            values = [v for v in series.values.between(span.start, span.stop) if v is not None]
             if values:
                 buckets.setdefault((window, customer, ()), Bucket()).values.extend(values)
         if len(buckets) > MAX_ROWS:
@@ -360,15 +386,15 @@ def _fill_per_event(
     window: int,
     customer: str | None,
     dimension_keys: list[str],
+    dimension_sets: list[dict[str, str]],
     buckets: dict[tuple[int, str | None, tuple[str, ...]], Bucket],
 ) -> None:
     """Bucket events one by one: for grouping by dimensions, latest, and unique_count."""
     counted = meter.unique_dimension
-    for position in span:
-        value = series.values[position]
+    for position, value in zip(span, series.values.between(span.start, span.stop), strict=True):
         if value is None:
             continue
-        dimensions = series.dimensions[position]
+        dimensions = dimension_sets[series.dimensions[position]]
         group = tuple(dimensions.get(key, "") for key in dimension_keys)
         bucket = buckets.get((window, customer, group))
         if bucket is None:
