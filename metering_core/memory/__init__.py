@@ -35,7 +35,7 @@ from metering_core.errors import ConflictError, NotFoundError, ValidationError
 from metering_core.hookspecs import RegisterProvider, hookimpl
 from metering_core.interface import BaseProvider, Capabilities
 from metering_core.memory.aggregate import Bucket, fold
-from metering_core.memory.store import DimensionSets, Series, epoch_micros
+from metering_core.memory.store import DimensionSets, GroupOf, Series, epoch_micros
 from metering_core.models import (
     MAX_ROWS,
     Aggregation,
@@ -257,7 +257,7 @@ class MemoryProvider(BaseProvider):
                 series = list(stored.series.values())
             else:
                 series = [s for s in (stored.series.get(query.customer_id),) if s is not None]
-            rows = _rows(meter, query, series, self._dimension_sets.sets)
+            rows = _rows(meter, query, series, self._dimension_sets)
         return Usage.model_construct(
             meter_id=meter.id,
             aggregation=meter.aggregation,
@@ -327,7 +327,7 @@ def _refusal(stored: _StoredMeter | None, event: UsageEvent) -> str | None:
 
 
 def _rows(
-    meter: Meter, query: UsageQuery, series_list: list[Series], dimension_sets: list[dict[str, str]]
+    meter: Meter, query: UsageQuery, series_list: list[Series], dimension_sets: DimensionSets
 ) -> list[UsageRow]:
     """Fold the events of each (window, group) into one row; only combinations with events."""
     bounds = window_bounds(query)
@@ -339,6 +339,7 @@ def _rows(
         Aggregation.UNIQUE_COUNT,
     )
     buckets: dict[tuple[int, str | None, tuple[str, ...]], Bucket] = {}
+    group_of = GroupOf(dimension_sets, dimension_keys, meter.unique_dimension)
     for series in series_list:
         customer = series.customer_id if by_customer or query.customer_id else None
         for window in range(len(bounds) - 1):
@@ -353,8 +354,7 @@ def _rows(
                     span,
                     window,
                     customer,
-                    dimension_keys,
-                    dimension_sets,
+                    group_of,
                     buckets,
                 )
                 continue
@@ -385,17 +385,15 @@ def _fill_per_event(
     span: range,
     window: int,
     customer: str | None,
-    dimension_keys: list[str],
-    dimension_sets: list[dict[str, str]],
+    group_of: GroupOf,
     buckets: dict[tuple[int, str | None, tuple[str, ...]], Bucket],
 ) -> None:
     """Bucket events one by one: for grouping by dimensions, latest, and unique_count."""
-    counted = meter.unique_dimension
-    for position, value in zip(span, series.values.between(span.start, span.stop), strict=True):
+    values = series.values.between(span.start, span.stop)
+    for position, value in zip(span, values, strict=True):
         if value is None:
             continue
-        dimensions = dimension_sets[series.dimensions[position]]
-        group = tuple(dimensions.get(key, "") for key in dimension_keys)
+        group, counted = group_of[series.dimensions[position]]
         bucket = buckets.get((window, customer, group))
         if bucket is None:
             if len(buckets) >= MAX_ROWS:
@@ -405,7 +403,7 @@ def _fill_per_event(
         if meter.aggregation is Aggregation.LATEST:
             bucket.add_latest(series.times[position], series.order[position], value)
         elif counted is not None:
-            bucket.distinct.add(dimensions[counted])
+            bucket.distinct.add(counted)
 
 
 @hookimpl

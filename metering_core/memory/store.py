@@ -5,12 +5,12 @@ from __future__ import annotations
 import bisect
 import itertools
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Generic, TypeVar
 
-__all__ = ["CHUNK", "Column", "DimensionSets", "Series", "epoch_micros"]
+__all__ = ["CHUNK", "Column", "DimensionSets", "GroupOf", "Series", "epoch_micros"]
 
 T = TypeVar("T")
 CHUNK = 64
@@ -25,26 +25,46 @@ def epoch_micros(moment: datetime) -> int:
 
 
 class DimensionSets:
-    """Each distinct set of dimensions held once and numbered; an event stores the number.
+    """Each distinct set of dimensions held once, as a tuple of its pairs, and numbered;
+    an event stores the number.
 
-    Events repeat a few sets (a region, a plan). A dict per event would cost memory, and
-    every full collection of the garbage collector would visit each one."""
+    Events mostly repeat a few sets (a region, a plan): 200k events over three regions
+    held 27 MB, against 64 MB with a dict each. Where every event has its own set (a
+    trace id) it costs a fifth more than a dict (90 MB against 75). A dict per event is
+    also visited by every full collection of the garbage collector; a tuple of strings
+    is not tracked."""
 
-    __slots__ = ("_numbers", "sets")
+    __slots__ = ("_numbers", "pairs")
 
     def __init__(self) -> None:
-        self.sets: list[dict[str, str]] = [{}]
+        self.pairs: list[tuple[tuple[str, str], ...]] = [()]
         self._numbers: dict[tuple[tuple[str, str], ...], int] = {(): 0}
 
     def number(self, dimensions: dict[str, str]) -> int:
         if not dimensions:
             return 0
-        key = tuple(dimensions.items())
-        number = self._numbers.get(key)
+        pairs = tuple(dimensions.items())  # a copy: the caller's dict may change later
+        number = self._numbers.get(pairs)
         if number is None:
-            number = self._numbers[key] = len(self.sets)
-            self.sets.append(dict(dimensions))  # a copy: the caller's dict may change later
+            number = self._numbers[pairs] = len(self.pairs)
+            self.pairs.append(pairs)
         return number
+
+
+class GroupOf(dict[int, tuple[tuple[str, ...], str | None]]):
+    """For one query: a dimension set's number -> (the values of the grouped keys, "" where
+    absent; the counted dimension's value), worked out once per set, not once per event."""
+
+    def __init__(self, sets: DimensionSets, keys: Sequence[str], counted: str | None) -> None:
+        super().__init__()
+        self._pairs, self._keys, self._counted = sets.pairs, keys, counted
+
+    def __missing__(self, number: int) -> tuple[tuple[str, ...], str | None]:
+        dimensions = dict(self._pairs[number])
+        group = tuple(dimensions.get(key, "") for key in self._keys)
+        counted = None if self._counted is None else dimensions.get(self._counted)
+        found = self[number] = (group, counted)
+        return found
 
 
 class Column(Generic[T]):
@@ -82,12 +102,18 @@ class Column(Generic[T]):
     def __iter__(self) -> Iterator[T]:
         return itertools.chain(itertools.chain.from_iterable(self._sealed), self._open)
 
+    def _place(self, position: int) -> tuple[int, int]:
+        """(chunk, offset) of a position; positions count from 0, none from the end."""
+        if not 0 <= position < len(self):
+            raise IndexError(f"position {position} of a column of {len(self)}")
+        return divmod(position, CHUNK)
+
     def __getitem__(self, position: int) -> T:
-        chunk, offset = divmod(position, CHUNK)
+        chunk, offset = self._place(position)
         return self._sealed[chunk][offset] if chunk < len(self._sealed) else self._open[offset]
 
     def __setitem__(self, position: int, item: T) -> None:
-        chunk, offset = divmod(position, CHUNK)
+        chunk, offset = self._place(position)
         if chunk == len(self._sealed):
             self._open[offset] = item
         else:  # rare (a cancellation): the chunk is sealed again with the item replaced
@@ -97,7 +123,9 @@ class Column(Generic[T]):
 
     def between(self, start: int, stop: int) -> Iterator[T]:
         """The items at positions start <= position < stop, copying no more than their chunks."""
-        if start >= stop:
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"positions {start} to {stop} of a column of {len(self)}")
+        if start == stop:
             return iter(())
         first, last = start // CHUNK, (stop - 1) // CHUNK
         chunks = itertools.chain(

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from metering_core import MeterCreate, Metering, UsageEvent, ValidationError
 from metering_core.memory import MemoryProvider
+from metering_core.memory.store import CHUNK, Column
 
 
 @pytest.fixture
@@ -362,3 +363,30 @@ def _brute_force(
         "unique_count": lambda es: Decimal(len({e.dimensions["user"] for e in es})),
     }[aggregation]
     return {key: fold(members) for key, members in groups.items()}
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK])
+def test_a_column_reads_and_writes_like_a_list_and_refuses_positions_outside_it(
+    size: int,
+) -> None:
+    """The memory provider's sealed-chunk column, at and around its chunk edges."""
+    column: Column[int] = Column()
+    for item in range(size // 2):
+        column.append(item)
+    column.extend(range(size // 2, size))
+    mirror = list(range(size))
+    for position in (0, CHUNK - 1, CHUNK, size - 1):
+        if 0 <= position < size:
+            column[position] = mirror[position] = -position - 1
+    assert (list(column), len(column)) == (mirror, size)
+    assert [column[p] for p in range(size)] == mirror
+    for start in range(size + 1):
+        for stop in range(start, size + 1, 7):
+            assert list(column.between(start, stop)) == mirror[start:stop]
+    for outside in (-1, size):
+        with pytest.raises(IndexError):
+            column[outside]
+        with pytest.raises(IndexError):
+            column[outside] = 0
+    with pytest.raises(IndexError):
+        column.between(0, size + 1)
