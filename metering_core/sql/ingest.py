@@ -50,10 +50,13 @@ _POSTGRES = sa.text(
                e->>0 AS id, CAST(e->>1 AS bigint) AS meter_seq, e->>2 AS event_name,
                e->>3 AS customer_id, CAST(e->>4 AS bigint) AS ts,
                CAST(e->>5 AS numeric) AS value, CAST(e->6 AS json) AS dimensions
-        FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS e
+        FROM (
+            SELECT e FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS a(e, n)
+            ORDER BY n
+        ) AS sent
     ), inserted AS (
         INSERT INTO events (seq, id, meter_seq, event_name, customer_id, ts, value, dimensions)
-        SELECT * FROM arrived ORDER BY id
+        SELECT * FROM arrived ORDER BY id, seq
         ON CONFLICT (id) DO NOTHING
         RETURNING id, meter_seq, ts, value, dimensions
     ), rolled AS (
@@ -75,7 +78,10 @@ _POSTGRES = sa.text(
 )
 """Arrival order numbers the rows (`seq`, the order `latest` breaks ties by); then they
 go in by id and their rollups by key: two processes writing overlapping batches take
-their locks in the same order, so neither waits on the other in a cycle."""
+their locks in the same order, so neither waits on the other in a cycle. An id sent
+twice in the batch goes in in arrival order too (`seq` breaks the tie), so its first
+copy is the one stored, as on every provider; sorted by id alone, PostgreSQL's sort
+could put a later copy first, and its value was billed."""
 
 
 def _payload(rows: Sequence[tuple[UsageEvent, int]]) -> str:

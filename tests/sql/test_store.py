@@ -234,6 +234,43 @@ def test_an_id_repeated_across_meters_in_one_batch_counts_only_where_it_was_stor
     assert store == memory == [Decimal(5), Decimal(0)]
 
 
+def test_a_batch_of_thousands_with_repeats_far_apart_answers_as_memory_does(
+    any_url: str,
+) -> None:
+    """One batch larger than one INSERT on SQLite (500 rows), whose ids repeat across
+    those parts and repeat ids of an earlier batch, for two meters (one rolled up, one
+    not), some refused: the answer per id and the totals are memory's."""
+
+    def event(i: int, name: str = "calls") -> UsageEvent:
+        return UsageEvent(
+            id=f"e{i % 1100}",  # e0..e199 come twice, 1,100 positions apart
+            event_name=name,
+            customer_id=f"t{i % 3}",
+            value=Decimal(i % 9) / 4,
+            timestamp=START + timedelta(minutes=i % 240),
+            dimensions={"region": ("eu", "us")[i % 2]},
+        )
+
+    async def scenario(provider: Any) -> tuple[Any, ...]:
+        calls = await provider.create_meter(MeterCreate(event_name="calls", dimensions=["region"]))
+        peak = await provider.create_meter(MeterCreate(event_name="peak", aggregation="max"))
+        earlier = await provider.ingest_batch([event(i) for i in range(1000, 1050)])
+        batch = [event(i, ("calls", "peak", "nobody")[i % 5 % 3]) for i in range(1300)]
+        answer = await provider.ingest_batch(batch)
+        span = {"start": START, "end": START + timedelta(hours=4), "window": "hour"}
+        usage = [
+            (await provider.fetch_usage(UsageQuery(meter_id=m.id, **span, group_by=g))).rows
+            for m, g in ((calls, ["region", "customer_id"]), (calls, []), (peak, ["customer_id"]))
+        ]
+        return earlier.accepted, answer.accepted, answer.duplicates, answer.rejected, usage
+
+    memory, store = asyncio.run(_both(any_url, scenario))
+    assert store == memory
+    # 1,100 ids: 50 sent before, 210 for no meter (every fifth); of the 200 sent twice
+    # in the batch, 160 were stored the first time
+    assert [len(part) for part in memory[1:4]] == [840, 50 + 160, 210]
+
+
 def test_dimensions_of_any_size_are_rolled_up(any_url: str) -> None:
     """A rollup is keyed by a digest of its dimensions, so a 6,000-character value fits
     the index like any other, and its neighbours in the batch are not refused with it."""
