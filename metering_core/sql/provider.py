@@ -33,7 +33,13 @@ from metering_core.models import (
     UsageQuery,
 )
 from metering_core.sql import CAPABILITIES, SqlSettings, default_path
-from metering_core.sql.ingest import add_to_rollups, insert_events, rollup_deltas, rollup_key
+from metering_core.sql.ingest import (
+    add_to_rollups,
+    insert_events,
+    meters_named,
+    rollup_deltas,
+    rollup_key,
+)
 from metering_core.sql.schema import ROLLED_UP, customers, events, meters
 from metering_core.sql.store import (
     STORE_FAILURES,
@@ -255,16 +261,7 @@ class SqlProvider(BaseProvider):
         names = {event.event_name for event in batch}
         result = IngestResult()
         async with self._transaction() as connection:
-            found = await connection.execute(
-                sa.select(
-                    meters.c.seq,
-                    meters.c.event_name,
-                    meters.c.id,
-                    meters.c.unique_dimension,
-                    meters.c.aggregation,
-                ).where(meters.c.event_name.in_(names))
-            )
-            by_name = {row.event_name: row for row in found}
+            by_name = await meters_named(connection, names)
             rows: list[tuple[UsageEvent, int]] = []
             refused: dict[str, str] = {}
             for event in batch:
