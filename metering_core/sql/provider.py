@@ -60,6 +60,30 @@ def _moment(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
 
 
+def _verdicts(
+    batch: Sequence[UsageEvent],
+    refusals: Sequence[str | None],
+    inserted: set[str],
+    known_before: set[str],
+) -> IngestResult:
+    """The answer per copy, in batch order, as the memory provider gives it: a copy whose
+    id was stored before (by an earlier batch, or earlier in this one) is a duplicate;
+    else a refused copy is rejected, and the copy that went in is accepted."""
+    result = IngestResult()
+    stored: set[str] = set()
+    for event, reason in zip(batch, refusals, strict=True):
+        if event.id in known_before or event.id in stored:
+            result.duplicates.append(event.id)
+        elif reason is not None:
+            result.rejected[event.id] = reason
+        elif event.id in inserted:
+            stored.add(event.id)
+            result.accepted.append(event.id)
+        else:  # another writer stored it first
+            result.duplicates.append(event.id)
+    return result
+
+
 def _meter(row: Any) -> Meter:
     return Meter(
         id=row.id,
@@ -259,40 +283,34 @@ class SqlProvider(BaseProvider):
 
     async def ingest_batch(self, batch: Sequence[UsageEvent]) -> IngestResult:
         names = {event.event_name for event in batch}
-        result = IngestResult()
         async with self._transaction() as connection:
             by_name = await meters_named(connection, names)
             rows: list[tuple[UsageEvent, int]] = []
-            refused: dict[str, str] = {}
+            refusals: list[str | None] = []  # each copy's, in batch order
             for event in batch:
                 meter = by_name.get(event.event_name)
+                reason = None
                 if meter is None:
-                    refused[event.id] = f"no meter for event_name={event.event_name!r}"
+                    reason = f"no meter for event_name={event.event_name!r}"
                 elif meter.unique_dimension and meter.unique_dimension not in event.dimensions:
-                    refused[event.id] = (
+                    reason = (
                         f"unique_count meter {meter.id} needs dimension "
                         f"{meter.unique_dimension!r} on every event"
                     )
                 else:
                     rows.append((event, meter.seq))
+                refusals.append(reason)
             rolled_up = {m.seq for m in by_name.values() if m.aggregation in ROLLED_UP}
             inserted = await insert_events(connection, rows, rolled_up) if rows else set()
-            seen_before: set[str] = set()
-            if refused:  # an id seen before is a duplicate, whatever became of its meter
-                seen_before = set(
+            refused_ids = {e.id for e, reason in zip(batch, refusals, strict=True) if reason}
+            known: set[str] = set()
+            if refused_ids:  # an id seen before is a duplicate, whatever became of its meter
+                known = set(
                     await connection.scalars(
-                        sa.select(events.c.id).where(events.c.id.in_(list(refused)))
+                        sa.select(events.c.id).where(events.c.id.in_(list(refused_ids)))
                     )
                 )
-        for event in batch:
-            if event.id in inserted:
-                inserted.discard(event.id)  # a second occurrence in the batch is a duplicate
-                result.accepted.append(event.id)
-            elif event.id in refused and event.id not in seen_before:
-                result.rejected[event.id] = refused[event.id]
-            else:
-                result.duplicates.append(event.id)
-        return result
+        return _verdicts(batch, refusals, inserted, known - inserted)
 
     async def fetch_usage(self, query: UsageQuery) -> Usage:
         async with self._transaction(writes=False) as connection:

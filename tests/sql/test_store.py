@@ -271,6 +271,28 @@ def test_a_batch_of_thousands_with_repeats_far_apart_answers_as_memory_does(
     assert [len(part) for part in memory[1:4]] == [840, 50 + 160, 210]
 
 
+def test_an_id_sent_refused_and_valid_in_one_batch_is_answered_as_on_memory(
+    any_url: str,
+) -> None:
+    """A refused copy before the valid one is rejected, and the valid one accepted; after
+    a stored copy, a refused one is a duplicate: per copy, in batch order."""
+
+    async def scenario(provider: Any) -> list[tuple[list[str], list[str], list[str]]]:
+        await provider.create_meter(MeterCreate(event_name="calls"))
+        answers = []
+        for names in (("nobody", "calls"), ("calls", "nobody")):
+            sent = [
+                UsageEvent(id=names[0], event_name=name, customer_id="t", timestamp=START)
+                for name in names
+            ]
+            answer = await provider.ingest_batch(sent)
+            answers.append((answer.accepted, answer.duplicates, list(answer.rejected)))
+        return answers
+
+    memory, store = asyncio.run(_both(any_url, scenario))
+    assert store == memory == [(["nobody"], [], ["nobody"]), (["calls"], ["calls"], [])]
+
+
 def test_dimensions_of_any_size_are_rolled_up(any_url: str) -> None:
     """A rollup is keyed by a digest of its dimensions, so a 6,000-character value fits
     the index like any other, and its neighbours in the batch are not refused with it."""
