@@ -13,6 +13,7 @@ import bisect
 import functools
 import hashlib
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping
@@ -207,6 +208,11 @@ def _prepare_sqlite(dbapi_connection: Any, _: Any) -> None:
 # errors
 
 
+_PASSING = re.compile(r"disk is full|disk I/O error|connection closed", re.IGNORECASE)
+"""SQLite failures that a later try may not meet: a full disk or volume, a failing one,
+a connection closed under a request (aiosqlite's own message)."""
+
+
 def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
     """One line naming the store (password masked): unreachable stores are retryable,
     refused credentials are not, and a database that is not one is a configuration error."""
@@ -221,12 +227,16 @@ def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
         return ProviderUnavailableError(
             f"{where} is busy; it can be retried: {detail}", provider="sql"
         )
-    if sqlstate == "3D000" or isinstance(cause, sqlite3.DatabaseError):
-        return ConfigurationError(f"{where} cannot be used: {detail}")
+    if isinstance(cause, sqlite3.OperationalError) and _PASSING.search(str(cause)):
+        return ProviderUnavailableError(
+            f"{where} failed to write; it can be retried: {detail}", provider="sql"
+        )
     if (isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")) or isinstance(
         cause, sqlite3.IntegrityError | OverflowError
     ):  # data or constraint: the store refused this request, trying again cannot help
         return ProviderError(f"{where} refused the data: {detail}", provider="sql")
+    if sqlstate == "3D000" or isinstance(cause, sqlite3.DatabaseError):
+        return ConfigurationError(f"{where} cannot be used: {detail}")
     if isinstance(sqlstate, str) and sqlstate.startswith("40"):  # deadlock, serialization
         return ProviderUnavailableError(
             f"{where} rolled the transaction back; it can be retried: {detail}", provider="sql"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -388,6 +389,45 @@ def test_a_corrupt_sqlite_file_is_a_configuration_error_and_is_left_as_it_was(
     with pytest.raises(ConfigurationError, match=f"store sqlite.*{path.name}.* cannot be used"):
         _open(f"sqlite:///{path}")
     assert path.read_bytes() == b"definitely not sqlite" * 200
+
+
+def test_a_full_disk_is_retryable_and_writes_nothing_until_there_is_room(
+    sqlite_url: str,
+) -> None:
+    """SQLite out of room mid-batch (its page limit, as a full volume would be): the batch
+    is refused as retryable, nothing of it is stored, and the retry counts it once."""
+    sent = [
+        UsageEvent(
+            id=f"e{i}",
+            event_name="calls",
+            customer_id=f"t{i % 50}",
+            value=1,
+            timestamp=START + timedelta(seconds=i),
+            dimensions={"note": f"{i:x}" * 20},
+        )
+        for i in range(3000)
+    ]
+
+    async def scenario() -> tuple[str, Decimal, list[str], Decimal]:
+        provider = SqlProvider(SqlSettings(url=sqlite_url))
+        meter = await provider.create_meter(MeterCreate(event_name="calls", dimensions=["note"]))
+        span = UsageQuery(meter_id=meter.id, start=START, end=START + timedelta(days=1))
+        async with provider._transaction() as connection:  # the pool's one connection
+            pages = await connection.scalar(sa.text("PRAGMA page_count"))
+            await connection.exec_driver_sql(f"PRAGMA max_page_count = {pages + 3}")
+        with pytest.raises(ProviderUnavailableError) as caught:
+            await provider.ingest_batch(sent)
+        before = (await provider.fetch_usage(span)).total
+        async with provider._transaction() as connection:
+            await connection.exec_driver_sql("PRAGMA max_page_count = 1073741823")
+        accepted = (await provider.ingest_batch(sent)).accepted
+        after = (await provider.fetch_usage(span)).total
+        await provider.aclose()
+        return str(caught.value), before, accepted, after
+
+    message, before, accepted, after = asyncio.run(scenario())
+    assert re.search(r"store sqlite.* failed to write; it can be retried: .*full", message)
+    assert (before, len(accepted), after) == (0, 3000, 3000)
 
 
 AGGREGATIONS = ["sum", "count", "min", "max", "avg", "latest", "unique_count"]
