@@ -15,6 +15,7 @@ import functools
 import hashlib
 import itertools
 import json
+import sqlite3
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from decimal import Decimal, localcontext
 from typing import Any, NamedTuple
@@ -64,17 +65,18 @@ _SQLITE_ROLLUP = (
 _POSTGRES = sa.text(
     f"""
     WITH arrived AS MATERIALIZED (
-        SELECT nextval(CAST('events_seq_seq' AS regclass)) AS seq,
+        SELECT nextval(CAST('events_seq_seq' AS regclass)) AS seq, n,
                e->>0 AS id, CAST(e->>1 AS bigint) AS meter_seq, e->>2 AS event_name,
                e->>3 AS customer_id, CAST(e->>4 AS bigint) AS ts,
                CAST(e->>5 AS numeric) AS value, CAST(e->6 AS json) AS dimensions
         FROM (
-            SELECT e FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS a(e, n)
+            SELECT e, n FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS a(e, n)
             ORDER BY n
         ) AS sent
     ), inserted AS (
         INSERT INTO events (seq, id, meter_seq, event_name, customer_id, ts, value, dimensions)
-        SELECT * FROM arrived ORDER BY id, seq
+        SELECT seq, id, meter_seq, event_name, customer_id, ts, value, dimensions
+        FROM arrived ORDER BY id, n
         ON CONFLICT (id) DO NOTHING
         RETURNING id, meter_seq, ts, value, dimensions
     ), rolled AS (
@@ -97,9 +99,9 @@ _POSTGRES = sa.text(
 """Arrival order numbers the rows (`seq`, the order `latest` breaks ties by); then they
 go in by id and their rollups by key: two processes writing overlapping batches take
 their locks in the same order, so neither waits on the other in a cycle. An id sent
-twice in the batch goes in in arrival order too (`seq` breaks the tie), so its first
-copy is the one stored, as on every provider; sorted by id alone, PostgreSQL's sort
-could put a later copy first, and its value was billed."""
+twice in the batch goes in in arrival order too (its place in the array breaks the
+tie), so its first copy is the one stored, as on every provider; sorted by id alone,
+PostgreSQL's sort could put a later copy first, and its value was billed."""
 
 
 def _payload(rows: Sequence[tuple[UsageEvent, int]]) -> str:
@@ -119,12 +121,36 @@ def _payload(rows: Sequence[tuple[UsageEvent, int]]) -> str:
     )
 
 
-async def _aiosqlite(connection: AsyncConnection) -> Any:
-    """The aiosqlite connection under `connection`, in its transaction. Each of its
-    calls is one trip to its thread, where a statement through SQLAlchemy's adapter is
-    three or four (cursor, execute, fetch, close): on SQLite, where a statement of 500
-    rows takes about a millisecond, the trips were a third of ingest."""
-    return (await connection.get_raw_connection()).driver_connection
+class _Aiosqlite:
+    """The aiosqlite connection under a SQLAlchemy connection. Each of its calls is one
+    trip to its thread, where a statement through SQLAlchemy's adapter is three or four
+    (cursor, execute, fetch, close): on SQLite, where a statement of 500 rows takes about
+    a millisecond, the trips were a third of ingest.
+
+    Statements share the SQLAlchemy transaction because sqlite3, in its default mode,
+    opens one before the first write (a read before it, as the meter lookup, runs in
+    none, as it did through SQLAlchemy): do not put these connections in autocommit.
+    aiosqlite reports a closed connection as ValueError; here it is sqlite3's error, as
+    SQLAlchemy's adapter would have raised, for `store_error` to name."""
+
+    def __init__(self, driver: Any) -> None:
+        self._driver = driver
+
+    @classmethod
+    async def under(cls, connection: AsyncConnection) -> _Aiosqlite:
+        return cls((await connection.get_raw_connection()).driver_connection)
+
+    async def fetchall(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
+        try:
+            return list(await self._driver.execute_fetchall(sql, parameters))
+        except ValueError as exc:
+            raise sqlite3.OperationalError(f"connection closed: {exc}") from exc
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            await self._driver.executemany(sql, rows)
+        except ValueError as exc:
+            raise sqlite3.OperationalError(f"connection closed: {exc}") from exc
 
 
 class EventMeter(NamedTuple):
@@ -151,8 +177,8 @@ async def meters_named(
             _EVENT_METERS.where(meters.c.event_name.in_(names))
         )
     else:
-        driver = await _aiosqlite(connection)
-        found = await driver.execute_fetchall(
+        driver = await _Aiosqlite.under(connection)
+        found = await driver.fetchall(
             "SELECT seq, event_name, id, unique_dimension, aggregation FROM meters "
             f"WHERE event_name IN ({', '.join('?' * len(names))})",
             tuple(names),
@@ -180,14 +206,12 @@ async def insert_events(
         micros = epoch_micros(event.timestamp)
         value = str(event.value)
         records.append((event.id, seq, event.event_name, event.customer_id, micros, value, text))
-    driver = await _aiosqlite(connection)
+    driver = await _Aiosqlite.under(connection)
     inserted: set[str] = set()
     for start in range(0, len(records), _SQLITE_ROWS):
         part = records[start : start + _SQLITE_ROWS]
         flat = tuple(itertools.chain.from_iterable(part))
-        inserted.update(
-            row[0] for row in await driver.execute_fetchall(_sqlite_insert(len(part)), flat)
-        )
+        inserted.update(row[0] for row in await driver.fetchall(_sqlite_insert(len(part)), flat))
     if inserted and rolled_up:
         # Summed here rather than by a second statement over the new rows: SQLite would
         # call back into Python for every exact decimal anyway, at twice the cost.
@@ -206,16 +230,6 @@ _dimensions_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).e
 """An event's dimensions as the text stored (compact, as SQLite's own JSON functions write)."""
 
 
-@functools.lru_cache(maxsize=4096)
-def _canonical(pairs: tuple[tuple[str, str], ...]) -> str:
-    return canonical_dimensions(dict(pairs))
-
-
-@functools.lru_cache(maxsize=4096)
-def _digest(text: str) -> str:
-    return hashlib.md5(text.encode()).hexdigest()
-
-
 def rollup_deltas(
     counted: Iterable[tuple[int, int, Decimal, Mapping[str, str] | str]], *, sign: int
 ) -> list[dict[str, Any]]:
@@ -232,23 +246,27 @@ def rollup_deltas(
             grouped[key] = [value]
         else:
             values.append(value)
-    merged: dict[tuple[int, int, str], list[Any]] = {}
+    merged: dict[tuple[int, int, tuple[str, str]], list[Any]] = {}
+    keys: dict[Any, tuple[str, str]] = {}  # pairs -> (key text, its MD5), once per call
     with localcontext(EXACT):  # totals exact, as every provider sums
         for (meter_seq, bucket, pairs), values in grouped.items():
-            text = pairs if isinstance(pairs, str) else _canonical(pairs)
-            into = merged.setdefault((meter_seq, bucket, text), [0, Decimal(0)])
+            named = keys.get(pairs)
+            if named is None:
+                text = pairs if isinstance(pairs, str) else canonical_dimensions(dict(pairs))
+                named = keys[pairs] = (text, hashlib.md5(text.encode()).hexdigest())
+            into = merged.setdefault((meter_seq, bucket, named), [0, Decimal(0)])
             into[0] += sign * len(values)
             into[1] += sign * sum(values, Decimal(0))
     rows = [
         {
             "meter_seq": seq,
             "bucket": bucket,
-            "digest": _digest(text),
+            "digest": digest,
             "dimensions": text,
             "count": n,
             "total": total,
         }
-        for (seq, bucket, text), (n, total) in merged.items()
+        for (seq, bucket, (text, digest)), (n, total) in merged.items()
     ]
     # the order the ingest statement locks in (byte order of the digest, as COLLATE "C")
     return sorted(rows, key=lambda row: (row["meter_seq"], row["bucket"], row["digest"]))
@@ -267,7 +285,7 @@ async def add_to_rollups(connection: AsyncConnection, deltas: list[dict[str, Any
     if not deltas:
         return
     if connection.dialect.name != "postgresql":
-        driver = await _aiosqlite(connection)
+        driver = await _Aiosqlite.under(connection)
         await driver.executemany(
             _SQLITE_ROLLUP,
             [
