@@ -246,6 +246,9 @@ def serve(
         LogLevel, typer.Option(case_sensitive=False, help="Least severe level logged.")
     ] = LogLevel.info,
     log_json: Annotated[bool, typer.Option(help="One JSON object per log line.")] = False,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body read; larger ones get 413.")
+    ] = 16 * 1024 * 1024,
 ) -> None:
     """Run the REST service; API keys come from configuration (METERING_KEYS)."""
     import logging.config
@@ -265,6 +268,7 @@ def serve(
         config_file=Options.config,
         public_metrics=public_metrics,
         log_config=logging_setup,
+        max_body_bytes=max_body_bytes,
     )
 
 

@@ -38,6 +38,7 @@ from metering_core.models import (
     Window,
 )
 from metering_core.server.auth import Gate, GatewayClaims, Keys, Principal, require
+from metering_core.server.body_limit import BodyLimit
 from metering_core.server.errors import Forbidden, install_error_handlers
 from metering_core.server.metrics import CONTENT_TYPE, RequestMetrics, ServiceMetrics
 from metering_core.server.schemas import (
@@ -50,7 +51,11 @@ from metering_core.server.schemas import (
 )
 from metering_core.server.settings import ApiKey, Scope, configured_keys
 
-__all__ = ["create_app", "serve"]
+__all__ = ["MAX_BODY_BYTES", "create_app", "serve"]
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""The largest request body the service reads: a full batch of events with large
+dimensions fits many times over."""
 
 
 def create_app(
@@ -61,6 +66,7 @@ def create_app(
     config_file: Path | str | None = None,
     public_metrics: bool = False,
     gateway: GatewayClaims | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The REST service over `metering` (built from configuration when omitted).
 
@@ -70,7 +76,8 @@ def create_app(
     every scope to every caller (for a trusted local network only). `GET /metrics` needs
     the `metrics:read` scope unless `public_metrics` (a scraper on a private network).
     With `gateway` (AWS Lambda behind API Gateway), callers are who the gateway's JWT
-    authorizer says they are, and keys are not used.
+    authorizer says they are, and keys are not used. A request body over `max_body_bytes`
+    is refused (413) before it is read whole: one caller cannot fill the service's memory.
     """
     gate: Gate = (
         gateway
@@ -131,6 +138,8 @@ def create_app(
     app = FastAPI(title="metering-core", version="1", lifespan=lifespan)
     app.openapi = documented(app)  # type: ignore[method-assign]
     install_error_handlers(app)
+    app.state.max_body_bytes = max_body_bytes
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.get("/metrics", include_in_schema=False)
@@ -267,6 +276,7 @@ def serve(
     config_file: Path | str | None = None,
     public_metrics: bool = False,
     log_config: dict[str, Any] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> None:
     """Run the service with uvicorn until stopped; loopback unless told otherwise.
     `log_config` (a `logging.config.dictConfig` mapping) replaces uvicorn's default."""
@@ -275,7 +285,13 @@ def serve(
     app = (
         app_or_metering
         if isinstance(app_or_metering, FastAPI)
-        else create_app(app_or_metering, allow_anonymous=allow_anonymous, config_file=config_file)
+        else create_app(
+            app_or_metering,
+            allow_anonymous=allow_anonymous,
+            config_file=config_file,
+            public_metrics=public_metrics,
+            max_body_bytes=max_body_bytes,
+        )
     )
     if log_config is None:
         uvicorn.run(app, host=host, port=port)

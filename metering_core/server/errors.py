@@ -57,12 +57,17 @@ def _request_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _http_error(_: Request, exc: Exception) -> JSONResponse:
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
     """Unknown routes (404) and methods (405) answer in the one error shape too; a body
-    that cannot be parsed (400) is a validation error of the body, like any other."""
+    that cannot be parsed (400) is a validation error of the body, like any other; so is
+    one too large to read (413), which a client's pipeline then sends in halves."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 400:
         return _error("validation_error", f"invalid request body: {exc.detail}", 422, "body")
+    if exc.status_code == 413:
+        limit = request.app.state.max_body_bytes
+        message = f"the request body is over the service's limit of {limit} bytes: send less"
+        return _error("validation_error", message, 413, "body")
     kind = "not_found" if exc.status_code == 404 else "http_error"
     return _error(kind, str(exc.detail), exc.status_code, **(exc.headers or {}))
 

@@ -79,3 +79,27 @@ def test_the_service_refuses_too_many_ids_to_cancel() -> None:
         refused = client.request("DELETE", "/usage", json={"event_ids": ["a", "b", "c"]})
         assert (refused.status_code, refused.json()["error"]["field"]) == (422, "event_ids")
         assert client.request("DELETE", "/usage", json={"event_ids": ["a", "b"]}).status_code == 200
+
+
+def test_a_batch_over_the_services_body_limit_is_sent_again_in_halves() -> None:
+    """The service refuses a body over its limit (413); the client's pipeline halves the
+    batch until each half fits, and every event is counted once."""
+    from datetime import UTC, datetime, timedelta
+
+    from metering_core import Metering
+    from metering_core.testing.serving import serve_in_thread
+
+    keys = {"k": {"scopes": ["usage:write", "usage:read", "meters:write"]}}
+    app = create_app(AsyncMetering("memory"), keys=keys, max_body_bytes=20_000)
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    events = [
+        UsageEvent(id=f"e{i}", event_name="a", customer_id="t", value=i, timestamp=at)
+        for i in range(400)
+    ]
+    with serve_in_thread(app) as url, Metering("http", base_url=url, api_key="k") as m:
+        meter = m.create_meter(event_name="a")
+        m.ingest_usage_events(events)
+        report = m.flush()
+        total = m.fetch_usage(meter.id, start=at, end=at + timedelta(hours=1)).total
+    assert (len(report.accepted), report.rejected) == (400, {})
+    assert total == sum(range(400))

@@ -352,3 +352,39 @@ def test_metrics_can_be_public_when_the_operator_says_so() -> None:
     app = create_app(AsyncMetering("memory"), keys=KEYS, public_metrics=True)
     with TestClient(app) as client:
         assert client.get("/metrics").status_code == 200
+
+
+def test_a_body_over_the_limit_is_refused_in_the_error_shape_and_nothing_is_stored() -> None:
+    """Told by its length or sent in chunks of unknown length, a body over the limit is
+    refused before it is read whole; a batch within it then goes through."""
+    app = create_app(AsyncMetering("memory"), keys=KEYS, max_body_bytes=20_000)
+    events = [{"id": f"e{i}", "event_name": "api_calls", "customer_id": "t"} for i in range(400)]
+    body = json.dumps({"events": events}).encode()
+    assert len(body) > 20_000
+    with TestClient(app, headers={**ADMIN, "content-type": "application/json"}) as client:
+        client.post("/meters", json={"event_name": "api_calls"}).raise_for_status()
+        for sent in (body, (body[i : i + 4096] for i in range(0, len(body), 4096))):
+            refused = client.post("/usage", content=sent)
+            assert refused.status_code == 413
+            assert refused.json()["error"] == {
+                "type": "validation_error",
+                "message": "the request body is over the service's limit of 20000 bytes: send less",
+                "field": "body",
+            }
+        assert client.post("/usage", json={"events": events[:100]}).json()["accepted"] == [
+            f"e{i}" for i in range(100)
+        ]
+        again = client.post("/usage", json={"events": events[:150]}).json()
+        assert (len(again["accepted"]), len(again["duplicates"])) == (50, 100)
+
+
+def test_serve_hands_its_options_to_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`metering serve --public-metrics --max-body-bytes N` reach the app it runs."""
+    from metering_core.server import serve
+
+    served: list[object] = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: served.append(app))
+    serve(AsyncMetering("memory"), allow_anonymous=True, public_metrics=True, max_body_bytes=100)
+    with TestClient(served[0]) as client:  # type: ignore[arg-type]
+        assert client.get("/metrics").status_code == 200
+        assert client.post("/usage", content=b"x" * 101).status_code == 413

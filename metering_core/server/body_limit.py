@@ -1,0 +1,42 @@
+"""A ceiling on request bodies: one caller cannot make the service hold an unbounded body.
+
+Starlette's own `RequestBodyLimitMiddleware` answers a body whose declared length is over
+its limit with a plain-text 413 in place of whatever the app answered; here every
+refusal is the service's error shape, which the HTTP provider reads as a refused batch
+and sends again in halves."""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["BodyLimit"]
+
+
+class BodyLimit:
+    """Refuse (413) a body over `max_bytes`: at once when its Content-Length says so, and
+    as soon as the bytes read pass it when it comes in chunks."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_long = declared.isdigit() and int(declared) > self.max_bytes
+        read = 0
+
+        async def limited() -> Message:
+            nonlocal read
+            if too_long:
+                raise HTTPException(413)
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.max_bytes:
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, limited, send)
