@@ -25,6 +25,7 @@ from metering_core.cli.tables import capability_table, print_usage
 from metering_core.errors import ConfigurationError, ValidationError
 from metering_core.models import Window
 from metering_core.plugins import providers
+from metering_core.server.body_limit import MAX_BODY_BYTES
 
 if TYPE_CHECKING:
     from metering_core.sql.provider import SqlProvider
@@ -248,7 +249,7 @@ def serve(
     log_json: Annotated[bool, typer.Option(help="One JSON object per log line.")] = False,
     max_body_bytes: Annotated[
         int, typer.Option(min=1, help="Largest request body read; larger ones get 413.")
-    ] = 16 * 1024 * 1024,
+    ] = MAX_BODY_BYTES,
 ) -> None:
     """Run the REST service; API keys come from configuration (METERING_KEYS)."""
     import logging.config

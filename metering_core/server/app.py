@@ -38,7 +38,7 @@ from metering_core.models import (
     Window,
 )
 from metering_core.server.auth import Gate, GatewayClaims, Keys, Principal, require
-from metering_core.server.body_limit import BodyLimit
+from metering_core.server.body_limit import MAX_BODY_BYTES, BodyLimit
 from metering_core.server.errors import Forbidden, install_error_handlers
 from metering_core.server.metrics import CONTENT_TYPE, RequestMetrics, ServiceMetrics
 from metering_core.server.schemas import (
@@ -51,11 +51,7 @@ from metering_core.server.schemas import (
 )
 from metering_core.server.settings import ApiKey, Scope, configured_keys
 
-__all__ = ["MAX_BODY_BYTES", "create_app", "serve"]
-
-MAX_BODY_BYTES = 16 * 1024 * 1024
-"""The largest request body the service reads: a full batch of events with large
-dimensions fits many times over."""
+__all__ = ["create_app", "serve"]
 
 
 def create_app(

@@ -10,7 +10,11 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["BodyLimit"]
+__all__ = ["MAX_BODY_BYTES", "BodyLimit"]
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""The largest request body the service reads by default: a full batch of events with
+large dimensions fits many times over."""
 
 
 class BodyLimit:
