@@ -6,6 +6,8 @@ names the field and the value, so bad input is refused before anything changes.
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 import time
 import uuid
@@ -128,6 +130,26 @@ def validation_error(exc: pydantic.ValidationError, what: str) -> ValidationErro
     )
 
 
+_LONG_VALUE = r'"value"\s*:\s*-?[0-9][0-9.eE+-]{15}'
+_LONG_VALUE_TEXT = re.compile(_LONG_VALUE)
+_LONG_VALUE_BYTES = re.compile(_LONG_VALUE.encode())
+
+
+def exact_json(data: str | bytes | bytearray) -> Any | None:
+    """JSON with its fractional numbers read as `Decimal`, when a `"value"` in it is a
+    number of 16 characters or more; else None. pydantic's one-pass parse reads a JSON
+    number through a float (pydantic-core#1688), which keeps 15 significant digits
+    exactly and no more: 12345678901234567890.5 would be billed as 12345678901234567000.
+    Not JSON at all is None too: the one-pass parse reports it."""
+    pattern = _LONG_VALUE_TEXT if isinstance(data, str) else _LONG_VALUE_BYTES
+    if pattern.search(data) is None:  # type: ignore[arg-type]
+        return None
+    try:
+        return json.loads(data, parse_float=Decimal)
+    except ValueError:
+        return None
+
+
 class _Model(pydantic.BaseModel):
     """Base that reports bad input as `metering_core.ValidationError`."""
 
@@ -152,8 +174,12 @@ class _Model(pydantic.BaseModel):
 
     @classmethod
     def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> Self:
-        """Parse and validate in one pass (no Python objects for the JSON in between)."""
+        """Parse and validate in one pass (no Python objects for the JSON in between),
+        unless a number is too long for that pass to read exactly (`exact_json`)."""
         try:
+            parsed = exact_json(json_data)
+            if parsed is not None:
+                return super().model_validate(parsed, **kwargs)
             return super().model_validate_json(json_data, **kwargs)
         except pydantic.ValidationError as exc:
             raise validation_error(exc, cls.__name__) from None

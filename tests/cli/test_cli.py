@@ -183,6 +183,21 @@ def test_a_rejected_backfill_row_fails_the_command(shared: MemoryProvider, tmp_p
     assert "rejected a: no meter for event_name='unmetered'" in out
 
 
+def test_a_backfill_keeps_every_digit_of_a_long_json_number(
+    shared: MemoryProvider, tmp_path: Path
+) -> None:
+    meter_id = json.loads(metering("meters", "create", "api_calls")[1])["id"]
+    rows = tmp_path / "usage.jsonl"
+    rows.write_text(
+        '{"id": "a", "event_name": "api_calls", "customer_id": "t1", '
+        '"value": 12345678901234567890.123456789, "timestamp": "2026-11-01T10:00:00Z"}\n'
+    )
+    assert metering("ingest", str(rows))[0] == 0
+    window = ["--from", "2026-11-01T00:00:00Z", "--to", "2026-11-02T00:00:00Z"]
+    usage = json.loads(metering("usage", meter_id, *window, "--format", "json")[1])
+    assert [row["value"] for row in usage["rows"]] == ["12345678901234567890.123456789"]
+
+
 def test_usage_table_json_and_a_bad_time(shared: MemoryProvider) -> None:
     meter_id = json.loads(metering("meters", "create", "api_calls")[1])["id"]
     window = ["--from", "2026-11-01T00:00:00Z", "--to", "2026-11-03T00:00:00Z"]

@@ -388,3 +388,37 @@ def test_serve_hands_its_options_to_the_app(monkeypatch: pytest.MonkeyPatch) -> 
     with TestClient(served[0]) as client:  # type: ignore[arg-type]
         assert client.get("/metrics").status_code == 200
         assert client.post("/usage", content=b"x" * 101).status_code == 413
+
+
+LONG = "12345678901234567890.123456789"  # more digits than a float carries
+
+
+def test_a_json_number_longer_than_a_float_is_billed_to_the_last_digit() -> None:
+    """A value sent as a bare JSON number keeps every digit, through `POST /usage` and
+    `POST /events`; one with more decimal places than a value may have is refused, not
+    rounded. (A float would have billed 12345678901234567000.)"""
+    at = "2026-03-01T00:00:00Z"
+    with TestClient(create_app(AsyncMetering("memory"), keys=KEYS), headers=ADMIN) as client:
+        meter = client.post("/meters", json={"event_name": "api_calls"}).json()["id"]
+        usage = (
+            '{"events": [{"id": "u", "event_name": "api_calls", "customer_id": "t", '
+            f'"value": {LONG}, "timestamp": "{at}"}}]}}'
+        )
+        message = (
+            '{"id": "bus", "detail-type": "INGEST_USAGE", "detail": {"event_name": '
+            f'"api_calls", "tenantId": "t", "value": {LONG}, "timestamp": "{at}"}}}}'
+        )
+        json_body = {"content-type": "application/json"}
+        assert client.post("/usage", content=usage, headers=json_body).json()["accepted"] == ["u"]
+        answer = client.post("/events", content=message, headers=json_body).json()
+        assert answer["accepted"] == ["bus:0"]
+        rows = client.get(
+            f"/usage/{meter}", params={"start": at, "end": "2026-03-02T00:00:00Z"}
+        ).json()["rows"]
+        assert [row["value"] for row in rows] == ["24691357802469135780.246913578"]  # twice LONG
+        too_fine = usage.replace(LONG, "0.1234567890123456789").replace('"u"', '"v"')
+        refused = client.post("/usage", content=too_fine, headers=json_body)
+        assert (refused.status_code, refused.json()["error"]["field"]) == (
+            422,
+            "events.0.value",
+        )
