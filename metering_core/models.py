@@ -140,13 +140,14 @@ def exact_json(data: str | bytes | bytearray) -> Any | None:
     number of 16 characters or more; else None. pydantic's one-pass parse reads a JSON
     number through a float (pydantic-core#1688), which keeps 15 significant digits
     exactly and no more: 12345678901234567890.5 would be billed as 12345678901234567000.
-    Not JSON at all is None too: the one-pass parse reports it."""
+    Not JSON at all, or nested past Python's recursion limit, is None too: the one-pass
+    parse reports it."""
     pattern = _LONG_VALUE_TEXT if isinstance(data, str) else _LONG_VALUE_BYTES
     if pattern.search(data) is None:  # type: ignore[arg-type]
         return None
     try:
         return json.loads(data, parse_float=Decimal)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

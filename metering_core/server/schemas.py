@@ -84,6 +84,8 @@ def read_event_message(body: bytes, content_type: str | None) -> dict[str, Any]:
         raise HTTPException(400, f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except UnicodeDecodeError as exc:
         raise HTTPException(400, f"not {exc.encoding}: {exc.reason}") from None
+    except RecursionError:
+        raise HTTPException(400, "nested too deeply") from None
     if not isinstance(message, dict):
         raise RequestValidationError(
             [

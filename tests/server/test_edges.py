@@ -422,3 +422,16 @@ def test_a_json_number_longer_than_a_float_is_billed_to_the_last_digit() -> None
             422,
             "events.0.value",
         )
+
+
+def test_bodies_nested_past_the_recursion_limit_are_refused_not_failed(
+    client: TestClient,
+) -> None:
+    """Both routes that read their bodies themselves, on the exact-number path too."""
+    deep = "[" * 100_000 + "]" * 100_000
+    usage = '{"events": [{"value": ' + LONG + ', "x": ' + deep + "}]}"
+    for path, body in (("/events", deep), ("/usage", usage)):
+        answer = client.post(
+            path, content=body, headers={**ADMIN, "content-type": "application/json"}
+        )
+        assert (answer.status_code, answer.json()["error"]["field"]) == (422, "body")
