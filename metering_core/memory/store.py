@@ -72,9 +72,10 @@ class Column(Generic[T]):
 
     A list of a million ids is visited item by item by every full collection, which
     pauses every thread: with a million stored events (a dimension dict each, lists of
-    ids and values) a full collection took 100 ms; 20 ms now. Here full runs of `CHUNK`
-    items are sealed into tuples, which CPython stops tracking once they hold only
-    untracked objects (strings, Decimals); only the last, open chunk is a list."""
+    ids and values) a full collection took 126 ms; about 10 ms now, as with nothing
+    stored (bench_memory). Here full runs of `CHUNK` items are sealed into tuples, which
+    CPython stops tracking once they hold only untracked objects (strings, Decimals);
+    only the last, open chunk is a list."""
 
     __slots__ = ("_open", "_sealed")
 
