@@ -79,7 +79,7 @@ def _verdicts(
         elif event.id in inserted:
             stored.add(event.id)
             result.accepted.append(event.id)
-        else:  # another writer stored it first
+        else:  # its id was stored before: by an earlier batch, or another writer
             result.duplicates.append(event.id)
     return result
 
