@@ -231,7 +231,9 @@ def test_secrets_come_from_secrets_manager_at_cold_start(
             {"METERING_MEMORY_MAX_BATCH_SIZE": "arn:aws:secretsmanager:us-east-1:1:secret:m"}
         ),
     )
-    monkeypatch.delenv("METERING_MEMORY_MAX_BATCH_SIZE", raising=False)
+    # set, then unset: the variable the handler writes is removed again after the test
+    monkeypatch.setenv("METERING_MEMORY_MAX_BATCH_SIZE", "unset by the test")
+    monkeypatch.delenv("METERING_MEMORY_MAX_BATCH_SIZE")
     status, capabilities = answer(aws.api_handler(http_api("GET", "/capabilities", ADMIN), None))
     assert (status, capabilities["max_batch_size"]) == (200, 7)
     assert asked == ["arn:aws:secretsmanager:us-east-1:1:secret:m"]
