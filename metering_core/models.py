@@ -130,24 +130,29 @@ def validation_error(exc: pydantic.ValidationError, what: str) -> ValidationErro
     )
 
 
-_LONG_VALUE = r'"value"\s*:\s*-?[0-9][0-9.eE+-]{15}'
-_LONG_VALUE_TEXT = re.compile(_LONG_VALUE)
-_LONG_VALUE_BYTES = re.compile(_LONG_VALUE.encode())
+_INEXACT_VALUE = r'"value"\s*:\s*-?(?:[0-9][0-9.eE+-]{15}|[0-9.]+[eE])'
+_INEXACT_VALUE_TEXT = re.compile(_INEXACT_VALUE)
+_INEXACT_VALUE_BYTES = re.compile(_INEXACT_VALUE.encode())
 
 
 def exact_json(data: str | bytes | bytearray) -> Any | None:
-    """JSON with its fractional numbers read as `Decimal`, when a `"value"` in it is a
-    number of 16 characters or more; else None. pydantic's one-pass parse reads a JSON
-    number through a float (pydantic-core#1688), which keeps 15 significant digits
-    exactly and no more: 12345678901234567890.5 would be billed as 12345678901234567000.
-    Not JSON at all, or nested past Python's recursion limit, is None too: the one-pass
-    parse reports it."""
-    pattern = _LONG_VALUE_TEXT if isinstance(data, str) else _LONG_VALUE_BYTES
-    if pattern.search(data) is None:  # type: ignore[arg-type]
+    """JSON with its fractional numbers read as `Decimal`, when a float might not carry a
+    `"value"` in it exactly; else None. pydantic's one-pass parse reads a JSON number
+    through a float (pydantic-core#1688), which keeps 15 significant digits and no more
+    (12345678901234567890.5 would be billed as 12345678901234567000) and turns 1e-400
+    into 0. So a value of 16 characters or more, or with an exponent, takes this path;
+    so does any text with a \\u escape, which could spell the key "value" unseen.
+    Not JSON, or JSON that cannot be read exactly (nested past the recursion limit, an
+    exponent past Decimal's range), is None too: the one-pass parse reports it."""
+    if isinstance(data, str):
+        needed = "\\u" in data or _INEXACT_VALUE_TEXT.search(data) is not None
+    else:
+        needed = b"\\u" in data or _INEXACT_VALUE_BYTES.search(data) is not None
+    if not needed:
         return None
     try:
         return json.loads(data, parse_float=Decimal)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, ArithmeticError):
         return None
 
 

@@ -42,12 +42,10 @@ from metering_core.server.body_limit import MAX_BODY_BYTES, BodyLimit
 from metering_core.server.errors import Forbidden, install_error_handlers
 from metering_core.server.metrics import CONTENT_TYPE, RequestMetrics, ServiceMetrics
 from metering_core.server.schemas import (
-    EVENT_ROUTE,
     USAGE_BATCH_ROUTE,
     CancelRequest,
     Health,
     documented,
-    read_event_message,
     read_usage_batch,
     usage_json,
 )
@@ -235,13 +233,12 @@ def create_app(
         result = await service.cancel_usage_events(list(sent), event_name=request.event_name)
         return principal.cancel_answer(result, sent if principal.tenant is not None else {})
 
-    @app.post("/events", **EVENT_ROUTE)
+    @app.post("/events")
     async def handle_event(
-        request: Request, principal: Annotated[Principal, Depends(gate.principal)]
+        message: dict[str, Any], principal: Annotated[Principal, Depends(gate.principal)]
     ) -> IngestResult | Customer | None:
         """An event-bus message (EventBridge or CloudEvent), as `handle_event` takes it;
         ingestion answers per event, like `POST /usage`."""
-        message = read_event_message(await request.body(), request.headers.get("content-type"))
         parsed = parse_event(message)
         scope: Scope = "usage:write" if parsed.kind == "ingest" else "customers:write"
         if scope not in principal.scopes:

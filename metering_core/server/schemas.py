@@ -2,7 +2,6 @@
 
 import json
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Annotated, Any
 
 import pydantic
@@ -18,11 +17,17 @@ _ROWS = TypeAdapter(list[UsageRow])
 ROWS_PER_SLICE = 2_000
 
 
+MAX_EVENTS_PER_REQUEST = 10_000
+"""The most events one `POST /usage` body may hold, whatever the provider's batch size:
+a body of a million bad items would otherwise cost one validation error each (gigabytes
+of memory, minutes of the event loop) before the batch limit is checked."""
+
+
 class UsageBatch(BaseModel):
     """`POST /usage`: events to deliver (at most the service's `max_batch_size`)."""
 
     model_config = ConfigDict(extra="forbid")
-    events: list[UsageEvent] = Field(min_length=1)
+    events: list[UsageEvent] = Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)
 
 
 def _json(reference: str) -> dict[str, Any]:
@@ -39,10 +44,12 @@ USAGE_BATCH_ROUTE: dict[str, Any] = {
 the 422 FastAPI would document for it."""
 
 
-def _json_text(body: bytes, content_type: str | None) -> str | bytes:
-    """The body as JSON text: as FastAPI does, only a JSON content type is read (a plain
-    form post from a web page is not), in any encoding JSON allows (a UTF-8 byte order
-    mark, UTF-16, UTF-32)."""
+def read_usage_batch(body: bytes, content_type: str | None) -> UsageBatch:
+    """The batch, validated in one pass from the raw JSON (unless a value might not be
+    read exactly that way: `exact_json`); an error names each bad field as FastAPI's own
+    body validation would (`body.events.3.timestamp`). As FastAPI does, only a JSON
+    content type is read (a plain form post from a web page is not), in any encoding
+    JSON allows (a UTF-8 byte order mark, UTF-16, UTF-32)."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if not (
         media == "application/json"
@@ -51,21 +58,13 @@ def _json_text(body: bytes, content_type: str | None) -> str | bytes:
         raise HTTPException(400, f"Content-Type={content_type!r}: send application/json")
     encoding = json.detect_encoding(body)
     try:
-        return body if encoding == "utf-8" else body.decode(encoding)
-    except UnicodeDecodeError as exc:
-        raise HTTPException(400, f"not {encoding}: {exc.reason}") from None
-
-
-def read_usage_batch(body: bytes, content_type: str | None) -> UsageBatch:
-    """The batch, validated in one pass from the raw JSON (unless a number is too long
-    for that pass to keep exact: `exact_json`); an error names each bad field as
-    FastAPI's own body validation would (`body.events.3.timestamp`)."""
-    text = _json_text(body, content_type)
-    try:
+        text = body if encoding == "utf-8" else body.decode(encoding)
         parsed = exact_json(text)
         if parsed is not None:
             return UsageBatch.model_validate(parsed)
         return UsageBatch.model_validate_json(text)
+    except UnicodeDecodeError as exc:
+        raise HTTPException(400, f"not {encoding}: {exc.reason}") from None
     except pydantic.ValidationError as exc:
         errors = exc.errors(include_url=False)
         if errors[0]["type"] == "json_invalid":  # not JSON at all: say where, not what
@@ -73,48 +72,6 @@ def read_usage_batch(body: bytes, content_type: str | None) -> UsageBatch:
         raise RequestValidationError(
             [{**error, "loc": ("body", *error["loc"])} for error in errors]
         ) from None
-
-
-def read_event_message(body: bytes, content_type: str | None) -> dict[str, Any]:
-    """`POST /events`: an event-bus message, a JSON object, its fractional numbers read
-    as exact decimals (FastAPI's own parse would read them as floats)."""
-    try:
-        message = json.loads(_json_text(body, content_type), parse_float=Decimal)
-    except json.JSONDecodeError as exc:  # its message quotes no part of the text
-        raise HTTPException(400, f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except UnicodeDecodeError as exc:
-        raise HTTPException(400, f"not {exc.encoding}: {exc.reason}") from None
-    except RecursionError:
-        raise HTTPException(400, "nested too deeply") from None
-    if not isinstance(message, dict):
-        raise RequestValidationError(
-            [
-                {
-                    "type": "dict_type",
-                    "loc": ("body",),
-                    "msg": "Input should be a valid dictionary",
-                    "input": message,
-                }
-            ]
-        )
-    return message
-
-
-EVENT_ROUTE: dict[str, Any] = {
-    "openapi_extra": {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {"additionalProperties": True, "title": "Message", "type": "object"}
-                }
-            },
-        }
-    },
-    "responses": USAGE_BATCH_ROUTE["responses"],
-}
-"""`POST /events` reads its body itself (`read_event_message`); this documents it as
-FastAPI documented the `dict` body it had."""
 
 
 def documented(app: FastAPI) -> Callable[[], dict[str, Any]]:

@@ -107,7 +107,6 @@ def test_an_event_bus_message_with_a_bad_time_is_4xx(client: TestClient) -> None
         b"{not json",
         b"",
         b'{"events": [{"id": "half", "event_name": "api_calls", "customer_id": "acme"}',
-        b'{"events": [{"id": "s", "event_name": "api_calls", "customer_id": "acme\\ud800"}]}',
     ],
 )
 def test_a_body_that_is_not_json_is_a_validation_error_of_the_body(
@@ -120,6 +119,16 @@ def test_a_body_that_is_not_json_is_a_validation_error_of_the_body(
     assert "Invalid JSON" in refused(response, "body")
     gone = client.request("DELETE", "/usage", json={"event_ids": ["half", "s"]}, headers=ACME)
     assert gone.json()["not_found"] == ["half", "s"]
+
+
+def test_an_escaped_lone_surrogate_is_refused_naming_its_field(client: TestClient) -> None:
+    body = b'{"events": [{"id": "s", "event_name": "api_calls", "customer_id": "acme\\ud800"}]}'
+    response = client.post(
+        "/usage", content=body, headers={**ACME, "Content-Type": "application/json"}
+    )
+    assert "lone surrogate" in refused(response, "events.0.customer_id")
+    gone = client.request("DELETE", "/usage", json={"event_ids": ["s"]}, headers=ACME)
+    assert gone.json()["not_found"] == ["s"]
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
@@ -394,40 +403,52 @@ LONG = "12345678901234567890.123456789"  # more digits than a float carries
 
 
 def test_a_json_number_longer_than_a_float_is_billed_to_the_last_digit() -> None:
-    """A value sent as a bare JSON number keeps every digit, through `POST /usage` and
-    `POST /events`; one with more decimal places than a value may have is refused, not
-    rounded. (A float would have billed 12345678901234567000.)"""
+    """A value sent as a bare JSON number keeps every digit, whatever the spelling of its
+    key; one a float would round or empty (more places than a value may have, an
+    exponent past any range) is refused, not rounded. (A float would have billed
+    12345678901234567890.123456789 as 12345678901234567000, and 1e-400 as 0.)"""
     at = "2026-03-01T00:00:00Z"
-    with TestClient(create_app(AsyncMetering("memory"), keys=KEYS), headers=ADMIN) as client:
+
+    def batch(event_id: str, value: str, key: str = "value") -> str:
+        return (
+            f'{{"events": [{{"id": "{event_id}", "event_name": "api_calls", '
+            f'"customer_id": "t", "{key}": {value}, "timestamp": "{at}"}}]}}'
+        )
+
+    with TestClient(
+        create_app(AsyncMetering("memory"), keys=KEYS),
+        headers={**ADMIN, "content-type": "application/json"},
+    ) as client:
         meter = client.post("/meters", json={"event_name": "api_calls"}).json()["id"]
-        usage = (
-            '{"events": [{"id": "u", "event_name": "api_calls", "customer_id": "t", '
-            f'"value": {LONG}, "timestamp": "{at}"}}]}}'
-        )
-        message = (
-            '{"id": "bus", "detail-type": "INGEST_USAGE", "detail": {"event_name": '
-            f'"api_calls", "tenantId": "t", "value": {LONG}, "timestamp": "{at}"}}}}'
-        )
-        json_body = {"content-type": "application/json"}
-        assert client.post("/usage", content=usage, headers=json_body).json()["accepted"] == ["u"]
-        answer = client.post("/events", content=message, headers=json_body).json()
-        assert answer["accepted"] == ["bus:0"]
+        for event_id, key in (("plain", "value"), ("escaped", "valu\\u0065")):
+            answer = client.post("/usage", content=batch(event_id, LONG, key)).json()
+            assert answer["accepted"] == [event_id]
         rows = client.get(
             f"/usage/{meter}", params={"start": at, "end": "2026-03-02T00:00:00Z"}
         ).json()["rows"]
         assert [row["value"] for row in rows] == ["24691357802469135780.246913578"]  # twice LONG
-        too_fine = usage.replace(LONG, "0.1234567890123456789").replace('"u"', '"v"')
-        refused = client.post("/usage", content=too_fine, headers=json_body)
-        assert (refused.status_code, refused.json()["error"]["field"]) == (
-            422,
-            "events.0.value",
-        )
+        for value in ("0.1234567890123456789", "1e-400", "1e400", "1e9999999999999999999"):
+            refused = client.post("/usage", content=batch("x", value))
+            assert (refused.status_code, refused.json()["error"]["field"]) == (
+                422,
+                "events.0.value",
+            ), value
+
+
+def test_a_body_of_more_events_than_any_batch_is_refused_at_once(client: TestClient) -> None:
+    """A million bad items cost one error, not one each (gigabytes, and the loop held)."""
+    body = '{"events": [' + ",".join(["1"] * 1_000_000) + "]}"
+    refused = client.post(
+        "/usage", content=body, headers={**ADMIN, "content-type": "application/json"}
+    )
+    assert refused.status_code == 422
+    assert "at most 10000 items" in refused.json()["error"]["message"]
 
 
 def test_bodies_nested_past_the_recursion_limit_are_refused_not_failed(
     client: TestClient,
 ) -> None:
-    """Both routes that read their bodies themselves, on the exact-number path too."""
+    """Event-bus messages, and usage on the exact-number path too."""
     deep = "[" * 100_000 + "]" * 100_000
     usage = '{"events": [{"value": ' + LONG + ', "x": ' + deep + "}]}"
     for path, body in (("/events", deep), ("/usage", usage)):
