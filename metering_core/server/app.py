@@ -275,7 +275,9 @@ def serve(
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> None:
     """Run the service with uvicorn until stopped; loopback unless told otherwise.
-    `log_config` (a `logging.config.dictConfig` mapping) replaces uvicorn's default."""
+    `log_config` (a `logging.config.dictConfig` mapping) replaces uvicorn's default. The
+    app's own options (keys, metrics, body limit) apply when this builds the app; an app
+    given ready-made keeps those it was made with."""
     import uvicorn
 
     app = (
