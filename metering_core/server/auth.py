@@ -34,6 +34,11 @@ class Principal:
         self.scopes = key.scopes
         self.tenant = key.tenant
 
+    def need(self, scope: Scope) -> None:
+        """Refuse (403) a key without `scope`."""
+        if scope not in self.scopes:
+            raise Forbidden(f"this key lacks the scope {scope!r}")
+
     def own_tenant(self, customer_id: str | None, what: str) -> None:
         """Refuse (403) a tenant-bound key acting on another tenant."""
         if self.tenant is not None and customer_id != self.tenant:
@@ -165,8 +170,7 @@ def require(gate: Gate, scope: Scope) -> Callable[..., Awaitable[Principal]]:
     """A dependency: the caller, who must hold `scope`."""
 
     async def dependency(principal: Annotated[Principal, Depends(gate.principal)]) -> Principal:
-        if scope not in principal.scopes:
-            raise Forbidden(f"this key lacks the scope {scope!r}")
+        principal.need(scope)
         return principal
 
     return dependency

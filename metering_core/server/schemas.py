@@ -35,13 +35,16 @@ def _json(reference: str) -> dict[str, Any]:
 
 
 USAGE_BATCH_ROUTE: dict[str, Any] = {
-    "openapi_extra": {"requestBody": {"required": True, "content": _json("UsageBatch")}},
+    "openapi_extra": {
+        "requestBody": {"required": True, "content": _json("UsageBatch")},
+        "security": [{"HTTPBearer": []}],
+    },
     "responses": {
         422: {"description": "Validation Error", "content": _json("HTTPValidationError")}
     },
 }
-"""`POST /usage` reads its body itself (`read_usage_batch`); this documents the body and
-the 422 FastAPI would document for it."""
+"""`POST /usage` reads its body and its caller's key itself (`read_usage_batch`, the app's
+`caller`); this documents the body, the key and the 422 FastAPI would document for them."""
 
 
 def read_usage_batch(body: bytes, content_type: str | None) -> UsageBatch:
