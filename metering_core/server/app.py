@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security.utils import get_authorization_scheme_param
 
 from metering_core.client import AsyncMetering
 from metering_core.errors import ConfigurationError, ValidationError
@@ -91,8 +92,8 @@ def create_app(
     async def caller(request: Request) -> Principal:
         if isinstance(gate, GatewayClaims):
             return await gate.principal(request)
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+        # parsed as FastAPI's HTTPBearer parses it for the routes that depend on it
+        scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
         bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
         return gate.authenticate(bearer if scheme.lower() == "bearer" and token else None)
 

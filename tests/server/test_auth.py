@@ -85,10 +85,12 @@ def test_posting_usage_checks_the_key_before_the_body(
         assert response.status_code == status, response.text
         assert says in error_of(response)["message"]
     assert client.get(f"/usage/{meter_id}", params=RANGE, headers=ADMIN).json()["rows"] == []
-    lower = client.post(
-        "/usage", json={"events": [event("e2", "t")]}, headers={"Authorization": "bearer admin"}
-    )
-    assert lower.json()["accepted"] == ["e2"]
+    for n, header in enumerate(("bearer admin", "Bearer  admin", "Bearer admin ")):
+        sent = client.post(
+            "/usage", json={"events": [event(f"e{n}", "t")]}, headers={"Authorization": header}
+        )
+        assert sent.json()["accepted"] == [f"e{n}"], header  # as every other route reads it
+        assert client.get("/meters", headers={"Authorization": header}).status_code == 200
 
 
 def test_a_tenant_key_cannot_write_another_tenants_usage(client: TestClient, meter_id: str) -> None:
