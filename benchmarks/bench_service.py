@@ -1,9 +1,12 @@
 """`POST /usage` on `metering serve` beside the ceiling of HTTP and JSON on this machine.
 
-Four servers, each in its own process under uvicorn: `metering serve` on memory and on
-sql (a fresh SQLite file), and two FastAPI endpoints that only parse the same bodies and
+Five servers, each in its own process under uvicorn: `metering serve` on memory and on
+sql (a fresh SQLite file); two FastAPI endpoints that only parse the same bodies and
 echo their ids, the ceilings: `echo-json` parses the JSON and nothing more; `echo-typed`
-takes the events as a typed body parameter, as a FastAPI service does. A separate client
+takes the events as a typed body parameter, as a FastAPI service does; and `no-store`,
+the service's own app over a provider that accepts every event and keeps nothing: what
+the service costs (keys, validation, answer) with a store that costs nothing, so the
+bound above any real store's ratio. A separate client
 process posts pre-built bodies over keep-alive connections: batches of 1, 25 and 500
 events, from 1, 4 and 16 concurrent clients; it reports events/s and the p50/p99 of
 request latency, and each server's ratio to both ceilings in the same run.
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -35,8 +38,21 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel
 
+from metering_core import AsyncMetering
+from metering_core.interface import BaseProvider, Capabilities, Operation
+from metering_core.models import (
+    IngestResult,
+    Meter,
+    MeterCreate,
+    Page,
+    Usage,
+    UsageEvent,
+    UsageQuery,
+)
+
 KEY = "bench-key"
 ECHOES = ("echo-json", "echo-typed")
+NO_STORE = "no-store"
 BATCHES = (1, 25, 500)
 CLIENTS = (1, 4, 16)
 HERE = Path(__file__).resolve()
@@ -86,6 +102,28 @@ def echo_app(typed: bool) -> FastAPI:
     return app
 
 
+class NoStore(BaseProvider):
+    """Accepts every event and keeps nothing (usage answers are not asked of it)."""
+
+    name = NO_STORE
+    default_capabilities = Capabilities(max_batch_size=10_000)
+
+    async def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
+        return IngestResult(accepted=[event.id for event in events])
+
+    async def create_meter(self, meter: MeterCreate) -> Meter:
+        raise self.unsupported(Operation.CREATE_METER)
+
+    async def fetch_meter(self, meter_id: str) -> Meter:
+        raise self.unsupported(Operation.FETCH_METER)
+
+    async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
+        raise self.unsupported(Operation.FETCH_ALL_METERS)
+
+    async def fetch_usage(self, query: UsageQuery) -> Usage:
+        raise self.unsupported(Operation.FETCH_USAGE)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -101,8 +139,8 @@ def server(kind: str, data: Path) -> Iterator[int]:
         **os.environ,
         "METERING_KEYS": json.dumps({KEY: {"scopes": ["usage:write", "meters:write"]}}),
     }
-    if kind in ECHOES:
-        command = [sys.executable, str(HERE), "--echo-server", kind, str(port)]
+    if kind in (*ECHOES, NO_STORE):
+        command = [sys.executable, str(HERE), "--app-server", kind, str(port)]
     else:
         env["METERING_PROVIDER"] = kind
         env["METERING_SQL_URL"] = f"sqlite:///{data / f'{port}.db'}"
@@ -226,7 +264,7 @@ def measure(kinds: list[str], seconds: float) -> dict[tuple[str, int, int], dict
     with tempfile.TemporaryDirectory() as data:
         for kind in kinds:
             with server(kind, Path(data)) as port:
-                if kind not in ECHOES:
+                if kind not in (*ECHOES, NO_STORE):
                     create_meter(port)
                 for batch in BATCHES:
                     for clients in CLIENTS:
@@ -260,15 +298,22 @@ def report(results: dict[tuple[str, int, int], dict[str, float]], kinds: list[st
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each run")
-    parser.add_argument("--servers", default="echo-json,echo-typed,memory,sql")
-    parser.add_argument("--echo-server", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--servers", default="echo-json,echo-typed,no-store,memory,sql")
+    parser.add_argument("--app-server", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     options = parser.parse_args()
-    if options.echo_server:
+    if options.app_server:
         import uvicorn
 
-        kind, port = options.echo_server
-        uvicorn.run(echo_app(kind == "echo-typed"), port=int(port), log_level="warning")
+        from metering_core.server import create_app
+
+        kind, port = options.app_server
+        app = (
+            create_app(AsyncMetering(NoStore()))
+            if kind == NO_STORE
+            else echo_app(kind == "echo-typed")
+        )
+        uvicorn.run(app, port=int(port), log_level="warning")
         return
     if options.client:
         port, batch, clients, seconds, run = options.client
