@@ -11,6 +11,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -56,14 +57,22 @@ class ParsedEvent:
 
 
 def _envelope(message: Any) -> tuple[str, Any, str | None]:
-    """The message's type, its detail, and its own id (EventBridge and CloudEvents have one)."""
+    """The message's type, its detail, and the key that makes it unique on its bus (None
+    when it has none): an EventBridge event's `id`; a CloudEvent's `source` and `id`
+    together, as the CloudEvents spec makes them unique (two sources may both send id
+    "1"), folded into `ce-<40 hex digits of SHA-256>`."""
     if not isinstance(message, Mapping):
         raise ValidationError(f"event={message!r} is not an object", field="event", value=message)
     envelope_id = str(message["id"]) if message.get("id") else None
     if "detail-type" in message:
         return str(message["detail-type"]), message.get("detail"), envelope_id
     if "type" in message:
-        return str(message["type"]), message.get("data"), envelope_id
+        source = str(message["source"]) if message.get("source") else None
+        key = None
+        if envelope_id is not None and source is not None:
+            unique = f"{len(source)}:{source}{envelope_id}".encode("utf-8", "surrogatepass")
+            key = "ce-" + hashlib.sha256(unique).hexdigest()[:40]
+        return str(message["type"]), message.get("data"), key
     raise ValidationError(
         "event has neither 'detail-type' (EventBridge) nor 'type' and 'data' (CloudEvent)",
         field="detail-type",
@@ -108,8 +117,9 @@ def _usage_fields(detail: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _usage(detail: Any, envelope_id: str | None) -> list[UsageEvent]:
-    """Usage events; one without an id takes `<envelope id>:<index>`, so a redelivered
-    message is a duplicate rather than counted again."""
+    """Usage events; one without an id takes `<message key>:<index>`, so a redelivered
+    message is a duplicate rather than counted again. With neither, it is refused: a bus
+    delivers at least once, and a fresh id each time would count every redelivery."""
     items = detail if isinstance(detail, list) else [detail]
     if not items:
         raise ValidationError("detail holds no usage events", field="detail", value=detail)
@@ -121,7 +131,15 @@ def _usage(detail: Any, envelope_id: str | None) -> list[UsageEvent]:
             )
         try:
             fields = _usage_fields(item)
-            if "id" not in fields and envelope_id is not None:
+            if "id" not in fields:
+                if envelope_id is None:
+                    raise ValidationError(
+                        "has no id, and the message has none to take one from (an EventBridge "
+                        "'id', or a CloudEvent 'source' and 'id'): a redelivery would be "
+                        "counted again",
+                        field="id",
+                        value=None,
+                    )
                 fields["id"] = f"{envelope_id}:{index}"
             events.append(UsageEvent.model_validate(fields))
         except ValidationError as exc:

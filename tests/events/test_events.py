@@ -100,6 +100,44 @@ def test_a_redelivered_message_is_not_counted_twice(metering: Metering) -> None:
     assert total(metering) == 14
 
 
+def test_cloudevents_are_unique_by_source_and_id(metering: Metering) -> None:
+    """The CloudEvents spec makes source + id unique, not id alone: two producers that
+    both number their events from 1 send two events, and each one's redelivery is one."""
+    item = {"event_name": "api_calls", "tenantId": "t1", "value": 5, "timestamp": START.isoformat()}
+    app_a = {**cloudevent("ingestUsage", item, "1"), "source": "/billing/app-a"}
+    app_b = {**cloudevent("ingestUsage", {**item, "value": 7}, "1"), "source": "/billing/app-b"}
+    first, second = metering.handle_event(app_a), metering.handle_event(app_b)
+    assert first != second
+    assert all(len(i) == len("ce-:0") + 40 and i.startswith("ce-") for i in first + second)
+    assert metering.handle_event(app_b) == second
+    report = metering.flush()
+    assert (sorted(report.accepted), report.duplicates) == (sorted(first + second), second)
+    assert total(metering) == 12
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"detail-type": "INGEST_USAGE", "source": "sbt"},
+        {"specversion": "1.0", "type": "ingestUsage", "source": "sbt"},
+        {"specversion": "1.0", "type": "ingestUsage", "id": "ce-1"},
+    ],
+    ids=["eventbridge-without-id", "cloudevent-without-id", "cloudevent-without-source"],
+)
+def test_usage_with_no_id_to_take_is_refused_not_counted_per_delivery(
+    metering: Metering, message: dict[str, Any]
+) -> None:
+    item = {"event_name": "api_calls", "tenantId": "t1", "value": 3, "timestamp": START.isoformat()}
+    payload = "detail" if "detail-type" in message else "data"
+    with pytest.raises(ValidationError) as refused:
+        metering.handle_event({**message, payload: [{**item, "id": "own"}, item]})
+    assert refused.value.field == "detail[1].id"
+    assert "redelivery" in str(refused.value)
+    assert total(metering) == 0
+    assert metering.handle_event({**message, payload: {**item, "id": "own"}}) == ["own"]
+    assert total(metering) == 3
+
+
 @pytest.mark.parametrize("name", ONBOARD)
 def test_every_onboarding_alias_creates_the_customer(metering: Metering, name: str) -> None:
     detail = {
