@@ -159,8 +159,11 @@ class GatewayClaims:
                 raise Forbidden("no authorizer context: this function serves API Gateway", 401)
             claims = {}
         tenant = claims.get(self.tenant_claim)
+        if tenant is not None and str(tenant) == "":
+            # present but empty: refused, never read as no tenant (which acts for all)
+            raise Forbidden(f"the token's {self.tenant_claim!r} claim is empty")
         scopes = frozenset(get_args(Scope))
-        return Principal(ApiKey(scopes=scopes, tenant=str(tenant) if tenant else None))
+        return Principal(ApiKey(scopes=scopes, tenant=None if tenant is None else str(tenant)))
 
 
 Gate = Keys | GatewayClaims

@@ -163,6 +163,29 @@ def test_an_sbt_aws_control_plane_meters_and_a_tenant_reads_only_its_usage(provi
     assert status == 403
 
 
+def test_an_empty_tenant_claim_is_refused_not_read_as_acting_for_every_tenant(
+    provider: str,
+) -> None:
+    """A token whose tenant claim is present but empty is no admin: it is refused on every
+    route, where a missing claim (an operator's token) acts for all tenants."""
+    aws.api_handler(http_api("POST", "/meters", ADMIN, {"event_name": "api_calls"}), None)
+    event = {"id": "g1", "event_name": "api_calls", "customer_id": "globex", "value": 100}
+    assert answer(aws.api_handler(http_api("POST", "/usage", ADMIN, {"events": [event]}), None))[1][
+        "accepted"
+    ] == ["g1"]
+    empty = {"sub": "user-2", "custom:tenantId": ""}
+    for request in (
+        http_api("GET", "/meters", empty),
+        http_api("DELETE", "/usage", empty, {"event_ids": ["g1"]}),
+        rest_api("GET", "/meters", empty),
+    ):
+        status, error = answer(aws.api_handler(request, None))
+        assert (status, error["error"]["type"]) == (403, "forbidden"), error
+        assert "custom:tenantId" in error["error"]["message"]
+    again = answer(aws.api_handler(http_api("POST", "/usage", ADMIN, {"events": [event]}), None))
+    assert again[1]["duplicates"] == ["g1"]  # still stored, never cancelled
+
+
 def test_a_request_without_an_authorizer_is_refused(provider: str) -> None:
     status, error = answer(aws.api_handler(http_api("GET", "/meters", None), None))
     assert (status, error["error"]["type"]) == (401, "unauthorized")
