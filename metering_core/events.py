@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from metering_core.errors import ValidationError
-from metering_core.models import CustomerCreate, UsageEvent
+from metering_core.models import MAX_EVENTS_PER_REQUEST, CustomerCreate, UsageEvent
 
 __all__ = ["EventTarget", "ParsedEvent", "parse_event", "route"]
 
@@ -123,6 +123,12 @@ def _usage(detail: Any, envelope_id: str | None) -> list[UsageEvent]:
     items = detail if isinstance(detail, list) else [detail]
     if not items:
         raise ValidationError("detail holds no usage events", field="detail", value=detail)
+    if len(items) > MAX_EVENTS_PER_REQUEST:
+        raise ValidationError(
+            f"detail holds {len(items)} usage events; at most {MAX_EVENTS_PER_REQUEST} a message",
+            field="detail",
+            value=len(items),
+        )
     events = []
     for index, item in enumerate(items):
         if not isinstance(item, Mapping):

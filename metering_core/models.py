@@ -29,9 +29,10 @@ from pydantic import (
     model_validator,
 )
 
-from metering_core.errors import ValidationError, clip
+from metering_core.errors import MAX_MESSAGE, ValidationError, clip
 
 __all__ = [
+    "MAX_EVENTS_PER_REQUEST",
     "MAX_ROWS",
     "MAX_WINDOWS",
     "Aggregation",
@@ -118,13 +119,27 @@ def describe_error(error: Mapping[str, Any]) -> tuple[str, str]:
     return field, f"{field}={clip(repr(error.get('input')), 200)}: {message}"
 
 
+def described_errors(errors: list[Any]) -> str:
+    """As many errors' descriptions as one message holds (`MAX_MESSAGE`), and how many more
+    there were: describing each of a million errors took seconds, only to be cut."""
+    texts: list[str] = []
+    room = MAX_MESSAGE - 80  # for the caller's prefix and the count of the rest
+    for error in errors:
+        text = describe_error(error)[1]  # its value already cut to 200 characters
+        if texts and len(text) + 2 > room:
+            break
+        texts.append(text)
+        room -= len(text) + 2
+    more = len(errors) - len(texts)
+    return "; ".join(texts) + (f"; and {more} more" if more else "")
+
+
 def validation_error(exc: pydantic.ValidationError, what: str) -> ValidationError:
     """Turn pydantic's error into ours: the first bad field and value lead the message."""
     errors = exc.errors(include_url=False)
-    described = [describe_error(error) for error in errors]
-    field = described[0][0] if described else None
+    field = describe_error(errors[0])[0] if errors else None
     value = errors[0].get("input") if errors else None
-    detail = "; ".join(text for _, text in described)
+    detail = described_errors(errors)
     return ValidationError(
         f"invalid {what}: {detail}", field=field, value=value, errors=[dict(e) for e in errors]
     )
@@ -287,8 +302,15 @@ class UsageEvent(_Model):
     customer_id: Identifier
     value: FiniteDecimal = Decimal(1)
     timestamp: UtcDatetime = Field(default_factory=_now)
-    dimensions: dict[Text, Text] = {}
+    dimensions: Annotated[dict[Text, Text], Field(fail_fast=True)] = {}
+    # fail_fast: one error for a bad dimensions object, not one per bad entry (a body
+    # of half a million bad entries cost 800 MB of errors)
 
+
+MAX_EVENTS_PER_REQUEST = 10_000
+"""The most usage events one request or event-bus message may hold, whatever the
+provider's batch size: a body of a million bad items would otherwise cost one validation
+error each (gigabytes of memory, minutes of the event loop) before any limit is checked."""
 
 MAX_WINDOWS = 10_000
 """Windows one usage query may span (a year of hours is 8,760): checked before any work."""

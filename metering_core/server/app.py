@@ -40,7 +40,7 @@ from metering_core.models import (
 )
 from metering_core.server.auth import Gate, GatewayClaims, Keys, Principal, require
 from metering_core.server.body_limit import MAX_BODY_BYTES, BodyLimit
-from metering_core.server.errors import install_error_handlers
+from metering_core.server.errors import Forbidden, install_error_handlers
 from metering_core.server.metrics import CONTENT_TYPE, RequestMetrics, ServiceMetrics
 from metering_core.server.schemas import (
     USAGE_BATCH_ROUTE,
@@ -240,6 +240,8 @@ def create_app(
     ) -> IngestResult | Customer | None:
         """An event-bus message (EventBridge or CloudEvent), as `handle_event` takes it;
         ingestion answers per event, like `POST /usage`."""
+        if not principal.scopes & {"usage:write", "customers:write"}:
+            raise Forbidden("this key lacks the scope 'usage:write' or 'customers:write'")
         parsed = parse_event(message)
         principal.need("usage:write" if parsed.kind == "ingest" else "customers:write")
         answer: IngestResult | Customer | None = await route(parsed, Gateway(principal))

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from metering_core.errors import MeteringError, RateLimitedError, ValidationError, clip, wire_type
-from metering_core.models import describe_error
+from metering_core.models import described_errors
 
 logger = logging.getLogger("metering.server")
 
@@ -51,10 +51,10 @@ def _request_error(_: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    texts = [describe_error(error)[1] for error in errors]
-    return _error(
-        "validation_error", "invalid request: " + "; ".join(texts), 422, ".".join(location) or None
-    )
+    if first.get("type") == "json_invalid":  # its location is a byte offset, not a field
+        location = ["body"]
+    message = "invalid request: " + described_errors(list(errors))
+    return _error("validation_error", message, 422, ".".join(location) or None)
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -11,16 +11,16 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.exceptions import HTTPException
 
-from metering_core.models import Usage, UsageEvent, UsageRow, exact_json
+from metering_core.models import (
+    MAX_EVENTS_PER_REQUEST,
+    Usage,
+    UsageEvent,
+    UsageRow,
+    exact_json,
+)
 
 _ROWS = TypeAdapter(list[UsageRow])
 ROWS_PER_SLICE = 2_000
-
-
-MAX_EVENTS_PER_REQUEST = 10_000
-"""The most events one `POST /usage` body may hold, whatever the provider's batch size:
-a body of a million bad items would otherwise cost one validation error each (gigabytes
-of memory, minutes of the event loop) before the batch limit is checked."""
 
 
 class UsageBatch(BaseModel):
@@ -99,7 +99,9 @@ class CancelRequest(BaseModel):
     """`DELETE /usage`: ids to cancel, and the event name where the provider needs it."""
 
     model_config = ConfigDict(extra="forbid")
-    event_ids: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(min_length=1)
+    event_ids: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        min_length=1, max_length=MAX_EVENTS_PER_REQUEST
+    )
     event_name: str | None = None
 
 

@@ -445,6 +445,63 @@ def test_a_body_of_more_events_than_any_batch_is_refused_at_once(client: TestCli
     assert "at most 10000 items" in refused.json()["error"]["message"]
 
 
+def test_many_bad_items_cost_one_error_each_place_they_can_hide(client: TestClient) -> None:
+    """Cancel ids, event-bus items and dimensions were unbounded: a tenant's 16 MiB body of
+    bad items cost gigabytes of errors and tens of seconds of the event loop."""
+    cancel = json.dumps({"event_ids": [""] * 1_000_000})
+    many_ids = client.request(
+        "DELETE", "/usage", content=cancel, headers={**ACME, "content-type": "application/json"}
+    )
+    assert "at most 10000 items" in refused(many_ids, "event_ids")
+    items = [{"event_name": "api_calls", "tenantId": "acme", "value": 1}] * 10_001
+    message = {"id": "m", "detail-type": "ingestUsage", "detail": items}
+    assert "at most 10000" in refused(client.post("/events", json=message, headers=ACME), "detail")
+    dimensions = {f"k{i}": "\x00" for i in range(100_000)}
+    event = {"id": "d", "event_name": "api_calls", "customer_id": "acme", "dimensions": dimensions}
+    bad = client.post("/usage", json={"events": [event]}, headers=ACME)
+    assert refused(bad).count("holds a NUL") == 1
+    assert client.post(
+        "/usage", json={"events": [{**event, "dimensions": {}}]}, headers=ACME
+    ).json()["accepted"] == ["d"]
+
+
+def test_a_thousand_bad_events_are_described_as_far_as_a_message_goes_then_counted(
+    client: TestClient,
+) -> None:
+    events = [
+        {"id": f"v{i}", "event_name": "api_calls", "customer_id": "acme", "value": "lots"}
+        for i in range(1_000)
+    ]
+    message = refused(
+        client.post("/usage", json={"events": events}, headers=ACME), "events.0.value"
+    )
+    described = message.count("Input should be a valid decimal")
+    assert 1 < described < 20
+    assert message.endswith(f"; and {1_000 - described} more")
+
+
+def test_a_key_that_may_send_no_events_is_refused_before_the_message_is_read() -> None:
+    keys = {**KEYS, "watcher": {"scopes": ["metrics:read", "usage:read"]}}
+    with TestClient(create_app(AsyncMetering("memory"), keys=keys)) as client:
+        answer = client.post(
+            "/events", json={"detail-type": "nonsense"}, headers={"Authorization": "Bearer watcher"}
+        )
+        assert answer.status_code == 403
+        assert "usage:write" in answer.json()["error"]["message"]
+
+
+def test_a_body_that_is_not_json_names_the_body_on_every_route(client: TestClient) -> None:
+    for method, path in (("POST", "/meters"), ("DELETE", "/usage"), ("POST", "/customers")):
+        answer = client.request(
+            method,
+            path,
+            content=b'{"event_name": ',
+            headers={**ADMIN, "content-type": "application/json"},
+        )
+        assert answer.status_code == 422
+        assert refused(answer, "body")
+
+
 def test_bodies_nested_past_the_recursion_limit_are_refused_not_failed(
     client: TestClient,
 ) -> None:
