@@ -98,10 +98,13 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class RequestMetrics:
     """ASGI middleware measuring every request into `metrics` (a plain wrapper: no task or
-    body copy per request). The route template, not the raw path, labels each request, so
-    ids in paths cannot explode the label set."""
+    body copy per request). The route template, not the raw path, labels each request, and
+    an unusual method is "other", so no caller can grow the label set."""
 
     def __init__(self, app: App, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -124,5 +127,7 @@ class RequestMetrics:
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope.get("method", "")
+            if method not in _METHODS:  # any token is a method to HTTP: a label each would grow
+                method = "other"
             self.metrics.requests.labels(method, route, str(status[0])).inc()
             self.metrics.latency.labels(method, route).observe(time.perf_counter() - began)

@@ -357,6 +357,16 @@ def test_metrics_need_their_scope_and_count_requests_and_events() -> None:
     assert 'metering_pipeline_queue_depth{provider="memory"} 0.0' in text
 
 
+def test_made_up_methods_cannot_grow_the_metrics() -> None:
+    app = create_app(AsyncMetering("memory"), keys=KEYS, public_metrics=True)
+    with TestClient(app) as client:
+        for n in range(30):
+            client.request(f"X{n}", "/nowhere")
+        text = client.get("/metrics").text
+    assert 'method="other",route="unmatched",status="404"} 30.0' in text
+    assert "X1" not in text
+
+
 def test_metrics_can_be_public_when_the_operator_says_so() -> None:
     app = create_app(AsyncMetering("memory"), keys=KEYS, public_metrics=True)
     with TestClient(app) as client:
