@@ -41,6 +41,7 @@ from metering_core.models import (
 from metering_core.server.auth import Gate, GatewayClaims, Keys, Principal, require
 from metering_core.server.body_limit import MAX_BODY_BYTES, BodyLimit
 from metering_core.server.errors import Forbidden, install_error_handlers
+from metering_core.server.gauges import MeterAggregations
 from metering_core.server.metrics import CONTENT_TYPE, RequestMetrics, ServiceMetrics
 from metering_core.server.schemas import (
     USAGE_BATCH_ROUTE,
@@ -88,6 +89,7 @@ def create_app(
         )
     service = metering or AsyncMetering(config_file=config_file)
     metrics = ServiceMetrics(service.stats)
+    aggregations = MeterAggregations(service)
 
     async def caller(request: Request) -> Principal:
         if isinstance(gate, GatewayClaims):
@@ -112,12 +114,18 @@ def create_app(
             self.principal = principal
 
         async def ingest_usage_events(self, events: Sequence[UsageEvent], /) -> IngestResult:
-            """Deliver now, in the caller's id space; answer per id as the caller sent it."""
-            stored, sent = self.principal.outgoing(events)
-            await within_batch_limit("events", len(stored))
-            answer = await service.deliver_usage_events(stored)
-            metrics.count_ingested(answer)
-            return self.principal.ingest_answer(answer, sent)
+            """Deliver now, in the caller's id space; answer per id as the caller sent it,
+            the events this caller may not write among the rejected."""
+            await within_batch_limit("events", len(events))
+            kinds = {}
+            if self.principal.tenant is not None:
+                kinds = await aggregations.of({event.event_name for event in events})
+            stored, sent, refused = self.principal.outgoing(events, kinds)
+            answer = await service.deliver_usage_events(stored) if stored else IngestResult()
+            result = self.principal.ingest_answer(answer, sent)
+            result.rejected.update(refused)
+            metrics.count_ingested(result)
+            return result
 
         async def create_customer(self, customer: CustomerCreate, /) -> Customer:
             self.principal.own_tenant(customer.id, "create customer")

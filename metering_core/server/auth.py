@@ -9,8 +9,9 @@ from typing import Annotated, Any, get_args
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from metering_core.models import CancelResult, IngestResult, UsageEvent
+from metering_core.models import Aggregation, CancelResult, IngestResult, UsageEvent
 from metering_core.server.errors import Forbidden
+from metering_core.server.gauges import LOWERED_BY_EVENTS
 from metering_core.server.settings import ApiKey, Scope
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
@@ -56,25 +57,45 @@ class Principal:
         spaced = f"{len(self.tenant)}:{self.tenant}:{event_id}".encode()
         return "tenant-" + hashlib.sha256(spaced).hexdigest()[:48]
 
-    def outgoing(self, events: Sequence[UsageEvent]) -> tuple[list[UsageEvent], dict[str, str]]:
-        """Events as the provider will hold them, checked for this caller, and a map back
-        from stored ids to the ids sent. A tenant-bound key writes only its tenant's usage
-        and cannot lower it (no negative values)."""
+    def outgoing(
+        self, events: Sequence[UsageEvent], kinds: Mapping[str, Aggregation]
+    ) -> tuple[list[UsageEvent], dict[str, str], dict[str, str]]:
+        """Events as the provider will hold them; a map back from stored ids to the ids
+        sent; and the events this caller may not write, by the id sent, with the reason
+        (`kinds`: each event name's aggregation). Each event is judged alone, so the rest
+        of a batch is counted and its client's pipeline keeps only the refused ones."""
         if self.tenant is None:
-            return list(events), {}
+            return list(events), {}, {}
         stored: list[UsageEvent] = []
         sent: dict[str, str] = {}
-        for index, event in enumerate(events):
-            self.own_tenant(event.customer_id, "write usage for")
-            if event.value < 0:
-                raise Forbidden(
-                    f"this key is bound to tenant {self.tenant!r} and cannot lower its usage: "
-                    f"events[{index}].value={event.value}"
-                )
+        refused: dict[str, str] = {}
+        for event in events:
+            reason = self._refusal(event, kinds)
+            if reason is not None:
+                refused[event.id] = reason
+                continue
             stored_id = self.stored_id(event.id)
             sent[stored_id] = event.id
             stored.append(event.model_copy(update={"id": stored_id}))
-        return stored, sent
+        return stored, sent, refused
+
+    def _refusal(self, event: UsageEvent, kinds: Mapping[str, Aggregation]) -> str | None:
+        """Why this tenant-bound key may not write `event`: another tenant's usage, or usage
+        that could lower its own (a negative value; any event of a meter whose usage
+        events can lower, `LOWERED_BY_EVENTS`)."""
+        bound = f"this key is bound to tenant {self.tenant!r}"
+        if event.customer_id != self.tenant:
+            return f"{bound} and cannot write usage for {event.customer_id!r}"
+        if event.value < 0:
+            return f"{bound} and cannot lower its usage: value={event.value}"
+        kind = kinds.get(event.event_name)
+        if kind in LOWERED_BY_EVENTS:
+            return (
+                f"{bound} and cannot write to the {kind} meter for "
+                f"event_name={event.event_name!r}: its events could lower the usage billed; "
+                f"send them with a key bound to no tenant"
+            )
+        return None
 
     @staticmethod
     def ingest_answer(result: IngestResult, sent: Mapping[str, str]) -> IngestResult:

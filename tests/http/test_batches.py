@@ -103,3 +103,34 @@ def test_a_batch_over_the_services_body_limit_is_sent_again_in_halves() -> None:
         total = m.fetch_usage(meter.id, start=at, end=at + timedelta(hours=1)).total
     assert (len(report.accepted), report.rejected) == (400, {})
     assert total == sum(range(400))
+
+
+def test_a_tenant_keys_refused_event_does_not_sink_the_rest_of_its_batch() -> None:
+    """A tenant-bound key's batch with one event it may not send (a negative correction)
+    is answered per event: 49 are counted, one is refused with its reason. A whole-batch
+    403 used to dead-letter all 50 for good."""
+    from datetime import UTC, datetime, timedelta
+
+    from metering_core import Metering
+    from metering_core.testing.serving import serve_in_thread
+
+    keys = {
+        "admin": {"scopes": ["meters:write", "usage:read"]},
+        "acme": {"scopes": ["usage:write"], "tenant": "acme"},
+    }
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    events = [
+        UsageEvent(id=f"e{i}", event_name="a", customer_id="acme", value=1, timestamp=at)
+        for i in range(49)
+    ]
+    events.append(UsageEvent(id="fix", event_name="a", customer_id="acme", value=-3, timestamp=at))
+    with serve_in_thread(create_app(AsyncMetering("memory"), keys=keys)) as url:
+        with Metering("http", base_url=url, api_key="admin") as admin:
+            meter = admin.create_meter(event_name="a")
+            with Metering("http", base_url=url, api_key="acme") as tenant:
+                tenant.ingest_usage_events(events)
+                report = tenant.flush()
+            total = admin.fetch_usage(meter.id, start=at, end=at + timedelta(hours=1)).total
+    assert (len(report.accepted), list(report.rejected)) == (49, ["fix"])
+    assert "cannot lower its usage" in report.rejected["fix"]
+    assert total == 49
