@@ -18,7 +18,8 @@ import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydantic
@@ -120,13 +121,26 @@ class Spool:
             ) from None
         return descriptor
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, rolled back when anything in it fails (a write refused by a
+        lock another program holds, a full disk): left open, every later `BEGIN` would fail
+        and the spool would refuse all ingestion until the process restarts."""
+        with self._mutex:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
     def add(self, events: Sequence[UsageEvent]) -> None:
         """Commit events to the outbox; returns once they are durable."""
         rows = [(event.id, event.model_dump_json()) for event in events]
-        with self._mutex:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO outbox (id, event) VALUES (?, ?)", rows)
-            self._db.execute("COMMIT")
+        with self._transaction() as db:
+            db.executemany("INSERT INTO outbox (id, event) VALUES (?, ?)", rows)
 
     def pending(self) -> list[UsageEvent]:
         """Events still waiting for delivery, in the order they were committed; a row that
@@ -150,37 +164,46 @@ class Spool:
                     unreadable.append((seq, event_id, text, event))
                 else:
                     events.append(event)
-            if unreadable:
-                self._db.execute("BEGIN")
-                self._db.executemany(
+        if unreadable:
+            with self._transaction() as db:
+                db.executemany(
                     "INSERT OR REPLACE INTO dead_letters (id, event, reason) VALUES (?, ?, ?)",
                     [(event_id, text, reason) for _, event_id, text, reason in unreadable],
                 )
-                self._db.executemany(
+                db.executemany(
                     "DELETE FROM outbox WHERE seq = ?", [(seq,) for seq, *_ in unreadable]
                 )
-                self._db.execute("COMMIT")
         return events
 
     def settle(self, batch: Sequence[UsageEvent], result: IngestResult) -> None:
-        """Remove delivered events; move rejected ones, with their reasons, to dead letters."""
+        """Remove delivered events; move rejected ones, with their reasons, to dead letters.
+
+        Each event removes its own row: the oldest row with its id and its very content.
+        Two events sent under one id (a resend, a correction) have rows of their own, so a
+        refused copy settling first cannot remove the row of a valid copy still in
+        flight, which a crash would then lose. A row written by another version's
+        serialisation matches by id alone."""
+        rows = [(event.id, event.model_dump_json()) for event in batch]
         rejected = [
-            (e.id, e.model_dump_json(), result.rejected[e.id])
-            for e in batch
-            if e.id in result.rejected
+            (event_id, text, result.rejected[event_id])
+            for event_id, text in rows
+            if event_id in result.rejected
         ]
-        with self._mutex:
-            self._db.execute("BEGIN")
-            # One row per delivered event, the oldest with its id: a later event resent
-            # under the same id keeps its own row until its own delivery settles.
-            self._db.executemany(
-                "DELETE FROM outbox WHERE seq = (SELECT min(seq) FROM outbox WHERE id = ?)",
-                [(event.id,) for event in batch],
-            )
-            self._db.executemany(
+        with self._transaction() as db:
+            for event_id, text in rows:
+                exact = db.execute(
+                    "DELETE FROM outbox WHERE seq = "
+                    "(SELECT min(seq) FROM outbox WHERE id = ? AND event = ?)",
+                    (event_id, text),
+                )
+                if exact.rowcount == 0:
+                    db.execute(
+                        "DELETE FROM outbox WHERE seq = (SELECT min(seq) FROM outbox WHERE id = ?)",
+                        (event_id,),
+                    )
+            db.executemany(
                 "INSERT OR REPLACE INTO dead_letters (id, event, reason) VALUES (?, ?, ?)", rejected
             )
-            self._db.execute("COMMIT")
 
     def dead_letters(self) -> list[DeadLetter]:
         """Events the provider rejected for good."""
@@ -200,16 +223,12 @@ class Spool:
         """Move dead letters (all, or these ids) back to the outbox in one transaction, so a
         crash leaves each event in exactly one of the two tables; returns them to deliver.
         Rows that cannot be read as events stay where they are."""
-        with self._mutex:
-            self._db.execute("BEGIN")
+        with self._transaction() as db:
             if ids is None:
-                listed = self._db.execute(
-                    "SELECT id, event FROM dead_letters ORDER BY rowid"
-                ).fetchall()
+                listed = db.execute("SELECT id, event FROM dead_letters ORDER BY rowid").fetchall()
             else:
                 found = (
-                    self._db.execute("SELECT id, event FROM dead_letters WHERE id = ?", (i,))
-                    for i in ids
+                    db.execute("SELECT id, event FROM dead_letters WHERE id = ?", (i,)) for i in ids
                 )
                 listed = [row for cursor in found for row in cursor]
             rows = [
@@ -217,11 +236,10 @@ class Spool:
                 for i, raw in listed
                 if not isinstance(_read(_text(raw)), str)
             ]
-            self._db.executemany("INSERT INTO outbox (id, event) VALUES (?, ?)", rows)
-            self._db.executemany(
+            db.executemany("INSERT INTO outbox (id, event) VALUES (?, ?)", rows)
+            db.executemany(
                 "DELETE FROM dead_letters WHERE id = ?", [(event_id,) for event_id, _ in rows]
             )
-            self._db.execute("COMMIT")
         return [UsageEvent.model_validate_json(event) for _, event in rows]
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Sequence
 from decimal import Decimal
@@ -215,3 +216,69 @@ def test_an_absurd_retry_after_is_capped() -> None:
         (RateLimitedError, RateLimitedError("slow", provider="x", retry_after=float("inf")), None)
     )
     assert _Backoff(0.01)(state) == MAX_RETRY_AFTER
+
+
+class HoldsOneEventName(FaultyProvider):
+    """Memory, but a call holding events of `held` hangs (an answer that never comes)."""
+
+    held: str = ""
+
+    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
+        if any(event.event_name == self.held for event in events):
+            await asyncio.sleep(3600)
+        return await FaultyProvider.ingest_usage_events(self, events)
+
+
+def test_a_refused_copy_settling_first_keeps_the_row_of_the_valid_copy_in_flight(
+    tmp_path: Path,
+) -> None:
+    """The valid event's delivery is slow; a copy under the same id with a typo is refused
+    meanwhile. Settling the refusal removed the oldest row with that id, the valid one's:
+    closing then left only the typo in the spool, and the valid usage was lost."""
+    provider = HoldsOneEventName()
+    provider.held = "api_calls"
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    path = tmp_path / "spool.db"
+    with Metering(provider, spool_path=path, linger=0, delivery_timeout=0.3) as m:
+        m.ingest_usage_event(id="order-42", event_name="api_calls", customer_id="t1", value=5)
+        m.ingest_usage_event(id="order-42", event_name="api_callz", customer_id="t1", value=5)
+        deadline = time.monotonic() + 10
+        while not m.dead_letters() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [dead] = m.dead_letters()
+        assert dead.event is not None
+        assert dead.event.event_name == "api_callz"
+    [kept] = pending(path)
+    assert (kept.id, kept.event_name, kept.value) == ("order-42", "api_calls", Decimal(5))
+
+
+def test_a_provider_call_ending_cancelled_is_retried_not_dropped() -> None:
+    """A provider whose own task is torn down raises CancelledError into the delivery:
+    the events were acknowledged, so they are retried, delivered and reported."""
+    provider = FaultyProvider(schedule=["cancelled"])
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    with Metering(provider, linger=0, retry_backoff=0.01) as m:
+        ids = [m.ingest_usage_event(event_name="api_calls", customer_id="t1") for _ in range(3)]
+        report = m.flush(timeout=10)
+    assert sorted(report.accepted) == sorted(ids)
+    assert sorted(provider.stored_ids()) == sorted(ids)
+
+
+def test_a_transaction_refused_by_another_programs_lock_is_rolled_back(tmp_path: Path) -> None:
+    """A backup tool or an sqlite3 shell holding the write lock fails one commit; the
+    spool then works again. Left open, that transaction made every later write fail."""
+    path = tmp_path / "spool.db"
+    spool = Spool(path)
+    spool._db.execute("PRAGMA busy_timeout = 50")  # fail fast instead of waiting 5 s
+    other = sqlite3.connect(path, isolation_level=None)
+    event = UsageEvent(id="e1", event_name="api_calls", customer_id="t1")
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            spool.add([event])
+        other.execute("ROLLBACK")
+        spool.add([event])
+    finally:
+        other.close()
+        spool.close()
+    assert [e.id for e in pending(path)] == ["e1"]
