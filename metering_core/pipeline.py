@@ -29,6 +29,7 @@ from metering_core.config import MeteringSettings
 from metering_core.errors import (
     MeteringError,
     ProviderError,
+    ProviderUnavailableError,
     QueueFullError,
     RateLimitedError,
     ValidationError,
@@ -153,6 +154,8 @@ class Pipeline:
         self._slots: asyncio.Semaphore | None = None
         self._progress: asyncio.Condition | None = None
         self._failure: BaseException | None = None
+        self._closing = False  # from the start of aclose: no event is accepted
+        self._closed = False  # after it: no batching task is started again
         self.stats = PipelineStats(provider.name)
         """Counts of what the pipeline did (also reported through OpenTelemetry)."""
         self._batch_limit: int | None = None
@@ -168,8 +171,9 @@ class Pipeline:
     # starting, in the loop that first uses the pipeline
 
     async def start(self) -> None:
-        """Bind to the running loop and start the batching task (idempotent)."""
-        if self._runner is not None:
+        """Bind to the running loop and start the batching task (idempotent; never again
+        once closed: nothing may be delivered after `aclose`)."""
+        if self._runner is not None or self._closed:
             return
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
@@ -216,10 +220,17 @@ class Pipeline:
         )
 
     def _accept(self, events: Sequence[UsageEvent]) -> None:
-        """Make events durable (with a spool), then queue them: only then is ingest acknowledged."""
-        if self._spool is not None:
-            self._spool.add(events)
-        self._enqueue(events)
+        """Make events durable (with a spool), then queue them: only then is ingest
+        acknowledged. Once closing, refused: nothing would deliver them (and a close's
+        flush counts every event accepted before it began)."""
+        with self._state:
+            if self._closing:
+                raise RuntimeError(
+                    f"{len(events)} event(s) not queued: this metering client is closed"
+                )
+            if self._spool is not None:
+                self._spool.add(events)
+            self._enqueue(events)
 
     def _enqueue(self, events: Sequence[UsageEvent]) -> None:
         with self._state:
@@ -326,10 +337,7 @@ class Pipeline:
                 reraise=True,
             ):
                 with attempt:
-                    answer = await asyncio.wait_for(
-                        self._provider.ingest_usage_events(pending),
-                        self._settings.delivery_timeout,
-                    )
+                    answer = await self._call_provider(pending)
                     answered, pending = _account(pending, answer)
                     settled = settled.merge(answered)
                     if pending:
@@ -346,6 +354,23 @@ class Pipeline:
                 reason = f"gave up after {self._settings.max_attempts} attempts: {reason}"
             return settled.merge(IngestResult(rejected={event.id: reason for event in pending}))
         return settled
+
+    async def _call_provider(self, events: list[UsageEvent]) -> IngestResult:
+        """One delivery attempt. A provider call that ends cancelled while this task is not
+        being cancelled (a provider's own task torn down) is a failed attempt to retry:
+        let through, it ended the delivery with its events neither delivered nor reported."""
+        try:
+            return await asyncio.wait_for(
+                self._provider.ingest_usage_events(events), self._settings.delivery_timeout
+            )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise ProviderUnavailableError(
+                "the provider's call was cancelled before it answered",
+                provider=self._provider.name,
+            ) from None
 
     def _stop(self, state: RetryCallState) -> bool:
         """Stop after `max_attempts`; with a spool, only for a provider that keeps leaving
@@ -438,6 +463,8 @@ class Pipeline:
         With a spool, an outage cannot hold the caller: after `delivery_timeout` the
         undelivered events stay committed in the spool for the next process to deliver.
         """
+        with self._state:
+            self._closing = True
         try:
             if self._spool is None:
                 report = await self.flush()
@@ -455,6 +482,7 @@ class Pipeline:
                     )
         finally:
             await self._stop_tasks()
+            self._closed = True
             if self._spool is not None:
                 self._spool.close()
         return report

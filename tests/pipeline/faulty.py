@@ -17,7 +17,7 @@ from metering_core import (
 )
 from metering_core.memory import MemoryProvider
 
-FAULTS = ("unavailable", "rate_limited", "hang_after_storing", "ok")
+FAULTS = ("unavailable", "rate_limited", "hang_after_storing", "cancelled", "ok")
 
 
 @dataclass
@@ -28,6 +28,8 @@ class FaultyProvider(MemoryProvider):
     - "rate_limited": raises RateLimitedError(retry_after), stores nothing;
     - "hang_after_storing": stores the batch, then hangs past the delivery timeout, as a
       request that reached the provider but whose answer was lost;
+    - "cancelled": raises CancelledError, stores nothing, as a provider whose own task
+      (a connection's, a client's) was torn down under the call;
     - a batch holding a poisoned id fails for good (ValidationError) as a whole.
     """
 
@@ -52,6 +54,8 @@ class FaultyProvider(MemoryProvider):
             raise ProviderUnavailableError("injected outage", provider="faulty", status_code=503)
         if fault == "rate_limited":
             raise RateLimitedError("injected 429", provider="faulty", retry_after=self.retry_after)
+        if fault == "cancelled":
+            raise asyncio.CancelledError()
         if any(event.id in self.poisoned_ids for event in events):
             raise ValidationError("injected poison in batch", field="events", value=len(events))
         keep = [event for event in events if event.id not in self.rejected_ids]

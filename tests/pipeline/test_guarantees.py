@@ -281,3 +281,39 @@ def test_a_failure_no_event_causes_rejects_the_batch_without_splitting_it() -> N
     outcome = asyncio.run(run(provider, [[f"e{i}" for i in range(8)]]))
     assert outcome["rejected"] == {f"e{i}" for i in range(8)}
     assert len(provider.calls) == 1
+
+
+def test_nothing_is_acknowledged_once_closing_has_begun() -> None:
+    """Ingesting from one thread while another closes: every id that was returned is
+    delivered, and every later call raises. An id returned after the close's last flush
+    was never delivered (no error, no event)."""
+    import threading
+
+    provider = FaultyProvider()
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    m = Metering(provider, linger=0)
+    acknowledged: list[str] = []
+    refused: list[BaseException] = []
+    started = threading.Event()
+
+    def ingest() -> None:
+        for n in range(100_000):
+            try:
+                acknowledged.append(
+                    m.ingest_usage_event(id=f"x{n}", event_name="api_calls", customer_id="t1")
+                )
+            except RuntimeError as exc:
+                refused.append(exc)
+                return
+            started.set()
+
+    writer = threading.Thread(target=ingest)
+    writer.start()
+    started.wait(10)
+    m.close()
+    writer.join(10)
+    assert "closed" in str(refused[0])
+    assert acknowledged
+    assert sorted(provider.stored_ids()) == sorted(acknowledged)
+    with pytest.raises(RuntimeError, match="closed"):
+        m.ingest_usage_event(event_name="api_calls", customer_id="t1")
