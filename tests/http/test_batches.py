@@ -124,13 +124,13 @@ def test_a_tenant_keys_refused_event_does_not_sink_the_rest_of_its_batch() -> No
         for i in range(49)
     ]
     events.append(UsageEvent(id="fix", event_name="a", customer_id="acme", value=-3, timestamp=at))
-    with serve_in_thread(create_app(AsyncMetering("memory"), keys=keys)) as url:
-        with Metering("http", base_url=url, api_key="admin") as admin:
-            meter = admin.create_meter(event_name="a")
-            with Metering("http", base_url=url, api_key="acme") as tenant:
-                tenant.ingest_usage_events(events)
-                report = tenant.flush()
-            total = admin.fetch_usage(meter.id, start=at, end=at + timedelta(hours=1)).total
+    app = create_app(AsyncMetering("memory"), keys=keys)
+    with serve_in_thread(app) as url, Metering("http", base_url=url, api_key="admin") as admin:
+        meter = admin.create_meter(event_name="a")
+        with Metering("http", base_url=url, api_key="acme") as tenant:
+            tenant.ingest_usage_events(events)
+            report = tenant.flush()
+        total = admin.fetch_usage(meter.id, start=at, end=at + timedelta(hours=1)).total
     assert (len(report.accepted), list(report.rejected)) == (49, ["fix"])
     assert "cannot lower its usage" in report.rejected["fix"]
     assert total == 49

@@ -294,3 +294,29 @@ def test_a_batch_the_service_finds_too_large_is_split() -> None:
     with Metering("http", base_url=BASE, linger=0) as m:
         ids = m.ingest_usage_events([{"event_name": "a", "customer_id": "t"} for _ in range(7)])
         assert sorted(m.flush(timeout=10).accepted) == sorted(ids)
+
+
+@respx.mock
+async def test_an_answer_that_cannot_be_decoded_is_retried_not_a_dead_letter(
+    provider: HttpProvider,
+) -> None:
+    """The service stored the batch, then its 200 came back with a body that cannot be
+    decoded (a broken gzip stream): the outcome is unknown, so the batch is sent again and
+    the ids settle it, instead of every event being reported rejected."""
+    from metering_core import AsyncMetering
+
+    respx.get(f"{BASE}/capabilities").respond(200, content=Capabilities().model_dump_json())
+    answers = iter(
+        [
+            httpx.Response(
+                200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip")
+            ),
+            httpx.Response(200, json={"accepted": [], "duplicates": ["a"], "rejected": {}}),
+        ]
+    )
+    route = respx.post(f"{BASE}/usage").mock(side_effect=lambda request: next(answers))
+    async with AsyncMetering(provider, linger=0, retry_backoff=0.001) as m:
+        await m.ingest_usage_event(id="a", event_name="api_calls", customer_id="t1")
+        report = await m.flush()
+    assert route.call_count == 2
+    assert (report.duplicates, report.rejected) == (["a"], {})

@@ -40,7 +40,11 @@ def error_from_response(response: httpx.Response, operation: str) -> MeteringErr
     )
 
 
-def error_from_transport(exc: httpx.TransportError) -> ProviderUnavailableError:
+def error_from_transport(
+    exc: httpx.TransportError | httpx.DecodingError,
+) -> ProviderUnavailableError:
+    """An exchange that failed on the way, or whose answer could not be decoded: the
+    service may have stored the events, so the delivery is retried (ids dedupe it)."""
     return ProviderUnavailableError(
         f"metering service unreachable: {type(exc).__name__}: {exc}", provider=PROVIDER
     )

@@ -93,7 +93,7 @@ class HttpProvider(BaseProvider):
                     headers=self._headers,
                     timeout=self._settings.timeout,
                 )
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:
                 raise error_from_transport(exc) from exc
             self._capabilities = self._parse_capabilities(response)
         return self._capabilities
@@ -102,7 +102,7 @@ class HttpProvider(BaseProvider):
         if self._capabilities is None:
             try:
                 response = await self._client.get("/capabilities")
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:
                 raise error_from_transport(exc) from exc
             self._capabilities = self._parse_capabilities(response)
         return self._capabilities
@@ -118,7 +118,7 @@ class HttpProvider(BaseProvider):
     ) -> httpx.Response:
         try:
             response = await self._client.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, httpx.DecodingError) as exc:
             raise error_from_transport(exc) from exc
         if response.is_error:
             raise error_from_response(response, operation.value)
