@@ -80,7 +80,8 @@ class Spool:
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise ConfigurationError(f"spool_path={str(self.path)!r}: its folder does not exist")
-        self._lock_file = self._lock_exclusively(self.path)
+        # the lock belongs to the file itself: another name for it (a symlink) shares it
+        self._lock_file = self._lock_exclusively(self.path.resolve())
         self._mutex = threading.Lock()
         self._startup: list[UsageEvent] | None = None
         try:

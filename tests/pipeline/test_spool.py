@@ -56,6 +56,23 @@ def test_a_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
     assert "in use by another process" in other.stderr
 
 
+def test_another_name_for_the_same_spool_file_cannot_open_it_either(tmp_path: Path) -> None:
+    """Two processes delivering one backlog each think it theirs: the lock goes with the
+    file, not with the name it was opened by."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "other").mkdir()
+    spool = tmp_path / "real" / "spool.db"
+    alias = tmp_path / "other" / "alias.db"
+    alias.symlink_to(spool)
+    with Metering("memory", spool_path=spool):
+        script = (
+            f"from metering_core import Metering; Metering('memory', spool_path={str(alias)!r})"
+        )
+        other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert other.returncode != 0
+    assert "in use by another process" in other.stderr
+
+
 def test_rejected_events_wait_in_dead_letters_and_can_be_retried(tmp_path: Path) -> None:
     with Metering("memory", spool_path=tmp_path / "spool.db", linger=0) as m:
         event = UsageEvent(id="late", event_name="api_calls", customer_id="t1", value=3)
