@@ -144,6 +144,11 @@ class Pipeline:
         self._state = threading.Condition()  # guards the counters below; signals free space
         self._submitted = 0
         self._completed = 0
+        # For flush, in the loop's thread: events taken from the queue into batches so far
+        # (they leave it in the order they were queued), and the batches not yet settled,
+        # by the place of their first event in that order.
+        self._taken = 0
+        self._unsettled: set[int] = set()
         self._report = _Report()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -272,8 +277,10 @@ class Pipeline:
                     ):
                         await asyncio.sleep(self._settings.linger)
                     batch = [self._buffer.popleft() for _ in range(min(size, len(self._buffer)))]
+                    first, self._taken = self._taken, self._taken + len(batch)
+                    self._unsettled.add(first)
                     await self._slots.acquire()
-                    task = asyncio.create_task(self._deliver(batch))
+                    task = asyncio.create_task(self._deliver(batch, first))
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
         except asyncio.CancelledError:
@@ -303,7 +310,7 @@ class Pipeline:
                 self._ask_limit_after = time.monotonic() + ASK_LIMIT_EVERY
         return self._batch_limit or DEFAULT_BATCH_SIZE
 
-    async def _deliver(self, batch: list[UsageEvent]) -> None:
+    async def _deliver(self, batch: list[UsageEvent], first: int) -> None:
         assert self._slots is not None
         began = time.monotonic()
         try:
@@ -316,6 +323,7 @@ class Pipeline:
             raise
         finally:
             self._slots.release()
+            self._unsettled.discard(first)
             await self._completed_batch(len(batch))
 
     async def _settle(self, batch: list[UsageEvent]) -> IngestResult:
@@ -454,8 +462,14 @@ class Pipeline:
         assert self._progress is not None
         async with self._progress:
             await self._progress.wait_for(
-                lambda: self._completed >= target or self._failure is not None
+                lambda: self._settled(target) or self._failure is not None
             )
+
+    def _settled(self, target: int) -> bool:
+        """Whether the first `target` events queued are settled: all taken into batches, and
+        no batch holding one of them still out. Not a count of settled events: batches
+        settle in any order, and later events settling first must not stand in for these."""
+        return self._taken >= target and all(first >= target for first in self._unsettled)
 
     async def aclose(self) -> IngestResult:
         """Deliver what is queued, stop the batching task, and report.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -317,3 +318,28 @@ def test_nothing_is_acknowledged_once_closing_has_begun() -> None:
     assert sorted(provider.stored_ids()) == sorted(acknowledged)
     with pytest.raises(RuntimeError, match="closed"):
         m.ingest_usage_event(event_name="api_calls", customer_id="t1")
+
+
+class SlowForOneCustomer(FaultyProvider):
+    """Memory, but a call holding an event of customer "slow" takes half a second."""
+
+    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
+        if any(event.customer_id == "slow" for event in events):
+            await asyncio.sleep(0.5)
+        return await FaultyProvider.ingest_usage_events(self, events)
+
+
+async def test_flush_waits_for_its_own_events_not_a_count_that_later_ones_can_fill() -> None:
+    """A flush waits for the events queued before it. Events queued after it that settle
+    first (a faster batch) used to fill the count it waited for, and it returned with its
+    own still in flight."""
+    provider = SlowForOneCustomer()
+    await provider.create_meter(MeterCreate(event_name="api_calls"))
+    async with AsyncMetering(provider, linger=0, max_concurrency=4) as m:
+        await m.ingest_usage_event(id="mine", event_name="api_calls", customer_id="slow")
+        flushing = asyncio.create_task(m.flush())
+        await asyncio.sleep(0.05)
+        await m.ingest_usage_event(id="later", event_name="api_calls", customer_id="fast")
+        report = await flushing
+        assert "mine" in report.accepted
+        assert "mine" in provider.stored_ids()
