@@ -171,6 +171,7 @@ class AsyncMetering:
         return await self._provider.create_meter(request)
 
     async def fetch_meter(self, meter_id: str) -> Meter:
+        guards.check_name("meter_id", meter_id)
         await self._require(Operation.FETCH_METER)
         return await self._provider.fetch_meter(meter_id)
 
@@ -193,11 +194,13 @@ class AsyncMetering:
     async def update_meter(
         self, meter_id: str, update: MeterUpdate | Mapping[str, Any] | None = None, /, **fields: Any
     ) -> Meter:
+        guards.check_name("meter_id", meter_id)
         request = _coerce(MeterUpdate, update, fields)
         guards.check_meter_update(await self.load_capabilities(), self.provider_name, request)
         return await self._provider.update_meter(meter_id, request)
 
     async def delete_meter(self, meter_id: str) -> None:
+        guards.check_name("meter_id", meter_id)
         await self._require(Operation.DELETE_METER)
         await self._provider.delete_meter(meter_id)
 
@@ -301,6 +304,10 @@ class AsyncMetering:
                 value=event_ids,
             )
         unique_ids = list(dict.fromkeys(event_ids))  # one verdict per id, even if repeated
+        for index, event_id in enumerate(unique_ids):
+            guards.check_name(f"event_ids[{index}]", event_id)
+        if event_name is not None:
+            guards.check_name("event_name", event_name)
         return await self._provider.cancel_usage_events(unique_ids, event_name=event_name)
 
     async def create_customer(
@@ -312,6 +319,7 @@ class AsyncMetering:
         return await self._provider.create_customer(request)
 
     async def delete_customer(self, customer_id: str) -> None:
+        guards.check_name("customer_id", customer_id)
         await self._require(Operation.DELETE_CUSTOMER)
         await self._provider.delete_customer(customer_id)
 

@@ -1,9 +1,10 @@
-"""Capability checks the facade runs before calling a provider, so an unsupported request
-fails fast with a message naming the provider and what it lacks."""
+"""Checks the facade runs before calling a provider: capabilities, so an unsupported
+request fails fast with a message naming the provider and what it lacks; and names a
+caller gives (ids in a path or a list), so text no store can hold fails as bad input."""
 
 from __future__ import annotations
 
-from metering_core.errors import UnsupportedOperationError, ValidationError
+from metering_core.errors import UnsupportedOperationError, ValidationError, clip
 from metering_core.interface import Capabilities, Operation
 from metering_core.models import MeterCreate, MeterUpdate, UsageQuery
 
@@ -61,3 +62,18 @@ def check_usage_query(caps: Capabilities, provider: str, query: UsageQuery) -> N
             field="customer_id",
             value=None,
         )
+
+
+def check_name(field: str, value: str) -> None:
+    """Refuse an id no store can hold: with a NUL character (PostgreSQL refuses it) or a
+    lone surrogate (which has no UTF-8). Nothing stored has such an id, and asking for one
+    failed on PostgreSQL as a provider error (502) and on SQLite as an internal one."""
+    if "\x00" in value:
+        problem = "holds a NUL character ('\\x00')"
+    else:
+        try:
+            value.encode("utf-8")
+            return
+        except UnicodeEncodeError:
+            problem = "holds text that is not valid Unicode (a lone surrogate)"
+    raise ValidationError(f"{field}={clip(repr(value), 200)}: {problem}", field=field, value=value)

@@ -234,11 +234,15 @@ class MeterCreate(_Model):
     """
 
     event_name: Slug
-    display_name: Annotated[str, Field(min_length=1, max_length=250)] | None = None
+    display_name: (
+        Annotated[str, Field(min_length=1, max_length=250, pattern=TEXT_PATTERN)] | None
+    ) = None
     aggregation: Aggregation = Aggregation.SUM
-    dimensions: list[Annotated[str, Field(min_length=1, max_length=100)]] = []
-    description: Annotated[str, Field(max_length=1000)] | None = None
-    unique_dimension: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    dimensions: list[Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)]] = []
+    description: Annotated[str, Field(max_length=1000, pattern=TEXT_PATTERN)] | None = None
+    unique_dimension: (
+        Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)] | None
+    ) = None
 
     @model_validator(mode="after")
     def _check_unique_dimension(self) -> Self:
@@ -264,9 +268,13 @@ class Meter(MeterCreate):
 class MeterUpdate(_Model):
     """The fields of a meter that may change after creation; at least one must be given."""
 
-    display_name: Annotated[str, Field(min_length=1, max_length=250)] | None = None
-    description: Annotated[str, Field(max_length=1000)] | None = None
-    dimensions: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = None
+    display_name: (
+        Annotated[str, Field(min_length=1, max_length=250, pattern=TEXT_PATTERN)] | None
+    ) = None
+    description: Annotated[str, Field(max_length=1000, pattern=TEXT_PATTERN)] | None = None
+    dimensions: (
+        list[Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)]] | None
+    ) = None
 
     @model_validator(mode="after")
     def _not_empty(self) -> Self:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -736,3 +738,33 @@ def test_processes_opening_a_new_sqlite_store_together_all_succeed(tmp_path: Pat
     ]
     failures = [run.communicate(timeout=60)[1] for run in runs if run.wait(60) != 0]
     assert failures == []
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "a\ud800b"], ids=["nul", "lone-surrogate"])
+def test_ids_no_store_can_hold_are_bad_input_on_every_route(any_url: str, text: str) -> None:
+    """A NUL or a lone surrogate in a meter id, a customer id, a cancelled id, a meter's
+    name or an offboarding message's tenant: a 422 naming the field, never the store's
+    failure (PostgreSQL answered 502 with its address; SQLite, 500)."""
+    from fastapi.testclient import TestClient
+
+    from metering_core import AsyncMetering
+    from metering_core.server import create_app
+
+    scopes = ["meters:read", "meters:write", "usage:write", "customers:write"]
+    keys = {"k": {"scopes": scopes}}
+    app = create_app(AsyncMetering("sql", url=any_url), keys=keys)
+    auth = {"Authorization": "Bearer k", "content-type": "application/json"}
+    paths = [f"/meters/{quote(text)}", f"/customers/{quote(text)}"] if "\x00" in text else []
+    offboard = {"detail-type": "OFFBOARDING_REQUEST", "detail": {"tenantId": text}}
+    requests = [
+        *(("GET", path, None) for path in paths[:1]),
+        *(("DELETE", path, None) for path in paths),
+        ("DELETE", "/usage", json.dumps({"event_ids": [text]})),
+        ("POST", "/meters", json.dumps({"event_name": "m", "display_name": text})),
+        ("POST", "/events", json.dumps(offboard)),
+    ]
+    with TestClient(app) as client:
+        for method, path, body in requests:
+            answer = client.request(method, path, content=body, headers=auth)
+            assert answer.status_code == 422, (method, path, answer.text)
+            assert answer.json()["error"]["type"] == "validation_error"
