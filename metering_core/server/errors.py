@@ -36,14 +36,29 @@ def _error(
     return JSONResponse({"error": body}, status_code=status_code, headers=headers or None)
 
 
-def _metering_error(_: Request, exc: Exception) -> JSONResponse:
+_BEHIND_THE_SERVICE = {
+    "provider_unavailable": "the metering store is unavailable: retry later",
+    "provider_authentication": "the service's credentials for its metering store were refused",
+    "provider_error": "the metering store failed or refused the request",
+    "configuration_error": "the metering service is misconfigured",
+    "metering_error": "the metering service failed",
+}
+"""What a caller is told of a failure behind the service: the cause (a store's address and
+user, a driver's message) is the operator's to read in the service's log, not a caller's."""
+
+
+def _metering_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, MeteringError)
     kind, status_code = wire_type(exc)
     headers = {}
     if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     field = exc.field if isinstance(exc, ValidationError) else None
-    return _error(kind, str(exc), status_code, field, **headers)
+    message = str(exc)
+    if kind in _BEHIND_THE_SERVICE:
+        logger.warning("%s %s: %s: %s", request.method, request.url.path, kind, message)
+        message = f"{_BEHIND_THE_SERVICE[kind]} (the service logged the cause)"
+    return _error(kind, message, status_code, field, **headers)
 
 
 def _request_error(_: Request, exc: Exception) -> JSONResponse:

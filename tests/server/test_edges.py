@@ -523,3 +523,20 @@ def test_bodies_nested_past_the_recursion_limit_are_refused_not_failed(
             path, content=body, headers={**ADMIN, "content-type": "application/json"}
         )
         assert (answer.status_code, answer.json()["error"]["field"]) == (422, "body")
+
+
+def test_a_store_failure_tells_callers_what_failed_and_only_the_log_where(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A tenant's request meeting an unreachable store learns it is unavailable, not the
+    store's address, user or database; the operator's log has them."""
+    url = "postgresql://billing_svc:pw@127.0.0.1:1/metering_prod"
+    with TestClient(create_app(AsyncMetering("sql", url=url), keys=KEYS)) as client:
+        answer = client.get("/meters", headers=ADMIN)
+    error = answer.json()["error"]
+    assert (answer.status_code, error["type"]) == (503, "provider_unavailable")
+    assert "retry later" in error["message"]
+    for detail in ("billing_svc", "127.0.0.1", "metering_prod", "pw"):
+        assert detail not in error["message"]
+    assert "metering_prod" in caplog.text
+    assert ":pw@" not in caplog.text
