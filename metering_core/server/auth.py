@@ -3,6 +3,7 @@ own space of event ids."""
 
 import hashlib
 import hmac
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Annotated, Any, get_args
 
@@ -16,6 +17,11 @@ from metering_core.server.settings import ApiKey, Scope
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 """The bearer token of a request, if it sent one."""
+
+
+TENANT_ID_PREFIX = "tenant-"
+_TENANT_ID = re.compile(r"tenant-[0-9a-f]{48}")
+"""How the provider holds a tenant-bound key's event ids: no other key may send one."""
 
 
 def _digest(key: str) -> bytes:
@@ -55,7 +61,7 @@ class Principal:
         if self.tenant is None:
             return event_id
         spaced = f"{len(self.tenant)}:{self.tenant}:{event_id}".encode()
-        return "tenant-" + hashlib.sha256(spaced).hexdigest()[:48]
+        return TENANT_ID_PREFIX + hashlib.sha256(spaced).hexdigest()[:48]
 
     def outgoing(
         self, events: Sequence[UsageEvent], kinds: Mapping[str, Aggregation]
@@ -65,7 +71,15 @@ class Principal:
         (`kinds`: each event name's aggregation). Each event is judged alone, so the rest
         of a batch is counted and its client's pipeline keeps only the refused ones."""
         if self.tenant is None:
-            return list(events), {}, {}
+            reserved = {
+                event.id: f"id {event.id!r} has the form of a tenant-bound key's stored ids, "
+                "which are reserved to them: it could shadow or cancel a tenant's event"
+                for event in events
+                if event.id.startswith(TENANT_ID_PREFIX) and _TENANT_ID.fullmatch(event.id)
+            }
+            if not reserved:
+                return list(events), {}, {}
+            return [event for event in events if event.id not in reserved], {}, reserved
         stored: list[UsageEvent] = []
         sent: dict[str, str] = {}
         refused: dict[str, str] = {}

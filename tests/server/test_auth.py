@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 
@@ -231,6 +232,21 @@ def test_the_same_id_from_two_tenants_is_two_events_and_neither_learns_of_the_ot
     mine = client.request("DELETE", "/usage", json={"event_ids": ["order-42"]}, headers=ACME)
     assert mine.json()["cancelled"] == ["order-42"]
     assert (total("acme"), total("globex")) == ("0", "1")  # globex's order-42 untouched
+
+
+def test_no_other_key_can_send_an_id_in_a_tenants_stored_form(client: TestClient) -> None:
+    """A tenant's events are held as tenant-<48 hex>. An unbound key sending such an id
+    for another customer shadowed the tenant's own event (answered as a duplicate, never
+    counted), and the tenant's cancel then removed the other customer's event."""
+    client.post("/usage", json={"events": [event("order-1", "acme")]}, headers=ACME)
+    spaced = b"4:acme:order-2"
+    stored_form = "tenant-" + hashlib.sha256(spaced).hexdigest()[:48]
+    planted = client.post("/usage", json={"events": [event(stored_form, "globex")]}, headers=ADMIN)
+    assert "reserved" in planted.json()["rejected"][stored_form]
+    own = client.post("/usage", json={"events": [event("order-2", "acme")]}, headers=ACME)
+    assert own.json()["accepted"] == ["order-2"]
+    ordinary = client.post("/usage", json={"events": [event("tenant-7", "globex")]}, headers=ADMIN)
+    assert ordinary.json()["accepted"] == ["tenant-7"]
 
 
 def test_a_tenant_key_cannot_lower_its_own_usage(client: TestClient, meter_id: str) -> None:
