@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -159,6 +160,7 @@ class Pipeline:
         self._slots: asyncio.Semaphore | None = None
         self._progress: asyncio.Condition | None = None
         self._failure: BaseException | None = None
+        self._pid = os.getpid()
         self._closing = False  # from the start of aclose: no event is accepted
         self._closed = False  # after it: no batching task is started again
         self.stats = PipelineStats(provider.name)
@@ -177,7 +179,14 @@ class Pipeline:
 
     async def start(self) -> None:
         """Bind to the running loop and start the batching task (idempotent; never again
-        once closed: nothing may be delivered after `aclose`)."""
+        once closed: nothing may be delivered after `aclose`). Another loop is refused: the
+        batching task runs in the first, and events queued from another would wait for a
+        task that no longer runs once that loop has closed (a second `asyncio.run`)."""
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError(
+                "this metering client is bound to the event loop it was first used in; "
+                "create one per event loop (or use the sync Metering from any thread)"
+            )
         if self._runner is not None or self._closed:
             return
         self._loop = asyncio.get_running_loop()
@@ -232,6 +241,12 @@ class Pipeline:
             if self._closing:
                 raise RuntimeError(
                     f"{len(events)} event(s) not queued: this metering client is closed"
+                )
+            if os.getpid() != self._pid:  # its batching task runs in the parent process only
+                raise RuntimeError(
+                    f"{len(events)} event(s) not queued: this metering client was created "
+                    "before a fork; create one in each process (its queue, delivery and "
+                    "spool belong to the process that made it)"
                 )
             if self._spool is not None:
                 self._spool.add(events)

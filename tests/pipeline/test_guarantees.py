@@ -4,6 +4,8 @@ reported rejected with its reason; nothing is dropped, nothing is counted twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -343,3 +345,55 @@ async def test_flush_waits_for_its_own_events_not_a_count_that_later_ones_can_fi
         report = await flushing
         assert "mine" in report.accepted
         assert "mine" in provider.stored_ids()
+
+
+def test_a_client_used_from_a_second_event_loop_refuses_before_acknowledging(
+    tmp_path: Path,
+) -> None:
+    """The batching task runs in the loop the client was first used in; once that loop is
+    gone (a second asyncio.run), events queued from another were acknowledged, committed
+    to the spool, and never sent. Now nothing is acknowledged or committed there."""
+    provider = FaultyProvider()
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    m = AsyncMetering(provider, linger=0, spool_path=tmp_path / "spool.db")
+
+    async def first() -> None:
+        await m.ingest_usage_event(id="one", event_name="api_calls", customer_id="t1")
+        await m.flush()
+
+    async def second() -> None:
+        with pytest.raises(RuntimeError, match="event loop"):
+            await m.ingest_usage_event(id="two", event_name="api_calls", customer_id="t1")
+
+    asyncio.run(first())
+    asyncio.run(second())
+    assert provider.stored_ids() == ["one"]
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as outbox:
+        assert outbox.execute("SELECT id FROM outbox").fetchall() == []  # nothing committed
+
+
+def test_a_client_created_before_a_fork_refuses_in_the_child(tmp_path: Path) -> None:
+    """A child process (gunicorn --preload, multiprocessing) inherits the client but not
+    its delivery: an event acknowledged there was never delivered."""
+    import os
+
+    provider = FaultyProvider()
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    with Metering(provider, linger=0) as m:
+        m.ingest_usage_event(id="parent", event_name="api_calls", customer_id="t1")
+        m.flush()
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                m.ingest_usage_event(id="child", event_name="api_calls", customer_id="t1")
+                os.write(write, b"acknowledged")
+            except RuntimeError as exc:
+                os.write(write, str(exc).encode()[:200])
+            os._exit(0)
+        os.close(write)
+        os.waitpid(child, 0)
+        said = os.read(read, 200).decode()
+        os.close(read)
+    assert "before a fork" in said
+    assert provider.stored_ids() == ["parent"]
