@@ -353,9 +353,9 @@ class Pipeline:
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_retryable),
-                stop=self._stop,
+                # late binding on purpose: the events still pending when it asks or waits
+                stop=lambda state: self._stop(state, len(pending)),  # noqa: B023
                 wait=_Backoff(self._settings.retry_backoff),
-                # late binding on purpose: the events still pending when the retry waits
                 before_sleep=lambda state: self._retrying(state, len(pending)),  # noqa: B023
                 reraise=True,
             ):
@@ -366,9 +366,11 @@ class Pipeline:
                     if pending:
                         raise _Unreported(self._provider.name, len(pending))
         except Exception as exc:
-            if len(pending) > 1 and isinstance(exc, ValidationError):
-                # Only a refused event can sink a batch: halve until it stands alone. Other
-                # failures (a bad key, an unsupported call) would fail every half alike.
+            if len(pending) > 1 and isinstance(exc, ValidationError | TimeoutError):
+                # A refused event sinks a batch: halve until it stands alone. A batch the
+                # provider does not finish within delivery_timeout on a second attempt is
+                # halved too, or it would be sent whole forever (with a spool), never landing.
+                # Other failures (a bad key, an unsupported call) fail every half alike.
                 middle = len(pending) // 2
                 first = await self._settle(pending[:middle])
                 return settled.merge(first).merge(await self._settle(pending[middle:]))
@@ -395,9 +397,15 @@ class Pipeline:
                 provider=self._provider.name,
             ) from None
 
-    def _stop(self, state: RetryCallState) -> bool:
+    def _stop(self, state: RetryCallState, count: int) -> bool:
         """Stop after `max_attempts`; with a spool, only for a provider that keeps leaving
-        ids out of its answers: outages and rate limits are waited out."""
+        ids out of its answers: outages and rate limits are waited out. A batch of `count`
+        events timing out on a second or later attempt stops here too, to be halved."""
+        timed_out = state.outcome is not None and isinstance(
+            state.outcome.exception(), TimeoutError
+        )
+        if count > 1 and timed_out and state.attempt_number >= 2:
+            return True
         if state.attempt_number < self._settings.max_attempts:
             return False
         if self._spool is None or state.outcome is None:

@@ -282,3 +282,31 @@ def test_a_transaction_refused_by_another_programs_lock_is_rolled_back(tmp_path:
         other.close()
         spool.close()
     assert [e.id for e in pending(path)] == ["e1"]
+
+
+class SlowPerEvent(FaultyProvider):
+    """Memory, but each call takes 50 ms per event it carries before storing them."""
+
+    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
+        await asyncio.sleep(0.05 * len(events))
+        return await FaultyProvider.ingest_usage_events(self, events)
+
+
+def test_a_batch_too_slow_for_the_delivery_timeout_is_halved_until_it_lands(
+    tmp_path: Path,
+) -> None:
+    """Twenty events take a second to deliver and the timeout is 0.3 s: sent whole, the
+    batch timed out forever (with a spool, retries never end) and was never billed."""
+    provider = SlowPerEvent()
+    provider.batch_size = 20
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    path = tmp_path / "spool.db"
+    options = {"linger": 0.05, "delivery_timeout": 0.3, "retry_backoff": 0.01}
+    with Metering(provider, spool_path=path, **options) as m:
+        ids = m.ingest_usage_events(
+            [{"event_name": "api_calls", "customer_id": "t1"} for _ in range(20)]
+        )
+        report = m.flush(timeout=30)
+    assert sorted(report.accepted) == sorted(ids)
+    assert sorted(provider.stored_ids()) == sorted(ids)
+    assert pending(path) == []
