@@ -99,6 +99,10 @@ def _meter(row: Any) -> Meter:
     )
 
 
+_MIGRATE_ATTEMPTS = 25
+"""Checks of a new SQLite store's schema while other processes create it (~6 s in all)."""
+
+
 class SqlProvider(BaseProvider):
     """Every operation, aggregation and window of the memory provider, kept in a database."""
 
@@ -141,8 +145,10 @@ class SqlProvider(BaseProvider):
 
     async def _migrate(self, engine: AsyncEngine) -> None:
         """Bring the schema to this code's. Processes opening a new SQLite file together
-        race to create it; the loser sees the tables appear and simply checks again."""
-        for attempt in range(3):
+        race to create it; a loser sees tables another is still creating, waits a moment
+        and checks again, until the winner has stamped its revision (three immediate
+        retries were not enough for four processes on two busy cores)."""
+        for attempt in range(_MIGRATE_ATTEMPTS):
             try:
                 async with engine.begin() as connection:
                     await connection.run_sync(
@@ -150,8 +156,10 @@ class SqlProvider(BaseProvider):
                     )
                 return
             except sa.exc.OperationalError as exc:
-                if "already exists" not in str(exc) or attempt == 2:
+                racing = "already exists" in str(exc) or "locked" in str(exc)
+                if not racing or attempt == _MIGRATE_ATTEMPTS - 1:
                     raise
+                await asyncio.sleep(0.02 * (attempt + 1))
 
     async def schema_revision(self) -> tuple[str | None, str]:
         """The store's schema revision (None when empty) and this code's newest."""
