@@ -167,7 +167,10 @@ def create_app(
 
     @app.post("/meters", status_code=201, dependencies=[Depends(require(gate, "meters:write"))])
     async def create_meter(meter: MeterCreate) -> Meter:
-        return await service.create_meter(meter)
+        try:
+            return await service.create_meter(meter)
+        finally:
+            aggregations.forget()
 
     @app.get("/meters", dependencies=[Depends(require(gate, "meters:read"))])
     async def list_meters(
@@ -187,7 +190,10 @@ def create_app(
         "/meters/{meter_id}", status_code=204, dependencies=[Depends(require(gate, "meters:write"))]
     )
     async def delete_meter(meter_id: str) -> Response:
-        await service.delete_meter(meter_id)
+        try:
+            await service.delete_meter(meter_id)
+        finally:
+            aggregations.forget()
         return Response(status_code=204)
 
     # The hot path of a fleet: the caller is checked without FastAPI's dependency solving

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Collection
 
 from metering_core.client import AsyncMetering
-from metering_core.errors import RateLimitedError
 from metering_core.models import Aggregation
 
 __all__ = ["LOWERED_BY_EVENTS", "MeterAggregations"]
@@ -28,33 +27,34 @@ again cannot make every request list the provider's meters."""
 
 
 class MeterAggregations:
-    """Each event name's aggregation, from a copy of the provider's meters read again when
-    it is stale or lacks a name asked for; for lacking names, at most once a second."""
+    """Each event name's aggregation, from a copy of the provider's meters. The copy is
+    read again when it is stale, or lacks a name asked for (at most once a second), and
+    dropped when a meter is created or deleted through this service, so a meter made here
+    is checked from its first event."""
 
     def __init__(self, service: AsyncMetering, clock: Callable[[], float] = time.monotonic) -> None:
         self._service = service
         self._clock = clock
         self._by_name: dict[str, Aggregation] = {}
         self._read_at = -float("inf")
+        self._generation = 0  # forgets so far: a read that overlaps one is not trusted
+
+    def forget(self) -> None:
+        """Read the meters again before the next check (one was created or deleted)."""
+        self._generation += 1
+        self._read_at = -float("inf")
 
     async def of(self, names: Collection[str]) -> dict[str, Aggregation]:
-        """The aggregation of each name that has a meter (names without one are left out:
-        the provider refuses their events with its own reason). A name the copy lacks
-        within a second of reading it is answered 429, retry in a second, never let
-        through unchecked: it may be a meter created since."""
+        """The aggregation of each name that has a meter. A name without one is left out:
+        the provider refuses its events with its own reason (a meter made elsewhere, by
+        another process on the same store, is seen within a second)."""
         age = self._clock() - self._read_at
         missing = not set(names) <= self._by_name.keys()
-        if missing and age <= MISSING_RETRY:
-            raise RateLimitedError(
-                f"event names {sorted(set(names) - self._by_name.keys())!r} have no meter "
-                "known to the service yet: retry in a second",
-                provider=self._service.provider_name,
-                retry_after=MISSING_RETRY,
-            )
-        if missing or age > STALE_AFTER:
-            began = self._clock()  # a failed read raises: nothing goes through unchecked
-            self._by_name = {
+        if age > STALE_AFTER or (missing and age > MISSING_RETRY):
+            began, generation = self._clock(), self._generation
+            self._by_name = {  # a failed read raises: nothing goes through unchecked
                 meter.event_name: meter.aggregation async for meter in self._service.iter_meters()
             }
-            self._read_at = began
+            if generation == self._generation:
+                self._read_at = began
         return {name: self._by_name[name] for name in names if name in self._by_name}
