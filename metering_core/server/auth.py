@@ -91,6 +91,8 @@ class Principal:
             stored_id = self.stored_id(event.id)
             sent[stored_id] = event.id
             stored.append(event.model_copy(update={"id": stored_id}))
+        if refused:  # an id is one event: any copy refused refuses them all (one verdict)
+            stored = [event for event in stored if sent[event.id] not in refused]
         return stored, sent, refused
 
     def _refusal(self, event: UsageEvent, kinds: Mapping[str, Aggregation]) -> str | None:

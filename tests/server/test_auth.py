@@ -110,6 +110,18 @@ def test_a_tenant_key_cannot_write_another_tenants_usage(client: TestClient, met
     assert [r["value"] for r in rows] == ["1"]
 
 
+def test_an_id_sent_twice_with_one_copy_refused_has_one_verdict(
+    client: TestClient, meter_id: str
+) -> None:
+    """Both copies are refused: answered accepted and rejected at once, the client's
+    pipeline kept the counted copy as a dead letter under the other's reason."""
+    twice = [event("x", "globex"), {**event("x", "acme"), "value": 7}]
+    answer = client.post("/usage", json={"events": twice}, headers=ACME).json()
+    assert (answer["accepted"], list(answer["rejected"])) == ([], ["x"])
+    params = {**RANGE, "customer_id": "acme"}
+    assert client.get(f"/usage/{meter_id}", params=params, headers=ADMIN).json()["rows"] == []
+
+
 def test_a_tenant_key_reads_only_its_tenant(client: TestClient, meter_id: str) -> None:
     client.post(
         "/usage", json={"events": [event("g1", "globex"), event("g2", "globex")]}, headers=ADMIN
