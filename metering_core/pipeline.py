@@ -202,7 +202,7 @@ class Pipeline:
         """Queue events from the loop; waits (without blocking the loop) while the queue is full."""
         await self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._has_room(len(events)):
+        while not self._done_waiting(len(events)):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise self._queue_full(len(events), timeout)
@@ -219,9 +219,13 @@ class Pipeline:
     ) -> None:
         """Queue events from another thread; blocks that thread while the queue is full."""
         with self._state:
-            if not self._state.wait_for(lambda: self._has_room(len(events)), timeout):
+            if not self._state.wait_for(lambda: self._done_waiting(len(events)), timeout):
                 raise self._queue_full(len(events), timeout)
         self._accept(events)
+
+    def _done_waiting(self, count: int) -> bool:
+        """Room for `count` more events, or a reason to refuse them (`_accept` raises it)."""
+        return self._has_room(count) or self._refusal() is not None
 
     def _has_room(self, count: int) -> bool:
         pending = self._submitted - self._completed
@@ -235,22 +239,27 @@ class Pipeline:
 
     def _accept(self, events: Sequence[UsageEvent]) -> None:
         """Make events durable (with a spool), then queue them: only then is ingest
-        acknowledged. Once closing, refused: nothing would deliver them (and a close's
-        flush counts every event accepted before it began)."""
+        acknowledged. Refused once closing (nothing would deliver them, and a close's flush
+        counts every event accepted before it began) and in a forked child."""
         with self._state:
-            if self._closing:
-                raise RuntimeError(
-                    f"{len(events)} event(s) not queued: this metering client is closed"
-                )
-            if os.getpid() != self._pid:  # its batching task runs in the parent process only
-                raise RuntimeError(
-                    f"{len(events)} event(s) not queued: this metering client was created "
-                    "before a fork; create one in each process (its queue, delivery and "
-                    "spool belong to the process that made it)"
-                )
+            refusal = self._refusal()
+            if refusal is not None:
+                raise RuntimeError(f"{len(events)} event(s) not queued: {refusal}")
             if self._spool is not None:
                 self._spool.add(events)
             self._enqueue(events)
+
+    def _refusal(self) -> str | None:
+        """Why this client takes no more events, if it does not; a caller waiting for
+        room in the queue stops waiting for this too."""
+        if self._closing:
+            return "this metering client is closed"
+        if os.getpid() != self._pid:  # its batching task runs in the parent process only
+            return (
+                "this metering client was created before a fork; create one in each process "
+                "(its queue, delivery and spool belong to the process that made it)"
+            )
+        return None
 
     def _enqueue(self, events: Sequence[UsageEvent]) -> None:
         with self._state:
@@ -467,7 +476,10 @@ class Pipeline:
     # flushing
 
     async def flush(self, timeout: float | None = None) -> IngestResult:
-        """Wait until every event queued before this call is delivered; report since last flush."""
+        """Wait until every event queued before this call is delivered; report since last
+        flush. Once closed, at once: what the close left in the spool is the next process's."""
+        if self._closed:
+            return self._report.take()
         await self.start()
         target = self._submitted
         self._flushing += 1
@@ -502,6 +514,10 @@ class Pipeline:
         """
         with self._state:
             self._closing = True
+            self._state.notify_all()  # callers waiting for room now raise instead
+        if self._progress is not None:
+            async with self._progress:
+                self._progress.notify_all()
         try:
             if self._spool is None:
                 report = await self.flush()

@@ -310,3 +310,42 @@ def test_a_batch_too_slow_for_the_delivery_timeout_is_halved_until_it_lands(
     assert sorted(report.accepted) == sorted(ids)
     assert sorted(provider.stored_ids()) == sorted(ids)
     assert pending(path) == []
+
+
+def test_closing_during_an_outage_releases_callers_waiting_for_room(tmp_path: Path) -> None:
+    """The close leaves the queue in the spool, so no room ever comes: a caller waiting for
+    it raised nothing and waited forever, and a flush after the close never returned."""
+    import threading
+
+    provider = Outage(batch_size=1)  # one event in flight, the others queued behind it
+    provider.until = time.monotonic() + 3600
+    asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
+    options = {"max_queue": 3, "max_concurrency": 1, "delivery_timeout": 0.2}
+    m = Metering(provider, spool_path=tmp_path / "spool.db", **options)
+    outcome: list[BaseException] = []
+
+    def fill() -> None:
+        try:
+            for n in range(0, 9, 3):
+                m.ingest_usage_events(
+                    [
+                        {"id": f"w{i}", "event_name": "api_calls", "customer_id": "t1"}
+                        for i in range(n, n + 3)
+                    ]
+                )
+        except RuntimeError as exc:
+            outcome.append(exc)
+
+    writer = threading.Thread(target=fill)
+    writer.start()
+    deadline = time.monotonic() + 10
+    while m.stats().queue_depth < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    m.close()
+    writer.join(5)
+    assert not writer.is_alive()
+    assert "closed" in str(outcome[0])
+    began = time.monotonic()
+    assert m.flush(timeout=5) == IngestResult()
+    assert time.monotonic() - began < 1
+    assert [event.id for event in pending(tmp_path / "spool.db")] == ["w0", "w1", "w2"]
