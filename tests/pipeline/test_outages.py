@@ -225,6 +225,7 @@ class HoldsOneEventName(FaultyProvider):
 
     async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
         if any(event.event_name == self.held for event in events):
+            self.calls.append((time.monotonic(), len(events)))
             await asyncio.sleep(3600)
         return await FaultyProvider.ingest_usage_events(self, events)
 
@@ -241,8 +242,10 @@ def test_a_refused_copy_settling_first_keeps_the_row_of_the_valid_copy_in_flight
     path = tmp_path / "spool.db"
     with Metering(provider, spool_path=path, linger=0, delivery_timeout=0.3) as m:
         m.ingest_usage_event(id="order-42", event_name="api_calls", customer_id="t1", value=5)
-        m.ingest_usage_event(id="order-42", event_name="api_callz", customer_id="t1", value=5)
         deadline = time.monotonic() + 10
+        while not provider.calls and time.monotonic() < deadline:  # its delivery is out
+            time.sleep(0.01)
+        m.ingest_usage_event(id="order-42", event_name="api_callz", customer_id="t1", value=5)
         while not m.dead_letters() and time.monotonic() < deadline:
             time.sleep(0.02)
         [dead] = m.dead_letters()
