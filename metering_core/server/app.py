@@ -25,6 +25,7 @@ from metering_core.errors import ConfigurationError, ValidationError
 from metering_core.events import parse_event, route
 from metering_core.interface import Capabilities
 from metering_core.models import (
+    MAX_EVENTS_PER_REQUEST,
     CancelResult,
     Customer,
     CustomerCreate,
@@ -44,11 +45,11 @@ from metering_core.server.errors import Forbidden, install_error_handlers
 from metering_core.server.gauges import MeterAggregations
 from metering_core.server.metrics import CONTENT_TYPE, RequestMetrics, ServiceMetrics
 from metering_core.server.schemas import (
-    USAGE_BATCH_ROUTE,
     CancelRequest,
     Health,
     documented,
     read_usage_batch,
+    usage_batch_route,
     usage_json,
 )
 from metering_core.server.settings import ApiKey, configured_keys
@@ -162,8 +163,12 @@ def create_app(
     async def capabilities(
         principal: Annotated[Principal, Depends(gate.principal)],
     ) -> Capabilities:
-        """Any valid key may read them: a client needs them to send usage at all."""
-        return await service.load_capabilities()
+        """Any valid key may read them: a client needs them to send usage at all.
+        `max_batch_size` is at most 10,000, the most one request may carry."""
+        # whatever the provider takes: a client splitting to more would be refused
+        offered = await service.load_capabilities()
+        size = min(offered.max_batch_size, MAX_EVENTS_PER_REQUEST)
+        return offered.model_copy(update={"max_batch_size": size})
 
     @app.post("/meters", status_code=201, dependencies=[Depends(require(gate, "meters:write"))])
     async def create_meter(meter: MeterCreate) -> Meter:
@@ -201,7 +206,7 @@ def create_app(
     # one pass from its bytes and the answer serialised in one call (FastAPI's own body
     # handling parses the JSON to Python objects first and validates those after, at
     # twice the cost).
-    @app.post("/usage", response_model=IngestResult, **USAGE_BATCH_ROUTE)
+    @app.post("/usage", response_model=IngestResult, **usage_batch_route(bearer=gateway is None))
     async def ingest(request: Request) -> Response:
         principal = await caller(request)
         principal.need("usage:write")

@@ -34,17 +34,19 @@ def _json(reference: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": f"#/components/schemas/{reference}"}}}
 
 
-USAGE_BATCH_ROUTE: dict[str, Any] = {
-    "openapi_extra": {
-        "requestBody": {"required": True, "content": _json("UsageBatch")},
-        "security": [{"HTTPBearer": []}],
-    },
-    "responses": {
-        422: {"description": "Validation Error", "content": _json("HTTPValidationError")}
-    },
-}
-"""`POST /usage` reads its body and its caller's key itself (`read_usage_batch`, the app's
-`caller`); this documents the body, the key and the 422 FastAPI would document for them."""
+def usage_batch_route(*, bearer: bool) -> dict[str, Any]:
+    """`POST /usage` reads its body and its caller's key itself (`read_usage_batch`, the
+    app's `caller`): this documents the body, the key (`bearer`: none behind a gateway,
+    which has its own authorizer) and the 422 FastAPI would document for them."""
+    extra: dict[str, Any] = {"requestBody": {"required": True, "content": _json("UsageBatch")}}
+    if bearer:
+        extra["security"] = [{"HTTPBearer": []}]
+    return {
+        "openapi_extra": extra,
+        "responses": {
+            422: {"description": "Validation Error", "content": _json("HTTPValidationError")}
+        },
+    }
 
 
 def read_usage_batch(body: bytes, content_type: str | None) -> UsageBatch:

@@ -490,7 +490,7 @@ def test_a_thousand_bad_events_are_described_as_far_as_a_message_goes_then_count
     assert message.endswith(f"; and {1_000 - described} more")
 
 
-def test_a_key_that_may_send_no_events_is_refused_before_the_message_is_read() -> None:
+def test_a_key_that_may_send_no_events_is_refused_before_the_message_is_validated() -> None:
     keys = {**KEYS, "watcher": {"scopes": ["metrics:read", "usage:read"]}}
     with TestClient(create_app(AsyncMetering("memory"), keys=keys)) as client:
         answer = client.post(
@@ -540,3 +540,34 @@ def test_a_store_failure_tells_callers_what_failed_and_only_the_log_where(
         assert detail not in error["message"]
     assert "metering_prod" in caplog.text
     assert ":pw@" not in caplog.text
+
+
+def test_the_batch_size_offered_is_one_a_request_may_carry() -> None:
+    """A provider taking 20,000 a batch: a client splitting cancels (or usage) to that
+    size had every request of more than 10,000 refused."""
+    from metering_core.memory import MemorySettings
+
+    provider = MemoryProvider(MemorySettings(max_batch_size=20_000))
+    with TestClient(create_app(AsyncMetering(provider), keys=KEYS)) as client:
+        offered = client.get("/capabilities", headers=ADMIN).json()["max_batch_size"]
+        ids = [f"c{i}" for i in range(offered)]
+        cancel = client.request("DELETE", "/usage", json={"event_ids": ids}, headers=ADMIN)
+    assert offered == 10_000
+    assert len(cancel.json()["not_found"]) == 10_000
+
+
+@pytest.mark.parametrize("behind_a_gateway", [False, True])
+def test_every_security_requirement_documented_is_defined(behind_a_gateway: bool) -> None:
+    from metering_core.server.auth import GatewayClaims
+
+    gateway = GatewayClaims() if behind_a_gateway else None
+    document = create_app(AsyncMetering("memory"), keys=KEYS, gateway=gateway).openapi()
+    defined = set(document.get("components", {}).get("securitySchemes", {}))
+    required = {
+        name
+        for path in document["paths"].values()
+        for operation in path.values()
+        for requirement in operation.get("security", [])
+        for name in requirement
+    }
+    assert required <= defined
