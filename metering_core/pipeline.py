@@ -245,9 +245,13 @@ class Pipeline:
             refusal = self._refusal()
             if refusal is not None:
                 raise RuntimeError(f"{len(events)} event(s) not queued: {refusal}")
-            if self._spool is not None:
-                self._spool.add(events)
-            self._enqueue(events)
+            if self._spool is None:
+                self._enqueue(events)  # under the lock: a close's flush target counts them
+                return
+        # Committed outside the lock, which the event loop's thread takes too, so it never
+        # waits on a disk. A close racing this leaves them in the spool for the next process.
+        self._spool.add(events)
+        self._enqueue(events)
 
     def _refusal(self) -> str | None:
         """Why this client takes no more events, if it does not; a caller waiting for
