@@ -8,7 +8,7 @@ tenant.
 """
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 from metering_core.client import AsyncMetering
 from metering_core.models import Aggregation
@@ -32,9 +32,8 @@ class MeterAggregations:
     dropped when a meter is created or deleted through this service, so a meter made here
     is checked from its first event."""
 
-    def __init__(self, service: AsyncMetering, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, service: AsyncMetering) -> None:
         self._service = service
-        self._clock = clock
         self._by_name: dict[str, Aggregation] = {}
         self._read_at = -float("inf")
         self._generation = 0  # forgets so far: a read that overlaps one is not trusted
@@ -48,10 +47,10 @@ class MeterAggregations:
         """The aggregation of each name that has a meter. A name without one is left out:
         the provider refuses its events with its own reason (a meter made elsewhere, by
         another process on the same store, is seen within a second)."""
-        age = self._clock() - self._read_at
+        age = time.monotonic() - self._read_at
         missing = not set(names) <= self._by_name.keys()
         if age > STALE_AFTER or (missing and age > MISSING_RETRY):
-            began, generation = self._clock(), self._generation
+            began, generation = time.monotonic(), self._generation
             self._by_name = {  # a failed read raises: nothing goes through unchecked
                 meter.event_name: meter.aggregation async for meter in self._service.iter_meters()
             }
