@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers
 
 from metering_core.client import AsyncMetering
 from metering_core.errors import ConfigurationError, ValidationError
@@ -43,6 +44,7 @@ from metering_core.server.auth import Gate, GatewayClaims, Keys, Principal, requ
 from metering_core.server.body_limit import MAX_BODY_BYTES, BodyLimit
 from metering_core.server.errors import Forbidden, install_error_handlers
 from metering_core.server.gauges import MeterAggregations
+from metering_core.server.key_first import KeyFirst
 from metering_core.server.metrics import CONTENT_TYPE, RequestMetrics, ServiceMetrics
 from metering_core.server.schemas import (
     CancelRequest,
@@ -92,13 +94,18 @@ def create_app(
     metrics = ServiceMetrics(service.stats)
     aggregations = MeterAggregations(service)
 
+    def key_holder(headers: Headers) -> Principal:
+        """The caller a request's bearer key names (keys mode), parsed as FastAPI's
+        HTTPBearer parses it for the routes that depend on it."""
+        assert isinstance(gate, Keys)
+        scheme, token = get_authorization_scheme_param(headers.get("authorization"))
+        bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
+        return gate.authenticate(bearer if scheme.lower() == "bearer" and token else None)
+
     async def caller(request: Request) -> Principal:
         if isinstance(gate, GatewayClaims):
             return await gate.principal(request)
-        # parsed as FastAPI's HTTPBearer parses it for the routes that depend on it
-        scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
-        bearer = HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
-        return gate.authenticate(bearer if scheme.lower() == "bearer" and token else None)
+        return key_holder(request.headers)
 
     async def within_batch_limit(field: str, count: int) -> None:
         limit = (await service.load_capabilities()).max_batch_size
@@ -145,6 +152,8 @@ def create_app(
     app.openapi = documented(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.state.max_body_bytes = max_body_bytes
+    if isinstance(gate, Keys) and gate:  # behind a gateway, the gateway checked first
+        app.add_middleware(KeyFirst, check=lambda scope: key_holder(Headers(scope=scope)))
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
 

@@ -19,12 +19,12 @@ from metering_core.models import described_errors
 logger = logging.getLogger("metering.server")
 
 
-class Forbidden(Exception):
-    """The caller's key is missing or unknown (401), or may not do this (403)."""
+class Forbidden(HTTPException):
+    """The caller's key is missing or unknown (401), or may not do this (403). An
+    HTTPException, so that FastAPI lets it through when raised while a body is read."""
 
     def __init__(self, message: str, status_code: int = 403) -> None:
-        super().__init__(message)
-        self.status_code = status_code
+        super().__init__(status_code, message)
 
 
 def _error(
@@ -91,7 +91,7 @@ def _forbidden(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Forbidden)
     kind = "unauthorized" if exc.status_code == 401 else "forbidden"
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {}
-    return _error(kind, str(exc), exc.status_code, **headers)
+    return _error(kind, str(exc.detail), exc.status_code, **headers)
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:

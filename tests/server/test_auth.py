@@ -343,3 +343,35 @@ def test_a_tenant_key_cancels_usage_it_sent_as_an_event_bus_message(
     client.post("/events", json=message, headers=ACME).raise_for_status()
     done = client.request("DELETE", "/usage", json={"event_ids": ["evb-9:0"]}, headers=ACME)
     assert done.json()["cancelled"] == ["evb-9:0"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/meters"),
+        ("PUT", "/meters/m1"),
+        ("DELETE", "/usage"),
+        ("POST", "/customers"),
+        ("POST", "/events"),
+    ],
+)
+def test_no_body_is_parsed_for_a_caller_without_a_known_key(
+    client: TestClient, method: str, path: str
+) -> None:
+    """FastAPI parses a route's body before the dependencies that check the key: anyone
+    could make the service parse 16 MiB of JSON a request. A body that is not even JSON
+    shows whether it was read: 401, not a 422 about the body."""
+    for headers in ({}, {"Authorization": "Bearer guess"}):
+        answer = client.request(
+            method,
+            path,
+            content=b"{not json",
+            headers={**headers, "content-type": "application/json"},
+        )
+        assert answer.status_code == 401, answer.text
+        assert error_of(answer)["type"] == "unauthorized"
+        assert answer.headers["WWW-Authenticate"] == "Bearer"
+    known = client.request(
+        method, path, content=b"{not json", headers={**ADMIN, "content-type": "application/json"}
+    )
+    assert (known.status_code, error_of(known)["field"]) == (422, "body")
