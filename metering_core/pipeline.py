@@ -15,7 +15,6 @@ import collections
 import logging
 import math
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -455,24 +454,9 @@ class Pipeline:
         )
 
     def _record(self, batch: list[UsageEvent], result: IngestResult, seconds: float) -> None:
-        dead = 0
         if self._spool is not None:
-            try:
-                self._spool.settle(batch, result)
-                dead = len(result.rejected)
-            except sqlite3.Error as exc:
-                # The provider has the batch; only the spool's record of it failed (another
-                # program held its lock past the busy timeout, a full disk). Its rows stay
-                # in the outbox and are sent again when it is next opened: duplicates then,
-                # never counted twice. Stopping the pipeline for it stopped all ingestion.
-                logger.warning(
-                    "the spool %s could not record the delivery of %d event(s) (%s: %s); "
-                    "they stay in it and are sent again when it is next opened",
-                    self._spool.path,
-                    len(batch),
-                    type(exc).__name__,
-                    exc,
-                )
+            self._spool.settle(batch, result)
+        dead = len(result.rejected) if self._spool is not None else 0
         self.stats.on_settled(len(batch), result, seconds, dead)
         if result.rejected:
             first_id, reason = next(iter(result.rejected.items()))

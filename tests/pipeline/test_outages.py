@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from metering_core import (
-    AsyncMetering,
     IngestResult,
     MeterCreate,
     Metering,
@@ -353,43 +352,3 @@ def test_closing_during_an_outage_releases_callers_waiting_for_room(tmp_path: Pa
     assert m.flush(timeout=5) == IngestResult()
     assert time.monotonic() - began < 1
     assert [event.id for event in pending(tmp_path / "spool.db")] == ["w0", "w1", "w2"]
-
-
-class Gated(FaultyProvider):
-    """Memory, answering only once `gate` is set (a delivery held in flight)."""
-
-    gate: asyncio.Event | None = None
-
-    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
-        assert self.gate is not None
-        await self.gate.wait()
-        return await FaultyProvider.ingest_usage_events(self, events)
-
-
-async def test_a_spool_that_cannot_record_a_delivery_does_not_stop_ingestion(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Another program holds the spool's lock just as a delivery settles: the provider has
-    the events, the spool cannot say so. That failure stopped the pipeline for good (every
-    later flush raised it); now the rows stay, to be sent again (as duplicates) on the
-    next start, and ingestion goes on."""
-    provider = Gated()
-    provider.gate = asyncio.Event()
-    await provider.create_meter(MeterCreate(event_name="api_calls"))
-    path = tmp_path / "spool.db"
-    async with AsyncMetering(provider, spool_path=path, linger=0) as m:
-        spool = m._pipeline.spool
-        assert spool is not None
-        spool._db.execute("PRAGMA busy_timeout = 50")  # fail fast instead of waiting 5 s
-        await m.ingest_usage_event(id="a", event_name="api_calls", customer_id="t1")
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        provider.gate.set()
-        await asyncio.sleep(0.3)  # the settle meets the lock
-        other.execute("ROLLBACK")
-        other.close()
-        await m.ingest_usage_event(id="b", event_name="api_calls", customer_id="t1")
-        report = await m.flush()
-    assert sorted(report.accepted) == ["a", "b"]
-    assert "could not record the delivery" in caplog.text
-    assert [event.id for event in pending(path)] == ["a"]  # sent again next time: a duplicate
