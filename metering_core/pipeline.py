@@ -58,20 +58,6 @@ def _retryable(exc: BaseException) -> bool:
     )
 
 
-_forks = 0
-"""Forks this process has come from: a client made before one refuses to take events in
-the child (counted at the fork, so the check costs no system call per event)."""
-
-
-def _count_fork() -> None:
-    global _forks
-    _forks += 1
-
-
-if hasattr(os, "register_at_fork"):  # POSIX: where there is no fork, there is nothing to count
-    os.register_at_fork(after_in_child=_count_fork)
-
-
 class _Unreported(Exception):
     """The provider answered without accounting for some ids of the batch."""
 
@@ -174,7 +160,7 @@ class Pipeline:
         self._slots: asyncio.Semaphore | None = None
         self._progress: asyncio.Condition | None = None
         self._failure: BaseException | None = None
-        self._forks = _forks
+        self._pid = os.getpid()
         self._closing = False  # from the start of aclose: no event is accepted
         self._closed = False  # after it: no batching task is started again
         self.stats = PipelineStats(provider.name)
@@ -272,7 +258,9 @@ class Pipeline:
         room in the queue stops waiting for this too."""
         if self._closing:
             return "this metering client is closed"
-        if _forks != self._forks:  # its batching task runs in the parent process only
+        # its batching task runs in the parent process only. Asked of the system each time:
+        # a fork made from C (uWSGI's workers, by default) runs no Python at-fork hook
+        if os.getpid() != self._pid:
             return (
                 "this metering client was created before a fork; create one in each process "
                 "(its queue, delivery and spool belong to the process that made it)"
