@@ -372,10 +372,15 @@ def test_a_client_used_from_a_second_event_loop_refuses_before_acknowledging(
         assert outbox.execute("SELECT id FROM outbox").fetchall() == []  # nothing committed
 
 
-def test_a_client_created_before_a_fork_refuses_in_the_child(tmp_path: Path) -> None:
-    """A child process (gunicorn --preload, multiprocessing) inherits the client but not
-    its delivery: an event acknowledged there was never delivered."""
+@pytest.mark.parametrize("fork", ["os.fork", "libc fork"])
+def test_a_client_created_before_a_fork_refuses_in_the_child(tmp_path: Path, fork: str) -> None:
+    """A child process (gunicorn --preload, multiprocessing; uWSGI's workers, forked from
+    C without Python's at-fork hooks) inherits the client but not its delivery: an event
+    acknowledged there was never delivered."""
+    import ctypes
     import os
+
+    forked = os.fork if fork == "os.fork" else ctypes.CDLL(None).fork
 
     provider = FaultyProvider()
     asyncio.run(provider.create_meter(MeterCreate(event_name="api_calls")))
@@ -383,7 +388,7 @@ def test_a_client_created_before_a_fork_refuses_in_the_child(tmp_path: Path) -> 
         m.ingest_usage_event(id="parent", event_name="api_calls", customer_id="t1")
         m.flush()
         read, write = os.pipe()
-        child = os.fork()
+        child = forked()
         if child == 0:  # pragma: no cover - the child reports through the pipe
             try:
                 m.ingest_usage_event(id="child", event_name="api_calls", customer_id="t1")
