@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
+from starlette.types import Scope
 
 from metering_core.client import AsyncMetering
 from metering_core.errors import ConfigurationError, ValidationError
@@ -57,6 +58,9 @@ from metering_core.server.schemas import (
 from metering_core.server.settings import ApiKey, configured_keys
 
 __all__ = ["create_app", "serve"]
+
+_CALLER = "metering.caller"
+"""Where a request's scope keeps the caller its key named, once looked up."""
 
 
 def create_app(
@@ -105,7 +109,13 @@ def create_app(
     async def caller(request: Request) -> Principal:
         if isinstance(gate, GatewayClaims):
             return await gate.principal(request)
-        return key_holder(request.headers)
+        principal = request.scope[_CALLER] = key_holder(request.headers)
+        return principal
+
+    def known_key(scope: Scope) -> None:
+        """`KeyFirst`'s check; a caller `caller` already named is not looked up again."""
+        if _CALLER not in scope:
+            scope[_CALLER] = key_holder(Headers(scope=scope))
 
     async def within_batch_limit(field: str, count: int) -> None:
         limit = (await service.load_capabilities()).max_batch_size
@@ -153,7 +163,7 @@ def create_app(
     install_error_handlers(app)
     app.state.max_body_bytes = max_body_bytes
     if isinstance(gate, Keys) and gate:  # behind a gateway, the gateway checked first
-        app.add_middleware(KeyFirst, check=lambda scope: key_holder(Headers(scope=scope)))
+        app.add_middleware(KeyFirst, check=known_key)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
