@@ -4,9 +4,12 @@ caller gives (ids in a path or a list), so text no store can hold fails as bad i
 
 from __future__ import annotations
 
-from metering_core.errors import UnsupportedOperationError, ValidationError, clip
+import pydantic
+from pydantic import TypeAdapter
+
+from metering_core.errors import UnsupportedOperationError, ValidationError
 from metering_core.interface import Capabilities, Operation
-from metering_core.models import MeterCreate, MeterUpdate, UsageQuery
+from metering_core.models import MeterCreate, MeterUpdate, Text, UsageQuery, describe_error
 
 
 def require_operation(caps: Capabilities, provider: str, operation: Operation) -> None:
@@ -64,16 +67,17 @@ def check_usage_query(caps: Capabilities, provider: str, query: UsageQuery) -> N
         )
 
 
+_TEXT = TypeAdapter(Text)
+
+
 def check_name(field: str, value: str) -> None:
-    """Refuse an id no store can hold: with a NUL character (PostgreSQL refuses it) or a
-    lone surrogate (which has no UTF-8). Nothing stored has such an id, and asking for one
-    failed on PostgreSQL as a provider error (502) and on SQLite as an internal one."""
-    if "\x00" in value:
-        problem = "holds a NUL character ('\\x00')"
-    else:
-        try:
-            value.encode("utf-8")
-            return
-        except UnicodeEncodeError:
-            problem = "holds text that is not valid Unicode (a lone surrogate)"
-    raise ValidationError(f"{field}={clip(repr(value), 200)}: {problem}", field=field, value=value)
+    """Refuse an id no store can hold, as the models refuse such text (`Text`: no NUL,
+    which PostgreSQL refuses; no lone surrogate, which has no UTF-8). Nothing stored has
+    such an id, and asking for one failed on PostgreSQL as a provider error (502) and on
+    SQLite as an internal one."""
+    try:
+        _TEXT.validate_python(value)
+    except pydantic.ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        _, message = describe_error({**error, "loc": (field,)})
+        raise ValidationError(message, field=field, value=value) from None
