@@ -29,13 +29,14 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from pydantic import Field
 
+from metering_core import rules
 from metering_core.config import ProviderSettings
 from metering_core.cursors import check_limit, decode_cursor, encode_cursor
-from metering_core.errors import ConflictError, NotFoundError, ValidationError
+from metering_core.epoch import epoch_micros
+from metering_core.errors import ConflictError, NotFoundError
 from metering_core.hookspecs import RegisterProvider, hookimpl
 from metering_core.interface import BaseProvider, Capabilities
-from metering_core.memory.aggregate import Bucket, fold
-from metering_core.memory.store import DimensionSets, GroupOf, Series, epoch_micros
+from metering_core.memory.store import DimensionSets, GroupOf, Series
 from metering_core.models import (
     MAX_ROWS,
     Aggregation,
@@ -53,7 +54,6 @@ from metering_core.models import (
     UsageRow,
     too_many_rows,
 )
-from metering_core.windows import window_bounds
 
 __all__ = ["MemoryProvider", "MemorySettings"]
 
@@ -199,22 +199,17 @@ class MemoryProvider(BaseProvider):
 
     @_off_loop
     def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
-        accepted: list[str] = []
-        duplicates: list[str] = []
-        rejected: dict[str, str] = {}
         with self._lock:
             seen, number = self._seen, self._dimension_sets.number
-            for event in events:
-                event_id = event.id
-                if event_id in seen:
-                    duplicates.append(event_id)
+            known_before = {event.id for event in events if event.id in seen}
+            refusals = [
+                rules.refusal(self._meter_named(event.event_name), event) for event in events
+            ]
+            inserted: set[str] = set()
+            for event, reason in zip(events, refusals, strict=True):
+                if reason is not None or event.id in seen:
                     continue
-                stored = self._by_event_name.get(event.event_name)
-                reason = _refusal(stored, event)
-                if reason is not None:
-                    rejected[event_id] = reason
-                    continue
-                assert stored is not None
+                stored = self._by_event_name[event.event_name]
                 series = stored.series.get(event.customer_id)
                 if series is None:
                     series = stored.series[event.customer_id] = Series(
@@ -222,15 +217,19 @@ class MemoryProvider(BaseProvider):
                     )
                     self._series.append(series)
                 series.append(
-                    event_id,
+                    event.id,
                     epoch_micros(event.timestamp),
                     _SHARED_VALUES.get(event.value, event.value),
                     number(event.dimensions),
                     next(self._ingested),
                 )
-                seen[event_id] = series.number
-                accepted.append(event_id)
-        return IngestResult(accepted=accepted, duplicates=duplicates, rejected=rejected)
+                seen[event.id] = series.number
+                inserted.add(event.id)
+        return rules.ingest_verdicts(events, refusals, inserted, known_before)
+
+    def _meter_named(self, event_name: str) -> Meter | None:
+        stored = self._by_event_name.get(event_name)
+        return None if stored is None else stored.meter
 
     async def fetch_usage(self, query: UsageQuery) -> Usage:
         # CPU-bound and bounded (MAX_WINDOWS, MAX_ROWS): run off the event loop, so one
@@ -241,23 +240,12 @@ class MemoryProvider(BaseProvider):
         with self._lock:
             stored = self._stored(query.meter_id)
             meter = stored.meter
-            unknown = [
-                key
-                for key in query.group_by
-                if key != "customer_id" and key not in meter.dimensions
-            ]
-            if unknown:
-                raise ValidationError(
-                    f"group_by={list(query.group_by)!r}: {unknown[0]!r} is not a dimension of "
-                    f"meter {meter.id} (dimensions: {meter.dimensions!r}, or 'customer_id')",
-                    field="group_by",
-                    value=unknown[0],
-                )
+            plan = rules.plan_query(meter, query)
             if query.customer_id is None:
                 series = list(stored.series.values())
             else:
                 series = [s for s in (stored.series.get(query.customer_id),) if s is not None]
-            rows = _rows(meter, query, series, self._dimension_sets)
+            rows = _rows(meter, query, plan, series, self._dimension_sets)
         return Usage.model_construct(
             meter_id=meter.id,
             aggregation=meter.aggregation,
@@ -271,29 +259,18 @@ class MemoryProvider(BaseProvider):
     def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None
     ) -> CancelResult:
-        result = CancelResult()
-        wanted = set(event_ids)
-        found: dict[Series, dict[str, int]] = {}
         with self._lock:
-            for event_id in event_ids:
-                place = self._seen.get(event_id)
-                if place is None:
-                    result.not_found.append(event_id)
-                    continue
+            places = {i: self._seen[i] for i in event_ids if i in self._seen}
+            names = {i: self._series[place].event_name for i, place in places.items()}
+            by_series: dict[int, list[str]] = {}
+            for event_id in rules.cancellable(dict.fromkeys(event_ids), names, event_name):
+                by_series.setdefault(places[event_id], []).append(event_id)
+            cancelled: set[str] = set()
+            for place, ids in by_series.items():  # one scan of each series, not one per id
                 series = self._series[place]
-                if event_name is not None and event_name != series.event_name:
-                    result.rejected[event_id] = (
-                        f"event {event_id!r} has event_name={series.event_name!r}, "
-                        f"not {event_name!r}"
-                    )
-                else:
-                    if series not in found:
-                        found[series] = series.positions(wanted)
-                    if series.cancel(found[series][event_id]):
-                        result.cancelled.append(event_id)
-                    else:
-                        result.rejected[event_id] = f"event {event_id!r} is already cancelled"
-        return result
+                positions = series.positions(set(ids))
+                cancelled.update(i for i in ids if series.cancel(positions[i]))
+        return rules.cancel_verdicts(event_ids, names, cancelled, event_name)
 
     # customers
 
@@ -316,66 +293,40 @@ class MemoryProvider(BaseProvider):
                 raise NotFoundError(f"no customer with id {customer_id!r}")
 
 
-def _refusal(stored: _StoredMeter | None, event: UsageEvent) -> str | None:
-    """Why an event cannot be stored, or None."""
-    if stored is None:
-        return f"no meter for event_name={event.event_name!r}"
-    counted = stored.meter.unique_dimension
-    if counted is not None and counted not in event.dimensions:
-        return f"unique_count meter {stored.meter.id} needs dimension {counted!r} on every event"
-    return None
-
-
 def _rows(
-    meter: Meter, query: UsageQuery, series_list: list[Series], dimension_sets: DimensionSets
+    meter: Meter,
+    query: UsageQuery,
+    plan: rules.QueryPlan,
+    series_list: list[Series],
+    dimension_sets: DimensionSets,
 ) -> list[UsageRow]:
     """Fold the events of each (window, group) into one row; only combinations with events."""
-    bounds = window_bounds(query)
-    micros = [epoch_micros(bound) for bound in bounds]
-    by_customer = "customer_id" in query.group_by
-    dimension_keys = [key for key in query.group_by if key != "customer_id"]
-    per_event = bool(dimension_keys) or meter.aggregation in (
-        Aggregation.LATEST,
-        Aggregation.UNIQUE_COUNT,
-    )
-    buckets: dict[tuple[int, str | None, tuple[str, ...]], Bucket] = {}
-    group_of = GroupOf(dimension_sets, dimension_keys, meter.unique_dimension)
+    micros = plan.micros
+    per_event = bool(plan.keys) or meter.aggregation in rules.PER_EVENT
+    buckets: dict[tuple[int, str | None, tuple[str, ...]], rules.Bucket] = {}
+    group_of = GroupOf(dimension_sets, plan.keys, meter.unique_dimension)
     for series in series_list:
-        customer = series.customer_id if by_customer or query.customer_id else None
-        for window in range(len(bounds) - 1):
+        customer = series.customer_id if plan.by_customer else None
+        for window in range(plan.windows):
             span = series.span(micros[window], micros[window + 1])
             if not span:
                 continue
             if per_event:
-                _fill_per_event(
-                    query,
-                    meter,
-                    series,
-                    span,
-                    window,
-                    customer,
-                    group_of,
-                    buckets,
-                )
+                _fill_per_event(query, meter, series, span, window, customer, group_of, buckets)
                 continue
             values = [v for v in series.values.between(span.start, span.stop) if v is not None]
             if values:
-                buckets.setdefault((window, customer, ()), Bucket()).values.extend(values)
+                buckets.setdefault((window, customer, ()), rules.Bucket()).values.extend(values)
         if len(buckets) > MAX_ROWS:
             raise too_many_rows(query)
-    # Rows are built from values this provider validated on the way in: no second validation.
-    return [
-        UsageRow.model_construct(
-            start=bounds[window],
-            end=bounds[window + 1],
-            customer_id=customer,
-            dimensions=dict(zip(dimension_keys, group, strict=True)),
-            value=fold(meter.aggregation, bucket),
-        )
-        for (window, customer, group), bucket in sorted(
-            buckets.items(), key=lambda item: (item[0][0], item[0][1] or "", item[0][2])
-        )
-    ]
+    fold = rules.FOLDS[meter.aggregation]
+    return rules.ordered_rows(
+        query,
+        (
+            (window, customer, group, plan.row(window, customer, group, fold(bucket)))
+            for (window, customer, group), bucket in buckets.items()
+        ),
+    )
 
 
 def _fill_per_event(
@@ -386,7 +337,7 @@ def _fill_per_event(
     window: int,
     customer: str | None,
     group_of: GroupOf,
-    buckets: dict[tuple[int, str | None, tuple[str, ...]], Bucket],
+    buckets: dict[tuple[int, str | None, tuple[str, ...]], rules.Bucket],
 ) -> None:
     """Bucket events one by one: for grouping by dimensions, latest, and unique_count."""
     values = series.values.between(span.start, span.stop)
@@ -398,7 +349,7 @@ def _fill_per_event(
         if bucket is None:
             if len(buckets) >= MAX_ROWS:
                 raise too_many_rows(query)
-            bucket = buckets[(window, customer, group)] = Bucket()
+            bucket = buckets[(window, customer, group)] = rules.Bucket()
         bucket.values.append(value)
         if meter.aggregation is Aggregation.LATEST:
             bucket.add_latest(series.times[position], series.order[position], value)

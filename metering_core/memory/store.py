@@ -6,23 +6,13 @@ import bisect
 import itertools
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Generic, TypeVar
 
-__all__ = ["CHUNK", "Column", "DimensionSets", "GroupOf", "Series", "epoch_micros"]
+__all__ = ["CHUNK", "Column", "DimensionSets", "GroupOf", "Series"]
 
 T = TypeVar("T")
 CHUNK = 64
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def epoch_micros(moment: datetime) -> int:
-    """Microseconds since the epoch, exact (no float rounding)."""
-    return (moment - _EPOCH) // _MICROSECOND
-
 
 class DimensionSets:
     """Each distinct set of dimensions held once, as a tuple of its pairs, and numbered;

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from metering_core.memory.store import epoch_micros
+from metering_core.epoch import epoch_micros
 from metering_core.models import EXACT, UsageEvent
 from metering_core.sql.schema import BUCKET, events, meters, rollups
 from metering_core.sql.store import canonical_dimensions

@@ -6,7 +6,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -15,10 +15,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from metering_core import rules
 from metering_core.cursors import check_limit, decode_cursor, encode_cursor
+from metering_core.epoch import epoch_micros, from_epoch_micros
 from metering_core.errors import ConflictError, MeteringError, NotFoundError
 from metering_core.interface import BaseProvider
-from metering_core.memory.store import epoch_micros
 from metering_core.models import (
     CancelResult,
     Customer,
@@ -53,37 +54,6 @@ from metering_core.sql.usage import usage_rows, usage_statement
 
 __all__ = ["SqlProvider"]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _moment(micros: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=micros)
-
-
-def _verdicts(
-    batch: Sequence[UsageEvent],
-    refusals: Sequence[str | None],
-    inserted: set[str],
-    known_before: set[str],
-) -> IngestResult:
-    """The answer per copy, in batch order, as the memory provider gives it: a copy whose
-    id was stored before (by an earlier batch, or earlier in this one) is a duplicate;
-    else a refused copy is rejected, and the copy that went in is accepted."""
-    result = IngestResult()
-    stored: set[str] = set()
-    for event, reason in zip(batch, refusals, strict=True):
-        if event.id in known_before or event.id in stored:
-            result.duplicates.append(event.id)
-        elif reason is not None:
-            result.rejected[event.id] = reason
-        elif event.id in inserted:
-            stored.add(event.id)
-            result.accepted.append(event.id)
-        else:  # its id was stored before: by an earlier batch, or another writer
-            result.duplicates.append(event.id)
-    return result
-
-
 def _meter(row: Any) -> Meter:
     return Meter(
         id=row.id,
@@ -94,8 +64,8 @@ def _meter(row: Any) -> Meter:
         description=row.description,
         unique_dimension=row.unique_dimension,
         status=row.status,
-        created_at=_moment(row.created_at),
-        updated_at=_moment(row.updated_at),
+        created_at=from_epoch_micros(row.created_at),
+        updated_at=from_epoch_micros(row.updated_at),
     )
 
 
@@ -294,20 +264,12 @@ class SqlProvider(BaseProvider):
         async with self._transaction() as connection:
             by_name = await meters_named(connection, names)
             rows: list[tuple[UsageEvent, int]] = []
-            refusals: list[str | None] = []  # each copy's, in batch order
-            for event in batch:
-                meter = by_name.get(event.event_name)
-                reason = None
-                if meter is None:
-                    reason = f"no meter for event_name={event.event_name!r}"
-                elif meter.unique_dimension and meter.unique_dimension not in event.dimensions:
-                    reason = (
-                        f"unique_count meter {meter.id} needs dimension "
-                        f"{meter.unique_dimension!r} on every event"
-                    )
-                else:
-                    rows.append((event, meter.seq))
-                refusals.append(reason)
+            refusals = [rules.refusal(by_name.get(event.event_name), event) for event in batch]
+            rows = [
+                (event, by_name[event.event_name].seq)
+                for event, reason in zip(batch, refusals, strict=True)
+                if reason is None
+            ]
             rolled_up = {m.seq for m in by_name.values() if m.aggregation in ROLLED_UP}
             inserted = await insert_events(connection, rows, rolled_up) if rows else set()
             refused_ids = {e.id for e, reason in zip(batch, refusals, strict=True) if reason}
@@ -318,15 +280,13 @@ class SqlProvider(BaseProvider):
                         sa.select(events.c.id).where(events.c.id.in_(list(refused_ids)))
                     )
                 )
-        return _verdicts(batch, refusals, inserted, known - inserted)
+        return rules.ingest_verdicts(batch, refusals, inserted, known - inserted)
 
     async def fetch_usage(self, query: UsageQuery) -> Usage:
         async with self._transaction(writes=False) as connection:
             row = await self._meter_row(connection, query.meter_id)
             meter = _meter(row)
-            statement, bounds, keys = usage_statement(
-                connection.dialect.name, row.seq, meter, query
-            )
+            statement, plan = usage_statement(connection.dialect.name, row.seq, meter, query)
             found = (await connection.execute(statement)).all()
         return Usage.model_construct(
             meter_id=meter.id,
@@ -334,27 +294,22 @@ class SqlProvider(BaseProvider):
             start=query.start,
             end=query.end,
             window=query.window,
-            rows=usage_rows(found, meter, query, bounds, keys),
+            rows=usage_rows(found, meter, query, plan),
         )
 
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None
     ) -> CancelResult:
-        result = CancelResult()
         async with self._transaction() as connection:
-            known = {
-                row.id: row
+            names = {
+                row.id: row.event_name
                 for row in await connection.execute(
-                    sa.select(events.c.id, events.c.event_name, events.c.cancelled).where(
+                    sa.select(events.c.id, events.c.event_name).where(
                         events.c.id.in_(list(event_ids))
                     )
                 )
             }
-            wanted = [
-                i
-                for i in event_ids
-                if i in known and (event_name is None or known[i].event_name == event_name)
-            ]
+            wanted = rules.cancellable(event_ids, names, event_name)
             cancelled: set[str] = set()
             if wanted:
                 gone = (
@@ -373,21 +328,7 @@ class SqlProvider(BaseProvider):
                 ).all()
                 cancelled = {row[0] for row in gone}
                 await self._roll_back_cancelled(connection, gone)
-        for event_id in event_ids:
-            row = known.get(event_id)
-            if row is None:
-                result.not_found.append(event_id)
-            elif event_id in result.cancelled:  # named twice: the second finds it cancelled
-                result.rejected[event_id] = f"event {event_id!r} is already cancelled"
-            elif event_name is not None and row.event_name != event_name:
-                result.rejected[event_id] = (
-                    f"event {event_id!r} has event_name={row.event_name!r}, not {event_name!r}"
-                )
-            elif event_id in cancelled:
-                result.cancelled.append(event_id)
-            else:
-                result.rejected[event_id] = f"event {event_id!r} is already cancelled"
-        return result
+        return rules.cancel_verdicts(event_ids, names, cancelled, event_name)
 
     async def _roll_back_cancelled(self, connection: AsyncConnection, gone: Sequence[Any]) -> None:
         """Negative rollups for cancelled events of rolled-up meters, so their hours

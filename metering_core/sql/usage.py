@@ -11,8 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from metering_core.errors import ValidationError
-from metering_core.memory.store import epoch_micros
+from metering_core import rules
 from metering_core.models import (
     MAX_ROWS,
     Aggregation,
@@ -22,7 +21,6 @@ from metering_core.models import (
     too_many_rows,
 )
 from metering_core.sql.schema import BUCKET, ROLLED_UP, events, rollups
-from metering_core.windows import window_bounds
 
 __all__ = ["usage_rows"]
 
@@ -76,30 +74,25 @@ def _fold(dialect: str, meter: Meter) -> list[sa.ColumnElement[Any]]:
     raise AssertionError(meter.aggregation)  # pragma: no cover
 
 
+def _decimal(folded: Any) -> Decimal:
+    return folded if isinstance(folded, Decimal) else Decimal(str(folded))
+
+
 def _value(aggregation: Aggregation, folded: Sequence[Any]) -> Decimal:
+    """The database's fold as the rules state it (avg: the rules' average of sum and count)."""
     if aggregation is Aggregation.AVG:
-        return Decimal(str(folded[0])) / Decimal(folded[1])
-    return Decimal(str(folded[0])) if not isinstance(folded[0], Decimal) else folded[0]
+        return rules.average(_decimal(folded[0]), int(folded[1]))
+    return _decimal(folded[0])
 
 
 def usage_statement(
     dialect: str, meter_seq: int, meter: Meter, query: UsageQuery
-) -> tuple[sa.Select[Any], list[Any], list[str]]:
-    """The statement, the bounds of its windows, and the dimension keys grouped by."""
-    bounds = window_bounds(query)
-    micros = [epoch_micros(bound) for bound in bounds]
-    keys = [key for key in query.group_by if key != "customer_id"]
-    unknown = [key for key in keys if key not in meter.dimensions]
-    if unknown:
-        raise ValidationError(
-            f"group_by={list(query.group_by)!r}: {unknown[0]!r} is not a dimension of "
-            f"meter {meter.id} (dimensions: {meter.dimensions!r}, or 'customer_id')",
-            field="group_by",
-            value=unknown[0],
-        )
-    by_customer = "customer_id" in query.group_by or query.customer_id is not None
+) -> tuple[sa.Select[Any], rules.QueryPlan]:
+    """The statement, and the plan of the query (windows, groups) its rows follow."""
+    plan = rules.plan_query(meter, query)
+    micros, keys, by_customer = plan.micros, plan.keys, plan.by_customer
     if not by_customer and meter.aggregation in ROLLED_UP and all(b % BUCKET == 0 for b in micros):
-        return _from_rollups(dialect, meter_seq, meter, micros, keys), bounds, keys
+        return _from_rollups(dialect, meter_seq, meter, micros, keys), plan
     window = _window_number(dialect, micros, events.c.ts).label("window")
     groups: list[sa.ColumnElement[Any]] = [window]
     if by_customer:
@@ -121,7 +114,7 @@ def usage_statement(
         .group_by(*groups)
         .limit(MAX_ROWS + 1)
     )
-    return statement, bounds, keys
+    return statement, plan
 
 
 def _from_rollups(
@@ -164,29 +157,18 @@ def _from_rollups(
 
 
 def usage_rows(
-    rows: Sequence[Any], meter: Meter, query: UsageQuery, bounds: list[Any], keys: list[str]
+    rows: Sequence[Any], meter: Meter, query: UsageQuery, plan: rules.QueryPlan
 ) -> list[UsageRow]:
     """Typed rows in the order every provider gives: window, customer, group."""
     if len(rows) > MAX_ROWS:
         raise too_many_rows(query)
-    by_customer = "customer_id" in query.group_by or query.customer_id is not None
-    width = 1 + by_customer + len(keys)
+    by_customer = plan.by_customer
+    width = 1 + by_customer + len(plan.keys)
     built = []
     for row in rows:
-        index = int(row[0])
+        window = int(row[0])
         customer = row[1] if by_customer else None
         group = tuple(row[1 + by_customer : width])
-        built.append(
-            (
-                (index, customer or "", group),
-                UsageRow.model_construct(
-                    start=bounds[index],
-                    end=bounds[index + 1],
-                    customer_id=customer,
-                    dimensions=dict(zip(keys, group, strict=True)),
-                    value=_value(meter.aggregation, row[width:]),
-                ),
-            )
-        )
-    built.sort(key=lambda pair: pair[0])
-    return [row for _, row in built]
+        value = _value(meter.aggregation, row[width:])
+        built.append((window, customer, group, plan.row(window, customer, group, value)))
+    return rules.ordered_rows(query, built)
