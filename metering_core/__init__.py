@@ -18,6 +18,7 @@ from metering_core.errors import (
 )
 from metering_core.hookspecs import hookimpl
 from metering_core.interface import BaseProvider, Capabilities, IMetering, Operation
+from metering_core.keys import ApiKey
 from metering_core.models import (
     Aggregation,
     CancelResult,
@@ -35,7 +36,6 @@ from metering_core.models import (
     Window,
 )
 from metering_core.plugins import ProviderSpec, providers, register_plugin
-from metering_core.server.settings import ApiKey
 from metering_core.spool import DeadLetter
 
 __all__ = [

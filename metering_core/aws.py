@@ -31,7 +31,7 @@ from metering_core.models import Customer
 if TYPE_CHECKING:
     from mangum import Mangum
 
-__all__ = ["api_handler", "event_handler", "lambda_handler"]
+__all__ = ["api_handler", "event_handler"]
 
 _metering: Metering | None = None
 _api: Mangum | None = None
@@ -85,10 +85,6 @@ def event_handler(event: Mapping[str, Any], context: object) -> dict[str, Any]:
     if isinstance(outcome, list):
         return {"ingested": outcome, "duplicates": report.duplicates}
     return {"ok": True, "customer": outcome.id if isinstance(outcome, Customer) else None}
-
-
-lambda_handler = event_handler
-"""The entry point's earlier name (it lived in `metering_core.events`)."""
 
 
 def _container_api() -> Mangum:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import platformdirs
 import pydantic
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
@@ -24,6 +25,7 @@ from metering_core.errors import ConfigurationError
 __all__ = [
     "MeteringSettings",
     "ProviderSettings",
+    "default_store_path",
     "load_config_file",
     "resolve_provider_settings",
     "resolve_settings",
@@ -32,6 +34,12 @@ __all__ = [
 logger = logging.getLogger("metering")
 
 DEFAULT_PROVIDER = "sql"
+
+
+def default_store_path() -> Path:
+    """Where the embedded store lives when nothing is configured: a SQLite file in the
+    user data directory (`platformdirs`, which honours XDG_DATA_HOME)."""
+    return Path(platformdirs.user_data_dir("metering")) / "metering.db"
 S = TypeVar("S", bound=BaseSettings)
 
 
@@ -58,7 +66,8 @@ class MeteringSettings(BaseSettings):
     max_attempts: int = Field(default=8, ge=1)
     """Delivery attempts of a batch on retryable failures before its events are reported."""
     retry_backoff: float = Field(default=0.05, gt=0)
-    """First retry delay in seconds; it doubles per attempt (with jitter) up to 30 s."""
+    """First retry delay in seconds; it doubles per attempt (with jitter) up to 10 s,
+    never below a provider's Retry-After."""
     delivery_timeout: float = Field(default=30.0, gt=0)
     """Seconds one provider call may take before it counts as a retryable failure; also
     how long closing waits for an outage to end before leaving events in the spool."""
@@ -158,12 +167,10 @@ def provider_name(settings: MeteringSettings) -> str:
     """The configured provider, or the embedded durable store with a warning naming it."""
     if settings.provider:
         return settings.provider
-    from metering_core.sql import default_path
-
     logger.warning(
         "no metering provider configured (METERING_PROVIDER, metering.toml or [tool.metering]); "
         "using 'sql' on %s",
-        default_path(),
+        default_store_path(),
     )
     return DEFAULT_PROVIDER
 

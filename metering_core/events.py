@@ -216,12 +216,3 @@ async def route(parsed: ParsedEvent, target: EventTarget) -> Any:
     await target.delete_customer(parsed.tenant_id)
     return None
 
-
-def __getattr__(name: str) -> Any:
-    """`lambda_handler` moved to `metering_core.aws` (as `event_handler`); the old
-    name still resolves."""
-    if name == "lambda_handler":
-        from metering_core.aws import event_handler
-
-        return event_handler
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

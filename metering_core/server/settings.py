@@ -11,29 +11,15 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict
 
 from metering_core.config import load_config_file
 from metering_core.errors import ConfigurationError
+from metering_core.keys import ApiKey, Scope
 
 __all__ = ["ApiKey", "Scope", "configured_keys"]
-
-Scope = Literal[
-    "meters:read", "meters:write", "usage:read", "usage:write", "customers:write", "metrics:read"
-]
-
-
-class ApiKey(BaseModel):
-    """One REST-service key: what it may do, and the one tenant it is bound to, if any."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    scopes: frozenset[Scope]
-    tenant: str | None = None
-
 
 def _from_environment() -> Any | None:
     raw = os.environ.get("METERING_KEYS")

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from metering_core import rules
+from metering_core.config import default_store_path
 from metering_core.cursors import check_limit, decode_cursor, encode_cursor
 from metering_core.epoch import epoch_micros, from_epoch_micros
 from metering_core.errors import ConflictError, MeteringError, NotFoundError
@@ -33,7 +34,6 @@ from metering_core.models import (
     UsageEvent,
     UsageQuery,
 )
-from metering_core.sql import CAPABILITIES, SqlSettings, default_path
 from metering_core.sql.ingest import (
     add_to_rollups,
     insert_events,
@@ -42,6 +42,7 @@ from metering_core.sql.ingest import (
     rollup_key,
 )
 from metering_core.sql.schema import ROLLED_UP, customers, events, meters
+from metering_core.sql.settings import CAPABILITIES, SqlSettings
 from metering_core.sql.store import (
     STORE_FAILURES,
     StoreUrl,
@@ -102,8 +103,8 @@ class SqlProvider(BaseProvider):
         self._ready = self._ready or asyncio.Lock()
         async with self._ready:
             if self._engine is None:
-                if self.store.sqlite_path == default_path():
-                    default_path().parent.mkdir(parents=True, exist_ok=True)
+                if self.store.sqlite_path == default_store_path():
+                    default_store_path().parent.mkdir(parents=True, exist_ok=True)
                 engine = self.store.engine()
                 try:
                     await self._migrate(engine)

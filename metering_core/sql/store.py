@@ -38,7 +38,7 @@ from metering_core.errors import (
     ProviderUnavailableError,
 )
 from metering_core.models import EXACT
-from metering_core.sql import masked
+from metering_core.sql.settings import masked
 
 __all__ = ["StoreUrl", "canonical_dimensions", "migrate", "schema_revisions", "store_error"]
 

@@ -1,5 +1,7 @@
-"""The house's shape: no import cycle among metering_core's modules, and a memory-only
-process never imports a provider SDK or the SQL toolkit."""
+"""The house's shape: no import cycle among metering_core's modules (imports inside
+functions count: a lazy import is still a dependency), dependencies that point down (the
+library knows nothing of the service, the CLI or AWS; no store imports another), and a
+memory-only process never imports a provider SDK or the SQL toolkit."""
 
 from __future__ import annotations
 
@@ -16,15 +18,16 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def top_level_imports(path: Path, modules: set[str]) -> set[str]:
-    """metering_core modules imported at module level (not under TYPE_CHECKING, not lazily
-    inside a function); the root package is left out, as every submodule runs it first."""
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """metering_core modules a module imports, at module level or inside a function (not
+    under TYPE_CHECKING, which runs nothing); the root package is left out, as every
+    submodule runs it first."""
     found: set[str] = set()
     tree = ast.parse(path.read_text())
     for node in tree.body:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             continue
-        for child in ast.walk(node) if isinstance(node, ast.If | ast.Try) else [node]:
+        for child in ast.walk(node):
             if isinstance(child, ast.Import):
                 found |= {alias.name for alias in child.names}
             elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
@@ -33,9 +36,44 @@ def top_level_imports(path: Path, modules: set[str]) -> set[str]:
     return {name for name in found if name in modules and name != "metering_core"}
 
 
-def test_no_import_cycle_among_metering_core_modules() -> None:
+def import_graph() -> dict[str, set[str]]:
     files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
-    graph = {name: top_level_imports(path, set(files)) for name, path in files.items()}
+    return {name: imports(path, set(files)) for name, path in files.items()}
+
+
+EDGES = ("metering_core.server", "metering_core.cli", "metering_core.aws")
+"""What stands on the library: the REST service, the command line, the Lambda handlers."""
+STORES = ("metering_core.memory", "metering_core.sql")
+
+
+def within(module: str, packages: tuple[str, ...]) -> str | None:
+    return next((p for p in packages if module == p or module.startswith(p + ".")), None)
+
+
+def test_the_library_imports_nothing_of_the_service_the_cli_or_aws() -> None:
+    wrong = {
+        f"{module} -> {target}"
+        for module, targets in import_graph().items()
+        if not within(module, (*EDGES, "metering_core.testing"))
+        for target in targets
+        if within(target, EDGES)
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_no_store_imports_another() -> None:
+    wrong = {
+        f"{module} -> {target}"
+        for module, targets in import_graph().items()
+        if within(module, STORES)
+        for target in targets
+        if within(target, STORES) not in (None, within(module, STORES))
+    }
+    assert not wrong, sorted(wrong)
+
+
+def test_no_import_cycle_among_metering_core_modules() -> None:
+    graph = import_graph()
     state: dict[str, int] = {}
     path: list[str] = []
 

@@ -197,11 +197,10 @@ def test_one_bad_event_in_a_list_changes_nothing(metering: Metering) -> None:
     assert total(metering) == 0
 
 
-def test_lambda_handler_ingests_and_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_event_handler_ingests_and_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
     import metering_core.aws as aws
-    from metering_core.events import lambda_handler  # the entry point's earlier home
 
-    assert lambda_handler is aws.event_handler
+    lambda_handler = aws.event_handler
     monkeypatch.setenv("METERING_PROVIDER", "memory")
     monkeypatch.setattr(aws, "_metering", None)
     message = eventbridge("INGEST_USAGE", {"event_name": "nometer", "tenantId": "t1"})

@@ -1,0 +1,26 @@
+"""Access keys: what a caller may do (its scopes) and the one tenant it may act for.
+
+The REST service checks them per request and the Lambda API handler builds them from a
+token's claims; the model lives here, below both, so a library user can state keys
+(`Metering` settings, tests) without importing the service."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["ApiKey", "Scope"]
+
+Scope = Literal[
+    "meters:read", "meters:write", "usage:read", "usage:write", "customers:write", "metrics:read"
+]
+
+
+class ApiKey(BaseModel):
+    """One REST-service key: what it may do, and the one tenant it is bound to, if any."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scopes: frozenset[Scope]
+    tenant: str | None = None

@@ -1,0 +1,46 @@
+"""The sql provider's options, and how its URL is shown (never with a password)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field
+
+from metering_core.config import ProviderSettings, default_store_path
+from metering_core.interface import Capabilities
+
+__all__ = ["CAPABILITIES", "SqlSettings", "default_url", "masked"]
+
+CAPABILITIES = Capabilities(max_batch_size=5_000)
+
+
+def default_url() -> str:
+    return f"sqlite:///{default_store_path()}"
+
+
+def masked(url: str) -> str:
+    """`url` with its credentials' password, and any `password=` parameter, as `***`.
+    Whatever cannot be told apart (an '@' in a password) is masked up to the last '@'."""
+    scheme, separator, rest = url.rpartition("://") if "://" in url else ("", "", url)
+    if "@" in rest:
+        credentials, _, host = rest.rpartition("@")
+        user = credentials.split(":", 1)[0] if ":" in credentials else credentials
+        rest = f"{user}:***@{host}" if ":" in credentials or "@" in credentials else rest
+    rest = re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
+    return f"{scheme}{separator}{rest}"
+
+
+class SqlSettings(ProviderSettings):
+    """Options of the sql provider."""
+
+    url: str = Field(default_factory=default_url)
+    """`sqlite:///path` or `postgresql://user:password@host:port/db` (the password is
+    never shown); a `+driver` given explicitly is kept."""
+    auto_upgrade: bool | None = None
+    """Upgrade an older schema on first use; default: yes for SQLite, no for PostgreSQL
+    (run `metering db upgrade` there, once, for the fleet)."""
+
+    def __repr_args__(self) -> Any:
+        yield "url", masked(self.url)
+        yield "auto_upgrade", self.auto_upgrade
