@@ -22,6 +22,7 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from metering_core import events as events_module
 from metering_core import guards
+from metering_core.capability_cache import CapabilityCache
 from metering_core.config import (
     MeteringSettings,
     provider_name,
@@ -136,7 +137,13 @@ class AsyncMetering:
         self._provider, self.settings = _build_provider(
             provider, config_file, library_options, provider_options
         )
-        self._pipeline = Pipeline(self._provider, self.settings, on_delivered=self._report_delivery)
+        self._capabilities = CapabilityCache(self._provider)
+        self._pipeline = Pipeline(
+            self._provider,
+            self.settings,
+            capabilities=self._capabilities,
+            on_delivered=self._report_delivery,
+        )
         self._closed = False
 
     def _report_delivery(self, result: IngestResult) -> None:
@@ -153,11 +160,20 @@ class AsyncMetering:
 
     @property
     def capabilities(self) -> Capabilities:
-        return self._provider.capabilities
+        """The provider's capabilities as loaded by the first operation that needed them
+        (or by `load_capabilities()`); asking a provider may take I/O, which a property
+        must not do on an event loop, so before that this raises."""
+        known = self._capabilities.known
+        if known is None:
+            raise RuntimeError(
+                f"the capabilities of provider {self.provider_name!r} are not loaded yet: "
+                "await load_capabilities() first"
+            )
+        return known
 
     async def load_capabilities(self) -> Capabilities:
-        """The provider's capabilities, asking its backend (without blocking) if it must."""
-        return await self._provider.load_capabilities()
+        """The provider's capabilities, asked of it once (its backend, for some) and kept."""
+        return await self._capabilities.get()
 
     async def _require(self, operation: Operation) -> None:
         guards.require_operation(await self.load_capabilities(), self.provider_name, operation)
@@ -426,7 +442,8 @@ class Metering:
 
     @property
     def capabilities(self) -> Capabilities:
-        return self._async.capabilities
+        """The provider's capabilities (asked of it once, and kept)."""
+        return self.load_capabilities()
 
     @property
     def settings(self) -> MeteringSettings:

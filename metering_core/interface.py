@@ -78,7 +78,8 @@ class Capabilities(BaseModel):
 @runtime_checkable
 class IMetering(Protocol):
     """The provider contract, stated once: what every provider implements. All operations
-    are async and ingestion is batched. The facade checks `capabilities` before it calls,
+    are async and ingestion is batched; nothing here blocks. The facade checks the
+    provider's capabilities before it calls,
     so a provider receives only requests its capabilities allow, and contains only the
     translation to its backend. Subclass `BaseProvider` for the defaults."""
 
@@ -87,13 +88,9 @@ class IMetering(Protocol):
         """The provider's registered name, used in every message about it."""
         ...
 
-    @property
-    def capabilities(self) -> Capabilities:
-        """What the provider can do, when it knows without I/O (else it may block once)."""
-        ...
-
     async def load_capabilities(self) -> Capabilities:
-        """What the provider can do, asking its backend without blocking the loop if needed."""
+        """What the provider can do, asking its backend if it must. The facade asks once and
+        keeps the answer (`CapabilityCache`); a provider need not cache it again."""
         ...
 
     @abc.abstractmethod
@@ -146,19 +143,16 @@ class IMetering(Protocol):
 
 class BaseProvider(IMetering):
     """Defaults for plugin authors, on the contract above: optional operations raise
-    `UnsupportedOperationError`, `ingest_usage_events` chunks to
-    `capabilities.max_batch_size` and calls `ingest_batch`, `aclose` does nothing."""
+    `UnsupportedOperationError`, `ingest_usage_events` chunks to the capabilities'
+    `max_batch_size` and calls `ingest_batch`, `aclose` does nothing."""
 
     name: ClassVar[str]  # a class constant satisfies the contract's property
     default_capabilities: ClassVar[Capabilities] = Capabilities()
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.default_capabilities
-
     async def load_capabilities(self) -> Capabilities:
-        """Override when capabilities come from the backend (the HTTP provider's)."""
-        return self.capabilities
+        """`default_capabilities`; override when they depend on settings or come from the
+        backend (the HTTP provider's)."""
+        return self.default_capabilities
 
     def unsupported(
         self, operation: Operation, detail: str | None = None

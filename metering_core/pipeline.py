@@ -26,9 +26,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from metering_core.capability_cache import CapabilityCache
 from metering_core.config import MeteringSettings
 from metering_core.errors import (
-    MeteringError,
     ProviderError,
     ProviderUnavailableError,
     QueueFullError,
@@ -47,9 +47,6 @@ logger = logging.getLogger("metering")
 MAX_BACKOFF = 10.0
 MAX_RETRY_AFTER = 300.0
 """The longest a provider's Retry-After is honoured (an absurd one must not stall us)."""
-DEFAULT_BATCH_SIZE = 100
-ASK_LIMIT_EVERY = 5.0
-"""Seconds between asking a provider that could not state its batch size."""
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -135,9 +132,11 @@ class Pipeline:
         provider: IMetering,
         settings: MeteringSettings,
         *,
+        capabilities: CapabilityCache | None = None,
         on_delivered: Callable[[IngestResult], None] | None = None,
     ) -> None:
         self._provider = provider
+        self._capabilities = capabilities or CapabilityCache(provider)
         self._settings = settings
         self._on_delivered = on_delivered
         self._spool = Spool(settings.spool_path) if settings.spool_path is not None else None
@@ -165,8 +164,6 @@ class Pipeline:
         self._closed = False  # after it: no batching task is started again
         self.stats = PipelineStats(provider.name)
         """Counts of what the pipeline did (also reported through OpenTelemetry)."""
-        self._batch_limit: int | None = None
-        self._ask_limit_after = 0.0
         if self._spool is not None:
             self._enqueue(self._spool.pending())
 
@@ -299,7 +296,7 @@ class Pipeline:
                 self._wake.clear()
                 self._wake_pending = False
                 while self._buffer:
-                    size = await self._batch_size()
+                    size = await self._capabilities.batch_size(self._settings.delivery_timeout)
                     if (
                         len(self._buffer) < size
                         and not self._flushing
@@ -321,24 +318,6 @@ class Pipeline:
             async with self._progress:
                 self._progress.notify_all()  # a waiting flush() raises instead of waiting on
             raise
-
-    async def _batch_size(self) -> int:
-        """The provider's batch limit. While it cannot say (the HTTP provider asks its
-        service, which may be down), a modest default, asked again at most every few
-        seconds: ingestion never waits for the provider, delivery's retries do."""
-        if self._batch_limit is None and time.monotonic() >= self._ask_limit_after:
-            try:
-                capabilities = await asyncio.wait_for(
-                    self._provider.load_capabilities(), self._settings.delivery_timeout
-                )
-                self._batch_limit = capabilities.max_batch_size
-            except Exception as exc:  # unreachable, or a provider's bug: never fatal here
-                if not isinstance(exc, MeteringError | TimeoutError):
-                    logger.warning(
-                        "provider %r failed to state its capabilities: %r", self._provider.name, exc
-                    )
-                self._ask_limit_after = time.monotonic() + ASK_LIMIT_EVERY
-        return self._batch_limit or DEFAULT_BATCH_SIZE
 
     async def _deliver(self, batch: list[UsageEvent], first: int) -> None:
         assert self._slots is not None

@@ -125,8 +125,7 @@ class MemoryProvider(BaseProvider):
         self._sequence = itertools.count()
         self._ingested = itertools.count()
 
-    @property
-    def capabilities(self) -> Capabilities:
+    async def load_capabilities(self) -> Capabilities:
         return self._capabilities
 
     # meters

@@ -44,7 +44,6 @@ from metering_core.models import (
 from metering_core.server.auth import Gate, GatewayClaims, Keys, Principal, require
 from metering_core.server.body_limit import MAX_BODY_BYTES, BodyLimit
 from metering_core.server.errors import Forbidden, install_error_handlers
-from metering_core.server.tenant_meters import MeterAggregations
 from metering_core.server.key_first import KeyFirst
 from metering_core.server.metrics import CONTENT_TYPE, RequestMetrics, ServiceMetrics
 from metering_core.server.schemas import (
@@ -56,6 +55,7 @@ from metering_core.server.schemas import (
     usage_json,
 )
 from metering_core.server.settings import ApiKey, configured_keys
+from metering_core.server.tenant_meters import MeterAggregations
 
 __all__ = ["create_app", "serve"]
 

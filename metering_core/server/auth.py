@@ -12,8 +12,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from metering_core.models import Aggregation, CancelResult, IngestResult, UsageEvent
 from metering_core.server.errors import Forbidden
-from metering_core.server.tenant_meters import LOWERED_BY_EVENTS
 from metering_core.server.settings import ApiKey, Scope
+from metering_core.server.tenant_meters import LOWERED_BY_EVENTS
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 """The bearer token of a request, if it sent one."""

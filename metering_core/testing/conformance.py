@@ -86,17 +86,17 @@ class ProviderConformance:
 
     # helpers
 
-    def supports(self, provider: IMetering, operation: Operation) -> bool:
-        return provider.capabilities.supports(operation)
+    async def supports(self, provider: IMetering, operation: Operation) -> bool:
+        return (await provider.load_capabilities()).supports(operation)
 
-    def need(self, provider: IMetering, operation: Operation) -> None:
-        if not self.supports(provider, operation):
+    async def need(self, provider: IMetering, operation: Operation) -> None:
+        if not await self.supports(provider, operation):
             pytest.skip(f"{provider.name} does not support {operation.value}")
 
     async def tenant(self, provider: IMetering) -> str:
         """A fresh tenant id, registered first when the provider manages customers."""
         tenant = unique_name("tenant")
-        if self.supports(provider, Operation.CREATE_CUSTOMER):
+        if await self.supports(provider, Operation.CREATE_CUSTOMER):
             await provider.create_customer(CustomerCreate(id=tenant, name=f"Tenant {tenant}"))
         return tenant
 
@@ -147,8 +147,8 @@ class ProviderConformance:
         assert created <= set(seen)
 
     async def test_update_changes_the_display_name(self, provider: IMetering) -> None:
-        self.need(provider, Operation.UPDATE_METER)
-        if "display_name" not in provider.capabilities.updatable_meter_fields:
+        await self.need(provider, Operation.UPDATE_METER)
+        if "display_name" not in (await provider.load_capabilities()).updatable_meter_fields:
             pytest.skip("display_name is not updatable")
         created = await self.meter(provider)
         updated = await provider.update_meter(created.id, MeterUpdate(display_name="Renamed"))
@@ -156,7 +156,7 @@ class ProviderConformance:
         assert (await provider.fetch_meter(created.id)).display_name == "Renamed"
 
     async def test_deleted_meter_is_gone_or_inactive(self, provider: IMetering) -> None:
-        self.need(provider, Operation.DELETE_METER)
+        await self.need(provider, Operation.DELETE_METER)
         created = await self.meter(provider)
         await provider.delete_meter(created.id)
         try:
@@ -175,7 +175,7 @@ class ProviderConformance:
             Operation.CREATE_CUSTOMER: lambda: provider.create_customer(CustomerCreate(id="t")),
             Operation.DELETE_CUSTOMER: lambda: provider.delete_customer("t"),
         }
-        missing = [op for op in calls if not self.supports(provider, op)]
+        missing = [op for op in calls if not await self.supports(provider, op)]
         if not missing:
             pytest.skip("every optional operation is supported")
         for operation in missing:
@@ -243,7 +243,7 @@ class ProviderConformance:
         assert (usage.start, usage.end) == (start, end)
 
     async def test_day_windows_split_usage_by_day(self, provider: IMetering) -> None:
-        self.need_window(provider, Window.DAY)
+        await self.need_window(provider, Window.DAY)
         meter = await self.meter(provider)
         tenant = await self.tenant(provider)
         first_day = day_start()
@@ -272,7 +272,7 @@ class ProviderConformance:
         ]
 
     async def test_hour_windows_split_usage_by_hour(self, provider: IMetering) -> None:
-        self.need_window(provider, Window.HOUR)
+        await self.need_window(provider, Window.HOUR)
         meter = await self.meter(provider)
         tenant = await self.tenant(provider)
         hour = day_start() + timedelta(hours=5)
@@ -302,7 +302,7 @@ class ProviderConformance:
         ]
 
     async def test_month_windows_follow_the_calendar(self, provider: IMetering) -> None:
-        self.need_window(provider, Window.MONTH)
+        await self.need_window(provider, Window.MONTH)
         meter = await self.meter(provider)
         tenant = await self.tenant(provider)
         start = day_start()
@@ -325,8 +325,8 @@ class ProviderConformance:
             last_instant = row_end - timedelta(microseconds=1)
             assert (row_start.year, row_start.month) == (last_instant.year, last_instant.month)
 
-    def need_window(self, provider: IMetering, window: Window) -> None:
-        if window not in provider.capabilities.windows:
+    async def need_window(self, provider: IMetering, window: Window) -> None:
+        if window not in (await provider.load_capabilities()).windows:
             pytest.skip(f"{provider.name} has no {window.value} windows")
 
     async def test_customer_filter_keeps_one_customer(self, provider: IMetering) -> None:
@@ -342,12 +342,13 @@ class ProviderConformance:
         )
         usage = await self.usage(provider, meter, customer_id=first)
         assert [(r[2], r[4]) for r in nonzero(usage)] == [(first, Decimal(7))]
-        if not provider.capabilities.requires_customer:
+        if not (await provider.load_capabilities()).requires_customer:
             everyone = await self.usage(provider, meter)
             assert [(r[2], r[4]) for r in nonzero(everyone)] == [(None, Decimal(18))]
 
     async def test_group_by_customer_and_dimension(self, provider: IMetering) -> None:
-        if not provider.capabilities.group_by or not provider.capabilities.dimensions:
+        capabilities = await provider.load_capabilities()
+        if not capabilities.group_by or not capabilities.dimensions:
             pytest.skip(f"{provider.name} has no group-by over dimensions")
         meter = await self.meter(provider, dimensions=["region"])
         first, second = sorted([await self.tenant(provider), await self.tenant(provider)])
@@ -378,7 +379,7 @@ class ProviderConformance:
     async def test_each_declared_aggregation_folds_correctly(
         self, provider: IMetering, aggregation: Aggregation
     ) -> None:
-        if aggregation not in provider.capabilities.aggregations:
+        if aggregation not in (await provider.load_capabilities()).aggregations:
             pytest.skip(f"{provider.name} does not support {aggregation.value}")
         counted = "user" if aggregation is Aggregation.UNIQUE_COUNT else None
         meter = await self.meter(
@@ -409,7 +410,7 @@ class ProviderConformance:
     # cancellation
 
     async def test_cancel_removes_usage_and_reports_each_id(self, provider: IMetering) -> None:
-        self.need(provider, Operation.CANCEL_USAGE_EVENTS)
+        await self.need(provider, Operation.CANCEL_USAGE_EVENTS)
         meter = await self.meter(provider)
         tenant = await self.tenant(provider)
         at = day_start() + timedelta(days=1, hours=8)
@@ -439,7 +440,7 @@ class ProviderConformance:
     async def test_customers_are_created_idempotently_and_deleted(
         self, provider: IMetering
     ) -> None:
-        self.need(provider, Operation.CREATE_CUSTOMER)
+        await self.need(provider, Operation.CREATE_CUSTOMER)
         request = CustomerCreate(
             id=unique_name("tenant"), name="Acme", email="ops@acme.test", metadata={"plan": "pro"}
         )
@@ -447,7 +448,7 @@ class ProviderConformance:
         assert (created.id, created.name, created.email) == (request.id, "Acme", "ops@acme.test")
         assert created.metadata.get("plan") == "pro"
         assert (await provider.create_customer(request)).id == created.id
-        if not self.supports(provider, Operation.DELETE_CUSTOMER):
+        if not await self.supports(provider, Operation.DELETE_CUSTOMER):
             return
         await provider.delete_customer(request.id)
         with pytest.raises(NotFoundError):

@@ -218,8 +218,8 @@ async def test_capabilities_are_the_services_fetched_once(provider: HttpProvider
     route = respx.get(f"{BASE}/capabilities").respond(
         200, content=Capabilities(max_batch_size=7, group_by=False).model_dump_json()
     )
-    assert provider.capabilities.max_batch_size == 7
-    assert not provider.capabilities.group_by
+    assert (await provider.load_capabilities()).max_batch_size == 7
+    assert not (await provider.load_capabilities()).group_by
     assert route.call_count == 1
 
 

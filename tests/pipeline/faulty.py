@@ -43,9 +43,9 @@ class FaultyProvider(MemoryProvider):
     def __post_init__(self) -> None:
         MemoryProvider.__init__(self)
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return super().capabilities.model_copy(update={"max_batch_size": self.batch_size})
+    async def load_capabilities(self) -> Capabilities:
+        capabilities = await super().load_capabilities()
+        return capabilities.model_copy(update={"max_batch_size": self.batch_size})
 
     async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
         self.calls.append((time.monotonic(), len(events)))

@@ -257,12 +257,11 @@ def test_a_provider_that_cannot_state_its_batch_size_yet_still_gets_the_spooled_
 
         outage = 3
 
-        @property
-        def capabilities(self):  # type: ignore[no-untyped-def]
+        async def load_capabilities(self):  # type: ignore[no-untyped-def]
             if self.outage > 0:
                 self.outage -= 1
                 raise ProviderUnavailableError("service down", provider="faulty")
-            return super().capabilities
+            return await super().load_capabilities()
 
     spool = Spool(tmp_path / "spool.db")
     spool.add(events(["s1", "s2"]))

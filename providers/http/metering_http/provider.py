@@ -70,7 +70,6 @@ class HttpProvider(BaseProvider):
         headers = {"Accept": "application/json"}
         if settings.api_key is not None:
             headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
-        self._headers = headers
         self._client = httpx.AsyncClient(
             base_url=settings.base_url,
             headers=headers,
@@ -82,36 +81,18 @@ class HttpProvider(BaseProvider):
     def __repr__(self) -> str:
         return f"HttpProvider(base_url={self._settings.base_url!r})"
 
-    @property
-    def capabilities(self) -> Capabilities:
-        """The service's capabilities; for a synchronous caller that has not loaded them
-        yet, one blocking request (never made from the event loop's own code paths)."""
-        if self._capabilities is None:
-            try:
-                response = httpx.get(
-                    f"{self._settings.base_url.rstrip('/')}/capabilities",
-                    headers=self._headers,
-                    timeout=self._settings.timeout,
-                )
-            except (httpx.TransportError, httpx.DecodingError) as exc:
-                raise error_from_transport(exc) from exc
-            self._capabilities = self._parse_capabilities(response)
-        return self._capabilities
-
     async def load_capabilities(self) -> Capabilities:
+        """The service's, from `GET /capabilities`, asked once: `ingest_usage_events` needs
+        the batch size on every call."""
         if self._capabilities is None:
             try:
                 response = await self._client.get("/capabilities")
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 raise error_from_transport(exc) from exc
-            self._capabilities = self._parse_capabilities(response)
+            if response.is_error:
+                raise error_from_response(response, "capabilities")
+            self._capabilities = _answer(Capabilities, response)
         return self._capabilities
-
-    @staticmethod
-    def _parse_capabilities(response: httpx.Response) -> Capabilities:
-        if response.is_error:
-            raise error_from_response(response, "capabilities")
-        return _answer(Capabilities, response)
 
     async def _call(
         self, operation: Operation, method: str, path: str, **kwargs: Any
