@@ -4,20 +4,17 @@ own space of event ids."""
 import hashlib
 import hmac
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Annotated, Any, get_args
+from collections.abc import Mapping, Sequence
+from typing import Any, get_args
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers
+from starlette.types import Scope as AsgiScope
 
+from metering_core.keys import ApiKey, Scope
 from metering_core.models import Aggregation, CancelResult, IngestResult, UsageEvent
 from metering_core.server.errors import Forbidden
-from metering_core.server.settings import ApiKey, Scope
 from metering_core.server.tenant_meters import LOWERED_BY_EVENTS
-
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
-"""The bearer token of a request, if it sent one."""
-
 
 TENANT_ID_PREFIX = "tenant-"
 _TENANT_ID = re.compile(r"tenant-[0-9a-f]{48}")
@@ -124,16 +121,14 @@ class Principal:
             rejected={sent.get(i, i): _as_sent(i, why, sent) for i, why in result.rejected.items()},
         )
 
-    @staticmethod
-    def cancel_answer(result: CancelResult, sent: Mapping[str, str]) -> CancelResult:
-        """The provider's answer in the ids the caller sent (reasons included)."""
-        if not sent:
-            return result
-        return CancelResult(
-            cancelled=[sent.get(i, i) for i in result.cancelled],
-            not_found=[sent.get(i, i) for i in result.not_found],
-            rejected={sent.get(i, i): _as_sent(i, why, sent) for i, why in result.rejected.items()},
+    def refuse_cancel(self, event_ids: Sequence[str]) -> CancelResult:
+        """A tenant-bound caller's cancellation: every id refused, nothing cancelled.
+        Cancelling lowers usage, and a tenant must not lower its own bill."""
+        reason = (
+            f"this key is bound to tenant {self.tenant!r} and cannot cancel usage: "
+            "cancelling is the operator's correction (a key bound to no tenant)"
         )
+        return CancelResult(rejected=dict.fromkeys(event_ids, reason))
 
 
 class Keys:
@@ -149,12 +144,14 @@ class Keys:
     def __bool__(self) -> bool:
         return bool(self._known)
 
-    def authenticate(self, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    def identify(self, scope: AsgiScope) -> Principal:
+        """The caller a request's bearer key names (401 if none, or an unknown one)."""
         if not self._known:
             return Principal(ApiKey(scopes=frozenset(get_args(Scope))))
-        if credentials is None:
+        kind, token = get_authorization_scheme_param(Headers(scope=scope).get("authorization"))
+        if kind.lower() != "bearer" or not token:
             raise Forbidden("missing API key: send Authorization: Bearer <key>", 401)
-        offered = _digest(credentials.credentials)
+        offered = _digest(token)
         match: ApiKey | None = None
         for secret, spec in self._known:  # compare against every key: timing says nothing
             if hmac.compare_digest(secret, offered):
@@ -163,10 +160,6 @@ class Keys:
             raise Forbidden("unknown API key", 401)
         return Principal(match)
 
-    async def principal(self, credentials: Credentials) -> Principal:
-        """A dependency: the caller, by the bearer key it sent (async: FastAPI would run a
-        plain function in a worker thread, a hop that costs more than the check)."""
-        return self.authenticate(credentials)
 
 
 class GatewayClaims:
@@ -185,9 +178,9 @@ class GatewayClaims:
     def __bool__(self) -> bool:
         return True
 
-    async def principal(self, request: Request) -> Principal:
-        """A dependency: the caller, by the authorizer context Mangum hands over."""
-        event = request.scope.get("aws.event") or {}
+    def identify(self, scope: AsgiScope) -> Principal:
+        """The caller, by the authorizer context Mangum hands over."""
+        event = scope.get("aws.event") or {}
         context = event.get("requestContext", {}) if isinstance(event, dict) else {}
         authorizer = context.get("authorizer") or {}
         claims = (authorizer.get("jwt") or {}).get("claims") or authorizer.get("claims")
@@ -195,22 +188,17 @@ class GatewayClaims:
             if not self.allow_unauthenticated:
                 raise Forbidden("no authorizer context: this function serves API Gateway", 401)
             claims = {}
-        tenant = claims.get(self.tenant_claim)
-        if tenant is not None and str(tenant) == "":
-            # present but empty: refused, never read as no tenant (which acts for all)
-            raise Forbidden(f"the token's {self.tenant_claim!r} claim is empty")
         scopes = frozenset(get_args(Scope))
-        return Principal(ApiKey(scopes=scopes, tenant=None if tenant is None else str(tenant)))
+        if self.tenant_claim not in claims:
+            return Principal(ApiKey(scopes=scopes))
+        tenant = claims[self.tenant_claim]
+        if not isinstance(tenant, str) or tenant == "":
+            # present but not one tenant: refused, never read as no tenant (which acts for
+            # every tenant): a null, an empty string, a number, a list
+            raise Forbidden(
+                f"the token's {self.tenant_claim!r} claim is not a tenant id: {tenant!r}"
+            )
+        return Principal(ApiKey(scopes=scopes, tenant=tenant))
 
 
 Gate = Keys | GatewayClaims
-
-
-def require(gate: Gate, scope: Scope) -> Callable[..., Awaitable[Principal]]:
-    """A dependency: the caller, who must hold `scope`."""
-
-    async def dependency(principal: Annotated[Principal, Depends(gate.principal)]) -> Principal:
-        principal.need(scope)
-        return principal
-
-    return dependency

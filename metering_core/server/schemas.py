@@ -34,15 +34,11 @@ def _json(reference: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": f"#/components/schemas/{reference}"}}}
 
 
-def usage_batch_route(*, bearer: bool) -> dict[str, Any]:
-    """`POST /usage` reads its body and its caller's key itself (`read_usage_batch`, the
-    app's `caller`): this documents the body, the key (`bearer`: none behind a gateway,
-    which has its own authorizer) and the 422 FastAPI would document for them."""
-    extra: dict[str, Any] = {"requestBody": {"required": True, "content": _json("UsageBatch")}}
-    if bearer:
-        extra["security"] = [{"HTTPBearer": []}]
+def usage_batch_route() -> dict[str, Any]:
+    """`POST /usage` reads its body itself (`read_usage_batch`): this documents the body
+    and the 422 FastAPI would document for it."""
     return {
-        "openapi_extra": extra,
+        "openapi_extra": {"requestBody": {"required": True, "content": _json("UsageBatch")}},
         "responses": {
             422: {"description": "Validation Error", "content": _json("HTTPValidationError")}
         },
@@ -79,8 +75,16 @@ def read_usage_batch(body: bytes, content_type: str | None) -> UsageBatch:
         ) from None
 
 
-def documented(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """`app.openapi`, with the schemas of the bodies routes read themselves."""
+_BEARER = {"type": "http", "scheme": "bearer"}
+_OPEN_ROUTES = frozenset({"/health"})
+"""Routes any caller may reach without a key."""
+
+
+def documented(app: FastAPI, *, bearer: bool) -> Callable[[], dict[str, Any]]:
+    """`app.openapi`, with the schemas of the bodies routes read themselves, and the bearer
+    key on every route but `/health` (`bearer`: none behind a gateway, whose own
+    authorizer is not part of this document). Keys are checked by the one caller
+    dependency, which documents nothing itself."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -88,9 +92,16 @@ def documented(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 title=app.title, version=app.version, routes=app.routes, tags=app.openapi_tags
             )
             batch = UsageBatch.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(batch.pop("$defs", {}))
-            components["UsageBatch"] = batch
+            components = schema.setdefault("components", {})
+            models = components.setdefault("schemas", {})
+            models.update(batch.pop("$defs", {}))
+            models["UsageBatch"] = batch
+            if bearer:
+                components["securitySchemes"] = {"HTTPBearer": _BEARER}
+                for path, operations in schema["paths"].items():
+                    if path not in _OPEN_ROUTES:
+                        for operation in operations.values():
+                            operation["security"] = [{"HTTPBearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 

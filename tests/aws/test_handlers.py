@@ -163,17 +163,19 @@ def test_an_sbt_aws_control_plane_meters_and_a_tenant_reads_only_its_usage(provi
     assert (status, list(refused["rejected"])) == (200, [events[0]["id"]])
 
 
-def test_an_empty_tenant_claim_is_refused_not_read_as_acting_for_every_tenant(
-    provider: str,
+@pytest.mark.parametrize("claim", ["", None, 7, ["acme", "globex"], {"id": "acme"}])
+def test_a_tenant_claim_that_names_no_tenant_is_refused_not_read_as_acting_for_every_tenant(
+    provider: str, claim: object
 ) -> None:
-    """A token whose tenant claim is present but empty is no admin: it is refused on every
-    route, where a missing claim (an operator's token) acts for all tenants."""
+    """A token whose tenant claim is present but not one tenant's id (empty, null, not a
+    string, a list) is no admin: it is refused on every route, where a missing claim (an
+    operator's token) acts for all tenants. A null claim read another tenant's usage."""
     aws.api_handler(http_api("POST", "/meters", ADMIN, {"event_name": "api_calls"}), None)
     event = {"id": "g1", "event_name": "api_calls", "customer_id": "globex", "value": 100}
     assert answer(aws.api_handler(http_api("POST", "/usage", ADMIN, {"events": [event]}), None))[1][
         "accepted"
     ] == ["g1"]
-    empty = {"sub": "user-2", "custom:tenantId": ""}
+    empty = {"sub": "user-2", "custom:tenantId": claim}
     for request in (
         http_api("GET", "/meters", empty),
         http_api("DELETE", "/usage", empty, {"event_ids": ["g1"]}),

@@ -85,3 +85,52 @@ def test_undecodable_or_absurd_keys_are_configuration_errors(
     monkeypatch.setenv("METERING_KEYS", raw)
     with pytest.raises(ConfigurationError):
         configured_keys()
+
+
+ALL = [
+    "meters:read", "meters:write", "usage:read", "usage:write", "customers:write", "metrics:read"
+]
+
+
+def test_each_route_looks_its_callers_key_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each comparison runs against every configured key (~50 us with a thousand): a route
+    that checked twice (the key-first check, then its own dependency) paid it twice."""
+    from fastapi.testclient import TestClient
+
+    from metering_core import AsyncMetering
+    from metering_core.server import create_app
+    from metering_core.server.auth import Keys
+
+    lookups: list[str] = []
+    identify = Keys.identify
+
+    def counted(self: Keys, scope: dict[str, object]) -> object:
+        lookups.append(f"{scope['method']} {scope['path']}")
+        return identify(self, scope)
+
+    monkeypatch.setattr(Keys, "identify", counted)
+    admin = {"Authorization": "Bearer admin"}
+    app = create_app(AsyncMetering("memory"), keys={"admin": {"scopes": ALL}})
+    event = {"id": "e1", "event_name": "api_calls", "customer_id": "acme"}
+    detail = {"event_name": "api_calls", "tenantId": "acme"}
+    message = {"id": "m1", "detail-type": "INGEST_USAGE", "detail": detail}
+    with TestClient(app) as client:
+        calls = [
+            ("POST", "/meters", {"event_name": "api_calls"}),
+            ("GET", "/meters", None),
+            ("GET", "/capabilities", None),
+            ("POST", "/usage", {"events": [event]}),
+            ("POST", "/events", message),
+            ("DELETE", "/usage", {"event_ids": ["e1"]}),
+            ("POST", "/customers", {"id": "acme"}),
+            ("DELETE", "/customers/acme", None),
+            ("GET", "/metrics", None),
+        ]
+        for method, path, body in calls:
+            lookups.clear()
+            response = client.request(method, path, json=body, headers=admin)
+            assert response.status_code < 300, (path, response.text)
+            assert lookups == [f"{method} {path}"], path
+        lookups.clear()
+        assert client.get("/health").status_code == 200
+        assert lookups == []

@@ -1,0 +1,37 @@
+"""Running the service: health, capabilities, and the Prometheus page."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from metering_core.interface import Capabilities
+from metering_core.server.callers import Caller, identify
+from metering_core.server.metrics import CONTENT_TYPE
+from metering_core.server.schemas import Health
+from metering_core.server.service import Service, service
+
+router = APIRouter()
+Shared = Annotated[Service, Depends(service)]
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus(request: Request, shared: Shared) -> Response:
+    """Prometheus text format; a key with `metrics:read`, or none if made public."""
+    if not shared.public_metrics:
+        identify(request.scope).need("metrics:read")
+    return Response(shared.metrics.page(), media_type=CONTENT_TYPE)
+
+
+@router.get("/health")
+async def health(shared: Shared) -> Health:
+    return Health(status="ok", provider=shared.metering.provider_name)
+
+
+@router.get("/capabilities")
+async def capabilities(_: Caller, shared: Shared) -> Capabilities:
+    """Any valid key may read them: a client needs them to send usage at all.
+    `max_batch_size` is at most 10,000, the most one request may carry."""
+    offered = await shared.metering.load_capabilities()
+    return offered.model_copy(update={"max_batch_size": await shared.batch_limit()})
