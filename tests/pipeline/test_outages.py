@@ -205,19 +205,6 @@ def test_a_damaged_page_is_a_configuration_error_and_the_lock_is_released(tmp_pa
             Metering("memory", spool_path=path)
 
 
-def test_an_absurd_retry_after_is_capped() -> None:
-    from tenacity import RetryCallState
-
-    from metering_core import RateLimitedError
-    from metering_core.pipeline import MAX_RETRY_AFTER, _Backoff
-
-    state = RetryCallState(None, None, (), {})
-    state.set_exception(
-        (RateLimitedError, RateLimitedError("slow", provider="x", retry_after=float("inf")), None)
-    )
-    assert _Backoff(0.01)(state) == MAX_RETRY_AFTER
-
-
 class HoldsOneEventName(FaultyProvider):
     """Memory, but a call holding events of `held` hangs (an answer that never comes)."""
 
