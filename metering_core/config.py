@@ -12,13 +12,19 @@ from __future__ import annotations
 import logging
 import tomllib
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin
 
 import platformdirs
 import pydantic
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, Field, Secret, SecretBytes, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from metering_core.errors import ConfigurationError
 
@@ -43,13 +49,34 @@ def default_store_path() -> Path:
 S = TypeVar("S", bound=BaseSettings)
 
 
-class ProviderSettings(BaseSettings):
+_FILE_TABLE: ContextVar[Mapping[str, Any] | None] = ContextVar("metering_file_table", default=None)
+"""The config file's table for the settings being built (its lowest layer)."""
+
+
+class _Layered(BaseSettings):
+    """Settings read from keyword arguments, then `METERING_*` variables, then the config
+    file's table: pydantic-settings' own sources, in that order of precedence."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        table = InitSettingsSource(settings_cls, init_kwargs=dict(_FILE_TABLE.get() or {}))
+        return init_settings, env_settings, table
+
+
+class ProviderSettings(_Layered):
     """Base of every provider's settings model; unknown options are refused."""
 
     model_config = SettingsConfigDict(extra="forbid", frozen=True, case_sensitive=False)
 
 
-class MeteringSettings(BaseSettings):
+class MeteringSettings(_Layered):
     """Settings of the library itself (not of one provider)."""
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
@@ -109,17 +136,20 @@ def _env_prefix(provider: str | None) -> str:
     return "METERING_" + provider.upper().replace("-", "_") + "_"
 
 
-def _secret_fields(model: type[BaseModel]) -> set[str]:
-    return {
-        name for name, field in model.model_fields.items() if "Secret" in repr(field.annotation)
-    }
+def _is_secret(annotation: Any) -> bool:
+    """Whether a field's type holds a secret (`SecretStr`, `SecretBytes`, `Secret[...]`),
+    alone or inside `Optional`, a union or a container."""
+    origin = get_origin(annotation) or annotation
+    if isinstance(origin, type) and issubclass(origin, SecretStr | SecretBytes | Secret):
+        return True
+    return any(_is_secret(argument) for argument in get_args(annotation))
 
 
 def _configuration_error(
     exc: pydantic.ValidationError, model: type[BaseModel], where: str
 ) -> ConfigurationError:
     """Name each bad option and its value, masking secrets."""
-    secrets = _secret_fields(model)
+    secrets = {name for name, field in model.model_fields.items() if _is_secret(field.annotation)}
     parts = []
     for error in exc.errors(include_url=False):
         field = ".".join(str(part) for part in error["loc"])
@@ -142,13 +172,15 @@ def _layered(
     overrides: Mapping[str, Any],
     where: str,
 ) -> S:
-    """Keyword arguments beat environment variables, which beat the config file."""
-    env_values = EnvSettingsSource(model, env_prefix=prefix, case_sensitive=False)()
-    values = {**file_values, **env_values, **{k: v for k, v in overrides.items() if v is not None}}
+    """`model` from keyword arguments, environment variables under `prefix`, and the
+    config file's `file_values`, in that order of precedence."""
+    token = _FILE_TABLE.set(file_values)
     try:
-        return model(_env_prefix=prefix, **values)
+        return model(_env_prefix=prefix, **{k: v for k, v in overrides.items() if v is not None})
     except pydantic.ValidationError as exc:
         raise _configuration_error(exc, model, where) from None
+    finally:
+        _FILE_TABLE.reset(token)
 
 
 def resolve_settings(
