@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pluggy
 
 if TYPE_CHECKING:
+    import typer
+
     from metering_core.config import ProviderSettings
     from metering_core.interface import Capabilities, IMetering
     from metering_core.models import IngestResult
@@ -65,4 +67,20 @@ def usage_delivered(provider: str, result: IngestResult) -> None:
 
     Errors: an exception raised here is logged with its traceback and otherwise ignored;
     the delivery report is kept and no event is retried or lost because of it.
+    """
+
+
+@hookspec
+def register_commands(cli: typer.Typer) -> None:
+    """Add commands to the `metering` command line (as llm's plugins do).
+
+    :param cli: the root Typer app: `cli.add_typer(group, name=...)` or `cli.command()(f)`.
+        A library error (`MeteringError`) raised by a command is reported like any
+        command's: one line, exit code 2 for bad input or configuration, 1 otherwise.
+
+    When: once, when the command line is loaded (not by the library, the service or
+    AWS handlers). Import what your commands need inside this hook, so a library user
+    pays nothing for them.
+
+    Errors: an exception raised here stops the command line from loading.
     """

@@ -6,6 +6,9 @@ line; `--debug` shows the traceback.
 
 from metering_core.cli import commands as _commands  # noqa: F401  (registers the subcommands)
 from metering_core.cli.app import app
+from metering_core.plugins import plugin_manager
+
+plugin_manager().hook.register_commands(cli=app)  # a plugin's own commands (`metering db`)
 
 __all__ = ["app", "main"]
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from metering_core.client import Metering
 from metering_core.errors import ConfigurationError, MeteringError, ValidationError
@@ -20,12 +20,30 @@ __all__ = [
     "customers_app",
     "err",
     "meters_app",
+    "options",
     "out",
     "print_json",
-    "reported",
 ]
 
-app = typer.Typer(help="Usage metering on whichever provider is configured.", no_args_is_help=True)
+
+class _Reporting(TyperGroup):
+    """Library errors, from any command (a plugin's too), as one line and the documented
+    exit code: 2 for bad input or configuration, 1 for a failed operation."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's click.Context (typer vendors click)
+        try:
+            return super().invoke(ctx)
+        except (ValidationError, ConfigurationError) as exc:
+            _fail(ctx, exc, 2)
+        except MeteringError as exc:
+            _fail(ctx, exc, 1)
+
+
+app = typer.Typer(
+    cls=_Reporting,
+    help="Usage metering on whichever provider is configured.",
+    no_args_is_help=True,
+)
 meters_app = typer.Typer(help="Create, list, show, update and delete meters.", no_args_is_help=True)
 customers_app = typer.Typer(help="Register and remove customers (tenants).", no_args_is_help=True)
 app.add_typer(meters_app, name="meters")
@@ -33,19 +51,27 @@ app.add_typer(customers_app, name="customers")
 
 out = Console()
 err = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
 
 
+@dataclass(frozen=True)
 class Options:
-    """Options every command shares, set by the top-level callback."""
+    """Options every command shares, given to the top-level command; kept per invocation
+    in the click context (`ctx.obj`), which every subcommand's context inherits."""
 
     provider: str | None = None
     config: Path | None = None
     debug: bool = False
 
 
+def options(ctx: typer.Context) -> Options:
+    """This invocation's shared options."""
+    found = ctx.find_object(Options)
+    return found if found is not None else Options()
+
+
 @app.callback()
 def _global(
+    ctx: typer.Context,
     provider: Annotated[
         str | None, typer.Option(help="Provider name (else configuration).")
     ] = None,
@@ -54,34 +80,22 @@ def _global(
     ] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
-    Options.provider, Options.config, Options.debug = provider, config, debug
+    ctx.obj = Options(provider, config, debug)
 
 
-def reported(command: F) -> F:
-    """Turn library errors into one line and the documented exit code."""
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (ValidationError, ConfigurationError) as exc:
-            _fail(exc, 2)
-        except MeteringError as exc:
-            _fail(exc, 1)
-
-    return run  # type: ignore[return-value]
-
-
-def _fail(exc: Exception, code: int) -> None:
-    if Options.debug:
+def _fail(ctx: typer.Context, exc: Exception, code: int) -> None:
+    found = ctx.find_object(Options)
+    if found is not None and found.debug:
         err.print_exception()
     message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     typer.echo(f"error: {message}", err=True)  # one line, whatever the provider SDK wrote
     raise typer.Exit(code)
 
 
-def connect(**options: Any) -> Metering:
-    return Metering(Options.provider, config_file=Options.config, **options)
+def connect(ctx: typer.Context, **settings: Any) -> Metering:
+    """The facade this invocation's options select."""
+    shared = options(ctx)
+    return Metering(shared.provider, config_file=shared.config, **settings)
 
 
 def print_json(model: Any) -> None:

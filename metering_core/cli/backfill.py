@@ -178,12 +178,14 @@ def _chunks(path: Path, size: int) -> Iterator[list[UsageEvent]]:
         yield chunk
 
 
-def deliver(path: Path, total: int, spool: Path | None) -> tuple[int, int, dict[str, str]]:
+def deliver(
+    ctx: typer.Context, path: Path, total: int, spool: Path | None
+) -> tuple[int, int, dict[str, str]]:
     """Second pass: send the valid rows; (accepted, duplicates, rejected {id: reason})."""
     accepted = duplicates = 0
     rejected: dict[str, str] = {}
     columns = (*Progress.get_default_columns(), MofNCompleteColumn(), EventRate())
-    with connect(spool_path=spool) as m, Progress(*columns, console=err) as progress:
+    with connect(ctx, spool_path=spool) as m, Progress(*columns, console=err) as progress:
         task = progress.add_task("delivering", total=total)
         for chunk in _chunks(path, BACKFILL_CHUNK):
             m.ingest_usage_events(chunk)

@@ -5,30 +5,26 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from metering_core.cli.app import (
-    Options,
     app,
     connect,
     customers_app,
     meters_app,
+    options,
     out,
     print_json,
-    reported,
 )
 from metering_core.cli.backfill import check_rows, deliver
 from metering_core.cli.tables import capability_table, print_usage
-from metering_core.errors import ConfigurationError, ValidationError
+from metering_core.errors import ValidationError
 from metering_core.models import Window
 from metering_core.plugins import providers
 from metering_core.server.body_limit import MAX_BODY_BYTES
-
-if TYPE_CHECKING:
-    from metering_core.sql.provider import SqlProvider
 
 
 class LogLevel(StrEnum):
@@ -39,7 +35,6 @@ class LogLevel(StrEnum):
 
 
 @app.command("providers")
-@reported
 def list_providers() -> None:
     """Installed providers and a matrix of what each can do."""
     specs = providers()
@@ -52,8 +47,8 @@ def list_providers() -> None:
 
 
 @meters_app.command("create")
-@reported
 def create_meter(
+    ctx: typer.Context,
     event_name: str,
     display_name: Annotated[str | None, typer.Option()] = None,
     aggregation: Annotated[str, typer.Option()] = "sum",
@@ -61,7 +56,7 @@ def create_meter(
     unique_dimension: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Create a meter for one event name."""
-    with connect() as m:
+    with connect(ctx) as m:
         print_json(
             m.create_meter(
                 event_name=event_name,
@@ -74,10 +69,9 @@ def create_meter(
 
 
 @meters_app.command("list")
-@reported
-def list_meters() -> None:
+def list_meters(ctx: typer.Context) -> None:
     """Every meter, across pages."""
-    with connect() as m:
+    with connect(ctx) as m:
         table = Table("id", "event name", "display name", "aggregation", "status")
         for meter in m.iter_meters():
             table.add_row(
@@ -91,16 +85,16 @@ def list_meters() -> None:
 
 
 @meters_app.command("get")
-@reported
-def get_meter(meter_id: str) -> None:
+def get_meter(
+    ctx: typer.Context, meter_id: str) -> None:
     """One meter."""
-    with connect() as m:
+    with connect(ctx) as m:
         print_json(m.fetch_meter(meter_id))
 
 
 @meters_app.command("update")
-@reported
 def update_meter(
+    ctx: typer.Context,
     meter_id: str,
     display_name: Annotated[str | None, typer.Option()] = None,
     description: Annotated[str | None, typer.Option()] = None,
@@ -111,15 +105,15 @@ def update_meter(
         for k, v in {"display_name": display_name, "description": description}.items()
         if v is not None
     }
-    with connect() as m:
+    with connect(ctx) as m:
         print_json(m.update_meter(meter_id, **changes))
 
 
 @meters_app.command("delete")
-@reported
-def delete_meter(meter_id: str) -> None:
+def delete_meter(
+    ctx: typer.Context, meter_id: str) -> None:
     """Delete a meter (Stripe deactivates it)."""
-    with connect() as m:
+    with connect(ctx) as m:
         m.delete_meter(meter_id)
     out.print(f"deleted {meter_id}")
 
@@ -128,22 +122,22 @@ def delete_meter(meter_id: str) -> None:
 
 
 @customers_app.command("create")
-@reported
 def create_customer(
+    ctx: typer.Context,
     customer_id: str,
     name: Annotated[str | None, typer.Option()] = None,
     email: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Register a tenant with the provider."""
-    with connect() as m:
+    with connect(ctx) as m:
         print_json(m.create_customer(id=customer_id, name=name, email=email))
 
 
 @customers_app.command("delete")
-@reported
-def delete_customer(customer_id: str) -> None:
+def delete_customer(
+    ctx: typer.Context, customer_id: str) -> None:
     """Remove a tenant from the provider."""
-    with connect() as m:
+    with connect(ctx) as m:
         m.delete_customer(customer_id)
     out.print(f"deleted {customer_id}")
 
@@ -162,8 +156,8 @@ def _parse_time(value: str, option: str) -> datetime:
 
 
 @app.command("usage")
-@reported
 def usage(
+    ctx: typer.Context,
     meter_id: str,
     from_: Annotated[str, typer.Option("--from", help="Start, ISO 8601 (inclusive).")],
     to: Annotated[str, typer.Option("--to", help="End, ISO 8601 (exclusive).")],
@@ -178,7 +172,7 @@ def usage(
         raise ValidationError(
             f"--format={output!r} must be table, json or csv", field="format", value=output
         )
-    with connect() as m:
+    with connect(ctx) as m:
         answer = m.fetch_usage(
             meter_id,
             customer_id=customer,
@@ -192,19 +186,19 @@ def usage(
 
 
 @app.command("cancel")
-@reported
 def cancel(
+    ctx: typer.Context,
     event_ids: list[str],
     event_name: Annotated[str | None, typer.Option(help="Needed by some providers.")] = None,
 ) -> None:
     """Cancel usage events by id."""
-    with connect() as m:
+    with connect(ctx) as m:
         print_json(m.cancel_usage_events(event_ids, event_name=event_name))
 
 
 @app.command("ingest")
-@reported
 def ingest(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSON Lines or .csv")],
     skip_invalid: Annotated[
         bool, typer.Option(help="Send the valid rows even if some are bad.")
@@ -219,7 +213,7 @@ def ingest(
     The file is read twice (check, then send), so it is never held in memory whole.
     """
     total = check_rows(file, skip_invalid)
-    accepted, duplicates, rejected = deliver(file, total, spool)
+    accepted, duplicates, rejected = deliver(ctx, file, total, spool)
     out.print(f"accepted {accepted:,}, duplicates {duplicates:,}, rejected {len(rejected):,}")
     for event_id, reason in rejected.items():
         typer.echo(f"rejected {event_id}: {reason}", err=True)
@@ -231,8 +225,8 @@ def ingest(
 
 
 @app.command("serve")
-@reported
 def serve(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Bind address; loopback unless told otherwise.")] = (
         "127.0.0.1"
     ),
@@ -260,74 +254,21 @@ def serve(
 
     logging_setup = log_config(log_level.value, log_json)
     logging.config.dictConfig(logging_setup)
-    service = AsyncMetering(Options.provider, config_file=Options.config)
+    shared = options(ctx)
+    service = AsyncMetering(shared.provider, config_file=shared.config)
     run_service(
         service,
         host=host,
         port=port,
         allow_anonymous=allow_anonymous,
-        config_file=Options.config,
+        config_file=shared.config,
         public_metrics=public_metrics,
         log_config=logging_setup,
         max_body_bytes=max_body_bytes,
     )
 
 
-db_app = typer.Typer(
-    help="The sql provider's store: where it is, its schema.", no_args_is_help=True
-)
-app.add_typer(db_app, name="db")
-
-
-def _store() -> SqlProvider:
-    """The configured store: the sql provider, whatever else is configured is refused."""
-    import asyncio
-
-    from metering_core.sql.provider import SqlProvider
-
-    with connect() as m:
-        provider = m.provider
-        name = m.provider_name
-    if not isinstance(provider, SqlProvider):
-        raise ConfigurationError(f"the configured provider is {name!r}; `metering db` is for sql")
-    asyncio.run(provider.aclose())
-    return provider
-
-
-@db_app.command("path")
-@reported
-def db_path() -> None:
-    """Where the store is (its URL, password masked; the file for SQLite)."""
-    store = _store().store
-    out.print(str(store.sqlite_path) if store.sqlite_path else store.shown, soft_wrap=True)
-
-
-@db_app.command("current")
-@reported
-def db_current() -> None:
-    """The store's schema revision and this version's newest."""
-    import asyncio
-
-    current, head = asyncio.run(_store().schema_revision())
-    out.print(f"{current or 'empty'} (newest: {head})")
-
-
-@db_app.command("upgrade")
-@reported
-def db_upgrade() -> None:
-    """Create or upgrade the store's schema (PostgreSQL: once, for the whole fleet)."""
-    import asyncio
-
-    provider = _store()
-    try:
-        revision = asyncio.run(provider.upgrade_schema())
-    finally:
-        asyncio.run(provider.aclose())
-    out.print(f"at {revision}")
-
-
 @app.command("demo")
-@reported
 def demo() -> None:
     """A month of usage for a few tenants on the in-memory provider, by day and by tenant."""
     from metering_core.cli.demo import run_demo

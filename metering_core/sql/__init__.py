@@ -15,6 +15,8 @@ from metering_core.hookspecs import RegisterProvider, hookimpl
 from metering_core.sql.settings import CAPABILITIES, SqlSettings
 
 if TYPE_CHECKING:
+    import typer
+
     from metering_core.sql.provider import SqlProvider
 
 __all__ = ["CAPABILITIES", "SqlSettings"]
@@ -31,3 +33,11 @@ def _build(settings: SqlSettings) -> SqlProvider:
 def register_providers(register: RegisterProvider) -> None:
     """The durable store registers through the same hook as every other provider."""
     register("sql", _build, SqlSettings, capabilities=CAPABILITIES)
+
+
+@hookimpl
+def register_commands(cli: typer.Typer) -> None:
+    """`metering db`: where the store is, and its schema."""
+    from metering_core.sql.commands import db_app
+
+    cli.add_typer(db_app, name="db")
