@@ -1,7 +1,10 @@
 """Calendar windows in a time zone: where each hour, day or month of a query begins.
 
-Shared by providers so every one cuts time the same way: a day in Europe/Paris runs
-from local midnight to local midnight, 23 or 25 hours long around a DST change.
+Shared by providers so every one cuts time the same way. Windows are the zone's wall-clock
+hours, days and months: a day in Europe/Paris runs from local midnight to local midnight,
+23 or 25 hours long around a DST change; where a change of offset falls inside an hour
+(Australia/Lord_Howe's 30 minutes, Asia/Kathmandu's 15 in 1986), that hour is shorter or
+longer, and the next begins on the clock's next whole hour, never 30 minutes off it.
 """
 
 from __future__ import annotations
@@ -22,19 +25,63 @@ def _next_month(day: date) -> date:
     return date(day.year + day.month // 12, day.month % 12 + 1, 1)
 
 
+_HOUR = timedelta(hours=1)
+_TICK = timedelta(microseconds=1)
+
+
+def _hour_label(moment: datetime, zone: ZoneInfo) -> tuple[datetime, int]:
+    """The wall-clock hour an instant falls in: the local hour, and which pass of the clock
+    (`fold`: 1 for the second time a set-back clock shows it)."""
+    local = moment.astimezone(zone)
+    return local.replace(minute=0, second=0, microsecond=0, tzinfo=None, fold=0), local.fold
+
+
+def _label_change(low: datetime, high: datetime, zone: ZoneInfo) -> datetime:
+    """The first instant in (low, high] whose wall-clock hour differs from low's: an offset
+    change inside the hour (the label is constant on each side of it)."""
+    first = _hour_label(low, zone)
+    while high - low > _TICK:
+        middle = low + (high - low) // 2
+        if _hour_label(middle, zone) == first:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def _hour_starts(start: datetime, end: datetime, zone: ZoneInfo) -> list[datetime]:
+    """Starts (UTC) of wall-clock hours, from the one holding `start` to the first at or
+    after `end`. A clock hour begins where the clock shows it (each pass of a set-back
+    clock), or where a change of offset moves the clock into it off the hour."""
+    starts: list[datetime] = []
+    wall = start.astimezone(zone).replace(minute=0, second=0, microsecond=0, tzinfo=None)
+    wall -= _HOUR  # the hour holding `start` may begin before its own clock hour (a jump)
+    previous: datetime | None = None
+    while True:
+        for fold in (0, 1):  # a wall time in a gap maps to the end of the gap (fold=0)
+            moment = wall.replace(tzinfo=zone, fold=fold).astimezone(UTC)
+            if previous is not None and moment > previous:
+                if _hour_label(previous, zone) != _hour_label(moment - _TICK, zone):
+                    starts.append(_label_change(previous, moment, zone))
+                starts.append(moment)
+            elif previous is None:
+                starts.append(moment)
+            previous = max(previous or moment, moment)
+        if starts[-1] >= end:
+            break
+        wall += _HOUR
+    holding = max(i for i, moment in enumerate(starts) if moment <= start)
+    return sorted(set(starts[holding:]))
+
+
 def _calendar_starts(
     start: datetime, end: datetime, window: Window, zone: ZoneInfo
 ) -> list[datetime]:
     """Window starts (UTC) from the window holding `start` to the first at or after `end`."""
+    if window is Window.HOUR:
+        return _hour_starts(start, end, zone)
     local = start.astimezone(zone)
     starts: list[datetime] = []
-    if window is Window.HOUR:
-        moment = local.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
-        while True:
-            starts.append(moment)
-            if moment >= end:
-                return starts
-            moment += timedelta(hours=1)
     day = local.date() if window is Window.DAY else local.date().replace(day=1)
     while True:
         moment = _local_midnight(day, zone)

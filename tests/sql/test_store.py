@@ -506,7 +506,9 @@ def _answers(
     origin=st.sampled_from([START, datetime(1969, 12, 20, tzinfo=UTC)]),  # hours before 1970
     aggregation=st.sampled_from(AGGREGATIONS),
     window=st.sampled_from([None, "hour", "day", "month"]),
-    tz=st.sampled_from(["UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata"]),
+    tz=st.sampled_from(
+        ["UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe"]
+    ),
     group_by=st.sampled_from([(), ("customer_id",), ("region",), ("customer_id", "region")]),
     customer=st.sampled_from([None, "t2"]),
     start_minute=st.sampled_from([300, 301]),  # on an hour, or not
