@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import examples as _profiles  # noqa: F401  (loads the Hypothesis profile first)
+
 
 @pytest.fixture(autouse=True)
 def private_data_home(

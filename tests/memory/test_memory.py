@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from metering_core import MeterCreate, Metering, UsageEvent, ValidationError
 from metering_core.memory import MemoryProvider
 from metering_core.memory.store import CHUNK, Column
+from tests.examples import examples
 
 
 @pytest.fixture
@@ -217,7 +218,7 @@ def test_concurrent_threads_count_every_event_once(m: Metering) -> None:
     assert m.fetch_usage(meter.id, start=at, end=at + timedelta(days=1)).total == 2000
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(
     st.lists(
         st.lists(

@@ -28,6 +28,7 @@ from metering_core import (
 )
 from metering_core.memory import MemoryProvider
 from metering_core.spool import Spool
+from tests.examples import examples
 
 from .faulty import FAULTS, FaultyProvider
 
@@ -63,7 +64,7 @@ id_lists = st.lists(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     batches=id_lists,
     schedule=st.lists(st.sampled_from(FAULTS), max_size=12),

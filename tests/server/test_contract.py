@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, settings
 
 from metering_core import AsyncMetering
 from metering_core.server import create_app
+from tests.examples import examples
 
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 KEY = {"Authorization": "Bearer admin"}
@@ -33,7 +34,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app())
 
 
 @schema.parametrize()
-@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(15), deadline=None, suppress_health_check=list(HealthCheck))
 @pytest.mark.filterwarnings("ignore")
 def test_no_server_errors_and_answers_match_the_schema(case: schemathesis.Case) -> None:
     case.call_and_validate(

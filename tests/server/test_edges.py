@@ -21,6 +21,7 @@ from metering_core.models import MAX_WINDOWS
 from metering_core.server import create_app
 from metering_core.server.auth import Principal
 from metering_core.testing.serving import serve_in_thread
+from tests.examples import examples
 
 ALL = ["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
 KEYS = {
@@ -187,7 +188,7 @@ timestamps = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     start=timestamps,
     end=timestamps,

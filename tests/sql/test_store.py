@@ -36,6 +36,7 @@ from metering_core.memory import MemoryProvider
 from metering_core.sql import SqlSettings
 from metering_core.sql.provider import SqlProvider
 from metering_core.sql.store import _config, schema_revisions
+from tests.examples import examples
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -500,7 +501,7 @@ def _answers(
     )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     rows=event_rows(70 * 24 * 60),  # ten weeks
     origin=st.sampled_from([START, datetime(1969, 12, 20, tzinfo=UTC)]),  # hours before 1970
@@ -544,7 +545,7 @@ def test_answers_are_the_memory_providers_for_the_same_events(
     assert store == memory
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     rows=event_rows(3 * 24 * 60),  # three days
     origin=st.sampled_from([START, datetime(1969, 12, 31, 6, tzinfo=UTC)]),  # across 1970
