@@ -215,8 +215,9 @@ AVERAGE_PLACES = 18
 
 
 def canonical(value: Decimal) -> Decimal:
-    """One form of a number on every store: no trailing zeros, no exponent, no -0
-    (`677.500` and `677.5` are one number; a store's NUMERIC scale is not part of it)."""
+    """One form of a number on every store: no trailing zeros, whole numbers without an
+    exponent, no -0 (`677.500` and `677.5` are one number; a store's NUMERIC scale is not
+    part of it)."""
     with localcontext(EXACT):
         if value == value.to_integral_value():
             return value.quantize(Decimal(1)) + 0  # + 0 turns -0 into 0

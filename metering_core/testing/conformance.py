@@ -28,7 +28,12 @@ from typing import Any
 
 import pytest
 
-from metering_core.errors import ConflictError, NotFoundError, UnsupportedOperationError
+from metering_core.errors import (
+    ConflictError,
+    NotFoundError,
+    UnsupportedOperationError,
+    ValidationError,
+)
 from metering_core.interface import IMetering, Operation
 from metering_core.models import (
     Aggregation,
@@ -375,6 +380,18 @@ class ProviderConformance:
             (second, "eu", Decimal(8)),
         ]
 
+    async def test_group_by_a_key_the_meter_does_not_declare_is_refused(
+        self, provider: IMetering
+    ) -> None:
+        capabilities = await provider.load_capabilities()
+        if not capabilities.group_by or not capabilities.dimensions:
+            pytest.skip(f"{provider.name} has no group-by over dimensions")
+        meter = await self.meter(provider, dimensions=["region"])
+        with pytest.raises(ValidationError) as refused:
+            await self.usage(provider, meter, group_by=("plan",))
+        assert refused.value.field == "group_by"
+        assert "'plan'" in str(refused.value)
+
     @pytest.mark.parametrize("aggregation", list(Aggregation))
     async def test_each_declared_aggregation_folds_correctly(
         self, provider: IMetering, aggregation: Aggregation
@@ -400,7 +417,8 @@ class ProviderConformance:
                     timestamp=at + timedelta(minutes=minute),
                     dimensions={"user": user} if counted else {},
                 )
-                for value, minute, user in ((3, 0, "a"), (1, 1, "a"), (2, 2, "b"))
+                # sent out of time order: `latest` is the greatest timestamp, not the last sent
+                for value, minute, user in ((2, 2, "b"), (3, 0, "a"), (1, 1, "a"))
             ],
         )
         usage = await self.usage(provider, meter, customer_id=tenant)

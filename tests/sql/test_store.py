@@ -31,6 +31,7 @@ from metering_core import (
     UsageEvent,
     UsageQuery,
     UsageRow,
+    ValidationError,
 )
 from metering_core.memory import MemoryProvider
 from metering_core.sql import SqlSettings
@@ -708,7 +709,7 @@ def test_no_url_form_shows_its_password(url: str, secret: str) -> None:
 
 
 def test_bad_cursors_and_cleared_names_are_refused_before_the_store(sqlite_url: str) -> None:
-    from metering_core import MeterUpdate, ValidationError
+    from metering_core import MeterUpdate
 
     async def scenario() -> None:
         provider = SqlProvider(SqlSettings(url=sqlite_url))
@@ -771,3 +772,133 @@ def test_ids_no_store_can_hold_are_bad_input_on_every_route(any_url: str, text: 
             answer = client.request(method, path, content=body, headers=auth)
             assert answer.status_code == 422, (method, path, answer.text)
             assert answer.json()["error"]["type"] == "validation_error"
+
+
+def test_averages_of_38_digit_values_keep_every_integer_digit(any_url: str) -> None:
+    """An average is rounded half-even to 18 places (a value's own), never to 28 significant
+    digits: those cut a 38-digit average's fraction and would cut integer digits next."""
+    values = [
+        Decimal("12345678901234567890.123456789012345678"),
+        Decimal("12345678901234567891.123456789012345679"),
+    ]
+
+    async def scenario(provider: Any) -> list[str]:
+        answers = []
+        for name, sent in (("big", values), ("thirds", [Decimal(1), Decimal(2), Decimal(2)])):
+            meter = await provider.create_meter(MeterCreate(event_name=name, aggregation="avg"))
+            await provider.ingest_usage_events(
+                [
+                    UsageEvent(event_name=name, customer_id="t", value=v, timestamp=START)
+                    for v in sent
+                ]
+            )
+            span = {"start": START, "end": START + timedelta(days=1)}
+            usage = await provider.fetch_usage(UsageQuery(meter_id=meter.id, **span))
+            answers.append(str(usage.rows[0].value))
+        return answers
+
+    expected = ["12345678901234567890.623456789012345678", "1.666666666666666667"]
+    assert asyncio.run(_both(any_url, scenario)) == (expected, expected)
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "sent", "shown"),
+    [
+        ("sum", ["677.500", "0.000"], "677.5"),
+        ("min", ["-0.000", "3"], "0"),
+        ("max", ["100.0"], "100"),
+        ("sum", ["0.1", "-0.1"], "0"),
+    ],
+)
+def test_numbers_read_back_in_one_form_on_every_store(
+    any_url: str, aggregation: str, sent: list[str], shown: str
+) -> None:
+    """`677.5`, never `677.500000000000000000` (PostgreSQL's numeric scale) on one store and
+    `677.500` on another; `0`, never `-0`; `100`, never `1E+2`."""
+
+    async def scenario(provider: Any) -> str:
+        meter = await provider.create_meter(MeterCreate(event_name="n", aggregation=aggregation))
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(event_name="n", customer_id="t", value=Decimal(v), timestamp=START)
+                for v in sent
+            ]
+        )
+        span = {"start": START, "end": START + timedelta(days=1)}
+        usage = await provider.fetch_usage(UsageQuery(meter_id=meter.id, **span))
+        return str(usage.rows[0].value)
+
+    assert asyncio.run(_both(any_url, scenario)) == (shown, shown)
+
+
+@pytest.mark.parametrize("group_by", [("customer_id",), ("region",)])
+def test_an_answer_of_exactly_the_row_limit_is_whole_and_one_row_more_is_refused(
+    any_url: str, group_by: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the limit the answer is given whole, never cut short; past it, refused (both the
+    per-event grouping and the plain fold)."""
+    import metering_core.memory as memory_module
+    import metering_core.rules as rules_module
+    import metering_core.sql.usage as sql_usage
+
+    for module in (memory_module, rules_module, sql_usage):
+        monkeypatch.setattr(module, "MAX_ROWS", 4)
+
+    async def scenario(provider: Any) -> tuple[int, str]:
+        meter = await provider.create_meter(MeterCreate(event_name="r", dimensions=["region"]))
+        at_limit = UsageQuery(
+            meter_id=meter.id, start=START, end=START + timedelta(days=1), group_by=group_by
+        )
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(
+                    event_name="r",
+                    customer_id=f"t{i}",
+                    dimensions={"region": f"r{i}"},
+                    timestamp=START,
+                )
+                for i in range(4)
+            ]
+        )
+        rows = len((await provider.fetch_usage(at_limit)).rows)
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(
+                    event_name="r", customer_id="t9", dimensions={"region": "r9"}, timestamp=START
+                )
+            ]
+        )
+        with pytest.raises(ValidationError, match="MAX_ROWS") as refused:
+            await provider.fetch_usage(at_limit)
+        return rows, refused.value.field
+
+    assert asyncio.run(_both(any_url, scenario)) == ((4, "group_by"), (4, "group_by"))
+
+
+def test_a_range_off_the_quarter_hours_at_both_ends_counts_only_its_own_events(
+    any_url: str,
+) -> None:
+    """Rollups answer only ranges of whole quarter hours: a range cut inside a quarter hour
+    at either end reads the events, or it would count the events just outside it."""
+
+    async def scenario(provider: Any) -> list[tuple[datetime, Decimal]]:
+        meter = await provider.create_meter(MeterCreate(event_name="q"))
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(event_name="q", customer_id="t", timestamp=START + timedelta(minutes=m))
+                for m in (1, 20, 350, 359)
+            ]
+        )
+        query = UsageQuery(
+            meter_id=meter.id,
+            start=START + timedelta(minutes=7),
+            end=START + timedelta(minutes=353),
+            window="hour",
+        )
+        return [(r.start, r.value) for r in (await provider.fetch_usage(query)).rows]
+
+    expected = [
+        (START + timedelta(minutes=7), Decimal(1)),
+        (START + timedelta(hours=5), Decimal(1)),
+    ]
+    assert asyncio.run(_both(any_url, scenario)) == (expected, expected)
