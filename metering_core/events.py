@@ -12,15 +12,18 @@ changes nothing.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from metering_core.errors import ValidationError
+from metering_core.errors import NotFoundError, ValidationError
 from metering_core.models import MAX_EVENTS_PER_REQUEST, CustomerCreate, UsageEvent
 
 __all__ = ["EventTarget", "ParsedEvent", "parse_event", "route"]
+
+logger = logging.getLogger("metering")
 
 Kind = Literal["ingest", "onboard", "offboard"]
 
@@ -47,6 +50,17 @@ AMBERFLO_FIELDS = {
 
 
 @dataclass(frozen=True)
+class _Envelope:
+    """What a message says of itself: its type, its detail, the key that makes it unique
+    on its bus (None when it has none), and when it was sent (None when it does not say)."""
+
+    name: str
+    detail: Any
+    key: str | None
+    time: Any
+
+
+@dataclass(frozen=True)
 class ParsedEvent:
     """A validated event-bus message: what to do, and with what."""
 
@@ -56,23 +70,24 @@ class ParsedEvent:
     tenant_id: str | None = None
 
 
-def _envelope(message: Any) -> tuple[str, Any, str | None]:
-    """The message's type, its detail, and the key that makes it unique on its bus (None
-    when it has none): an EventBridge event's `id`; a CloudEvent's `source` and `id`
-    together, as the CloudEvents spec makes them unique (two sources may both send id
-    "1"), folded into `ce-<40 hex digits of SHA-256>`."""
+def _envelope(message: Any) -> _Envelope:
+    """The message's type, detail, key and time. The key: an EventBridge event's `id`; a
+    CloudEvent's `source` and `id` together, as the CloudEvents spec makes them unique (two
+    sources may both send id "1"), folded into `ce-<40 hex digits of SHA-256>`. The time:
+    the envelope's `time`, when the bus put the message on it."""
     if not isinstance(message, Mapping):
         raise ValidationError(f"event={message!r} is not an object", field="event", value=message)
     envelope_id = str(message["id"]) if message.get("id") else None
+    sent = message.get("time")
     if "detail-type" in message:
-        return str(message["detail-type"]), message.get("detail"), envelope_id
+        return _Envelope(str(message["detail-type"]), message.get("detail"), envelope_id, sent)
     if "type" in message:
         source = str(message["source"]) if message.get("source") else None
         key = None
         if envelope_id is not None and source is not None:
             unique = f"{len(source)}:{source}{envelope_id}".encode("utf-8", "surrogatepass")
             key = "ce-" + hashlib.sha256(unique).hexdigest()[:40]
-        return str(message["type"]), message.get("data"), key
+        return _Envelope(str(message["type"]), message.get("data"), key, sent)
     raise ValidationError(
         "event has neither 'detail-type' (EventBridge) nor 'type' and 'data' (CloudEvent)",
         field="detail-type",
@@ -116,10 +131,12 @@ def _usage_fields(detail: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _usage(detail: Any, envelope_id: str | None) -> list[UsageEvent]:
+def _usage(detail: Any, envelope_id: str | None, sent: Any) -> list[UsageEvent]:
     """Usage events; one without an id takes `<message key>:<index>`, so a redelivered
     message is a duplicate rather than counted again. With neither, it is refused: a bus
-    delivers at least once, and a fresh id each time would count every redelivery."""
+    delivers at least once, and a fresh id each time would count every redelivery. One
+    without a timestamp takes the envelope's time (`sent`): a dead-letter redrive days
+    later must bill it when it was sent, not when it was processed."""
     items = detail if isinstance(detail, list) else [detail]
     if not items:
         raise ValidationError("detail holds no usage events", field="detail", value=detail)
@@ -147,6 +164,8 @@ def _usage(detail: Any, envelope_id: str | None) -> list[UsageEvent]:
                         value=None,
                     )
                 fields["id"] = f"{envelope_id}:{index}"
+            if "timestamp" not in fields and sent is not None:
+                fields["timestamp"] = sent
             events.append(UsageEvent.model_validate(fields))
         except ValidationError as exc:
             raise ValidationError(
@@ -179,14 +198,15 @@ def _customer(detail: Mapping[str, Any]) -> CustomerCreate:
 
 def parse_event(message: Any) -> ParsedEvent:
     """Validate an event-bus message completely, before anything acts on it."""
-    name, detail, envelope_id = _envelope(message)
+    envelope = _envelope(message)
+    name, detail = envelope.name, envelope.detail
     kind = NAMES.get(name)
     if kind is None:
         raise ValidationError(
             f"event type {name!r} is not one of {sorted(NAMES)}", field="detail-type", value=name
         )
     if kind == "ingest":
-        return ParsedEvent(kind, _usage(detail, envelope_id))
+        return ParsedEvent(kind, _usage(detail, envelope.key, envelope.time))
     if not isinstance(detail, Mapping):
         raise ValidationError(f"detail={detail!r} is not an object", field="detail", value=detail)
     if kind == "onboard":
@@ -213,6 +233,11 @@ async def route(parsed: ParsedEvent, target: EventTarget) -> Any:
     if parsed.customer is not None:
         return await target.create_customer(parsed.customer)
     assert parsed.tenant_id is not None
-    await target.delete_customer(parsed.tenant_id)
+    try:
+        await target.delete_customer(parsed.tenant_id)
+    except NotFoundError:
+        # A bus delivers at least once: a redelivered offboarding finds the tenant gone
+        # already, which is the outcome it asked for.
+        logger.info("offboarding %r: no such customer (already offboarded)", parsed.tenant_id)
     return None
 

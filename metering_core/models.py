@@ -276,6 +276,15 @@ class MeterUpdate(_Model):
         list[Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)]] | None
     ) = None
 
+    @field_validator("dimensions")
+    @classmethod
+    def _dimensions_given(cls, dimensions: list[str] | None) -> list[str] | None:
+        """Runs only for a value sent: a meter always has a list of dimensions ([] for
+        none); a null stored on the memory provider broke every later read of the meters."""
+        if dimensions is None:
+            raise ValueError("cannot be null: send [] for no dimensions")
+        return dimensions
+
     @model_validator(mode="after")
     def _not_empty(self) -> Self:
         if not self.model_fields_set:

@@ -61,7 +61,7 @@ class StoreUrl:
             parsed.port  # noqa: B018  # a port that is not a number fails here
         except (sa.exc.ArgumentError, ValueError):
             raise refusal from None
-        if "password" in parsed.query:
+        if any(key.lower() == "password" for key in parsed.query):
             raise ConfigurationError(
                 f"url={masked(url)!r}: give the password before the host, not as a parameter"
             )

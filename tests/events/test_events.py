@@ -161,6 +161,66 @@ def test_every_offboarding_alias_deletes_the_customer(metering: Metering, name: 
         metering.delete_customer("acme")
 
 
+@pytest.mark.parametrize("envelope", [eventbridge, cloudevent])
+def test_onboarding_and_offboarding_delivered_again_succeed(
+    metering: Metering, envelope: Any
+) -> None:
+    """A bus delivers at least once: a redelivered message is its first delivery's outcome
+    (an offboarding failed with NotFoundError, which EventBridge retried into its dead
+    letter queue)."""
+    onboard = envelope("ONBOARDING_REQUEST", {"tenantId": "acme", "tenantName": "Acme"})
+    first = metering.handle_event(onboard)
+    assert metering.handle_event(onboard) == first
+    offboard = envelope("OFFBOARDING_REQUEST", {"tenantId": "acme"})
+    assert metering.handle_event(offboard) is None
+    assert metering.handle_event(offboard) is None
+    with pytest.raises(NotFoundError):
+        metering.delete_customer("acme")
+
+
+@pytest.mark.parametrize("envelope", [eventbridge, cloudevent])
+def test_usage_without_a_timestamp_takes_the_envelopes_time(
+    metering: Metering, envelope: Any
+) -> None:
+    """A dead-letter redrive days later bills the usage when it was sent, not processed."""
+    sent = START - timedelta(days=3)
+    message = {
+        **envelope(
+            "INGEST_USAGE",
+            [
+                {"event_name": "api_calls", "customer_id": "t1", "value": 2},
+                {
+                    "event_name": "api_calls",
+                    "customer_id": "t1",
+                    "value": 5,
+                    "timestamp": START.isoformat(),
+                },
+            ],
+        ),
+        "time": sent.isoformat().replace("+00:00", "Z"),
+    }
+    metering.handle_event(message)
+    meter = next(metering.iter_meters())
+    metering.flush()
+    usage = metering.fetch_usage(
+        meter.id, start=sent - timedelta(days=1), end=START + timedelta(days=1), window="day"
+    )
+    assert [(row.start.date(), row.value) for row in usage.rows] == [
+        (sent.date(), 2),
+        (START.date(), 5),
+    ]
+
+
+def test_an_envelope_time_that_is_not_a_time_is_refused(metering: Metering) -> None:
+    message = {
+        **eventbridge("INGEST_USAGE", {"event_name": "api_calls", "tenantId": "t1"}),
+        "time": "yesterday",
+    }
+    with pytest.raises(ValidationError, match="yesterday"):
+        metering.handle_event(message)
+    assert total(metering) == 0
+
+
 @pytest.mark.parametrize(
     ("message", "field"),
     [

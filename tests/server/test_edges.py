@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metering_core import ApiKey, AsyncMetering, MeterCreate, UsageEvent
+from metering_core import ApiKey, AsyncMetering, MeterCreate, Metering, UsageEvent, ValidationError
 from metering_core.memory import MemoryProvider
 from metering_core.models import MAX_WINDOWS
 from metering_core.server import create_app
@@ -578,3 +578,23 @@ def test_every_security_requirement_documented_is_defined(behind_a_gateway: bool
         for name in requirement
     }
     assert required <= defined
+
+
+@pytest.mark.parametrize("provider", ["memory", "sql"])
+def test_a_meter_update_clearing_dimensions_is_refused_and_changes_nothing(
+    provider: str, tmp_path: object
+) -> None:
+    """`dimensions: null` answered 500 on memory and left GET /meters answering 500."""
+    options = {"url": f"sqlite:///{tmp_path}/store.db"} if provider == "sql" else {}
+    with TestClient(create_app(AsyncMetering(provider, **options), keys=KEYS)) as client:
+        meter = client.post(
+            "/meters", json={"event_name": "calls", "dimensions": ["region"]}, headers=ADMIN
+        ).json()
+        response = client.put(f"/meters/{meter['id']}", json={"dimensions": None}, headers=ADMIN)
+        assert "dimensions" in refused(response, "dimensions")
+        assert response.status_code == 422
+        listed = client.get("/meters", headers=ADMIN)
+        assert listed.status_code == 200
+        assert listed.json()["items"][0]["dimensions"] == ["region"]
+    with Metering(provider, **options) as m, pytest.raises(ValidationError):
+        m.update_meter(meter["id"], dimensions=None)

@@ -696,6 +696,7 @@ def test_cancelling_an_id_twice_in_one_call_cancels_it_once(any_url: str) -> Non
         ("postgresql://app:S3cr/t!pw@127.0.0.1:1/appdb", "S3cr/t!pw"),
         ("postgresql://app:S3cr@t!pw@127.0.0.1:1/appdb", "t!pw"),
         ("postgresql://app@127.0.0.1:1/appdb?password=S3cr3t", "S3cr3t"),
+        ("postgresql://app@127.0.0.1:1/appdb?PASSWORD=S3cr3t", "S3cr3t"),
         ("app:S3cr3t!pw@nowhere", "S3cr3t"),
         ("postgresql://app:S3cr3t@127.0.0.1:abc/appdb", "S3cr3t"),
     ],
