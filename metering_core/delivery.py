@@ -2,9 +2,15 @@
 
 Attempts with exponential backoff and jitter, never sooner than a provider's Retry-After;
 a provider call bounded by `delivery_timeout`; ids an answer leaves out sent again; a batch
-refused for good, or too slow twice, halved until each part lands or stands alone; and an
-answer for every id of the batch, exactly once. With a durable outbox behind it
-(`durable`), outages and rate limits never end in a refusal: they are waited out.
+refused as data, or too slow twice, halved until each part lands or stands alone; and an
+answer for every id of the batch, exactly once.
+
+Only data is ever refused for good: a provider's `ValidationError` for the batch, or its
+per-event rejections. Any other failure (an outage, a rate limit, refused credentials, a
+misconfigured or broken provider or service, a read-only or missing store) is the
+provider's, not the events': it is retried with capped backoff and logged each time. With a
+durable outbox behind it (`durable`) that never ends: the events wait, and are delivered
+once the provider is fixed, instead of becoming dead letters that nobody bills.
 """
 
 from __future__ import annotations
@@ -22,12 +28,7 @@ from tenacity import (
 )
 
 from metering_core.config import MeteringSettings
-from metering_core.errors import (
-    ProviderError,
-    ProviderUnavailableError,
-    RateLimitedError,
-    ValidationError,
-)
+from metering_core.errors import ProviderUnavailableError, RateLimitedError, ValidationError
 from metering_core.interface import IMetering
 from metering_core.models import IngestResult, UsageEvent
 
@@ -42,9 +43,8 @@ MAX_RETRY_AFTER = 300.0
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, TimeoutError | _Unreported) or (
-        isinstance(exc, ProviderError) and exc.retryable
-    )
+    """Anything but a refusal of the data is worth trying again."""
+    return not isinstance(exc, ValidationError)
 
 
 class _Unreported(Exception):
@@ -141,7 +141,7 @@ class DeliveryPolicy:
                 # A refused event sinks a batch: halve until it stands alone. A batch the
                 # provider does not finish within delivery_timeout on a second attempt is
                 # halved too, or it would be sent whole forever (when durable), never landing.
-                # Other failures (a bad key, an unsupported call) fail every half alike.
+                # Other failures (a bad key, a broken store) fail every half alike.
                 middle = len(pending) // 2
                 first = await self.settle(pending[:middle])
                 return settled.merge(first).merge(await self.settle(pending[middle:]))

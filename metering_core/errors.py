@@ -118,12 +118,14 @@ ERROR_TYPES: tuple[tuple[type[MeteringError], str, int], ...] = (
     (RateLimitedError, "rate_limited", 429),
     (QueueFullError, "queue_full", 503),
     (ProviderUnavailableError, "provider_unavailable", 503),
-    (AuthenticationError, "provider_authentication", 502),
-    (ProviderError, "provider_error", 502),
-    (ConfigurationError, "configuration_error", 500),
-    (MeteringError, "metering_error", 500),
+    (AuthenticationError, "provider_authentication", 503),
+    (ProviderError, "provider_error", 503),
+    (ConfigurationError, "configuration_error", 503),
+    (MeteringError, "metering_error", 503),
 )
-"""Each error's wire type and HTTP status, most specific class first."""
+"""Each error's wire type and HTTP status, most specific class first. A failure behind a
+service (its store or provider down, refusing its credentials, misconfigured) is a 503 the
+caller retries, never a 500: the caller's events are fine, and must wait, not be dropped."""
 
 
 def wire_type(exc: MeteringError) -> tuple[str, int]:
@@ -166,8 +168,8 @@ def error_from_wire(
     field: str | None = None,
     retry_after: float | None = None,
 ) -> MeteringError:
-    """The exception a wire error stands for: by its type, else by its status alone. Only
-    outages and rate limits come back retryable; a misconfigured service is not retried."""
+    """The exception a wire error stands for: by its type, else by its status alone. A 503
+    (a failure behind the service) comes back as an outage, whatever its type."""
     message = clip(message)
     if kind not in {name for _, name, _ in ERROR_TYPES}:
         kind = _TYPE_BY_STATUS.get(status, "provider_unavailable")
@@ -183,8 +185,10 @@ def error_from_wire(
         return RateLimitedError(message, provider=provider, retry_after=retry_after)
     if kind in ("provider_unavailable", "queue_full"):
         return ProviderUnavailableError(message, provider=provider, status_code=status)
-    if kind == "provider_authentication":
-        return AuthenticationError(message, provider=provider, status_code=status)
     if kind == "configuration_error":
         message = f"the service is misconfigured: {message}"
+    if status == 503:  # the service's own failure behind it, whatever its kind: retryable
+        return ProviderUnavailableError(message, provider=provider, status_code=status)
+    if kind == "provider_authentication":
+        return AuthenticationError(message, provider=provider, status_code=status)
     return ProviderError(message, provider=provider, status_code=status)

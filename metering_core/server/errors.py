@@ -18,6 +18,9 @@ from metering_core.models import described_errors
 
 logger = logging.getLogger("metering.server")
 
+RETRY_AFTER = 5
+"""Seconds a caller is asked to wait after a failure behind the service (503)."""
+
 
 class Forbidden(HTTPException):
     """The caller's key is missing or unknown (401), or may not do this (403). An
@@ -53,10 +56,13 @@ def _metering_error(request: Request, exc: Exception) -> JSONResponse:
     headers = {}
     if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    elif status_code == 503:
+        headers["Retry-After"] = str(RETRY_AFTER)
     field = exc.field if isinstance(exc, ValidationError) else None
     message = str(exc)
     if kind in _BEHIND_THE_SERVICE:
         logger.warning("%s %s: %s: %s", request.method, request.url.path, kind, message)
+        request.app.state.service.health.failed(kind)
         message = f"{_BEHIND_THE_SERVICE[kind]} (the service logged the cause)"
     return _error(kind, message, status_code, field, **headers)
 

@@ -2,7 +2,7 @@
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from fastapi import FastAPI
@@ -119,8 +119,11 @@ class CancelRequest(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    """`ok`, or `degraded` (answered 503) for a while after a failure behind the service."""
+
+    status: Literal["ok", "degraded"]
     provider: str
+    problem: str | None = None
 
 
 def usage_json(usage: Usage) -> bytes:

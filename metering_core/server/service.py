@@ -3,13 +3,14 @@ and its copy of the meters' aggregations; kept on `app.state`, reached by depend
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from metering_core.client import AsyncMetering
 from metering_core.models import MAX_EVENTS_PER_REQUEST
 from metering_core.server.auth import Gate
+from metering_core.server.health import Health
 from metering_core.server.metrics import ServiceMetrics
 from metering_core.server.tenant_meters import MeterAggregations
 
@@ -25,6 +26,7 @@ class Service:
     metrics: ServiceMetrics
     meter_kinds: MeterAggregations
     public_metrics: bool
+    health: Health = field(default_factory=Health)
 
     async def batch_limit(self) -> int:
         """The most events (or ids to cancel) one request may carry: the provider's batch

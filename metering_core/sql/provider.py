@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
@@ -69,6 +70,9 @@ def _meter(row: Any) -> Meter:
         updated_at=from_epoch_micros(row.updated_at),
     )
 
+
+_REOPEN = re.compile(r"readonly database|disk I/O error|unable to open", re.IGNORECASE)
+"""SQLite failures after which a pooled connection is not to be reused."""
 
 _MIGRATE_ATTEMPTS = 25
 """Checks of a new SQLite store's schema while other processes create it (~6 s in all)."""
@@ -172,6 +176,10 @@ class SqlProvider(BaseProvider):
         except MeteringError:
             raise
         except STORE_FAILURES as exc:
+            if self._engine is not None and _REOPEN.search(str(exc)):
+                # SQLite opened the file read-only (or lost it): its pooled connections stay
+                # that way after the file is writable again, so the next ones open it anew.
+                await self._engine.dispose()
             raise store_error(exc, self.store) from exc
 
     def _turn(self, writes: bool) -> AbstractAsyncContextManager[Any]:

@@ -125,7 +125,10 @@ def error(status: int, kind: str, message: str = "nope", **extra: object) -> htt
         (error(403, "forbidden"), AuthenticationError),
         (error(503, "provider_unavailable"), ProviderUnavailableError),
         (httpx.Response(502, text="<html>bad gateway</html>"), ProviderUnavailableError),
-        (error(500, "configuration_error"), ProviderError),
+        (error(500, "configuration_error"), ProviderError),  # another backend's 500
+        (error(503, "configuration_error"), ProviderUnavailableError),
+        (error(503, "provider_authentication"), ProviderUnavailableError),
+        (error(503, "provider_error"), ProviderUnavailableError),
         (error(500, "internal_error"), ProviderUnavailableError),
         (httpx.Response(400, text="malformed"), ValidationError),
     ],
@@ -141,19 +144,39 @@ async def test_error_answers_map_to_the_core_hierarchy(
     assert SECRET not in str(caught.value)
 
 
+@pytest.mark.parametrize("status", [500, 503])
 @respx.mock
-async def test_a_misconfigured_service_is_not_retried(provider: HttpProvider) -> None:
+async def test_a_misconfigured_service_is_retried_never_taken_as_refused_data(
+    provider: HttpProvider, status: int, tmp_path: object
+) -> None:
+    """The events are fine; the service is not. Retried up to max_attempts without a spool
+    (then reported, saying why); with one, kept and retried, never a dead letter."""
     from metering_core import AsyncMetering
 
     respx.get(f"{BASE}/capabilities").respond(200, content=Capabilities().model_dump_json())
     route = respx.post(f"{BASE}/usage").mock(
-        return_value=error(500, "configuration_error", "no STRIPE key")
+        return_value=error(status, "configuration_error", "no STRIPE key")
     )
-    async with AsyncMetering(provider, linger=0, retry_backoff=0.001) as m:
+    async with AsyncMetering(provider, linger=0, retry_backoff=0.001, max_attempts=3) as m:
         await m.ingest_usage_event(id="a", event_name="api_calls", customer_id="t1")
         rejected = (await m.flush()).rejected
-    assert route.call_count == 1
+    assert route.call_count == 3
+    assert "gave up after 3 attempts" in rejected["a"]
     assert "misconfigured: no STRIPE key" in rejected["a"]
+    spooled = HttpProvider(HttpSettings(base_url=BASE, api_key=SECRET))
+    async with AsyncMetering(
+        spooled,
+        linger=0,
+        retry_backoff=0.001,
+        max_attempts=3,
+        delivery_timeout=0.5,
+        spool_path=f"{tmp_path}/spool.db",
+    ) as m:
+        await m.ingest_usage_event(id="b", event_name="api_calls", customer_id="t1")
+        with pytest.raises(TimeoutError):
+            await m.flush(timeout=0.5)
+        assert route.call_count > 6  # still trying past max_attempts
+        assert m.dead_letters() == []
 
 
 @respx.mock

@@ -8,6 +8,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -274,16 +275,39 @@ def test_a_provider_that_cannot_state_its_batch_size_yet_still_gets_the_spooled_
     assert sorted(provider.stored_ids()) == ["s1", "s2"]
 
 
-def test_a_failure_no_event_causes_rejects_the_batch_without_splitting_it() -> None:
-    class BadKey(FaultyProvider):
-        async def ingest_usage_events(self, batch):  # type: ignore[no-untyped-def]
-            self.calls.append((time.monotonic(), len(batch)))
-            raise AuthenticationError("bad key", provider="faulty", status_code=401)
+@dataclass
+class BadKey(FaultyProvider):
+    """A provider refusing our credentials until it is fixed (`fixed_after` calls)."""
 
+    fixed_after: int = 10**9
+
+    async def ingest_usage_events(self, batch):  # type: ignore[no-untyped-def]
+        self.calls.append((time.monotonic(), len(batch)))
+        if len(self.calls) <= self.fixed_after:
+            raise AuthenticationError("bad key", provider="faulty", status_code=401)
+        return await MemoryProvider.ingest_usage_events(self, batch)
+
+
+def test_a_failure_no_event_causes_is_retried_whole_and_never_split() -> None:
     provider = BadKey(batch_size=8)
-    outcome = asyncio.run(run(provider, [[f"e{i}" for i in range(8)]]))
+    outcome = asyncio.run(run(provider, [[f"e{i}" for i in range(8)]], max_attempts=4))
     assert outcome["rejected"] == {f"e{i}" for i in range(8)}
-    assert len(provider.calls) == 1
+    assert [size for _, size in provider.calls] == [8, 8, 8, 8]
+
+
+def test_with_a_spool_refused_credentials_wait_until_fixed_and_make_no_dead_letter(
+    tmp_path: Path,
+) -> None:
+    """Dead letters are only for events refused as data: a bad key fixed after the events
+    were spooled still bills them all (they were dead letters, never billed)."""
+    provider = BadKey(batch_size=8, fixed_after=12)
+    with Metering(provider, spool_path=tmp_path / "spool.db", **{**FAST, "max_attempts": 3}) as m:
+        asyncio.run(MemoryProvider.create_meter(provider, MeterCreate(event_name="api_calls")))
+        m.ingest_usage_events(events([f"e{i}" for i in range(8)]))
+        report = m.flush(timeout=10)
+        assert (sorted(report.accepted), report.rejected) == (sorted(f"e{i}" for i in range(8)), {})
+        assert m.dead_letters() == []
+    assert len(provider.calls) == 13
 
 
 def test_nothing_is_acknowledged_once_closing_has_begun() -> None:

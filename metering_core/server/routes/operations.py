@@ -24,9 +24,20 @@ async def prometheus(request: Request, shared: Shared) -> Response:
     return Response(shared.metrics.page(), media_type=CONTENT_TYPE)
 
 
-@router.get("/health")
-async def health(shared: Shared) -> Health:
-    return Health(status="ok", provider=shared.metering.provider_name)
+@router.get(
+    "/health", response_model=Health, responses={503: {"model": Health, "description": "Degraded"}}
+)
+async def health(shared: Shared) -> Response:
+    """Answers at once, asking nothing of the store: `degraded` (503) for a while after a
+    request failed behind the service, so a probe sees what its callers saw."""
+    problem = shared.health.problem()
+    body = Health(
+        status="ok" if problem is None else "degraded",
+        provider=shared.metering.provider_name,
+        problem=problem,
+    )
+    status = 200 if problem is None else 503
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
 
 
 @router.get("/capabilities")
