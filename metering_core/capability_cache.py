@@ -32,7 +32,11 @@ class CapabilityCache:
 
     @property
     def known(self) -> Capabilities | None:
-        """The capabilities, if asked for already; None before (never blocks)."""
+        """The capabilities, if asked for already or known without I/O (a `BaseProvider`'s
+        `known_capabilities()`); None otherwise. Never blocks."""
+        if self._known is None:
+            known = getattr(self._provider, "known_capabilities", None)
+            self._known = known() if callable(known) else None
         return self._known
 
     async def get(self) -> Capabilities:

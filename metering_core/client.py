@@ -29,7 +29,7 @@ from metering_core.config import (
     resolve_provider_settings,
     resolve_settings,
 )
-from metering_core.errors import ValidationError
+from metering_core.errors import MeteringError, ValidationError
 from metering_core.interface import Capabilities, IMetering, Operation
 from metering_core.loop import shared_loop
 from metering_core.metrics import PipelineStats
@@ -160,13 +160,14 @@ class AsyncMetering:
 
     @property
     def capabilities(self) -> Capabilities:
-        """The provider's capabilities as loaded by the first operation that needed them
-        (or by `load_capabilities()`); asking a provider may take I/O, which a property
-        must not do on an event loop, so before that this raises."""
+        """The provider's capabilities, stated up front by every provider that knows them
+        without I/O (memory, sql, stripe). One whose backend must say (the HTTP provider's
+        service) has them once an operation or `load_capabilities()` asked; before that
+        this raises `MeteringError` (a property must not do I/O on an event loop)."""
         known = self._capabilities.known
         if known is None:
-            raise RuntimeError(
-                f"the capabilities of provider {self.provider_name!r} are not loaded yet: "
+            raise MeteringError(
+                f"provider {self.provider_name!r} states its capabilities only when asked: "
                 "await load_capabilities() first"
             )
         return known

@@ -54,8 +54,9 @@ _FILE_TABLE: ContextVar[Mapping[str, Any] | None] = ContextVar("metering_file_ta
 
 
 class _Layered(BaseSettings):
-    """Settings read from keyword arguments, then `METERING_*` variables, then the config
-    file's table: pydantic-settings' own sources, in that order of precedence."""
+    """Settings read from keyword arguments, then `METERING_*` variables (then a `.env` file
+    or a secrets directory, where a model's config names one), then the config file's
+    table: pydantic-settings' own sources, in that order of precedence."""
 
     @classmethod
     def settings_customise_sources(
@@ -67,7 +68,9 @@ class _Layered(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         table = InitSettingsSource(settings_cls, init_kwargs=dict(_FILE_TABLE.get() or {}))
-        return init_settings, env_settings, table
+        # a plugin's settings may read a .env file or a secrets directory (its own
+        # model_config), below the environment and above the config file
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, table
 
 
 class ProviderSettings(_Layered):

@@ -7,7 +7,7 @@ import abc
 from collections.abc import Sequence
 from datetime import timedelta
 from enum import StrEnum
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -149,10 +149,31 @@ class BaseProvider(IMetering):
     name: ClassVar[str]  # a class constant satisfies the contract's property
     default_capabilities: ClassVar[Capabilities] = Capabilities()
 
-    async def load_capabilities(self) -> Capabilities:
-        """`default_capabilities`; override when they depend on settings or come from the
-        backend (the HTTP provider's)."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse, at import, a provider still stating capabilities the way the contract
+        no longer reads (a `capabilities` property): ignored, it would receive batches
+        larger than it takes and operations it declared unsupported."""
+        super().__init_subclass__(**kwargs)
+        if "capabilities" in vars(cls):
+            raise TypeError(
+                f"{cls.__qualname__} defines `capabilities`, which the provider contract no "
+                "longer reads: set `default_capabilities`, or override `known_capabilities()` "
+                "(known without I/O) or `async load_capabilities()` (asked of a backend)"
+            )
+
+    def known_capabilities(self) -> Capabilities | None:
+        """What the provider can do when it knows without I/O (from its settings); None
+        when only its backend can say (`load_capabilities` asks it). Never blocks. By
+        default `default_capabilities`, unless `load_capabilities` is overridden (then
+        only it can say)."""
+        if type(self).load_capabilities is not BaseProvider.load_capabilities:
+            return None
         return self.default_capabilities
+
+    async def load_capabilities(self) -> Capabilities:
+        """`known_capabilities()`; override when they come from the backend (the HTTP
+        provider's)."""
+        return self.known_capabilities() or self.default_capabilities
 
     def unsupported(
         self, operation: Operation, detail: str | None = None

@@ -125,7 +125,7 @@ class MemoryProvider(BaseProvider):
         self._sequence = itertools.count()
         self._ingested = itertools.count()
 
-    async def load_capabilities(self) -> Capabilities:
+    def known_capabilities(self) -> Capabilities:
         return self._capabilities
 
     # meters

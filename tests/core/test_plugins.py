@@ -102,3 +102,84 @@ def test_memory_states_its_capabilities_up_front() -> None:
     memory = get_provider("memory")
     assert memory.capabilities is not None
     assert memory.capabilities.group_by
+
+
+def test_a_provider_still_stating_capabilities_as_a_property_is_refused_at_import() -> None:
+    """The contract reads `default_capabilities`, `known_capabilities()` or
+    `load_capabilities()`; a `capabilities` property ignored would let batches past the
+    provider's limit through, and operations it declared unsupported."""
+    with pytest.raises(TypeError, match="no longer reads"):
+
+        class OldStyle(RecordingProvider):
+            @property
+            def capabilities(self) -> object:
+                return RecordingProvider.default_capabilities
+
+
+def test_the_async_facade_states_capabilities_up_front_unless_a_backend_must_say() -> None:
+    from metering_core import AsyncMetering, MeteringError
+
+    memory = AsyncMetering("memory", max_batch_size=7)
+    assert memory.capabilities.max_batch_size == 7  # from its settings, without I/O
+    http = AsyncMetering("http", base_url="http://127.0.0.1:9")
+    with pytest.raises(MeteringError, match="await load_capabilities"):
+        http.capabilities  # noqa: B018
+
+
+def test_a_plugins_settings_may_read_a_secrets_directory(tmp_path: Path) -> None:
+    """Below the environment, above the config file, as pydantic-settings reads them."""
+    from pydantic_settings import SettingsConfigDict
+
+    from metering_core import ProviderSettings
+
+    class Mounted(ProviderSettings):
+        model_config = SettingsConfigDict(
+            extra="forbid", frozen=True, case_sensitive=False, secrets_dir=str(tmp_path)
+        )
+        api_key: str
+
+    (tmp_path / "metering_mounted_api_key").write_text("from-the-mount")  # as its variable
+    from metering_core.config import resolve_provider_settings
+
+    assert resolve_provider_settings(Mounted, "mounted", {}, {}).api_key == "from-the-mount"
+    table = {"mounted": {"api_key": "from-the-file"}}
+    assert resolve_provider_settings(Mounted, "mounted", table, {}).api_key == "from-the-mount"
+    overridden = resolve_provider_settings(Mounted, "mounted", table, {"api_key": "kwarg"})
+    assert overridden.api_key == "kwarg"
+
+
+def test_a_plugins_command_is_added_and_its_errors_reported_like_any_commands() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from metering_core import NotFoundError, ValidationError
+    from metering_core.cli import app
+    from metering_core.plugins import plugin_manager
+
+    class Commands:
+        @hookimpl
+        def register_commands(self, cli: typer.Typer) -> None:
+            group = typer.Typer()
+
+            @group.command("bad")
+            def bad(value: str) -> None:
+                raise ValidationError(f"value={value!r} is not good", field="value", value=value)
+
+            @group.command("gone")
+            def gone() -> None:
+                raise NotFoundError("no such thing")
+
+            cli.add_typer(group, name="plugin-cmds")
+
+    plugin = Commands()
+    register_plugin(plugin)
+    try:
+        plugin_manager().hook.register_commands(cli=app)
+        runner = CliRunner()
+        bad = runner.invoke(app, ["plugin-cmds", "bad", "x"])
+        assert (bad.exit_code, bad.output.strip()) == (2, "error: value='x' is not good")
+        gone = runner.invoke(app, ["plugin-cmds", "gone"])
+        assert (gone.exit_code, gone.output.strip()) == (1, "error: no such thing")
+    finally:
+        unregister_plugin(plugin)
+        app.registered_groups[:] = [g for g in app.registered_groups if g.name != "plugin-cmds"]

@@ -43,8 +43,8 @@ class FaultyProvider(MemoryProvider):
     def __post_init__(self) -> None:
         MemoryProvider.__init__(self)
 
-    async def load_capabilities(self) -> Capabilities:
-        capabilities = await super().load_capabilities()
+    def known_capabilities(self) -> Capabilities:
+        capabilities = super().known_capabilities()
         return capabilities.model_copy(update={"max_batch_size": self.batch_size})
 
     async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:

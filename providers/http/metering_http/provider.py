@@ -81,6 +81,10 @@ class HttpProvider(BaseProvider):
     def __repr__(self) -> str:
         return f"HttpProvider(base_url={self._settings.base_url!r})"
 
+    def known_capabilities(self) -> Capabilities | None:
+        """The service's, once asked (None before: only the service can say)."""
+        return self._capabilities
+
     async def load_capabilities(self) -> Capabilities:
         """The service's, from `GET /capabilities`, asked once: `ingest_usage_events` needs
         the batch size on every call."""
