@@ -903,3 +903,44 @@ def test_a_range_off_the_quarter_hours_at_both_ends_counts_only_its_own_events(
         (START + timedelta(hours=5), Decimal(1)),
     ]
     assert asyncio.run(_both(any_url, scenario)) == (expected, expected)
+
+
+def test_a_large_answer_is_typed_off_the_event_loop(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100,000 rows typed on the loop held /health for 1-2 s; a small answer stays on it
+    (a thread hop costs more than the work)."""
+    import threading
+
+    import metering_core.sql.provider as provider_module
+
+    threads: list[bool] = []
+    typed = provider_module.usage_rows
+
+    def watched(*args: Any) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return typed(*args)
+
+    monkeypatch.setattr(provider_module, "usage_rows", watched)
+    monkeypatch.setattr(provider_module, "OFF_LOOP_ROWS", 3)
+
+    async def scenario() -> list[int]:
+        provider = SqlProvider(SqlSettings(url=sqlite_url))
+        meter = await provider.create_meter(MeterCreate(event_name="big"))
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(event_name="big", customer_id=f"t{i}", timestamp=START)
+                for i in range(3)
+            ]
+        )
+        sizes = []
+        for group_by in ((), ("customer_id",)):
+            query = UsageQuery(
+                meter_id=meter.id, start=START, end=START + timedelta(days=1), group_by=group_by
+            )
+            sizes.append(len((await provider.fetch_usage(query)).rows))
+        await provider.aclose()
+        return sizes
+
+    assert asyncio.run(scenario()) == [1, 3]
+    assert threads == [True, False]  # the loop runs in the main thread here
