@@ -46,6 +46,7 @@ from metering_core.sql.schema import ROLLED_UP, customers, events, meters
 from metering_core.sql.settings import CAPABILITIES, SqlSettings
 from metering_core.sql.store import (
     STORE_FAILURES,
+    StoreBounds,
     StoreUrl,
     current_revision,
     migrate,
@@ -90,6 +91,11 @@ class SqlProvider(BaseProvider):
     def __init__(self, settings: SqlSettings | None = None) -> None:
         settings = settings or SqlSettings()
         self.store = StoreUrl(settings.url)
+        self._bounds = StoreBounds(
+            connect=settings.connect_timeout,
+            statement=settings.statement_timeout,
+            pool=settings.pool_timeout,
+        )
         self._upgrade = (
             settings.auto_upgrade
             if settings.auto_upgrade is not None
@@ -112,7 +118,7 @@ class SqlProvider(BaseProvider):
             if self._engine is None:
                 if self.store.sqlite_path == default_store_path():
                     default_store_path().parent.mkdir(parents=True, exist_ok=True)
-                engine = self.store.engine()
+                engine = self.store.engine(self._bounds)
                 try:
                     await self._migrate(engine)
                 except BaseException:
@@ -144,7 +150,7 @@ class SqlProvider(BaseProvider):
         path = self.store.sqlite_path
         if path is not None and not path.exists():
             return None, schema_revisions()[0]
-        engine = self.store.engine()
+        engine = self.store.engine(self._bounds)
         try:
             async with engine.connect() as connection:
                 current = await connection.run_sync(current_revision)

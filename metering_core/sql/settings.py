@@ -40,7 +40,15 @@ class SqlSettings(ProviderSettings):
     auto_upgrade: bool | None = None
     """Upgrade an older schema on first use; default: yes for SQLite, no for PostgreSQL
     (run `metering db upgrade` there, once, for the fleet)."""
+    connect_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to open a connection to PostgreSQL before the store counts as unreachable."""
+    statement_timeout: float = Field(default=15.0, gt=0)
+    """Seconds one PostgreSQL statement may take (a frozen or overloaded server): past it
+    the call fails as retryable (503 at the service) instead of hanging."""
+    pool_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to wait for a free pooled connection while all are busy."""
 
     def __repr_args__(self) -> Any:
         yield "url", masked(self.url)
-        yield "auto_upgrade", self.auto_upgrade
+        for name in ("auto_upgrade", "connect_timeout", "statement_timeout", "pool_timeout"):
+            yield name, getattr(self, name)

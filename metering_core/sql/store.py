@@ -17,6 +17,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from importlib import resources
 from pathlib import Path
@@ -40,9 +41,25 @@ from metering_core.errors import (
 from metering_core.models import EXACT
 from metering_core.sql.settings import masked
 
-__all__ = ["StoreUrl", "canonical_dimensions", "migrate", "schema_revisions", "store_error"]
+__all__ = [
+    "StoreBounds",
+    "StoreUrl",
+    "canonical_dimensions",
+    "migrate",
+    "schema_revisions",
+    "store_error",
+]
 
 ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+
+
+@dataclass(frozen=True)
+class StoreBounds:
+    """How long a store call may wait, in seconds (the sql provider's settings)."""
+
+    connect: float
+    statement: float
+    pool: float
 
 
 class StoreUrl:
@@ -91,17 +108,25 @@ class StoreUrl:
     def __repr__(self) -> str:
         return f"StoreUrl({self.shown!r})"
 
-    def engine(self) -> AsyncEngine:
+    def engine(self, bounds: StoreBounds) -> AsyncEngine:
+        """An engine whose every wait is bounded: a pooled connection (`pool_timeout`), and
+        on PostgreSQL a new connection (`connect_timeout`) and each statement
+        (`statement_timeout`): a frozen server fails calls as retryable, never hangs them."""
         if self.backend == "sqlite":
             path = self.sqlite_path
             if path is not None and not path.parent.is_dir():
                 raise ConfigurationError(
                     f"store {self.shown}: the folder {str(path.parent)!r} does not exist"
                 )
-            engine = create_async_engine(self.url)
+            engine = create_async_engine(self.url, pool_timeout=bounds.pool)
             sa.event.listen(engine.sync_engine, "connect", _prepare_sqlite)
             return engine
-        return create_async_engine(self.url, pool_pre_ping=True)
+        return create_async_engine(
+            self.url,
+            pool_pre_ping=True,
+            pool_timeout=bounds.pool,
+            connect_args={"timeout": bounds.connect, "command_timeout": bounds.statement},
+        )
 
 
 # SQLite: exact decimal aggregates over the text of each value, and window numbers.
@@ -245,7 +270,8 @@ def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
 
 
 STORE_FAILURES: tuple[type[BaseException], ...] = (
-    OSError,
+    OSError,  # TimeoutError included: a connection or statement past its bound
+    sa.exc.TimeoutError,  # every pooled connection busy past pool_timeout
     OverflowError,  # a number past what the driver can send
     sa.exc.DBAPIError,
     sqlite3.Error,

@@ -928,10 +928,7 @@ def test_a_large_answer_is_typed_off_the_event_loop(
         provider = SqlProvider(SqlSettings(url=sqlite_url))
         meter = await provider.create_meter(MeterCreate(event_name="big"))
         await provider.ingest_usage_events(
-            [
-                UsageEvent(event_name="big", customer_id=f"t{i}", timestamp=START)
-                for i in range(3)
-            ]
+            [UsageEvent(event_name="big", customer_id=f"t{i}", timestamp=START) for i in range(3)]
         )
         sizes = []
         for group_by in ((), ("customer_id",)):
@@ -944,3 +941,97 @@ def test_a_large_answer_is_typed_off_the_event_loop(
 
     assert asyncio.run(scenario()) == [1, 3]
     assert threads == [True, False]  # the loop runs in the main thread here
+
+
+def _postgres_processes(backend_pid: int) -> list[int]:
+    """The server's postmaster (the backend's parent) and every process it runs."""
+
+    def parent(pid: int) -> int:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+
+    postmaster = parent(backend_pid)
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if parent(int(entry.name)) == postmaster:
+                    children.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return [postmaster, *children]
+
+
+def test_a_frozen_postgresql_fails_calls_as_retryable_instead_of_hanging(
+    postgres_url: str,
+) -> None:
+    """The server stopped (SIGSTOP) under a running store: every call ends within its
+    bounds as an outage to retry (503 at the service), and all works once it resumes."""
+    import signal
+
+    import asyncpg
+
+    quick = {"connect_timeout": 1, "statement_timeout": 1, "pool_timeout": 1}
+
+    async def scenario() -> None:
+        provider = SqlProvider(SqlSettings(url=postgres_url, **quick))
+        await provider.upgrade_schema()
+        meter = await provider.create_meter(MeterCreate(event_name="frozen"))
+        probe = await asyncpg.connect(postgres_url)
+        processes = _postgres_processes(await probe.fetchval("SELECT pg_backend_pid()"))
+        for pid in processes:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            sent = [UsageEvent(id="f1", event_name="frozen", customer_id="t", timestamp=START)]
+            for call in (
+                provider.ingest_usage_events(sent),
+                provider.fetch_meter(meter.id),
+                provider.fetch_usage(
+                    UsageQuery(meter_id=meter.id, start=START, end=START + timedelta(days=1))
+                ),
+            ):
+                with pytest.raises(ProviderUnavailableError):
+                    await asyncio.wait_for(call, 30)  # a guard: the bound is seconds
+        finally:
+            for pid in processes:
+                os.kill(pid, signal.SIGCONT)
+        await probe.close()
+        answer = await provider.ingest_usage_events(sent)
+        assert answer.accepted + answer.duplicates == ["f1"]
+        await provider.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_every_pooled_connection_held_is_a_retryable_failure_not_an_internal_error(
+    postgres_url: str,
+) -> None:
+    """Ingests queued behind a table lock past the pool's and the statements' bounds fail
+    as an outage (503 with Retry-After at the service), never 500 after 30 s."""
+    import asyncpg
+
+    quick = {"connect_timeout": 1, "statement_timeout": 1, "pool_timeout": 1}
+
+    async def scenario() -> list[str]:
+        provider = SqlProvider(SqlSettings(url=postgres_url, **quick))
+        await provider.upgrade_schema()
+        await provider.create_meter(MeterCreate(event_name="held"))
+        holder = await asyncpg.connect(postgres_url)
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        try:
+            calls = [
+                provider.ingest_usage_events(
+                    [UsageEvent(event_name="held", customer_id="t", timestamp=START)]
+                )
+                for _ in range(24)
+            ]
+            outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+        finally:
+            await transaction.rollback()
+            await holder.close()
+        await provider.aclose()
+        return sorted({type(outcome).__name__ for outcome in outcomes})
+
+    assert asyncio.run(scenario()) == ["ProviderUnavailableError"]
