@@ -1035,3 +1035,23 @@ def test_every_pooled_connection_held_is_a_retryable_failure_not_an_internal_err
         return sorted({type(outcome).__name__ for outcome in outcomes})
 
     assert asyncio.run(scenario()) == ["ProviderUnavailableError"]
+
+
+def test_db_upgrade_on_postgresql_prints_its_revision_and_nothing_else(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """It printed a 46-line 'Event loop is closed' traceback on success (its engine was
+    made in one event loop and disposed in another)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+    env.update(METERING_PROVIDER="sql", METERING_SQL_URL=postgres_url, XDG_DATA_HOME=str(tmp_path))
+    for command in (["db", "upgrade"], ["db", "current"], ["db", "upgrade"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "metering_core.cli", *command],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    head = schema_revisions()[0]
+    assert done.stdout.strip() == f"at {head}"
