@@ -65,11 +65,32 @@ def load_secrets() -> None:
         os.environ[str(name)] = str(value.get(name, "")) if isinstance(value, dict) else text
 
 
+def _refuse_container_disk(provider_name: str, provider: object) -> None:
+    """Under Lambda, a SQLite store is a file on the container's own disk, which goes with
+    the container, and the usage in it: refused at cold start, naming the setting."""
+    if provider_name != "sql":
+        return
+    from metering_core.sql.provider import SqlProvider
+
+    if isinstance(provider, SqlProvider) and provider.store.backend == "sqlite":
+        raise ConfigurationError(
+            f"the sql provider on SQLite ({provider.store.shown}) would keep usage on this "
+            "Lambda container's own disk, lost when the container goes: set METERING_SQL_URL "
+            "to a PostgreSQL database, or METERING_PROVIDER to another provider"
+        )
+
+
 def _container_metering() -> Metering:
     global _metering
     if _metering is None:
         load_secrets()
-        _metering = Metering()
+        metering = Metering()
+        try:
+            _refuse_container_disk(metering.provider_name, metering.provider)
+        except ConfigurationError:
+            metering.close()
+            raise
+        _metering = metering
     return _metering
 
 
@@ -100,7 +121,9 @@ def _container_api() -> Mangum:
             tenant_claim=os.environ.get("METERING_AWS_TENANT_CLAIM", "custom:tenantId"),
             allow_unauthenticated=_truthy("METERING_AWS_ALLOW_UNAUTHENTICATED"),
         )
-        app = create_app(AsyncMetering(), gateway=gateway)
+        metering = AsyncMetering()
+        _refuse_container_disk(metering.provider_name, metering.provider)
+        app = create_app(metering, gateway=gateway)
         _api = Mangum(
             app, lifespan="off", api_gateway_base_path=os.environ.get("METERING_AWS_BASE_PATH", "/")
         )

@@ -9,6 +9,8 @@ import pytest
 
 from tests import examples as _profiles  # noqa: F401  (loads the Hypothesis profile first)
 
+pytest_plugins = ["tests.stores"]  # SQLite files and a private PostgreSQL server, for any test
+
 
 @pytest.fixture(autouse=True)
 def private_data_home(

@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 import pytest
 
 import metering_core.aws as aws
+from metering_core import ConfigurationError
 
 AT = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 ADMIN = {"sub": "admin-1", "cognito:username": "admin"}
@@ -114,8 +115,8 @@ def provider(
     for name in ("METERING_PROVIDER", "METERING_SQL_URL", "METERING_SECRETS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("METERING_PROVIDER", request.param)
-    if request.param == "sql":
-        monkeypatch.setenv("METERING_SQL_URL", f"sqlite:///{tmp_path / 'metering.db'}")
+    if request.param == "sql":  # under Lambda, the durable store is PostgreSQL's
+        monkeypatch.setenv("METERING_SQL_URL", request.getfixturevalue("postgres_url"))
     monkeypatch.setattr(aws, "_api", None)  # a new container
     monkeypatch.setattr(aws, "_metering", None)
     yield request.param
@@ -262,3 +263,28 @@ def test_secrets_come_from_secrets_manager_at_cold_start(
     status, capabilities = answer(aws.api_handler(http_api("GET", "/capabilities", ADMIN), None))
     assert (status, capabilities["max_batch_size"]) == (200, 7)
     assert asked == ["arn:aws:secretsmanager:us-east-1:1:secret:m"]
+
+
+@pytest.mark.parametrize("url", [None, "sqlite:///{tmp}/metering.db"])
+@pytest.mark.parametrize("handler", ["api_handler", "event_handler"])
+def test_a_store_on_the_containers_own_disk_is_refused_at_cold_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, url: str | None, handler: str
+) -> None:
+    """The default (SQLite in the user data directory) or any sqlite: URL would keep usage
+    on a Lambda container's disk, lost with the container."""
+    for name in ("METERING_PROVIDER", "METERING_SQL_URL", "METERING_SECRETS"):
+        monkeypatch.delenv(name, raising=False)
+    if url is not None:
+        monkeypatch.setenv("METERING_PROVIDER", "sql")
+        monkeypatch.setenv("METERING_SQL_URL", url.format(tmp=tmp_path))
+    monkeypatch.setattr(aws, "_api", None)
+    monkeypatch.setattr(aws, "_metering", None)
+    request = (
+        http_api("GET", "/meters", ADMIN)
+        if handler == "api_handler"
+        else eventbridge("OFFBOARDING_REQUEST", {"tenantId": "acme"}, "eb-1")
+    )
+    with pytest.raises(ConfigurationError, match="METERING_SQL_URL") as refused:
+        getattr(aws, handler)(request, None)
+    assert "Lambda container's own disk" in str(refused.value)
+    assert (aws._metering, aws._api) == (None, None)  # the next invocation checks again

@@ -1044,9 +1044,9 @@ def test_db_upgrade_on_postgresql_prints_its_revision_and_nothing_else(
     made in one event loop and disposed in another)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
     env.update(METERING_PROVIDER="sql", METERING_SQL_URL=postgres_url, XDG_DATA_HOME=str(tmp_path))
-    for command in (["db", "upgrade"], ["db", "current"], ["db", "upgrade"]):
+    for args in (["db", "upgrade"], ["db", "current"], ["db", "upgrade"]):
         done = subprocess.run(
-            [sys.executable, "-m", "metering_core.cli", *command],
+            [sys.executable, "-m", "metering_core.cli", *args],
             capture_output=True,
             text=True,
             env=env,
