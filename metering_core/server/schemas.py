@@ -35,10 +35,21 @@ def _json(reference: str) -> dict[str, Any]:
 
 
 def usage_batch_route() -> dict[str, Any]:
-    """`POST /usage` reads its body itself (`read_usage_batch`): this documents the body
-    and the 422 FastAPI would document for it."""
+    """`POST /usage` reads its body and its `Idempotency-Key` itself (`read_usage_batch`):
+    this documents them and the 422 FastAPI would document for them."""
+    key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Names the request: events sent without an id take ids derived from "
+        "it, the caller's tenant and their place, so a retried request counts once.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    }
     return {
-        "openapi_extra": {"requestBody": {"required": True, "content": _json("UsageBatch")}},
+        "openapi_extra": {
+            "requestBody": {"required": True, "content": _json("UsageBatch")},
+            "parameters": [key],
+        },
         "responses": {
             422: {"description": "Validation Error", "content": _json("HTTPValidationError")}
         },

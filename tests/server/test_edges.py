@@ -598,3 +598,64 @@ def test_a_meter_update_clearing_dimensions_is_refused_and_changes_nothing(
         assert listed.json()["items"][0]["dimensions"] == ["region"]
     with Metering(provider, **options) as m, pytest.raises(ValidationError):
         m.update_meter(meter["id"], dimensions=None)
+
+
+def test_an_idempotency_key_makes_a_retried_request_of_events_without_ids_count_once(
+    client: TestClient, meter_id: str
+) -> None:
+    at = datetime.now(UTC).replace(microsecond=0) - timedelta(days=400)
+    body = {
+        "events": [
+            {
+                "event_name": "api_calls",
+                "customer_id": "acme",
+                "value": 2,
+                "timestamp": at.isoformat(),
+            },
+            {
+                "id": "own-1",
+                "event_name": "api_calls",
+                "customer_id": "acme",
+                "timestamp": at.isoformat(),
+            },
+            {
+                "event_name": "api_calls",
+                "customer_id": "acme",
+                "value": 5,
+                "timestamp": at.isoformat(),
+            },
+        ]
+    }
+    keyed = {**ACME, "Idempotency-Key": "order-7781"}
+    first = client.post("/usage", json=body, headers=keyed).json()
+    assert len(first["accepted"]) == 3
+    assert "own-1" in first["accepted"]  # an event's own id is kept
+    assigned = [i for i in first["accepted"] if i != "own-1"]
+    assert all(i.startswith("key-") for i in assigned)
+    again = client.post("/usage", json=body, headers=keyed).json()
+    assert (again["accepted"], again["duplicates"]) == ([], first["accepted"])
+    # the same key from another caller (here one bound to no tenant): its own ids
+    other = client.post("/usage", json=body, headers={**ADMIN, "Idempotency-Key": "order-7781"})
+    assert len(other.json()["accepted"]) == 3
+    assert set(other.json()["accepted"]).isdisjoint(assigned)
+    # another key from the same caller: new ids for the id-less events, own-1 a duplicate
+    fresh = client.post("/usage", json=body, headers={**ACME, "Idempotency-Key": "x"}).json()
+    assert (len(fresh["accepted"]), fresh["duplicates"]) == (2, ["own-1"])
+    params = {
+        "start": at.isoformat(),
+        "end": (at + timedelta(seconds=1)).isoformat(),
+        "customer_id": "acme",
+    }
+    total = client.get(f"/usage/{meter_id}", params=params, headers=ADMIN).json()["rows"]
+    assert [row["value"] for row in total] == [str(8 + 8 + 7)]
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256, "tab\there"])
+def test_an_idempotency_key_that_is_not_one_is_refused_naming_the_header(
+    client: TestClient, key: str
+) -> None:
+    event = {"event_name": "api_calls", "customer_id": "acme"}
+    response = client.post(
+        "/usage", json={"events": [event]}, headers={**ACME, "Idempotency-Key": key}
+    )
+    assert "Idempotency-Key" in refused(response, "Idempotency-Key")

@@ -12,6 +12,7 @@ from metering_core.models import CancelResult, IngestResult, Usage, Window
 from metering_core.server.acting import ActingAs, check_batch
 from metering_core.server.auth import Principal
 from metering_core.server.callers import identify, needs
+from metering_core.server.idempotency import keyed_ids
 from metering_core.server.schemas import (
     CancelRequest,
     read_usage_batch,
@@ -33,9 +34,9 @@ async def ingest(request: Request) -> Response:
     principal = identify(request.scope)
     principal.need("usage:write")
     batch = read_usage_batch(await request.body(), request.headers.get("content-type"))
-    result = await ActingAs(request.app.state.service, principal).ingest_usage_events(
-        batch.events
-    )
+    key = request.headers.get("idempotency-key")
+    events = batch.events if key is None else keyed_ids(batch.events, key, principal.tenant)
+    result = await ActingAs(request.app.state.service, principal).ingest_usage_events(events)
     return Response(result.model_dump_json(), media_type="application/json")
 
 
