@@ -11,7 +11,10 @@ changes nothing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,17 +85,32 @@ def _envelope(message: Any) -> _Envelope:
     if "detail-type" in message:
         return _Envelope(str(message["detail-type"]), message.get("detail"), envelope_id, sent)
     if "type" in message:
+        data = message.get("data")
+        if data is None and "data_base64" in message:
+            data = _decoded(message["data_base64"])
         source = str(message["source"]) if message.get("source") else None
         key = None
         if envelope_id is not None and source is not None:
             unique = f"{len(source)}:{source}{envelope_id}".encode("utf-8", "surrogatepass")
             key = "ce-" + hashlib.sha256(unique).hexdigest()[:40]
-        return _Envelope(str(message["type"]), message.get("data"), key, sent)
+        return _Envelope(str(message["type"]), data, key, sent)
     raise ValidationError(
         "event has neither 'detail-type' (EventBridge) nor 'type' and 'data' (CloudEvent)",
         field="detail-type",
         value=None,
     )
+
+
+def _decoded(encoded: Any) -> Any:
+    """A CloudEvent's `data_base64`: base64 of the JSON of its data."""
+    try:
+        return json.loads(base64.b64decode(str(encoded), validate=True))
+    except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError):
+        raise ValidationError(
+            "data_base64 is not base64 of a JSON document",
+            field="data_base64",
+            value=str(encoded)[:100],
+        ) from None
 
 
 def _from_millis(millis: Any) -> datetime:

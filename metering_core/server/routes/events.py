@@ -1,31 +1,75 @@
-"""`POST /events`: an event-bus message (EventBridge or CloudEvent), routed as
-`handle_event` routes it, with the caller's rights."""
+"""`POST /events`: event-bus messages (EventBridge, or CloudEvents in structured, binary or
+batched mode), routed as `handle_event` routes them, with the caller's rights."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import TypeAdapter
 
+from metering_core.errors import ValidationError
 from metering_core.events import parse_event, route
-from metering_core.models import Customer, IngestResult
+from metering_core.models import MAX_EVENTS_PER_REQUEST, Customer, IngestResult
 from metering_core.server.acting import ActingAs
+from metering_core.server.auth import Principal
 from metering_core.server.callers import Caller
 from metering_core.server.errors import Forbidden
+from metering_core.server.event_bodies import BATCH, event_messages
 from metering_core.server.service import Service, service
 
 router = APIRouter()
 
+Answer = IngestResult | Customer | None
+_ANSWERS = TypeAdapter(list[Answer])
+_ONE = TypeAdapter(Answer)
+_MESSAGE = {"type": "object", "description": "An EventBridge envelope or a CloudEvent"}
+_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": _MESSAGE},
+        "application/cloudevents+json": {"schema": _MESSAGE},
+        BATCH: {
+            "schema": {
+                "type": "array",
+                "items": _MESSAGE,
+                "minItems": 1,
+                "maxItems": MAX_EVENTS_PER_REQUEST,
+            }
+        },
+    },
+}
 
-@router.post("/events")
+
+def _needs(principal: Principal, kind: str) -> None:
+    principal.need("usage:write" if kind == "ingest" else "customers:write")
+
+
+@router.post(
+    "/events",
+    response_model=Answer | list[Answer],
+    openapi_extra={"requestBody": _BODY},
+)
 async def handle_event(
-    message: dict[str, Any], principal: Caller, shared: Annotated[Service, Depends(service)]
-) -> IngestResult | Customer | None:
-    """An event-bus message (EventBridge or CloudEvent), as `handle_event` takes it;
-    ingestion answers per event, like `POST /usage`."""
+    request: Request, principal: Caller, shared: Annotated[Service, Depends(service)]
+) -> Response:
+    """An event-bus message, as `handle_event` takes it, or a batch of CloudEvents (each
+    answered in turn, in a list); ingestion answers per event, like `POST /usage`. Every
+    message of a batch is validated, and the caller's right to each checked, before any
+    acts."""
     if not principal.scopes & {"usage:write", "customers:write"}:
         raise Forbidden("this key lacks the scope 'usage:write' or 'customers:write'")
-    parsed = parse_event(message)
-    principal.need("usage:write" if parsed.kind == "ingest" else "customers:write")
-    answer: IngestResult | Customer | None = await route(parsed, ActingAs(shared, principal))
-    return answer
+    messages, batch = event_messages(request.headers, await request.body())
+    if len(messages) > MAX_EVENTS_PER_REQUEST:
+        raise ValidationError(
+            f"a batch of {len(messages)} messages; at most {MAX_EVENTS_PER_REQUEST}",
+            field="body",
+            value=len(messages),
+        )
+    parsed = [parse_event(message) for message in messages]
+    for one in parsed:
+        _needs(principal, one.kind)
+    acting = ActingAs(shared, principal)
+    answers: list[Any] = [await route(one, acting) for one in parsed]
+    content = _ANSWERS.dump_json(answers) if batch else _ONE.dump_json(answers[0])
+    return Response(content, media_type="application/json")

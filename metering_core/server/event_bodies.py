@@ -1,0 +1,51 @@
+"""`POST /events` bodies in every CloudEvents HTTP mode, and EventBridge's JSON.
+
+- structured: the message is the body (`application/cloudevents+json`, or plain JSON: an
+  EventBridge envelope or a CloudEvent);
+- binary (the CloudEvents SDKs' default): the attributes are `ce-*` headers and the body
+  is the event's data;
+- batched (`application/cloudevents-batch+json`): the body is a list of structured ones.
+
+Everything here is parsing: a body that is not one of these is a 400 naming the body.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+
+__all__ = ["BATCH", "event_messages"]
+
+BATCH = "application/cloudevents-batch+json"
+_PREFIX = "ce-"
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPException(400, f"not JSON: {exc}") from None
+    except RecursionError:  # nested past what the parser can hold: refused, not failed
+        raise HTTPException(400, "not JSON this service reads: nested too deeply") from None
+
+
+def event_messages(headers: Headers, body: bytes) -> tuple[list[Any], bool]:
+    """The messages a request carries, and whether it was a batch (answered as a list)."""
+    media = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    if f"{_PREFIX}specversion" in headers:
+        message: dict[str, Any] = {
+            name[len(_PREFIX) :]: value
+            for name, value in headers.items()
+            if name.startswith(_PREFIX)
+        }
+        message["data"] = _json(body) if body else None
+        return [message], False
+    parsed = _json(body)
+    if media == BATCH:
+        if not isinstance(parsed, list) or not parsed:
+            raise HTTPException(400, f"a {BATCH} body is a non-empty list of CloudEvents")
+        return parsed, True
+    return [parsed], False

@@ -1,0 +1,134 @@
+"""The CloudEvents SDK pointed at `POST /events`: binary mode (its default), structured mode
+with data as JSON or as base64, and batched mode; each counted once when delivered again."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cloudevents.core.bindings.http import to_binary, to_structured
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+from fastapi.testclient import TestClient
+
+from metering_core import AsyncMetering
+from metering_core.server import create_app
+
+ADMIN = {"Authorization": "Bearer admin"}
+SENT = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    scopes = ["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
+    app = create_app(AsyncMetering("memory"), keys={"admin": {"scopes": scopes}})
+    with TestClient(app) as client:
+        client.post("/meters", json={"event_name": "api_calls"}, headers=ADMIN)
+        yield client
+
+
+def usage_event(event_id: str, data: Any) -> CloudEvent:
+    return CloudEvent(
+        {
+            "type": "INGEST_USAGE",
+            "source": "sbt/app",
+            "id": event_id,
+            "specversion": "1.0",
+            "time": SENT,
+        },
+        data,
+    )
+
+
+def total(client: TestClient) -> str:
+    meter = client.get("/meters", headers=ADMIN).json()["items"][0]["id"]
+    params = {
+        "start": (SENT - timedelta(hours=1)).isoformat(),
+        "end": (SENT + timedelta(hours=1)).isoformat(),
+    }
+    rows = client.get(f"/usage/{meter}", params=params, headers=ADMIN).json()["rows"]
+    return ",".join(row["value"] for row in rows)
+
+
+def post(client: TestClient, message: Any) -> Any:
+    response = client.post("/events", content=message.body, headers={**ADMIN, **message.headers})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_binary_mode_the_sdks_default_is_counted_once(client: TestClient) -> None:
+    message = to_binary(
+        usage_event("b-1", {"event_name": "api_calls", "tenantId": "acme", "value": 3}),
+        JSONFormat(),
+    )
+    assert "ce-id" in message.headers
+    first = post(client, message)
+    assert len(first["accepted"]) == 1
+    again = post(client, message)
+    assert (again["accepted"], again["duplicates"]) == ([], first["accepted"])
+    assert total(client) == "3"  # dated by the envelope's time, two hours ago
+
+
+def test_structured_mode_with_data_as_base64_is_read(client: TestClient) -> None:
+    data = json.dumps({"event_name": "api_calls", "tenantId": "acme", "value": 4}).encode()
+    message = to_structured(usage_event("s-1", data), JSONFormat())
+    assert b"data_base64" in message.body
+    assert len(post(client, message)["accepted"]) == 1
+    assert total(client) == "4"
+
+
+def test_a_batch_is_answered_per_message_and_redelivered_counts_once(
+    client: TestClient,
+) -> None:
+    events = [
+        json.loads(
+            to_structured(
+                usage_event(f"m-{i}", {"event_name": "api_calls", "tenantId": "acme", "value": i}),
+                JSONFormat(),
+            ).body
+        )
+        for i in (1, 2)
+    ]
+    body = json.dumps(events).encode()
+    headers = {**ADMIN, "Content-Type": "application/cloudevents-batch+json"}
+    first = client.post("/events", content=body, headers=headers).json()
+    assert [len(answer["accepted"]) for answer in first] == [1, 1]
+    again = client.post("/events", content=body, headers=headers).json()
+    assert [len(answer["duplicates"]) for answer in again] == [1, 1]
+    assert total(client) == "3"
+
+
+def test_a_batch_with_one_bad_message_changes_nothing(client: TestClient) -> None:
+    good = {
+        "specversion": "1.0",
+        "id": "g",
+        "source": "s",
+        "type": "INGEST_USAGE",
+        "data": {"event_name": "api_calls", "tenantId": "acme"},
+    }
+    bad = {
+        **good,
+        "id": "b",
+        "data": {"event_name": "api_calls", "tenantId": "acme", "value": "lots"},
+    }
+    response = client.post(
+        "/events",
+        content=json.dumps([good, bad]).encode(),
+        headers={**ADMIN, "Content-Type": "application/cloudevents-batch+json"},
+    )
+    assert response.status_code == 422
+    assert total(client) == ""
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [(b"[]", "application/cloudevents-batch+json"), (b"{", "application/json")],
+)
+def test_a_body_that_is_no_message_is_refused_naming_the_body(
+    client: TestClient, body: bytes, content_type: str
+) -> None:
+    response = client.post("/events", content=body, headers={**ADMIN, "Content-Type": content_type})
+    assert (response.status_code, response.json()["error"]["field"]) == (422, "body")
