@@ -23,6 +23,7 @@ from metering_core.models import (
     CancelResult,
     IngestResult,
     Meter,
+    Usage,
     UsageEvent,
     UsageQuery,
     UsageRow,
@@ -37,6 +38,7 @@ __all__ = [
     "Bucket",
     "EventMeter",
     "QueryPlan",
+    "answer",
     "average",
     "cancel_verdicts",
     "cancellable",
@@ -190,6 +192,18 @@ def plan_query(meter: Meter, query: UsageQuery) -> QueryPlan:
         micros=[epoch_micros(bound) for bound in bounds],
         keys=keys,
         by_customer="customer_id" in query.group_by or query.customer_id is not None,
+    )
+
+
+def answer(meter: Meter, query: UsageQuery, rows: list[UsageRow]) -> Usage:
+    """The answer to `query` over `meter`, from rows `ordered_rows` gave."""
+    return Usage.model_construct(
+        meter_id=meter.id,
+        aggregation=meter.aggregation,
+        start=query.start,
+        end=query.end,
+        window=query.window,
+        rows=rows,
     )
 
 

@@ -245,14 +245,7 @@ class MemoryProvider(BaseProvider):
             else:
                 series = [s for s in (stored.series.get(query.customer_id),) if s is not None]
             rows = _rows(meter, query, plan, series, self._dimension_sets)
-        return Usage.model_construct(
-            meter_id=meter.id,
-            aggregation=meter.aggregation,
-            start=query.start,
-            end=query.end,
-            window=query.window,
-            rows=rows,
-        )
+        return rules.answer(meter, query, rows)
 
     @_off_loop
     def cancel_usage_events(

@@ -310,14 +310,7 @@ class SqlProvider(BaseProvider):
             rows = usage_rows(found, meter, query, plan)
         else:  # typing 100,000 rows holds a loop for most of a second: other requests wait
             rows = await asyncio.to_thread(usage_rows, found, meter, query, plan)
-        return Usage.model_construct(
-            meter_id=meter.id,
-            aggregation=meter.aggregation,
-            start=query.start,
-            end=query.end,
-            window=query.window,
-            rows=rows,
-        )
+        return rules.answer(meter, query, rows)
 
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None
