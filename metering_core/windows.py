@@ -29,11 +29,11 @@ _HOUR = timedelta(hours=1)
 _TICK = timedelta(microseconds=1)
 
 
-def _hour_label(moment: datetime, zone: ZoneInfo) -> tuple[datetime, int]:
-    """The wall-clock hour an instant falls in: the local hour, and which pass of the clock
-    (`fold`: 1 for the second time a set-back clock shows it)."""
+def _hour_label(moment: datetime, zone: ZoneInfo) -> tuple[date, int, int]:
+    """The wall-clock hour an instant falls in: the local date and hour, and which pass of
+    the clock (`fold`: 1 for the second time a set-back clock shows it)."""
     local = moment.astimezone(zone)
-    return local.replace(minute=0, second=0, microsecond=0, tzinfo=None, fold=0), local.fold
+    return local.date(), local.hour, local.fold
 
 
 def _label_change(low: datetime, high: datetime, zone: ZoneInfo) -> datetime:
@@ -50,9 +50,9 @@ def _label_change(low: datetime, high: datetime, zone: ZoneInfo) -> datetime:
 
 
 def _hour_starts(start: datetime, end: datetime, zone: ZoneInfo) -> list[datetime]:
-    """Starts (UTC) of wall-clock hours, from the one holding `start` to the first at or
-    after `end`. A clock hour begins where the clock shows it (each pass of a set-back
-    clock), or where a change of offset moves the clock into it off the hour."""
+    """Starts (UTC) of wall-clock hours, from at or before `start` to the first at or after
+    `end`. A clock hour begins where the clock shows it (each pass of a set-back clock), or
+    where a change of offset moves the clock into it off the hour."""
     starts: list[datetime] = []
     wall = start.astimezone(zone).replace(minute=0, second=0, microsecond=0, tzinfo=None)
     wall -= _HOUR  # the hour holding `start` may begin before its own clock hour (a jump)
@@ -66,18 +66,17 @@ def _hour_starts(start: datetime, end: datetime, zone: ZoneInfo) -> list[datetim
                 starts.append(moment)
             elif previous is None:
                 starts.append(moment)
-            previous = max(previous or moment, moment)
+            previous = moment if previous is None else max(previous, moment)
         if starts[-1] >= end:
-            break
+            return sorted(set(starts))
         wall += _HOUR
-    holding = max(i for i, moment in enumerate(starts) if moment <= start)
-    return sorted(set(starts[holding:]))
 
 
 def _calendar_starts(
     start: datetime, end: datetime, window: Window, zone: ZoneInfo
 ) -> list[datetime]:
-    """Window starts (UTC) from the window holding `start` to the first at or after `end`."""
+    """Window starts (UTC) from at or before `start` to the first at or after `end` (those
+    outside the range are dropped by `window_bounds`)."""
     if window is Window.HOUR:
         return _hour_starts(start, end, zone)
     local = start.astimezone(zone)

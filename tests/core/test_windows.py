@@ -128,12 +128,12 @@ def _wall_hour(moment: datetime, zone: ZoneInfo) -> tuple[datetime, int]:
         ("Europe/Paris", utc(2026, 3, 29, 1)),
         ("Europe/Paris", utc(2026, 10, 25, 1)),
         ("America/St_Johns", utc(2026, 11, 1, 4, 30)),
+        ("Antarctica/Troll", utc(2026, 10, 25, 1)),  # set back two hours: 01:00-03:00 twice
+        ("Antarctica/Troll", utc(2026, 3, 29, 1)),
         ("Asia/Kolkata", utc(2026, 6, 1)),
     ],
 )
-def test_hour_windows_begin_exactly_where_the_clock_changes_hour(
-    tz: str, around: datetime
-) -> None:
+def test_hour_windows_begin_exactly_where_the_clock_changes_hour(tz: str, around: datetime) -> None:
     """Brute force: walk the clock a minute at a time; a window begins where the wall-clock
     hour (or the clock's pass through it) changes, and nowhere else."""
     zone = ZoneInfo(tz)
@@ -172,3 +172,39 @@ def test_usage_at_ten_past_three_on_lord_howe_is_billed_in_the_three_oclock_hour
         timedelta(hours=1),
         5,
     )
+
+
+@pytest.mark.parametrize("host_zone", ["Asia/Kolkata", "America/St_Johns"])
+@pytest.mark.parametrize("window", ["hour", "day", "month"])
+def test_bounds_are_utc_whatever_the_hosts_own_zone(
+    monkeypatch: pytest.MonkeyPatch, host_zone: str, window: str
+) -> None:
+    """A service whose machine runs in another zone (TZ) cuts the same windows, in UTC."""
+    import time
+
+    expected = window_bounds(
+        UsageQuery(
+            meter_id="m",
+            start=utc(2026, 4, 4, 7, 10),
+            end=utc(2026, 7, 6),
+            window=window,
+            tz="Australia/Lord_Howe",
+        )
+    )
+    monkeypatch.setenv("TZ", host_zone)
+    time.tzset()
+    try:
+        query = UsageQuery(
+            meter_id="m",
+            start=utc(2026, 4, 4, 7, 10),
+            end=utc(2026, 7, 6),
+            window=window,
+            tz="Australia/Lord_Howe",
+        )
+        got = window_bounds(query)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert got == expected
+    assert {moment.utcoffset() for moment in got} == {timedelta(0)}
+    assert {moment.tzinfo for moment in got} == {UTC}

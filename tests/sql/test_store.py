@@ -638,13 +638,16 @@ def test_any_dimension_key_groups_and_counts_as_on_memory(any_url: str, key: str
     assert store == memory == (((("ß", Decimal(1)), ("ü", Decimal(2)))), Decimal(2))
 
 
-def test_latest_ties_in_one_batch_go_to_the_event_sent_last(any_url: str) -> None:
+@pytest.mark.parametrize("ids", ["falling", "rising"])
+def test_latest_ties_in_one_batch_go_to_the_event_sent_last(any_url: str, ids: str) -> None:
+    """Whatever order the store keeps the rows in (PostgreSQL inserts them by id)."""
+
     async def scenario(provider: Any) -> Decimal:
         meter = await provider.create_meter(MeterCreate(event_name="seats", aggregation="latest"))
         await provider.ingest_usage_events(
             [
                 UsageEvent(
-                    id=f"latest-z{9 - i}",
+                    id=f"latest-z{9 - i}" if ids == "falling" else f"latest-a{i}",
                     event_name="seats",
                     customer_id="t",
                     value=i,
@@ -1055,3 +1058,36 @@ def test_db_upgrade_on_postgresql_prints_its_revision_and_nothing_else(
         assert (done.returncode, done.stderr) == (0, ""), done.stderr
     head = schema_revisions()[0]
     assert done.stdout.strip() == f"at {head}"
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "min", "max", "avg"])
+def test_per_customer_folds_on_the_events_are_exact_and_numeric(
+    any_url: str, aggregation: str
+) -> None:
+    """Grouped by customer, the store folds the events themselves (not the rollups): sums
+    stay exact (0.1 + 0.2 is 0.3, not a float's 0.30000000000000004) and min/max compare
+    numbers, not their text ("10" sorts before "9")."""
+
+    async def scenario(provider: Any) -> list[tuple[str | None, str]]:
+        meter = await provider.create_meter(MeterCreate(event_name="n", aggregation=aggregation))
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(event_name="n", customer_id=who, value=Decimal(v), timestamp=START)
+                for who, v in (("a", "0.1"), ("a", "0.2"), ("b", "9"), ("b", "10"), ("b", "2.5"))
+            ]
+        )
+        query = UsageQuery(
+            meter_id=meter.id,
+            start=START,
+            end=START + timedelta(days=1),
+            group_by=("customer_id",),
+        )
+        return [(r.customer_id, str(r.value)) for r in (await provider.fetch_usage(query)).rows]
+
+    expected = {
+        "sum": [("a", "0.3"), ("b", "21.5")],
+        "min": [("a", "0.1"), ("b", "2.5")],
+        "max": [("a", "0.2"), ("b", "10")],
+        "avg": [("a", "0.15"), ("b", "7.166666666666666667")],
+    }[aggregation]
+    assert asyncio.run(_both(any_url, scenario)) == (expected, expected)
