@@ -4,6 +4,7 @@ Exit codes: 0 ok, 1 the operation failed, 2 bad usage or bad input. Errors print
 line; `--debug` shows the traceback.
 """
 
+from metering_core.cli import bundle as _bundle  # noqa: F401  (registers `metering aws`)
 from metering_core.cli import commands as _commands  # noqa: F401  (registers the subcommands)
 from metering_core.cli.app import app
 from metering_core.plugins import plugin_manager

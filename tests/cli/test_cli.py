@@ -381,3 +381,62 @@ def test_absurd_json_rows_and_a_repeated_csv_column_are_bad_rows(
     code, out = metering("ingest", str(table))
     assert code == 2
     assert out.startswith(f"{table}:1: the header names 'customer_id' more than once")
+
+
+@pytest.mark.parametrize(
+    ("provider", "architecture", "platform", "wanted"),
+    [
+        ("stripe", "x86_64", "manylinux2014_x86_64", ["metering-core[aws]", "metering-stripe"]),
+        ("http", "arm64", "manylinux2014_aarch64", ["metering-core[aws]", "metering-http"]),
+        ("sql", "x86_64", "manylinux2014_x86_64", ["metering-core[aws,postgres]"]),
+    ],
+)
+def test_aws_bundle_asks_pip_for_lambdas_platform_and_python_wheels_only(
+    provider: str, architecture: str, platform: str, wanted: list[str]
+) -> None:
+    import shlex
+
+    code, printed = metering(
+        "aws",
+        "bundle",
+        "build/fn",
+        "--provider",
+        provider,
+        "--architecture",
+        architecture,
+        "--python",
+        "3.13",
+        "--dry-run",
+    )
+    assert code == 0, printed
+    command = shlex.split(printed.strip())
+    assert command[1:4] == ["-m", "pip", "install"]
+    options = dict(zip(command[4::2], command[5::2], strict=False))
+    assert options["--target"] == "build/fn"
+    assert options["--platform"] == platform
+    assert options["--python-version"] == "3.13"
+    assert options["--implementation"] == "cp"
+    assert "--only-binary=:all:" in command
+    assert command[-len(wanted) :] == wanted
+
+
+def test_aws_bundle_installs_local_builds_in_place_of_releases_with_their_extras() -> None:
+    from pathlib import Path
+
+    from metering_core.cli.bundle import Architecture, bundle_commands
+
+    wheels = [
+        Path("w/metering_core-0.1.0-py3-none-any.whl"),
+        Path("w/metering_stripe-0.1.0-py3-none-any.whl"),
+    ]
+    command = bundle_commands(Path("out"), "stripe", "3.12", Architecture.x86_64, wheels)
+    assert command[-2:] == [
+        "w/metering_core-0.1.0-py3-none-any.whl[aws]",
+        "w/metering_stripe-0.1.0-py3-none-any.whl",
+    ]
+
+
+def test_aws_bundle_refuses_a_provider_it_cannot_bundle() -> None:
+    code, printed = metering("aws", "bundle", "out", "--provider", "memory", "--dry-run")
+    assert code == 2
+    assert "provider='memory'" in printed

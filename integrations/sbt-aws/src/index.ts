@@ -7,7 +7,7 @@ import { Construct } from 'constructs';
 export interface MeteringCoreProps {
   /**
    * A directory holding `metering_core` and the provider's packages, installed for the
-   * Lambda runtime (`pip install --target <dir> "metering-core[aws]" metering-stripe`).
+   * Lambda runtime (`metering aws bundle <dir> --provider stripe`).
    * It is copied as it is: no bundling, no Docker.
    */
   readonly assetPath: string;
