@@ -255,10 +255,17 @@ class AsyncMetering:
         await self._pipeline.submit(checked, timeout=timeout)
         return [event.id for event in checked]
 
-    async def deliver_usage_events(self, events: Iterable[EventInput]) -> IngestResult:
+    async def deliver_usage_events(
+        self, events: Iterable[EventInput], *, lowering_refused: bool = False
+    ) -> IngestResult:
         """Deliver now, without the queue, and answer per event: for gateways (the REST
-        service) whose caller keeps its own queue and retries."""
-        return await self._provider.ingest_usage_events(self._checked_events(events))
+        service) whose caller keeps its own queue and retries. `lowering_refused` (where
+        the provider's capabilities say `refuses_lowering`): events of meters whose usage
+        an event can lower are rejected, judged by the meters as the provider stores them."""
+        checked = self._checked_events(events)
+        if lowering_refused:
+            return await self._provider.ingest_usage_events(checked, lowering_refused=True)
+        return await self._provider.ingest_usage_events(checked)
 
     async def handle_event(self, event: Mapping[str, Any]) -> Any:
         """Route an event-bus message (EventBridge or CloudEvent) to ingestion, onboarding or

@@ -70,6 +70,10 @@ class Capabilities(BaseModel):
     """How far ahead of now an event timestamp may be; `None` means no limit."""
     cancel_window: timedelta | None = None
     """How long after delivery an event can still be cancelled; `None` means always."""
+    refuses_lowering: bool = False
+    """`ingest_usage_events(..., lowering_refused=True)` works: the provider refuses, as
+    it stores them, events of meters whose usage an event can lower (for callers that may
+    only raise usage: a tenant's own key)."""
 
     def supports(self, operation: Operation | str) -> bool:
         return Operation(operation) in self.operations
@@ -113,9 +117,13 @@ class IMetering(Protocol):
         """Delete a meter; its events stop counting (optional operation)."""
         ...
 
-    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
+    async def ingest_usage_events(
+        self, events: Sequence[UsageEvent], *, lowering_refused: bool = False
+    ) -> IngestResult:
         """Deliver events; the result accounts for every event exactly once: accepted,
-        duplicate (an id seen before: success) or rejected with the reason."""
+        duplicate (an id seen before: success) or rejected with the reason. With
+        `lowering_refused` (only where `capabilities.refuses_lowering`), events of meters
+        whose usage an event can lower are rejected, judged as they are stored."""
         ...
 
     @abc.abstractmethod
@@ -186,18 +194,36 @@ class BaseProvider(IMetering):
     async def delete_meter(self, meter_id: str) -> None:
         raise self.unsupported(Operation.DELETE_METER)
 
-    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
-        size = (await self.load_capabilities()).max_batch_size
-        if len(events) <= size:
-            return await self.ingest_batch(events)
+    async def ingest_usage_events(
+        self, events: Sequence[UsageEvent], *, lowering_refused: bool = False
+    ) -> IngestResult:
+        capabilities = await self.load_capabilities()
+        if lowering_refused and not capabilities.refuses_lowering:
+            raise self.unsupported(
+                Operation.INGEST_USAGE_EVENTS, "it cannot refuse events that lower usage"
+            )
+        size = capabilities.max_batch_size
         result = IngestResult()
         for offset in range(0, len(events), size):
-            result = result.merge(await self.ingest_batch(events[offset : offset + size]))
+            chunk = events[offset : offset + size]
+            answer = await (
+                self.ingest_batch_raising_only(chunk)
+                if lowering_refused
+                else self.ingest_batch(chunk)
+            )
+            result = answer if offset == 0 else result.merge(answer)
         return result
 
     @abc.abstractmethod
     async def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
         """Deliver at most `max_batch_size` events; report every id in the result."""
+
+    async def ingest_batch_raising_only(self, events: Sequence[UsageEvent]) -> IngestResult:
+        """`ingest_batch`, refusing, as it stores them, events of meters whose usage an
+        event can lower; implement it (and state `refuses_lowering`) where the store can."""
+        raise self.unsupported(
+            Operation.INGEST_USAGE_EVENTS, "it cannot refuse events that lower usage"
+        )
 
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None

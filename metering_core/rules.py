@@ -34,6 +34,7 @@ from metering_core.windows import window_bounds
 __all__ = [
     "AVERAGE_PLACES",
     "FOLDS",
+    "LOWERED_BY_EVENTS",
     "PER_EVENT",
     "Bucket",
     "EventMeter",
@@ -59,18 +60,34 @@ class EventMeter(Protocol):
     @property
     def unique_dimension(self) -> str | None: ...
 
+    @property
+    def aggregation(self) -> str: ...
+
 
 # ingestion
 
+LOWERED_BY_EVENTS = frozenset({Aggregation.LATEST, Aggregation.MIN, Aggregation.AVG})
+"""Aggregations whose usage an event can lower (a later 0, a smaller value, many zeros):
+a caller that may only raise usage (a tenant's own key) may not write to such meters."""
 
-def refusal(meter: EventMeter | None, event: UsageEvent) -> str | None:
-    """Why an event cannot be stored, or None: no meter for its event name, or a
-    unique_count meter's counted dimension missing."""
+
+def refusal(
+    meter: EventMeter | None, event: UsageEvent, *, lowering_refused: bool = False
+) -> str | None:
+    """Why an event cannot be stored, or None: no meter for its event name, a unique_count
+    meter's counted dimension missing, or (`lowering_refused`: the caller may only raise
+    usage) a meter whose usage its events can lower, judged by the meter as stored now."""
     if meter is None:
         return f"no meter for event_name={event.event_name!r}"
     counted = meter.unique_dimension
     if counted is not None and counted not in event.dimensions:
         return f"unique_count meter {meter.id} needs dimension {counted!r} on every event"
+    if lowering_refused and meter.aggregation in LOWERED_BY_EVENTS:
+        return (
+            f"the {meter.aggregation} meter for event_name={event.event_name!r} can be lowered "
+            "by its events, and this caller may only raise usage: send them with a key "
+            "bound to no tenant"
+        )
     return None
 
 

@@ -57,7 +57,7 @@ from metering_core.models import (
 
 __all__ = ["MemoryProvider", "MemorySettings"]
 
-CAPABILITIES = Capabilities(max_batch_size=10_000)
+CAPABILITIES = Capabilities(max_batch_size=10_000, refuses_lowering=True)
 P = ParamSpec("P")
 R = TypeVar("R")
 _SHARED_VALUES = {Decimal(i): Decimal(i) for i in range(-100, 1001)}
@@ -198,11 +198,23 @@ class MemoryProvider(BaseProvider):
 
     @_off_loop
     def ingest_batch(self, events: Sequence[UsageEvent]) -> IngestResult:
+        return self._store_events(events, lowering_refused=False)
+
+    @_off_loop
+    def ingest_batch_raising_only(self, events: Sequence[UsageEvent]) -> IngestResult:
+        return self._store_events(events, lowering_refused=True)
+
+    def _store_events(
+        self, events: Sequence[UsageEvent], *, lowering_refused: bool
+    ) -> IngestResult:
         with self._lock:
             seen, number = self._seen, self._dimension_sets.number
             known_before = {event.id for event in events if event.id in seen}
             refusals = [
-                rules.refusal(self._meter_named(event.event_name), event) for event in events
+                rules.refusal(
+                    self._meter_named(event.event_name), event, lowering_refused=lowering_refused
+                )
+                for event in events
             ]
             inserted: set[str] = set()
             for event, reason in zip(events, refusals, strict=True):

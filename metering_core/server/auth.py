@@ -13,8 +13,8 @@ from starlette.types import Scope as AsgiScope
 
 from metering_core.keys import ApiKey, Scope
 from metering_core.models import Aggregation, CancelResult, IngestResult, UsageEvent
+from metering_core.rules import LOWERED_BY_EVENTS
 from metering_core.server.errors import Forbidden
-from metering_core.server.tenant_meters import LOWERED_BY_EVENTS
 
 TENANT_ID_PREFIX = "tenant-"
 _TENANT_ID = re.compile(r"tenant-[0-9a-f]{48}")

@@ -1,10 +1,12 @@
-"""Which meters a tenant-bound key may write: those whose usage its events can only raise.
+"""Which meters a tenant-bound key may write, for providers that cannot judge it as they
+store events: those whose usage its events can only raise.
 
-A tenant cannot lower its own usage (DESIGN: Event identity and tenancy). On a sum meter
-refusing negative values is enough; on a `latest`, `min` or `avg` meter any event can lower
-it (a later 0, a smaller value, many zeros), so a tenant-bound key may not write to one at
-all: such meters are written by the operator's own components, with keys bound to no
-tenant.
+A tenant cannot lower its own usage (docs/rest.md, tenancy). On a sum meter refusing
+negative values is enough; on a `latest`, `min` or `avg` meter any event can lower it (a
+later 0, a smaller value, many zeros), so a tenant-bound key may not write to one at all:
+such meters are written by the operator's own components, with keys bound to no tenant.
+Memory and sql judge it in the insert itself (`refuses_lowering`); for other providers the
+service keeps this copy of the meters' aggregations.
 """
 
 import time
@@ -12,10 +14,9 @@ from collections.abc import Collection
 
 from metering_core.client import AsyncMetering
 from metering_core.models import Aggregation
+from metering_core.rules import LOWERED_BY_EVENTS
 
 __all__ = ["LOWERED_BY_EVENTS", "MeterAggregations"]
-
-LOWERED_BY_EVENTS = frozenset({Aggregation.LATEST, Aggregation.MIN, Aggregation.AVG})
 
 STALE_AFTER = 30.0
 """Seconds a copy of the meters is trusted: a meter deleted and created again for the same

@@ -278,11 +278,25 @@ class SqlProvider(BaseProvider):
     # usage
 
     async def ingest_batch(self, batch: Sequence[UsageEvent]) -> IngestResult:
+        return await self._store_events(batch, lowering_refused=False)
+
+    async def ingest_batch_raising_only(self, batch: Sequence[UsageEvent]) -> IngestResult:
+        """Meters are read in the insert's own transaction: no other process's change to
+        a meter can be missed, as a copy of the meters kept elsewhere could."""
+        return await self._store_events(batch, lowering_refused=True)
+
+    async def _store_events(
+        self, batch: Sequence[UsageEvent], *, lowering_refused: bool
+    ) -> IngestResult:
         names = {event.event_name for event in batch}
         async with self._transaction() as connection:
             by_name = await meters_named(connection, names)
-            rows: list[tuple[UsageEvent, int]] = []
-            refusals = [rules.refusal(by_name.get(event.event_name), event) for event in batch]
+            refusals = [
+                rules.refusal(
+                    by_name.get(event.event_name), event, lowering_refused=lowering_refused
+                )
+                for event in batch
+            ]
             rows = [
                 (event, by_name[event.event_name].seq)
                 for event, reason in zip(batch, refusals, strict=True)

@@ -12,7 +12,7 @@ from metering_core.interface import Capabilities
 
 __all__ = ["CAPABILITIES", "SqlSettings", "default_url", "masked"]
 
-CAPABILITIES = Capabilities(max_batch_size=5_000)
+CAPABILITIES = Capabilities(max_batch_size=5_000, refuses_lowering=True)
 
 
 def default_url() -> str:

@@ -425,6 +425,32 @@ class ProviderConformance:
         assert [r[4] for r in nonzero(usage)] == [EXPECTED[aggregation]]
         assert usage.aggregation is aggregation
 
+    async def test_raising_only_ingestion_refuses_meters_events_can_lower(
+        self, provider: IMetering
+    ) -> None:
+        if not (await provider.load_capabilities()).refuses_lowering:
+            pytest.skip(f"{provider.name} cannot refuse events that lower usage")
+        tenant = await self.tenant(provider)
+        latest = await self.meter(provider, aggregation=Aggregation.LATEST)
+        summed = await self.meter(provider)
+        at = day_start() + timedelta(hours=3)
+        sent = [
+            UsageEvent(
+                id=unique_name("low"),
+                event_name=latest.event_name,
+                customer_id=tenant,
+                timestamp=at,
+            ),
+            UsageEvent(
+                id=unique_name("up"), event_name=summed.event_name, customer_id=tenant, timestamp=at
+            ),
+        ]
+        result = await provider.ingest_usage_events(sent, lowering_refused=True)
+        assert result.accepted == [sent[1].id]
+        assert "latest" in result.rejected[sent[0].id]
+        await self.settle(provider)
+        assert nonzero(await self.usage(provider, latest, customer_id=tenant)) == []
+
     # cancellation
 
     async def test_cancel_removes_usage_and_reports_each_id(self, provider: IMetering) -> None:

@@ -202,3 +202,24 @@ def test_an_average_keeps_18_places_rounded_half_to_even(
 )
 def test_numbers_have_one_canonical_form(value: str, shown: str) -> None:
     assert str(canonical(Decimal(value))) == shown
+
+
+@pytest.mark.parametrize("aggregation", list(Aggregation))
+def test_a_caller_that_may_only_raise_usage_is_refused_meters_its_events_can_lower(
+    aggregation: Aggregation,
+) -> None:
+    kind = aggregation.value
+
+    @dataclass
+    class Stored:
+        id: str = "mtr_1"
+        unique_dimension: str | None = None
+        aggregation: str = kind
+
+    sent = event("e", dimensions={"user": "u"})
+    lowering = aggregation in {Aggregation.LATEST, Aggregation.MIN, Aggregation.AVG}
+    reason = refusal(Stored(), sent, lowering_refused=True)
+    assert (reason is not None) == lowering
+    assert refusal(Stored(), sent) is None  # any other caller may
+    if reason is not None:
+        assert f"the {aggregation.value} meter for event_name='api_calls'" in reason

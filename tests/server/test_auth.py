@@ -290,7 +290,8 @@ def test_a_tenant_key_cannot_write_to_a_meter_its_events_could_lower(
     lower = {**recorded, "id": "s2", "value": 0, "timestamp": "2029-12-31T00:00:00Z"}
     refused = client.post("/usage", json={"events": [event("a1", "acme"), lower]}, headers=ACME)
     assert refused.json()["accepted"] == ["a1"]
-    assert f"to the {aggregation} meter" in refused.json()["rejected"]["s2"]
+    assert f"the {aggregation} meter" in refused.json()["rejected"]["s2"]
+    assert "may only raise usage" in refused.json()["rejected"]["s2"]
     bus = {"id": "m1", "detail-type": "INGEST_USAGE", "detail": {**lower, "id": "s3"}}
     assert list(client.post("/events", json=bus, headers=ACME).json()["rejected"]) == ["s3"]
     rows = client.get(f"/usage/{meter['id']}", params=RANGE, headers=ADMIN).json()["rows"]
@@ -321,7 +322,35 @@ def test_a_meter_created_a_moment_ago_is_checked_from_its_first_event(client: Te
     ).raise_for_status()
     sent = {**event("x2", "acme"), "event_name": "seats", "value": 0}
     answer = client.post("/usage", json={"events": [sent]}, headers=ACME).json()
-    assert "to the latest meter" in answer["rejected"]["x2"]
+    assert "the latest meter" in answer["rejected"]["x2"]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_tenants_right_to_a_meter_is_judged_by_the_store_not_a_stale_copy(
+    store: str, request: pytest.FixtureRequest, tmp_path: object
+) -> None:
+    """Two services over one store: one keeps a copy of the meters (a sum meter), the
+    other replaces it with a latest meter. The first must still refuse a tenant's event
+    that would lower the new meter: it judged by its copy, kept up to 30 s."""
+    url = (
+        f"sqlite:///{tmp_path}/shared.db"
+        if store == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    first = TestClient(create_app(AsyncMetering("sql", url=url), keys=KEYS))
+    second = TestClient(create_app(AsyncMetering("sql", url=url), keys=KEYS))
+    with first, second:
+        old = first.post("/meters", json={"event_name": "seats"}, headers=ADMIN).json()
+        sent = {**event("ok-1", "acme"), "event_name": "seats", "value": 5}
+        assert first.post("/usage", json={"events": [sent]}, headers=ACME).json()["accepted"]
+        assert second.delete(f"/meters/{old['id']}", headers=ADMIN).status_code == 204
+        second.post(
+            "/meters", json={"event_name": "seats", "aggregation": "latest"}, headers=ADMIN
+        ).raise_for_status()
+        lowering = {**sent, "id": "low-1", "value": 0}
+        answer = first.post("/usage", json={"events": [lowering]}, headers=ACME).json()
+        assert answer["accepted"] == []
+        assert "the latest meter" in answer["rejected"]["low-1"]
 
 
 def test_an_event_name_without_a_meter_costs_only_its_own_events(client: TestClient) -> None:

@@ -43,6 +43,8 @@ async def health(shared: Shared) -> Response:
 @router.get("/capabilities")
 async def capabilities(_: Caller, shared: Shared) -> Capabilities:
     """Any valid key may read them: a client needs them to send usage at all.
-    `max_batch_size` is at most 10,000, the most one request may carry."""
+    `max_batch_size` is at most 10,000, the most one request may carry; `refuses_lowering`
+    is the service's own business (it applies it to tenant-bound keys), not a client's."""
     offered = await shared.metering.load_capabilities()
-    return offered.model_copy(update={"max_batch_size": await shared.batch_limit()})
+    limit = await shared.batch_limit()
+    return offered.model_copy(update={"max_batch_size": limit, "refuses_lowering": False})

@@ -135,11 +135,18 @@ class HttpProvider(BaseProvider):
     async def delete_meter(self, meter_id: str) -> None:
         await self._call(Operation.DELETE_METER, "DELETE", f"/meters/{_segment(meter_id)}")
 
-    async def ingest_usage_events(self, events: Sequence[UsageEvent]) -> IngestResult:
+    async def ingest_usage_events(
+        self, events: Sequence[UsageEvent], *, lowering_refused: bool = False
+    ) -> IngestResult:
         """In requests of the service's `max_batch_size`; when `/capabilities` does not
         answer, as given (the pipeline sends a modest default): ingestion must not depend
         on any route but `POST /usage`. A batch the service finds too large is refused
-        whole, and the pipeline splits it."""
+        whole, and the pipeline splits it. (`lowering_refused`: not over HTTP; a tenant's
+        own key is refused there by the service itself.)"""
+        if lowering_refused:
+            raise self.unsupported(
+                Operation.INGEST_USAGE_EVENTS, "it cannot refuse events that lower usage"
+            )
         try:
             await self.load_capabilities()
         except MeteringError:
