@@ -319,6 +319,12 @@ def migrate(connection: sa.Connection, *, upgrade: bool, shown: str) -> str:
     `upgrade` is allowed; refuse a database newer than this code. Returns the revision."""
     if connection.dialect.name == "postgresql":  # one process migrates; the others wait
         connection.execute(sa.text("SELECT pg_advisory_xact_lock(4242001)"))
+    else:
+        # pysqlite opens a transaction only before DML, so DDL committed as it ran: a
+        # process killed mid-upgrade left half a revision (rollups created, revision 0001),
+        # and every later start failed. One write transaction holds the whole check and
+        # upgrade: all of it commits, or none; other processes wait for it.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     head, known = schema_revisions()
     current = current_revision(connection)
     if current == head:

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -1091,3 +1092,69 @@ def test_per_customer_folds_on_the_events_are_exact_and_numeric(
         "avg": [("a", "0.15"), ("b", "7.166666666666666667")],
     }[aggregation]
     assert asyncio.run(_both(any_url, scenario)) == (expected, expected)
+
+
+def test_a_sqlite_upgrade_killed_at_any_point_leaves_a_store_that_starts(tmp_path: Path) -> None:
+    """Each revision is one transaction: a SIGKILL anywhere in the upgrade from 0001 leaves
+    0001 intact (or the new revision whole), and the next start upgrades and answers every
+    event. Migration 0002's DDL committed as it ran: killed after it, the store was at
+    0001 with the rollups table present, and every later start failed."""
+    import shutil
+    import signal
+
+    template = tmp_path / "template.db"
+    count = 60_000
+
+    async def build() -> None:
+        provider = SqlProvider(SqlSettings(url=f"sqlite:///{template}"))
+        await provider.create_meter(MeterCreate(event_name="calls"))
+        for offset in range(0, count, 5_000):
+            await provider.ingest_usage_events(
+                [
+                    UsageEvent(
+                        id=f"e{i}",
+                        event_name="calls",
+                        customer_id=f"t{i % 7}",
+                        timestamp=START + timedelta(seconds=i),
+                    )
+                    for i in range(offset, offset + 5_000)
+                ]
+            )
+        async with provider._transaction() as connection:  # back to revision 0001
+            await connection.run_sync(lambda c: command.downgrade(_config(c), "0001"))
+        await provider.aclose()
+
+    asyncio.run(build())
+    upgrade = (
+        "import asyncio, sys\n"
+        "from metering_core.sql import SqlSettings\n"
+        "from metering_core.sql.provider import SqlProvider\n"
+        "provider = SqlProvider(SqlSettings(url=f'sqlite:///{sys.argv[1]}'))\n"
+        "print('go', flush=True)\n"
+        "asyncio.run(provider.upgrade_schema())\n"
+    )
+
+    async def total(path: Path) -> Decimal:
+        provider = SqlProvider(SqlSettings(url=f"sqlite:///{path}"))
+        meter = (await provider.fetch_all_meters()).items[0]
+        query = UsageQuery(meter_id=meter.id, start=START, end=START + timedelta(days=1))
+        answer = (await provider.fetch_usage(query)).total
+        await provider.aclose()
+        return answer
+
+    killed = 0
+    for delay in (0.0, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5):
+        store = tmp_path / f"store-{delay}.db"
+        shutil.copy(template, store)
+        child = subprocess.Popen(
+            [sys.executable, "-c", upgrade, str(store)], stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout is not None
+        child.stdout.readline()  # imported: the upgrade is starting
+        time.sleep(delay)
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+            killed += 1
+        child.wait(60)
+        assert asyncio.run(total(store)) == count, f"killed after {delay} s"
+    assert killed >= 3, "the upgrade finished before most kills: make the store larger"
