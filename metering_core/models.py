@@ -22,12 +22,14 @@ import pydantic
 from pydantic import (
     AfterValidator,
     AwareDatetime,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from metering_core.errors import MAX_MESSAGE, ValidationError, clip
 
@@ -86,7 +88,22 @@ def _iana_zone(value: str) -> str:
 Slug = Annotated[str, Field(pattern=SLUG_PATTERN)]
 Text = Annotated[str, Field(pattern=TEXT_PATTERN)]
 Identifier = Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)]
-UtcDatetime = Annotated[AwareDatetime, Field(ge=EARLIEST, lt=LATEST), AfterValidator(_utc)]
+def _not_a_number(value: Any) -> Any:
+    """A time is an ISO 8601 string (or a datetime), never a bare number: 1700000000 could
+    be seconds or milliseconds, and the schema says date-time."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(
+            f"must be an ISO 8601 date-time with an offset, not a number ({value!r})"
+        )
+    return value
+
+
+UtcDatetime = Annotated[
+    AwareDatetime,
+    BeforeValidator(_not_a_number),
+    Field(ge=EARLIEST, lt=LATEST),
+    AfterValidator(_utc),
+]
 TimeZoneName = Annotated[str, AfterValidator(_iana_zone)]
 EXACT = Context(prec=100)
 """Enough digits for any sum of values of at most 38 digits: no sum is ever rounded."""
@@ -268,13 +285,18 @@ class Meter(MeterCreate):
 class MeterUpdate(_Model):
     """The fields of a meter that may change after creation; at least one must be given."""
 
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
     display_name: (
-        Annotated[str, Field(min_length=1, max_length=250, pattern=TEXT_PATTERN)] | None
+        Annotated[str, Field(min_length=1, max_length=250, pattern=TEXT_PATTERN)]
+        | SkipJsonSchema[None]
     ) = None
     description: Annotated[str, Field(max_length=1000, pattern=TEXT_PATTERN)] | None = None
     dimensions: (
-        list[Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)]] | None
+        list[Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)]]
+        | SkipJsonSchema[None]
     ) = None
+    """Not null: a meter always has a list of dimensions (the schema says so too)."""
 
     @field_validator("dimensions")
     @classmethod

@@ -161,7 +161,6 @@ class Keys:
         return Principal(match)
 
 
-
 class GatewayClaims:
     """Behind API Gateway (AWS Lambda), the gateway has authorized the route: its JWT
     authorizer checked the route's scope before the request arrived. The caller then has

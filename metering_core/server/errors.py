@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from metering_core.errors import MeteringError, RateLimitedError, ValidationError, clip, wire_type
 from metering_core.models import described_errors
@@ -90,7 +91,25 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"the request body is over the service's limit of {limit} bytes: send less"
         return _error("validation_error", message, 413, "body")
     kind = "not_found" if exc.status_code == 404 else "http_error"
-    return _error(kind, str(exc.detail), exc.status_code, **(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # every method the path takes, not only one route's
+        headers["Allow"] = ", ".join(_allowed(request))
+    return _error(kind, str(exc.detail), exc.status_code, **headers)
+
+
+_METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
+
+
+def _allowed(request: Request) -> list[str]:
+    """Every method some route takes on the request's path (each route takes one)."""
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.routes
+        )
+    ]
 
 
 def _forbidden(_: Request, exc: Exception) -> JSONResponse:

@@ -2,7 +2,7 @@
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import pydantic
 from fastapi import FastAPI
@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException
 
 from metering_core.models import (
     MAX_EVENTS_PER_REQUEST,
+    Identifier,
+    Slug,
     Usage,
     UsageEvent,
     UsageRow,
@@ -50,9 +52,6 @@ def usage_batch_route() -> dict[str, Any]:
             "requestBody": {"required": True, "content": _json("UsageBatch")},
             "parameters": [key],
         },
-        "responses": {
-            422: {"description": "Validation Error", "content": _json("HTTPValidationError")}
-        },
     }
 
 
@@ -87,6 +86,37 @@ def read_usage_batch(body: bytes, content_type: str | None) -> UsageBatch:
 
 
 _BEARER = {"type": "http", "scheme": "bearer"}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "additionalProperties": False,
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "additionalProperties": False,
+            "properties": {
+                "type": {"type": "string"},
+                "message": {"type": "string"},
+                "field": {"type": "string"},
+            },
+        }
+    },
+}
+_ERRORS = {
+    "400": "The provider does not support this (`unsupported_operation`)",
+    "401": "No key, or an unknown one (`unauthorized`)",
+    "403": "The key may not do this (`forbidden`)",
+    "404": "No such route, meter or customer (`not_found`)",
+    "405": "The route does not take this method (`Allow` lists those it takes)",
+    "409": "It exists already, with other fields (`conflict`)",
+    "413": "The body is over the service's limit (`validation_error`, field `body`)",
+    "422": "Bad input, naming the field (`validation_error`)",
+    "429": "The provider behind the service asks to slow down (`rate_limited`)",
+    "500": "A bug, logged with its traceback (`internal_error`)",
+    "503": "A failure behind the service, to retry after `Retry-After` seconds",
+}
+_RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds"}}
 _OPEN_ROUTES = frozenset({"/health"})
 """Routes any caller may reach without a key."""
 
@@ -113,20 +143,41 @@ def documented(app: FastAPI, *, bearer: bool) -> Callable[[], dict[str, Any]]:
                     if path not in _OPEN_ROUTES:
                         for operation in operations.values():
                             operation["security"] = [{"HTTPBearer": []}]
+            _document_errors(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     return openapi
 
 
+def _document_errors(schema: dict[str, Any]) -> None:
+    """Every status the service answers, each in the one error shape (FastAPI documents
+    only 422, in its own shape, which the service never answers)."""
+    schema["components"]["schemas"]["Error"] = _ERROR_SCHEMA
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(name, None)
+    body = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            statuses = ["404", "405", "413", "422", "500"]
+            if path not in _OPEN_ROUTES:
+                statuses += ["400", "401", "403", "409", "429", "503"]
+            for status in statuses:
+                response: dict[str, Any] = {"description": _ERRORS[status], "content": body}
+                if status in ("429", "503"):
+                    response["headers"] = _RETRY_AFTER
+                if status == "405":
+                    response["headers"] = {"Allow": {"schema": {"type": "string"}}}
+                responses[status] = response
+
+
 class CancelRequest(BaseModel):
     """`DELETE /usage`: ids to cancel, and the event name where the provider needs it."""
 
     model_config = ConfigDict(extra="forbid")
-    event_ids: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
-        min_length=1, max_length=MAX_EVENTS_PER_REQUEST
-    )
-    event_name: str | None = None
+    event_ids: list[Identifier] = Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)
+    event_name: Slug | None = None
 
 
 class Health(BaseModel):

@@ -21,6 +21,7 @@ from metering_core.keys import ApiKey, Scope
 
 __all__ = ["ApiKey", "Scope", "configured_keys"]
 
+
 def _from_environment() -> Any | None:
     raw = os.environ.get("METERING_KEYS")
     if raw is None:

@@ -10,9 +10,10 @@ from metering_core.models import Customer, CustomerCreate
 from metering_core.server.acting import ActingAs
 from metering_core.server.auth import Principal
 from metering_core.server.callers import needs
+from metering_core.server.query import known_query_only
 from metering_core.server.service import Service, service
 
-router = APIRouter(prefix="/customers")
+router = APIRouter(prefix="/customers", dependencies=[Depends(known_query_only)])
 Shared = Annotated[Service, Depends(service)]
 Writer = Annotated[Principal, Depends(needs("customers:write"))]
 

@@ -16,9 +16,10 @@ from metering_core.server.auth import Principal
 from metering_core.server.callers import Caller
 from metering_core.server.errors import Forbidden
 from metering_core.server.event_bodies import BATCH, event_messages
+from metering_core.server.query import known_query_only
 from metering_core.server.service import Service, service
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(known_query_only)])
 
 Answer = IngestResult | Customer | None
 _ANSWERS = TypeAdapter(list[Answer])

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from metering_core.models import Meter, MeterCreate, MeterUpdate, Page
 from metering_core.server.callers import needs
+from metering_core.server.query import known_query_only
 from metering_core.server.service import Service, service
 
-router = APIRouter(prefix="/meters")
+router = APIRouter(prefix="/meters", dependencies=[Depends(known_query_only)])
 Shared = Annotated[Service, Depends(service)]
 READ = [Depends(needs("meters:read"))]
 WRITE = [Depends(needs("meters:write"))]
@@ -28,7 +29,7 @@ async def create_meter(meter: MeterCreate, shared: Shared) -> Meter:
 async def list_meters(
     shared: Shared,
     limit: Annotated[int, Query(ge=1, le=100)] = 100,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(min_length=1)] = None,
 ) -> Page[Meter]:
     return await shared.metering.fetch_all_meters(limit=limit, cursor=cursor)
 

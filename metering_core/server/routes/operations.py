@@ -9,10 +9,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from metering_core.interface import Capabilities
 from metering_core.server.callers import Caller, identify
 from metering_core.server.metrics import CONTENT_TYPE
+from metering_core.server.query import known_query_only
 from metering_core.server.schemas import Health
 from metering_core.server.service import Service, service
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(known_query_only)])
 Shared = Annotated[Service, Depends(service)]
 
 

@@ -7,12 +7,14 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import StringConstraints
 
-from metering_core.models import CancelResult, IngestResult, Usage, Window
+from metering_core.models import TEXT_PATTERN, CancelResult, IngestResult, Usage, Window
 from metering_core.server.acting import ActingAs, check_batch
 from metering_core.server.auth import Principal
 from metering_core.server.callers import identify, needs
 from metering_core.server.idempotency import keyed_ids
+from metering_core.server.query import known_query_only, refuse_unknown_query
 from metering_core.server.schemas import (
     CancelRequest,
     read_usage_batch,
@@ -22,6 +24,7 @@ from metering_core.server.schemas import (
 from metering_core.server.service import Service, service
 
 router = APIRouter(prefix="/usage")
+GroupKey = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=TEXT_PATTERN)]
 Shared = Annotated[Service, Depends(service)]
 
 
@@ -33,6 +36,7 @@ Shared = Annotated[Service, Depends(service)]
 async def ingest(request: Request) -> Response:
     principal = identify(request.scope)
     principal.need("usage:write")
+    refuse_unknown_query(request)
     batch = read_usage_batch(await request.body(), request.headers.get("content-type"))
     key = request.headers.get("idempotency-key")
     events = batch.events if key is None else keyed_ids(batch.events, key, principal.tenant)
@@ -40,16 +44,18 @@ async def ingest(request: Request) -> Response:
     return Response(result.model_dump_json(), media_type="application/json")
 
 
-@router.get("/{meter_id}", response_model=Usage)
+@router.get("/{meter_id}", response_model=Usage, dependencies=[Depends(known_query_only)])
 async def fetch_usage(
     meter_id: str,
     principal: Annotated[Principal, Depends(needs("usage:read"))],
     shared: Shared,
     start: datetime,
     end: datetime,
-    customer_id: str | None = None,
+    customer_id: Annotated[
+        str | None, Query(min_length=1, max_length=100, pattern=TEXT_PATTERN)
+    ] = None,
     window: Window | None = None,
-    group_by: Annotated[list[str] | None, Query()] = None,
+    group_by: Annotated[list[GroupKey] | None, Query()] = None,
     tz: str = "UTC",
 ) -> Response:
     # Up to MAX_ROWS rows: computed and serialised off the event loop, in slices that
@@ -69,7 +75,7 @@ async def fetch_usage(
     return Response(await asyncio.to_thread(usage_json, usage), media_type="application/json")
 
 
-@router.delete("")
+@router.delete("", dependencies=[Depends(known_query_only)])
 async def cancel(
     request: CancelRequest,
     principal: Annotated[Principal, Depends(needs("usage:write"))],
