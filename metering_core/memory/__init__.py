@@ -325,7 +325,6 @@ def _rows(
             raise too_many_rows(query)
     fold = rules.FOLDS[meter.aggregation]
     return rules.ordered_rows(
-        query,
         (
             (window, customer, group, plan.row(window, customer, group, fold(bucket)))
             for (window, customer, group), bucket in buckets.items()

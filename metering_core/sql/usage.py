@@ -171,4 +171,4 @@ def usage_rows(
         group = tuple(row[1 + by_customer : width])
         value = _value(meter.aggregation, row[width:])
         built.append((window, customer, group, plan.row(window, customer, group, value)))
-    return rules.ordered_rows(query, built)
+    return rules.ordered_rows(built)

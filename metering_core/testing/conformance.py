@@ -270,6 +270,11 @@ class ProviderConformance:
             ],
         )
         usage = await self.usage(provider, meter, customer_id=tenant, window=Window.DAY)
+        assert (usage.meter_id, usage.aggregation, usage.window) == (
+            meter.id,
+            meter.aggregation,
+            Window.DAY,
+        )
         second_day = first_day + timedelta(days=1)
         assert nonzero(usage) == [
             (first_day, second_day, tenant, {}, Decimal(2)),
