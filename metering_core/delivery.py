@@ -137,11 +137,16 @@ class DeliveryPolicy:
                     if pending:
                         raise _Unreported(self._provider.name, len(pending))
         except Exception as exc:
-            if len(pending) > 1 and isinstance(exc, ValidationError | TimeoutError):
+            if len(pending) > 1 and (
+                self._durable or isinstance(exc, ValidationError | TimeoutError)
+            ):
                 # A refused event sinks a batch: halve until it stands alone. A batch the
                 # provider does not finish within delivery_timeout on a second attempt is
                 # halved too, or it would be sent whole forever (when durable), never landing.
-                # Other failures (a bad key, a broken store) fail every half alike.
+                # When durable, any batch still failing after max_attempts is halved: a
+                # failure of one event's own (a provider's bug on it) then holds only that
+                # event, and the rest land; a failure of the provider's fails every half
+                # alike, and they wait it out one at a time.
                 middle = len(pending) // 2
                 first = await self.settle(pending[:middle])
                 return settled.merge(first).merge(await self.settle(pending[middle:]))
@@ -169,9 +174,10 @@ class DeliveryPolicy:
             ) from None
 
     def _stop(self, state: RetryCallState, count: int) -> bool:
-        """Stop after `max_attempts`; when durable, only for a provider that keeps leaving
-        ids out of its answers: outages and rate limits are waited out. A batch of `count`
-        events timing out on a second or later attempt stops here too, to be halved."""
+        """Stop after `max_attempts`; when durable, only to halve a batch of several events
+        (`count`), or for a provider that keeps leaving ids out of its answers: a single
+        event waits out any outage. A batch timing out on a second or later attempt stops
+        here too, to be halved."""
         timed_out = state.outcome is not None and isinstance(
             state.outcome.exception(), TimeoutError
         )
@@ -179,7 +185,7 @@ class DeliveryPolicy:
             return True
         if state.attempt_number < self._settings.max_attempts:
             return False
-        if not self._durable or state.outcome is None:
+        if not self._durable or state.outcome is None or count > 1:
             return True
         return isinstance(state.outcome.exception(), _Unreported)
 

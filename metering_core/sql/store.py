@@ -35,8 +35,8 @@ from metering_core.errors import (
     AuthenticationError,
     ConfigurationError,
     MeteringError,
-    ProviderError,
     ProviderUnavailableError,
+    ValidationError,
 )
 from metering_core.models import EXACT
 from metering_core.sql.settings import masked
@@ -258,8 +258,9 @@ def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
         )
     if (isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")) or isinstance(
         cause, sqlite3.IntegrityError | OverflowError
-    ):  # data or constraint: the store refused this request, trying again cannot help
-        return ProviderError(f"{where} refused the data: {detail}", provider="sql")
+    ):  # data or constraint: the store refused this data; trying again cannot help, and
+        # the pipeline halves the batch until the event it refuses stands alone
+        return ValidationError(f"{where} refused the data: {detail}")
     if sqlstate == "3D000" or isinstance(cause, sqlite3.DatabaseError):
         return ConfigurationError(f"{where} cannot be used: {detail}")
     if isinstance(sqlstate, str) and sqlstate.startswith("40"):  # deadlock, serialization
