@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from metering_core.client import AsyncMetering, Metering
 from metering_core.errors import ConfigurationError, ValidationError
+from metering_core.loop import shared_loop
 from metering_core.models import Customer
 
 if TYPE_CHECKING:
@@ -66,8 +67,16 @@ def load_secrets() -> None:
 
 
 def _refuse_container_disk(provider_name: str, provider: object) -> None:
-    """Under Lambda, a SQLite store is a file on the container's own disk, which goes with
-    the container, and the usage in it: refused at cold start, naming the setting."""
+    """Under Lambda, a SQLite store is a file on the container's own disk, and the memory
+    provider the container's memory: both go with the container, and the usage in them.
+    Refused at cold start, naming the setting (memory is allowed with
+    `METERING_AWS_ALLOW_EPHEMERAL=1`, for trying the handlers locally)."""
+    if provider_name == "memory" and not _truthy("METERING_AWS_ALLOW_EPHEMERAL"):
+        raise ConfigurationError(
+            "the memory provider would keep usage in this Lambda container's own memory, "
+            "lost when the container goes (and not shared by the others): set "
+            "METERING_PROVIDER to sql with METERING_SQL_URL on PostgreSQL, or another provider"
+        )
     if provider_name != "sql":
         return
     from metering_core.sql.provider import SqlProvider
@@ -122,7 +131,11 @@ def _container_api() -> Mangum:
             allow_unauthenticated=_truthy("METERING_AWS_ALLOW_UNAUTHENTICATED"),
         )
         metering = AsyncMetering()
-        _refuse_container_disk(metering.provider_name, metering.provider)
+        try:
+            _refuse_container_disk(metering.provider_name, metering.provider)
+        except ConfigurationError:
+            shared_loop().run(metering.close())
+            raise
         app = create_app(metering, gateway=gateway)
         _api = Mangum(
             app, lifespan="off", api_gateway_base_path=os.environ.get("METERING_AWS_BASE_PATH", "/")

@@ -32,11 +32,14 @@ def _as_sent(stored: str, reason: str, sent: Mapping[str, str]) -> str:
 
 
 class Principal:
-    """Who is calling: the scopes of their key and the tenant it is bound to, if any."""
+    """Who is calling: the scopes of their key, the tenant it is bound to, if any, and a
+    name for the caller that shows no secret (`caller`: its key's digest, or its token's
+    subject), which keeps callers' idempotency keys apart."""
 
-    def __init__(self, key: ApiKey) -> None:
+    def __init__(self, key: ApiKey, caller: str = "anonymous") -> None:
         self.scopes = key.scopes
         self.tenant = key.tenant
+        self.caller = caller
 
     def need(self, scope: Scope) -> None:
         """Refuse (403) a key without `scope`."""
@@ -158,7 +161,7 @@ class Keys:
                 match = spec
         if match is None:
             raise Forbidden("unknown API key", 401)
-        return Principal(match)
+        return Principal(match, caller=f"key:{offered.hex()}")
 
 
 class GatewayClaims:
@@ -188,8 +191,9 @@ class GatewayClaims:
                 raise Forbidden("no authorizer context: this function serves API Gateway", 401)
             claims = {}
         scopes = frozenset(get_args(Scope))
+        caller = f"token:{claims.get('sub') or claims.get('client_id') or ''}"
         if self.tenant_claim not in claims:
-            return Principal(ApiKey(scopes=scopes))
+            return Principal(ApiKey(scopes=scopes), caller=caller)
         tenant = claims[self.tenant_claim]
         if not isinstance(tenant, str) or tenant == "":
             # present but not one tenant: refused, never read as no tenant (which acts for
@@ -197,7 +201,7 @@ class GatewayClaims:
             raise Forbidden(
                 f"the token's {self.tenant_claim!r} claim is not a tenant id: {tenant!r}"
             )
-        return Principal(ApiKey(scopes=scopes, tenant=tenant))
+        return Principal(ApiKey(scopes=scopes, tenant=tenant), caller=caller)
 
 
 Gate = Keys | GatewayClaims

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import unquote
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -36,8 +37,10 @@ def event_messages(headers: Headers, body: bytes) -> tuple[list[Any], bool]:
     """The messages a request carries, and whether it was a batch (answered as a list)."""
     media = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
     if f"{_PREFIX}specversion" in headers:
+        # values are percent-encoded (the HTTP binding's rule): the same event sent in
+        # binary and in structured mode must name the same source and id, or it counts twice
         message: dict[str, Any] = {
-            name[len(_PREFIX) :]: value
+            name[len(_PREFIX) :]: unquote(value)
             for name, value in headers.items()
             if name.startswith(_PREFIX)
         }

@@ -7,6 +7,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import SimpleNamespace
@@ -119,11 +120,23 @@ class SqlProvider(BaseProvider):
                 if self.store.sqlite_path == default_store_path():
                     default_store_path().parent.mkdir(parents=True, exist_ok=True)
                 engine = self.store.engine(self._bounds)
+                # On PostgreSQL a migration (a long rebuild, or the wait for another
+                # process's) is not bound by statement_timeout: its own engine, released
+                # when done. (SQLite has no statement bound, and `:memory:` one database
+                # per engine.)
+                migrating = (
+                    self.store.engine(replace(self._bounds, statement=None))
+                    if self.store.backend == "postgresql"
+                    else engine
+                )
                 try:
-                    await self._migrate(engine)
+                    await self._migrate(migrating)
                 except BaseException:
                     await engine.dispose()
                     raise
+                finally:
+                    if migrating is not engine:
+                        await migrating.dispose()
                 self._engine = engine
         return self._engine
 

@@ -58,7 +58,7 @@ class StoreBounds:
     """How long a store call may wait, in seconds (the sql provider's settings)."""
 
     connect: float
-    statement: float
+    statement: float | None  # None: unbounded (a migration, which may take long)
     pool: float
 
 
@@ -121,11 +121,11 @@ class StoreUrl:
             engine = create_async_engine(self.url, pool_timeout=bounds.pool)
             sa.event.listen(engine.sync_engine, "connect", _prepare_sqlite)
             return engine
+        connect_args: dict[str, float] = {"timeout": bounds.connect}
+        if bounds.statement is not None:
+            connect_args["command_timeout"] = bounds.statement
         return create_async_engine(
-            self.url,
-            pool_pre_ping=True,
-            pool_timeout=bounds.pool,
-            connect_args={"timeout": bounds.connect, "command_timeout": bounds.statement},
+            self.url, pool_pre_ping=True, pool_timeout=bounds.pool, connect_args=connect_args
         )
 
 

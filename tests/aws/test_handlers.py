@@ -115,6 +115,7 @@ def provider(
     for name in ("METERING_PROVIDER", "METERING_SQL_URL", "METERING_SECRETS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("METERING_PROVIDER", request.param)
+    monkeypatch.setenv("METERING_AWS_ALLOW_EPHEMERAL", "1")  # memory: allowed for these tests
     if request.param == "sql":  # under Lambda, the durable store is PostgreSQL's
         monkeypatch.setenv("METERING_SQL_URL", request.getfixturevalue("postgres_url"))
     monkeypatch.setattr(aws, "_api", None)  # a new container
@@ -265,16 +266,23 @@ def test_secrets_come_from_secrets_manager_at_cold_start(
     assert asked == ["arn:aws:secretsmanager:us-east-1:1:secret:m"]
 
 
-@pytest.mark.parametrize("url", [None, "sqlite:///{tmp}/metering.db"])
+@pytest.mark.parametrize("url", [None, "sqlite:///{tmp}/metering.db", "memory"])
 @pytest.mark.parametrize("handler", ["api_handler", "event_handler"])
 def test_a_store_on_the_containers_own_disk_is_refused_at_cold_start(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any, url: str | None, handler: str
 ) -> None:
     """The default (SQLite in the user data directory) or any sqlite: URL would keep usage
     on a Lambda container's disk, lost with the container."""
-    for name in ("METERING_PROVIDER", "METERING_SQL_URL", "METERING_SECRETS"):
+    for name in (
+        "METERING_PROVIDER",
+        "METERING_SQL_URL",
+        "METERING_SECRETS",
+        "METERING_AWS_ALLOW_EPHEMERAL",
+    ):
         monkeypatch.delenv(name, raising=False)
-    if url is not None:
+    if url == "memory":
+        monkeypatch.setenv("METERING_PROVIDER", "memory")
+    elif url is not None:
         monkeypatch.setenv("METERING_PROVIDER", "sql")
         monkeypatch.setenv("METERING_SQL_URL", url.format(tmp=tmp_path))
     monkeypatch.setattr(aws, "_api", None)
@@ -286,5 +294,5 @@ def test_a_store_on_the_containers_own_disk_is_refused_at_cold_start(
     )
     with pytest.raises(ConfigurationError, match="METERING_SQL_URL") as refused:
         getattr(aws, handler)(request, None)
-    assert "Lambda container's own disk" in str(refused.value)
+    assert "Lambda container's own" in str(refused.value)
     assert (aws._metering, aws._api) == (None, None)  # the next invocation checks again

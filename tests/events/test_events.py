@@ -262,6 +262,7 @@ def test_event_handler_ingests_and_flushes(monkeypatch: pytest.MonkeyPatch) -> N
 
     lambda_handler = aws.event_handler
     monkeypatch.setenv("METERING_PROVIDER", "memory")
+    monkeypatch.setenv("METERING_AWS_ALLOW_EPHEMERAL", "1")
     monkeypatch.setattr(aws, "_metering", None)
     message = eventbridge("INGEST_USAGE", {"event_name": "nometer", "tenantId": "t1"})
     with pytest.raises(ValidationError, match="rejected"):

@@ -132,3 +132,62 @@ def test_a_body_that_is_no_message_is_refused_naming_the_body(
 ) -> None:
     response = client.post("/events", content=body, headers={**ADMIN, "Content-Type": content_type})
     assert (response.status_code, response.json()["error"]["field"]) == (422, "body")
+
+
+def test_one_event_sent_in_binary_then_structured_mode_counts_once(client: TestClient) -> None:
+    """The binding percent-encodes header values ("sbt app" is sbt%20app): read raw, the
+    event's source and id differed between the modes, and a redrive in the other mode
+    billed it twice."""
+    event = CloudEvent(
+        {
+            "type": "INGEST_USAGE",
+            "source": "sbt app",
+            "id": "evt 1",
+            "specversion": "1.0",
+            "time": SENT,
+        },
+        {"event_name": "api_calls", "tenantId": "acme", "value": 3},
+    )
+    binary = to_binary(event, JSONFormat())
+    assert "%20" in binary.headers["ce-source"]
+    first = post(client, binary)
+    again = post(client, to_structured(event, JSONFormat()))
+    assert again["duplicates"] == first["accepted"]
+    assert total(client) == "3"
+
+
+def test_a_batch_is_refused_whole_when_the_caller_may_not_act_on_one_message() -> None:
+    """A tenant's key sending its own usage and another tenant's onboarding: 403, and its
+    usage was billed anyway (the rights were checked only as each message acted)."""
+    keys = {
+        "acme": {"scopes": ["usage:write", "customers:write", "usage:read"], "tenant": "acme"},
+        "admin": {"scopes": ["meters:write", "meters:read", "usage:read"]},
+    }
+    with TestClient(create_app(AsyncMetering("memory"), keys=keys)) as tenant_client:
+        tenant_client.post("/meters", json={"event_name": "api_calls"}, headers=ADMIN)
+        messages = [
+            {
+                "specversion": "1.0",
+                "id": "u1",
+                "source": "s",
+                "type": "INGEST_USAGE",
+                "data": {"event_name": "api_calls", "tenantId": "acme", "value": 4},
+            },
+            {
+                "specversion": "1.0",
+                "id": "o1",
+                "source": "s",
+                "type": "ONBOARDING_REQUEST",
+                "data": {"tenantId": "globex"},
+            },
+        ]
+        response = tenant_client.post(
+            "/events",
+            content=json.dumps(messages).encode(),
+            headers={
+                "Authorization": "Bearer acme",
+                "Content-Type": "application/cloudevents-batch+json",
+            },
+        )
+        assert response.status_code == 403
+        assert total(tenant_client) == ""

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -659,3 +660,35 @@ def test_an_idempotency_key_that_is_not_one_is_refused_naming_the_header(
         "/usage", json={"events": [event]}, headers={**ACME, "Idempotency-Key": key}
     )
     assert "Idempotency-Key" in refused(response, "Idempotency-Key")
+
+
+def test_an_idempotency_key_never_makes_two_callers_or_two_requests_share_ids() -> None:
+    """Two services (their own admin keys) both using `job-1`, and one reusing a key for
+    other events: every event counts. Ids from the key alone made the second a duplicate."""
+    keys = {"svc-a": {"scopes": ALL}, "svc-b": {"scopes": ALL}}
+    at = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
+    with TestClient(create_app(AsyncMetering("memory"), keys=keys)) as client:
+        a = {"Authorization": "Bearer svc-a", "Idempotency-Key": "job-1"}
+        b = {"Authorization": "Bearer svc-b", "Idempotency-Key": "job-1"}
+        meter = client.post("/meters", json={"event_name": "api_calls"}, headers=a).json()
+
+        def send(headers: dict[str, str], customer: str, value: int) -> dict[str, Any]:
+            event = {
+                "event_name": "api_calls",
+                "customer_id": customer,
+                "value": value,
+                "timestamp": at.isoformat(),
+            }
+            return client.post("/usage", json={"events": [event]}, headers=headers).json()
+
+        assert len(send(a, "acme", 5)["accepted"]) == 1
+        assert len(send(b, "globex", 7)["accepted"]) == 1  # another caller, same key
+        assert len(send(a, "acme", 9)["accepted"]) == 1  # the key reused for another event
+        assert len(send(a, "acme", 5)["duplicates"]) == 1  # the first request, retried
+        params = {
+            "start": at.isoformat(),
+            "end": (at + timedelta(seconds=1)).isoformat(),
+            "group_by": "customer_id",
+        }
+        rows = client.get(f"/usage/{meter['id']}", params=params, headers=a).json()["rows"]
+        assert {row["customer_id"]: row["value"] for row in rows} == {"acme": "14", "globex": "7"}

@@ -1159,3 +1159,27 @@ def test_a_sqlite_upgrade_killed_at_any_point_leaves_a_store_that_starts(tmp_pat
         child.wait(60)
         assert asyncio.run(total(store)) == count, f"killed after {delay} s"
     assert killed >= 3, "the upgrade finished before most kills: make the store larger"
+
+
+def test_a_migration_is_not_cut_by_the_statement_timeout(postgres_url: str) -> None:
+    """Waiting for another process's migration (or a long rebuild) took longer than
+    statement_timeout and failed every start during it."""
+    import asyncpg
+
+    async def scenario() -> list[str]:
+        holder = await asyncpg.connect(postgres_url)
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT pg_advisory_xact_lock(4242001)")  # a migration under way
+        provider = SqlProvider(SqlSettings(url=postgres_url, statement_timeout=1))
+        upgrade = asyncio.create_task(provider.upgrade_schema())
+        await asyncio.sleep(2.5)  # past the statement bound
+        assert not upgrade.done()
+        await transaction.rollback()
+        await holder.close()
+        revision = await asyncio.wait_for(upgrade, 30)
+        meters = await provider.fetch_all_meters()
+        await provider.aclose()
+        return [revision, *[m.id for m in meters.items]]
+
+    assert asyncio.run(scenario()) == [schema_revisions()[0]]

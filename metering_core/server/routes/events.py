@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import TypeAdapter
 
 from metering_core.errors import ValidationError
-from metering_core.events import parse_event, route
+from metering_core.events import ParsedEvent, parse_event, route
 from metering_core.models import MAX_EVENTS_PER_REQUEST, Customer, IngestResult
 from metering_core.server.acting import ActingAs
 from metering_core.server.auth import Principal
@@ -42,8 +42,13 @@ _BODY = {
 }
 
 
-def _needs(principal: Principal, kind: str) -> None:
-    principal.need("usage:write" if kind == "ingest" else "customers:write")
+def _may(principal: Principal, parsed: ParsedEvent) -> None:
+    """Refuse (403) a message this caller may not act on, before any message acts."""
+    principal.need("usage:write" if parsed.kind == "ingest" else "customers:write")
+    if parsed.customer is not None:
+        principal.own_tenant(parsed.customer.id, "create customer")
+    if parsed.tenant_id is not None:
+        principal.own_tenant(parsed.tenant_id, "delete customer")
 
 
 @router.post(
@@ -69,7 +74,7 @@ async def handle_event(
         )
     parsed = [parse_event(message) for message in messages]
     for one in parsed:
-        _needs(principal, one.kind)
+        _may(principal, one)
     acting = ActingAs(shared, principal)
     answers: list[Any] = [await route(one, acting) for one in parsed]
     content = _ANSWERS.dump_json(answers) if batch else _ONE.dump_json(answers[0])

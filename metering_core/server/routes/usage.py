@@ -39,7 +39,11 @@ async def ingest(request: Request) -> Response:
     refuse_unknown_query(request)
     batch = read_usage_batch(await request.body(), request.headers.get("content-type"))
     key = request.headers.get("idempotency-key")
-    events = batch.events if key is None else keyed_ids(batch.events, key, principal.tenant)
+    events = (
+        batch.events
+        if key is None
+        else keyed_ids(batch.events, key, principal.caller, principal.tenant)
+    )
     result = await ActingAs(request.app.state.service, principal).ingest_usage_events(events)
     return Response(result.model_dump_json(), media_type="application/json")
 
