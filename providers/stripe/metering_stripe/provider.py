@@ -26,6 +26,7 @@ from metering_core.models import (
     UsageEvent,
     UsageQuery,
 )
+from metering_core.rules import answer
 from metering_stripe.capabilities import CAPABILITIES, FORMULAS, MAX_AGE, MAX_AHEAD
 from metering_stripe.deliveries import RecentDeliveries
 from metering_stripe.errors import translate
@@ -344,14 +345,7 @@ class StripeProvider(BaseProvider):
                 break
             params["starting_after"] = listing.data[-1]["id"]
         rows = fold_summaries(summaries, bounds, meter.aggregation, query.customer_id)
-        return Usage(
-            meter_id=meter.id,
-            aggregation=meter.aggregation,
-            start=query.start,
-            end=query.end,
-            window=query.window,
-            rows=rows,
-        )
+        return answer(meter, query, rows)
 
     # cancellation
 
