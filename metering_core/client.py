@@ -6,6 +6,7 @@ the model (`MeterCreate`, `UsageEvent`, …) or its fields as keyword arguments.
 
 from __future__ import annotations
 
+import time
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -259,13 +260,18 @@ class AsyncMetering:
         self, events: Iterable[EventInput], *, lowering_refused: bool = False
     ) -> IngestResult:
         """Deliver now, without the queue, and answer per event: for gateways (the REST
-        service) whose caller keeps its own queue and retries. `lowering_refused` (where
+        service) whose caller keeps its own queue and retries; counted, logged and given
+        to the `usage_delivered` hook as the queue's deliveries are. `lowering_refused` (where
         the provider's capabilities say `refuses_lowering`): events of meters whose usage
         an event can lower are rejected, judged by the meters as the provider stores them."""
         checked = self._checked_events(events)
+        began = time.monotonic()
         if lowering_refused:
-            return await self._provider.ingest_usage_events(checked, lowering_refused=True)
-        return await self._provider.ingest_usage_events(checked)
+            result = await self._provider.ingest_usage_events(checked, lowering_refused=True)
+        else:
+            result = await self._provider.ingest_usage_events(checked)
+        self._pipeline.record_direct(len(checked), result, time.monotonic() - began)
+        return result
 
     async def handle_event(self, event: Mapping[str, Any]) -> Any:
         """Route an event-bus message (EventBridge or CloudEvent) to ingestion, onboarding or

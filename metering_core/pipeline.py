@@ -273,7 +273,19 @@ class Pipeline:
         if self._spool is not None:
             self._spool.settle(batch, result)
         dead = len(result.rejected) if self._spool is not None else 0
-        self.stats.on_settled(len(batch), result, seconds, dead)
+        self._count(len(batch), result, seconds, dead)
+        self._report.add(result)
+
+    def record_direct(self, count: int, result: IngestResult, seconds: float) -> None:
+        """Count a delivery made around the queue (`deliver_usage_events`: the REST
+        service's and the Lambda API's ingestion) as the queue's own are counted: the
+        same statistics, log line and `usage_delivered` hook, so one set of counters
+        describes every way usage came in. (Its caller has the answer; no report.)"""
+        self.stats.on_queued(count)
+        self._count(count, result, seconds, dead=0)
+
+    def _count(self, count: int, result: IngestResult, seconds: float, dead: int) -> None:
+        self.stats.on_settled(count, result, seconds, dead)
         if result.rejected:
             first_id, reason = next(iter(result.rejected.items()))
             logger.warning(
@@ -284,7 +296,6 @@ class Pipeline:
                 first_id,
                 reason,
             )
-        self._report.add(result)
         if self._on_delivered is not None:
             try:
                 self._on_delivered(result)

@@ -692,3 +692,57 @@ def test_an_idempotency_key_never_makes_two_callers_or_two_requests_share_ids() 
         }
         rows = client.get(f"/usage/{meter['id']}", params=params, headers=a).json()["rows"]
         assert {row["customer_id"]: row["value"] for row in rows} == {"acme": "14", "globex": "7"}
+
+
+def test_the_pipelines_counters_and_hook_see_usage_sent_to_the_service() -> None:
+    """POST /usage and POST /events went around the delivery pipeline: the
+    metering_pipeline_* series and the usage_delivered hook never saw them, so the
+    operations page's alerts could not fire on a service."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from metering_core import IngestResult, hookimpl, register_plugin
+    from metering_core.plugins import unregister_plugin
+
+    seen: list[IngestResult] = []
+
+    class Watcher:
+        @hookimpl
+        def usage_delivered(self, provider: str, result: IngestResult) -> None:
+            seen.append(result)
+
+    watcher = Watcher()
+    register_plugin(watcher)
+    keys = {**KEYS, "scraper": {"scopes": ["metrics:read"]}}
+    try:
+        with TestClient(create_app(AsyncMetering("memory"), keys=keys)) as client:
+            client.post("/meters", json={"event_name": "api_calls"}, headers=ADMIN)
+            events = [
+                {"id": f"p{i}", "event_name": "api_calls", "customer_id": "acme"} for i in range(4)
+            ]
+            client.post("/usage", json={"events": events}, headers=ADMIN).raise_for_status()
+            again = [*events[:1], {"id": "x", "event_name": "nometer", "customer_id": "acme"}]
+            client.post("/usage", json={"events": again}, headers=ADMIN).raise_for_status()
+            message = {
+                "id": "eb-1",
+                "detail-type": "INGEST_USAGE",
+                "detail": {"event_name": "api_calls", "tenantId": "acme"},
+            }
+            client.post("/events", json=message, headers=ADMIN).raise_for_status()
+            page = client.get("/metrics", headers={"Authorization": "Bearer scraper"}).text
+    finally:
+        unregister_plugin(watcher)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+    }
+    memory = (("provider", "memory"),)
+    assert samples[("metering_pipeline_events_queued_total", memory)] == 7
+    assert samples[("metering_pipeline_queue_depth", memory)] == 0
+    ingested = {
+        dict(labels)["outcome"]: value
+        for (name, labels), value in samples.items()
+        if name == "metering_events_ingested_total"
+    }
+    assert ingested == {"accepted": 5, "duplicate": 1, "rejected": 1}
+    assert sorted(len(r.accepted) + len(r.duplicates) + len(r.rejected) for r in seen) == [1, 2, 4]
