@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from metering_core.cli.app import (
     app,
@@ -20,8 +19,9 @@ from metering_core.cli.app import (
     print_json,
 )
 from metering_core.cli.backfill import check_rows, deliver
-from metering_core.cli.tables import capability_table, print_usage
-from metering_core.errors import ValidationError
+from metering_core.cli.tables import capability_table, print_meters, print_usage
+from metering_core.client import Metering
+from metering_core.errors import NotFoundError, ValidationError
 from metering_core.models import Window
 from metering_core.plugins import providers
 from metering_core.server.body_limit import MAX_BODY_BYTES
@@ -46,6 +46,29 @@ def list_providers() -> None:
 # meters
 
 
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+FormatOption = Annotated[
+    Format, typer.Option("--format", case_sensitive=False, help="table, json or csv.")
+]
+
+
+def resolve_meter(m: Metering, meter: str) -> str:
+    """A meter's id from its id or its event name (what a person remembers); an id wins
+    where one meter's id is another's event name."""
+    try:
+        return m.fetch_meter(meter).id
+    except NotFoundError:
+        for found in m.iter_meters():
+            if found.event_name == meter:
+                return found.id
+    raise NotFoundError(f"no meter with id or event name {meter!r} (`metering meters list`)")
+
+
 @meters_app.command("create")
 def create_meter(
     ctx: typer.Context,
@@ -54,48 +77,41 @@ def create_meter(
     aggregation: Annotated[str, typer.Option()] = "sum",
     dimension: Annotated[list[str] | None, typer.Option(help="Repeat for each dimension.")] = None,
     unique_dimension: Annotated[str | None, typer.Option()] = None,
+    output: FormatOption = Format.table,
 ) -> None:
-    """Create a meter for one event name."""
+    """Create a meter for one event name; answers as `meters list` does."""
     with connect(ctx) as m:
-        print_json(
-            m.create_meter(
-                event_name=event_name,
-                display_name=display_name,
-                aggregation=aggregation,
-                dimensions=dimension or [],
-                unique_dimension=unique_dimension,
-            )
+        created = m.create_meter(
+            event_name=event_name,
+            display_name=display_name,
+            aggregation=aggregation,
+            dimensions=dimension or [],
+            unique_dimension=unique_dimension,
         )
+    print_meters(out, [created], output.value)
 
 
 @meters_app.command("list")
-def list_meters(ctx: typer.Context) -> None:
+def list_meters(ctx: typer.Context, output: FormatOption = Format.table) -> None:
     """Every meter, across pages."""
     with connect(ctx) as m:
-        table = Table("id", "event name", "display name", "aggregation", "status")
-        for meter in m.iter_meters():
-            table.add_row(
-                meter.id,
-                meter.event_name,
-                meter.display_name,
-                meter.aggregation.value,
-                meter.status,
-            )
-        out.print(table)
+        meters = list(m.iter_meters())
+    print_meters(out, meters, output.value)
 
 
 @meters_app.command("get")
 def get_meter(
-    ctx: typer.Context, meter_id: str) -> None:
-    """One meter."""
+    ctx: typer.Context, meter: Annotated[str, typer.Argument(help="Id or event name.")]
+) -> None:
+    """One meter, by its id or its event name."""
     with connect(ctx) as m:
-        print_json(m.fetch_meter(meter_id))
+        print_json(m.fetch_meter(resolve_meter(m, meter)))
 
 
 @meters_app.command("update")
 def update_meter(
     ctx: typer.Context,
-    meter_id: str,
+    meter: Annotated[str, typer.Argument(help="Id or event name.")],
     display_name: Annotated[str | None, typer.Option()] = None,
     description: Annotated[str | None, typer.Option()] = None,
 ) -> None:
@@ -106,14 +122,16 @@ def update_meter(
         if v is not None
     }
     with connect(ctx) as m:
-        print_json(m.update_meter(meter_id, **changes))
+        print_json(m.update_meter(resolve_meter(m, meter), **changes))
 
 
 @meters_app.command("delete")
 def delete_meter(
-    ctx: typer.Context, meter_id: str) -> None:
-    """Delete a meter (Stripe deactivates it)."""
+    ctx: typer.Context, meter: Annotated[str, typer.Argument(help="Id or event name.")]
+) -> None:
+    """Delete a meter, by its id or its event name (Stripe deactivates it)."""
     with connect(ctx) as m:
+        meter_id = resolve_meter(m, meter)
         m.delete_meter(meter_id)
     out.print(f"deleted {meter_id}")
 
@@ -134,8 +152,7 @@ def create_customer(
 
 
 @customers_app.command("delete")
-def delete_customer(
-    ctx: typer.Context, customer_id: str) -> None:
+def delete_customer(ctx: typer.Context, customer_id: str) -> None:
     """Remove a tenant from the provider."""
     with connect(ctx) as m:
         m.delete_customer(customer_id)
@@ -158,7 +175,7 @@ def _parse_time(value: str, option: str) -> datetime:
 @app.command("usage")
 def usage(
     ctx: typer.Context,
-    meter_id: str,
+    meter: Annotated[str, typer.Argument(help="The meter's id or event name.")],
     from_: Annotated[str, typer.Option("--from", help="Start, ISO 8601 (inclusive).")],
     to: Annotated[str, typer.Option("--to", help="End, ISO 8601 (exclusive).")],
     customer: Annotated[str | None, typer.Option()] = None,
@@ -174,7 +191,7 @@ def usage(
         )
     with connect(ctx) as m:
         answer = m.fetch_usage(
-            meter_id,
+            resolve_meter(m, meter),
             customer_id=customer,
             start=_parse_time(from_, "--from"),
             end=_parse_time(to, "--to"),

@@ -1,8 +1,9 @@
-"""Rich renderings: the provider capability matrix and usage answers."""
+"""Rich renderings: the provider capability matrix, meters and usage answers."""
 
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from metering_core.interface import Capabilities, Operation
-from metering_core.models import Aggregation, Usage, Window
+from metering_core.models import Aggregation, Meter, Usage, Window
 from metering_core.plugins import ProviderSpec
 
 
@@ -59,6 +60,44 @@ def capability_table(specs: Sequence[ProviderSpec]) -> Table:
     for label, read in _capability_rows():
         table.add_row(label, *(read(s.capabilities) if s.capabilities else "?" for s in specs))
     return table
+
+
+METER_FIELDS = ("id", "event_name", "display_name", "aggregation", "dimensions", "status")
+
+
+def print_meters(out: Console, meters: Sequence[Meter], output: str) -> None:
+    """Meters as a table (ids and event names whole, however narrow the terminal), a JSON
+    list, or CSV."""
+    if output == "json":
+        out.print_json(json.dumps([meter.model_dump(mode="json") for meter in meters]))
+        return
+    if output == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(METER_FIELDS)
+        for meter in meters:
+            record = meter.model_dump(mode="json")
+            writer.writerow(
+                [" ".join(v) if isinstance(v := record[f], list) else v for f in METER_FIELDS]
+            )
+        return
+    table = Table()
+    for title, widest in (
+        ("id", max((len(meter.id) for meter in meters), default=2)),
+        ("event name", max((len(meter.event_name) for meter in meters), default=10)),
+    ):  # what other commands take: whole, however narrow the terminal
+        table.add_column(title, no_wrap=True, min_width=widest)
+    for title in ("display name", "aggregation", "dimensions", "status"):
+        table.add_column(title, overflow="fold")
+    for meter in meters:
+        table.add_row(
+            meter.id,
+            meter.event_name,
+            meter.display_name,
+            meter.aggregation.value,
+            ", ".join(meter.dimensions),
+            meter.status,
+        )
+    out.print(table)
 
 
 def print_usage(out: Console, usage: Usage, output: str) -> None:

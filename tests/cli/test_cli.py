@@ -50,7 +50,8 @@ def test_meters_lifecycle(shared: MemoryProvider) -> None:
         "meters", "create", "api_calls", "--display-name", "API calls", "--dimension", "region"
     )
     assert code == 0
-    meter_id = json.loads(out)["id"]
+    meter_id = json.loads(metering("meters", "get", "api_calls")[1])["id"]  # by event name
+    assert meter_id in out  # create answers as list does: a table holding the whole id
     assert metering("meters", "list")[1].count("api_calls") == 1
     assert json.loads(metering("meters", "get", meter_id)[1])["display_name"] == "API calls"
     assert (
@@ -137,7 +138,7 @@ def test_ingest_csv_with_a_spool_resumes_without_duplicates(
 def test_rows_without_ids_rerun_as_duplicates_and_identical_rows_both_count(
     shared: MemoryProvider, tmp_path: Path
 ) -> None:
-    meter_id = json.loads(metering("meters", "create", "api_calls")[1])["id"]
+    meter_id = json.loads(metering("meters", "create", "api_calls", "--format", "json")[1])[0]["id"]
     row = '{"event_name": "api_calls", "customer_id": "t1", "value": 2, "timestamp": "%s"}\n'
     lines = [row % "2026-11-01T10:00:00Z"] * 2 + [row % "2026-11-01T11:00:00Z"]
     rows = tmp_path / "usage.jsonl"
@@ -186,7 +187,7 @@ def test_a_rejected_backfill_row_fails_the_command(shared: MemoryProvider, tmp_p
 def test_a_backfill_keeps_every_digit_of_a_long_json_number(
     shared: MemoryProvider, tmp_path: Path
 ) -> None:
-    meter_id = json.loads(metering("meters", "create", "api_calls")[1])["id"]
+    meter_id = json.loads(metering("meters", "create", "api_calls", "--format", "json")[1])[0]["id"]
     rows = tmp_path / "usage.jsonl"
     rows.write_text(
         '{"id": "a", "event_name": "api_calls", "customer_id": "t1", '
@@ -199,7 +200,7 @@ def test_a_backfill_keeps_every_digit_of_a_long_json_number(
 
 
 def test_usage_table_json_and_a_bad_time(shared: MemoryProvider) -> None:
-    meter_id = json.loads(metering("meters", "create", "api_calls")[1])["id"]
+    meter_id = json.loads(metering("meters", "create", "api_calls", "--format", "json")[1])[0]["id"]
     window = ["--from", "2026-11-01T00:00:00Z", "--to", "2026-11-03T00:00:00Z"]
     assert "sum of" in metering("usage", meter_id, *window, "--window", "day")[1]
     assert json.loads(metering("usage", meter_id, *window, "--format", "json")[1])["rows"] == []
@@ -440,3 +441,38 @@ def test_aws_bundle_refuses_a_provider_it_cannot_bundle() -> None:
     code, printed = metering("aws", "bundle", "out", "--provider", "memory", "--dry-run")
     assert code == 2
     assert "provider='memory'" in printed
+
+
+def test_a_meter_is_named_by_its_id_or_its_event_name_and_tables_keep_ids_whole(
+    shared: MemoryProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`metering usage api_calls` answered "no meter with id 'api_calls'", and a narrow
+    terminal cut the id `meters list` showed (the id `usage` needed)."""
+    monkeypatch.setenv("COLUMNS", "50")
+    created = json.loads(metering("meters", "create", "api_calls", "--format", "json")[1])[0]
+    listed = metering("meters", "list")[1]
+    assert created["id"] in listed
+    assert "api_calls" in listed
+    window = ["--from", "2026-11-01T00:00:00Z", "--to", "2026-11-02T00:00:00Z"]
+    by_name = metering("usage", "api_calls", *window, "--format", "json")
+    assert json.loads(by_name[1])["meter_id"] == created["id"]
+    code, out = metering("usage", "no_such_meter", *window)
+    assert (code, out.strip()) == (
+        1,
+        "error: no meter with id or event name 'no_such_meter' (`metering meters list`)",
+    )
+    assert metering("meters", "delete", "api_calls") == (0, f"deleted {created['id']}\n")
+
+
+def test_meters_list_as_json_and_csv_for_scripts(shared: MemoryProvider) -> None:
+    import csv as csv_module
+
+    metering("meters", "create", "api_calls", "--dimension", "region", "--dimension", "plan")
+    as_json = json.loads(metering("meters", "list", "--format", "json")[1])
+    assert [(m["event_name"], m["dimensions"]) for m in as_json] == [
+        ("api_calls", ["region", "plan"])
+    ]
+    rows = list(csv_module.reader(metering("meters", "list", "--format", "csv")[1].splitlines()))
+    assert rows[0] == ["id", "event_name", "display_name", "aggregation", "dimensions", "status"]
+    assert rows[1][0] == as_json[0]["id"]
+    assert rows[1][4] == "region plan"

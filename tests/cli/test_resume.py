@@ -77,7 +77,8 @@ def test_a_killed_backfill_resumes_without_duplicates(
     service: tuple[FailAfter, dict[str, str]], tmp_path: Path
 ) -> None:
     app, env = service
-    meter_id = json.loads(finish(metering(env, "meters", "create", "api_calls")))["id"]
+    created = finish(metering(env, "meters", "create", "api_calls", "--format", "json"))
+    meter_id = json.loads(created)[0]["id"]
     rows = tmp_path / "usage.jsonl"
     rows.write_text(
         "".join(

@@ -72,7 +72,7 @@ def test_what_one_command_writes_the_next_one_reads(tmp_path: Path) -> None:
     listed = metering("meters", "list", home=tmp_path).stdout
     assert "api_calls" in listed
     meter_id = next(word for word in listed.split() if word.startswith("mtr_"))
-    meter_id = meter_id.rstrip("…")
+    assert len(meter_id) == len("mtr_") + 24  # whole, not cut to the terminal
     path = metering("db", "path", home=tmp_path).stdout.strip()
     assert path == str(tmp_path / "metering" / "metering.db")
     assert metering("db", "current", home=tmp_path).stdout.startswith(schema_revisions()[0])
