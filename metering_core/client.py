@@ -38,11 +38,13 @@ from metering_core.models import (
     CancelResult,
     Customer,
     CustomerCreate,
+    EventQuery,
     IngestResult,
     Meter,
     MeterCreate,
     MeterUpdate,
     Page,
+    StoredEvent,
     Usage,
     UsageEvent,
     UsageQuery,
@@ -94,6 +96,20 @@ def _coerce_events(events: Iterable[EventInput]) -> list[UsageEvent]:
                 f"events[{index}]: {exc}", field=f"events[{index}].{exc.field}", value=exc.value
             ) from None
     return checked
+
+
+def _listed(field: str, values: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(values, str):  # "acme" would be read as the customers "a", "c", "m", "e"
+        raise ValidationError(
+            f"{field} must be a list, not one string ({values!r})", field=field, value=values
+        )
+    return tuple(values)
+
+
+def _filters(filters: Mapping[str, Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
+    """`{"region": ["eu"]}` as the models hold it; a key's values given as one string are
+    refused (as `customer_ids`), not read letter by letter."""
+    return {key: _listed(f"filters.{key}", values) for key, values in (filters or {}).items()}
 
 
 def _build_provider(
@@ -305,8 +321,12 @@ class AsyncMetering:
         window: Window | str | None = None,
         group_by: Sequence[str] = (),
         tz: str = "UTC",
+        filters: Mapping[str, Sequence[str]] | None = None,
+        customer_ids: Sequence[str] = (),
     ) -> Usage:
-        """Aggregated usage of one meter over [start, end), by window and group."""
+        """Aggregated usage of one meter over [start, end), by window and group; only the
+        events whose dimensions pass `filters` (`{"region": ["eu", "us"]}`: values OR-ed
+        within a key, keys AND-ed) and, with `customer_ids`, only those customers'."""
         if isinstance(meter_id, UsageQuery):
             query = meter_id
         else:
@@ -318,9 +338,76 @@ class AsyncMetering:
                 window=window,
                 group_by=tuple(group_by),
                 tz=tz,
+                filters=_filters(filters),
+                customer_ids=_listed("customer_ids", customer_ids),
             )
         guards.check_usage_query(await self.load_capabilities(), self.provider_name, query)
         return await self._provider.fetch_usage(query)
+
+    async def list_usage_events(
+        self,
+        meter_id: str | EventQuery | None = None,
+        *,
+        event_name: str | None = None,
+        customer_id: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        filters: Mapping[str, Sequence[str]] | None = None,
+        include_cancelled: bool = False,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page[StoredEvent]:
+        """One page of the events stored for a meter (named by `meter_id` or `event_name`)
+        with timestamps in [start, end), oldest first; pass `next_cursor` back for the
+        next. The events behind a usage number, for a dispute or an audit."""
+        if isinstance(meter_id, EventQuery):
+            query = meter_id
+        else:
+            query = EventQuery(
+                meter_id=meter_id,
+                event_name=event_name,
+                customer_id=customer_id,
+                start=start,
+                end=end,
+                filters=_filters(filters),
+                include_cancelled=include_cancelled,
+                limit=limit,
+                cursor=cursor,
+            )
+        guards.check_event_query(await self.load_capabilities(), self.provider_name, query)
+        return await self._provider.list_usage_events(query)
+
+    async def iter_usage_events(
+        self,
+        meter_id: str | None = None,
+        *,
+        event_name: str | None = None,
+        customer_id: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        filters: Mapping[str, Sequence[str]] | None = None,
+        include_cancelled: bool = False,
+        page_size: int = 1000,
+    ) -> AsyncIterator[StoredEvent]:
+        """Every stored event `list_usage_events` would page through, one page held at a
+        time (an export of any size in constant memory)."""
+        query = EventQuery(
+            meter_id=meter_id,
+            event_name=event_name,
+            customer_id=customer_id,
+            start=start,
+            end=end,
+            filters=_filters(filters),
+            include_cancelled=include_cancelled,
+            limit=page_size,
+        )
+        while True:
+            page = await self.list_usage_events(query)
+            for event in page.items:
+                yield event
+            if page.next_cursor is None:
+                return
+            query = query.model_copy(update={"cursor": page.next_cursor})
 
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None
@@ -474,6 +561,8 @@ class Metering:
     handle_event = _mirror(AsyncMetering.handle_event)
     flush = _mirror(AsyncMetering.flush)
     fetch_usage = _mirror(AsyncMetering.fetch_usage)
+    list_usage_events = _mirror(AsyncMetering.list_usage_events)
+    iter_usage_events = _mirror_iterator(AsyncMetering.iter_usage_events)
     cancel_usage_events = _mirror(AsyncMetering.cancel_usage_events)
     create_customer = _mirror(AsyncMetering.create_customer)
     delete_customer = _mirror(AsyncMetering.delete_customer)

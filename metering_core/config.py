@@ -46,6 +46,8 @@ def default_store_path() -> Path:
     """Where the embedded store lives when nothing is configured: a SQLite file in the
     user data directory (`platformdirs`, which honours XDG_DATA_HOME)."""
     return Path(platformdirs.user_data_dir("metering")) / "metering.db"
+
+
 S = TypeVar("S", bound=BaseSettings)
 
 

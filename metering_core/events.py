@@ -258,4 +258,3 @@ async def route(parsed: ParsedEvent, target: EventTarget) -> Any:
         # already, which is the outcome it asked for.
         logger.info("offboarding %r: no such customer (already offboarded)", parsed.tenant_id)
     return None
-

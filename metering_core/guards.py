@@ -9,7 +9,14 @@ from pydantic import TypeAdapter
 
 from metering_core.errors import UnsupportedOperationError, ValidationError
 from metering_core.interface import Capabilities, Operation
-from metering_core.models import MeterCreate, MeterUpdate, Text, UsageQuery, describe_error
+from metering_core.models import (
+    EventQuery,
+    MeterCreate,
+    MeterUpdate,
+    Text,
+    UsageQuery,
+    describe_error,
+)
 
 
 def require_operation(caps: Capabilities, provider: str, operation: Operation) -> None:
@@ -59,11 +66,28 @@ def check_usage_query(caps: Capabilities, provider: str, query: UsageQuery) -> N
         raise UnsupportedOperationError(
             provider, Operation.FETCH_USAGE.value, f"group_by={list(query.group_by)!r}: no group-by"
         )
+    if (query.filters or query.customer_ids) and not caps.filters:
+        refused = "filters" if query.filters else "customer_ids"
+        raise UnsupportedOperationError(
+            provider,
+            Operation.FETCH_USAGE.value,
+            f"{refused}={getattr(query, refused)!r}: this provider cannot filter usage",
+        )
     if caps.requires_customer and query.customer_id is None:
         raise ValidationError(
             f"provider {provider!r} needs customer_id to fetch usage (customer_id=None)",
             field="customer_id",
             value=None,
+        )
+
+
+def check_event_query(caps: Capabilities, provider: str, query: EventQuery) -> None:
+    require_operation(caps, provider, Operation.LIST_USAGE_EVENTS)
+    if query.filters and not caps.filters:
+        raise UnsupportedOperationError(
+            provider,
+            Operation.LIST_USAGE_EVENTS.value,
+            f"filters={query.filters!r}: this provider cannot filter events",
         )
 
 

@@ -17,22 +17,31 @@ from metering_core.models import (
     CancelResult,
     Customer,
     CustomerCreate,
+    EventQuery,
     IngestResult,
     Meter,
     MeterCreate,
     MeterUpdate,
     Page,
+    StoredEvent,
     Usage,
     UsageEvent,
     UsageQuery,
     Window,
 )
 
-__all__ = ["BaseProvider", "Capabilities", "IMetering", "Operation"]
+__all__ = [
+    "CALENDAR_WINDOWS",
+    "SHARED_OPERATIONS",
+    "BaseProvider",
+    "Capabilities",
+    "IMetering",
+    "Operation",
+]
 
 
 class Operation(StrEnum):
-    """The ten operations of the IMetering interface."""
+    """The ten operations of the IMetering interface, and the listing of stored events."""
 
     CREATE_METER = "create_meter"
     FETCH_METER = "fetch_meter"
@@ -44,6 +53,14 @@ class Operation(StrEnum):
     CANCEL_USAGE_EVENTS = "cancel_usage_events"
     CREATE_CUSTOMER = "create_customer"
     DELETE_CUSTOMER = "delete_customer"
+    LIST_USAGE_EVENTS = "list_usage_events"
+
+
+SHARED_OPERATIONS = frozenset(Operation) - {Operation.LIST_USAGE_EVENTS}
+"""What a provider states by default: the ten operations of IMetering. Listing stored
+events is stated by the providers that keep them."""
+CALENDAR_WINDOWS = frozenset({Window.HOUR, Window.DAY, Window.MONTH})
+"""The windows a provider states by default; minute windows are stated where kept."""
 
 
 class Capabilities(BaseModel):
@@ -52,13 +69,16 @@ class Capabilities(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    operations: frozenset[Operation] = frozenset(Operation)
+    operations: frozenset[Operation] = SHARED_OPERATIONS
     aggregations: frozenset[Aggregation] = frozenset(Aggregation)
-    windows: frozenset[Window] = frozenset(Window)
+    windows: frozenset[Window] = CALENDAR_WINDOWS
     max_batch_size: int = Field(default=1000, ge=1)
     requires_customer: bool = False
     """`fetch_usage` needs `customer_id`."""
     group_by: bool = True
+    filters: bool = False
+    """`fetch_usage` and `list_usage_events` take `filters` and `customer_ids`: a provider
+    that would ignore them must not state it (an unfiltered answer would be billed)."""
     dimensions: bool = True
     """Meters may declare dimensions and events' dimensions are kept."""
     updatable_meter_fields: frozenset[str] = frozenset(
@@ -134,6 +154,11 @@ class IMetering(Protocol):
         self, event_ids: Sequence[str], *, event_name: str | None = None
     ) -> CancelResult:
         """Cancel delivered events; a verdict per id (optional operation)."""
+        ...
+
+    async def list_usage_events(self, query: EventQuery) -> Page[StoredEvent]:
+        """One page of a meter's stored events, oldest first; `next_cursor` is None on
+        the last (optional operation)."""
         ...
 
     async def create_customer(self, customer: CustomerCreate) -> Customer:
@@ -229,6 +254,9 @@ class BaseProvider(IMetering):
         self, event_ids: Sequence[str], *, event_name: str | None = None
     ) -> CancelResult:
         raise self.unsupported(Operation.CANCEL_USAGE_EVENTS)
+
+    async def list_usage_events(self, query: EventQuery) -> Page[StoredEvent]:
+        raise self.unsupported(Operation.LIST_USAGE_EVENTS)
 
     async def create_customer(self, customer: CustomerCreate) -> Customer:
         raise self.unsupported(Operation.CREATE_CUSTOMER)

@@ -41,11 +41,13 @@ __all__ = [
     "CancelResult",
     "Customer",
     "CustomerCreate",
+    "EventQuery",
     "IngestResult",
     "Meter",
     "MeterCreate",
     "MeterUpdate",
     "Page",
+    "StoredEvent",
     "Usage",
     "UsageEvent",
     "UsageQuery",
@@ -88,13 +90,13 @@ def _iana_zone(value: str) -> str:
 Slug = Annotated[str, Field(pattern=SLUG_PATTERN)]
 Text = Annotated[str, Field(pattern=TEXT_PATTERN)]
 Identifier = Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)]
+
+
 def _not_a_number(value: Any) -> Any:
     """A time is an ISO 8601 string (or a datetime), never a bare number: 1700000000 could
     be seconds or milliseconds, and the schema says date-time."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        raise ValueError(
-            f"must be an ISO 8601 date-time with an offset, not a number ({value!r})"
-        )
+        raise ValueError(f"must be an ISO 8601 date-time with an offset, not a number ({value!r})")
     return value
 
 
@@ -238,6 +240,7 @@ class Aggregation(StrEnum):
 class Window(StrEnum):
     """The width of one usage row; `None` in a query means the whole range."""
 
+    MINUTE = "minute"
     HOUR = "hour"
     DAY = "day"
     MONTH = "month"
@@ -357,7 +360,25 @@ MAX_WINDOWS = 10_000
 MAX_ROWS = 100_000
 """Rows one usage answer may hold (windows x groups); a provider refuses a query past it."""
 
-_WINDOW_WIDTH = {"hour": timedelta(hours=1), "day": timedelta(days=1), "month": timedelta(days=28)}
+_WINDOW_WIDTH = {
+    "minute": timedelta(minutes=1),
+    "hour": timedelta(hours=1),
+    "day": timedelta(days=1),
+    "month": timedelta(days=28),
+}
+
+
+MAX_FILTER_VALUES = 100
+"""Values one filter key may list (and customers `customer_ids` may): a query stays one
+statement a database plans in microseconds."""
+MAX_CUSTOMER_IDS = MAX_FILTER_VALUES
+
+FilterValues = Annotated[tuple[Text, ...], Field(min_length=1, max_length=MAX_FILTER_VALUES)]
+Filters = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)], FilterValues],
+    Field(max_length=20),
+]
+"""Dimension filters: a key (a dimension of the meter) -> the values it may have."""
 
 
 class UsageQuery(_Model):
@@ -371,6 +392,11 @@ class UsageQuery(_Model):
     window: Window | None = None
     group_by: tuple[str, ...] = ()
     tz: TimeZoneName = "UTC"
+    filters: Filters = {}
+    """Only events whose dimension `key` has one of the listed values, for every key given
+    (values OR-ed within a key, keys AND-ed): `{"region": ["eu", "us"]}`."""
+    customer_ids: Annotated[tuple[Identifier, ...], Field(max_length=MAX_CUSTOMER_IDS)] = ()
+    """Only these customers' events (with `customer_id` too: only customers in both)."""
 
     @field_validator("window")
     @classmethod
@@ -447,6 +473,54 @@ class Page(_Model, Generic[T]):
 
     items: list[T]
     next_cursor: str | None = None
+
+
+MAX_EVENTS_PER_PAGE = 1000
+"""Stored events one page of `list_usage_events` may hold."""
+
+
+class EventQuery(_Model):
+    """What `list_usage_events` asks for: one meter's stored events (named by `meter_id`
+    or `event_name`) with timestamps in [start, end), oldest first (ties in the order they
+    were stored), a page at a time."""
+
+    meter_id: Identifier | None = None
+    event_name: Slug | None = None
+    customer_id: Identifier | None = None
+    start: UtcDatetime
+    end: UtcDatetime
+    filters: Filters = {}
+    """As in `UsageQuery`: a dimension -> the values it may have."""
+    include_cancelled: bool = False
+    limit: Annotated[int, Field(ge=1, le=MAX_EVENTS_PER_PAGE)] = 100
+    cursor: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _one_meter(self) -> Self:
+        if (self.meter_id is None) == (self.event_name is None):
+            raise ValueError(
+                f"name the meter by meter_id or by event_name, one of them "
+                f"(meter_id={self.meter_id!r}, event_name={self.event_name!r})"
+            )
+        if self.end <= self.start:
+            raise ValueError(
+                f"end ({self.end.isoformat()}) must be after start ({self.start.isoformat()})"
+            )
+        return self
+
+
+class StoredEvent(_Model):
+    """A usage event as the provider holds it: what was sent, whether it was cancelled, and
+    when it was stored (`None` for events stored before the store kept that)."""
+
+    id: str
+    event_name: str
+    customer_id: str
+    timestamp: UtcDatetime
+    value: Decimal
+    dimensions: dict[str, str] = {}
+    cancelled: bool = False
+    ingested_at: UtcDatetime | None = None
 
 
 class IngestResult(_Model):

@@ -37,11 +37,14 @@ __all__ = [
     "Bucket",
     "EventMeter",
     "QueryPlan",
+    "admits",
+    "admitted_customers",
     "answer",
     "average",
     "cancel_verdicts",
     "cancellable",
     "canonical",
+    "check_filters",
     "ingest_verdicts",
     "ordered_rows",
     "plan_query",
@@ -169,6 +172,10 @@ class QueryPlan:
     micros: list[int]
     keys: list[str]
     by_customer: bool
+    customers: frozenset[str] | None
+    """The customers whose events count; None for every customer."""
+    filters: Mapping[str, frozenset[str]]
+    """Dimension -> the values it may have, for an event to count."""
 
     @property
     def windows(self) -> int:
@@ -207,7 +214,41 @@ def plan_query(meter: Meter, query: UsageQuery) -> QueryPlan:
         micros=[epoch_micros(bound) for bound in bounds],
         keys=keys,
         by_customer="customer_id" in query.group_by or query.customer_id is not None,
+        customers=admitted_customers(query.customer_id, query.customer_ids),
+        filters=check_filters(meter, query.filters),
     )
+
+
+def admitted_customers(
+    customer_id: str | None, customer_ids: Sequence[str] = ()
+) -> frozenset[str] | None:
+    """The customers whose events a query reads: `customer_id`, those of `customer_ids`,
+    or those in both when both are given (none, if they share none); None for all."""
+    if customer_ids:
+        listed = frozenset(customer_ids)
+        return listed if customer_id is None else listed & {customer_id}
+    return None if customer_id is None else frozenset({customer_id})
+
+
+def check_filters(meter: Meter, filters: Mapping[str, Sequence[str]]) -> dict[str, frozenset[str]]:
+    """Filters as sets of values; a key that is not a dimension of the meter is refused (no
+    event could be told apart by it: the filter would silently admit nothing)."""
+    known = {*meter.dimensions, *filter(None, [meter.unique_dimension])}
+    for key in filters:
+        if key not in known:
+            raise ValidationError(
+                f"filters: {key!r} is not a dimension of meter {meter.id} "
+                f"(dimensions: {sorted(known)!r})",
+                field="filters",
+                value=key,
+            )
+    return {key: frozenset(values) for key, values in filters.items()}
+
+
+def admits(filters: Mapping[str, frozenset[str]], dimensions: Mapping[str, str]) -> bool:
+    """Whether an event with `dimensions` passes every filter (an absent dimension passes
+    none)."""
+    return all(dimensions.get(key) in values for key, values in filters.items())
 
 
 def answer(meter: Meter, query: UsageQuery, rows: list[UsageRow]) -> Usage:

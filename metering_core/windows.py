@@ -1,7 +1,7 @@
-"""Calendar windows in a time zone: where each hour, day or month of a query begins.
+"""Calendar windows in a time zone: where each minute, hour, day or month of a query begins.
 
 Shared by providers so every one cuts time the same way. Windows are the zone's wall-clock
-hours, days and months: a day in Europe/Paris runs from local midnight to local midnight,
+minutes, hours, days and months: a day in Europe/Paris runs from local midnight to local midnight,
 23 or 25 hours long around a DST change; where a change of offset falls inside an hour
 (Australia/Lord_Howe's 30 minutes, Asia/Kathmandu's 15 in 1986), that hour is shorter or
 longer, and the next begins on the clock's next whole hour, never 30 minutes off it.
@@ -25,51 +25,57 @@ def _next_month(day: date) -> date:
     return date(day.year + day.month // 12, day.month % 12 + 1, 1)
 
 
-_HOUR = timedelta(hours=1)
 _TICK = timedelta(microseconds=1)
+_CLOCK_UNITS = {Window.MINUTE: timedelta(minutes=1), Window.HOUR: timedelta(hours=1)}
 
 
-def _hour_label(moment: datetime, zone: ZoneInfo) -> tuple[date, int, int]:
-    """The wall-clock hour an instant falls in: the local date and hour, and which pass of
-    the clock (`fold`: 1 for the second time a set-back clock shows it)."""
+def _clock_label(moment: datetime, zone: ZoneInfo, unit: timedelta) -> tuple[datetime, int]:
+    """The wall-clock minute or hour an instant falls in: the local time cut to the unit,
+    and which pass of the clock (`fold`: 1 for the second time a set-back clock shows it)."""
     local = moment.astimezone(zone)
-    return local.date(), local.hour, local.fold
+    cut = local.replace(second=0, microsecond=0, tzinfo=None, fold=0)
+    if unit > timedelta(minutes=1):
+        cut = cut.replace(minute=0)
+    return cut, local.fold
 
 
-def _label_change(low: datetime, high: datetime, zone: ZoneInfo) -> datetime:
-    """The first instant in (low, high] whose wall-clock hour differs from low's: an offset
-    change inside the hour (the label is constant on each side of it)."""
-    first = _hour_label(low, zone)
+def _label_change(low: datetime, high: datetime, zone: ZoneInfo, unit: timedelta) -> datetime:
+    """The first instant in (low, high] whose wall-clock unit differs from low's: an offset
+    change inside the unit (the label is constant on each side of it)."""
+    first = _clock_label(low, zone, unit)
     while high - low > _TICK:
         middle = low + (high - low) // 2
-        if _hour_label(middle, zone) == first:
+        if _clock_label(middle, zone, unit) == first:
             low = middle
         else:
             high = middle
     return high
 
 
-def _hour_starts(start: datetime, end: datetime, zone: ZoneInfo) -> list[datetime]:
-    """Starts (UTC) of wall-clock hours, from at or before `start` to the first at or after
-    `end`. A clock hour begins where the clock shows it (each pass of a set-back clock), or
-    where a change of offset moves the clock into it off the hour."""
+def _clock_starts(
+    start: datetime, end: datetime, zone: ZoneInfo, unit: timedelta
+) -> list[datetime]:
+    """Starts (UTC) of wall-clock minutes or hours, from at or before `start` to the first
+    at or after `end`. A clock unit begins where the clock shows it (each pass of a set-back
+    clock), or where a change of offset moves the clock into it off the unit (a zone's
+    offset in seconds, as local mean times had)."""
     starts: list[datetime] = []
-    wall = start.astimezone(zone).replace(minute=0, second=0, microsecond=0, tzinfo=None)
-    wall -= _HOUR  # the hour holding `start` may begin before its own clock hour (a jump)
+    wall, _ = _clock_label(start, zone, unit)
+    wall -= unit  # the unit holding `start` may begin before its own clock time (a jump)
     previous: datetime | None = None
     while True:
         for fold in (0, 1):  # a wall time in a gap maps to the end of the gap (fold=0)
             moment = wall.replace(tzinfo=zone, fold=fold).astimezone(UTC)
             if previous is not None and moment > previous:
-                if _hour_label(previous, zone) != _hour_label(moment - _TICK, zone):
-                    starts.append(_label_change(previous, moment, zone))
+                if _clock_label(previous, zone, unit) != _clock_label(moment - _TICK, zone, unit):
+                    starts.append(_label_change(previous, moment, zone, unit))
                 starts.append(moment)
             elif previous is None:
                 starts.append(moment)
             previous = moment if previous is None else max(previous, moment)
         if starts[-1] >= end:
             return sorted(set(starts))
-        wall += _HOUR
+        wall += unit
 
 
 def _calendar_starts(
@@ -77,8 +83,8 @@ def _calendar_starts(
 ) -> list[datetime]:
     """Window starts (UTC) from at or before `start` to the first at or after `end` (those
     outside the range are dropped by `window_bounds`)."""
-    if window is Window.HOUR:
-        return _hour_starts(start, end, zone)
+    if window in _CLOCK_UNITS:
+        return _clock_starts(start, end, zone, _CLOCK_UNITS[window])
     local = start.astimezone(zone)
     starts: list[datetime] = []
     day = local.date() if window is Window.DAY else local.date().replace(day=1)

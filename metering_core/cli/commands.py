@@ -161,8 +161,32 @@ def delete_customer(ctx: typer.Context, customer_id: str) -> None:
 
 # usage
 
+FilterOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--filter",
+        help="Only events whose dimension has this value, as key=value; repeat "
+        "(values of one key are OR-ed, keys AND-ed).",
+    ),
+]
 
-def _parse_time(value: str, option: str) -> datetime:
+
+def parse_filters(given: list[str] | None) -> dict[str, list[str]]:
+    """`--filter region=eu --filter region=us` as `{"region": ["eu", "us"]}`."""
+    filters: dict[str, list[str]] = {}
+    for item in given or ():
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ValidationError(
+                f"--filter={item!r} must be key=value (a dimension, '=', one of its values)",
+                field="filter",
+                value=item,
+            )
+        filters.setdefault(key, []).append(value)
+    return filters
+
+
+def parse_time(value: str, option: str) -> datetime:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -183,6 +207,11 @@ def usage(
     group_by: Annotated[list[str] | None, typer.Option(help="Repeat per key.")] = None,
     tz: Annotated[str, typer.Option()] = "UTC",
     output: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+    filter_: FilterOption = None,
+    customer_ids: Annotated[
+        list[str] | None,
+        typer.Option("--customer-ids", help="Only these customers; repeat per customer."),
+    ] = None,
 ) -> None:
     """Aggregated usage of one meter by window and group."""
     if output not in {"table", "json", "csv"}:
@@ -193,11 +222,13 @@ def usage(
         answer = m.fetch_usage(
             resolve_meter(m, meter),
             customer_id=customer,
-            start=_parse_time(from_, "--from"),
-            end=_parse_time(to, "--to"),
+            start=parse_time(from_, "--from"),
+            end=parse_time(to, "--to"),
             window=window,
             group_by=group_by or [],
             tz=tz,
+            filters=parse_filters(filter_),
+            customer_ids=customer_ids or [],
         )
     print_usage(out, answer, output)
 

@@ -19,6 +19,7 @@ reads only the events of its range. Semantics every provider is measured against
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import secrets
 import threading
@@ -31,11 +32,17 @@ from pydantic import Field
 
 from metering_core import rules
 from metering_core.config import ProviderSettings
-from metering_core.cursors import check_limit, decode_cursor, encode_cursor
-from metering_core.epoch import epoch_micros
+from metering_core.cursors import (
+    check_limit,
+    decode_cursor,
+    decode_event_cursor,
+    encode_cursor,
+    encode_event_cursor,
+)
+from metering_core.epoch import epoch_micros, from_epoch_micros
 from metering_core.errors import ConflictError, NotFoundError
 from metering_core.hookspecs import RegisterProvider, hookimpl
-from metering_core.interface import BaseProvider, Capabilities
+from metering_core.interface import BaseProvider, Capabilities, Operation
 from metering_core.memory.store import DimensionSets, GroupOf, Series
 from metering_core.models import (
     MAX_ROWS,
@@ -43,21 +50,30 @@ from metering_core.models import (
     CancelResult,
     Customer,
     CustomerCreate,
+    EventQuery,
     IngestResult,
     Meter,
     MeterCreate,
     MeterUpdate,
     Page,
+    StoredEvent,
     Usage,
     UsageEvent,
     UsageQuery,
     UsageRow,
+    Window,
     too_many_rows,
 )
 
 __all__ = ["MemoryProvider", "MemorySettings"]
 
-CAPABILITIES = Capabilities(max_batch_size=10_000, refuses_lowering=True)
+CAPABILITIES = Capabilities(
+    operations=frozenset(Operation),
+    windows=frozenset(Window),
+    filters=True,
+    max_batch_size=10_000,
+    refuses_lowering=True,
+)
 P = ParamSpec("P")
 R = TypeVar("R")
 _SHARED_VALUES = {Decimal(i): Decimal(i) for i in range(-100, 1001)}
@@ -217,6 +233,7 @@ class MemoryProvider(BaseProvider):
                 for event in events
             ]
             inserted: set[str] = set()
+            now = epoch_micros(datetime.now(UTC))
             for event, reason in zip(events, refusals, strict=True):
                 if reason is not None or event.id in seen:
                     continue
@@ -233,6 +250,7 @@ class MemoryProvider(BaseProvider):
                     _SHARED_VALUES.get(event.value, event.value),
                     number(event.dimensions),
                     next(self._ingested),
+                    now,
                 )
                 seen[event.id] = series.number
                 inserted.add(event.id)
@@ -252,12 +270,59 @@ class MemoryProvider(BaseProvider):
             stored = self._stored(query.meter_id)
             meter = stored.meter
             plan = rules.plan_query(meter, query)
-            if query.customer_id is None:
-                series = list(stored.series.values())
-            else:
-                series = [s for s in (stored.series.get(query.customer_id),) if s is not None]
+            series = _series_of(stored, plan.customers)
             rows = _rows(meter, query, plan, series, self._dimension_sets)
         return rules.answer(meter, query, rows)
+
+    async def list_usage_events(self, query: EventQuery) -> Page[StoredEvent]:
+        return await asyncio.to_thread(self._events, query)
+
+    def _events(self, query: EventQuery) -> Page[StoredEvent]:
+        after = decode_event_cursor(query.cursor)
+        with self._lock:
+            if query.meter_id is not None:
+                stored = self._stored(query.meter_id)
+            else:
+                assert query.event_name is not None
+                found = self._by_event_name.get(query.event_name)
+                if found is None:
+                    raise NotFoundError(f"no meter for event_name={query.event_name!r}")
+                stored = found
+            filters = rules.check_filters(stored.meter, query.filters)
+            start, end = epoch_micros(query.start), epoch_micros(query.end)
+            admitted = GroupOf(self._dimension_sets, (), None, filters)
+            candidates = heapq.merge(
+                *(s.listed(start, end, after) for s in _series_of(stored, _one(query)))
+            )
+            page: list[tuple[int, int, StoredEvent]] = []
+            for micros, order, series, position in candidates:
+                value = series.values[position]
+                if (value is None and not query.include_cancelled) or admitted[
+                    series.dimensions[position]
+                ] is None:
+                    continue
+                page.append((micros, order, self._stored_event(series, position, value)))
+                if len(page) > query.limit:
+                    break
+        more = len(page) > query.limit
+        last = page[query.limit - 1] if more else None
+        return Page[StoredEvent](
+            items=[event for *_, event in page[: query.limit]],
+            next_cursor=None if last is None else encode_event_cursor(last[0], last[1]),
+        )
+
+    def _stored_event(self, series: Series, position: int, value: Decimal | None) -> StoredEvent:
+        event_id = series.ids[position]
+        return StoredEvent.model_construct(
+            id=event_id,
+            event_name=series.event_name,
+            customer_id=series.customer_id,
+            timestamp=from_epoch_micros(series.times[position]),
+            value=rules.canonical(series.cancelled_values[event_id] if value is None else value),
+            dimensions=dict(self._dimension_sets.pairs[series.dimensions[position]]),
+            cancelled=value is None,
+            ingested_at=from_epoch_micros(series.ingested[position]),
+        )
 
     @_off_loop
     def cancel_usage_events(
@@ -297,6 +362,17 @@ class MemoryProvider(BaseProvider):
                 raise NotFoundError(f"no customer with id {customer_id!r}")
 
 
+def _one(query: EventQuery) -> frozenset[str] | None:
+    return None if query.customer_id is None else frozenset({query.customer_id})
+
+
+def _series_of(stored: _StoredMeter, customers: frozenset[str] | None) -> list[Series]:
+    """The series of a meter's customers (all, when None)."""
+    if customers is None:
+        return list(stored.series.values())
+    return [stored.series[c] for c in sorted(customers) if c in stored.series]
+
+
 def _rows(
     meter: Meter,
     query: UsageQuery,
@@ -306,9 +382,9 @@ def _rows(
 ) -> list[UsageRow]:
     """Fold the events of each (window, group) into one row; only combinations with events."""
     micros = plan.micros
-    per_event = bool(plan.keys) or meter.aggregation in rules.PER_EVENT
+    per_event = bool(plan.keys or plan.filters) or meter.aggregation in rules.PER_EVENT
     buckets: dict[tuple[int, str | None, tuple[str, ...]], rules.Bucket] = {}
-    group_of = GroupOf(dimension_sets, plan.keys, meter.unique_dimension)
+    group_of = GroupOf(dimension_sets, plan.keys, meter.unique_dimension, plan.filters)
     for series in series_list:
         customer = series.customer_id if plan.by_customer else None
         for window in range(plan.windows):
@@ -342,12 +418,16 @@ def _fill_per_event(
     group_of: GroupOf,
     buckets: dict[tuple[int, str | None, tuple[str, ...]], rules.Bucket],
 ) -> None:
-    """Bucket events one by one: for grouping by dimensions, latest, and unique_count."""
+    """Bucket events one by one: for grouping by or filtering on dimensions, latest, and
+    unique_count."""
     values = series.values.between(span.start, span.stop)
     for position, value in zip(span, values, strict=True):
         if value is None:
             continue
-        group, counted = group_of[series.dimensions[position]]
+        grouped = group_of[series.dimensions[position]]
+        if grouped is None:  # left out by the query's filters
+            continue
+        group, counted = grouped
         bucket = buckets.get((window, customer, group))
         if bucket is None:
             if len(buckets) >= MAX_ROWS:

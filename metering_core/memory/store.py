@@ -5,14 +5,17 @@ from __future__ import annotations
 import bisect
 import itertools
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Generic, TypeVar
+
+from metering_core import rules
 
 __all__ = ["CHUNK", "Column", "DimensionSets", "GroupOf", "Series"]
 
 T = TypeVar("T")
 CHUNK = 64
+
 
 class DimensionSets:
     """Each distinct set of dimensions held once, as a tuple of its pairs, and numbered;
@@ -41,19 +44,30 @@ class DimensionSets:
         return number
 
 
-class GroupOf(dict[int, tuple[tuple[str, ...], str | None]]):
+class GroupOf(dict[int, tuple[tuple[str, ...], str | None] | None]):
     """For one query: a dimension set's number -> (the values of the grouped keys, "" where
-    absent; the counted dimension's value), worked out once per set, not once per event."""
+    absent; the counted dimension's value), or None where the query's filters leave the
+    set out; worked out once per set, not once per event."""
 
-    def __init__(self, sets: DimensionSets, keys: Sequence[str], counted: str | None) -> None:
+    def __init__(
+        self,
+        sets: DimensionSets,
+        keys: Sequence[str],
+        counted: str | None,
+        filters: Mapping[str, frozenset[str]],
+    ) -> None:
         super().__init__()
         self._pairs, self._keys, self._counted = sets.pairs, keys, counted
+        self._filters = filters
 
-    def __missing__(self, number: int) -> tuple[tuple[str, ...], str | None]:
+    def __missing__(self, number: int) -> tuple[tuple[str, ...], str | None] | None:
         dimensions = dict(self._pairs[number])
-        group = tuple(dimensions.get(key, "") for key in self._keys)
-        counted = None if self._counted is None else dimensions.get(self._counted)
-        found = self[number] = (group, counted)
+        found: tuple[tuple[str, ...], str | None] | None = None
+        if rules.admits(self._filters, dimensions):
+            group = tuple(dimensions.get(key, "") for key in self._keys)
+            counted = None if self._counted is None else dimensions.get(self._counted)
+            found = (group, counted)
+        self[number] = found
         return found
 
 
@@ -131,10 +145,12 @@ class Series:
     """The events of one (event name, customer), as parallel columns sorted lazily by time."""
 
     __slots__ = (
+        "cancelled_values",
         "customer_id",
         "dimensions",
         "event_name",
         "ids",
+        "ingested",
         "is_sorted",
         "number",
         "order",
@@ -151,10 +167,18 @@ class Series:
         self.values: Column[Decimal | None] = Column()  # None marks a cancelled event
         self.dimensions = array("q")  # numbers of `DimensionSets`
         self.ids: Column[str] = Column()
+        self.ingested = array("q")  # when each event was stored, epoch microseconds
+        self.cancelled_values: dict[str, Decimal] = {}  # a cancelled event's id -> its value
         self.is_sorted = True
 
     def append(
-        self, event_id: str, micros: int, value: Decimal, dimensions: int, order: int
+        self,
+        event_id: str,
+        micros: int,
+        value: Decimal,
+        dimensions: int,
+        order: int,
+        ingested: int,
     ) -> None:
         if self.times and micros < self.times[-1]:
             self.is_sorted = False
@@ -163,6 +187,7 @@ class Series:
         self.values.append(value)
         self.dimensions.append(dimensions)
         self.ids.append(event_id)
+        self.ingested.append(ingested)
 
     def ensure_sorted(self) -> None:
         """Sort the columns by time; stable, so ties keep ingestion order."""
@@ -172,6 +197,7 @@ class Series:
         self.times = array("q", (self.times[i] for i in by_time))
         self.order = array("q", (self.order[i] for i in by_time))
         self.dimensions = array("q", (self.dimensions[i] for i in by_time))
+        self.ingested = array("q", (self.ingested[i] for i in by_time))
         values, ids = list(self.values), list(self.ids)
         self.values = Column(values[i] for i in by_time)
         self.ids = Column(ids[i] for i in by_time)
@@ -189,7 +215,23 @@ class Series:
 
     def cancel(self, position: int) -> bool:
         """Take an event out of usage; False if it was already cancelled."""
-        if self.values[position] is None:
+        value = self.values[position]
+        if value is None:
             return False
+        self.cancelled_values[self.ids[position]] = value
         self.values[position] = None
         return True
+
+    def listed(
+        self, start: int, end: int, after: tuple[int, int] | None
+    ) -> Iterator[tuple[int, int, Series, int]]:
+        """(time, order, series, position) of the events with start <= time < end after the
+        key `after`, in (time, order) order (ties in a series keep the order they came in)."""
+        span = self.span(start, end)
+        first = span.start
+        if after is not None and after[0] >= start:
+            first = max(first, bisect.bisect_left(self.times, after[0]))
+        for position in range(first, span.stop):
+            key = (self.times[position], self.order[position])
+            if after is None or key > after:
+                yield (*key, self, position)

@@ -8,9 +8,20 @@ from typing import Any
 
 from fastapi import Request
 
-from metering_core.errors import ValidationError
+from metering_core.client import AsyncMetering
+from metering_core.errors import NotFoundError, ValidationError
+from metering_core.models import Meter
 
-__all__ = ["known_query_only", "refuse_unknown_query"]
+__all__ = [
+    "FILTER_PATTERN",
+    "find_meter",
+    "known_query_only",
+    "parse_filters",
+    "refuse_unknown_query",
+]
+
+FILTER_PATTERN = r"^[^:\x00]{1,100}:[^\x00]*$"
+"""`key:value`: a dimension's key (no ':'), then its value (any text)."""
 
 
 def refuse_unknown_query(request: Request, known: frozenset[str] = frozenset()) -> None:
@@ -43,3 +54,39 @@ async def known_query_only(request: Request) -> None:
         if route is not None:
             route.metering_query = known
     refuse_unknown_query(request, known)
+
+
+def parse_filters(given: list[str] | None) -> dict[str, list[str]]:
+    """`["region:eu", "region:us", "plan:pro"]` as `{"region": ["eu", "us"], "plan": ["pro"]}`."""
+    filters: dict[str, list[str]] = {}
+    for item in given or ():
+        key, colon, value = item.partition(":")
+        if not colon or not key:
+            raise ValidationError(
+                f"filter={item!r} must be key:value (a dimension, ':', one of its values)",
+                field="filter",
+                value=item,
+            )
+        values = filters.setdefault(key, [])
+        if value not in values:
+            values.append(value)
+    return filters
+
+
+async def find_meter(
+    metering: AsyncMetering, meter_id: str | None, event_name: str | None
+) -> Meter:
+    """The meter a listing names by id or by event name (exactly one of them)."""
+    if (meter_id is None) == (event_name is None):
+        raise ValidationError(
+            f"name the meter by meter_id or by event_name, one of them "
+            f"(meter_id={meter_id!r}, event_name={event_name!r})",
+            field="meter_id",
+            value=meter_id,
+        )
+    if meter_id is not None:
+        return await metering.fetch_meter(meter_id)
+    async for meter in metering.iter_meters():
+        if meter.event_name == event_name:
+            return meter
+    raise NotFoundError(f"no meter for event_name={event_name!r}")

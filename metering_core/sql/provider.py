@@ -27,11 +27,13 @@ from metering_core.models import (
     CancelResult,
     Customer,
     CustomerCreate,
+    EventQuery,
     IngestResult,
     Meter,
     MeterCreate,
     MeterUpdate,
     Page,
+    StoredEvent,
     Usage,
     UsageEvent,
     UsageQuery,
@@ -43,6 +45,7 @@ from metering_core.sql.ingest import (
     rollup_deltas,
     rollup_key,
 )
+from metering_core.sql.listing import event_page, events_statement
 from metering_core.sql.schema import ROLLED_UP, customers, events, meters
 from metering_core.sql.settings import CAPABILITIES, SqlSettings
 from metering_core.sql.store import (
@@ -57,6 +60,7 @@ from metering_core.sql.store import (
 from metering_core.sql.usage import usage_rows, usage_statement
 
 __all__ = ["SqlProvider"]
+
 
 def _meter(row: Any) -> Meter:
     return Meter(
@@ -338,6 +342,22 @@ class SqlProvider(BaseProvider):
         else:  # typing 100,000 rows holds a loop for most of a second: other requests wait
             rows = await asyncio.to_thread(usage_rows, found, meter, query, plan)
         return rules.answer(meter, query, rows)
+
+    async def list_usage_events(self, query: EventQuery) -> Page[StoredEvent]:
+        if query.meter_id is not None:
+            where = meters.c.id == query.meter_id
+            missing = f"no meter with id {query.meter_id!r}"
+        else:
+            where = meters.c.event_name == query.event_name
+            missing = f"no meter for event_name={query.event_name!r}"
+        async with self._transaction(writes=False) as connection:
+            row = (await connection.execute(sa.select(meters).where(where))).first()
+            if row is None:
+                raise NotFoundError(missing)
+            filters = rules.check_filters(_meter(row), query.filters)
+            statement = events_statement(connection.dialect.name, row.seq, query, filters)
+            found = (await connection.execute(statement)).all()
+        return event_page(found, query.limit)
 
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None

@@ -49,6 +49,7 @@ events = sa.Table(
     sa.Column("value", Value, nullable=False),
     sa.Column("dimensions", sa.JSON, nullable=False),
     sa.Column("cancelled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("ingested_at", sa.BigInteger),  # NULL for events stored before 0003
     # PostgreSQL: one customer's range by index, and time ranges across customers
     sa.Index("events_meter_customer_ts", "meter_seq", "customer_id", "ts").ddl_if(
         dialect="postgresql"

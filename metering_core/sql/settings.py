@@ -8,11 +8,18 @@ from typing import Any
 from pydantic import Field
 
 from metering_core.config import ProviderSettings, default_store_path
-from metering_core.interface import Capabilities
+from metering_core.interface import Capabilities, Operation
+from metering_core.models import Window
 
 __all__ = ["CAPABILITIES", "SqlSettings", "default_url", "masked"]
 
-CAPABILITIES = Capabilities(max_batch_size=5_000, refuses_lowering=True)
+CAPABILITIES = Capabilities(
+    operations=frozenset(Operation),
+    windows=frozenset(Window),
+    filters=True,
+    max_batch_size=5_000,
+    refuses_lowering=True,
+)
 
 
 def default_url() -> str:

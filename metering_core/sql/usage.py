@@ -4,7 +4,7 @@ the database, values folded by the database; Python only orders and types the ro
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -22,7 +22,7 @@ from metering_core.models import (
 )
 from metering_core.sql.schema import BUCKET, ROLLED_UP, events, rollups
 
-__all__ = ["usage_rows"]
+__all__ = ["dimension", "filtered", "usage_rows", "usage_statement"]
 
 
 def _window_number(
@@ -35,7 +35,7 @@ def _window_number(
     return sa.func.window_index(time, json.dumps(bounds))
 
 
-def _dimension(
+def dimension(
     dialect: str, key: str, dimensions: sa.ColumnElement[Any] = events.c.dimensions
 ) -> sa.ColumnElement[Any]:
     """One dimension's value (NULL when the event lacks it), for any key."""
@@ -69,7 +69,7 @@ def _fold(dialect: str, meter: Meter) -> list[sa.ColumnElement[Any]]:
             return [sa.func.latest_value(events.c.ts, events.c.seq, value)]
         case Aggregation.UNIQUE_COUNT:
             assert meter.unique_dimension is not None
-            counted = _dimension(dialect, meter.unique_dimension)
+            counted = dimension(dialect, meter.unique_dimension)
             return [sa.func.count(sa.distinct(counted))]
     raise AssertionError(meter.aggregation)  # pragma: no cover
 
@@ -91,14 +91,15 @@ def usage_statement(
     """The statement, and the plan of the query (windows, groups) its rows follow."""
     plan = rules.plan_query(meter, query)
     micros, keys, by_customer = plan.micros, plan.keys, plan.by_customer
-    if not by_customer and meter.aggregation in ROLLED_UP and all(b % BUCKET == 0 for b in micros):
-        return _from_rollups(dialect, meter_seq, meter, micros, keys), plan
+    rolled = meter.aggregation in ROLLED_UP and all(b % BUCKET == 0 for b in micros)
+    if rolled and not by_customer and plan.customers is None:
+        return _from_rollups(dialect, meter_seq, meter, plan), plan
     window = _window_number(dialect, micros, events.c.ts).label("window")
     groups: list[sa.ColumnElement[Any]] = [window]
     if by_customer:
         groups.append(events.c.customer_id)
     groups += [
-        sa.func.coalesce(_dimension(dialect, key), "").label(f"d{i}") for i, key in enumerate(keys)
+        sa.func.coalesce(dimension(dialect, key), "").label(f"d{i}") for i, key in enumerate(keys)
     ]
     conditions = [
         events.c.meter_seq == meter_seq,
@@ -106,8 +107,9 @@ def usage_statement(
         events.c.ts < micros[-1],
         events.c.cancelled == sa.false(),
     ]
-    if query.customer_id is not None:
-        conditions.append(events.c.customer_id == query.customer_id)
+    if plan.customers is not None:
+        conditions.append(events.c.customer_id.in_(sorted(plan.customers)))
+    conditions += filtered(dialect, plan.filters, events.c.dimensions)
     statement = (
         sa.select(*groups, *_fold(dialect, meter))
         .where(*conditions)
@@ -117,18 +119,30 @@ def usage_statement(
     return statement, plan
 
 
+def filtered(
+    dialect: str, filters: Mapping[str, frozenset[str]], dimensions: sa.ColumnElement[Any]
+) -> list[sa.ColumnElement[bool]]:
+    """A condition per filter: the dimension has one of the values (an event without the
+    dimension has none of them)."""
+    return [
+        dimension(dialect, key, dimensions).in_(sorted(values)) for key, values in filters.items()
+    ]
+
+
 def _from_rollups(
-    dialect: str, meter_seq: int, meter: Meter, micros: list[int], keys: list[str]
+    dialect: str, meter_seq: int, meter: Meter, plan: rules.QueryPlan
 ) -> sa.Select[Any]:
     """Across customers, over whole quarter hours: the rollups answer sum, count and avg
-    without reading the events (each window is a run of whole buckets)."""
+    without reading the events (each window is a run of whole buckets; a rollup row holds
+    one set of dimensions, so filters apply to it as to an event)."""
+    micros, keys = plan.micros, plan.keys
     window = _window_number(dialect, micros, rollups.c.bucket).label("window")
     stored: sa.ColumnElement[Any] = rollups.c.dimensions  # the events' JSON, as text
     if dialect == "postgresql":
         stored = sa.cast(stored, postgresql.JSON)
     groups: list[sa.ColumnElement[Any]] = [window]
     groups += [
-        sa.func.coalesce(_dimension(dialect, key, stored), "").label(f"d{i}")
+        sa.func.coalesce(dimension(dialect, key, stored), "").label(f"d{i}")
         for i, key in enumerate(keys)
     ]
     count = sa.func.sum(rollups.c.count)
@@ -149,6 +163,7 @@ def _from_rollups(
             rollups.c.meter_seq == meter_seq,
             rollups.c.bucket >= micros[0],
             rollups.c.bucket < micros[-1],
+            *filtered(dialect, plan.filters, stored),
         )
         .group_by(*groups)
         .having(count > 0)  # every event of the group cancelled: no row, as on memory

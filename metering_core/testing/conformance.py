@@ -38,6 +38,7 @@ from metering_core.interface import IMetering, Operation
 from metering_core.models import (
     Aggregation,
     CustomerCreate,
+    EventQuery,
     Meter,
     MeterCreate,
     MeterUpdate,
@@ -179,6 +180,9 @@ class ProviderConformance:
             Operation.CANCEL_USAGE_EVENTS: lambda: provider.cancel_usage_events(["e"]),
             Operation.CREATE_CUSTOMER: lambda: provider.create_customer(CustomerCreate(id="t")),
             Operation.DELETE_CUSTOMER: lambda: provider.delete_customer("t"),
+            Operation.LIST_USAGE_EVENTS: lambda: provider.list_usage_events(
+                EventQuery(meter_id="m", start=day_start(), end=day_start() + timedelta(days=1))
+            ),
         }
         missing = [op for op in calls if not await self.supports(provider, op)]
         if not missing:
@@ -396,6 +400,223 @@ class ProviderConformance:
             await self.usage(provider, meter, group_by=("plan",))
         assert refused.value.field == "group_by"
         assert "'plan'" in str(refused.value)
+
+    async def need_filters(self, provider: IMetering) -> None:
+        capabilities = await provider.load_capabilities()
+        if not capabilities.filters or not capabilities.dimensions:
+            pytest.skip(f"{provider.name} cannot filter by dimensions")
+
+    async def regions(self, provider: IMetering) -> tuple[Meter, str, str]:
+        """A meter with region and plan, and two tenants' events: values 1 to 32, each a
+        power of two, so every sum names the events in it."""
+        meter = await self.meter(provider, dimensions=["region", "plan"])
+        first, second = sorted([await self.tenant(provider), await self.tenant(provider)])
+        at = day_start() + timedelta(hours=7)
+        rows = [
+            (first, {"region": "eu", "plan": "pro"}, 1),
+            (first, {"region": "us", "plan": "pro"}, 2),
+            (first, {"region": "ap", "plan": "free"}, 4),
+            (first, {"plan": "pro"}, 8),  # no region: passes no region filter
+            (second, {"region": "eu", "plan": "free"}, 16),
+            (second, {"region": "us", "plan": "pro"}, 32),
+        ]
+        await self.ingest(
+            provider,
+            [
+                UsageEvent(
+                    event_name=meter.event_name,
+                    customer_id=c,
+                    value=v,
+                    timestamp=at + timedelta(minutes=i),
+                    dimensions=d,
+                )
+                for i, (c, d, v) in enumerate(rows)
+            ],
+        )
+        return meter, first, second
+
+    async def test_filters_keep_events_whose_dimensions_match(self, provider: IMetering) -> None:
+        """Values of one key OR-ed, keys AND-ed; over whole days (where a store may read
+        its rollups) and over a range off the quarter hours (where it reads the events)."""
+        await self.need_filters(provider)
+        meter, first, second = await self.regions(provider)
+        odd = {"start": day_start() + timedelta(seconds=1)}
+        for ranged in ({}, odd):
+            cases = [
+                ({"region": ("eu", "us")}, 1 + 2 + 16 + 32),
+                ({"region": ("eu", "us"), "plan": ("pro",)}, 1 + 2 + 32),
+                ({"plan": ("free",)}, 4 + 16),
+                ({"region": ("mars",)}, 0),
+            ]
+            for filters, total in cases:
+                usage = await self.usage(provider, meter, filters=filters, **ranged)
+                assert usage.total == total, (filters, ranged, usage.rows)
+        grouped = await self.usage(
+            provider, meter, filters={"plan": ("pro",)}, group_by=("customer_id", "region")
+        )
+        assert sorted((r[2], r[3]["region"], r[4]) for r in nonzero(grouped)) == [
+            (first, "", Decimal(8)),
+            (first, "eu", Decimal(1)),
+            (first, "us", Decimal(2)),
+            (second, "us", Decimal(32)),
+        ]
+
+    async def test_customer_ids_keep_the_listed_customers(self, provider: IMetering) -> None:
+        await self.need_filters(provider)
+        meter, first, second = await self.regions(provider)
+        both = await self.usage(provider, meter, customer_ids=(first, second, "nobody"))
+        assert [(r[2], r[4]) for r in nonzero(both)] == [(None, Decimal(63))]
+        one = await self.usage(provider, meter, customer_ids=(second,), group_by=("customer_id",))
+        assert [(r[2], r[4]) for r in nonzero(one)] == [(second, Decimal(48))]
+        neither = await self.usage(provider, meter, customer_ids=(second,), customer_id=first)
+        assert nonzero(neither) == []
+        filtered = await self.usage(
+            provider, meter, customer_ids=(first,), filters={"region": ("eu", "ap")}
+        )
+        assert filtered.total == 1 + 4
+
+    async def test_a_filter_on_a_key_the_meter_does_not_declare_is_refused(
+        self, provider: IMetering
+    ) -> None:
+        await self.need_filters(provider)
+        meter = await self.meter(provider, dimensions=["region"])
+        with pytest.raises(ValidationError) as refused:
+            await self.usage(provider, meter, filters={"plan": ("pro",)})
+        assert refused.value.field == "filters"
+        assert "'plan'" in str(refused.value)
+
+    async def test_minute_windows_split_usage_by_minute(self, provider: IMetering) -> None:
+        await self.need_window(provider, Window.MINUTE)
+        meter = await self.meter(provider)
+        tenant = await self.tenant(provider)
+        minute = day_start() + timedelta(hours=9, minutes=7)
+        await self.ingest(
+            provider,
+            [
+                UsageEvent(
+                    event_name=meter.event_name,
+                    customer_id=tenant,
+                    value=v,
+                    timestamp=minute + timedelta(seconds=s),
+                )
+                for v, s in ((1, 0), (2, 59.999999), (4, 60), (8, 185))
+            ],
+        )
+        usage = await self.usage(
+            provider,
+            meter,
+            customer_id=tenant,
+            start=minute,
+            end=minute + timedelta(minutes=4),
+            window=Window.MINUTE,
+        )
+        assert [(r[0], r[1], r[4]) for r in nonzero(usage)] == [
+            (minute, minute + timedelta(minutes=1), Decimal(3)),
+            (minute + timedelta(minutes=1), minute + timedelta(minutes=2), Decimal(4)),
+            (minute + timedelta(minutes=3), minute + timedelta(minutes=4), Decimal(8)),
+        ]
+
+    async def listed(self, provider: IMetering, meter: Meter, **query: Any) -> list[Any]:
+        """Every event a listing pages through, page by page (`limit` 2 by default)."""
+        query.setdefault("start", day_start())
+        query.setdefault("end", day_start() + timedelta(days=2))
+        query.setdefault("limit", 2)
+        found: list[Any] = []
+        cursor = None
+        for _ in range(100):
+            page = await provider.list_usage_events(
+                EventQuery(meter_id=meter.id, cursor=cursor, **query)
+            )
+            assert len(page.items) <= query["limit"]
+            found += page.items
+            cursor = page.next_cursor
+            if cursor is None:
+                return found
+            assert page.items, "a page that promises more must hold events"
+        raise AssertionError("the listing did not end")
+
+    async def test_listing_pages_through_every_stored_event_once_oldest_first(
+        self, provider: IMetering
+    ) -> None:
+        await self.need(provider, Operation.LIST_USAGE_EVENTS)
+        meter = await self.meter(provider, dimensions=["region"])
+        tenant, other = await self.tenant(provider), await self.tenant(provider)
+        at = day_start() + timedelta(hours=10)
+        sent = [
+            UsageEvent(
+                id=unique_name(f"e{i}"),
+                event_name=meter.event_name,
+                customer_id=tenant if i % 2 else other,
+                value=Decimal(i) / 4,
+                timestamp=at + timedelta(seconds=[5, 1, 3, 1, 2, 5, 0][i]),
+                dimensions={"region": "eu"} if i < 4 else {},
+            )
+            for i in range(7)
+        ]
+        await self.ingest(provider, sent[:4])
+        await self.ingest(provider, [*sent[4:], sent[0]])  # a duplicate is stored once
+        everything = await self.listed(provider, meter)
+        expected = sorted(sent, key=lambda e: e.timestamp)  # stable: ties in stored order
+        assert [e.id for e in everything] == [e.id for e in expected]
+        first = everything[0]
+        assert (first.event_name, first.customer_id, first.value, first.dimensions) == (
+            meter.event_name,
+            other,
+            Decimal("1.5"),
+            {},
+        )
+        assert first.timestamp == at
+        assert first.cancelled is False
+        assert first.ingested_at is None or first.ingested_at > at - timedelta(days=3)
+        own = await self.listed(provider, meter, customer_id=tenant, limit=1)
+        assert [e.id for e in own] == [e.id for e in expected if e.customer_id == tenant]
+        window = await self.listed(
+            provider, meter, start=at + timedelta(seconds=1), end=at + timedelta(seconds=5)
+        )
+        assert [e.timestamp - at for e in window] == [timedelta(seconds=s) for s in (1, 1, 2, 3)]
+
+    async def test_listing_filters_and_shows_cancelled_events_only_when_asked(
+        self, provider: IMetering
+    ) -> None:
+        await self.need(provider, Operation.LIST_USAGE_EVENTS)
+        await self.need_filters(provider)
+        meter, *_ = await self.regions(provider)
+        eu_us = await self.listed(provider, meter, filters={"region": ("eu", "us")})
+        assert [e.value for e in eu_us] == [1, 2, 16, 32]
+        if not await self.supports(provider, Operation.CANCEL_USAGE_EVENTS):
+            return
+        cancelled = eu_us[1].id
+        await provider.cancel_usage_events([cancelled], event_name=meter.event_name)
+        await self.settle(provider)
+        kept = await self.listed(provider, meter, filters={"region": ("eu", "us")})
+        assert [e.value for e in kept] == [1, 16, 32]
+        shown = await self.listed(
+            provider, meter, filters={"region": ("us",)}, include_cancelled=True
+        )
+        assert [(e.id == cancelled, e.value, e.cancelled) for e in shown] == [
+            (True, 2, True),
+            (False, 32, False),
+        ]
+
+    async def test_listing_by_event_name_and_refusing_what_no_store_gave(
+        self, provider: IMetering
+    ) -> None:
+        await self.need(provider, Operation.LIST_USAGE_EVENTS)
+        meter = await self.meter(provider)
+        tenant = await self.tenant(provider)
+        event = UsageEvent(event_name=meter.event_name, customer_id=tenant, timestamp=day_start())
+        await self.ingest(provider, [event])
+        span = {"start": day_start(), "end": day_start() + timedelta(days=1)}
+        page = await provider.list_usage_events(EventQuery(event_name=meter.event_name, **span))
+        assert [e.id for e in page.items] == [event.id]
+        assert page.next_cursor is None
+        with pytest.raises(ValidationError) as refused:
+            await provider.list_usage_events(
+                EventQuery(meter_id=meter.id, cursor="not-a-cursor", **span)
+            )
+        assert refused.value.field == "cursor"
+        with pytest.raises(NotFoundError):
+            await provider.list_usage_events(EventQuery(meter_id=unique_name("none"), **span))
 
     @pytest.mark.parametrize("aggregation", list(Aggregation))
     async def test_each_declared_aggregation_folds_correctly(

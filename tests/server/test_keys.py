@@ -88,7 +88,12 @@ def test_undecodable_or_absurd_keys_are_configuration_errors(
 
 
 ALL = [
-    "meters:read", "meters:write", "usage:read", "usage:write", "customers:write", "metrics:read"
+    "meters:read",
+    "meters:write",
+    "usage:read",
+    "usage:write",
+    "customers:write",
+    "metrics:read",
 ]
 
 

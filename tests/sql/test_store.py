@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from metering_core import (
     AuthenticationError,
     ConfigurationError,
+    EventQuery,
     MeterCreate,
     ProviderUnavailableError,
     UsageEvent,
@@ -453,6 +454,11 @@ def event_rows(minutes: int) -> st.SearchStrategy[list[tuple[int, str, Decimal, 
     )
 
 
+FILTERS = st.sampled_from(
+    [{}, {"region": ("eu",)}, {"region": ("eu", "us")}, {"region": ("us",), "user": ("u1", "u2")}]
+)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
@@ -516,6 +522,8 @@ def _answers(
     customer=st.sampled_from([None, "t2"]),
     start_minute=st.sampled_from([300, 301]),  # on an hour, or not
     cancel=st.sets(st.integers(0, 59), max_size=5),
+    filters=FILTERS,
+    customers=st.sampled_from([(), ("t1", "t3"), ("t2",)]),
 )
 def test_answers_are_the_memory_providers_for_the_same_events(
     any_url: str,
@@ -528,9 +536,11 @@ def test_answers_are_the_memory_providers_for_the_same_events(
     customer: str | None,
     start_minute: int,
     cancel: set[int],
+    filters: dict[str, tuple[str, ...]],
+    customers: tuple[str, ...],
 ) -> None:
-    """Every aggregation, window, zone and grouping, with cancellations, before and after
-    1970: the store answers as memory does."""
+    """Every aggregation, window, zone, grouping, filter and list of customers, with
+    cancellations, before and after 1970: the store answers as memory does."""
     memory, store = _answers(
         any_url,
         rows,
@@ -543,6 +553,8 @@ def test_answers_are_the_memory_providers_for_the_same_events(
         window=window,
         group_by=group_by,
         tz=tz,
+        filters=filters,
+        customer_ids=customers,
     )
     assert store == memory
 
@@ -557,6 +569,7 @@ def test_answers_are_the_memory_providers_for_the_same_events(
     group_by=st.sampled_from([(), ("region",)]),
     quarters=st.tuples(st.integers(0, 96), st.integers(1, 96 * 40)),
     cancel=st.sets(st.integers(0, 59), max_size=10),
+    filters=FILTERS,
 )
 def test_queries_the_rollups_answer_are_the_memory_providers_too(
     any_url: str,
@@ -568,6 +581,7 @@ def test_queries_the_rollups_answer_are_the_memory_providers_too(
     group_by: tuple[str, ...],
     quarters: tuple[int, int],
     cancel: set[int],
+    filters: dict[str, tuple[str, ...]],
 ) -> None:
     """Across customers over whole quarter hours (any zone: Kathmandu is 5:45 from UTC),
     sum, count and avg come from the rollups: still memory's answers, with cancellations,
@@ -584,8 +598,127 @@ def test_queries_the_rollups_answer_are_the_memory_providers_too(
         window=window,
         group_by=group_by,
         tz=tz,
+        filters=filters,
     )
     assert store == memory
+
+
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    rows=event_rows(3 * 24 * 60),  # three days
+    origin=st.sampled_from([START, datetime(1969, 12, 31, 6, tzinfo=UTC)]),  # across 1970
+    aggregation=st.sampled_from(AGGREGATIONS),
+    tz=st.sampled_from(["UTC", "Asia/Kathmandu", "Europe/Amsterdam"]),
+    minutes=st.tuples(st.integers(0, 600), st.integers(1, 5000)),
+    cancel=st.sets(st.integers(0, 59), max_size=10),
+    filters=FILTERS,
+)
+def test_minute_windows_are_the_memory_providers(
+    any_url: str,
+    rows: list[tuple[int, str, Decimal, str, str]],
+    origin: datetime,
+    aggregation: str,
+    tz: str,
+    minutes: tuple[int, int],
+    cancel: set[int],
+    filters: dict[str, tuple[str, ...]],
+) -> None:
+    """Minute windows over any range (seconds off the minute too), in zones whose offset
+    is not whole hours: the store answers as memory does."""
+    start = origin + timedelta(minutes=minutes[0], seconds=minutes[0] % 7)
+    memory, store = _answers(
+        any_url,
+        rows,
+        origin,
+        aggregation,
+        cancel,
+        start=start,
+        end=start + timedelta(minutes=minutes[1]),
+        window="minute",
+        group_by=("region",),
+        tz=tz,
+        filters=filters,
+    )
+    assert store == memory
+
+
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    rows=event_rows(3 * 24 * 60),
+    cancel=st.sets(st.integers(0, 59), max_size=10),
+    filters=FILTERS,
+    customer=st.sampled_from([None, "t2"]),
+    include_cancelled=st.booleans(),
+    limit=st.integers(1, 25),
+    span=st.tuples(st.integers(0, 3 * 24 * 60), st.integers(1, 3 * 24 * 60)),
+)
+def test_event_listings_are_the_memory_providers(
+    any_url: str,
+    rows: list[tuple[int, str, Decimal, str, str]],
+    cancel: set[int],
+    filters: dict[str, tuple[str, ...]],
+    customer: str | None,
+    include_cancelled: bool,
+    limit: int,
+    span: tuple[int, int],
+) -> None:
+    """Page by page, with filters, a customer, cancelled events or not: the store lists
+    the same events as memory, in the same order, with the same fields."""
+    memory, store = _listings(
+        any_url,
+        rows,
+        cancel,
+        customer_id=customer,
+        start=START + timedelta(minutes=span[0]),
+        end=START + timedelta(minutes=span[0] + span[1]),
+        filters=filters,
+        include_cancelled=include_cancelled,
+        limit=limit,
+    )
+    assert store == memory
+
+
+def _listings(
+    url: str,
+    rows: list[tuple[int, str, Decimal, str, str]],
+    cancel: set[int],
+    **query: Any,
+) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """The pages memory and the store at `url` list for the same events."""
+    run = uuid.uuid4().hex[:8]
+    meter = MeterCreate(event_name=f"calls_{run}", dimensions=["region", "user"])
+    events = [
+        UsageEvent(
+            id=f"{run}-e{i}",
+            event_name=meter.event_name,
+            customer_id=who,
+            value=value,
+            timestamp=START + timedelta(minutes=minute),
+            dimensions={"user": user, **({"region": region} if region else {})},
+        )
+        for i, (minute, who, value, region, user) in enumerate(rows)
+    ]
+
+    async def pages(provider: MemoryProvider | SqlProvider) -> list[tuple[object, ...]]:
+        created = await provider.create_meter(meter)
+        await provider.ingest_usage_events(events[: len(events) // 2])
+        await provider.ingest_usage_events(events)
+        await provider.cancel_usage_events([f"{run}-e{i}" for i in cancel])
+        found: list[tuple[object, ...]] = []
+        cursor = None
+        while True:
+            page = await provider.list_usage_events(
+                EventQuery(meter_id=created.id, cursor=cursor, **query)
+            )
+            found.append(tuple(e.model_dump(exclude={"ingested_at"}) for e in page.items))
+            cursor = page.next_cursor
+            if cursor is None:
+                await provider.aclose()
+                return found
+
+    return asyncio.run(pages(MemoryProvider())), asyncio.run(
+        pages(SqlProvider(SqlSettings(url=url)))
+    )
 
 
 async def _both(url: str, scenario: Any) -> tuple[Any, Any]:

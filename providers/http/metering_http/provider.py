@@ -1,4 +1,5 @@
-"""The HTTP provider: the ten operations over the REST contract, with httpx."""
+"""The HTTP provider: the ten operations, and the listing of stored events, over the REST
+contract, with httpx."""
 
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ import httpx
 import pydantic
 from pydantic import BaseModel, TypeAdapter
 
-from metering_core.errors import MeteringError, ProviderUnavailableError
+from metering_core.errors import MeteringError, ProviderUnavailableError, ValidationError
 from metering_core.interface import BaseProvider, Capabilities, Operation
 from metering_core.models import (
     CancelResult,
     Customer,
     CustomerCreate,
+    EventQuery,
     IngestResult,
     Meter,
     MeterCreate,
     MeterUpdate,
     Page,
+    StoredEvent,
     Usage,
     UsageEvent,
     UsageQuery,
@@ -53,6 +56,20 @@ def _answer(model: type[M], response: httpx.Response) -> M:
 def _segment(value: str) -> str:
     """An id as one path segment: '/', '?', '#' and spaces cannot change the route."""
     return quote(value, safe="")
+
+
+def _filter_params(filters: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
+    """Filters as the service reads them, `filter=key:value` per value; a key holding ':'
+    cannot be told from its value there, so it is refused here, not sent as another."""
+    for key in filters:
+        if ":" in key:
+            raise ValidationError(
+                f"filters: the key {key!r} holds ':', which the REST service reads as the "
+                "end of the key",
+                field="filters",
+                value=key,
+            )
+    return [("filter", f"{key}:{value}") for key, values in filters.items() for value in values]
 
 
 class HttpProvider(BaseProvider):
@@ -174,10 +191,29 @@ class HttpProvider(BaseProvider):
             params.append(("customer_id", query.customer_id))
         if query.window is not None:
             params.append(("window", query.window.value))
+        params += _filter_params(query.filters)
+        params += [("customer_ids", customer) for customer in query.customer_ids]
         response = await self._call(
             Operation.FETCH_USAGE, "GET", f"/usage/{_segment(query.meter_id)}", params=params
         )
         return _answer(Usage, response)
+
+    async def list_usage_events(self, query: EventQuery) -> Page[StoredEvent]:
+        params: list[tuple[str, str]] = [
+            ("start", query.start.isoformat()),
+            ("end", query.end.isoformat()),
+            ("limit", str(query.limit)),
+            ("include_cancelled", "true" if query.include_cancelled else "false"),
+        ]
+        for name in ("meter_id", "event_name", "customer_id", "cursor"):
+            value = getattr(query, name)
+            if value is not None:
+                params.append((name, value))
+        params += _filter_params(query.filters)
+        response = await self._call(
+            Operation.LIST_USAGE_EVENTS, "GET", "/usage/events", params=params
+        )
+        return _answer(Page[StoredEvent], response)
 
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None

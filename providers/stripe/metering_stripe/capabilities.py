@@ -14,7 +14,7 @@ MAX_AGE, MAX_AHEAD = timedelta(days=35), timedelta(minutes=5)
 
 CAPABILITIES = Capabilities(
     aggregations=frozenset(FORMULAS),
-    windows=frozenset(Window),
+    windows=frozenset({Window.HOUR, Window.DAY, Window.MONTH}),
     max_batch_size=100,
     requires_customer=True,
     group_by=False,
