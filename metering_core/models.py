@@ -19,6 +19,7 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pydantic
+import pydantic_core
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -151,6 +152,15 @@ def described_errors(errors: list[Any]) -> str:
         room -= len(text) + 2
     more = len(errors) - len(texts)
     return "; ".join(texts) + (f"; and {more} more" if more else "")
+
+
+def field_error(field: str, value: Any, message: str) -> pydantic_core.ValidationError:
+    """An error a model-wide check raises about one field: it names that field and its
+    value, as a field's own check would (not the whole model's input)."""
+    error = pydantic_core.PydanticCustomError("invalid", "{message}", {"message": message})
+    return pydantic_core.ValidationError.from_exception_data(
+        "check", [pydantic_core.InitErrorDetails(type=error, loc=(field,), input=value)]
+    )
 
 
 def validation_error(exc: pydantic.ValidationError, what: str) -> ValidationError:
@@ -368,6 +378,11 @@ _WINDOW_WIDTH = {
 }
 
 
+def _check_span(start: datetime, end: datetime) -> None:
+    if end <= start:
+        raise field_error("end", end.isoformat(), f"must be after start ({start.isoformat()})")
+
+
 MAX_FILTER_VALUES = 100
 """Values one filter key may list (and customers `customer_ids` may): a query stays one
 statement a database plans in microseconds."""
@@ -414,12 +429,9 @@ class UsageQuery(_Model):
 
     @model_validator(mode="after")
     def _check_range(self) -> Self:
-        if self.end <= self.start:
-            raise ValueError(
-                f"end ({self.end.isoformat()}) must be after start ({self.start.isoformat()})"
-            )
+        _check_span(self.start, self.end)
         if len(set(self.group_by)) != len(self.group_by):
-            raise ValueError(f"group_by has repeats: {self.group_by!r}")
+            raise field_error("group_by", list(self.group_by), "has repeats")
         return self
 
     @property
@@ -498,14 +510,13 @@ class EventQuery(_Model):
     @model_validator(mode="after")
     def _one_meter(self) -> Self:
         if (self.meter_id is None) == (self.event_name is None):
-            raise ValueError(
+            raise field_error(
+                "meter_id",
+                self.meter_id,
                 f"name the meter by meter_id or by event_name, one of them "
-                f"(meter_id={self.meter_id!r}, event_name={self.event_name!r})"
+                f"(event_name={self.event_name!r})",
             )
-        if self.end <= self.start:
-            raise ValueError(
-                f"end ({self.end.isoformat()}) must be after start ({self.start.isoformat()})"
-            )
+        _check_span(self.start, self.end)
         return self
 
 

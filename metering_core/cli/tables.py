@@ -44,6 +44,7 @@ def _capability_rows() -> list[tuple[str, Callable[[Capabilities], str]]]:
         *((f"window {w.value}", _member("windows", w)) for w in Window),
         ("dimensions", lambda c: _mark(c.dimensions)),
         ("group_by", lambda c: _mark(c.group_by)),
+        ("filters", lambda c: _mark(c.filters)),
         ("usage needs a customer", lambda c: _mark(c.requires_customer)),
         ("updatable meter fields", lambda c: ", ".join(sorted(c.updatable_meter_fields)) or "—"),
         ("max batch size", lambda c: f"{c.max_batch_size:,}"),

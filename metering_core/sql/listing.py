@@ -4,6 +4,7 @@ up to it as OFFSET would)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
@@ -25,7 +26,7 @@ _COLUMNS = (
     events.c.customer_id,
     events.c.ts,
     events.c.value,
-    events.c.dimensions,
+    sa.cast(events.c.dimensions, sa.Text).label("dimensions"),  # decoded once per distinct text
     events.c.cancelled,
     events.c.ingested_at,
     events.c.seq,
@@ -58,24 +59,34 @@ def events_statement(
 
 
 def event_page(rows: Sequence[Any], limit: int) -> Page[StoredEvent]:
-    """The page the rows make; a cursor when the extra row shows another page follows."""
+    """The page the rows make; a cursor when the extra row shows another page follows.
+    Dimensions and values repeat across events (a few regions, a few prices): each
+    distinct text is decoded once per page."""
     page = rows[:limit]
     last = page[-1] if len(rows) > limit else None
+    dimensions: dict[str, dict[str, str]] = {}
+    values: dict[Any, Decimal] = {}
+    items = []
+    for row in page:
+        found = dimensions.get(row.dimensions)
+        if found is None:
+            found = dimensions[row.dimensions] = json.loads(row.dimensions)
+        value = values.get(row.value)
+        if value is None:
+            value = values[row.value] = rules.canonical(Decimal(row.value))
+        items.append(
+            StoredEvent.model_construct(
+                id=row.id,
+                event_name=row.event_name,
+                customer_id=row.customer_id,
+                timestamp=from_epoch_micros(row.ts),
+                value=value,
+                dimensions=dict(found),  # a copy each: a caller may change one event's
+                cancelled=bool(row.cancelled),
+                ingested_at=None if row.ingested_at is None else from_epoch_micros(row.ingested_at),
+            )
+        )
     return Page[StoredEvent](
-        items=[_stored(row) for row in page],
+        items=items,
         next_cursor=None if last is None else encode_event_cursor(last.ts, last.seq),
-    )
-
-
-def _stored(row: Any) -> StoredEvent:
-    value = row.value if isinstance(row.value, Decimal) else Decimal(row.value)
-    return StoredEvent.model_construct(
-        id=row.id,
-        event_name=row.event_name,
-        customer_id=row.customer_id,
-        timestamp=from_epoch_micros(row.ts),
-        value=rules.canonical(value),
-        dimensions=row.dimensions,
-        cancelled=bool(row.cancelled),
-        ingested_at=None if row.ingested_at is None else from_epoch_micros(row.ingested_at),
     )

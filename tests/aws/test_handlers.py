@@ -4,6 +4,7 @@ and sql providers."""
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import types
@@ -163,6 +164,57 @@ def test_an_sbt_aws_control_plane_meters_and_a_tenant_reads_only_its_usage(provi
         )
     )
     assert (status, list(refused["rejected"])) == (200, [events[0]["id"]])
+
+
+def test_a_tenant_lists_and_exports_only_its_own_events_through_the_api(provider: str) -> None:
+    status, meter = answer(
+        aws.api_handler(
+            http_api("POST", "/meters", ADMIN, {"event_name": "api_calls", "dimensions": ["r"]}),
+            None,
+        )
+    )
+    assert status == 201
+    events = [
+        {
+            "id": f"{who}-1",
+            "event_name": "api_calls",
+            "customer_id": who,
+            "timestamp": AT.isoformat(),
+            "dimensions": {"r": "eu"},
+        }
+        for who in ("acme", "globex")
+    ]
+    status, _ = answer(aws.api_handler(http_api("POST", "/usage", ADMIN, {"events": events}), None))
+    assert status == 200
+    span = {
+        "meter_id": meter["id"],
+        "start": (AT - timedelta(hours=1)).isoformat(),
+        "end": (AT + timedelta(hours=1)).isoformat(),
+    }
+    status, page = answer(aws.api_handler(http_api("GET", "/usage/events", ACME, query=span), None))
+    assert (status, [e["customer_id"] for e in page["items"]]) == (200, ["acme"])
+    for query in (
+        {**span, "customer_id": "globex"},
+        {**span, "customer_id": "globex", "filter": "r:eu"},
+    ):
+        for path in ("/usage/events", "/usage/events/export"):
+            status, error = answer(aws.api_handler(http_api("GET", path, ACME, query=query), None))
+            assert (status, error["error"]["type"]) == (403, "forbidden"), path
+    response = aws.api_handler(http_api("GET", "/usage/events/export", ACME, query=span), None)
+    assert response["statusCode"] == 200
+    body = response["body"]  # API Gateway decodes a body Mangum sent as base64
+    lines = (base64.b64decode(body).decode() if response["isBase64Encoded"] else body).splitlines()
+    assert [json.loads(line)["customer_id"] for line in lines] == ["acme"]
+    times = {key: span[key] for key in ("start", "end")}
+    status, _ = answer(
+        aws.api_handler(
+            http_api(
+                "GET", f"/usage/{meter['id']}", ACME, query={**times, "customer_ids": "globex"}
+            ),
+            None,
+        )
+    )
+    assert status == 403
 
 
 @pytest.mark.parametrize("claim", ["", None, 7, ["acme", "globex"], {"id": "acme"}])

@@ -23,7 +23,7 @@ from metering_core import (
     hookimpl,
     register_plugin,
 )
-from metering_core.interface import Operation
+from metering_core.interface import SHARED_OPERATIONS, Operation
 from metering_core.models import Aggregation, Window
 from metering_core.plugins import unregister_plugin
 
@@ -39,8 +39,7 @@ class RecordingProvider(BaseProvider):
 
     name = "recording"
     default_capabilities = Capabilities(
-        operations=frozenset(Operation)
-        - {Operation.DELETE_CUSTOMER, Operation.CANCEL_USAGE_EVENTS},
+        operations=SHARED_OPERATIONS - {Operation.DELETE_CUSTOMER, Operation.CANCEL_USAGE_EVENTS},
         aggregations=frozenset({Aggregation.SUM, Aggregation.COUNT}),
         windows=frozenset({Window.DAY}),
         max_batch_size=3,

@@ -72,6 +72,28 @@ def test_model_and_fields_together_are_refused(metering: Metering) -> None:
         ),
         (lambda m: m.delete_customer("t1"), "delete_customer"),
         (lambda m: m.cancel_usage_events(["e1"]), "cancel_usage_events"),
+        (
+            lambda m: m.fetch_usage(
+                "m1", customer_id="t", start=NOW, end=NOW + timedelta(1), filters={"r": ["eu"]}
+            ),
+            "cannot filter usage",
+        ),
+        (
+            lambda m: m.fetch_usage(
+                "m1", customer_id="t", start=NOW, end=NOW + timedelta(1), customer_ids=["t"]
+            ),
+            "customer_ids=('t',)",
+        ),
+        (
+            lambda m: m.fetch_usage(
+                "m1", customer_id="t", start=NOW, end=NOW + timedelta(1), window="minute"
+            ),
+            "window='minute'",
+        ),
+        (
+            lambda m: m.list_usage_events("m1", start=NOW, end=NOW + timedelta(1)),
+            "list_usage_events",
+        ),
     ],
 )
 def test_unsupported_requests_fail_fast_naming_provider_and_gap(
@@ -210,3 +232,16 @@ def test_every_sync_facade_shares_one_loop_thread() -> None:
     for facade in facades:
         facade.close()
     assert len(loops) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [({"filters": {"region": "eu"}}, "filters.region"), ({"customer_ids": "acme"}, "customer_ids")],
+)
+def test_a_list_given_as_one_string_is_refused_not_read_letter_by_letter(
+    metering: Metering, provider: RecordingProvider, fields: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        metering.fetch_usage("m1", customer_id="t", start=NOW, end=NOW + timedelta(1), **fields)
+    assert caught.value.field == field
+    assert provider.calls == []
