@@ -40,9 +40,10 @@ def _row(event: StoredEvent) -> list[str]:
 
 
 def _csv(events: Sequence[StoredEvent], keys: Sequence[str]) -> str:
-    """Rows of a page; a dimension an event lacks is an empty cell (read back as absent)."""
+    """Rows of a page; a dimension an event lacks is an empty cell, as is an empty value:
+    CSV cannot tell them apart (JSON Lines can)."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer)  # lines end in \r\n (RFC 4180): a \r in a field is quoted
     writer.writerows(
         [*_row(event), *(event.dimensions.get(key, "") for key in keys)] for event in events
     )
@@ -69,7 +70,7 @@ def header(form: ExportFormat, keys: Sequence[str]) -> str:
     """What a file starts with: for CSV, its header (a column per dimension in `keys`)."""
     if form is ExportFormat.jsonl:
         return ""
-    return ",".join(_FIELDS + tuple(_header(f"dimensions.{key}") for key in keys)) + "\n"
+    return ",".join(_FIELDS + tuple(_header(f"dimensions.{key}") for key in keys)) + "\r\n"
 
 
 def piece(events: Sequence[StoredEvent], form: ExportFormat, keys: Sequence[str]) -> str:

@@ -29,62 +29,60 @@ _TICK = timedelta(microseconds=1)
 _CLOCK_UNITS = {Window.MINUTE: timedelta(minutes=1), Window.HOUR: timedelta(hours=1)}
 
 
+def _cut(local: datetime, unit: timedelta) -> datetime:
+    """A naive local time cut to the start of its minute or hour."""
+    cut = local.replace(second=0, microsecond=0)
+    return cut.replace(minute=0) if unit > timedelta(minutes=1) else cut
+
+
 def _clock_label(moment: datetime, zone: ZoneInfo, unit: timedelta) -> tuple[datetime, int]:
     """The wall-clock minute or hour an instant falls in: the local time cut to the unit,
     and which pass of the clock (`fold`: 1 for the second time a set-back clock shows it)."""
     local = moment.astimezone(zone)
-    cut = local.replace(second=0, microsecond=0, tzinfo=None, fold=0)
-    if unit > timedelta(minutes=1):
-        cut = cut.replace(minute=0)
-    return cut, local.fold
+    return _cut(local.replace(tzinfo=None, fold=0), unit), local.fold
 
 
-def _label_change(low: datetime, high: datetime, zone: ZoneInfo, unit: timedelta) -> datetime:
-    """The first instant in (low, high] whose wall-clock unit differs from low's: an offset
-    change inside the unit (the label is constant on each side of it)."""
-    first = _clock_label(low, zone, unit)
+def _offset_change(low: datetime, high: datetime, zone: ZoneInfo) -> datetime | None:
+    """The first instant in (low, high] whose UTC offset differs from low's; None if the
+    offset at high is low's (a zone changes its offset at most once within an hour)."""
+    first = low.astimezone(zone).utcoffset()
+    if high.astimezone(zone).utcoffset() == first:
+        return None
     while high - low > _TICK:
         middle = low + (high - low) // 2
-        if _clock_label(middle, zone, unit) == first:
+        if middle.astimezone(zone).utcoffset() == first:
             low = middle
         else:
             high = middle
     return high
 
 
-def _clock_starts(
+def _clock_bounds(
     start: datetime, end: datetime, zone: ZoneInfo, unit: timedelta
 ) -> list[datetime]:
-    """Starts (UTC) of wall-clock minutes or hours, from at or before `start` to the first
-    at or after `end`. A clock unit begins where the clock shows it (each pass of a set-back
-    clock), or where a change of offset moves the clock into it off the unit (a zone's
-    offset in seconds, as local mean times had)."""
-    starts: list[datetime] = []
-    wall, _ = _clock_label(start, zone, unit)
-    wall -= unit  # the unit holding `start` may begin before its own clock time (a jump)
-    previous: datetime | None = None
+    """The instants in (start, end) where the wall-clock minute or hour changes: where the
+    clock reaches the next unit, or where a change of offset moves it into another unit
+    or another pass of a set-back clock (each pass is its own window). Walked in UTC, so
+    no wall time is ever converted back (a wall time in a gap or a repeat has no one
+    instant)."""
+    bounds: list[datetime] = []
+    moment = start
     while True:
-        for fold in (0, 1):  # a wall time in a gap maps to the end of the gap (fold=0)
-            moment = wall.replace(tzinfo=zone, fold=fold).astimezone(UTC)
-            if previous is not None and moment > previous:
-                if _clock_label(previous, zone, unit) != _clock_label(moment - _TICK, zone, unit):
-                    starts.append(_label_change(previous, moment, zone, unit))
-                starts.append(moment)
-            elif previous is None:
-                starts.append(moment)
-            previous = moment if previous is None else max(previous, moment)
-        if starts[-1] >= end:
-            return sorted(set(starts))
-        wall += unit
+        local = moment.astimezone(zone).replace(tzinfo=None)
+        reached = moment + (unit - (local - _cut(local, unit)))  # the next unit, same offset
+        change = _offset_change(moment, reached, zone)
+        moment = reached if change is None else change
+        if moment >= end:
+            return bounds
+        if _clock_label(moment, zone, unit) != _clock_label(moment - _TICK, zone, unit):
+            bounds.append(moment)
 
 
 def _calendar_starts(
     start: datetime, end: datetime, window: Window, zone: ZoneInfo
 ) -> list[datetime]:
-    """Window starts (UTC) from at or before `start` to the first at or after `end` (those
-    outside the range are dropped by `window_bounds`)."""
-    if window in _CLOCK_UNITS:
-        return _clock_starts(start, end, zone, _CLOCK_UNITS[window])
+    """Day or month starts (UTC) from at or before `start` to the first at or after `end`
+    (those outside the range are dropped by `window_bounds`)."""
     local = start.astimezone(zone)
     starts: list[datetime] = []
     day = local.date() if window is Window.DAY else local.date().replace(day=1)
@@ -104,6 +102,9 @@ def window_bounds(query: UsageQuery) -> list[datetime]:
     """
     if query.window is None:
         return [query.start, query.end]
-    starts = _calendar_starts(query.start, query.end, query.window, query.zone)
-    inner = [moment for moment in starts if query.start < moment < query.end]
+    if query.window in _CLOCK_UNITS:
+        inner = _clock_bounds(query.start, query.end, query.zone, _CLOCK_UNITS[query.window])
+    else:
+        starts = _calendar_starts(query.start, query.end, query.window, query.zone)
+        inner = [moment for moment in starts if query.start < moment < query.end]
     return [query.start, *inner, query.end]

@@ -56,10 +56,10 @@ def _csv_events(file: TextIO) -> Iterator[tuple[int, UsageEvent | str]]:
         elif None in row.values():
             yield number, "fewer fields than the header names"
         else:
-            dimensions = {  # an empty cell: the event has no such dimension (as exported)
+            dimensions = {
                 k.removeprefix("dimensions."): v
                 for k, v in row.items()
-                if k.startswith("dimensions.") and v != ""
+                if k.startswith("dimensions.")
             }
             plain = {k: v for k, v in row.items() if not k.startswith("dimensions.") and v != ""}
             try:

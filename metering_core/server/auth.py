@@ -96,10 +96,17 @@ class Principal:
         return stored, sent, refused
 
     def _refusal(self, event: UsageEvent, kinds: Mapping[str, Aggregation]) -> str | None:
-        """Why this tenant-bound key may not write `event`: another tenant's usage, or usage
-        that could lower its own (a negative value; any event of a meter whose usage
+        """Why this tenant-bound key may not write `event`: an id in the stored form (as
+        its listings show them), another tenant's usage, or usage that could lower its
+        own (a negative value; any event of a meter whose usage
         events can lower, `LOWERED_BY_EVENTS`)."""
         bound = f"this key is bound to tenant {self.tenant!r}"
+        if event.id.startswith(TENANT_ID_PREFIX) and _TENANT_ID.fullmatch(event.id):
+            # an id as listings show the stored event: resent, it would count again
+            return (
+                f"id {event.id!r} has the form of the ids events are stored by, which are "
+                "reserved: send the event's own id (a listed event is already counted)"
+            )
         if event.customer_id != self.tenant:
             return f"{bound} and cannot write usage for {event.customer_id!r}"
         if event.value < 0:

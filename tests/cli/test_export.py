@@ -147,3 +147,40 @@ def test_a_filter_not_in_key_value_form_exits_2_naming_it(source: Path) -> None:
     code, out = on(source, "usage", "api_calls", *SPAN, "--filter", "region")
     assert code == 2
     assert "--filter='region' must be key=value" in out
+
+
+@pytest.mark.parametrize("form", ["csv", "jsonl"])
+def test_awkward_text_and_long_numbers_survive_the_round_trip(tmp_path: Path, form: str) -> None:
+    """Separators, quotes, line breaks (a lone \\r too), other scripts and 38-digit values
+    come back as they were sent."""
+    source, target = tmp_path / "a.db", tmp_path / "b.db"
+    texts = ["a,b", 'say "hi"', "two\nlines", "x\ry", "crlf\r\n", "é 中 \u2028"]
+    lines = [
+        {
+            "id": f"e{i},{text}",
+            "event_name": "api_calls",
+            "customer_id": f"c{text}",
+            "value": ["0.000000000000000001", "12345678901234567890.123456789012345678"][i % 2],
+            "timestamp": "2026-04-01T10:00:00Z",
+            "dimensions": {"region": text},
+        }
+        for i, text in enumerate(texts)
+    ]
+    backfill = tmp_path / "events.jsonl"
+    backfill.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for store in (source, target):
+        assert on(store, "meters", "create", "api_calls", "--dimension", "region")[0] == 0
+    assert on(source, "ingest", str(backfill))[0] == 0
+    exported = tmp_path / f"export.{form}"
+    assert on(source, "export", "api_calls", *SPAN, "--format", form, "-o", str(exported))[0] == 0
+    code, out = on(target, "ingest", str(exported))
+    assert (code, out.splitlines()[-1]) == (0, "accepted 6, duplicates 0, rejected 0")
+
+    def stored(store: Path) -> list[tuple[str, str, str, dict[str, str]]]:
+        code, out = on(store, "events", "list", "api_calls", *SPAN, "--format", "json")
+        assert code == 0, out
+        items = json.loads(out)["items"]
+        return sorted((e["id"], e["customer_id"], e["value"], e["dimensions"]) for e in items)
+
+    assert stored(target) == stored(source)
+    assert len(stored(source)) == len(texts)

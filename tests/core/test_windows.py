@@ -208,3 +208,52 @@ def test_bounds_are_utc_whatever_the_hosts_own_zone(
     assert got == expected
     assert {moment.utcoffset() for moment in got} == {timedelta(0)}
     assert {moment.tzinfo for moment in got} == {UTC}
+
+
+def _wall_clock_bounds(start: datetime, end: datetime, zone: ZoneInfo, unit: str) -> list[datetime]:
+    """The reference, by brute force: a bound at every second where the wall clock's
+    minute or hour (and which pass of a set-back clock) differs from the second before."""
+
+    def label(moment: datetime) -> tuple[datetime, int]:
+        local = moment.astimezone(zone)
+        cut = local.replace(second=0, microsecond=0, tzinfo=None, fold=0)
+        return (cut.replace(minute=0) if unit == "hour" else cut), local.fold
+
+    bounds, previous = [start], label(start)
+    moment = start.replace(microsecond=0) + timedelta(seconds=1)
+    while moment < end:
+        if label(moment) != previous:
+            bounds.append(moment)
+        previous = label(moment)
+        moment += timedelta(seconds=1)
+    return [*bounds, end]
+
+
+CLOCK_CHANGES = [  # a zone, and a UTC time shortly before one of its changes of offset
+    ("Europe/Paris", datetime(2024, 10, 27, 0, tzinfo=UTC)),  # set back an hour
+    ("Europe/Paris", datetime(2024, 3, 31, 0, tzinfo=UTC)),  # set forward an hour
+    ("America/St_Johns", datetime(2024, 11, 3, 3, tzinfo=UTC)),  # a -3:30 zone set back
+    ("Australia/Lord_Howe", datetime(2024, 4, 6, 14, tzinfo=UTC)),  # back 30 minutes
+    ("Australia/Lord_Howe", datetime(2024, 10, 5, 15, tzinfo=UTC)),  # forward 30 minutes
+    ("Asia/Kathmandu", datetime(1985, 12, 31, 18, tzinfo=UTC)),  # +5:30 to +5:45
+    ("Africa/Monrovia", datetime(1972, 1, 6, 23, tzinfo=UTC)),  # -0:44:30 to 0
+    ("Europe/Amsterdam", datetime(1937, 6, 30, 22, tzinfo=UTC)),  # +1:19:32 to +1:20
+    ("Europe/Amsterdam", datetime(1940, 5, 15, 22, tzinfo=UTC)),  # +0:20 to +2:00
+    ("Europe/Dublin", datetime(1916, 10, 1, 0, tzinfo=UTC)),  # Dublin Mean Time to GMT
+    ("Pacific/Apia", datetime(2011, 12, 29, 9, tzinfo=UTC)),  # a whole day skipped
+]
+
+
+@pytest.mark.parametrize(("zone", "near"), CLOCK_CHANGES)
+@pytest.mark.parametrize("unit", ["minute", "hour"])
+@pytest.mark.parametrize("off_grid", [timedelta(0), timedelta(seconds=7, microseconds=123)])
+def test_minute_and_hour_windows_follow_the_wall_clock_through_every_kind_of_change(
+    zone: str, near: datetime, unit: str, off_grid: timedelta
+) -> None:
+    """Each pass of a set-back clock is its own run of windows; a jump of any size (half
+    an hour, 44.5 minutes, seconds of a local mean time) starts a window where it lands;
+    no window is merged across a change, and none is made up."""
+    start = near + off_grid
+    end = start + timedelta(hours=3)
+    query = UsageQuery(meter_id="m", start=start, end=end, window=unit, tz=zone)
+    assert window_bounds(query) == _wall_clock_bounds(start, end, ZoneInfo(zone), unit)

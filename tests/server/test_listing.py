@@ -56,6 +56,10 @@ def client(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[tuple[Test
         yield client, meter["id"]
 
 
+def usage_of(meter: str) -> str:
+    return f"/usage/{meter}"
+
+
 def total(answer: Any) -> int:
     assert answer.status_code == 200, answer.text
     return sum(int(row["value"]) for row in answer.json()["rows"])
@@ -171,12 +175,26 @@ def test_a_tenant_key_lists_exports_and_filters_only_its_own_events(
         assert export.status_code == 403
     exported = http.get("/usage/events/export", params={**RANGE, "meter_id": meter}, headers=ACME)
     assert [json.loads(line)["id"] for line in exported.text.splitlines()] == ["e1", "e2"]
+
+    # the tenant's own events are listed by the ids they are stored by; sent again, such
+    # an id is refused, never counted a second time
+    event = {"id": "a9", "event_name": "api_calls", "customer_id": "acme", "value": 4}
+    stamp = {"timestamp": "2026-03-01T11:00:00Z", "dimensions": {"region": "eu"}}
+    http.post("/usage", json={"events": [event | stamp]}, headers=ACME).raise_for_status()
+    listed = pages(http, ACME, meter_id=meter)[-1]
+    assert listed["id"] != "a9"
+    assert listed["value"] == "4"
+    again = {k: v for k, v in listed.items() if k not in {"cancelled", "ingested_at"}}
+    resent = http.post("/usage", json={"events": [again]}, headers=ACME).json()
+    assert list(resent["rejected"]) == [listed["id"]]
+    assert "reserved" in resent["rejected"][listed["id"]]
+    assert total(http.get(usage_of(meter), params=RANGE, headers=ACME)) == 1 + 2 + 4
     usage = f"/usage/{meter}"
     for listed in (["globex"], ["acme", "globex"]):
         query = [*RANGE.items(), *(("customer_ids", c) for c in listed)]
         assert http.get(usage, params=query, headers=ACME).status_code == 403
     query = [*RANGE.items(), ("customer_ids", "acme"), ("filter", "region:eu")]
-    assert total(http.get(usage, params=query, headers=ACME)) == 1
+    assert total(http.get(usage, params=query, headers=ACME)) == 1 + 4
 
 
 def test_the_export_streams_csv_and_json_lines_that_ingest_reads(
@@ -217,7 +235,7 @@ def test_the_export_streams_csv_and_json_lines_that_ingest_reads(
     }
     empty = {**params, "start": "2020-01-01T00:00:00Z", "end": "2020-01-02T00:00:00Z"}
     header = http.get("/usage/events/export", params={**empty, "format": "csv"}, headers=ADMIN)
-    assert header.text == "id,event_name,customer_id,timestamp,value,dimensions.region\n"
+    assert header.text == "id,event_name,customer_id,timestamp,value,dimensions.region\r\n"
 
 
 def test_a_refused_export_is_an_error_status_not_a_stream(client: tuple[TestClient, str]) -> None:
