@@ -74,7 +74,11 @@ def _clock_bounds(
         moment = reached if change is None else change
         if moment >= end:
             return bounds
-        if _clock_label(moment, zone, unit) != _clock_label(moment - _TICK, zone, unit):
+        # the clock reaching the next unit is a bound; a change of offset, where it moves
+        # the clock into another unit or pass
+        if change is None or _clock_label(moment, zone, unit) != _clock_label(
+            moment - _TICK, zone, unit
+        ):
             bounds.append(moment)
 
 
