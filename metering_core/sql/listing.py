@@ -37,9 +37,11 @@ def events_statement(
     dialect: str, meter_seq: int, query: EventQuery, filters: Mapping[str, frozenset[str]]
 ) -> sa.Select[Any]:
     """One page and one row more (so the page knows whether another follows)."""
+    after = decode_event_cursor(query.cursor)
+    start = epoch_micros(query.start) if after is None else max(after[0], epoch_micros(query.start))
     conditions = [
         events.c.meter_seq == meter_seq,
-        events.c.ts >= epoch_micros(query.start),
+        events.c.ts >= start,  # one lower bound, the cursor's: the index is entered there
         events.c.ts < epoch_micros(query.end),
         *filtered(dialect, filters, events.c.dimensions),
     ]
@@ -47,7 +49,6 @@ def events_statement(
         conditions.append(events.c.customer_id == query.customer_id)
     if not query.include_cancelled:
         conditions.append(events.c.cancelled == sa.false())
-    after = decode_event_cursor(query.cursor)
     if after is not None:
         conditions.append(sa.tuple_(events.c.ts, events.c.seq) > sa.tuple_(*after))
     return (
