@@ -391,3 +391,25 @@ def test_a_column_reads_and_writes_like_a_list_and_refuses_positions_outside_it(
             column[outside] = 0
     with pytest.raises(IndexError):
         column.between(0, size + 1)
+
+
+def test_iter_usage_events_walks_every_page_of_both_facades(m: Metering) -> None:
+    meter = m.create_meter(event_name="calls", dimensions=["region"])
+    at = datetime(2026, 2, 1, tzinfo=UTC)
+    sent = [
+        UsageEvent(
+            id=f"e{i:03}",
+            event_name="calls",
+            customer_id="acme",
+            timestamp=at + timedelta(seconds=i // 3),  # ties of three: stored order
+            dimensions={"region": "eu" if i % 4 else "us"},
+        )
+        for i in range(250)
+    ]
+    m.deliver_usage_events(sent)
+    walked = m.iter_usage_events(
+        meter.id, start=at, end=at + timedelta(days=1), filters={"region": ["eu"]}, page_size=7
+    )
+    assert [e.id for e in walked] == [e.id for e in sent if e.dimensions["region"] == "eu"]
+    by_name = m.iter_usage_events(event_name="calls", start=at, end=at + timedelta(days=1))
+    assert sum(1 for _ in by_name) == 250
