@@ -166,6 +166,7 @@ def test_a_tenant_key_lists_exports_and_filters_only_its_own_events(
     assert len(own) == 2
     for params in (
         {"meter_id": meter, "customer_id": "globex"},
+        {"meter_id": "no-such-meter", "customer_id": "globex"},
         {"meter_id": meter, "customer_id": "globex", "filter": "region:eu"},
     ):
         assert (
