@@ -22,6 +22,7 @@ from metering_core.cli.backfill import check_rows, deliver
 from metering_core.cli.tables import capability_table, print_meters, print_usage
 from metering_core.client import Metering
 from metering_core.errors import NotFoundError, ValidationError
+from metering_core.filters import parse_filters as filters_from_text
 from metering_core.models import Window
 from metering_core.plugins import providers
 from metering_core.server.body_limit import MAX_BODY_BYTES
@@ -173,17 +174,7 @@ FilterOption = Annotated[
 
 def parse_filters(given: list[str] | None) -> dict[str, list[str]]:
     """`--filter region=eu --filter region=us` as `{"region": ["eu", "us"]}`."""
-    filters: dict[str, list[str]] = {}
-    for item in given or ():
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise ValidationError(
-                f"--filter={item!r} must be key=value (a dimension, '=', one of its values)",
-                field="filter",
-                value=item,
-            )
-        filters.setdefault(key, []).append(value)
-    return filters
+    return filters_from_text(given, "=", "--filter")
 
 
 def parse_time(value: str, option: str) -> datetime:

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from metering_core.client import AsyncMetering
 from metering_core.errors import NotFoundError, ValidationError
+from metering_core.filters import parse_filters as filters_from_text
 from metering_core.models import Meter
 
 __all__ = [
@@ -57,20 +58,8 @@ async def known_query_only(request: Request) -> None:
 
 
 def parse_filters(given: list[str] | None) -> dict[str, list[str]]:
-    """`["region:eu", "region:us", "plan:pro"]` as `{"region": ["eu", "us"], "plan": ["pro"]}`."""
-    filters: dict[str, list[str]] = {}
-    for item in given or ():
-        key, colon, value = item.partition(":")
-        if not colon or not key:
-            raise ValidationError(
-                f"filter={item!r} must be key:value (a dimension, ':', one of its values)",
-                field="filter",
-                value=item,
-            )
-        values = filters.setdefault(key, [])
-        if value not in values:
-            values.append(value)
-    return filters
+    """`filter=region:eu&filter=plan:pro` as `{"region": ["eu"], "plan": ["pro"]}`."""
+    return filters_from_text(given, ":", "filter")
 
 
 async def find_meter(
