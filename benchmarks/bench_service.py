@@ -12,6 +12,7 @@ events, from 1, 4 and 16 concurrent clients; it reports events/s and the p50/p99
 request latency, and each server's ratio to both ceilings in the same run.
 
     python benchmarks/bench_service.py [--seconds S] [--servers echo-json,memory,...]
+        [--cells 500x4,25x16,1x16] [--postgres postgresql://user@host:port]
 
 The client speaks HTTP/1.1 over asyncio streams with requests built before timing, so
 that it costs the shared two cores as little as possible; every answer's status is
@@ -102,6 +103,131 @@ def echo_app(typed: bool) -> FastAPI:
     return app
 
 
+CEILINGS = ("ceiling-sqlite", "ceiling-postgres")
+"""The sql store's ceilings: HTTP + JSON + a durable idempotent write, nothing else."""
+
+_CEILING_TABLE = """
+CREATE TABLE events (
+    seq {seq} PRIMARY KEY, id varchar(100) NOT NULL UNIQUE, meter_seq bigint NOT NULL,
+    event_name varchar(100) NOT NULL, customer_id varchar(100) NOT NULL, ts bigint NOT NULL,
+    value {value} NOT NULL, dimensions {json} NOT NULL, ingested_at bigint
+)"""
+_CEILING_INDEXES = {
+    "sqlite": ["CREATE INDEX events_time ON events (meter_seq, ts, customer_id)"],
+    "postgresql": [
+        "CREATE INDEX events_customer ON events (meter_seq, customer_id, ts)",
+        "CREATE INDEX events_time ON events (meter_seq, ts)",
+    ],
+}
+
+
+def _rows(body: bytes) -> list[tuple[str, int, str, str, int, Decimal, str, int]]:
+    """The events of a body as rows: timestamps to microseconds, values to exact
+    decimals and dimensions to text, as a store keeps them."""
+    now = int(time.time() * 1_000_000)
+    rows = []
+    for event in json.loads(body)["events"]:
+        stamp = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+        micros = int(stamp.timestamp()) * 1_000_000 + stamp.microsecond
+        dimensions = json.dumps(event.get("dimensions", {}), separators=(",", ":"))
+        rows.append(
+            (
+                event["id"],
+                1,
+                event["event_name"],
+                event["customer_id"],
+                micros,
+                Decimal(str(event["value"])),
+                dimensions,
+                now,
+            )
+        )
+    return rows
+
+
+def _answer(ids: list[str]) -> Response:
+    body = json.dumps({"accepted": ids, "duplicates": [], "rejected": {}})
+    return Response(body, media_type="application/json")
+
+
+def ceiling_app(kind: str, url: str) -> FastAPI:
+    """The sql store's ceiling: parse the JSON, convert the timestamps, insert the rows
+    into a table of the events' shape (unique id, the same time index) with `ON CONFLICT
+    DO NOTHING RETURNING id`, one commit per request, and answer with the ids stored.
+    SQLite: one connection (WAL, synchronous=NORMAL, as the store), writers in turn;
+    PostgreSQL: an asyncpg pool, one autocommitted statement per request."""
+    app = FastAPI()
+    state: dict[str, object] = {}
+
+    if kind == "ceiling-sqlite":
+        import aiosqlite
+
+        lock = asyncio.Lock()
+
+        @app.on_event("startup")
+        async def open_sqlite() -> None:
+            connection = await aiosqlite.connect(url)
+            await connection.execute("PRAGMA journal_mode=WAL")
+            await connection.execute("PRAGMA synchronous=NORMAL")
+            ddl = _CEILING_TABLE.format(seq="INTEGER", value="text", json="text")
+            await connection.execute(ddl.replace("PRIMARY KEY", "PRIMARY KEY AUTOINCREMENT"))
+            for index in _CEILING_INDEXES["sqlite"]:
+                await connection.execute(index)
+            await connection.commit()
+            state["db"] = connection
+
+        @app.post("/usage")
+        async def insert_sqlite(request: Request) -> Response:
+            rows = _rows(await request.body())
+            connection = state["db"]
+            assert isinstance(connection, aiosqlite.Connection)
+            values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))
+            statement = (
+                "INSERT INTO events (id, meter_seq, event_name, customer_id, ts, value, "
+                f"dimensions, ingested_at) VALUES {values} ON CONFLICT (id) DO NOTHING RETURNING id"
+            )
+            async with lock:
+                stored = await connection.execute_fetchall(
+                    statement,
+                    [str(f) if isinstance(f, Decimal) else f for row in rows for f in row],
+                )
+                await connection.commit()
+            return _answer([row[0] for row in stored])
+
+    else:
+        import asyncpg
+
+        @app.on_event("startup")
+        async def open_postgres() -> None:
+            pool = await asyncpg.create_pool(url, min_size=4, max_size=10)
+            ddl = _CEILING_TABLE.format(seq="bigserial", value="numeric", json="json")
+            await pool.execute(ddl)
+            for index in _CEILING_INDEXES["postgresql"]:
+                await pool.execute(index)
+            state["db"] = pool
+
+        insert = (
+            "INSERT INTO events (id, meter_seq, event_name, customer_id, ts, value, "
+            "dimensions, ingested_at) SELECT * FROM unnest($1::text[], $2::bigint[], "
+            "$3::text[], $4::text[], $5::bigint[], $6::numeric[], $7::json[], $8::bigint[]) "
+            "ON CONFLICT (id) DO NOTHING RETURNING id"
+        )
+
+        @app.post("/usage")
+        async def insert_postgres(request: Request) -> Response:
+            columns = list(zip(*_rows(await request.body()), strict=True))
+            pool = state["db"]
+            assert isinstance(pool, asyncpg.Pool)
+            stored = await pool.fetch(insert, *columns)
+            return _answer([row[0] for row in stored])
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
 class NoStore(BaseProvider):
     """Accepts every event and keeps nothing (usage answers are not asked of it)."""
 
@@ -131,19 +257,45 @@ def free_port() -> int:
         return port
 
 
+def fresh_postgres(server_url: str, name: str) -> str:
+    """A new, empty database on the PostgreSQL server at `server_url`; its URL."""
+    import asyncpg
+
+    async def create() -> None:
+        connection = await asyncpg.connect(server_url.rsplit("/", 1)[0] + "/postgres")
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+    return f"{server_url.rsplit('/', 1)[0]}/{name}"
+
+
 @contextmanager
-def server(kind: str, data: Path) -> Iterator[int]:
+def server(kind: str, data: Path, postgres: str | None) -> Iterator[int]:
     """A server of `kind` on a free loopback port, in its own process, until exit."""
     port = free_port()
     env = {
         **os.environ,
-        "METERING_KEYS": json.dumps({KEY: {"scopes": ["usage:write", "meters:write"]}}),
+        "METERING_KEYS": json.dumps(
+            {KEY: {"scopes": ["usage:write", "meters:write", "metrics:read"]}}
+        ),
     }
+    database = f"sqlite:///{data / f'{port}.db'}"
+    if kind.endswith("postgres"):
+        if postgres is None:
+            raise SystemExit(f"{kind} needs --postgres URL")
+        database = fresh_postgres(postgres, f"bench_{port}")
     if kind in (*ECHOES, NO_STORE):
         command = [sys.executable, str(HERE), "--app-server", kind, str(port)]
+    elif kind in CEILINGS:
+        address = database.removeprefix("sqlite:///")
+        command = [sys.executable, str(HERE), "--app-server", kind, str(port), address]
     else:
-        env["METERING_PROVIDER"] = kind
-        env["METERING_SQL_URL"] = f"sqlite:///{data / f'{port}.db'}"
+        env["METERING_PROVIDER"] = "sql" if kind.startswith("sql") else kind
+        env["METERING_SQL_URL"] = database
         command = [sys.executable, "-m", "metering_core.cli", "serve", "--port", str(port)]
         command += ["--log-level", "warning"]
     process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
@@ -239,15 +391,43 @@ async def load(port: int, batch: int, clients: int, seconds: float, run: str) ->
     requests = bodies(run, batch, count)
     shares = [requests[c::clients] for c in range(clients)]
     latencies: list[float] = []
+    health: list[float] = []
+    done = asyncio.Event()
+    watching = asyncio.create_task(watch_health(port, health, done))
     began = time.perf_counter()
     await asyncio.gather(*(post_all(port, share, latencies) for share in shares))
     elapsed = time.perf_counter() - began
-    ordered = sorted(latencies)
+    done.set()
+    await watching
+    ordered, answered = sorted(latencies), sorted(health) or [0.0]
     return {
+        "events": (count + 20) * batch,
         "events_per_s": count * batch / elapsed,
         "p50_ms": ordered[len(ordered) // 2] * 1000,
         "p99_ms": ordered[int(len(ordered) * 0.99)] * 1000,
+        "health_p99_ms": answered[int(len(answered) * 0.99)] * 1000,
     }
+
+
+async def watch_health(port: int, latencies: list[float], done: asyncio.Event) -> None:
+    """`GET /health` every 20 ms on a connection of its own while the load runs."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = b"GET /health HTTP/1.1\r\nhost: bench\r\n\r\n"
+    try:
+        while not done.is_set():
+            began = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - began)
+            await asyncio.sleep(0.02)
+    finally:
+        writer.close()
 
 
 def client(port: int, batch: int, clients: int, seconds: float, run: str) -> dict[str, float]:
@@ -259,47 +439,83 @@ def client(port: int, batch: int, clients: int, seconds: float, run: str) -> dic
     return figures
 
 
-def measure(kinds: list[str], seconds: float) -> dict[tuple[str, int, int], dict[str, float]]:
+CEILING_OF = {"sql": "ceiling-sqlite", "sql-postgres": "ceiling-postgres"}
+"""The ceiling each store's service is held against (the others: the echoes)."""
+
+
+def measure(
+    kinds: list[str], cells: list[tuple[int, int]], seconds: float, postgres: str | None
+) -> dict[tuple[str, int, int], dict[str, float]]:
     results: dict[tuple[str, int, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as data:
         for kind in kinds:
-            with server(kind, Path(data)) as port:
-                if kind not in (*ECHOES, NO_STORE):
+            with server(kind, Path(data), postgres) as port:
+                service = kind not in (*ECHOES, NO_STORE, *CEILINGS)
+                if service:
                     create_meter(port)
-                for batch in BATCHES:
-                    for clients in CLIENTS:
-                        run = f"{kind}-{batch}-{clients}"
-                        results[kind, batch, clients] = client(port, batch, clients, seconds, run)
-                        figures = results[kind, batch, clients]
-                        print(
-                            f"{kind:>10}  batch {batch:>3}  clients {clients:>2}  "
-                            f"{figures['events_per_s']:>9,.0f} events/s  "
-                            f"p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms",
-                            flush=True,
-                        )
+                sent = 0
+                for batch, clients in cells:
+                    run = f"{kind}-{batch}-{clients}"
+                    figures = results[kind, batch, clients] = client(
+                        port, batch, clients, seconds, run
+                    )
+                    sent += int(figures["events"])
+                    print(
+                        f"{kind:>16}  batch {batch:>3}  clients {clients:>2}  "
+                        f"{figures['events_per_s']:>9,.0f} events/s  "
+                        f"p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms  "
+                        f"/health p99 {figures['health_p99_ms']:6.1f} ms",
+                        flush=True,
+                    )
+                if service:
+                    print(f"{kind:>16}  {counted(port, sent)}", flush=True)
     return results
+
+
+def counted(port: int, sent: int) -> str:
+    """Whether `/metrics` counted every event sent (the probes' included) once."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(
+            f"GET /metrics HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {KEY}\r\n"
+            "connection: close\r\n\r\n".encode()
+        )
+        text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
+    figures = {}
+    for line in text.splitlines():
+        for name in ("metering_events_ingested_total", "metering_pipeline_events_settled_total"):
+            if line.startswith(name):
+                figures[name] = figures.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    shown = ", ".join(f"{name} {value:,.0f}" for name, value in figures.items())
+    return f"sent {sent:,}; /metrics: {shown or 'no counters found'}"
 
 
 def report(results: dict[tuple[str, int, int], dict[str, float]], kinds: list[str]) -> None:
     print("\nratio to each ceiling (events/s), and p99/p50, same run:")
-    for kind in (k for k in kinds if k not in ECHOES):
-        for batch in BATCHES:
-            for clients in CLIENTS:
-                ours = results[kind, batch, clients]
-                line = f"{kind:>10}  batch {batch:>3}  clients {clients:>2}  "
-                for echo in ECHOES:
-                    if (echo, batch, clients) in results:
-                        ceiling = results[echo, batch, clients]["events_per_s"]
-                        line += f"{ours['events_per_s'] / ceiling:5.2f}x {echo}  "
-                line += f"p99/p50 {ours['p99_ms'] / ours['p50_ms']:4.1f}"
-                print(line)
+    for kind, batch, clients in results:
+        if kind in (*ECHOES, *CEILINGS):
+            continue
+        ours = results[kind, batch, clients]
+        line = f"{kind:>16}  batch {batch:>3}  clients {clients:>2}  "
+        ceilings = [CEILING_OF[kind]] if kind in CEILING_OF else list(ECHOES)
+        for ceiling_kind in ceilings:
+            if (ceiling_kind, batch, clients) in results:
+                ceiling = results[ceiling_kind, batch, clients]["events_per_s"]
+                line += f"{ours['events_per_s'] / ceiling:5.2f}x {ceiling_kind}  "
+        line += f"p99/p50 {ours['p99_ms'] / ours['p50_ms']:4.1f}"
+        print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each run")
     parser.add_argument("--servers", default="echo-json,echo-typed,no-store,memory,sql")
-    parser.add_argument("--app-server", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cells",
+        default=",".join(f"{b}x{c}" for b in BATCHES for c in CLIENTS),
+        help="batch x clients, comma-separated (default: every pair of 1, 25, 500 x 1, 4, 16)",
+    )
+    parser.add_argument("--postgres", help="a PostgreSQL server URL, for *-postgres servers")
+    parser.add_argument("--app-server", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.app_server:
@@ -307,12 +523,13 @@ def main() -> None:
 
         from metering_core.server import create_app
 
-        kind, port = options.app_server
-        app = (
-            create_app(AsyncMetering(NoStore()))
-            if kind == NO_STORE
-            else echo_app(kind == "echo-typed")
-        )
+        kind, port, *address = options.app_server
+        if kind in CEILINGS:
+            app = ceiling_app(kind, address[0])
+        elif kind == NO_STORE:
+            app = create_app(AsyncMetering(NoStore()))
+        else:
+            app = echo_app(kind == "echo-typed")
         uvicorn.run(app, port=int(port), log_level="warning")
         return
     if options.client:
@@ -322,7 +539,8 @@ def main() -> None:
         return
     print(f"metering-core service benchmark, {datetime.now(UTC):%Y-%m-%d}")
     kinds = options.servers.split(",")
-    report(measure(kinds, options.seconds), kinds)
+    cells = [(int(b), int(c)) for b, c in (cell.split("x") for cell in options.cells.split(","))]
+    report(measure(kinds, cells, options.seconds, options.postgres), kinds)
 
 
 if __name__ == "__main__":

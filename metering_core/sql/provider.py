@@ -38,6 +38,7 @@ from metering_core.models import (
     UsageEvent,
     UsageQuery,
 )
+from metering_core.sql.group_commit import GroupCommit, Ingest
 from metering_core.sql.ingest import (
     add_to_rollups,
     insert_events,
@@ -83,6 +84,9 @@ _REOPEN = re.compile(r"readonly database|disk I/O error|unable to open", re.IGNO
 OFF_LOOP_ROWS = 1_000
 """Answers of this many rows or more are typed in a worker thread, off the event loop."""
 
+_POSTGRES_LANES = 4
+"""Ingest transactions one process runs at once on PostgreSQL (SQLite: one)."""
+
 _MIGRATE_ATTEMPTS = 25
 """Checks of a new SQLite store's schema while other processes create it (~6 s in all)."""
 
@@ -107,6 +111,12 @@ class SqlProvider(BaseProvider):
             else self.store.backend == "sqlite"
         )
         self._engine: AsyncEngine | None = None
+        # SQLite has one writer at a time; PostgreSQL overlaps a few transactions
+        self._group_commit = GroupCommit(
+            self._write_group,
+            lanes=1 if self.store.backend == "sqlite" else _POSTGRES_LANES,
+            max_events=CAPABILITIES.max_batch_size,
+        )
         self._ready: asyncio.Lock | None = None
         self._writer: asyncio.Lock | None = None
 
@@ -305,23 +315,39 @@ class SqlProvider(BaseProvider):
     async def _store_events(
         self, batch: Sequence[UsageEvent], *, lowering_refused: bool
     ) -> IngestResult:
-        names = {event.event_name for event in batch}
+        return await self._group_commit.ingest(batch, lowering_refused=lowering_refused)
+
+    async def _write_group(self, group: Sequence[Ingest]) -> list[IngestResult]:
+        """Several callers' events in one transaction; each caller's answer, as if they
+        had been written one after another in the group's order."""
+        names = {event.event_name for ingest in group for event in ingest.events}
         async with self._transaction() as connection:
             by_name = await meters_named(connection, names)
             refusals = [
-                rules.refusal(
-                    by_name.get(event.event_name), event, lowering_refused=lowering_refused
-                )
-                for event in batch
+                [
+                    rules.refusal(
+                        by_name.get(event.event_name),
+                        event,
+                        lowering_refused=ingest.lowering_refused,
+                    )
+                    for event in ingest.events
+                ]
+                for ingest in group
             ]
             rows = [
                 (event, by_name[event.event_name].seq)
-                for event, reason in zip(batch, refusals, strict=True)
+                for ingest, reasons in zip(group, refusals, strict=True)
+                for event, reason in zip(ingest.events, reasons, strict=True)
                 if reason is None
             ]
             rolled_up = {m.seq for m in by_name.values() if m.aggregation in ROLLED_UP}
             inserted = await insert_events(connection, rows, rolled_up) if rows else set()
-            refused_ids = {e.id for e, reason in zip(batch, refusals, strict=True) if reason}
+            refused_ids = {
+                event.id
+                for ingest, reasons in zip(group, refusals, strict=True)
+                for event, reason in zip(ingest.events, reasons, strict=True)
+                if reason
+            }
             known: set[str] = set()
             if refused_ids:  # an id seen before is a duplicate, whatever became of its meter
                 known = set(
@@ -329,7 +355,14 @@ class SqlProvider(BaseProvider):
                         sa.select(events.c.id).where(events.c.id.in_(list(refused_ids)))
                     )
                 )
-        return rules.ingest_verdicts(batch, refusals, inserted, known - inserted)
+        stored_before = known - inserted
+        answers = []
+        for ingest, reasons in zip(group, refusals, strict=True):
+            answer = rules.ingest_verdicts(ingest.events, reasons, inserted, stored_before)
+            if len(group) > 1:  # what one caller stored, a later one in the group sent again
+                stored_before = stored_before | set(answer.accepted)
+            answers.append(answer)
+        return answers
 
     async def fetch_usage(self, query: UsageQuery) -> Usage:
         async with self._transaction(writes=False) as connection:

@@ -125,7 +125,7 @@ class StoreUrl:
         if bounds.statement is not None:
             connect_args["command_timeout"] = bounds.statement
         return create_async_engine(
-            self.url, pool_pre_ping=True, pool_timeout=bounds.pool, connect_args=connect_args
+            self.url, pool_pre_ping=False, pool_timeout=bounds.pool, connect_args=connect_args
         )
 
 
