@@ -10,6 +10,7 @@ knows what became of every id. Errors share one shape: `{"error": {"type", "mess
 "field"?}}`. The routes live in `routes/`, one router per resource; this assembles them.
 """
 
+import gc
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -77,6 +78,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # What exists at startup (modules, schemas, the routes: ~115k objects) lives as
+        # long as the process; frozen, the collector stops walking it. Each full
+        # collection had walked it all, 30-40 ms in which no request was answered: the
+        # p99 of every request and of /health under load (measured on PostgreSQL, 16
+        # clients: p99 46 ms -> 11 ms at a p50 of 7 ms).
+        gc.freeze()
         yield
         await metering.close()
 

@@ -31,9 +31,11 @@ from metering_core.sql.schema import BUCKET, events, meters, rollups
 from metering_core.sql.store import canonical_dimensions
 
 __all__ = [
+    "Checked",
     "EventMeter",
     "add_to_rollups",
     "insert_events",
+    "insert_events_checked",
     "meters_named",
     "rollup_deltas",
     "rollup_key",
@@ -64,48 +66,85 @@ _SQLITE_ROLLUP = (
     "SET count = count + excluded.count, total = dec_add(total, excluded.total)"
 )
 
-_POSTGRES = sa.text(
-    f"""
-    WITH arrived AS MATERIALIZED (
-        SELECT nextval(CAST('events_seq_seq' AS regclass)) AS seq, n,
-               e->>0 AS id, CAST(e->>1 AS bigint) AS meter_seq, e->>2 AS event_name,
-               e->>3 AS customer_id, CAST(e->>4 AS bigint) AS ts,
-               CAST(e->>5 AS numeric) AS value, CAST(e->6 AS json) AS dimensions
-        FROM (
-            SELECT e, n FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS a(e, n)
-            ORDER BY n
-        ) AS sent
-    ), inserted AS (
-        INSERT INTO events
-            (seq, id, meter_seq, event_name, customer_id, ts, value, dimensions, ingested_at)
-        SELECT seq, id, meter_seq, event_name, customer_id, ts, value, dimensions,
-               CAST(:ingested AS bigint)
-        FROM arrived ORDER BY id, n
-        ON CONFLICT (id) DO NOTHING
-        RETURNING id, meter_seq, ts, value, dimensions
-    ), rolled AS (
-        INSERT INTO rollups AS r (meter_seq, bucket, digest, dimensions, count, total)
-        SELECT meter_seq, bucket, md5(dimensions), dimensions, count(*), sum(value)
-        FROM (
-            SELECT meter_seq, {_BUCKET_OF} AS bucket,
-                   CAST(CAST(dimensions AS jsonb) AS text) AS dimensions, value
-            FROM inserted
-            WHERE meter_seq = ANY(CAST(:rolled_up AS bigint[]))
-        ) AS rolled
-        GROUP BY meter_seq, bucket, dimensions
-        ORDER BY meter_seq, bucket, md5(dimensions) COLLATE "C"
-        ON CONFLICT (meter_seq, bucket, digest) DO UPDATE
-        SET count = r.count + excluded.count, total = r.total + excluded.total
+_FRESH = """
+    fresh AS (
+        SELECT (
+            SELECT count(*) FROM meters AS m
+            JOIN jsonb_to_recordset(CAST(:meters AS jsonb))
+                AS c(seq bigint, event_name text, id text, unique_dimension text,
+                     aggregation text)
+            ON m.seq = c.seq AND m.event_name = c.event_name AND m.id = c.id
+               AND m.unique_dimension IS NOT DISTINCT FROM c.unique_dimension
+               AND m.aggregation = c.aggregation
+        ) = jsonb_array_length(CAST(:meters AS jsonb))
+        AND NOT EXISTS (
+            SELECT 1 FROM meters WHERE event_name = ANY(CAST(:unmetered AS text[]))
+        ) AS ok
+    ),"""
+"""Whether the meters ingest judged the rows by are the store's now: each as it was read
+(the fields the rules read), and no meter for the names that had none."""
+
+
+def _postgres_insert(checked: bool) -> sa.TextClause:
+    """The rows and their rollups in one statement. `checked`: only if `_FRESH` holds, and
+    answering whether it did and which refused ids the store knew: one round trip in all,
+    run outside a transaction (one statement is one)."""
+    guard = "WHERE (SELECT ok FROM fresh)" if checked else ""
+    answer = (
+        "SELECT (SELECT ok FROM fresh) AS fresh, ARRAY(SELECT id FROM inserted) AS inserted, "
+        "ARRAY(SELECT id FROM events WHERE id = ANY(CAST(:refused AS text[]))) AS known"
+        if checked
+        else "SELECT id FROM inserted"
     )
-    SELECT id FROM inserted
-    """
-)
+    return sa.text(
+        f"""
+        WITH {_FRESH if checked else ""} arrived AS MATERIALIZED (
+            SELECT nextval(CAST('events_seq_seq' AS regclass)) AS seq, n,
+                   e->>0 AS id, CAST(e->>1 AS bigint) AS meter_seq, e->>2 AS event_name,
+                   e->>3 AS customer_id, CAST(e->>4 AS bigint) AS ts,
+                   CAST(e->>5 AS numeric) AS value, CAST(e->6 AS json) AS dimensions
+            FROM (
+                SELECT e, n
+                FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS a(e, n)
+                {guard}
+                ORDER BY n
+            ) AS sent
+        ), inserted AS (
+            INSERT INTO events
+                (seq, id, meter_seq, event_name, customer_id, ts, value, dimensions, ingested_at)
+            SELECT seq, id, meter_seq, event_name, customer_id, ts, value, dimensions,
+                   CAST(:ingested AS bigint)
+            FROM arrived ORDER BY id, n
+            ON CONFLICT (id) DO NOTHING
+            RETURNING id, meter_seq, ts, value, dimensions
+        ), rolled AS (
+            INSERT INTO rollups AS r (meter_seq, bucket, digest, dimensions, count, total)
+            SELECT meter_seq, bucket, md5(dimensions), dimensions, count(*), sum(value)
+            FROM (
+                SELECT meter_seq, {_BUCKET_OF} AS bucket,
+                       CAST(CAST(dimensions AS jsonb) AS text) AS dimensions, value
+                FROM inserted
+                WHERE meter_seq = ANY(CAST(:rolled_up AS bigint[]))
+            ) AS rolled
+            GROUP BY meter_seq, bucket, dimensions
+            ORDER BY meter_seq, bucket, md5(dimensions) COLLATE "C"
+            ON CONFLICT (meter_seq, bucket, digest) DO UPDATE
+            SET count = r.count + excluded.count, total = r.total + excluded.total
+        )
+        {answer}
+        """
+    )
+
+
+_POSTGRES = _postgres_insert(checked=False)
 """Arrival order numbers the rows (`seq`, the order `latest` breaks ties by); then they
 go in by id and their rollups by key: two processes writing overlapping batches take
 their locks in the same order, so neither waits on the other in a cycle. An id sent
 twice in the batch goes in in arrival order too (its place in the array breaks the
 tie), so its first copy is the one stored, as on every provider; sorted by id alone,
 PostgreSQL's sort could put a later copy first, and its value was billed."""
+
+_POSTGRES_CHECKED = _postgres_insert(checked=True)
 
 
 def _payload(rows: Sequence[tuple[UsageEvent, int]]) -> str:
@@ -232,6 +271,40 @@ async def insert_events(
                     kept.append((seq, record[4], event.value, event.dimensions))
         await add_to_rollups(connection, rollup_deltas(kept, sign=1))
     return inserted
+
+
+class Checked(NamedTuple):
+    """What a checked insert did: whether the meters were fresh (if not, nothing was
+    written), the ids inserted, and which of the refused ids the store knew before."""
+
+    fresh: bool
+    inserted: set[str]
+    known: set[str]
+
+
+async def insert_events_checked(
+    connection: AsyncConnection,
+    rows: Sequence[tuple[UsageEvent, int]],
+    rolled_up: Collection[int],
+    *,
+    judged_by: Collection[EventMeter],
+    unmetered: Collection[str],
+    refused: Collection[str],
+) -> Checked:
+    """`insert_events` on PostgreSQL in one autocommitted statement, written only if the
+    meters the rows were judged by (`judged_by`; no meter for the names `unmetered`) are
+    still the store's: a copy of the meters kept in this process is checked by the
+    insert itself, so no other process's change can be missed."""
+    parameters = {
+        "rows": _payload(rows),
+        "rolled_up": list(rolled_up),
+        "ingested": epoch_micros(datetime.now(UTC)),
+        "meters": json.dumps([meter._asdict() for meter in judged_by]),
+        "unmetered": list(unmetered),
+        "refused": list(refused),
+    }
+    fresh, inserted, known = (await connection.execute(_POSTGRES_CHECKED, parameters)).one()
+    return Checked(fresh, set(inserted), set(known))
 
 
 _dimensions_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode

@@ -42,11 +42,14 @@ from metering_core.sql.group_commit import GroupCommit, Ingest
 from metering_core.sql.ingest import (
     add_to_rollups,
     insert_events,
+    insert_events_checked,
     meters_named,
     rollup_deltas,
     rollup_key,
 )
+from metering_core.sql.judged import Judged
 from metering_core.sql.listing import event_page, events_statement
+from metering_core.sql.meter_copy import MeterCopy
 from metering_core.sql.schema import ROLLED_UP, customers, events, meters
 from metering_core.sql.settings import CAPABILITIES, SqlSettings
 from metering_core.sql.store import (
@@ -111,6 +114,7 @@ class SqlProvider(BaseProvider):
             else self.store.backend == "sqlite"
         )
         self._engine: AsyncEngine | None = None
+        self._meter_copy = MeterCopy()
         # SQLite has one writer at a time; PostgreSQL overlaps a few transactions
         self._group_commit = GroupCommit(
             self._write_group,
@@ -200,13 +204,21 @@ class SqlProvider(BaseProvider):
         return revision
 
     @asynccontextmanager
-    async def _transaction(self, *, writes: bool = True) -> AsyncIterator[AsyncConnection]:
-        """A transaction on a pooled connection. On SQLite, this process's writers take
-        turns, first come first served: several would otherwise contend for the file's one
-        write lock through SQLite's busy handler, which sleeps and retries, and a request
-        could wait for seconds behind later ones (measured under 16 concurrent clients)."""
+    async def _transaction(
+        self, *, writes: bool = True, autocommit: bool = False
+    ) -> AsyncIterator[AsyncConnection]:
+        """A transaction on a pooled connection (`autocommit`: none, each statement its
+        own). On SQLite, this process's writers take turns, first come first served:
+        several would otherwise contend for the file's one write lock through SQLite's
+        busy handler, which sleeps and retries, and a request could wait for seconds
+        behind later ones (measured under 16 concurrent clients)."""
         try:
             engine = await self._connected()
+            if autocommit:
+                async with engine.connect() as connection:
+                    await connection.execution_options(isolation_level="AUTOCOMMIT")
+                    yield connection
+                return
             async with self._turn(writes), engine.begin() as connection:
                 yield connection
         except MeteringError:
@@ -250,6 +262,7 @@ class SqlProvider(BaseProvider):
             .on_conflict_do_nothing(index_elements=["event_name"])
             .returning(meters.c.seq)
         )
+        self._meter_copy.forget()
         async with self._transaction() as connection:
             created = (await connection.execute(statement)).first()
             if created is None:
@@ -288,6 +301,7 @@ class SqlProvider(BaseProvider):
     async def update_meter(self, meter_id: str, update: MeterUpdate) -> Meter:
         changes: dict[str, Any] = {name: getattr(update, name) for name in update.model_fields_set}
         changes["updated_at"] = epoch_micros(datetime.now(UTC))
+        self._meter_copy.forget()
         async with self._transaction() as connection:
             await self._meter_row(connection, meter_id)
             await connection.execute(
@@ -297,6 +311,7 @@ class SqlProvider(BaseProvider):
 
     async def delete_meter(self, meter_id: str) -> None:
         """The meter goes; its events stay as ids already seen, counted nowhere."""
+        self._meter_copy.forget()
         async with self._transaction() as connection:
             deleted = await connection.execute(sa.delete(meters).where(meters.c.id == meter_id))
             if deleted.rowcount == 0:
@@ -319,50 +334,46 @@ class SqlProvider(BaseProvider):
 
     async def _write_group(self, group: Sequence[Ingest]) -> list[IngestResult]:
         """Several callers' events in one transaction; each caller's answer, as if they
-        had been written one after another in the group's order."""
+        had been written one after another in the group's order. On PostgreSQL, by one
+        statement judged by this process's copy of the meters, which the statement checks
+        (one round trip); when the copy is stale, again in a transaction that reads them."""
+        if self.store.backend == "postgresql":
+            answers = await self._write_checked(group)
+            if answers is not None:
+                return answers
         names = {event.event_name for ingest in group for event in ingest.events}
         async with self._transaction() as connection:
-            by_name = await meters_named(connection, names)
-            refusals = [
-                [
-                    rules.refusal(
-                        by_name.get(event.event_name),
-                        event,
-                        lowering_refused=ingest.lowering_refused,
-                    )
-                    for event in ingest.events
-                ]
-                for ingest in group
-            ]
-            rows = [
-                (event, by_name[event.event_name].seq)
-                for ingest, reasons in zip(group, refusals, strict=True)
-                for event, reason in zip(ingest.events, reasons, strict=True)
-                if reason is None
-            ]
-            rolled_up = {m.seq for m in by_name.values() if m.aggregation in ROLLED_UP}
-            inserted = await insert_events(connection, rows, rolled_up) if rows else set()
-            refused_ids = {
-                event.id
-                for ingest, reasons in zip(group, refusals, strict=True)
-                for event, reason in zip(ingest.events, reasons, strict=True)
-                if reason
-            }
+            judged = Judged.of(group, await meters_named(connection, names))
+            rows = judged.rows
+            inserted = await insert_events(connection, rows, judged.rolled_up) if rows else set()
+            refused = judged.refused_ids
             known: set[str] = set()
-            if refused_ids:  # an id seen before is a duplicate, whatever became of its meter
+            if refused:  # an id seen before is a duplicate, whatever became of its meter
                 known = set(
                     await connection.scalars(
-                        sa.select(events.c.id).where(events.c.id.in_(list(refused_ids)))
+                        sa.select(events.c.id).where(events.c.id.in_(list(refused)))
                     )
                 )
-        stored_before = known - inserted
-        answers = []
-        for ingest, reasons in zip(group, refusals, strict=True):
-            answer = rules.ingest_verdicts(ingest.events, reasons, inserted, stored_before)
-            if len(group) > 1:  # what one caller stored, a later one in the group sent again
-                stored_before = stored_before | set(answer.accepted)
-            answers.append(answer)
-        return answers
+        self._meter_copy.keep(names, judged.meters)
+        return judged.answers(inserted, known)
+
+    async def _write_checked(self, group: Sequence[Ingest]) -> list[IngestResult] | None:
+        """The group in one checked statement, or None (nothing written) if the copy of
+        the meters it was judged by is not the store's."""
+        names = {event.event_name for ingest in group for event in ingest.events}
+        judged = Judged.of(group, self._meter_copy.of(names))
+        async with self._transaction(autocommit=True) as connection:
+            checked = await insert_events_checked(
+                connection,
+                judged.rows,
+                judged.rolled_up,
+                judged_by=judged.meters.values(),
+                unmetered=names - judged.meters.keys(),
+                refused=judged.refused_ids,
+            )
+        if not checked.fresh:
+            return None
+        return judged.answers(checked.inserted, checked.known)
 
     async def fetch_usage(self, query: UsageQuery) -> Usage:
         async with self._transaction(writes=False) as connection:
