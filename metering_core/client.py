@@ -19,7 +19,10 @@ from collections.abc import (
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+from typing import Annotated, Any, Concatenate, ParamSpec, Self, TypeVar
+
+import pydantic
+from pydantic import Field, TypeAdapter
 
 from metering_core import events as events_module
 from metering_core import guards
@@ -82,13 +85,20 @@ def _coerce(model: type[M], value: M | Mapping[str, Any] | None, fields: Mapping
     )
 
 
+_EVENTS = TypeAdapter(Annotated[list[UsageEvent], Field(fail_fast=True)])
+"""A batch validated in one call into pydantic's core, stopping at the first bad event."""
+
+
 def _coerce_events(events: Iterable[EventInput]) -> list[UsageEvent]:
-    """Validate every event before any is queued, so one bad row changes nothing."""
+    """Validate every event before any is queued, so one bad row changes nothing. One pass
+    over the batch; only a batch that fails it is walked again, to name the bad event."""
+    listed = events if isinstance(events, list) else list(events)
+    try:
+        return _EVENTS.validate_python(listed)
+    except pydantic.ValidationError:
+        pass
     checked: list[UsageEvent] = []
-    for index, event in enumerate(events):
-        if type(event) is UsageEvent:
-            checked.append(event)
-            continue
+    for index, event in enumerate(listed):
         try:
             checked.append(_coerce(UsageEvent, event, {}))
         except ValidationError as exc:

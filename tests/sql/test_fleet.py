@@ -145,45 +145,51 @@ def test_two_services_on_one_postgres_count_each_event_once(postgres_url: str) -
         assert total(first, meter.id) == total(second, meter.id) == Decimal(len(sent))
 
 
+@pytest.mark.parametrize("store", ["sqlite_url", "postgres_url"])
 def test_a_service_killed_mid_ingest_loses_no_acknowledged_event(
-    postgres_url: str, tmp_path: Path
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """Four app servers send at once, so the service is killed while groups of their
+    requests share a transaction: nothing a client was told is stored is lost."""
+    store_url: str = request.getfixturevalue(store)
     port = free_port()
-    process = start(postgres_url, port)
+    process = start(store_url, port)
     url = f"http://127.0.0.1:{port}"
     with client(url) as admin:
         meter = admin.create_meter(event_name="api_calls")
     acknowledged: list[str] = []
     stop = threading.Event()
 
-    def app_server() -> None:
-        with client(url, spool_path=tmp_path / "spool.db", retry_backoff=0.02) as m:
+    def app_server(name: str) -> None:
+        with client(url, spool_path=tmp_path / f"{name}.db", retry_backoff=0.02) as m:
             n = 0
             while not stop.is_set():
                 batch = [
                     {
-                        "id": f"k{n + i}",
+                        "id": f"{name}-{n + i}",
                         "event_name": "api_calls",
                         "customer_id": "t1",
                         "timestamp": AT,
                     }
-                    for i in range(50)
+                    for i in range(5)
                 ]
                 acknowledged.extend(m.ingest_usage_events(batch))
-                n += 50
-                time.sleep(0.005)
+                n += 5
+                time.sleep(0.002)
             assert m.flush(timeout=120).ok
 
-    sender = threading.Thread(target=app_server)
-    sender.start()
+    senders = [threading.Thread(target=app_server, args=(f"s{n}",)) for n in range(4)]
+    for sender in senders:
+        sender.start()
     time.sleep(1.5)
     os.kill(process.pid, signal.SIGKILL)  # mid-ingest: requests in flight are cut
     process.wait(10)
     time.sleep(0.5)
-    process = start(postgres_url, port)
+    process = start(store_url, port)
     time.sleep(1.0)
     stop.set()
-    sender.join(180)
+    for sender in senders:
+        sender.join(180)
     try:
         assert len(acknowledged) > 100
         assert total(url, meter.id) == Decimal(len(set(acknowledged)))

@@ -1,0 +1,227 @@
+"""Group commit on the sql store: concurrent callers share transactions, and each is
+answered for exactly its own events, on SQLite and PostgreSQL, with failures injected
+into shared transactions; and the copy of the meters a PostgreSQL write is judged by
+never outlives another process's change to them."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from metering_core.errors import ProviderUnavailableError
+from metering_core.models import EventQuery, IngestResult, MeterCreate, UsageEvent, UsageQuery
+from metering_core.sql import SqlSettings
+from metering_core.sql import provider as sql_provider
+from metering_core.sql.provider import SqlProvider
+
+AT = datetime(2026, 11, 2, 10, tzinfo=UTC)
+CALLERS = 16
+REQUESTS = 8
+PER_REQUEST = 5
+
+
+@pytest.fixture(params=["sqlite_url", "postgres_url"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(request.param)
+    return url
+
+
+@pytest.fixture
+async def provider(store_url: str) -> AsyncIterator[SqlProvider]:
+    provider = SqlProvider(SqlSettings(url=store_url))
+    await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
+    yield provider
+    await provider.aclose()
+
+
+def value_of(event_id: str) -> Decimal:
+    """Each id has one value, whichever caller sends it."""
+    return Decimal(int(event_id.removeprefix("e")) % 7 + 1)
+
+
+def request_of(ids: list[str]) -> list[UsageEvent]:
+    return [
+        UsageEvent(id=i, event_name="calls", customer_id="acme", value=value_of(i), timestamp=AT)
+        for i in ids
+    ]
+
+
+WriteCall = Callable[..., Awaitable[Any]]
+
+
+def fail_some_writes(
+    monkeypatch: pytest.MonkeyPatch, failure: Callable[[list[str]], BaseException | None]
+) -> list[int]:
+    """Make each write of events (in a transaction, or PostgreSQL's one statement) raise
+    `failure(ids)` after the statement ran, when it gives one; the sizes of all writes."""
+    sizes: list[int] = []
+
+    def failing(real: WriteCall) -> WriteCall:
+        async def write(connection: Any, rows: Any, *args: Any, **kwargs: Any) -> Any:
+            done = await real(connection, rows, *args, **kwargs)
+            sizes.append(len(rows))
+            exc = failure([event.id for event, _ in rows])
+            if exc is not None:
+                raise exc
+            return done
+
+        return write
+
+    for name in ("insert_events", "insert_events_checked"):
+        monkeypatch.setattr(sql_provider, name, failing(getattr(sql_provider, name)))
+    return sizes
+
+
+async def send_until_answered(provider: SqlProvider, events: list[UsageEvent]) -> IngestResult:
+    """A caller that retries its request until it is answered, as every client does."""
+    for _ in range(50):
+        try:
+            return await provider.ingest_usage_events(events)
+        except (ProviderUnavailableError, RuntimeError):
+            await asyncio.sleep(0)
+    raise AssertionError("a request never got an answer")
+
+
+@pytest.mark.parametrize(
+    "injected",
+    [
+        ProviderUnavailableError("the store went away", provider="sql"),
+        RuntimeError("a write failed"),
+    ],
+    ids=["outage", "other-failure"],
+)
+async def test_concurrent_callers_with_overlapping_ids_each_count_once(
+    provider: SqlProvider, monkeypatch: pytest.MonkeyPatch, injected: BaseException
+) -> None:
+    writes = itertools.count()
+    sizes = fail_some_writes(
+        monkeypatch, lambda ids: injected if next(writes) % 4 == 1 else None
+    )
+    pool = [f"e{n}" for n in range(120)]  # 640 ids sent from a pool of 120: most overlap
+    requests = [
+        [random.Random(caller * 100 + n).sample(pool, PER_REQUEST) for n in range(REQUESTS)]
+        for caller in range(CALLERS)
+    ]
+
+    async def caller(mine: list[list[str]]) -> list[IngestResult]:
+        return [await send_until_answered(provider, request_of(ids)) for ids in mine]
+
+    answers = await asyncio.gather(*(caller(mine) for mine in requests))
+
+    assert max(sizes) > PER_REQUEST, "no transaction was shared: nothing here tested grouping"
+    accepted: Counter[str] = Counter()
+    for mine, theirs in zip(requests, answers, strict=True):
+        for ids, answer in zip(mine, theirs, strict=True):
+            assert not answer.rejected
+            assert sorted(answer.accepted + answer.duplicates) == sorted(ids)
+            accepted.update(answer.accepted)
+    assert max(accepted.values()) == 1, "an event was accepted twice"
+    sent = {i for mine in requests for ids in mine for i in ids}
+    # A write that failed after its statement committed (PostgreSQL's one statement) has
+    # stored its events; their retries were duplicates. Otherwise each was accepted once.
+    assert set(accepted) <= sent
+    usage = await provider.fetch_usage(
+        UsageQuery(meter_id=await meter_id(provider), start=AT, end=AT + timedelta(hours=1))
+    )
+    assert usage.total == sum(value_of(i) for i in sent)
+    stored = await provider.list_usage_events(
+        EventQuery(event_name="calls", start=AT, end=AT + timedelta(hours=1), limit=1000)
+    )
+    assert sorted(e.id for e in stored.items) == sorted(sent)
+
+
+async def meter_id(provider: SqlProvider) -> str:
+    return (await provider.fetch_all_meters()).items[0].id
+
+
+async def test_a_failure_of_one_callers_events_fails_no_other_caller(
+    provider: SqlProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fail_some_writes(
+        monkeypatch,
+        lambda ids: RuntimeError("poisoned") if any(i.startswith("p") for i in ids) else None,
+    )
+    healthy = [[f"e{c * 10 + n}" for n in range(3)] for c in range(10)]
+
+    async def poisoned() -> IngestResult:
+        events = request_of(["e999"])
+        return await provider.ingest_usage_events(
+            [events[0].model_copy(update={"id": "p1"}), *events]
+        )
+
+    outcomes = await asyncio.gather(
+        poisoned(),
+        *(provider.ingest_usage_events(request_of(ids)) for ids in healthy),
+        return_exceptions=True,
+    )
+
+    assert isinstance(outcomes[0], RuntimeError)
+    for ids, answer in zip(healthy, outcomes[1:], strict=True):
+        assert isinstance(answer, IngestResult), answer
+        assert sorted(answer.accepted) == sorted(ids)
+    stored = await provider.list_usage_events(
+        EventQuery(event_name="calls", start=AT, end=AT + timedelta(hours=1), limit=1000)
+    )
+    assert {e.id for e in stored.items} == {i for ids in healthy for i in ids}
+
+
+async def test_an_outage_fails_each_caller_of_the_transaction_and_stores_nothing(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = SqlProvider(SqlSettings(url=sqlite_url))
+    await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
+    fail_some_writes(monkeypatch, lambda ids: ProviderUnavailableError("down", provider="sql"))
+    outcomes = await asyncio.gather(
+        *(provider.ingest_usage_events(request_of([f"e{n}"])) for n in range(8)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, ProviderUnavailableError) for o in outcomes), outcomes
+    monkeypatch.undo()
+    stored = await provider.list_usage_events(
+        EventQuery(event_name="calls", start=AT, end=AT + timedelta(hours=1))
+    )
+    assert stored.items == []  # rolled back: a caller's retry is its first write
+    await provider.aclose()
+
+
+async def test_another_process_changing_the_meters_is_seen_by_the_next_write(
+    postgres_url: str,
+) -> None:
+    here = SqlProvider(SqlSettings(url=postgres_url))
+    there = SqlProvider(SqlSettings(url=postgres_url))
+    try:
+        meter = await here.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
+        first = await here.ingest_usage_events(request_of(["e1"]))
+        assert first.accepted == ["e1"]  # `here` now holds a copy of the meter
+        refused = await here.ingest_usage_events(
+            [request_of(["e2"])[0].model_copy(update={"event_name": "seats"})]
+        )
+        assert list(refused.rejected) == ["e2"]  # and knows "seats" has no meter
+
+        await there.delete_meter(meter.id)
+        latest = await there.create_meter(MeterCreate(event_name="calls", aggregation="latest"))
+        seats = await there.create_meter(MeterCreate(event_name="seats", aggregation="sum"))
+
+        raising_only = await here.ingest_usage_events(request_of(["e3"]), lowering_refused=True)
+        assert list(raising_only.rejected) == ["e3"], "judged by the deleted sum meter"
+        await here.ingest_usage_events(request_of(["e4"]))
+        to_seats = await here.ingest_usage_events(
+            [request_of(["e5"])[0].model_copy(update={"event_name": "seats"})]
+        )
+        assert to_seats.accepted == ["e5"], "judged by a copy that had no meter for seats"
+        end = AT + timedelta(hours=1)
+        usage = await there.fetch_usage(UsageQuery(meter_id=latest.id, start=AT, end=end))
+        assert usage.total == value_of("e4")
+        seated = await there.fetch_usage(UsageQuery(meter_id=seats.id, start=AT, end=end))
+        assert seated.total == value_of("e5")
+    finally:
+        await here.aclose()
+        await there.aclose()
