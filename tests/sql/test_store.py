@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from alembic import command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError as PydanticValidationError
 
 from metering_core import (
     AuthenticationError,
@@ -30,6 +31,7 @@ from metering_core import (
     EventQuery,
     MeterCreate,
     ProviderUnavailableError,
+    StoredEvent,
     UsageEvent,
     UsageQuery,
     UsageRow,
@@ -719,6 +721,46 @@ def _listings(
     return asyncio.run(pages(MemoryProvider())), asyncio.run(
         pages(SqlProvider(SqlSettings(url=url)))
     )
+
+
+def test_listed_events_are_the_models_validation_would_make(any_url: str) -> None:
+    """The store builds listed events without validating them (its own rows, trusted):
+    each must be exactly the model validating its fields makes, frozen as that is."""
+
+    async def listed() -> list[StoredEvent]:
+        provider = SqlProvider(SqlSettings(url=any_url))
+        try:
+            meter = await provider.create_meter(MeterCreate(event_name="calls"))
+            await provider.ingest_usage_events(
+                [
+                    UsageEvent(
+                        event_name="calls",
+                        customer_id="t1",
+                        value=Decimal("2.50"),
+                        timestamp=START + timedelta(seconds=n),
+                        dimensions={"region": "eu"} if n else {},
+                    )
+                    for n in range(3)
+                ]
+            )
+            end = START + timedelta(hours=1)
+            page = await provider.list_usage_events(
+                EventQuery(meter_id=meter.id, start=START, end=end)
+            )
+            return page.items
+        finally:
+            await provider.aclose()
+
+    items = asyncio.run(listed())
+    assert len(items) == 3
+    for item in items:
+        validated = StoredEvent.model_validate(item.model_dump())
+        assert item == validated
+        assert item.model_dump_json() == validated.model_dump_json()
+        assert item.model_fields_set == validated.model_fields_set
+        assert item.model_copy(update={"cancelled": True}).cancelled
+        with pytest.raises(PydanticValidationError):
+            item.cancelled = True  # type: ignore[misc]
 
 
 async def _both(url: str, scenario: Any) -> tuple[Any, Any]:
