@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from metering_core.errors import ProviderUnavailableError
 from metering_core.models import IngestResult, UsageEvent
@@ -39,6 +39,16 @@ Write = Callable[[Sequence[Ingest]], Awaitable[list[IngestResult]]]
 """Writes a group in one transaction; an answer per ingest, in order."""
 
 
+@dataclass(eq=False)
+class _Queue:
+    """One event loop's waiting requests and the lanes writing them: a request is
+    answered in the loop that asked (its future belongs there), and a loop that has
+    closed takes its queue with it."""
+
+    waiting: collections.deque[Ingest] = field(default_factory=collections.deque)
+    lanes: set[asyncio.Task[None]] = field(default_factory=set)
+
+
 class GroupCommit:
     """Coalesces concurrent ingests into shared transactions, at most `lanes` at once."""
 
@@ -46,37 +56,37 @@ class GroupCommit:
         self._write = write
         self._lanes = lanes
         self._max_events = max_events
-        self._waiting: collections.deque[Ingest] = collections.deque()
-        self._writing: set[asyncio.Task[None]] = set()
+        self._queues: dict[asyncio.AbstractEventLoop, _Queue] = {}
 
-    async def ingest(self, events: Sequence[UsageEvent], *, lowering_refused: bool) -> IngestResult:
+    async def ingest(
+        self, events: Sequence[UsageEvent], *, lowering_refused: bool
+    ) -> IngestResult:
         """Store `events` in the next transaction; their answer once it has committed."""
         loop = asyncio.get_running_loop()
+        queue = self._queue(loop)
         request = Ingest(events, lowering_refused, loop.create_future())
-        self._waiting.append(request)
-        if self._busy_lanes(loop) < self._lanes:
-            lane = loop.create_task(self._drain(), name="metering-group-commit")
-            self._writing.add(lane)
-            lane.add_done_callback(self._writing.discard)
+        queue.waiting.append(request)
+        # A lane that has just finished is done before its done-callback would run (a
+        # caller it answered may run first): done lanes are not counted.
+        queue.lanes = {lane for lane in queue.lanes if not lane.done()}
+        if len(queue.lanes) < self._lanes:
+            queue.lanes.add(loop.create_task(self._drain(queue), name="metering-group-commit"))
         # A caller cancelled before its group is taken is left out of it (never written,
         # never acknowledged); after, its events commit with the group and a retry finds
         # them duplicates.
         return await request.answer
 
-    def _busy_lanes(self, loop: asyncio.AbstractEventLoop) -> int:
-        """Lanes writing in this loop. A lane that has just finished is done before its
-        done-callback runs (a caller it answered may run first); one of a loop that has
-        closed writes no more."""
-        for lane in [lane for lane in self._writing if lane.done() or lane.get_loop() is not loop]:
-            self._writing.discard(lane)
-        return len(self._writing)
+    def _queue(self, loop: asyncio.AbstractEventLoop) -> _Queue:
+        for closed in [other for other in self._queues if other.is_closed()]:
+            del self._queues[closed]
+        return self._queues.setdefault(loop, _Queue())
 
-    async def _drain(self) -> None:
+    async def _drain(self, queue: _Queue) -> None:
         """Write groups until nobody waits."""
         group: list[Ingest] = []
         try:
-            while self._waiting:
-                group = self._take()
+            while queue.waiting:
+                group = self._take(queue)
                 if group:
                     await self._commit(group)
                 group = []
@@ -85,23 +95,24 @@ class GroupCommit:
                 f"the store's writer stopped before committing: {type(exc).__name__}",
                 provider="sql",
             )
-            for request in (*group, *self._waiting):
+            stranded = [*group, *queue.waiting]
+            queue.waiting.clear()
+            for request in stranded:
                 _fail(request, failure)
-            self._waiting.clear()
             raise
 
-    def _take(self) -> list[Ingest]:
+    def _take(self, queue: _Queue) -> list[Ingest]:
         """The waiting requests, oldest first, up to `max_events` (a larger one alone)."""
         group: list[Ingest] = []
         count = 0
-        while self._waiting:
-            request = self._waiting[0]
+        while queue.waiting:
+            request = queue.waiting[0]
             if request.answer.done():  # its caller was cancelled while it waited
-                self._waiting.popleft()
+                queue.waiting.popleft()
                 continue
             if group and count + len(request.events) > self._max_events:
                 break
-            group.append(self._waiting.popleft())
+            group.append(queue.waiting.popleft())
             count += len(request.events)
         return group
 
@@ -126,10 +137,16 @@ class GroupCommit:
 
 
 def _answer(request: Ingest, answer: IngestResult) -> None:
-    if not request.answer.done():
+    if _waited_for(request):
         request.answer.set_result(answer)
 
 
 def _fail(request: Ingest, exc: BaseException) -> None:
-    if not request.answer.done():
+    if _waited_for(request):
         request.answer.set_exception(exc)
+
+
+def _waited_for(request: Ingest) -> bool:
+    """Whether a caller still waits: not cancelled, and its loop not closed (nothing
+    could run it, and answering would raise)."""
+    return not request.answer.done() and not request.answer.get_loop().is_closed()

@@ -122,7 +122,7 @@ class SqlProvider(BaseProvider):
             max_events=CAPABILITIES.max_batch_size,
         )
         self._ready: asyncio.Lock | None = None
-        self._writer: asyncio.Lock | None = None
+        self._writers: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
 
     def __repr__(self) -> str:
         return f"SqlProvider({self.store.shown!r})"
@@ -233,8 +233,11 @@ class SqlProvider(BaseProvider):
     def _turn(self, writes: bool) -> AbstractAsyncContextManager[Any]:
         if not writes or self.store.backend != "sqlite":
             return nullcontext()
-        self._writer = self._writer or asyncio.Lock()
-        return self._writer
+        # One turn per event loop: a lock belongs to the loop that uses it, and one held
+        # by a task of a loop that has closed would never be released.
+        for closed in [loop for loop in self._writers if loop.is_closed()]:
+            del self._writers[closed]
+        return self._writers.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
     @property
     def _insert(self) -> Any:

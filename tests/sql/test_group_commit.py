@@ -225,3 +225,30 @@ async def test_another_process_changing_the_meters_is_seen_by_the_next_write(
     finally:
         await here.aclose()
         await there.aclose()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_loop_closed_with_writes_queued_leaves_the_next_loop_its_own_writes(
+    sqlite_url: str,
+) -> None:
+    """A loop closed with callers still queued (its tasks never cancelled), then the same
+    provider used from a new loop: the new loop's caller is answered, not left waiting
+    behind the closed loop's queue, its lane, or a lock one of its tasks still held."""
+    provider = SqlProvider(SqlSettings(url=sqlite_url))
+    first = asyncio.new_event_loop()
+    first.run_until_complete(
+        provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
+    )
+    requests = [  # 20,000 events: more than one transaction takes (5,000)
+        first.create_task(
+            provider.ingest_usage_events(request_of([f"e{k * 1000 + n}" for n in range(1000)]))
+        )
+        for k in range(1, 21)
+    ]
+    first.run_until_complete(requests[0])
+    first.close()
+
+    async def later() -> IngestResult:
+        return await asyncio.wait_for(provider.ingest_usage_events(request_of(["e7"])), 10)
+
+    assert asyncio.run(later()).accepted == ["e7"]
