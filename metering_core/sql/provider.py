@@ -21,7 +21,12 @@ from metering_core import rules
 from metering_core.config import default_store_path
 from metering_core.cursors import check_limit, decode_cursor, encode_cursor
 from metering_core.epoch import epoch_micros, from_epoch_micros
-from metering_core.errors import ConflictError, MeteringError, NotFoundError
+from metering_core.errors import (
+    ConflictError,
+    MeteringError,
+    NotFoundError,
+    ProviderUnavailableError,
+)
 from metering_core.interface import BaseProvider
 from metering_core.models import (
     CancelResult,
@@ -336,6 +341,19 @@ class SqlProvider(BaseProvider):
         return await self._group_commit.ingest(batch, lowering_refused=lowering_refused)
 
     async def _write_group(self, group: Sequence[Ingest]) -> list[IngestResult]:
+        """`_write_group_once`, once more when the connection it used was found dead (a
+        server restarted or failed over: connections are not pinged on checkout, and the
+        pool has now dropped them). Writing again is safe: a row that did commit is a
+        duplicate of itself, so nothing counts twice, and no caller sees an outage."""
+        try:
+            return await self._write_group_once(group)
+        except ProviderUnavailableError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated):
+                raise
+        return await self._write_group_once(group)
+
+    async def _write_group_once(self, group: Sequence[Ingest]) -> list[IngestResult]:
         """Several callers' events in one transaction; each caller's answer, as if they
         had been written one after another in the group's order. On PostgreSQL, by one
         statement judged by this process's copy of the meters, which the statement checks

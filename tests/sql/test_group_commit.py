@@ -102,9 +102,7 @@ async def test_concurrent_callers_with_overlapping_ids_each_count_once(
     provider: SqlProvider, monkeypatch: pytest.MonkeyPatch, injected: BaseException
 ) -> None:
     writes = itertools.count()
-    sizes = fail_some_writes(
-        monkeypatch, lambda ids: injected if next(writes) % 4 == 1 else None
-    )
+    sizes = fail_some_writes(monkeypatch, lambda ids: injected if next(writes) % 4 == 1 else None)
     pool = [f"e{n}" for n in range(120)]  # 640 ids sent from a pool of 120: most overlap
     requests = [
         [random.Random(caller * 100 + n).sample(pool, PER_REQUEST) for n in range(REQUESTS)]
@@ -252,3 +250,34 @@ def test_a_loop_closed_with_writes_queued_leaves_the_next_loop_its_own_writes(
         return await asyncio.wait_for(provider.ingest_usage_events(request_of(["e7"])), 10)
 
     assert asyncio.run(later()).accepted == ["e7"]
+
+
+async def test_writes_after_the_server_dropped_every_connection_are_answered(
+    postgres_url: str,
+) -> None:
+    """Connections are not pinged on checkout: a server restart (here, every connection of
+    the database terminated) is found by the next write, which is written again on a new
+    connection instead of failing its callers."""
+    import asyncpg
+
+    provider = SqlProvider(SqlSettings(url=postgres_url))
+    try:
+        await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
+        await asyncio.gather(
+            *(provider.ingest_usage_events(request_of([f"e{n}"])) for n in range(8))
+        )
+        server, database = postgres_url.rsplit("/", 1)
+        admin = await asyncpg.connect(f"{server}/postgres")
+        try:
+            dropped = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                database,
+            )
+        finally:
+            await admin.close()
+        assert dropped >= 1
+        answers = [await provider.ingest_usage_events(request_of([f"e{n}"])) for n in range(8, 12)]
+        assert [a.accepted for a in answers] == [[f"e{n}"] for n in range(8, 12)]
+    finally:
+        await provider.aclose()
