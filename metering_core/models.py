@@ -354,7 +354,7 @@ class UsageEvent(_Model):
     customer_id: Identifier
     value: FiniteDecimal = Decimal(1)
     timestamp: UtcDatetime = Field(default_factory=_now)
-    dimensions: Annotated[dict[Text, Text], Field(fail_fast=True, default_factory=dict)]
+    dimensions: dict[Text, Text] = Field(default_factory=dict, fail_fast=True)
     # fail_fast: one error for a bad dimensions object, not one per bad entry (a body
     # of half a million bad entries cost 800 MB of errors). A factory, not `= {}`:
     # pydantic deep-copies a mutable default for every event, half of validating one.
