@@ -33,8 +33,8 @@ from metering_core.config import (
     resolve_provider_settings,
     resolve_settings,
 )
-from metering_core.errors import MeteringError, ValidationError
-from metering_core.interface import Capabilities, IMetering, Operation
+from metering_core.errors import ConfigurationError, MeteringError, ValidationError
+from metering_core.interface import Capabilities, IMetering, Ledger, Operation
 from metering_core.loop import shared_loop
 from metering_core.metrics import PipelineStats
 from metering_core.models import (
@@ -46,6 +46,7 @@ from metering_core.models import (
     Meter,
     MeterCreate,
     MeterUpdate,
+    MirrorStatus,
     Page,
     StoredEvent,
     Usage,
@@ -450,6 +451,35 @@ class AsyncMetering:
         await self._require(Operation.DELETE_CUSTOMER)
         await self._provider.delete_customer(customer_id)
 
+    def _ledger(self) -> Ledger:
+        if not isinstance(self._provider, Ledger) or not self._provider.mirrored:
+            raise ConfigurationError(
+                f"provider {self.provider_name!r} feeds no mirrors: give the sql provider "
+                "`mirrors` (METERING_SQL_MIRRORS, or [tool.metering.sql.mirrors.<name>])"
+            )
+        return self._provider
+
+    async def mirror_status(self) -> list[MirrorStatus]:
+        """What each mirror of the ledger is still owed: outbox depth, the age of its
+        oldest row, and dead letters (rows the mirror refused, with its reason)."""
+        return await self._ledger().mirror_status()
+
+    async def flush_mirrors(self, timeout: float | None = None) -> list[MirrorStatus]:
+        """Deliver what is queued to the ledger, then forward until every mirror has
+        every event and cancellation owed to it (or refused it); the statuses then.
+        `TimeoutError` after `timeout` seconds (a mirror down: nothing is lost, the
+        outbox keeps it)."""
+        ledger = self._ledger()
+        began = time.monotonic()
+        await self.flush(timeout)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - began))
+        return await ledger.flush_mirrors(left)
+
+    async def forward_mirrors(self) -> None:
+        """Forward what the mirrors are owed until cancelled (the service runs one;
+        `metering mirror run` runs one alone). Several may share one PostgreSQL."""
+        await self._ledger().forward_mirrors()
+
     async def close(self) -> IngestResult:
         """Deliver what is queued, release the provider, and report the last deliveries."""
         if self._closed:
@@ -577,6 +607,9 @@ class Metering:
     create_customer = _mirror(AsyncMetering.create_customer)
     delete_customer = _mirror(AsyncMetering.delete_customer)
     close = _mirror(AsyncMetering.close)
+    mirror_status = _mirror(AsyncMetering.mirror_status)
+    flush_mirrors = _mirror(AsyncMetering.flush_mirrors)
+    forward_mirrors = _mirror(AsyncMetering.forward_mirrors)
 
     def ingest_usage_event(
         self, event: EventInput | None = None, /, *, timeout: float | None = None, **fields: Any

@@ -32,12 +32,14 @@ from metering_core.errors import ProviderUnavailableError, RateLimitedError, Val
 from metering_core.interface import IMetering
 from metering_core.models import IngestResult, UsageEvent
 
-__all__ = ["MAX_BACKOFF", "MAX_RETRY_AFTER", "DeliveryPolicy", "account"]
+__all__ = ["GAVE_UP", "MAX_BACKOFF", "MAX_RETRY_AFTER", "DeliveryPolicy", "account"]
 
 logger = logging.getLogger("metering")
 
 MAX_BACKOFF = 10.0
 """The longest wait between attempts (seconds), unless the provider asks for longer."""
+GAVE_UP = "gave up after"
+"""How the reason of an event given up on (the provider failing, not refusing it) begins."""
 MAX_RETRY_AFTER = 300.0
 """The longest a provider's Retry-After is honoured (an absurd one must not stall us)."""
 
@@ -152,7 +154,7 @@ class DeliveryPolicy:
                 return settled.merge(first).merge(await self.settle(pending[middle:]))
             reason = f"{type(exc).__name__}: {exc}"
             if _retryable(exc):
-                reason = f"gave up after {self._settings.max_attempts} attempts: {reason}"
+                reason = f"{GAVE_UP} {self._settings.max_attempts} attempts: {reason}"
             return settled.merge(IngestResult(rejected={event.id: reason for event in pending}))
         return settled
 

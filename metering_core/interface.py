@@ -22,6 +22,7 @@ from metering_core.models import (
     Meter,
     MeterCreate,
     MeterUpdate,
+    MirrorStatus,
     Page,
     StoredEvent,
     Usage,
@@ -36,6 +37,7 @@ __all__ = [
     "BaseProvider",
     "Capabilities",
     "IMetering",
+    "Ledger",
     "Operation",
 ]
 
@@ -266,3 +268,19 @@ class BaseProvider(IMetering):
 
     async def aclose(self) -> None:
         return None
+
+
+@runtime_checkable
+class Ledger(Protocol):
+    """A provider that keeps the ledger and feeds mirrors from it (the sql provider)."""
+
+    @property
+    def mirrored(self) -> bool:
+        """Whether any mirror is configured."""
+
+    async def mirror_status(self) -> list[MirrorStatus]: ...
+
+    async def flush_mirrors(self, timeout: float | None = None) -> list[MirrorStatus]: ...
+
+    async def forward_mirrors(self) -> None:
+        """Forward what the mirrors are owed until cancelled."""

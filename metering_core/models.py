@@ -47,6 +47,7 @@ __all__ = [
     "Meter",
     "MeterCreate",
     "MeterUpdate",
+    "MirrorStatus",
     "Page",
     "StoredEvent",
     "Usage",
@@ -562,6 +563,19 @@ class CancelResult(_Model):
     cancelled: list[str] = []
     not_found: list[str] = []
     rejected: dict[str, str] = {}
+
+
+class MirrorStatus(_Model):
+    """What a mirror of the ledger is still owed."""
+
+    mirror: str
+    provider: str
+    depth: int
+    """Events and cancellations not yet delivered to it, nor refused by it."""
+    oldest_seconds: float | None
+    """Age of the oldest of them; None when none waits."""
+    dead_letters: int
+    """Rows the mirror refused for good (each keeps the mirror's reason)."""
 
 
 class CustomerCreate(_Model):

@@ -7,6 +7,7 @@ line; `--debug` shows the traceback.
 from metering_core.cli import bundle as _bundle  # noqa: F401  (registers `metering aws`)
 from metering_core.cli import commands as _commands  # noqa: F401  (registers the subcommands)
 from metering_core.cli import events as _events  # noqa: F401  (registers `events`, `export`)
+from metering_core.cli import mirrors as _mirrors  # noqa: F401  (registers `mirror`)
 from metering_core.cli.app import app
 from metering_core.plugins import plugin_manager
 

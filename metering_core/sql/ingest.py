@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from metering_core.epoch import epoch_micros
 from metering_core.models import EXACT, UsageEvent
-from metering_core.sql.schema import BUCKET, events, meters, rollups
+from metering_core.sql.schema import BUCKET, events, meters, outbox, rollups
 from metering_core.sql.store import canonical_dimensions
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "insert_events",
     "insert_events_checked",
     "meters_named",
+    "owe",
     "rollup_deltas",
     "rollup_key",
 ]
@@ -130,6 +131,11 @@ def _postgres_insert(checked: bool) -> sa.TextClause:
             ORDER BY meter_seq, bucket, md5(dimensions) COLLATE "C"
             ON CONFLICT (meter_seq, bucket, digest) DO UPDATE
             SET count = r.count + excluded.count, total = r.total + excluded.total
+        ), owed AS (
+            INSERT INTO outbox (mirror, kind, event_id, created_at)
+            SELECT mirror, 'usage', id, CAST(:ingested AS bigint)
+            FROM inserted CROSS JOIN unnest(CAST(:mirrors AS text[])) AS m(mirror)
+            ORDER BY id, mirror
         )
         {answer}
         """
@@ -233,13 +239,19 @@ async def insert_events(
     connection: AsyncConnection,
     rows: Sequence[tuple[UsageEvent, int]],
     rolled_up: Collection[int],
+    mirrors: Sequence[str] = (),
 ) -> set[str]:
     """Insert (event, meter_seq) rows unless their id is known, adding those of the meters
-    in `rolled_up` to their rollups; the ids inserted. Each row is stamped with the time
-    it was stored."""
+    in `rolled_up` to their rollups, and owing each inserted event to each of `mirrors`
+    (the outbox); the ids inserted. Each row is stamped with the time it was stored."""
     ingested = epoch_micros(datetime.now(UTC))
     if connection.dialect.name == "postgresql":
-        parameters = {"rows": _payload(rows), "rolled_up": list(rolled_up), "ingested": ingested}
+        parameters = {
+            "rows": _payload(rows),
+            "rolled_up": list(rolled_up),
+            "ingested": ingested,
+            "mirrors": list(mirrors),
+        }
         return set((await connection.execute(_POSTGRES, parameters)).scalars())
     texts: dict[tuple[tuple[str, str], ...], str] = {}  # few sets of dimensions repeat
     records = []
@@ -270,7 +282,31 @@ async def insert_events(
                 if seq in rolled_up:
                     kept.append((seq, record[4], event.value, event.dimensions))
         await add_to_rollups(connection, rollup_deltas(kept, sign=1))
+    if inserted and mirrors:
+        await owe(connection, "usage", sorted(inserted), mirrors, at=ingested)
     return inserted
+
+
+async def owe(
+    connection: AsyncConnection,
+    kind: str,
+    event_ids: Collection[str],
+    mirrors: Sequence[str],
+    *,
+    at: int,
+) -> None:
+    """Owe each mirror these events (`kind` "usage") or their cancellation ("cancel"), in
+    the transaction that stored or cancelled them."""
+    if not event_ids or not mirrors:
+        return
+    await connection.execute(
+        sa.insert(outbox),
+        [
+            {"mirror": mirror, "kind": kind, "event_id": event_id, "created_at": at}
+            for event_id in event_ids
+            for mirror in mirrors
+        ],
+    )
 
 
 class Checked(NamedTuple):
@@ -290,6 +326,7 @@ async def insert_events_checked(
     judged_by: Collection[EventMeter],
     unmetered: Collection[str],
     refused: Collection[str],
+    mirrors: Sequence[str] = (),
 ) -> Checked:
     """`insert_events` on PostgreSQL in one autocommitted statement, written only if the
     meters the rows were judged by (`judged_by`; no meter for the names `unmetered`) are
@@ -302,6 +339,7 @@ async def insert_events_checked(
         "meters": json.dumps([meter._asdict() for meter in judged_by]),
         "unmetered": list(unmetered),
         "refused": list(refused),
+        "mirrors": list(mirrors),
     }
     fresh, inserted, known = (await connection.execute(_POSTGRES_CHECKED, parameters)).one()
     return Checked(fresh, set(inserted), set(known))

@@ -37,6 +37,7 @@ from metering_core.models import (
     Meter,
     MeterCreate,
     MeterUpdate,
+    MirrorStatus,
     Page,
     StoredEvent,
     Usage,
@@ -49,12 +50,14 @@ from metering_core.sql.ingest import (
     insert_events,
     insert_events_checked,
     meters_named,
+    owe,
     rollup_deltas,
     rollup_key,
 )
 from metering_core.sql.judged import Judged
 from metering_core.sql.listing import event_page, events_statement
 from metering_core.sql.meter_copy import MeterCopy
+from metering_core.sql.mirrors import Forwarder, build_mirrors
 from metering_core.sql.schema import ROLLED_UP, customers, events, meters
 from metering_core.sql.settings import CAPABILITIES, SqlSettings
 from metering_core.sql.store import (
@@ -120,6 +123,9 @@ class SqlProvider(BaseProvider):
         )
         self._engine: AsyncEngine | None = None
         self._meter_copy = MeterCopy()
+        self._mirror_names = tuple(settings.mirrors)
+        self.forwarder = Forwarder(self._transaction, build_mirrors(settings.mirrors))
+        """Delivers what the outbox owes the mirrors (`metering mirror run`, the service)."""
         # SQLite has one writer at a time; PostgreSQL overlaps a few transactions
         self._group_commit = GroupCommit(
             self._write_group,
@@ -366,7 +372,11 @@ class SqlProvider(BaseProvider):
         async with self._transaction() as connection:
             judged = Judged.of(group, await meters_named(connection, names))
             rows = judged.rows
-            inserted = await insert_events(connection, rows, judged.rolled_up) if rows else set()
+            inserted = (
+                await insert_events(connection, rows, judged.rolled_up, self._mirror_names)
+                if rows
+                else set()
+            )
             refused = judged.refused_ids
             known: set[str] = set()
             if refused:  # an id seen before is a duplicate, whatever became of its meter
@@ -391,6 +401,7 @@ class SqlProvider(BaseProvider):
                 judged_by=judged.meters.values(),
                 unmetered=names - judged.meters.keys(),
                 refused=judged.refused_ids,
+                mirrors=self._mirror_names,
             )
         if not checked.fresh:
             return None
@@ -455,6 +466,8 @@ class SqlProvider(BaseProvider):
                 ).all()
                 cancelled = {row[0] for row in gone}
                 await self._roll_back_cancelled(connection, gone)
+                now = epoch_micros(datetime.now(UTC))
+                await owe(connection, "cancel", sorted(cancelled), self._mirror_names, at=now)
         return rules.cancel_verdicts(event_ids, names, cancelled, event_name)
 
     async def _roll_back_cancelled(self, connection: AsyncConnection, gone: Sequence[Any]) -> None:
@@ -512,7 +525,37 @@ class SqlProvider(BaseProvider):
             if deleted.rowcount == 0:
                 raise NotFoundError(f"no customer with id {customer_id!r}")
 
+    # mirrors
+
+    @property
+    def mirrored(self) -> bool:
+        return bool(self._mirror_names)
+
+    async def forward_mirrors(self) -> None:
+        await self.forwarder.run()
+
+    async def mirror_status(self) -> list[MirrorStatus]:
+        """What each mirror is still owed: depth, oldest undelivered age, dead letters."""
+        return await self.forwarder.status()
+
+    async def flush_mirrors(self, timeout: float | None = None) -> list[MirrorStatus]:
+        """Forward until every mirror has everything owed to it, or refused it; the
+        statuses then. `TimeoutError` after `timeout` seconds (a mirror down)."""
+
+        async def drain() -> list[MirrorStatus]:
+            while True:
+                moved = await self.forwarder.forward_all()
+                statuses = await self.forwarder.status()
+                if all(status.depth == 0 for status in statuses):
+                    return statuses
+                if not moved:  # a mirror down, or rows leased by another forwarder
+                    await asyncio.sleep(0.1)
+
+        return await asyncio.wait_for(drain(), timeout)
+
     async def aclose(self) -> None:
+        for mirror in self.forwarder.mirrors.values():
+            await mirror.aclose()
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["BUCKET", "ROLLED_UP", "customers", "events", "metadata", "meters", "rollups"]
+__all__ = [
+    "BUCKET",
+    "ROLLED_UP",
+    "customers",
+    "events",
+    "metadata",
+    "meters",
+    "outbox",
+    "rollups",
+]
 
 metadata = sa.MetaData()
 
@@ -94,3 +103,27 @@ customers = sa.Table(
     sa.Column("email", sa.String(512)),
     sa.Column("metadata", sa.JSON, nullable=False),
 )
+
+_UNSETTLED = sa.text("delivered_at IS NULL AND refused IS NULL")
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
+    sa.Column("mirror", sa.String(100), nullable=False),
+    sa.Column("kind", sa.String(10), nullable=False),  # "usage" or "cancel"
+    sa.Column("event_id", sa.String(100), nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("claimed_until", sa.BigInteger),  # a forwarder's lease on the row
+    sa.Column("delivered_at", sa.BigInteger),
+    sa.Column("refused", sa.Text),  # the mirror's reason: a mirror dead letter
+    sa.Index(
+        "outbox_unsettled", "mirror", "seq", postgresql_where=_UNSETTLED, sqlite_where=_UNSETTLED
+    ),
+    sqlite_autoincrement=True,
+)
+"""What each mirror is still owed: a row per stored event (and per cancellation) per
+mirror, written in the transaction that stored it, so the ledger and its outbox never
+disagree; a forwarder leases rows, delivers them and marks them delivered, or refused
+with the mirror's reason."""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 
 from metering_core.config import ProviderSettings, default_store_path
 from metering_core.interface import Capabilities, Operation
-from metering_core.models import Window
+from metering_core.models import SLUG_PATTERN, Window
 
 __all__ = ["CAPABILITIES", "SqlSettings", "default_url", "masked"]
 
@@ -54,8 +54,17 @@ class SqlSettings(ProviderSettings):
     the call fails as retryable (503 at the service) instead of hanging."""
     pool_timeout: float = Field(default=5.0, gt=0)
     """Seconds to wait for a free pooled connection while all are busy."""
+    mirrors: dict[Annotated[str, Field(pattern=SLUG_PATTERN)], dict[str, Any]] = Field(
+        default_factory=dict
+    )
+    """Providers this store's usage is copied to, by name: `{"billing": {"provider":
+    "stripe", "api_key": "..."}}` (`METERING_SQL_MIRRORS` as JSON). Each stored event and
+    each cancellation is owed to every mirror in the transaction that stores it, and
+    forwarded until the mirror has it (`metering mirror run`, or inside the service)."""
 
     def __repr_args__(self) -> Any:
         yield "url", masked(self.url)
         for name in ("auto_upgrade", "connect_timeout", "statement_timeout", "pool_timeout"):
             yield name, getattr(self, name)
+        # a mirror's options hold its secrets: only its provider is shown
+        yield "mirrors", {name: options.get("provider") for name, options in self.mirrors.items()}

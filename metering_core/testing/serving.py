@@ -16,11 +16,12 @@ __all__ = ["serve_in_thread"]
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, timeout: float = 10.0) -> Iterator[str]:
-    """Serve `app` on a free loopback port; yields its base URL; stops it on exit."""
+def serve_in_thread(app: Any, *, timeout: float = 10.0, port: int = 0) -> Iterator[str]:
+    """Serve `app` on a loopback port (a free one unless given); yields its base URL;
+    stops it on exit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)

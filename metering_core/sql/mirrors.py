@@ -1,0 +1,274 @@
+"""The ledger's mirrors: other providers this store's usage is copied to, exactly once.
+
+Each event the store accepts, and each cancellation, is owed to every mirror in the
+transaction that stores it (the `outbox` table). A forwarder leases a mirror's oldest
+rows (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so forwarders of one database never send
+a row at the same time; SQLite has one writer), delivers them through the pipeline's
+delivery policy (batches of the mirror's size, retries with backoff, Retry-After,
+halving), and marks them delivered, or refused with the mirror's reason (a mirror dead
+letter). A forwarder killed between sending and marking leaves its lease to expire: the
+rows are sent again, and the mirror, which dedupes by id, answers duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from metering_core.config import MeteringSettings
+from metering_core.delivery import GAVE_UP, DeliveryPolicy
+from metering_core.epoch import epoch_micros, from_epoch_micros
+from metering_core.errors import ConfigurationError, UnsupportedOperationError
+from metering_core.interface import IMetering
+from metering_core.models import MirrorStatus, UsageEvent
+from metering_core.sql.schema import events, outbox
+
+__all__ = ["IDLE", "LEASE", "Forwarder", "build_mirrors"]
+
+logger = logging.getLogger("metering")
+
+IDLE = 1.0
+"""Seconds a running forwarder rests when nothing is owed."""
+
+LEASE = 120.0
+"""Seconds a forwarder holds the rows it took; past it (a forwarder killed mid-batch)
+another takes them again."""
+
+Transaction = Callable[..., AbstractAsyncContextManager[AsyncConnection]]
+
+
+def build_mirrors(configured: Mapping[str, Mapping[str, Any]]) -> dict[str, IMetering]:
+    """The mirror providers `SqlSettings.mirrors` names, each built from its options as
+    the facade builds a provider (its secrets stay `SecretStr`)."""
+    from metering_core.plugins import get_provider  # the plugin registry imports providers
+
+    built: dict[str, IMetering] = {}
+    for name, options in configured.items():
+        given = dict(options)
+        kind = given.pop("provider", None)
+        if not isinstance(kind, str):
+            raise ConfigurationError(
+                f'mirrors.{name}: name its provider, e.g. {{"provider": "stripe", ...}}'
+            )
+        spec = get_provider(kind)
+        built[name] = spec.factory(spec.settings_model(**given))
+    return built
+
+
+def _now() -> int:
+    return epoch_micros(datetime.now(UTC))
+
+
+def _claim(dialect: str) -> sa.TextClause:
+    skip = "FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+    return sa.text(
+        f"""
+        UPDATE outbox SET claimed_until = :until, attempts = attempts + 1
+        WHERE seq IN (
+            SELECT seq FROM outbox
+            WHERE mirror = :mirror AND delivered_at IS NULL AND refused IS NULL
+              AND (claimed_until IS NULL OR claimed_until < :now)
+            ORDER BY seq LIMIT :limit {skip}
+        )
+        RETURNING seq, kind, event_id
+        """
+    )
+
+
+class Forwarder:
+    """Delivers what the outbox owes each mirror."""
+
+    def __init__(
+        self,
+        transaction: Transaction,
+        mirrors: Mapping[str, IMetering],
+        settings: MeteringSettings | None = None,
+    ) -> None:
+        self._transaction = transaction
+        self.mirrors = dict(mirrors)
+        self._settings = settings or MeteringSettings()
+
+    async def forward(self, mirror: str, *, limit: int | None = None) -> int:
+        """Lease up to a batch of `mirror`'s oldest rows, deliver them and mark each;
+        the number of rows leased (0: nothing is owed now)."""
+        provider = self.mirrors[mirror]
+        try:
+            size = limit or (await provider.load_capabilities()).max_batch_size
+        except Exception as exc:  # the mirror cannot even say its batch size: down
+            logger.warning("mirror %r is unavailable (%s); its rows wait", mirror, exc)
+            return 0
+        now = _now()
+        async with self._transaction() as connection:
+            claim = _claim(connection.dialect.name)
+            parameters = {"mirror": mirror, "now": now, "until": now + int(LEASE * 1e6)}
+            leased = (await connection.execute(claim, {**parameters, "limit": size})).all()
+        if not leased:
+            return 0
+        usage = {row.event_id: row.seq for row in leased if row.kind == "usage"}
+        cancels = {row.event_id: row.seq for row in leased if row.kind == "cancel"}
+        delivered, refused = await self._send_usage(provider, usage)
+        cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
+        delivered.extend(cancelled)
+        refused.update(cancel_refused)
+        settled = {*delivered, *refused}
+        await self._settle(delivered, refused, [r.seq for r in leased if r.seq not in settled])
+        return len(leased)
+
+    async def _send_usage(
+        self, provider: IMetering, owed: Mapping[str, int]
+    ) -> tuple[list[int], dict[int, str]]:
+        """Deliver the events; the rows delivered and those refused (with the reason).
+        A row whose delivery gave up (the mirror failing, not refusing) is in neither,
+        and is taken again by a later pass."""
+        if not owed:
+            return [], {}
+        found = await self._events(list(owed))
+        gone = "the event is no longer in the store"
+        refused = {seq: gone for event_id, seq in owed.items() if event_id not in found}
+        policy = DeliveryPolicy(provider, self._settings, durable=False)
+        result = await policy.settle(list(found.values()))
+        delivered = [owed[i] for i in (*result.accepted, *result.duplicates)]
+        for event_id, reason in result.rejected.items():
+            if not reason.startswith(GAVE_UP):
+                refused[owed[event_id]] = reason
+        return delivered, refused
+
+    async def _send_cancels(
+        self, mirror: str, provider: IMetering, owed: Mapping[str, int]
+    ) -> tuple[list[int], dict[int, str]]:
+        """Cancel on the mirror; the rows done and those refused. An id the mirror does
+        not know is done once its event has reached the mirror (nothing is left to
+        cancel), and is tried again while the event is still owed to it; so is every
+        row when the mirror fails."""
+        if not owed:
+            return [], {}
+        try:
+            answer = await provider.cancel_usage_events(list(owed))
+        except UnsupportedOperationError as exc:
+            return [], {seq: str(exc) for seq in owed.values()}
+        except Exception:
+            return [], {}
+        waiting = await self._still_owed(mirror, answer.not_found)
+        refused = {owed[i]: reason for i, reason in answer.rejected.items() if i in owed}
+        done = [seq for i, seq in owed.items() if i not in waiting and seq not in refused]
+        return done, refused
+
+    async def _events(self, ids: Sequence[str]) -> dict[str, UsageEvent]:
+        columns = (
+            events.c.id,
+            events.c.event_name,
+            events.c.customer_id,
+            events.c.ts,
+            events.c.value,
+            sa.cast(events.c.dimensions, sa.Text),
+        )
+        async with self._transaction(writes=False) as connection:
+            rows = (await connection.execute(sa.select(*columns).where(events.c.id.in_(ids)))).all()
+        return {
+            row[0]: UsageEvent(
+                id=row[0],
+                event_name=row[1],
+                customer_id=row[2],
+                timestamp=from_epoch_micros(row[3]),
+                value=Decimal(str(row[4])),
+                dimensions=json.loads(row[5]),
+            )
+            for row in rows
+        }
+
+    async def _still_owed(self, mirror: str, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        async with self._transaction(writes=False) as connection:
+            return set(
+                await connection.scalars(
+                    sa.select(outbox.c.event_id).where(
+                        outbox.c.mirror == mirror,
+                        outbox.c.kind == "usage",
+                        outbox.c.event_id.in_(list(ids)),
+                        outbox.c.delivered_at.is_(None),
+                        outbox.c.refused.is_(None),
+                    )
+                )
+            )
+
+    async def _settle(
+        self, delivered: Sequence[int], refused: Mapping[int, str], retry: Sequence[int]
+    ) -> None:
+        """Mark what happened to each leased row (what is in none of these keeps its
+        lease: given up on for now, it is taken again once the lease expires)."""
+        async with self._transaction() as connection:
+            if delivered:
+                await connection.execute(
+                    sa.update(outbox)
+                    .where(outbox.c.seq.in_(list(delivered)))
+                    .values(delivered_at=_now(), claimed_until=None)
+                )
+            for seq, reason in refused.items():
+                await connection.execute(
+                    sa.update(outbox)
+                    .where(outbox.c.seq == seq)
+                    .values(refused=reason, claimed_until=None)
+                )
+            if retry:
+                await connection.execute(
+                    sa.update(outbox)
+                    .where(outbox.c.seq.in_(list(retry)))
+                    .values(claimed_until=None)
+                )
+
+    async def forward_all(self) -> int:
+        """One pass over every mirror; the rows leased."""
+        return sum([await self.forward(name) for name in self.mirrors])
+
+    async def run(self, idle: float = IDLE) -> None:
+        """Forward until cancelled, resting `idle` seconds whenever nothing is owed. A
+        failure (the store down) is logged and waited out: the outbox keeps everything."""
+        while True:
+            try:
+                moved = await self.forward_all()
+            except Exception:
+                logger.exception("forwarding to the mirrors failed; trying again in %s s", idle)
+                moved = 0
+            if not moved:
+                await asyncio.sleep(idle)
+
+    async def status(self) -> list[MirrorStatus]:
+        """Each mirror's depth, oldest undelivered age and dead letters."""
+        unsettled = sa.and_(outbox.c.delivered_at.is_(None), outbox.c.refused.is_(None))
+        statement = (
+            sa.select(
+                outbox.c.mirror,
+                sa.func.count().filter(unsettled),
+                sa.func.min(outbox.c.created_at).filter(unsettled),
+                sa.func.count().filter(outbox.c.refused.is_not(None)),
+            )
+            .where(outbox.c.mirror.in_(list(self.mirrors)))
+            .group_by(outbox.c.mirror)
+        )
+        async with self._transaction(writes=False) as connection:
+            found = {row[0]: row[1:] for row in await connection.execute(statement)}
+        now = time.time()
+        statuses = []
+        for name, provider in self.mirrors.items():
+            depth, oldest, dead = found.get(name, (0, None, 0))
+            statuses.append(
+                MirrorStatus(
+                    mirror=name,
+                    provider=provider.name,
+                    depth=depth,
+                    oldest_seconds=None if oldest is None else max(0.0, now - oldest / 1e6),
+                    dead_letters=dead,
+                )
+            )
+        return statuses

@@ -1,0 +1,210 @@
+"""The ledger and its mirrors: every event the sql store accepts, and every cancellation,
+reaches each mirror exactly once (here the HTTP provider against a real service on
+127.0.0.1), through outages, refusals, a forwarder killed between sending and marking,
+and two forwarders over one PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from metering_core import AsyncMetering, ConfigurationError, UsageEvent
+from metering_core.server import create_app
+from metering_core.sql import SqlSettings, mirrors
+from metering_core.sql.provider import SqlProvider
+from metering_core.testing.serving import serve_in_thread
+
+pytest.importorskip("metering_http")
+
+AT = datetime(2026, 11, 2, 10, tzinfo=UTC)
+KEYS = {
+    "admin": {
+        "scopes": ["meters:read", "meters:write", "usage:read", "usage:write", "metrics:read"]
+    }
+}
+
+
+@pytest.fixture(params=["sqlite_url", "postgres_url"])
+def ledger_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(request.param)
+    return url
+
+
+@pytest.fixture
+def mirror_service() -> Iterator[tuple[str, AsyncMetering]]:
+    """The billing side: a metering service over memory, on loopback."""
+    behind = AsyncMetering("memory")
+    with serve_in_thread(create_app(behind, keys=KEYS)) as url:
+        yield url, behind
+
+
+def billing(url: str) -> dict[str, Any]:
+    return {"billing": {"provider": "http", "base_url": url, "api_key": "admin"}}
+
+
+@pytest.fixture
+async def ledger(
+    ledger_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> AsyncIterator[AsyncMetering]:
+    metering = AsyncMetering("sql", url=ledger_url, mirrors=billing(mirror_service[0]), linger=0)
+    await metering.create_meter(event_name="calls")
+    yield metering
+    await metering.close()
+
+
+def event(n: int, customer: str = "acme", name: str = "calls") -> UsageEvent:
+    return UsageEvent(
+        id=f"e{n}",
+        event_name=name,
+        customer_id=customer,
+        value=Decimal(n % 5 + 1),
+        timestamp=AT + timedelta(seconds=n),
+    )
+
+
+async def totals(metering: AsyncMetering) -> dict[str, Decimal]:
+    """Each customer's total of the `calls` meter."""
+    meter = next(m for m in (await metering.fetch_all_meters()).items if m.event_name == "calls")
+    usage = await metering.fetch_usage(
+        meter.id, start=AT, end=AT + timedelta(days=1), group_by=["customer_id"]
+    )
+    return {row.customer_id or "": row.value for row in usage.rows}
+
+
+def mirror_outcomes(url: str) -> dict[str, float]:
+    """What the mirror's service counted, by outcome (accepted, duplicate, rejected)."""
+    import httpx
+
+    page = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer admin"}).text
+    return {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+        if sample.name == "metering_events_ingested_total"
+    }
+
+
+async def test_every_stored_event_and_cancellation_reaches_the_mirror_once(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    url, behind = mirror_service
+    await behind.create_meter(event_name="calls")
+    sent = [event(n, customer=f"t{n % 3}") for n in range(300)]
+    await ledger.ingest_usage_events([*sent[:200], *sent[100:]])  # 100 sent twice
+    await ledger.cancel_usage_events(["e7", "e8"])
+
+    statuses = await ledger.flush_mirrors(timeout=30)
+
+    assert [(s.mirror, s.depth, s.dead_letters) for s in statuses] == [("billing", 0, 0)]
+    assert await totals(behind) == await totals(ledger)
+    assert mirror_outcomes(url) == {"accepted": 300}  # each once: nothing sent twice
+
+
+async def test_a_mirror_that_is_down_is_owed_everything_until_it_is_back(
+    ledger_url: str,
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = f"http://127.0.0.1:{port}"
+    options: dict[str, Any] = {"max_attempts": 2, "retry_backoff": 0.01}
+    async with AsyncMetering("sql", url=ledger_url, mirrors=billing(down), **options) as ledger:
+        await ledger.create_meter(event_name="calls")
+        await ledger.ingest_usage_events([event(n) for n in range(50)])
+        with pytest.raises(TimeoutError):
+            await ledger.flush_mirrors(timeout=1)
+        [status] = await ledger.mirror_status()
+        assert (status.depth, status.dead_letters) == (50, 0)  # owed, never dead letters
+        assert status.oldest_seconds is not None
+
+        behind = AsyncMetering("memory")
+        with serve_in_thread(create_app(behind, keys=KEYS), port=port):
+            await behind.create_meter(event_name="calls")
+            [status] = await ledger.flush_mirrors(timeout=30)
+            assert (status.depth, status.dead_letters) == (0, 0)
+            assert await totals(behind) == await totals(ledger)
+            assert mirror_outcomes(down) == {"accepted": 50}
+
+
+async def test_an_event_the_mirror_refuses_becomes_its_dead_letter_with_the_reason(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    _, behind = mirror_service
+    await behind.create_meter(event_name="calls")  # but no meter for "seats" there
+    await ledger.create_meter(event_name="seats")
+    await ledger.ingest_usage_events([event(1), event(2, name="seats"), event(3)])
+
+    [status] = await ledger.flush_mirrors(timeout=30)
+
+    assert (status.depth, status.dead_letters) == (0, 1)
+    assert await totals(behind) == await totals(ledger)
+
+
+async def test_rows_sent_by_a_forwarder_killed_before_marking_them_count_once(
+    ledger: AsyncMetering,
+    mirror_service: tuple[str, AsyncMetering],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, behind = mirror_service
+    await behind.create_meter(event_name="calls")
+    await ledger.ingest_usage_events([event(n) for n in range(40)])
+    await ledger.flush()
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    monkeypatch.setattr(mirrors, "LEASE", 0.2)
+    real_settle = mirrors.Forwarder._settle
+
+    async def killed(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("killed between sending and marking")
+
+    monkeypatch.setattr(mirrors.Forwarder, "_settle", killed)
+    with pytest.raises(SystemExit):
+        await provider.forwarder.forward("billing")
+    monkeypatch.setattr(mirrors.Forwarder, "_settle", real_settle)
+    assert mirror_outcomes(url) == {"accepted": 40}  # sent, but not marked
+    assert await provider.forwarder.forward("billing") == 0  # still leased
+    await asyncio.sleep(0.3)  # the lease runs out
+
+    [status] = await ledger.flush_mirrors(timeout=30)
+
+    assert (status.depth, status.dead_letters) == (0, 0)
+    assert mirror_outcomes(url) == {"accepted": 40, "duplicate": 40}
+    assert await totals(behind) == await totals(ledger)
+
+
+async def test_two_forwarders_over_one_postgres_never_send_a_row_twice(
+    postgres_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    url, behind = mirror_service
+    await behind.create_meter(event_name="calls")
+    first = SqlProvider(SqlSettings(url=postgres_url, mirrors=billing(url)))
+    second = SqlProvider(SqlSettings(url=postgres_url, mirrors=billing(url)))
+    try:
+        async with AsyncMetering(first, linger=0) as ledger:
+            await ledger.create_meter(event_name="calls")
+            await ledger.ingest_usage_events([event(n, f"t{n % 7}") for n in range(3000)])
+            await ledger.flush()
+
+            async def drain(provider: SqlProvider) -> None:
+                while await provider.forwarder.forward("billing", limit=100):
+                    pass
+
+            await asyncio.gather(drain(first), drain(second), drain(first), drain(second))
+            [status] = await ledger.mirror_status()
+            assert (status.depth, status.dead_letters) == (0, 0)
+            assert mirror_outcomes(url) == {"accepted": 3000}
+            assert await totals(behind) == await totals(ledger)
+    finally:
+        await second.aclose()
+
+
+def test_a_facade_without_mirrors_says_which_setting_gives_them() -> None:
+    with pytest.raises(ConfigurationError, match="mirrors"):
+        asyncio.run(AsyncMetering("memory").mirror_status())
