@@ -153,7 +153,9 @@ def _is_secret(annotation: Any) -> bool:
 def _configuration_error(
     exc: pydantic.ValidationError, model: type[BaseModel], where: str
 ) -> ConfigurationError:
-    """Name each bad option and its value, masking secrets."""
+    """Name each bad option and its value, masking secrets. An option the model does not
+    have is named without its value: it may be a secret under a misspelt name
+    (`api_kye=sk_live_...`)."""
     secrets = {name for name, field in model.model_fields.items() if _is_secret(field.annotation)}
     parts = []
     for error in exc.errors(include_url=False):
@@ -165,6 +167,8 @@ def _configuration_error(
         )
         if error["type"] == "missing":
             parts.append(f"{field} is required")
+        elif error["type"] == "extra_forbidden":
+            parts.append(f"{field}: no such option")
         else:
             parts.append(f"{field}={shown}: {error['msg']}")
     return ConfigurationError(f"invalid {where} settings: " + "; ".join(parts))

@@ -50,7 +50,12 @@ def run(
     owed). Several may run over one PostgreSQL: none sends a row another is sending."""
     with connect(ctx) as m:
         if once:
-            statuses = m.flush_mirrors(timeout)
+            try:
+                statuses = m.flush_mirrors(timeout)
+            except TimeoutError:
+                owed = sum(s.depth for s in m.mirror_status())
+                err.print(f"error: {owed} row(s) still owed after {timeout} s; they wait")
+                raise typer.Exit(1) from None
             dead = sum(s.dead_letters for s in statuses)
             err.print(f"mirrors up to date; {dead} dead letter(s)")
             return

@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from metering_core.config import MeteringSettings
+from metering_core.config import MeteringSettings, resolve_provider_settings
 from metering_core.delivery import GAVE_UP, DeliveryPolicy
 from metering_core.epoch import epoch_micros, from_epoch_micros
 from metering_core.errors import ConfigurationError, UnsupportedOperationError
@@ -49,7 +49,9 @@ Transaction = Callable[..., AbstractAsyncContextManager[AsyncConnection]]
 
 def build_mirrors(configured: Mapping[str, Mapping[str, Any]]) -> dict[str, IMetering]:
     """The mirror providers `SqlSettings.mirrors` names, each built from its options as
-    the facade builds a provider (its secrets stay `SecretStr`)."""
+    the facade builds a provider: what they leave out from its METERING_<PROVIDER>_*
+    variables (the place for its secrets, which stay `SecretStr`), and a bad option is a
+    `ConfigurationError` that never shows a secret."""
     from metering_core.plugins import get_provider  # the plugin registry imports providers
 
     built: dict[str, IMetering] = {}
@@ -61,7 +63,7 @@ def build_mirrors(configured: Mapping[str, Mapping[str, Any]]) -> dict[str, IMet
                 f'mirrors.{name}: name its provider, e.g. {{"provider": "stripe", ...}}'
             )
         spec = get_provider(kind)
-        built[name] = spec.factory(spec.settings_model(**given))
+        built[name] = spec.factory(resolve_provider_settings(spec.settings_model, kind, {}, given))
     return built
 
 
@@ -97,6 +99,7 @@ class Forwarder:
         self._transaction = transaction
         self.mirrors = dict(mirrors)
         self._settings = settings or MeteringSettings()
+        self._down: set[str] = set()
 
     async def forward(self, mirror: str, *, limit: int | None = None) -> int:
         """Lease up to a batch of `mirror`'s oldest rows, deliver them and mark each;
@@ -105,8 +108,13 @@ class Forwarder:
         try:
             size = limit or (await provider.load_capabilities()).max_batch_size
         except Exception as exc:  # the mirror cannot even say its batch size: down
-            logger.warning("mirror %r is unavailable (%s); its rows wait", mirror, exc)
+            if mirror not in self._down:  # once per outage, not once per pass
+                logger.warning("mirror %r is unavailable (%s); its rows wait", mirror, exc)
+            self._down.add(mirror)
             return 0
+        if mirror in self._down:
+            self._down.discard(mirror)
+            logger.warning("mirror %r is reachable again; forwarding what it is owed", mirror)
         now = _now()
         async with self._transaction() as connection:
             claim = _claim(connection.dialect.name)

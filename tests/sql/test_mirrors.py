@@ -208,3 +208,21 @@ async def test_two_forwarders_over_one_postgres_never_send_a_row_twice(
 def test_a_facade_without_mirrors_says_which_setting_gives_them() -> None:
     with pytest.raises(ConfigurationError, match="mirrors"):
         asyncio.run(AsyncMetering("memory").mirror_status())
+
+
+def test_a_mirrors_secret_never_shows_in_a_repr_or_a_refusal(sqlite_url: str) -> None:
+    secret = "sk_test_do_not_print_me"
+    settings = SqlSettings(
+        url=sqlite_url, mirrors={"billing": {"provider": "stripe", "api_key": secret}}
+    )
+    assert secret not in repr(settings)
+    assert "'billing': 'stripe'" in repr(settings)
+    for options in (
+        {"provider": "stripe", "api_kye": secret},  # a secret under a misspelt name
+        {"provider": "stripe", "api_key": 123456789},
+    ):
+        with pytest.raises(ConfigurationError) as refused:
+            SqlProvider(SqlSettings(url=sqlite_url, mirrors={"billing": options}))
+        assert secret not in str(refused.value)
+        assert "123456789" not in str(refused.value)
+        assert "api_k" in str(refused.value)  # the option is named

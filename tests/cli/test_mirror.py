@@ -1,0 +1,61 @@
+"""`metering mirror` as an operator uses it: status, and forwarding once from cron."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from metering_core import AsyncMetering
+from metering_core.cli import app
+from metering_core.server import create_app
+from metering_core.testing.serving import serve_in_thread
+
+runner = CliRunner()
+KEYS = {"admin": {"scopes": ["meters:read", "meters:write", "usage:read", "usage:write"]}}
+
+
+def test_status_and_one_forwarding_pass_from_the_command_line(tmp_path: Path) -> None:
+    behind = AsyncMetering("memory")
+    with serve_in_thread(create_app(behind, keys=KEYS)) as url:
+        env = {
+            "METERING_SQL_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+            "METERING_SQL_MIRRORS": json.dumps(
+                {"billing": {"provider": "http", "base_url": url, "api_key": "admin"}}
+            ),
+        }
+
+        def metering(*args: str) -> tuple[int, str]:
+            result = runner.invoke(app, ["--provider", "sql", *args], env=env)
+            return result.exit_code, result.output
+
+        assert metering("meters", "create", "calls")[0] == 0
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps({"id": f"e{n}", "event_name": "calls", "customer_id": "acme"}) + "\n"
+                for n in range(5)
+            )
+        )
+        assert metering("ingest", str(rows))[0] == 0
+        code, shown = metering("mirror", "status", "--format", "json")
+        assert code == 0
+        assert [(s["mirror"], s["depth"]) for s in json.loads(shown)] == [("billing", 5)]
+
+        asyncio.run(behind.create_meter(event_name="calls"))
+        code, said = metering("mirror", "run", "--once", "--timeout", "30")
+        assert code == 0, said
+        code, shown = metering("mirror", "status", "--format", "json")
+        assert [(s["depth"], s["dead_letters"]) for s in json.loads(shown)] == [(0, 0)]
+
+
+def test_a_store_without_mirrors_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["--provider", "sql", "mirror", "status"],
+        env={"METERING_SQL_URL": f"sqlite:///{tmp_path / 'ledger.db'}"},
+    )
+    assert result.exit_code != 0
+    assert "METERING_SQL_MIRRORS" in result.output
