@@ -48,6 +48,7 @@ from metering_core.models import (
     MeterUpdate,
     MirrorStatus,
     Page,
+    ReconcileReport,
     StoredEvent,
     Usage,
     UsageEvent,
@@ -475,6 +476,30 @@ class AsyncMetering:
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - began))
         return await ledger.flush_mirrors(left)
 
+    async def reconcile(
+        self,
+        mirror: str,
+        *,
+        start: datetime,
+        end: datetime,
+        window: Window | str = Window.DAY,
+        meter_ids: Sequence[str] | None = None,
+    ) -> ReconcileReport:
+        """Prove `mirror` holds what the ledger holds: each meter's usage per customer
+        and window on both sides, compared exactly. `ok` when no cell is short or over;
+        cells the ledger still owes the mirror are `pending`, and those the mirror cannot
+        answer `not_comparable`."""
+        ledger = self._ledger()
+        await self.flush()  # what was ingested here is in the ledger before it is compared
+        checked = UsageQuery(meter_id="reconcile", start=start, end=end, window=Window(window))
+        return await ledger.reconcile(
+            mirror,
+            start=checked.start,
+            end=checked.end,
+            window=checked.window or Window.DAY,
+            meter_ids=None if meter_ids is None else _listed("meter_ids", meter_ids),
+        )
+
     async def forward_mirrors(self) -> None:
         """Forward what the mirrors are owed until cancelled (the service runs one;
         `metering mirror run` runs one alone). Several may share one PostgreSQL."""
@@ -610,6 +635,7 @@ class Metering:
     mirror_status = _mirror(AsyncMetering.mirror_status)
     flush_mirrors = _mirror(AsyncMetering.flush_mirrors)
     forward_mirrors = _mirror(AsyncMetering.forward_mirrors)
+    reconcile = _mirror(AsyncMetering.reconcile)
 
     def ingest_usage_event(
         self, event: EventInput | None = None, /, *, timeout: float | None = None, **fields: Any

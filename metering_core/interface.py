@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -24,6 +24,7 @@ from metering_core.models import (
     MeterUpdate,
     MirrorStatus,
     Page,
+    ReconcileReport,
     StoredEvent,
     Usage,
     UsageEvent,
@@ -284,3 +285,13 @@ class Ledger(Protocol):
 
     async def forward_mirrors(self) -> None:
         """Forward what the mirrors are owed until cancelled."""
+
+    async def reconcile(
+        self,
+        mirror: str,
+        *,
+        start: datetime,
+        end: datetime,
+        window: Window = Window.DAY,
+        meter_ids: Sequence[str] | None = None,
+    ) -> ReconcileReport: ...

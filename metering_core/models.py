@@ -40,6 +40,7 @@ __all__ = [
     "MAX_WINDOWS",
     "Aggregation",
     "CancelResult",
+    "CellStatus",
     "Customer",
     "CustomerCreate",
     "EventQuery",
@@ -49,6 +50,8 @@ __all__ = [
     "MeterUpdate",
     "MirrorStatus",
     "Page",
+    "ReconcileCell",
+    "ReconcileReport",
     "StoredEvent",
     "Usage",
     "UsageEvent",
@@ -576,6 +579,42 @@ class MirrorStatus(_Model):
     """Age of the oldest of them; None when none waits."""
     dead_letters: int
     """Rows the mirror refused for good (each keeps the mirror's reason)."""
+
+
+class CellStatus(StrEnum):
+    """How a mirror's number for one meter, customer and window stands to the ledger's."""
+
+    equal = "equal"
+    short = "short"
+    """The mirror holds less than the ledger: it would invoice too little."""
+    over = "over"
+    """The mirror holds more than the ledger: it would invoice too much."""
+    pending = "pending"
+    """They differ, and the ledger still owes the mirror events of this cell."""
+    not_comparable = "not_comparable"
+    """The mirror cannot answer this query (its windows, aggregations or meters)."""
+
+
+class ReconcileCell(_Model):
+    """One meter, customer and window, as the ledger and a mirror count it."""
+
+    meter_id: str
+    event_name: str
+    customer_id: str
+    start: UtcDatetime
+    end: UtcDatetime
+    ledger: Decimal | None
+    mirror: Decimal | None
+    status: CellStatus
+
+
+class ReconcileReport(_Model):
+    """Whether a mirror holds what the ledger holds: `ok` when no cell is short or over
+    (pending and not comparable cells are listed, and are not drift)."""
+
+    mirror: str
+    ok: bool
+    cells: list[ReconcileCell]
 
 
 class CustomerCreate(_Model):

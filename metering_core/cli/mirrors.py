@@ -1,15 +1,20 @@
-"""`metering mirror`: the ledger's mirrors, watched or fed from the command line (for cron
-or a container of its own, beside or instead of the service's forwarder)."""
+"""`metering mirror` and `metering reconcile`: the ledger's mirrors, watched, fed and
+compared from the command line (for cron, or a container of their own)."""
 
 from __future__ import annotations
 
+import csv
+import sys
+from collections import Counter
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from metering_core.cli.app import app, connect, err, out
-from metering_core.cli.commands import Format, FormatOption
+from metering_core.cli.commands import Format, FormatOption, parse_time, resolve_meter
+from metering_core.cli.events import FromOption, ToOption
+from metering_core.models import CellStatus, ReconcileCell, Window
 
 mirror_app = typer.Typer(help="The ledger's mirrors: status, and forwarding.", no_args_is_help=True)
 app.add_typer(mirror_app, name="mirror")
@@ -65,3 +70,58 @@ def run(
             m.forward_mirrors()
         except KeyboardInterrupt:
             err.print("stopped")
+
+
+@app.command("reconcile")
+def reconcile(
+    ctx: typer.Context,
+    mirror: Annotated[str, typer.Option("--mirror", help="The mirror to compare with.")],
+    from_: FromOption,
+    to: ToOption,
+    window: Annotated[Window, typer.Option(case_sensitive=False, help="Cell width.")] = Window.DAY,
+    meter: Annotated[
+        list[str] | None, typer.Option("--meter", help="Only this meter (id or event name).")
+    ] = None,
+    output: FormatOption = Format.table,
+) -> None:
+    """Compare each meter, customer and window of the ledger with the mirror's. Exits 1
+    when a cell is short or over (drift); pending and not comparable cells are listed."""
+    with connect(ctx) as m:
+        meter_ids = None if not meter else [resolve_meter(m, name) for name in meter]
+        report = m.reconcile(
+            mirror,
+            start=parse_time(from_, "--from"),
+            end=parse_time(to, "--to"),
+            window=window,
+            meter_ids=meter_ids,
+        )
+    if output is Format.json:
+        out.print_json(report.model_dump_json())
+    elif output is Format.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["event_name", "customer_id", "start", "end", "ledger", "mirror", "status"])
+        for cell in report.cells:
+            writer.writerow(_cell_fields(cell))
+    else:
+        table = Table("meter", "customer", "start", "ledger", "mirror", "status")
+        for cell in report.cells:
+            if cell.status is not CellStatus.equal:
+                name, customer, start, _, ours, theirs, status = _cell_fields(cell)
+                table.add_row(name, customer, start, ours, theirs, status)
+        out.print(table)
+        counts = Counter(cell.status.value for cell in report.cells)
+        err.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no usage")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _cell_fields(cell: ReconcileCell) -> list[str]:
+    return [
+        cell.event_name,
+        cell.customer_id,
+        cell.start.isoformat(),
+        cell.end.isoformat(),
+        "" if cell.ledger is None else str(cell.ledger),
+        "" if cell.mirror is None else str(cell.mirror),
+        cell.status.value,
+    ]

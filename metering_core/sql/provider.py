@@ -26,6 +26,7 @@ from metering_core.errors import (
     MeteringError,
     NotFoundError,
     ProviderUnavailableError,
+    ValidationError,
 )
 from metering_core.interface import BaseProvider
 from metering_core.models import (
@@ -39,10 +40,12 @@ from metering_core.models import (
     MeterUpdate,
     MirrorStatus,
     Page,
+    ReconcileReport,
     StoredEvent,
     Usage,
     UsageEvent,
     UsageQuery,
+    Window,
 )
 from metering_core.sql.group_commit import GroupCommit, Ingest
 from metering_core.sql.ingest import (
@@ -58,6 +61,7 @@ from metering_core.sql.judged import Judged
 from metering_core.sql.listing import event_page, events_statement
 from metering_core.sql.meter_copy import MeterCopy
 from metering_core.sql.mirrors import Forwarder, build_mirrors
+from metering_core.sql.reconcile import reconcile
 from metering_core.sql.schema import ROLLED_UP, customers, events, meters
 from metering_core.sql.settings import CAPABILITIES, SqlSettings
 from metering_core.sql.store import (
@@ -533,6 +537,34 @@ class SqlProvider(BaseProvider):
 
     async def forward_mirrors(self) -> None:
         await self.forwarder.run()
+
+    async def reconcile(
+        self,
+        mirror: str,
+        *,
+        start: datetime,
+        end: datetime,
+        window: Window = Window.DAY,
+        meter_ids: Sequence[str] | None = None,
+    ) -> ReconcileReport:
+        """Compare each meter, customer and window here with what `mirror` holds."""
+        if mirror not in self.forwarder.mirrors:
+            raise ValidationError(
+                f"mirror={mirror!r} is not one of this store's mirrors "
+                f"({', '.join(self.forwarder.mirrors) or 'none'})",
+                field="mirror",
+                value=mirror,
+            )
+        return await reconcile(
+            self,
+            self._transaction,
+            mirror,
+            self.forwarder.mirrors[mirror],
+            start=start,
+            end=end,
+            window=window,
+            meter_ids=meter_ids,
+        )
 
     async def mirror_status(self) -> list[MirrorStatus]:
         """What each mirror is still owed: depth, oldest undelivered age, dead letters."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from metering_core import AsyncMetering
+from metering_core import AsyncMetering, Metering
 from metering_core.cli import app
 from metering_core.server import create_app
 from metering_core.testing.serving import serve_in_thread
@@ -49,6 +49,18 @@ def test_status_and_one_forwarding_pass_from_the_command_line(tmp_path: Path) ->
         assert code == 0, said
         code, shown = metering("mirror", "status", "--format", "json")
         assert [(s["depth"], s["dead_letters"]) for s in json.loads(shown)] == [(0, 0)]
+
+        span = ["--from", "2020-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"]
+        code, said = metering("reconcile", "--mirror", "billing", *span, "--window", "month")
+        assert code == 0, said
+        with Metering("http", base_url=url, api_key="admin") as billing_side:
+            billing_side.cancel_usage_events(["e0"])  # the mirror now holds one less
+        code, said = metering(
+            "reconcile", "--mirror", "billing", *span, "--window", "month", "--format", "json"
+        )
+        assert code == 1
+        [cell] = [c for c in json.loads(said)["cells"] if c["status"] != "equal"]
+        assert (cell["status"], cell["ledger"], cell["mirror"]) == ("short", "5", "4")
 
 
 def test_a_store_without_mirrors_is_refused_naming_the_setting(tmp_path: Path) -> None:

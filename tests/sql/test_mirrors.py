@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from metering_core import AsyncMetering, ConfigurationError, UsageEvent
+from metering_core import (
+    AsyncMetering,
+    CellStatus,
+    ConfigurationError,
+    UsageEvent,
+    ValidationError,
+)
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings, mirrors
 from metering_core.sql.provider import SqlProvider
@@ -226,3 +232,62 @@ def test_a_mirrors_secret_never_shows_in_a_repr_or_a_refusal(sqlite_url: str) ->
         assert secret not in str(refused.value)
         assert "123456789" not in str(refused.value)
         assert "api_k" in str(refused.value)  # the option is named
+
+
+async def test_reconcile_proves_agreement_and_names_every_cell_that_differs(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    _, behind = mirror_service
+    await behind.create_meter(event_name="calls")
+    day = timedelta(days=1)
+    spread = [
+        event(n, customer=f"t{n % 3}").model_copy(update={"timestamp": AT + day * (n % 4)})
+        for n in range(60)
+    ]
+    await ledger.ingest_usage_events(spread)
+    await ledger.flush_mirrors(timeout=30)
+    span = {"start": AT, "end": AT + 4 * day}
+
+    agreed = await ledger.reconcile("billing", **span)
+
+    assert agreed.ok
+    assert len(agreed.cells) == 12  # 3 customers x 4 days, each with usage
+    assert {c.status for c in agreed.cells} == {CellStatus.equal}
+    assert sum(c.ledger or 0 for c in agreed.cells) == sum(e.value for e in spread)
+
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    billing_side = provider.forwarder.mirrors["billing"]  # the mirror, changed behind our back
+    await billing_side.cancel_usage_events(["e0"])  # it lost one: t0's first day is short
+    await billing_side.ingest_usage_events([event(999, customer="t1")])  # and gained one
+    owed = event(1000, customer="t2").model_copy(update={"timestamp": AT + 2 * day})
+    await ledger.ingest_usage_events([owed])  # not forwarded yet: pending, not drift
+
+    drifted = await ledger.reconcile("billing", **span)
+
+    assert not drifted.ok
+    differing = {
+        (c.customer_id, c.start, c.status, c.ledger, c.mirror)
+        for c in drifted.cells
+        if c.status is not CellStatus.equal
+    }
+    t0 = sum(e.value for e in spread if e.customer_id == "t0" and e.timestamp == AT)
+    t1 = sum(e.value for e in spread if e.customer_id == "t1" and e.timestamp == AT)
+    t2 = sum(e.value for e in spread if e.customer_id == "t2" and e.timestamp == AT + 2 * day)
+    third_day = (AT + 2 * day).replace(hour=0)  # the first window starts at `start`
+    assert differing == {
+        ("t0", AT, CellStatus.short, t0, t0 - event(0).value),
+        ("t1", AT, CellStatus.over, t1, t1 + event(999).value),
+        ("t2", third_day, CellStatus.pending, t2 + owed.value, t2),
+    }
+
+
+async def test_reconcile_marks_what_the_mirror_cannot_answer_not_comparable(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    await ledger.ingest_usage_events([event(1), event(2)])
+    report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
+    assert report.ok  # nothing proven wrong, and nothing proven right:
+    assert [c.status for c in report.cells] == [CellStatus.not_comparable]  # no meter there
+    with pytest.raises(ValidationError, match="mirror='ledger'"):
+        await ledger.reconcile("ledger", start=AT, end=AT + timedelta(days=1))

@@ -1,0 +1,191 @@
+"""Reconcile: prove a mirror holds what the ledger holds, meter by customer by window.
+
+Both sides are asked the same question (the meter's aggregation over the same windows,
+per customer), and each cell is compared exactly: equal, short (the mirror would
+invoice less), over (more), pending (different, while the ledger still owes the mirror
+events of that cell), or not comparable (the mirror cannot answer: a window, an
+aggregation or a meter it does not have). Nothing is guessed: a cell either side does
+not answer is 0 for sum and count, and absent for the others.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Collection, Sequence
+from datetime import datetime
+from decimal import Decimal
+
+import sqlalchemy as sa
+
+from metering_core.epoch import epoch_micros
+from metering_core.errors import UnsupportedOperationError, ValidationError
+from metering_core.interface import IMetering
+from metering_core.models import (
+    Aggregation,
+    CellStatus,
+    Meter,
+    ReconcileCell,
+    ReconcileReport,
+    UsageQuery,
+    Window,
+)
+from metering_core.sql.mirrors import Transaction
+from metering_core.sql.schema import events, outbox
+
+__all__ = ["reconcile"]
+
+Key = tuple[str, datetime]  # customer, window start
+_ZERO_WHEN_ABSENT = (Aggregation.SUM, Aggregation.COUNT)
+
+
+async def _meters(provider: IMetering) -> list[Meter]:
+    found: list[Meter] = []
+    cursor = None
+    while True:
+        page = await provider.fetch_all_meters(limit=100, cursor=cursor)
+        found.extend(page.items)
+        if page.next_cursor is None:
+            return found
+        cursor = page.next_cursor
+
+
+async def _usage(
+    provider: IMetering, query: UsageQuery, customers: Collection[str], grouped: bool
+) -> dict[Key, tuple[datetime, Decimal]]:
+    """Each (customer, window start): the window's end and value. One query grouped by
+    customer where the provider groups, else one per customer."""
+    answered: dict[Key, tuple[datetime, Decimal]] = {}
+    if grouped:
+        usage = await provider.fetch_usage(query.model_copy(update={"group_by": ("customer_id",)}))
+        for row in usage.rows:
+            answered[(row.customer_id or "", row.start)] = (row.end, row.value)
+        return answered
+    for customer in sorted(customers):
+        usage = await provider.fetch_usage(query.model_copy(update={"customer_id": customer}))
+        for row in usage.rows:
+            answered[(customer, row.start)] = (row.end, row.value)
+    return answered
+
+
+async def _owed(
+    transaction: Transaction,
+    mirror: str,
+    event_names: Collection[str],
+    start: datetime,
+    end: datetime,
+) -> list[tuple[str, str, int]]:
+    """(event name, customer, time) of the events in range the ledger still owes `mirror`."""
+    statement = (
+        sa.select(events.c.event_name, events.c.customer_id, events.c.ts)
+        .join(outbox, outbox.c.event_id == events.c.id)
+        .where(
+            outbox.c.mirror == mirror,
+            outbox.c.delivered_at.is_(None),
+            outbox.c.refused.is_(None),
+            events.c.event_name.in_(list(event_names)),
+            events.c.ts >= epoch_micros(start),
+            events.c.ts < epoch_micros(end),
+        )
+    )
+    async with transaction(writes=False) as connection:
+        return [(row[0], row[1], row[2]) for row in await connection.execute(statement)]
+
+
+def _status(
+    aggregation: Aggregation, ledger: Decimal | None, mirror: Decimal | None, pending: bool
+) -> CellStatus:
+    if aggregation in _ZERO_WHEN_ABSENT:
+        ledger, mirror = ledger or Decimal(0), mirror or Decimal(0)
+    if ledger == mirror:
+        return CellStatus.equal
+    if pending:
+        return CellStatus.pending
+    if ledger is None or mirror is None:
+        return CellStatus.over if ledger is None else CellStatus.short
+    return CellStatus.short if mirror < ledger else CellStatus.over
+
+
+async def reconcile(
+    ledger: IMetering,
+    transaction: Transaction,
+    mirror_name: str,
+    mirror: IMetering,
+    *,
+    start: datetime,
+    end: datetime,
+    window: Window = Window.DAY,
+    meter_ids: Sequence[str] | None = None,
+) -> ReconcileReport:
+    """Compare every (meter, customer, window) of the ledger with `mirror`'s."""
+    mine = [m for m in await _meters(ledger) if meter_ids is None or m.id in meter_ids]
+    theirs = {m.event_name: m for m in await _meters(mirror)}
+    capabilities = await mirror.load_capabilities()
+    owed = await _owed(transaction, mirror_name, {m.event_name for m in mine}, start, end)
+    cells: list[ReconcileCell] = []
+    for meter in mine:
+        query = UsageQuery(meter_id=meter.id, start=start, end=end, window=window)
+        ours = await _usage(ledger, query, (), grouped=True)
+        customers = {customer for customer, _ in ours}
+        counterpart = theirs.get(meter.event_name)
+        comparable = (
+            counterpart is not None
+            and window in capabilities.windows
+            and meter.aggregation in capabilities.aggregations
+        )
+        if not comparable or counterpart is None:
+            cells.extend(_not_comparable(meter, ours))
+            continue
+        asked = query.model_copy(update={"meter_id": counterpart.id})
+        grouped = capabilities.group_by and not capabilities.requires_customer
+        try:
+            answered = await _usage(mirror, asked, customers, grouped)
+        except (UnsupportedOperationError, ValidationError):  # a query it cannot answer
+            cells.extend(_not_comparable(meter, ours))
+            continue
+        waiting: dict[str, list[int]] = {}
+        for name, customer, ts in owed:
+            if name == meter.event_name:
+                waiting.setdefault(customer, []).append(ts)
+        for times in waiting.values():
+            times.sort()
+        for key in sorted({*ours, *answered}):
+            window_end, ledger_value = ours.get(key, (None, None))
+            mirror_end, mirror_value = answered.get(key, (None, None))
+            closes = window_end or mirror_end
+            assert closes is not None
+            times = waiting.get(key[0], [])
+            first = bisect.bisect_left(times, epoch_micros(key[1]))
+            pending = first < len(times) and times[first] < epoch_micros(closes)
+            status = _status(meter.aggregation, ledger_value, mirror_value, pending)
+            cells.append(
+                ReconcileCell(
+                    meter_id=meter.id,
+                    event_name=meter.event_name,
+                    customer_id=key[0],
+                    start=key[1],
+                    end=closes,
+                    ledger=ledger_value,
+                    mirror=mirror_value,
+                    status=status,
+                )
+            )
+    drift = {CellStatus.short, CellStatus.over}
+    return ReconcileReport(
+        mirror=mirror_name, ok=not any(c.status in drift for c in cells), cells=cells
+    )
+
+
+def _not_comparable(meter: Meter, ours: dict[Key, tuple[datetime, Decimal]]) -> list[ReconcileCell]:
+    return [
+        ReconcileCell(
+            meter_id=meter.id,
+            event_name=meter.event_name,
+            customer_id=customer,
+            start=start,
+            end=end,
+            ledger=value,
+            mirror=None,
+            status=CellStatus.not_comparable,
+        )
+        for (customer, start), (end, value) in sorted(ours.items())
+    ]
