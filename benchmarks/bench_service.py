@@ -358,6 +358,17 @@ def bodies(run: str, batch: int, count: int) -> list[bytes]:
     return requests
 
 
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 answer's head and body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return head, await reader.readexactly(length)
+
+
 async def post_all(port: int, requests: list[bytes], latencies: list[float]) -> None:
     """One keep-alive connection posting `requests` in turn, reading each answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -365,13 +376,7 @@ async def post_all(port: int, requests: list[bytes], latencies: list[float]) -> 
         for request in requests:
             began = time.perf_counter()
             writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            answer = await reader.readexactly(length)
+            head, answer = await read_answer(reader)
             latencies.append(time.perf_counter() - began)
             if not head.startswith(b"HTTP/1.1 200") or b'"rejected":{}' not in answer.replace(
                 b" ", b""
@@ -417,13 +422,7 @@ async def watch_health(port: int, latencies: list[float], done: asyncio.Event) -
         while not done.is_set():
             began = time.perf_counter()
             writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            await reader.readexactly(length)
+            await read_answer(reader)
             latencies.append(time.perf_counter() - began)
             await asyncio.sleep(0.02)
     finally:
