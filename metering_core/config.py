@@ -153,10 +153,16 @@ def _is_secret(annotation: Any) -> bool:
 def _configuration_error(
     exc: pydantic.ValidationError, model: type[BaseModel], where: str
 ) -> ConfigurationError:
-    """Name each bad option and its value, masking secrets. An option the model does not
+    """Name each bad option and its value, masking secrets (and options that hold them,
+    marked `json_schema_extra={"secret": True}`). An option the model does not
     have is named without its value: it may be a secret under a misspelt name
     (`api_kye=sk_live_...`)."""
-    secrets = {name for name, field in model.model_fields.items() if _is_secret(field.annotation)}
+    secrets = {
+        name
+        for name, field in model.model_fields.items()
+        if _is_secret(field.annotation)
+        or (isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("secret"))
+    }
     parts = []
     for error in exc.errors(include_url=False):
         field = ".".join(str(part) for part in error["loc"])

@@ -45,8 +45,10 @@ MAX_RETRY_AFTER = 300.0
 
 
 def _retryable(exc: BaseException) -> bool:
-    """Anything but a refusal of the data is worth trying again."""
-    return not isinstance(exc, ValidationError)
+    """Any failure but a refusal of the data is worth trying again; a cancellation (or
+    any other BaseException) is not a failure: tenacity sees it too, and retrying it had
+    swallowed the cancellation of a delivery (a deadline, a close) into more attempts."""
+    return isinstance(exc, Exception) and not isinstance(exc, ValidationError)
 
 
 class _Unreported(Exception):

@@ -58,9 +58,7 @@ class GroupCommit:
         self._max_events = max_events
         self._queues: dict[asyncio.AbstractEventLoop, _Queue] = {}
 
-    async def ingest(
-        self, events: Sequence[UsageEvent], *, lowering_refused: bool
-    ) -> IngestResult:
+    async def ingest(self, events: Sequence[UsageEvent], *, lowering_refused: bool) -> IngestResult:
         """Store `events` in the next transaction; their answer once it has committed."""
         loop = asyncio.get_running_loop()
         queue = self._queue(loop)

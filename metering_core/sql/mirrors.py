@@ -116,20 +116,31 @@ class Forwarder:
             self._down.discard(mirror)
             logger.warning("mirror %r is reachable again; forwarding what it is owed", mirror)
         now = _now()
+        lease = LEASE  # read at each pass (tests shorten it)
+        until = now + int(lease * 1e6)
         async with self._transaction() as connection:
             claim = _claim(connection.dialect.name)
-            parameters = {"mirror": mirror, "now": now, "until": now + int(LEASE * 1e6)}
-            leased = (await connection.execute(claim, {**parameters, "limit": size})).all()
+            parameters = {"mirror": mirror, "now": now, "until": until, "limit": size}
+            leased = (await connection.execute(claim, parameters)).all()
         if not leased:
             return 0
         usage = {row.event_id: row.seq for row in leased if row.kind == "usage"}
         cancels = {row.event_id: row.seq for row in leased if row.kind == "cancel"}
-        delivered, refused = await self._send_usage(provider, usage)
-        cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
-        delivered.extend(cancelled)
-        refused.update(cancel_refused)
+        delivered: list[int] = []
+        refused: dict[int, str] = {}
+        try:
+            # Within the lease, or another forwarder could take these rows while they
+            # are still being sent; what is not settled by then is taken again later.
+            async with asyncio.timeout(lease * 0.8):
+                delivered, refused = await self._send_usage(provider, usage)
+                cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
+                delivered.extend(cancelled)
+                refused.update(cancel_refused)
+        except TimeoutError:
+            logger.warning("mirror %r: a pass outlasted its lease; its rows are sent again", mirror)
         settled = {*delivered, *refused}
-        await self._settle(delivered, refused, [r.seq for r in leased if r.seq not in settled])
+        retry = [row.seq for row in leased if row.seq not in settled]
+        await self._settle(until, delivered, refused, retry)
         return len(leased)
 
     async def _send_usage(
@@ -211,27 +222,33 @@ class Forwarder:
             )
 
     async def _settle(
-        self, delivered: Sequence[int], refused: Mapping[int, str], retry: Sequence[int]
+        self,
+        until: int,
+        delivered: Sequence[int],
+        refused: Mapping[int, str],
+        retry: Sequence[int],
     ) -> None:
-        """Mark what happened to each leased row (what is in none of these keeps its
-        lease: given up on for now, it is taken again once the lease expires)."""
+        """Mark what happened to each leased row, and release those to try again; only
+        rows this pass still holds (its lease, `until`): a row another forwarder took
+        after the lease ran out is that forwarder's to mark."""
+        held = outbox.c.claimed_until == until
         async with self._transaction() as connection:
             if delivered:
                 await connection.execute(
                     sa.update(outbox)
-                    .where(outbox.c.seq.in_(list(delivered)))
+                    .where(outbox.c.seq.in_(list(delivered)), held)
                     .values(delivered_at=_now(), claimed_until=None)
                 )
             for seq, reason in refused.items():
                 await connection.execute(
                     sa.update(outbox)
-                    .where(outbox.c.seq == seq)
+                    .where(outbox.c.seq == seq, held)
                     .values(refused=reason, claimed_until=None)
                 )
             if retry:
                 await connection.execute(
                     sa.update(outbox)
-                    .where(outbox.c.seq.in_(list(retry)))
+                    .where(outbox.c.seq.in_(list(retry)), held)
                     .values(claimed_until=None)
                 )
 

@@ -4,7 +4,10 @@ Both sides are asked the same question (the meter's aggregation over the same wi
 per customer), and each cell is compared exactly: equal, short (the mirror would
 invoice less), over (more), pending (different, while the ledger still owes the mirror
 events of that cell), or not comparable (the mirror cannot answer: a window, an
-aggregation or a meter it does not have). Nothing is guessed: a cell either side does
+aggregation or a meter it does not have, or a meter of another aggregation). A mirror
+that answers one customer at a time is asked for each customer the ledger has events of,
+so usage of a customer the ledger never saw is visible only on mirrors that group by
+customer. Nothing is guessed: a cell either side does
 not answer is 0 for sum and count, and absent for the others.
 """
 
@@ -91,6 +94,22 @@ async def _owed(
         return [(row[0], row[1], row[2]) for row in await connection.execute(statement)]
 
 
+async def _customers(
+    transaction: Transaction, event_name: str, start: datetime, end: datetime
+) -> set[str]:
+    statement = (
+        sa.select(events.c.customer_id)
+        .distinct()
+        .where(
+            events.c.event_name == event_name,
+            events.c.ts >= epoch_micros(start),
+            events.c.ts < epoch_micros(end),
+        )
+    )
+    async with transaction(writes=False) as connection:
+        return set(await connection.scalars(statement))
+
+
 def _status(
     aggregation: Aggregation, ledger: Decimal | None, mirror: Decimal | None, pending: bool
 ) -> CellStatus:
@@ -125,10 +144,14 @@ async def reconcile(
     for meter in mine:
         query = UsageQuery(meter_id=meter.id, start=start, end=end, window=window)
         ours = await _usage(ledger, query, (), grouped=True)
-        customers = {customer for customer, _ in ours}
+        # A mirror asked one customer at a time is asked for every customer the ledger
+        # has events of in range, cancelled ones too: all cancelled here may be billed there.
+        customers = await _customers(transaction, meter.event_name, start, end)
         counterpart = theirs.get(meter.event_name)
         comparable = (
             counterpart is not None
+            and counterpart.aggregation == meter.aggregation  # else equal is a coincidence
+            and counterpart.unique_dimension == meter.unique_dimension
             and window in capabilities.windows
             and meter.aggregation in capabilities.aggregations
         )

@@ -55,7 +55,8 @@ class SqlSettings(ProviderSettings):
     pool_timeout: float = Field(default=5.0, gt=0)
     """Seconds to wait for a free pooled connection while all are busy."""
     mirrors: dict[Annotated[str, Field(pattern=SLUG_PATTERN)], dict[str, Any]] = Field(
-        default_factory=dict
+        default_factory=dict,
+        json_schema_extra={"secret": True},  # options hold secrets: never shown in errors
     )
     """Providers this store's usage is copied to, by name: `{"billing": {"provider":
     "stripe", "api_key": "..."}}` (`METERING_SQL_MIRRORS` as JSON). Each stored event and

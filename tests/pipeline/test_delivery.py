@@ -98,3 +98,21 @@ def test_retry_after_is_honoured_up_to_a_cap(asked: float, waited: float) -> Non
         (RateLimitedError, RateLimitedError("slow", provider="x", retry_after=asked), None)
     )
     assert _Backoff(0.01)(state) == waited
+
+
+def test_a_delivery_cancelled_by_its_caller_stops_instead_of_retrying() -> None:
+    """A deadline or a close cancels a delivery: tenacity saw the CancelledError as one
+    more failure and retried it, so the delivery outlived the deadline set on it."""
+    provider = FaultyProvider(schedule=["hang_after_storing"] * 1000)  # cancelled mid-call
+    slow = MeteringSettings(retry_backoff=0.001, max_attempts=1000, delivery_timeout=5.0)
+
+    async def run() -> float:
+        await provider.create_meter(MeterCreate(event_name="api_calls"))
+        policy = DeliveryPolicy(provider, slow, durable=True)
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(policy.settle(batch("a")), 0.3)
+        return asyncio.get_running_loop().time() - began
+
+    assert asyncio.run(run()) < 1.0
+    assert len(provider.calls) == 1

@@ -223,6 +223,9 @@ def test_a_mirrors_secret_never_shows_in_a_repr_or_a_refusal(sqlite_url: str) ->
     )
     assert secret not in repr(settings)
     assert "'billing': 'stripe'" in repr(settings)
+    with pytest.raises(ConfigurationError) as refused:  # mirrors given as a list
+        AsyncMetering("sql", url=sqlite_url, mirrors=[{"provider": "stripe", "api_key": secret}])
+    assert secret not in str(refused.value)
     for options in (
         {"provider": "stripe", "api_kye": secret},  # a secret under a misspelt name
         {"provider": "stripe", "api_key": 123456789},
@@ -291,3 +294,47 @@ async def test_reconcile_marks_what_the_mirror_cannot_answer_not_comparable(
     assert [c.status for c in report.cells] == [CellStatus.not_comparable]  # no meter there
     with pytest.raises(ValidationError, match="mirror='ledger'"):
         await ledger.reconcile("ledger", start=AT, end=AT + timedelta(days=1))
+
+
+async def test_a_mirror_meter_of_another_aggregation_is_not_comparable(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """A sum here against a count there agrees only by coincidence: no proof either way."""
+    _, behind = mirror_service
+    await behind.create_meter(event_name="calls", aggregation="count")
+    await ledger.ingest_usage_events([event(1), event(2, customer="beta")])
+    await ledger.flush_mirrors(timeout=30)
+    report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
+    assert {c.status for c in report.cells} == {CellStatus.not_comparable}
+
+
+async def test_a_pass_that_outlasts_its_lease_releases_its_rows_unmarked(
+    ledger: AsyncMetering,
+    mirror_service: tuple[str, AsyncMetering],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A mirror that hangs cannot hold rows past the lease, when another forwarder could
+    take them while they are still being sent: the pass stops, nothing is marked, and the
+    rows are taken again (and delivered once) when the mirror answers."""
+    _, behind = mirror_service
+    await behind.create_meter(event_name="calls")
+    await ledger.ingest_usage_events([event(n) for n in range(10)])
+    await ledger.flush()
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    answering = mirror.ingest_usage_events
+
+    async def hanging(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(mirrors, "LEASE", 0.3)
+    monkeypatch.setattr(mirror, "ingest_usage_events", hanging)
+    assert await asyncio.wait_for(provider.forwarder.forward("billing"), 5) == 10
+    [status] = await ledger.mirror_status()
+    assert (status.depth, status.dead_letters) == (10, 0)
+
+    monkeypatch.setattr(mirror, "ingest_usage_events", answering)
+    [status] = await ledger.flush_mirrors(timeout=30)
+    assert (status.depth, status.dead_letters) == (0, 0)
+    assert await totals(behind) == await totals(ledger)

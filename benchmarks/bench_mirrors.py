@@ -1,0 +1,130 @@
+"""What a mirror costs the ledger's ingest, and how fast the forwarder feeds one.
+
+    python benchmarks/bench_mirrors.py [--events N] [--postgres URL]
+
+Ingest: batches of 500 into the sql store, with no mirror and with one (each stored
+event then also owes the mirror an outbox row, in the same transaction). Forwarding:
+the outbox of N events drained into the HTTP provider before a real metering service
+(memory, on 127.0.0.1), against the same events delivered by the pipeline directly.
+`--postgres` names a server (a fresh database is made on it per run)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from metering_core import AsyncMetering, MeterCreate, UsageEvent
+from metering_core.server import create_app
+from metering_core.sql import SqlSettings
+from metering_core.sql.provider import SqlProvider
+from metering_core.testing.serving import serve_in_thread
+
+BATCH = 500
+START = datetime(2026, 11, 1, tzinfo=UTC)
+KEYS = {"k": {"scopes": ["meters:read", "meters:write", "usage:read", "usage:write"]}}
+
+
+def events(count: int, run: str) -> list[UsageEvent]:
+    return [
+        UsageEvent(
+            id=f"{run}-{i}",
+            event_name="calls",
+            customer_id=f"t{i % 1000}",
+            value=Decimal(i % 7 + 1),
+            timestamp=START + timedelta(seconds=i),
+            dimensions={"region": ("eu", "us", "ap")[i % 3]},
+        )
+        for i in range(count)
+    ]
+
+
+def fresh(server: str | None) -> str:
+    if server is None:
+        return f"sqlite:///{tempfile.mkdtemp()}/ledger.db"
+    import asyncpg
+
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        connection = await asyncpg.connect(server.rsplit("/", 1)[0] + "/postgres")
+        try:
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+    return f"{server.rsplit('/', 1)[0]}/{name}"
+
+
+async def ingest_rate(url: str, mirrors: dict[str, Any], count: int) -> float:
+    provider = SqlProvider(SqlSettings(url=url, mirrors=mirrors))
+    await provider.create_meter(MeterCreate(event_name="calls"))
+    sent = events(count, "i")
+    began = time.perf_counter()
+    for first in range(0, count, BATCH):
+        await provider.ingest_usage_events(sent[first : first + BATCH])
+    elapsed = time.perf_counter() - began
+    await provider.aclose()
+    return count / elapsed
+
+
+async def forward_rate(url: str, mirror_url: str, count: int) -> tuple[float, float]:
+    mirrors = {"billing": {"provider": "http", "base_url": mirror_url, "api_key": "k"}}
+    provider = SqlProvider(SqlSettings(url=url, mirrors=mirrors))
+    await provider.create_meter(MeterCreate(event_name="calls"))
+    sent = events(count, "f")
+    for first in range(0, count, BATCH):
+        await provider.ingest_usage_events(sent[first : first + BATCH])
+    began = time.perf_counter()
+    await provider.flush_mirrors()
+    forwarded = count / (time.perf_counter() - began)
+    await provider.aclose()
+    async with AsyncMetering("http", base_url=mirror_url, api_key="k") as direct:
+        again = events(count, "d")
+        began = time.perf_counter()
+        for first in range(0, count, BATCH):
+            await direct.ingest_usage_events(again[first : first + BATCH])
+        await direct.flush()
+        delivered = count / (time.perf_counter() - began)
+    return forwarded, delivered
+
+
+def run(label: str, server: str | None, count: int) -> None:
+    plain = asyncio.run(ingest_rate(fresh(server), {}, count))
+    down = {"billing": {"provider": "http", "base_url": "http://127.0.0.1:9", "api_key": "k"}}
+    mirrored = asyncio.run(ingest_rate(fresh(server), down, count))
+    print(
+        f"{label} ingest, batches of {BATCH}: no mirror {plain:,.0f} events/s, one mirror "
+        f"{mirrored:,.0f} events/s (cost {100 * (1 - mirrored / plain):.0f} %)"
+    )
+    behind = AsyncMetering("memory")
+    with serve_in_thread(create_app(behind, keys=KEYS)) as mirror_url:
+        asyncio.run(
+            AsyncMetering("http", base_url=mirror_url, api_key="k").create_meter(event_name="calls")
+        )
+        forwarded, delivered = asyncio.run(forward_rate(fresh(server), mirror_url, count))
+    print(
+        f"{label} forwarder into the HTTP provider: {forwarded:,.0f} events/s; the pipeline "
+        f"delivering the same directly {delivered:,.0f} events/s ({forwarded / delivered:.2f}x)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--postgres")
+    options = parser.parse_args()
+    print(f"metering-core mirrors benchmark, {datetime.now(UTC):%Y-%m-%d}")
+    run("sqlite", None, options.events)
+    if options.postgres:
+        run("postgres", options.postgres, options.events)
+
+
+if __name__ == "__main__":
+    main()
