@@ -61,6 +61,8 @@ def _sqlite_insert(count: int) -> str:
     )
 
 
+_SQLITE_OWE = "INSERT INTO outbox (mirror, kind, event_id, created_at) VALUES (?, ?, ?, ?)"
+
 _SQLITE_ROLLUP = (
     "INSERT INTO rollups (meter_seq, bucket, digest, dimensions, count, total) "
     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (meter_seq, bucket, digest) DO UPDATE "
@@ -299,13 +301,14 @@ async def owe(
     the transaction that stored or cancelled them."""
     if not event_ids or not mirrors:
         return
+    rows = [(mirror, kind, event_id, at) for event_id in event_ids for mirror in mirrors]
+    if connection.dialect.name != "postgresql":  # straight through aiosqlite, as the events
+        driver = await _Aiosqlite.under(connection)
+        await driver.executemany(_SQLITE_OWE, rows)
+        return
     await connection.execute(
         sa.insert(outbox),
-        [
-            {"mirror": mirror, "kind": kind, "event_id": event_id, "created_at": at}
-            for event_id in event_ids
-            for mirror in mirrors
-        ],
+        [dict(zip(("mirror", "kind", "event_id", "created_at"), row, strict=True)) for row in rows],
     )
 
 

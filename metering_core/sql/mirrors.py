@@ -33,12 +33,15 @@ from metering_core.interface import IMetering
 from metering_core.models import MirrorStatus, UsageEvent
 from metering_core.sql.schema import events, outbox
 
-__all__ = ["IDLE", "LEASE", "Forwarder", "build_mirrors"]
+__all__ = ["IDLE", "LEASE", "PASSES", "Forwarder", "build_mirrors"]
 
 logger = logging.getLogger("metering")
 
 IDLE = 1.0
 """Seconds a running forwarder rests when nothing is owed."""
+
+PASSES = 4
+"""Passes a forwarder runs at once per mirror."""
 
 LEASE = 120.0
 """Seconds a forwarder holds the rows it took; past it (a forwarder killed mid-batch)
@@ -253,8 +256,13 @@ class Forwarder:
                 )
 
     async def forward_all(self) -> int:
-        """One pass over every mirror; the rows leased."""
-        return sum([await self.forward(name) for name in self.mirrors])
+        """`PASSES` concurrent passes over every mirror (their leases never overlap, and
+        a mirror's latency is waited out in parallel, as the pipeline's batches in
+        flight); the rows leased."""
+        leased = await asyncio.gather(
+            *(self.forward(name) for name in self.mirrors for _ in range(PASSES))
+        )
+        return sum(leased)
 
     async def run(self, idle: float = IDLE) -> None:
         """Forward until cancelled, resting `idle` seconds whenever nothing is owed. A
