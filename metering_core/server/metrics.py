@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from metering_core.metrics import PipelineStats
-from metering_core.models import IngestResult
+from metering_core.models import IngestResult, MirrorStatus
 
 __all__ = ["CONTENT_TYPE", "RequestMetrics", "ServiceMetrics"]
 
@@ -60,6 +60,32 @@ class _PipelineCollector(Collector):
         yield depth
 
 
+class _MirrorCollector(Collector):
+    """Each mirror's outbox depth, oldest undelivered age and dead letters."""
+
+    def __init__(self) -> None:
+        self.statuses: list[MirrorStatus] = []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if not self.statuses:
+            return
+        families = (
+            ("metering_mirror_outbox_depth", "Rows the ledger still owes the mirror", "depth"),
+            (
+                "metering_mirror_oldest_seconds",
+                "Age of the oldest row the ledger still owes the mirror (0: none)",
+                "oldest_seconds",
+            ),
+            ("metering_mirror_dead_letters", "Rows the mirror refused for good", "dead_letters"),
+        )
+        for name, documentation, field in families:
+            family = GaugeMetricFamily(name, documentation, labels=["mirror", "provider"])
+            for status in self.statuses:
+                value = getattr(status, field)
+                family.add_metric([status.mirror, status.provider], value or 0)
+            yield family
+
+
 class ServiceMetrics:
     """Instruments of one app; `RequestMetrics` feeds the request ones."""
 
@@ -84,6 +110,12 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.registry.register(_PipelineCollector(stats))
+        self._mirrors = _MirrorCollector()
+        self.registry.register(self._mirrors)
+
+    def mirrors(self, statuses: list[MirrorStatus]) -> None:
+        """The mirrors' outbox as of now (read from the store just before a scrape)."""
+        self._mirrors.statuses = statuses
 
     def count_ingested(self, result: IngestResult) -> None:
         for outcome, number in (

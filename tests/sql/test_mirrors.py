@@ -338,3 +338,38 @@ async def test_a_pass_that_outlasts_its_lease_releases_its_rows_unmarked(
     [status] = await ledger.flush_mirrors(timeout=30)
     assert (status.depth, status.dead_letters) == (0, 0)
     assert await totals(behind) == await totals(ledger)
+
+
+def test_the_service_shows_the_outbox_at_get_mirrors_and_in_its_metrics(sqlite_url: str) -> None:
+    """The service over a ledger whose mirror is down: GET /mirrors and /metrics say
+    what is owed (scope metrics:read), and a key without the scope is refused."""
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    keys = {**KEYS, "writer": {"scopes": ["usage:write", "meters:write"]}}
+    ledger = AsyncMetering("sql", url=sqlite_url, mirrors=billing(down), max_attempts=1)
+    with serve_in_thread(create_app(ledger, keys=keys)) as url:
+        admin = {"Authorization": "Bearer admin"}
+        httpx.post(f"{url}/meters", json={"event_name": "calls"}, headers=admin)
+        sent = [{"event_name": "calls", "customer_id": "acme"} for _ in range(7)]
+        answer = httpx.post(f"{url}/usage", json={"events": sent}, headers=admin)
+        assert len(answer.json()["accepted"]) == 7
+
+        shown = httpx.get(f"{url}/mirrors", headers=admin).json()
+        assert [(s["mirror"], s["provider"], s["depth"], s["dead_letters"]) for s in shown] == [
+            ("billing", "http", 7, 0)
+        ]
+        page = httpx.get(f"{url}/metrics", headers=admin).text
+        gauges = {
+            (sample.name, sample.labels["mirror"]): sample.value
+            for family in text_string_to_metric_families(page)
+            for sample in family.samples
+            if sample.name.startswith("metering_mirror_")
+        }
+        assert gauges[("metering_mirror_outbox_depth", "billing")] == 7
+        assert gauges[("metering_mirror_dead_letters", "billing")] == 0
+        assert gauges[("metering_mirror_oldest_seconds", "billing")] >= 0
+        refused = httpx.get(f"{url}/mirrors", headers={"Authorization": "Bearer writer"})
+        assert refused.status_code == 403

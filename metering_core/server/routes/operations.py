@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from metering_core.interface import Capabilities
+from metering_core.interface import Capabilities, Ledger
+from metering_core.models import MirrorStatus
 from metering_core.server.callers import Caller, identify
 from metering_core.server.metrics import CONTENT_TYPE
 from metering_core.server.query import known_query_only
@@ -22,7 +23,20 @@ async def prometheus(request: Request, shared: Shared) -> Response:
     """Prometheus text format; a key with `metrics:read`, or none if made public."""
     if not shared.public_metrics:
         identify(request.scope).need("metrics:read")
+    if isinstance(shared.metering.provider, Ledger) and shared.metering.provider.mirrored:
+        shared.metrics.mirrors(await shared.metering.mirror_status())
     return Response(shared.metrics.page(), media_type=CONTENT_TYPE)
+
+
+@router.get("/mirrors", response_model=list[MirrorStatus])
+async def mirrors(request: Request, shared: Shared) -> list[MirrorStatus]:
+    """What the ledger still owes each of its mirrors: outbox depth, the oldest row's
+    age, dead letters (scope `metrics:read`; empty when the store has no mirrors)."""
+    identify(request.scope).need("metrics:read")
+    provider = shared.metering.provider
+    if not (isinstance(provider, Ledger) and provider.mirrored):
+        return []
+    return await shared.metering.mirror_status()
 
 
 @router.get(
