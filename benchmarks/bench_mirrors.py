@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from metering_core import AsyncMetering, MeterCreate, UsageEvent
+from metering_core import AsyncMetering, MeterCreate, UsageEvent, Window
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings
 from metering_core.sql.provider import SqlProvider
@@ -95,6 +95,36 @@ async def forward_rate(url: str, mirror_url: str, count: int) -> tuple[float, fl
     return forwarded, delivered
 
 
+async def reconcile_time(url: str, mirror_url: str, customers: int, days: int) -> float:
+    """Seconds to reconcile `customers` x `days` daily cells, every one equal."""
+    mirrors = {"billing": {"provider": "http", "base_url": mirror_url, "api_key": "k"}}
+    provider = SqlProvider(SqlSettings(url=url, mirrors=mirrors))
+    await provider.create_meter(MeterCreate(event_name="calls"))
+    cells = [
+        UsageEvent(
+            id=f"r-{c}-{d}",
+            event_name="calls",
+            customer_id=f"t{c}",
+            value=Decimal(c % 7 + 1),
+            timestamp=START + timedelta(days=d, hours=c % 24),
+        )
+        for c in range(customers)
+        for d in range(days)
+    ]
+    for first in range(0, len(cells), BATCH):
+        await provider.ingest_usage_events(cells[first : first + BATCH])
+    await provider.flush_mirrors()
+    began = time.perf_counter()
+    report = await provider.reconcile(
+        "billing", start=START, end=START + timedelta(days=days), window=Window.DAY
+    )
+    elapsed = time.perf_counter() - began
+    assert report.ok
+    assert len(report.cells) == customers * days, len(report.cells)
+    await provider.aclose()
+    return elapsed
+
+
 def run(label: str, server: str | None, count: int) -> None:
     plain = asyncio.run(ingest_rate(fresh(server), {}, count))
     down = {"billing": {"provider": "http", "base_url": "http://127.0.0.1:9", "api_key": "k"}}
@@ -109,6 +139,12 @@ def run(label: str, server: str | None, count: int) -> None:
             AsyncMetering("http", base_url=mirror_url, api_key="k").create_meter(event_name="calls")
         )
         forwarded, delivered = asyncio.run(forward_rate(fresh(server), mirror_url, count))
+    with serve_in_thread(create_app(AsyncMetering("memory"), keys=KEYS)) as mirror_url:
+        asyncio.run(
+            AsyncMetering("http", base_url=mirror_url, api_key="k").create_meter(event_name="calls")
+        )
+        took = asyncio.run(reconcile_time(fresh(server), mirror_url, 1000, 31))
+    print(f"{label} reconcile of 1,000 customers x 31 days, all equal: {took:.2f} s")
     print(
         f"{label} forwarder into the HTTP provider: {forwarded:,.0f} events/s; the pipeline "
         f"delivering the same directly {delivered:,.0f} events/s ({forwarded / delivered:.2f}x)"
