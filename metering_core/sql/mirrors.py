@@ -5,8 +5,8 @@ transaction that stores it (the `outbox` table). A forwarder leases a mirror's o
 rows (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so forwarders of one database never send
 a row at the same time; SQLite has one writer), delivers them through the pipeline's
 delivery policy (batches of the mirror's size, retries with backoff, Retry-After,
-halving), and marks them delivered, or refused with the mirror's reason (a mirror dead
-letter). A forwarder killed between sending and marking leaves its lease to expire: the
+halving), and deletes them, or marks them refused with the mirror's reason (a mirror
+dead letter). A forwarder killed between sending and marking leaves its lease to expire: the
 rows are sent again, and the mirror, which dedupes by id, answers duplicate.
 """
 
@@ -81,7 +81,7 @@ def _claim(dialect: str) -> sa.TextClause:
         UPDATE outbox SET claimed_until = :until, attempts = attempts + 1
         WHERE seq IN (
             SELECT seq FROM outbox
-            WHERE mirror = :mirror AND delivered_at IS NULL AND refused IS NULL
+            WHERE mirror = :mirror AND refused IS NULL
               AND (claimed_until IS NULL OR claimed_until < :now)
             ORDER BY seq LIMIT :limit {skip}
         )
@@ -218,7 +218,6 @@ class Forwarder:
                         outbox.c.mirror == mirror,
                         outbox.c.kind == "usage",
                         outbox.c.event_id.in_(list(ids)),
-                        outbox.c.delivered_at.is_(None),
                         outbox.c.refused.is_(None),
                     )
                 )
@@ -238,9 +237,7 @@ class Forwarder:
         async with self._transaction() as connection:
             if delivered:
                 await connection.execute(
-                    sa.update(outbox)
-                    .where(outbox.c.seq.in_(list(delivered)), held)
-                    .values(delivered_at=_now(), claimed_until=None)
+                    sa.delete(outbox).where(outbox.c.seq.in_(list(delivered)), held)
                 )
             for seq, reason in refused.items():
                 await connection.execute(
@@ -278,7 +275,7 @@ class Forwarder:
 
     async def status(self) -> list[MirrorStatus]:
         """Each mirror's depth, oldest undelivered age and dead letters."""
-        unsettled = sa.and_(outbox.c.delivered_at.is_(None), outbox.c.refused.is_(None))
+        unsettled = outbox.c.refused.is_(None)  # delivered rows are deleted
         statement = (
             sa.select(
                 outbox.c.mirror,

@@ -83,7 +83,6 @@ async def _owed(
         .join(outbox, outbox.c.event_id == events.c.id)
         .where(
             outbox.c.mirror == mirror,
-            outbox.c.delivered_at.is_(None),
             outbox.c.refused.is_(None),
             events.c.event_name.in_(list(event_names)),
             events.c.ts >= epoch_micros(start),

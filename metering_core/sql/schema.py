@@ -104,7 +104,7 @@ customers = sa.Table(
     sa.Column("metadata", sa.JSON, nullable=False),
 )
 
-_UNSETTLED = sa.text("delivered_at IS NULL AND refused IS NULL")
+_OWED = sa.text("refused IS NULL")
 
 outbox = sa.Table(
     "outbox",
@@ -116,14 +116,12 @@ outbox = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("claimed_until", sa.BigInteger),  # a forwarder's lease on the row
-    sa.Column("delivered_at", sa.BigInteger),
     sa.Column("refused", sa.Text),  # the mirror's reason: a mirror dead letter
-    sa.Index(
-        "outbox_unsettled", "mirror", "seq", postgresql_where=_UNSETTLED, sqlite_where=_UNSETTLED
-    ),
+    sa.Index("outbox_owed", "mirror", "seq", postgresql_where=_OWED, sqlite_where=_OWED),
     sqlite_autoincrement=True,
 )
 """What each mirror is still owed: a row per stored event (and per cancellation) per
 mirror, written in the transaction that stored it, so the ledger and its outbox never
-disagree; a forwarder leases rows, delivers them and marks them delivered, or refused
-with the mirror's reason."""
+disagree; a forwarder leases rows, delivers them and deletes them, or marks them refused
+with the mirror's reason (a dead letter, kept). So the table holds what is owed and the
+dead letters, never the history: it stays as small as the longest outage."""

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from metering_core import (
@@ -25,6 +26,7 @@ from metering_core import (
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings, mirrors
 from metering_core.sql.provider import SqlProvider
+from metering_core.sql.schema import outbox
 from metering_core.testing.serving import serve_in_thread
 
 pytest.importorskip("metering_http")
@@ -151,6 +153,11 @@ async def test_an_event_the_mirror_refuses_becomes_its_dead_letter_with_the_reas
 
     assert (status.depth, status.dead_letters) == (0, 1)
     assert await totals(behind) == await totals(ledger)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    async with provider._transaction(writes=False) as connection:
+        kept = await connection.scalar(sa.select(sa.func.count()).select_from(outbox))
+    assert kept == 1  # delivered rows are gone: the outbox holds only the dead letter
 
 
 async def test_rows_sent_by_a_forwarder_killed_before_marking_them_count_once(

@@ -1,5 +1,6 @@
 """The mirrors' outbox: a row per stored event (and cancellation) per mirror, written in
-the transaction that stores it, until a forwarder has delivered it.
+the transaction that stores it, until a forwarder has delivered it (then deleted) or the
+mirror refused it (then kept, with the reason).
 
 Revision ID: 0004
 Revises: 0003
@@ -15,7 +16,7 @@ down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-_UNSETTLED = sa.text("delivered_at IS NULL AND refused IS NULL")
+_OWED = sa.text("refused IS NULL")
 
 
 def upgrade() -> None:
@@ -28,19 +29,14 @@ def upgrade() -> None:
         sa.Column("created_at", sa.BigInteger, nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("claimed_until", sa.BigInteger),
-        sa.Column("delivered_at", sa.BigInteger),
         sa.Column("refused", sa.Text),
         sqlite_autoincrement=True,
     )
     op.create_index(
-        "outbox_unsettled",
-        "outbox",
-        ["mirror", "seq"],
-        postgresql_where=_UNSETTLED,
-        sqlite_where=_UNSETTLED,
+        "outbox_owed", "outbox", ["mirror", "seq"], postgresql_where=_OWED, sqlite_where=_OWED
     )
 
 
 def downgrade() -> None:
-    op.drop_index("outbox_unsettled", "outbox")
+    op.drop_index("outbox_owed", "outbox")
     op.drop_table("outbox")
