@@ -16,7 +16,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Concatenate, ParamSpec, Self, TypeVar
@@ -46,6 +46,7 @@ from metering_core.models import (
     Meter,
     MeterCreate,
     MeterUpdate,
+    MirrorLink,
     MirrorStatus,
     Page,
     ReconcileReport,
@@ -424,7 +425,9 @@ class AsyncMetering:
     async def cancel_usage_events(
         self, event_ids: Sequence[str], *, event_name: str | None = None
     ) -> CancelResult:
-        """Cancel delivered events by id; the result says what became of each id."""
+        """Cancel events by id; the result says what became of each id. What this facade
+        still queues is delivered first: an event ingested just before is cancelled, not
+        reported not found and then delivered and counted."""
         await self._require(Operation.CANCEL_USAGE_EVENTS)
         if isinstance(event_ids, str):
             raise ValidationError(
@@ -437,6 +440,7 @@ class AsyncMetering:
             guards.check_name(f"event_ids[{index}]", event_id)
         if event_name is not None:
             guards.check_name("event_name", event_name)
+        await self._pipeline.settle()
         return await self._provider.cancel_usage_events(unique_ids, event_name=event_name)
 
     async def create_customer(
@@ -472,7 +476,7 @@ class AsyncMetering:
         outbox keeps it)."""
         ledger = self._ledger()
         began = time.monotonic()
-        await self.flush(timeout)
+        await self._pipeline.settle(timeout)
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - began))
         return await ledger.flush_mirrors(left)
 
@@ -484,13 +488,16 @@ class AsyncMetering:
         end: datetime,
         window: Window | str = Window.DAY,
         meter_ids: Sequence[str] | None = None,
+        repair: bool = False,
     ) -> ReconcileReport:
         """Prove `mirror` holds what the ledger holds: each meter's usage per customer
         and window on both sides, compared exactly. `ok` when no cell is short or over;
         cells the ledger still owes the mirror are `pending`, and those the mirror cannot
-        answer `not_comparable`."""
+        answer `not_comparable`. `repair` sends each short cell of a sum or count meter
+        its difference (ids derived from the cell: repairing twice sends nothing twice);
+        the report is the one before the repair, its repaired cells marked."""
         ledger = self._ledger()
-        await self.flush()  # what was ingested here is in the ledger before it is compared
+        await self._pipeline.settle()  # what was ingested here is in the ledger first
         checked = UsageQuery(meter_id="reconcile", start=start, end=end, window=Window(window))
         return await ledger.reconcile(
             mirror,
@@ -498,7 +505,27 @@ class AsyncMetering:
             end=checked.end,
             window=checked.window or Window.DAY,
             meter_ids=None if meter_ids is None else _listed("meter_ids", meter_ids),
+            repair=repair,
         )
+
+    async def link_mirror(self, mirror: str) -> list[MirrorLink]:
+        """Bring every meter and customer the ledger holds to `mirror` (for a mirror added
+        after them): each meter found there by its event name and linked, or created;
+        each customer created. A meter the mirror cannot bill is reported `refused`."""
+        return await self._ledger().link_mirror(mirror)
+
+    async def backfill_mirror(
+        self, mirror: str, *, start: datetime, end: datetime | None = None
+    ) -> int:
+        """Owe `mirror` every live event of the ledger from `start` to `end` (default
+        now), for a mirror added after they were stored; the number owed. The forwarder
+        sends them; `flush_mirrors` waits for it."""
+        checked = UsageQuery(meter_id="backfill", start=start, end=end or datetime.now(UTC))
+        return await self._ledger().backfill_mirror(mirror, start=checked.start, end=checked.end)
+
+    async def retry_mirror_dead_letters(self, mirror: str) -> int:
+        """Owe `mirror` again what it refused, once the cause is fixed; the rows requeued."""
+        return await self._ledger().retry_mirror_dead_letters(mirror)
 
     async def forward_mirrors(self) -> None:
         """Forward what the mirrors are owed until cancelled (the service runs one;
@@ -636,6 +663,9 @@ class Metering:
     flush_mirrors = _mirror(AsyncMetering.flush_mirrors)
     forward_mirrors = _mirror(AsyncMetering.forward_mirrors)
     reconcile = _mirror(AsyncMetering.reconcile)
+    link_mirror = _mirror(AsyncMetering.link_mirror)
+    backfill_mirror = _mirror(AsyncMetering.backfill_mirror)
+    retry_mirror_dead_letters = _mirror(AsyncMetering.retry_mirror_dead_letters)
 
     def ingest_usage_event(
         self, event: EventInput | None = None, /, *, timeout: float | None = None, **fields: Any

@@ -22,6 +22,7 @@ from metering_core.models import (
     Meter,
     MeterCreate,
     MeterUpdate,
+    MirrorLink,
     MirrorStatus,
     Page,
     ReconcileReport,
@@ -294,4 +295,13 @@ class Ledger(Protocol):
         end: datetime,
         window: Window = Window.DAY,
         meter_ids: Sequence[str] | None = None,
+        repair: bool = False,
     ) -> ReconcileReport: ...
+
+    async def link_mirror(self, mirror: str) -> list[MirrorLink]: ...
+
+    async def backfill_mirror(
+        self, mirror: str, *, start: datetime, end: datetime | None = None
+    ) -> int: ...
+
+    async def retry_mirror_dead_letters(self, mirror: str) -> int: ...

@@ -45,9 +45,11 @@ __all__ = [
     "CustomerCreate",
     "EventQuery",
     "IngestResult",
+    "LinkOutcome",
     "Meter",
     "MeterCreate",
     "MeterUpdate",
+    "MirrorLink",
     "MirrorStatus",
     "Page",
     "ReconcileCell",
@@ -574,11 +576,38 @@ class MirrorStatus(_Model):
     mirror: str
     provider: str
     depth: int
-    """Events and cancellations not yet delivered to it, nor refused by it."""
+    """Events, cancellations and meter or customer changes not yet delivered to it, nor
+    refused by it."""
     oldest_seconds: float | None
     """Age of the oldest of them; None when none waits."""
     dead_letters: int
     """Rows the mirror refused for good (each keeps the mirror's reason)."""
+
+
+class LinkOutcome(StrEnum):
+    """What following the ledger did to a meter or a customer on a mirror."""
+
+    linked = "linked"
+    """The mirror had it already (a meter: one of the same event name and aggregation)."""
+    created = "created"
+    updated = "updated"
+    deleted = "deleted"
+    unchanged = "unchanged"
+    refused = "refused"
+    """The mirror cannot hold it as the ledger has it (the reason says why)."""
+
+
+class MirrorLink(_Model):
+    """A ledger meter or customer, and its counterpart on a mirror."""
+
+    mirror: str
+    kind: Literal["meter", "customer"]
+    id: str
+    """The ledger's id (a meter's `mtr_…`, a customer's tenant id)."""
+    mirror_id: str | None
+    """The mirror's id for it; None when it is not (or no longer) there."""
+    outcome: LinkOutcome
+    reason: str | None = None
 
 
 class CellStatus(StrEnum):
@@ -606,6 +635,8 @@ class ReconcileCell(_Model):
     ledger: Decimal | None
     mirror: Decimal | None
     status: CellStatus
+    repaired: bool = False
+    """A repair sent the mirror this cell's difference (it shows on the next reconcile)."""
 
 
 class ReconcileReport(_Model):

@@ -323,8 +323,14 @@ class Pipeline:
     async def flush(self, timeout: float | None = None) -> IngestResult:
         """Wait until every event queued before this call is delivered; report since last
         flush. Once closed, at once: what the close left in the spool is the next process's."""
+        await self.settle(timeout)
+        return self._report.take()
+
+    async def settle(self, timeout: float | None = None) -> None:
+        """Wait as `flush` does, leaving the report to the next flush (for a read or a
+        cancel that must see what was queued before it)."""
         if self._closed:
-            return self._report.take()
+            return
         await self.start()
         target = self._submitted
         self._flushing += 1
@@ -336,7 +342,6 @@ class Pipeline:
         if self._failure is not None:
             # Sticky: a pipeline whose batching task died cannot deliver; every flush says so.
             raise self._failure
-        return self._report.take()
 
     async def _until_completed(self, target: int) -> None:
         assert self._progress is not None

@@ -14,7 +14,7 @@ from rich.table import Table
 from metering_core.cli.app import app, connect, err, out
 from metering_core.cli.commands import Format, FormatOption, parse_time, resolve_meter
 from metering_core.cli.events import FromOption, ToOption
-from metering_core.models import CellStatus, ReconcileCell, Window
+from metering_core.models import CellStatus, LinkOutcome, ReconcileCell, Window
 
 mirror_app = typer.Typer(help="The ledger's mirrors: status, and forwarding.", no_args_is_help=True)
 app.add_typer(mirror_app, name="mirror")
@@ -72,6 +72,65 @@ def run(
             err.print("stopped")
 
 
+MirrorOption = Annotated[str, typer.Option("--mirror", help="The mirror, by its name.")]
+
+
+@mirror_app.command("link")
+def link(ctx: typer.Context, mirror: MirrorOption, output: FormatOption = Format.table) -> None:
+    """Bring every meter and customer of the ledger to a mirror added after them: each
+    meter found there by its event name and linked, or created; each customer created.
+    Exits 1 when the mirror refuses a meter (the reason is shown)."""
+    with connect(ctx) as m:
+        links = m.link_mirror(mirror)
+    if output is Format.json:
+        out.print_json(data=[link.model_dump(mode="json") for link in links])
+    elif output is Format.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["kind", "id", "mirror_id", "outcome", "reason"])
+        for found in links:
+            writer.writerow(
+                [found.kind, found.id, found.mirror_id or "", found.outcome, found.reason or ""]
+            )
+    else:
+        table = Table("kind", "id", "on the mirror", "outcome", "reason")
+        for found in links:
+            table.add_row(
+                found.kind, found.id, found.mirror_id or "", found.outcome, found.reason or ""
+            )
+        out.print(table)
+    if any(found.outcome is LinkOutcome.refused for found in links):
+        raise typer.Exit(1)
+
+
+@mirror_app.command("backfill")
+def backfill(
+    ctx: typer.Context,
+    mirror: MirrorOption,
+    from_: FromOption,
+    to: Annotated[
+        str | None, typer.Option("--to", help="End, exclusive (ISO 8601; default: now).")
+    ] = None,
+) -> None:
+    """Owe a mirror every live event of the ledger from --from (to --to): for a mirror
+    added after they were stored. `metering mirror run --once` (or the service) then
+    sends them, and `metering reconcile` proves the result."""
+    with connect(ctx) as m:
+        owed = m.backfill_mirror(
+            mirror,
+            start=parse_time(from_, "--from"),
+            end=None if to is None else parse_time(to, "--to"),
+        )
+    err.print(f"{owed} event(s) owed to {mirror!r}; forward them with `metering mirror run`")
+
+
+@mirror_app.command("retry")
+def retry(ctx: typer.Context, mirror: MirrorOption) -> None:
+    """Owe a mirror again what it refused (its dead letters), once the cause is fixed."""
+    with connect(ctx) as m:
+        count = m.retry_mirror_dead_letters(mirror)
+    err.print(f"{count} dead letter(s) owed to {mirror!r} again")
+
+
 @app.command("reconcile")
 def reconcile(
     ctx: typer.Context,
@@ -82,6 +141,14 @@ def reconcile(
     meter: Annotated[
         list[str] | None, typer.Option("--meter", help="Only this meter (id or event name).")
     ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Send each short cell of a sum or count meter its difference (ids derived "
+            "from the cell: repairing twice sends nothing twice).",
+        ),
+    ] = False,
     output: FormatOption = Format.table,
 ) -> None:
     """Compare each meter, customer and window of the ledger with the mirror's. Exits 1
@@ -94,23 +161,29 @@ def reconcile(
             end=parse_time(to, "--to"),
             window=window,
             meter_ids=meter_ids,
+            repair=repair,
         )
     if output is Format.json:
         out.print_json(report.model_dump_json())
     elif output is Format.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["event_name", "customer_id", "start", "end", "ledger", "mirror", "status"])
+        writer.writerow(
+            ["event_name", "customer_id", "start", "end", "ledger", "mirror", "status", "repaired"]
+        )
         for cell in report.cells:
             writer.writerow(_cell_fields(cell))
     else:
-        table = Table("meter", "customer", "start", "ledger", "mirror", "status")
+        table = Table("meter", "customer", "start", "ledger", "mirror", "status", "repaired")
         for cell in report.cells:
             if cell.status is not CellStatus.equal:
-                name, customer, start, _, ours, theirs, status = _cell_fields(cell)
-                table.add_row(name, customer, start, ours, theirs, status)
+                name, customer, start, _, ours, theirs, status, repaired = _cell_fields(cell)
+                table.add_row(name, customer, start, ours, theirs, status, repaired)
         out.print(table)
         counts = Counter(cell.status.value for cell in report.cells)
         err.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no usage")
+    if repair:
+        fixed = sum(cell.repaired for cell in report.cells)
+        err.print(f"repaired {fixed} cell(s); reconcile again to see the mirror agree")
     if not report.ok:
         raise typer.Exit(1)
 
@@ -124,4 +197,5 @@ def _cell_fields(cell: ReconcileCell) -> list[str]:
         "" if cell.ledger is None else str(cell.ledger),
         "" if cell.mirror is None else str(cell.mirror),
         cell.status.value,
+        "yes" if cell.repaired else "",
     ]

@@ -16,21 +16,33 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from metering_core.config import MeteringSettings, resolve_provider_settings
 from metering_core.delivery import GAVE_UP, DeliveryPolicy
 from metering_core.epoch import epoch_micros, from_epoch_micros
-from metering_core.errors import ConfigurationError, UnsupportedOperationError
+from metering_core.errors import (
+    ConfigurationError,
+    ConflictError,
+    NotFoundError,
+    UnsupportedOperationError,
+    ValidationError,
+)
 from metering_core.interface import IMetering
-from metering_core.models import MirrorStatus, UsageEvent
+from metering_core.models import MirrorLink, MirrorStatus, UsageEvent
+from metering_core.sql.mirror_sync import (
+    Refused,
+    ledger_customer,
+    ledger_meter,
+    sync_customer,
+    sync_meter,
+)
+from metering_core.sql.rows import Transaction
 from metering_core.sql.schema import events, outbox
 
 __all__ = ["IDLE", "LEASE", "PASSES", "Forwarder", "build_mirrors"]
@@ -47,7 +59,10 @@ LEASE = 120.0
 """Seconds a forwarder holds the rows it took; past it (a forwarder killed mid-batch)
 another takes them again."""
 
-Transaction = Callable[..., AbstractAsyncContextManager[AsyncConnection]]
+
+REFUSALS = (ValidationError, ConflictError, NotFoundError, UnsupportedOperationError)
+"""A mirror's answers that say "never": the row becomes a dead letter. Anything else
+(an outage, credentials, a server error) is the mirror failing, and the row waits."""
 
 
 def build_mirrors(configured: Mapping[str, Mapping[str, Any]]) -> dict[str, IMetering]:
@@ -74,7 +89,23 @@ def _now() -> int:
     return epoch_micros(datetime.now(UTC))
 
 
-def _claim(dialect: str) -> sa.TextClause:
+_BARRIER = {
+    # Usage and cancellations wait behind the oldest meter or customer change still
+    # owed (an event of a meter the mirror does not have yet would be refused), and a
+    # change waits until what was stored before it has gone. Each subquery reads one
+    # row of its partial index (outbox_changes, outbox_owed).
+    False: """kind IN ('usage', 'cancel') AND seq < COALESCE((
+        SELECT min(seq) FROM outbox
+        WHERE mirror = :mirror AND refused IS NULL AND kind IN ('meter', 'customer')
+    ), 9223372036854775807)""",
+    True: """kind IN ('meter', 'customer') AND seq < COALESCE((
+        SELECT min(seq) FROM outbox
+        WHERE mirror = :mirror AND refused IS NULL AND kind IN ('usage', 'cancel')
+    ), 9223372036854775807)""",
+}
+
+
+def _claim(dialect: str, changes: bool) -> sa.TextClause:
     skip = "FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
     return sa.text(
         f"""
@@ -83,6 +114,7 @@ def _claim(dialect: str) -> sa.TextClause:
             SELECT seq FROM outbox
             WHERE mirror = :mirror AND refused IS NULL
               AND (claimed_until IS NULL OR claimed_until < :now)
+              AND {_BARRIER[changes]}
             ORDER BY seq LIMIT :limit {skip}
         )
         RETURNING seq, kind, event_id
@@ -106,7 +138,8 @@ class Forwarder:
 
     async def forward(self, mirror: str, *, limit: int | None = None) -> int:
         """Lease up to a batch of `mirror`'s oldest rows, deliver them and mark each;
-        the number of rows leased (0: nothing is owed now)."""
+        the number settled, delivered or refused (0: nothing is owed now, or the mirror
+        failed: a forwarder then rests rather than asking again at once)."""
         provider = self.mirrors[mirror]
         try:
             size = limit or (await provider.load_capabilities()).max_batch_size
@@ -121,30 +154,67 @@ class Forwarder:
         now = _now()
         lease = LEASE  # read at each pass (tests shorten it)
         until = now + int(lease * 1e6)
+        parameters = {"mirror": mirror, "now": now, "until": until, "limit": size}
         async with self._transaction() as connection:
-            claim = _claim(connection.dialect.name)
-            parameters = {"mirror": mirror, "now": now, "until": until, "limit": size}
-            leased = (await connection.execute(claim, parameters)).all()
+            dialect = connection.dialect.name
+            leased = (await connection.execute(_claim(dialect, True), parameters)).all()
+            changes = bool(leased)
+            if not changes:
+                leased = (await connection.execute(_claim(dialect, False), parameters)).all()
         if not leased:
             return 0
-        usage = {row.event_id: row.seq for row in leased if row.kind == "usage"}
-        cancels = {row.event_id: row.seq for row in leased if row.kind == "cancel"}
         delivered: list[int] = []
         refused: dict[int, str] = {}
         try:
             # Within the lease, or another forwarder could take these rows while they
             # are still being sent; what is not settled by then is taken again later.
             async with asyncio.timeout(lease * 0.8):
-                delivered, refused = await self._send_usage(provider, usage)
-                cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
-                delivered.extend(cancelled)
-                refused.update(cancel_refused)
+                if changes:
+                    delivered, refused = await self._send_changes(mirror, provider, leased)
+                else:
+                    usage = {row.event_id: row.seq for row in leased if row.kind == "usage"}
+                    cancels = {row.event_id: row.seq for row in leased if row.kind == "cancel"}
+                    delivered, refused = await self._send_usage(provider, usage)
+                    cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
+                    delivered.extend(cancelled)
+                    refused.update(cancel_refused)
         except TimeoutError:
             logger.warning("mirror %r: a pass outlasted its lease; its rows are sent again", mirror)
         settled = {*delivered, *refused}
         retry = [row.seq for row in leased if row.seq not in settled]
         await self._settle(until, delivered, refused, retry)
-        return len(leased)
+        return len(settled)
+
+    async def _send_changes(
+        self, mirror: str, provider: IMetering, leased: Sequence[Any]
+    ) -> tuple[list[int], dict[int, str]]:
+        """Bring the mirror's meters and customers to the ledger's, one change at a time
+        in the order they were made; stop at the first the mirror fails (not refuses),
+        so none overtakes another."""
+        delivered: list[int] = []
+        refused: dict[int, str] = {}
+        for row in leased:
+            try:
+                await self.follow(mirror, provider, row.kind, row.event_id)
+            except (Refused, *REFUSALS) as exc:
+                logger.warning("mirror %r refused %s %r: %s", mirror, row.kind, row.event_id, exc)
+                refused[row.seq] = str(exc)
+            except Exception as exc:
+                logger.warning(
+                    "mirror %r failed on %s %r (%s)", mirror, row.kind, row.event_id, exc
+                )
+                break
+            else:
+                delivered.append(row.seq)
+        return delivered, refused
+
+    async def follow(self, mirror: str, provider: IMetering, kind: str, key: str) -> MirrorLink:
+        """Make `mirror`'s meter or customer `key` what the ledger holds now."""
+        if kind == "meter":
+            meter = await ledger_meter(self._transaction, key)
+            return await sync_meter(self._transaction, mirror, provider, key, meter)
+        customer = await ledger_customer(self._transaction, key)
+        return await sync_customer(mirror, provider, key, customer)
 
     async def _send_usage(
         self, provider: IMetering, owed: Mapping[str, int]
@@ -255,11 +325,11 @@ class Forwarder:
     async def forward_all(self) -> int:
         """`PASSES` concurrent passes over every mirror (their leases never overlap, and
         a mirror's latency is waited out in parallel, as the pipeline's batches in
-        flight); the rows leased."""
-        leased = await asyncio.gather(
+        flight); the rows settled."""
+        settled = await asyncio.gather(
             *(self.forward(name) for name in self.mirrors for _ in range(PASSES))
         )
-        return sum(leased)
+        return sum(settled)
 
     async def run(self, idle: float = IDLE) -> None:
         """Forward until cancelled, resting `idle` seconds whenever nothing is owed. A

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from metering_core import rules
 from metering_core.config import default_store_path
 from metering_core.cursors import check_limit, decode_cursor, encode_cursor
-from metering_core.epoch import epoch_micros, from_epoch_micros
+from metering_core.epoch import epoch_micros
 from metering_core.errors import (
     ConflictError,
     MeteringError,
@@ -28,16 +28,19 @@ from metering_core.errors import (
     ProviderUnavailableError,
     ValidationError,
 )
-from metering_core.interface import BaseProvider
+from metering_core.interface import BaseProvider, IMetering
 from metering_core.models import (
+    Aggregation,
     CancelResult,
     Customer,
     CustomerCreate,
     EventQuery,
     IngestResult,
+    LinkOutcome,
     Meter,
     MeterCreate,
     MeterUpdate,
+    MirrorLink,
     MirrorStatus,
     Page,
     ReconcileReport,
@@ -60,9 +63,11 @@ from metering_core.sql.ingest import (
 from metering_core.sql.judged import Judged
 from metering_core.sql.listing import event_page, events_statement
 from metering_core.sql.meter_copy import MeterCopy
-from metering_core.sql.mirrors import Forwarder, build_mirrors
+from metering_core.sql.mirror_sync import Refused, refusal
+from metering_core.sql.mirrors import REFUSALS, Forwarder, build_mirrors
 from metering_core.sql.reconcile import reconcile
-from metering_core.sql.schema import ROLLED_UP, customers, events, meters
+from metering_core.sql.rows import customer_from_row, meter_from_row
+from metering_core.sql.schema import ROLLED_UP, customers, events, meters, outbox
 from metering_core.sql.settings import CAPABILITIES, SqlSettings
 from metering_core.sql.store import (
     STORE_FAILURES,
@@ -76,21 +81,6 @@ from metering_core.sql.store import (
 from metering_core.sql.usage import usage_rows, usage_statement
 
 __all__ = ["SqlProvider"]
-
-
-def _meter(row: Any) -> Meter:
-    return Meter(
-        id=row.id,
-        event_name=row.event_name,
-        display_name=row.display_name,
-        aggregation=row.aggregation,
-        dimensions=row.dimensions,
-        description=row.description,
-        unique_dimension=row.unique_dimension,
-        status=row.status,
-        created_at=from_epoch_micros(row.created_at),
-        updated_at=from_epoch_micros(row.updated_at),
-    )
 
 
 _REOPEN = re.compile(r"readonly database|disk I/O error|unable to open", re.IGNORECASE)
@@ -260,10 +250,29 @@ class SqlProvider(BaseProvider):
 
     # meters
 
+    async def _owe_change(self, connection: AsyncConnection, kind: str, key: str) -> None:
+        """Owe each mirror a meter's or a customer's change (in its transaction)."""
+        await owe(connection, kind, [key], self._mirror_names, at=epoch_micros(datetime.now(UTC)))
+
+    async def _check_mirrors_bill(self, aggregation: Aggregation) -> None:
+        """Refuse a meter a mirror could not bill, before the ledger has it. A mirror that
+        cannot say what it bills now (down) is owed the meter, and refuses it later as a
+        dead letter if it must."""
+        for name, mirror in self.forwarder.mirrors.items():
+            try:
+                capabilities = await mirror.load_capabilities()
+            except Exception:  # the mirror is down: the outbox catches it up
+                continue
+            reason = refusal(name, aggregation, capabilities)
+            if reason is not None:
+                raise ValidationError(reason, field="aggregation", value=aggregation.value)
+
     async def create_meter(self, meter: MeterCreate) -> Meter:
+        await self._check_mirrors_bill(meter.aggregation)
         now = epoch_micros(datetime.now(UTC))
+        meter_id = f"mtr_{secrets.token_hex(12)}"
         row = {
-            "id": f"mtr_{secrets.token_hex(12)}",
+            "id": meter_id,
             "event_name": meter.event_name,
             "display_name": meter.display_name or meter.event_name,
             "aggregation": meter.aggregation.value,
@@ -290,7 +299,8 @@ class SqlProvider(BaseProvider):
                 raise ConflictError(
                     f"a meter for event_name={meter.event_name!r} exists already: {existing}"
                 )
-        return _meter(SimpleNamespace(**row))
+            await self._owe_change(connection, "meter", meter_id)
+        return meter_from_row(SimpleNamespace(**row))
 
     async def _meter_row(self, connection: AsyncConnection, meter_id: str) -> Any:
         row = (await connection.execute(sa.select(meters).where(meters.c.id == meter_id))).first()
@@ -300,7 +310,7 @@ class SqlProvider(BaseProvider):
 
     async def fetch_meter(self, meter_id: str) -> Meter:
         async with self._transaction(writes=False) as connection:
-            return _meter(await self._meter_row(connection, meter_id))
+            return meter_from_row(await self._meter_row(connection, meter_id))
 
     async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
         check_limit(limit)
@@ -312,7 +322,7 @@ class SqlProvider(BaseProvider):
             rows = (await connection.execute(statement)).all()
         page = rows[:limit]
         return Page[Meter](
-            items=[_meter(row) for row in page],
+            items=[meter_from_row(row) for row in page],
             next_cursor=encode_cursor(page[-1].seq) if len(rows) > limit else None,
         )
 
@@ -325,7 +335,8 @@ class SqlProvider(BaseProvider):
             await connection.execute(
                 sa.update(meters).where(meters.c.id == meter_id).values(changes)
             )
-            return _meter(await self._meter_row(connection, meter_id))
+            await self._owe_change(connection, "meter", meter_id)
+            return meter_from_row(await self._meter_row(connection, meter_id))
 
     async def delete_meter(self, meter_id: str) -> None:
         """The meter goes; its events stay as ids already seen, counted nowhere."""
@@ -334,6 +345,7 @@ class SqlProvider(BaseProvider):
             deleted = await connection.execute(sa.delete(meters).where(meters.c.id == meter_id))
             if deleted.rowcount == 0:
                 raise NotFoundError(f"no meter with id {meter_id!r}")
+            await self._owe_change(connection, "meter", meter_id)
 
     # usage
 
@@ -414,7 +426,7 @@ class SqlProvider(BaseProvider):
     async def fetch_usage(self, query: UsageQuery) -> Usage:
         async with self._transaction(writes=False) as connection:
             row = await self._meter_row(connection, query.meter_id)
-            meter = _meter(row)
+            meter = meter_from_row(row)
             statement, plan = usage_statement(connection.dialect.name, row.seq, meter, query)
             found = (await connection.execute(statement)).all()
         if len(found) < OFF_LOOP_ROWS:
@@ -434,7 +446,7 @@ class SqlProvider(BaseProvider):
             row = (await connection.execute(sa.select(meters).where(where))).first()
             if row is None:
                 raise NotFoundError(missing)
-            filters = rules.check_filters(_meter(row), query.filters)
+            filters = rules.check_filters(meter_from_row(row), query.filters)
             statement = events_statement(connection.dialect.name, row.seq, query, filters)
             found = (await connection.execute(statement)).all()
         return event_page(found, query.limit)
@@ -508,16 +520,12 @@ class SqlProvider(BaseProvider):
                 .returning(customers.c.id)
             )
             if inserted.first() is not None:
+                await self._owe_change(connection, "customer", customer.id)
                 return created
             existing = (
                 await connection.execute(sa.select(customers).where(customers.c.id == customer.id))
             ).one()
-        if (
-            Customer(
-                id=existing.id, name=existing.name, email=existing.email, metadata=existing.metadata
-            )
-            == created
-        ):
+        if customer_from_row(existing) == created:
             return created
         raise ConflictError(f"customer {customer.id!r} exists already with other fields")
 
@@ -528,6 +536,7 @@ class SqlProvider(BaseProvider):
             )
             if deleted.rowcount == 0:
                 raise NotFoundError(f"no customer with id {customer_id!r}")
+            await self._owe_change(connection, "customer", customer_id)
 
     # mirrors
 
@@ -538,6 +547,100 @@ class SqlProvider(BaseProvider):
     async def forward_mirrors(self) -> None:
         await self.forwarder.run()
 
+    def _mirror(self, mirror: str) -> IMetering:
+        try:
+            return self.forwarder.mirrors[mirror]
+        except KeyError:
+            raise ValidationError(
+                f"mirror={mirror!r} is not one of this store's mirrors "
+                f"({', '.join(self.forwarder.mirrors) or 'none'})",
+                field="mirror",
+                value=mirror,
+            ) from None
+
+    async def link_mirror(self, mirror: str) -> list[MirrorLink]:
+        """Bring every meter and customer of the ledger to `mirror` now (what the ledger
+        held before the mirror was added): each meter found there by its event name and
+        linked, or created; each customer created. A meter the mirror cannot hold is
+        reported refused, with the reason; the mirror failing raises."""
+        provider = self._mirror(mirror)
+        async with self._transaction(writes=False) as connection:
+            meter_ids = list(
+                await connection.scalars(sa.select(meters.c.id).order_by(meters.c.seq))
+            )
+            customer_ids = list(
+                await connection.scalars(sa.select(customers.c.id).order_by(customers.c.id))
+            )
+        links: list[MirrorLink] = []
+        for kind, keys in (("meter", meter_ids), ("customer", customer_ids)):
+            for key in keys:
+                try:
+                    links.append(await self.forwarder.follow(mirror, provider, kind, key))
+                except (Refused, *REFUSALS) as exc:
+                    links.append(
+                        MirrorLink(
+                            mirror=mirror,
+                            kind="meter" if kind == "meter" else "customer",
+                            id=key,
+                            mirror_id=None,
+                            outcome=LinkOutcome.refused,
+                            reason=str(exc),
+                        )
+                    )
+        return links
+
+    async def backfill_mirror(
+        self, mirror: str, *, start: datetime, end: datetime | None = None
+    ) -> int:
+        """Owe `mirror` every event the ledger holds from `start` to `end` (default: now)
+        that is not cancelled and whose meter exists; the number owed. For a mirror added
+        after those events were stored (a migration); the forwarder sends them, and a
+        mirror that has some already answers duplicate for them, within its dedupe window."""
+        provider = self._mirror(mirror)
+        end = end or datetime.now(UTC)
+        if end <= start:
+            raise ValidationError(
+                f"end={end.isoformat()} must be after start={start.isoformat()}",
+                field="end",
+                value=end.isoformat(),
+            )
+        oldest = (await provider.load_capabilities()).max_event_age
+        if oldest is not None and start < datetime.now(UTC) - oldest:
+            raise ValidationError(
+                f"start={start.isoformat()} is older than mirror {mirror!r} accepts "
+                f"(events at most {oldest.days} days old): it would refuse them",
+                field="start",
+                value=start.isoformat(),
+            )
+        now = epoch_micros(datetime.now(UTC))
+        chosen = (
+            sa.select(sa.literal(mirror), sa.literal("usage"), events.c.id, sa.literal(now))
+            .where(
+                events.c.ts >= epoch_micros(start),
+                events.c.ts < epoch_micros(end),
+                events.c.cancelled == sa.false(),
+                events.c.meter_seq.in_(sa.select(meters.c.seq)),
+            )
+            .order_by(events.c.ts, events.c.seq)
+        )
+        statement = sa.insert(outbox).from_select(
+            ["mirror", "kind", "event_id", "created_at"], chosen
+        )
+        async with self._transaction() as connection:
+            return (await connection.execute(statement)).rowcount
+
+    async def retry_mirror_dead_letters(self, mirror: str) -> int:
+        """Owe `mirror` again what it refused (once the cause is fixed: a meter or a
+        customer it lacked); the number of rows. They keep their place in order."""
+        self._mirror(mirror)
+        statement = (
+            sa.update(outbox)
+            .where(outbox.c.mirror == mirror, outbox.c.refused.is_not(None))
+            .values(refused=None, claimed_until=None, attempts=0)
+        )
+        async with self._transaction() as connection:
+            return (await connection.execute(statement)).rowcount
+
     async def reconcile(
         self,
         mirror: str,
@@ -546,24 +649,20 @@ class SqlProvider(BaseProvider):
         end: datetime,
         window: Window = Window.DAY,
         meter_ids: Sequence[str] | None = None,
+        repair: bool = False,
     ) -> ReconcileReport:
-        """Compare each meter, customer and window here with what `mirror` holds."""
-        if mirror not in self.forwarder.mirrors:
-            raise ValidationError(
-                f"mirror={mirror!r} is not one of this store's mirrors "
-                f"({', '.join(self.forwarder.mirrors) or 'none'})",
-                field="mirror",
-                value=mirror,
-            )
+        """Compare each meter, customer and window here with what `mirror` holds; with
+        `repair`, send the mirror each short sum or count cell's difference."""
         return await reconcile(
             self,
             self._transaction,
             mirror,
-            self.forwarder.mirrors[mirror],
+            self._mirror(mirror),
             start=start,
             end=end,
             window=window,
             meter_ids=meter_ids,
+            repair=repair,
         )
 
     async def mirror_status(self) -> list[MirrorStatus]:

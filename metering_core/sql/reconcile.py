@@ -9,31 +9,41 @@ that answers one customer at a time is asked for each customer the ledger has ev
 so usage of a customer the ledger never saw is visible only on mirrors that group by
 customer. Nothing is guessed: a cell either side does
 not answer is 0 for sum and count, and absent for the others.
+
+Repair sends, for each short cell of a sum or count meter, the difference to the mirror as
+correction events whose ids derive from the cell and the ledger's total: a second repair
+of the same drift sends the same ids, which the mirror answers duplicate. An over-count,
+or a cell of another aggregation, is reported and left alone: taking usage away, or
+guessing what a max was, is not a correction a store can prove right.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Collection, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import sqlalchemy as sa
 
+from metering_core.config import MeteringSettings
+from metering_core.delivery import DeliveryPolicy
 from metering_core.epoch import epoch_micros
 from metering_core.errors import UnsupportedOperationError, ValidationError
-from metering_core.interface import IMetering
+from metering_core.interface import Capabilities, IMetering
 from metering_core.models import (
     Aggregation,
     CellStatus,
     Meter,
     ReconcileCell,
     ReconcileReport,
+    UsageEvent,
     UsageQuery,
     Window,
 )
-from metering_core.sql.mirrors import Transaction
-from metering_core.sql.schema import events, outbox
+from metering_core.sql.rows import Transaction
+from metering_core.sql.schema import events, mirror_meters, outbox
 
 __all__ = ["reconcile"]
 
@@ -133,10 +143,19 @@ async def reconcile(
     end: datetime,
     window: Window = Window.DAY,
     meter_ids: Sequence[str] | None = None,
+    repair: bool = False,
 ) -> ReconcileReport:
-    """Compare every (meter, customer, window) of the ledger with `mirror`'s."""
+    """Compare every (meter, customer, window) of the ledger with `mirror`'s; with
+    `repair`, send each short sum or count cell its correction."""
     mine = [m for m in await _meters(ledger) if meter_ids is None or m.id in meter_ids]
-    theirs = {m.event_name: m for m in await _meters(mirror)}
+    found = await _meters(mirror)
+    by_id = {m.id: m for m in found}
+    by_name = {m.event_name: m for m in found}
+    async with transaction(writes=False) as connection:
+        linked = sa.select(mirror_meters.c.meter_id, mirror_meters.c.mirror_meter_id).where(
+            mirror_meters.c.mirror == mirror_name
+        )
+        links = {mine: theirs for mine, theirs in await connection.execute(linked)}
     capabilities = await mirror.load_capabilities()
     owed = await _owed(transaction, mirror_name, {m.event_name for m in mine}, start, end)
     cells: list[ReconcileCell] = []
@@ -146,7 +165,8 @@ async def reconcile(
         # A mirror asked one customer at a time is asked for every customer the ledger
         # has events of in range, cancelled ones too: all cancelled here may be billed there.
         customers = await _customers(transaction, meter.event_name, start, end)
-        counterpart = theirs.get(meter.event_name)
+        link = links.get(meter.id)
+        counterpart = by_id.get(link) if link else by_name.get(meter.event_name)
         comparable = (
             counterpart is not None
             and counterpart.aggregation == meter.aggregation  # else equal is a coincidence
@@ -192,9 +212,73 @@ async def reconcile(
                 )
             )
     drift = {CellStatus.short, CellStatus.over}
-    return ReconcileReport(
-        mirror=mirror_name, ok=not any(c.status in drift for c in cells), cells=cells
-    )
+    ok = not any(c.status in drift for c in cells)
+    if repair and not ok:
+        cells = await _repair(mirror, capabilities, mine, cells)
+    return ReconcileReport(mirror=mirror_name, ok=ok, cells=cells)
+
+
+def _corrections(meter: Meter, cell: ReconcileCell, at: datetime) -> list[UsageEvent]:
+    """The events that bring a short cell up to the ledger's total, with ids derived from
+    the cell and that total (the same drift gives the same ids)."""
+    assert cell.ledger is not None
+    missing = cell.ledger - (cell.mirror or Decimal(0))
+    key = f"{meter.id}|{cell.customer_id}|{cell.start.isoformat()}|{cell.end.isoformat()}"
+    digest = hashlib.sha256(f"{key}|{cell.ledger}".encode()).hexdigest()[:40]
+
+    def correction(suffix: str, value: Decimal) -> UsageEvent:
+        return UsageEvent(
+            id=f"reconcile-{digest}{suffix}",
+            event_name=meter.event_name,
+            customer_id=cell.customer_id,
+            value=value,
+            timestamp=at,
+        )
+
+    if meter.aggregation is Aggregation.SUM:
+        return [correction("", missing)]
+    return [correction(f"-{n}", Decimal(1)) for n in range(int(missing))]
+
+
+async def _repair(
+    mirror: IMetering,
+    capabilities: Capabilities,
+    meters: Sequence[Meter],
+    cells: list[ReconcileCell],
+) -> list[ReconcileCell]:
+    """Send each short sum or count cell its corrections; the cells, those whose
+    corrections the mirror took marked `repaired`. A cell whose window is older than the
+    mirror accepts is left short."""
+    by_id = {meter.id: meter for meter in meters}
+    now = datetime.now(UTC)
+    oldest = None if capabilities.max_event_age is None else now - capabilities.max_event_age
+    sent: dict[int, list[str]] = {}
+    owed: list[UsageEvent] = []
+    for index, cell in enumerate(cells):
+        meter = by_id[cell.meter_id]
+        if cell.status is not CellStatus.short or meter.aggregation not in _ZERO_WHEN_ABSENT:
+            continue
+        at = cell.start if oldest is None else max(cell.start, oldest + timedelta(minutes=5))
+        if at >= cell.end:
+            continue  # the mirror no longer takes events of that window
+        corrections = _corrections(meter, cell, at)
+        sent[index] = [event.id for event in corrections]
+        owed.extend(corrections)
+    if not owed:
+        return cells
+    policy = DeliveryPolicy(mirror, MeteringSettings(), durable=False)
+    taken: set[str] = set()
+    size = capabilities.max_batch_size
+    for first in range(0, len(owed), size):
+        result = await policy.settle(owed[first : first + size])
+        taken.update(result.accepted, result.duplicates)
+    repaired = [
+        cell.model_copy(update={"repaired": True})
+        if index in sent and all(i in taken for i in sent[index])
+        else cell
+        for index, cell in enumerate(cells)
+    ]
+    return repaired
 
 
 def _not_comparable(meter: Meter, ours: dict[Key, tuple[datetime, Decimal]]) -> list[ReconcileCell]:

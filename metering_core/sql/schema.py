@@ -12,11 +12,13 @@ import sqlalchemy as sa
 
 __all__ = [
     "BUCKET",
+    "CHANGES",
     "ROLLED_UP",
     "customers",
     "events",
     "metadata",
     "meters",
+    "mirror_meters",
     "outbox",
     "rollups",
 ]
@@ -106,22 +108,47 @@ customers = sa.Table(
 
 _OWED = sa.text("refused IS NULL")
 
+CHANGES = ("meter", "customer")
+"""Outbox kinds that carry a change of a meter or a customer (the row's `event_id` holds
+its id); "usage" and "cancel" rows carry an event's."""
+
+_CHANGE_OWED = sa.text("refused IS NULL AND kind IN ('meter', 'customer')")
+
 outbox = sa.Table(
     "outbox",
     metadata,
     sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
     sa.Column("mirror", sa.String(100), nullable=False),
-    sa.Column("kind", sa.String(10), nullable=False),  # "usage" or "cancel"
+    sa.Column("kind", sa.String(10), nullable=False),  # usage, cancel, meter, customer
     sa.Column("event_id", sa.String(100), nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("claimed_until", sa.BigInteger),  # a forwarder's lease on the row
     sa.Column("refused", sa.Text),  # the mirror's reason: a mirror dead letter
     sa.Index("outbox_owed", "mirror", "seq", postgresql_where=_OWED, sqlite_where=_OWED),
+    sa.Index(
+        "outbox_changes",
+        "mirror",
+        "seq",
+        postgresql_where=_CHANGE_OWED,
+        sqlite_where=_CHANGE_OWED,
+    ),
     sqlite_autoincrement=True,
 )
 """What each mirror is still owed: a row per stored event (and per cancellation) per
 mirror, written in the transaction that stored it, so the ledger and its outbox never
 disagree; a forwarder leases rows, delivers them and deletes them, or marks them refused
 with the mirror's reason (a dead letter, kept). So the table holds what is owed and the
-dead letters, never the history: it stays as small as the longest outage."""
+dead letters, never the history: it stays as small as the longest outage. A meter's or a
+customer's change is owed the same way, and is delivered before any later row."""
+
+mirror_meters = sa.Table(
+    "mirror_meters",
+    metadata,
+    sa.Column("mirror", sa.String(100), primary_key=True),
+    sa.Column("meter_id", sa.String(100), primary_key=True),
+    sa.Column("mirror_meter_id", sa.String(100), nullable=False),
+    sa.Column("linked_at", sa.BigInteger, nullable=False),
+)
+"""Which meter of each mirror is the ledger's meter there (found by event name, or
+created), so updates and deletions reach that meter, and reconcile compares the two."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -42,9 +41,9 @@ def test_status_and_one_forwarding_pass_from_the_command_line(tmp_path: Path) ->
         assert metering("ingest", str(rows))[0] == 0
         code, shown = metering("mirror", "status", "--format", "json")
         assert code == 0
-        assert [(s["mirror"], s["depth"]) for s in json.loads(shown)] == [("billing", 5)]
+        owed = [(s["mirror"], s["depth"]) for s in json.loads(shown)]
+        assert owed == [("billing", 6)]  # the meter, then 5 events
 
-        asyncio.run(behind.create_meter(event_name="calls"))
         code, said = metering("mirror", "run", "--once", "--timeout", "30")
         assert code == 0, said
         code, shown = metering("mirror", "status", "--format", "json")
@@ -61,6 +60,32 @@ def test_status_and_one_forwarding_pass_from_the_command_line(tmp_path: Path) ->
         assert code == 1
         [cell] = [c for c in json.loads(said)["cells"] if c["status"] != "equal"]
         assert (cell["status"], cell["ledger"], cell["mirror"]) == ("short", "5", "4")
+
+        code, said = metering(
+            "reconcile", "--mirror", "billing", *span, "--window", "month", "--repair"
+        )
+        assert code == 1  # the drift it found
+        assert "repaired 1 cell(s)" in said
+        code, said = metering("reconcile", "--mirror", "billing", *span, "--window", "month")
+        assert code == 0, said  # the mirror agrees again
+
+        code, said = metering("mirror", "link", "--mirror", "billing", "--format", "json")
+        assert code == 0, said
+        assert [(link["kind"], link["outcome"]) for link in json.loads(said)] == [
+            ("meter", "unchanged")
+        ]
+        code, said = metering("mirror", "backfill", "--mirror", "billing", "--from", span[1])
+        assert code == 0
+        assert "5 event(s) owed" in said
+        assert metering("mirror", "run", "--once", "--timeout", "30")[0] == 0
+        code, said = metering("mirror", "retry", "--mirror", "billing")
+        assert code == 0
+        assert "0 dead letter(s)" in said
+        code, said = metering("reconcile", "--mirror", "billing", *span, "--window", "month")
+        assert code == 0, said  # a backfill over what the mirror has changes nothing
+        code, said = metering("mirror", "link", "--mirror", "elsewhere")
+        assert code != 0
+        assert "mirror='elsewhere'" in said
 
 
 def test_a_store_without_mirrors_is_refused_naming_the_setting(tmp_path: Path) -> None:

@@ -163,6 +163,20 @@ def test_cancel_refuses_a_bare_string(provider: RecordingProvider) -> None:
         m.cancel_usage_events("e1")
 
 
+async def test_a_cancel_sees_what_was_ingested_just_before_and_leaves_the_report() -> None:
+    """An event still queued when its cancel arrives was reported not found, then
+    delivered and counted; now the queue goes first, and the next flush still reports it."""
+    async with AsyncMetering("memory", linger=60) as m:
+        await m.create_meter(event_name="calls")
+        sent = UsageEvent(id="e1", event_name="calls", customer_id="acme", timestamp=NOW)
+        await m.ingest_usage_events([sent])
+
+        answer = await m.cancel_usage_events(["e1"])
+
+        assert (answer.cancelled, answer.not_found) == (["e1"], [])
+        assert (await m.flush()).accepted == ["e1"]
+
+
 class _FullRecording(RecordingProvider):
     default_capabilities = RecordingProvider.default_capabilities.model_copy(
         update={

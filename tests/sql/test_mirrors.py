@@ -20,13 +20,17 @@ from metering_core import (
     AsyncMetering,
     CellStatus,
     ConfigurationError,
+    Meter,
+    NotFoundError,
+    ReconcileReport,
     UsageEvent,
+    UsageQuery,
     ValidationError,
 )
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings, mirrors
 from metering_core.sql.provider import SqlProvider
-from metering_core.sql.schema import outbox
+from metering_core.sql.schema import mirror_meters, outbox
 from metering_core.testing.serving import serve_in_thread
 
 pytest.importorskip("metering_http")
@@ -34,7 +38,14 @@ pytest.importorskip("metering_http")
 AT = datetime(2026, 11, 2, 10, tzinfo=UTC)
 KEYS = {
     "admin": {
-        "scopes": ["meters:read", "meters:write", "usage:read", "usage:write", "metrics:read"]
+        "scopes": [
+            "meters:read",
+            "meters:write",
+            "usage:read",
+            "usage:write",
+            "customers:write",
+            "metrics:read",
+        ]
     }
 }
 
@@ -129,24 +140,25 @@ async def test_a_mirror_that_is_down_is_owed_everything_until_it_is_back(
         with pytest.raises(TimeoutError):
             await ledger.flush_mirrors(timeout=1)
         [status] = await ledger.mirror_status()
-        assert (status.depth, status.dead_letters) == (50, 0)  # owed, never dead letters
+        assert (status.depth, status.dead_letters) == (51, 0)  # the meter, 50 events: owed
         assert status.oldest_seconds is not None
 
         behind = AsyncMetering("memory")
         with serve_in_thread(create_app(behind, keys=KEYS), port=port):
-            await behind.create_meter(event_name="calls")
-            [status] = await ledger.flush_mirrors(timeout=30)
+            [status] = await ledger.flush_mirrors(timeout=30)  # the meter first, then usage
             assert (status.depth, status.dead_letters) == (0, 0)
             assert await totals(behind) == await totals(ledger)
             assert mirror_outcomes(down) == {"accepted": 50}
 
 
-async def test_an_event_the_mirror_refuses_becomes_its_dead_letter_with_the_reason(
+async def test_an_event_the_mirror_refuses_becomes_its_dead_letter_until_retried(
     ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
 ) -> None:
     _, behind = mirror_service
-    await behind.create_meter(event_name="calls")  # but no meter for "seats" there
-    await ledger.create_meter(event_name="seats")
+    seats = await ledger.create_meter(event_name="seats")
+    await ledger.flush_mirrors(timeout=30)  # both meters are on the mirror now
+    [theirs] = [m for m in (await behind.fetch_all_meters()).items if m.event_name == "seats"]
+    await behind.delete_meter(theirs.id)  # deleted on the billing side behind our back
     await ledger.ingest_usage_events([event(1), event(2, name="seats"), event(3)])
 
     [status] = await ledger.flush_mirrors(timeout=30)
@@ -156,8 +168,22 @@ async def test_an_event_the_mirror_refuses_becomes_its_dead_letter_with_the_reas
     provider = ledger.provider
     assert isinstance(provider, SqlProvider)
     async with provider._transaction(writes=False) as connection:
-        kept = await connection.scalar(sa.select(sa.func.count()).select_from(outbox))
-    assert kept == 1  # delivered rows are gone: the outbox holds only the dead letter
+        kept = (await connection.execute(sa.select(outbox.c.event_id, outbox.c.refused))).all()
+    assert len(kept) == 1  # delivered rows are gone: the outbox holds only the dead letter
+    assert kept[0][0] == "e2"
+    assert "seats" in kept[0][1]
+
+    await behind.create_meter(event_name="seats")  # the cause fixed
+    assert await ledger.retry_mirror_dead_letters("billing") == 1
+    [status] = await ledger.flush_mirrors(timeout=30)
+    assert (status.depth, status.dead_letters) == (0, 0)
+    usage = await behind.fetch_usage(
+        next(m.id for m in (await behind.fetch_all_meters()).items if m.event_name == "seats"),
+        start=AT,
+        end=AT + timedelta(days=1),
+    )
+    assert sum(row.value for row in usage.rows) == event(2).value
+    assert seats.event_name == "seats"
 
 
 async def test_rows_sent_by_a_forwarder_killed_before_marking_them_count_once(
@@ -171,6 +197,7 @@ async def test_rows_sent_by_a_forwarder_killed_before_marking_them_count_once(
     await ledger.flush()
     provider = ledger.provider
     assert isinstance(provider, SqlProvider)
+    assert await provider.forwarder.forward("billing") == 1  # the meter goes first
     monkeypatch.setattr(mirrors, "LEASE", 0.2)
     real_settle = mirrors.Forwarder._settle
 
@@ -335,9 +362,10 @@ async def test_a_pass_that_outlasts_its_lease_releases_its_rows_unmarked(
     async def hanging(*args: Any, **kwargs: Any) -> Any:
         await asyncio.sleep(3600)
 
+    assert await provider.forwarder.forward("billing") == 1  # the meter goes first
     monkeypatch.setattr(mirrors, "LEASE", 0.3)
     monkeypatch.setattr(mirror, "ingest_usage_events", hanging)
-    assert await asyncio.wait_for(provider.forwarder.forward("billing"), 5) == 10
+    assert await asyncio.wait_for(provider.forwarder.forward("billing"), 5) == 0  # none settled
     [status] = await ledger.mirror_status()
     assert (status.depth, status.dead_letters) == (10, 0)
 
@@ -366,7 +394,7 @@ def test_the_service_shows_the_outbox_at_get_mirrors_and_in_its_metrics(sqlite_u
 
         shown = httpx.get(f"{url}/mirrors", headers=admin).json()
         assert [(s["mirror"], s["provider"], s["depth"], s["dead_letters"]) for s in shown] == [
-            ("billing", "http", 7, 0)
+            ("billing", "http", 8, 0)  # the meter and 7 events
         ]
         page = httpx.get(f"{url}/metrics", headers=admin).text
         gauges = {
@@ -375,8 +403,176 @@ def test_the_service_shows_the_outbox_at_get_mirrors_and_in_its_metrics(sqlite_u
             for sample in family.samples
             if sample.name.startswith("metering_mirror_")
         }
-        assert gauges[("metering_mirror_outbox_depth", "billing")] == 7
+        assert gauges[("metering_mirror_outbox_depth", "billing")] == 8
         assert gauges[("metering_mirror_dead_letters", "billing")] == 0
         assert gauges[("metering_mirror_oldest_seconds", "billing")] >= 0
         refused = httpx.get(f"{url}/mirrors", headers={"Authorization": "Bearer writer"})
         assert refused.status_code == 403
+
+
+async def their_meters(behind: AsyncMetering) -> dict[str, Meter]:
+    return {m.event_name: m for m in (await behind.fetch_all_meters()).items}
+
+
+async def test_meters_and_customers_follow_the_ledger_to_the_mirror(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    _, behind = mirror_service
+    seats = await ledger.create_meter(
+        event_name="seats", display_name="Seats", aggregation="max", dimensions=["region"]
+    )
+    await ledger.create_customer(id="acme", name="Acme")
+    await ledger.flush_mirrors(timeout=30)
+
+    there = await their_meters(behind)
+    assert sorted(there) == ["calls", "seats"]
+    assert (there["seats"].display_name, there["seats"].aggregation) == ("Seats", "max")
+    assert there["seats"].dimensions == ["region"]  # the mirror keeps dimensions
+    assert (await behind.create_customer(id="acme", name="Acme")).name == "Acme"  # it has it
+
+    await ledger.update_meter(seats.id, display_name="Seats in use")
+    await ledger.flush_mirrors(timeout=30)
+    assert (await their_meters(behind))["seats"].display_name == "Seats in use"
+
+    await ledger.delete_meter(seats.id)
+    await ledger.delete_customer("acme")
+    [status] = await ledger.flush_mirrors(timeout=30)
+    assert (status.depth, status.dead_letters) == (0, 0)
+    assert sorted(await their_meters(behind)) == ["calls"]
+    with pytest.raises(NotFoundError):
+        await behind.delete_customer("acme")
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    async with provider._transaction(writes=False) as connection:
+        links = (await connection.execute(sa.select(mirror_meters))).all()
+    calls = next(m for m in (await ledger.fetch_all_meters()).items if m.event_name == "calls")
+    assert [(row.mirror, row.meter_id) for row in links] == [("billing", calls.id)]
+    assert links[0].mirror_meter_id == (await their_meters(behind))["calls"].id
+
+
+async def test_a_meter_the_mirror_has_under_another_aggregation_is_a_dead_letter(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    _, behind = mirror_service
+    await behind.create_meter(event_name="calls", aggregation="count")
+    [status] = await ledger.flush_mirrors(timeout=30)
+    assert (status.depth, status.dead_letters) == (0, 1)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    async with provider._transaction(writes=False) as connection:
+        [(kind, reason)] = await connection.execute(sa.select(outbox.c.kind, outbox.c.refused))
+    assert kind == "meter"
+    assert "aggregating 'count'" in reason
+    assert "not 'sum'" in reason
+
+
+async def test_link_and_backfill_bring_a_mirror_added_later_up_to_the_ledger(
+    ledger_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    url, behind = mirror_service
+    day = timedelta(days=1)
+    async with AsyncMetering("sql", url=ledger_url, linger=0) as alone:  # no mirror yet
+        await alone.create_meter(event_name="calls")
+        await alone.create_meter(event_name="peak", aggregation="max")
+        for tenant in ("t0", "t1"):
+            await alone.create_customer(id=tenant)
+        stored = [
+            event(n, customer=f"t{n % 2}", name=("calls", "peak")[n // 2 % 2]).model_copy(
+                update={"timestamp": AT + day * (n % 3)}
+            )
+            for n in range(90)
+        ]
+        await alone.ingest_usage_events(stored)
+        await alone.cancel_usage_events(["e1", "e2"])
+    await behind.create_meter(event_name="calls")  # the mirror had one of them already
+
+    async with AsyncMetering("sql", url=ledger_url, mirrors=billing(url), linger=0) as ledger:
+        links = await ledger.link_mirror("billing")
+        assert sorted((link.kind, link.outcome.value) for link in links) == [
+            ("customer", "created"),
+            ("customer", "created"),
+            ("meter", "created"),  # peak
+            ("meter", "linked"),  # calls, found by its event name
+        ]
+        span = {"start": AT, "end": AT + 3 * day}
+        before = await ledger.reconcile("billing", **span)
+        assert not before.ok  # the mirror has none of the history
+
+        assert await ledger.backfill_mirror("billing", start=AT) == 88  # all but cancelled
+        [status] = await ledger.flush_mirrors(timeout=30)
+        assert (status.depth, status.dead_letters) == (0, 0)
+        after = await ledger.reconcile("billing", **span)
+        assert after.ok
+        assert {c.status for c in after.cells} == {CellStatus.equal}
+        assert len(after.cells) == 2 * 2 * 3  # 2 meters x 2 customers x 3 days
+
+        assert await ledger.backfill_mirror("billing", start=AT) == 88  # run again by mistake
+        await ledger.flush_mirrors(timeout=30)
+        assert mirror_outcomes(url) == {"accepted": 88, "duplicate": 88}  # nothing twice
+        assert (await ledger.reconcile("billing", **span)).ok
+        with pytest.raises(ValidationError, match="end="):
+            await ledger.backfill_mirror("billing", start=AT, end=AT)
+
+
+async def test_repair_sends_each_short_cell_its_difference_once(
+    ledger: AsyncMetering,
+    mirror_service: tuple[str, AsyncMetering],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, _behind = mirror_service
+    await ledger.create_meter(event_name="logins", aggregation="count")
+    await ledger.create_meter(event_name="peak", aggregation="max")
+    sent = [
+        event(n, customer=f"t{n % 2}", name=("calls", "logins", "peak")[n % 3]) for n in range(60)
+    ]
+    await ledger.ingest_usage_events(sent)
+    await ledger.flush_mirrors(timeout=30)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    await mirror.cancel_usage_events(["e0", "e1", "e4", "e2"])  # lost: calls, 2 logins, peak
+    await mirror.ingest_usage_events([event(100, customer="t1")])  # and one too many
+    span = {"start": AT, "end": AT + timedelta(days=1)}
+    accepted_before = mirror_outcomes(url)["accepted"]
+
+    # A mirror slow to show what it took (Stripe takes minutes): the second repair sees
+    # the numbers from before the first, and sends the same corrections again.
+    answers: dict[str, Any] = {}
+    asking = mirror.fetch_usage
+
+    async def slow(query: UsageQuery) -> Any:
+        key = query.model_dump_json()
+        answers.setdefault(key, await asking(query))
+        return answers[key]
+
+    monkeypatch.setattr(mirror, "fetch_usage", slow)
+    first = await ledger.reconcile("billing", **span, repair=True)
+    second = await ledger.reconcile("billing", **span, repair=True)
+    monkeypatch.setattr(mirror, "fetch_usage", asking)
+
+    def repaired(report: ReconcileReport) -> set[tuple[str, str, CellStatus]]:
+        return {(c.event_name, c.customer_id, c.status) for c in report.cells if c.repaired}
+
+    assert not first.ok
+    assert (
+        repaired(first)
+        == repaired(second)
+        == {
+            ("calls", "t0", CellStatus.short),
+            ("logins", "t1", CellStatus.short),
+            ("logins", "t0", CellStatus.short),
+        }
+    )  # not peak (a max is not summed up), not the over-count
+    outcomes = mirror_outcomes(url)
+    assert outcomes["accepted"] - accepted_before == 1 + 2  # one sum, two counted events
+    assert outcomes["duplicate"] == 3  # the second repair's, the same ids
+
+    final = await ledger.reconcile("billing", **span)
+    left = {(c.event_name, c.customer_id, c.status) for c in final.cells}
+    assert ("calls", "t1", CellStatus.over) in left
+    assert ("peak", "t0", CellStatus.short) in left or ("peak", "t0", CellStatus.equal) in left
+    assert {(name, status) for name, _, status in left if name != "peak"} == {
+        ("calls", CellStatus.equal),
+        ("calls", CellStatus.over),
+        ("logins", CellStatus.equal),
+    }
