@@ -582,6 +582,11 @@ class MirrorStatus(_Model):
     """Age of the oldest of them; None when none waits."""
     dead_letters: int
     """Rows the mirror refused for good (each keeps the mirror's reason)."""
+    delivered: int = 0
+    """Rows this process's forwarder delivered since it started (a counter: the other
+    fields are the store's, shared by every process)."""
+    refused: int = 0
+    """Rows the mirror refused to this process's forwarder since it started."""
 
 
 class LinkOutcome(StrEnum):

@@ -43,6 +43,7 @@ __all__ = [
     "average",
     "cancel_verdicts",
     "cancellable",
+    "cancelled_before",
     "canonical",
     "check_filters",
     "ingest_verdicts",
@@ -156,8 +157,17 @@ def cancel_verdicts(
             answered.add(event_id)
             result.cancelled.append(event_id)
         else:
-            result.rejected[event_id] = f"event {event_id!r} is already cancelled"
+            result.rejected[event_id] = f"event {event_id!r}{_CANCELLED_BEFORE}"
     return result
+
+
+_CANCELLED_BEFORE = " is already cancelled"
+
+
+def cancelled_before(reason: str) -> bool:
+    """Whether a cancel's refusal says the event was cancelled before (by this library's
+    providers, and through the REST service): a cancel asked again is then done."""
+    return reason.endswith(_CANCELLED_BEFORE)
 
 
 # usage queries

@@ -61,12 +61,13 @@ class _PipelineCollector(Collector):
 
 
 class _MirrorCollector(Collector):
-    """Each mirror's outbox depth, oldest undelivered age and dead letters."""
+    """Each mirror's outbox depth, oldest undelivered age and dead letters (the store's),
+    and the rows this process delivered to it and had refused (counters)."""
 
     def __init__(self) -> None:
         self.statuses: list[MirrorStatus] = []
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         if not self.statuses:
             return
         families = (
@@ -84,6 +85,15 @@ class _MirrorCollector(Collector):
                 value = getattr(status, field)
                 family.add_metric([status.mirror, status.provider], value or 0)
             yield family
+        counters = (
+            ("metering_mirror_delivered", "Rows this process delivered to the mirror", "delivered"),
+            ("metering_mirror_refused", "Rows the mirror refused to this process", "refused"),
+        )
+        for name, documentation, field in counters:
+            counted = CounterMetricFamily(name, documentation, labels=["mirror", "provider"])
+            for status in self.statuses:
+                counted.add_metric([status.mirror, status.provider], getattr(status, field))
+            yield counted
 
 
 class ServiceMetrics:

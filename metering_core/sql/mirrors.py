@@ -13,6 +13,7 @@ rows are sent again, and the mirror, which dedupes by id, answers duplicate.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -22,7 +23,9 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
+from opentelemetry import metrics
 
+from metering_core import rules
 from metering_core.config import MeteringSettings, resolve_provider_settings
 from metering_core.delivery import GAVE_UP, DeliveryPolicy
 from metering_core.epoch import epoch_micros, from_epoch_micros
@@ -49,6 +52,12 @@ __all__ = ["IDLE", "LEASE", "PASSES", "Forwarder", "build_mirrors"]
 
 logger = logging.getLogger("metering")
 
+_rows = metrics.get_meter("metering_core").create_counter(
+    "metering.mirror.rows",
+    unit="{row}",
+    description="Outbox rows settled with a mirror, by outcome (delivered, refused)",
+)
+
 IDLE = 1.0
 """Seconds a running forwarder rests when nothing is owed."""
 
@@ -56,8 +65,8 @@ PASSES = 4
 """Passes a forwarder runs at once per mirror."""
 
 LEASE = 120.0
-"""Seconds a forwarder holds the rows it took; past it (a forwarder killed mid-batch)
-another takes them again."""
+"""Seconds a forwarder holds the rows it took, unless configured; past it (a forwarder
+killed mid-batch) another takes them again."""
 
 
 REFUSALS = (ValidationError, ConflictError, NotFoundError, UnsupportedOperationError)
@@ -130,11 +139,16 @@ class Forwarder:
         transaction: Transaction,
         mirrors: Mapping[str, IMetering],
         settings: MeteringSettings | None = None,
+        *,
+        lease: float = LEASE,
     ) -> None:
         self._transaction = transaction
+        self.lease = lease
+        """Seconds a pass holds the rows it took (`SqlSettings.mirror_lease`)."""
         self.mirrors = dict(mirrors)
         self._settings = settings or MeteringSettings()
         self._down: set[str] = set()
+        self._counts = {name: collections.Counter[str]() for name in self.mirrors}
 
     async def forward(self, mirror: str, *, limit: int | None = None) -> int:
         """Lease up to a batch of `mirror`'s oldest rows, deliver them and mark each;
@@ -152,7 +166,7 @@ class Forwarder:
             self._down.discard(mirror)
             logger.warning("mirror %r is reachable again; forwarding what it is owed", mirror)
         now = _now()
-        lease = LEASE  # read at each pass (tests shorten it)
+        lease = self.lease
         until = now + int(lease * 1e6)
         parameters = {"mirror": mirror, "now": now, "until": until, "limit": size}
         async with self._transaction() as connection:
@@ -183,6 +197,10 @@ class Forwarder:
         settled = {*delivered, *refused}
         retry = [row.seq for row in leased if row.seq not in settled]
         await self._settle(until, delivered, refused, retry)
+        for outcome, rows in (("delivered", delivered), ("refused", refused)):
+            if rows:
+                self._counts[mirror][outcome] += len(rows)
+                _rows.add(len(rows), {"mirror": mirror, "outcome": outcome})
         return len(settled)
 
     async def _send_changes(
@@ -238,21 +256,41 @@ class Forwarder:
     async def _send_cancels(
         self, mirror: str, provider: IMetering, owed: Mapping[str, int]
     ) -> tuple[list[int], dict[int, str]]:
-        """Cancel on the mirror; the rows done and those refused. An id the mirror does
-        not know is done once its event has reached the mirror (nothing is left to
-        cancel), and is tried again while the event is still owed to it; so is every
-        row when the mirror fails."""
+        """Cancel on the mirror, naming each event's event name (Stripe cannot cancel
+        without it once the process that sent the event is gone); the rows done and
+        those refused. An id the mirror had cancelled already (an answer lost, then
+        asked again) is done. An id the mirror does not know is done once its event has
+        reached the mirror (nothing is left to cancel), and is tried again while the
+        event is still owed to it; so is every row when the mirror fails."""
         if not owed:
             return [], {}
-        try:
-            answer = await provider.cancel_usage_events(list(owed))
-        except UnsupportedOperationError as exc:
-            return [], {seq: str(exc) for seq in owed.values()}
-        except Exception:
-            return [], {}
-        waiting = await self._still_owed(mirror, answer.not_found)
-        refused = {owed[i]: reason for i, reason in answer.rejected.items() if i in owed}
-        done = [seq for i, seq in owed.items() if i not in waiting and seq not in refused]
+        async with self._transaction(writes=False) as connection:
+            names = {
+                row[0]: row[1]
+                for row in await connection.execute(
+                    sa.select(events.c.id, events.c.event_name).where(events.c.id.in_(list(owed)))
+                )
+            }
+        by_name: dict[str, list[str]] = {}
+        for event_id in owed:
+            by_name.setdefault(names.get(event_id, ""), []).append(event_id)
+        done: list[int] = []
+        refused: dict[int, str] = {}
+        for name, ids in by_name.items():
+            try:
+                answer = await provider.cancel_usage_events(ids, event_name=name or None)
+            except UnsupportedOperationError as exc:
+                refused.update({owed[i]: str(exc) for i in ids})
+                continue
+            except Exception:
+                continue  # the mirror failing: these rows wait
+            waiting = await self._still_owed(mirror, answer.not_found)
+            for event_id in ids:
+                reason = answer.rejected.get(event_id)
+                if reason is not None and not rules.cancelled_before(reason):
+                    refused[owed[event_id]] = reason
+                elif event_id not in waiting:
+                    done.append(owed[event_id])
         return done, refused
 
     async def _events(self, ids: Sequence[str]) -> dict[str, UsageEvent]:
@@ -369,6 +407,8 @@ class Forwarder:
                     depth=depth,
                     oldest_seconds=None if oldest is None else max(0.0, now - oldest / 1e6),
                     dead_letters=dead,
+                    delivered=self._counts[name]["delivered"],
+                    refused=self._counts[name]["refused"],
                 )
             )
         return statuses

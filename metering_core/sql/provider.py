@@ -118,7 +118,9 @@ class SqlProvider(BaseProvider):
         self._engine: AsyncEngine | None = None
         self._meter_copy = MeterCopy()
         self._mirror_names = tuple(settings.mirrors)
-        self.forwarder = Forwarder(self._transaction, build_mirrors(settings.mirrors))
+        self.forwarder = Forwarder(
+            self._transaction, build_mirrors(settings.mirrors), lease=settings.mirror_lease
+        )
         """Delivers what the outbox owes the mirrors (`metering mirror run`, the service)."""
         # SQLite has one writer at a time; PostgreSQL overlaps a few transactions
         self._group_commit = GroupCommit(

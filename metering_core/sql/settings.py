@@ -54,6 +54,9 @@ class SqlSettings(ProviderSettings):
     the call fails as retryable (503 at the service) instead of hanging."""
     pool_timeout: float = Field(default=5.0, gt=0)
     """Seconds to wait for a free pooled connection while all are busy."""
+    mirror_lease: float = Field(default=120.0, gt=0)
+    """Seconds a forwarder holds the outbox rows it took; past it (a forwarder killed
+    mid-batch) another takes them again. Longer than a batch's delivery with retries."""
     mirrors: dict[Annotated[str, Field(pattern=SLUG_PATTERN)], dict[str, Any]] = Field(
         default_factory=dict,
         json_schema_extra={"secret": True},  # options hold secrets: never shown in errors

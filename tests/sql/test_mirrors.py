@@ -124,6 +124,8 @@ async def test_every_stored_event_and_cancellation_reaches_the_mirror_once(
     assert [(s.mirror, s.depth, s.dead_letters) for s in statuses] == [("billing", 0, 0)]
     assert await totals(behind) == await totals(ledger)
     assert mirror_outcomes(url) == {"accepted": 300}  # each once: nothing sent twice
+    [status] = statuses
+    assert (status.delivered, status.refused) == (1 + 300 + 2, 0)  # the meter, events, cancels
 
 
 async def test_a_mirror_that_is_down_is_owed_everything_until_it_is_back(
@@ -164,6 +166,7 @@ async def test_an_event_the_mirror_refuses_becomes_its_dead_letter_until_retried
     [status] = await ledger.flush_mirrors(timeout=30)
 
     assert (status.depth, status.dead_letters) == (0, 1)
+    assert status.refused == 1
     assert await totals(behind) == await totals(ledger)
     provider = ledger.provider
     assert isinstance(provider, SqlProvider)
@@ -198,7 +201,7 @@ async def test_rows_sent_by_a_forwarder_killed_before_marking_them_count_once(
     provider = ledger.provider
     assert isinstance(provider, SqlProvider)
     assert await provider.forwarder.forward("billing") == 1  # the meter goes first
-    monkeypatch.setattr(mirrors, "LEASE", 0.2)
+    monkeypatch.setattr(provider.forwarder, "lease", 0.2)
     real_settle = mirrors.Forwarder._settle
 
     async def killed(*args: Any, **kwargs: Any) -> None:
@@ -363,7 +366,7 @@ async def test_a_pass_that_outlasts_its_lease_releases_its_rows_unmarked(
         await asyncio.sleep(3600)
 
     assert await provider.forwarder.forward("billing") == 1  # the meter goes first
-    monkeypatch.setattr(mirrors, "LEASE", 0.3)
+    monkeypatch.setattr(provider.forwarder, "lease", 0.3)
     monkeypatch.setattr(mirror, "ingest_usage_events", hanging)
     assert await asyncio.wait_for(provider.forwarder.forward("billing"), 5) == 0  # none settled
     [status] = await ledger.mirror_status()
@@ -406,6 +409,8 @@ def test_the_service_shows_the_outbox_at_get_mirrors_and_in_its_metrics(sqlite_u
         assert gauges[("metering_mirror_outbox_depth", "billing")] == 8
         assert gauges[("metering_mirror_dead_letters", "billing")] == 0
         assert gauges[("metering_mirror_oldest_seconds", "billing")] >= 0
+        assert gauges[("metering_mirror_delivered_total", "billing")] == 0  # it is down
+        assert gauges[("metering_mirror_refused_total", "billing")] == 0
         refused = httpx.get(f"{url}/mirrors", headers={"Authorization": "Bearer writer"})
         assert refused.status_code == 403
 

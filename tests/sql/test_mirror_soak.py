@@ -1,0 +1,214 @@
+"""The ledger's promise under a hostile mirror: it fails 30 % of the requests (half before
+storing what it was sent, half after, the answer lost), goes down for 20 s, and the
+forwarder (`metering mirror run`, a process of its own) is killed with SIGKILL three
+times just after the mirror stored one of its batches, while usage keeps arriving.
+Afterwards reconcile finds no drift, and the mirror took every event exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from metering_core import AsyncMetering, CellStatus, Metering, UsageEvent
+from metering_core.server import create_app
+from metering_core.testing.serving import serve_in_thread
+
+from .test_mirrors import KEYS, billing, mirror_outcomes
+
+pytest.importorskip("metering_http")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+AT = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+ROUNDS, PER_ROUND = 30, 100
+KILLS_AT = (4, 11, 19)  # the mirror's ingest requests from which the forwarder dies
+OUTAGE = 20.0
+
+
+class Chaos:
+    """In front of the mirror's service: fails a share of the writes, goes down when told,
+    and kills the forwarder just after the mirror stored the batch of chosen requests."""
+
+    def __init__(self, app: Any, kill: Callable[[], None]) -> None:
+        self.app = app
+        self.kill = kill
+        self.random = random.Random(20)
+        self.down = False
+        self.ingests = 0
+        self.kills = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        writes = scope["type"] == "http" and scope["method"] in ("POST", "PUT", "DELETE")
+        if not writes:
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/usage" and scope["method"] == "POST":
+            self.ingests += 1
+            due = self.kills < len(KILLS_AT) and self.ingests >= KILLS_AT[self.kills]
+            if due and not self.down:
+                await self._answer_lost(scope, receive)
+                self.kills += 1
+                self.kill()
+                await _fail(send, 502)
+                return
+        roll = self.random.random()
+        if self.down or roll < 0.15:
+            await _fail(send, 503)
+        elif roll < 0.30:
+            await self._answer_lost(scope, receive)
+            await _fail(send, 502)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _answer_lost(self, scope: Scope, receive: Receive) -> None:
+        """The mirror does the work; its answer never reaches the forwarder."""
+
+        async def dropped(message: MutableMapping[str, Any]) -> None:
+            return None
+
+        await self.app(scope, receive, dropped)
+
+
+async def _fail(send: Send, status: int) -> None:
+    body = json.dumps({"error": "chaos", "message": "injected failure"}).encode()
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Forwarder:
+    """`metering mirror run` over the ledger, restarted whenever it dies."""
+
+    def __init__(self, ledger_url: str, mirror_url: str, tmp_path: Path) -> None:
+        self.env = {
+            **os.environ,
+            "METERING_PROVIDER": "sql",
+            "METERING_SQL_URL": ledger_url,
+            "METERING_SQL_MIRRORS": json.dumps(billing(mirror_url)),
+            "METERING_SQL_MIRROR_LEASE": "2",
+            "METERING_MAX_ATTEMPTS": "3",
+        }
+        self.log = (tmp_path / "forwarder.log").open("ab")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.stopping = False
+        self.thread = threading.Thread(target=self._supervise, daemon=True)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "metering_core.cli", "mirror", "run"],
+            env=self.env,
+            stdout=self.log,
+            stderr=self.log,
+        )
+        self.starts += 1
+
+    def kill(self) -> None:
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGKILL)
+
+    def _supervise(self) -> None:
+        while not self.stopping:
+            if self.process is not None and self.process.poll() is not None:
+                self.start()
+            time.sleep(0.1)
+
+    def __enter__(self) -> Forwarder:
+        self.start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping = True
+        self.thread.join()
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.log.close()
+
+
+def usage(round_: int) -> list[UsageEvent]:
+    return [
+        UsageEvent(
+            id=f"r{round_}-{n}",
+            event_name="calls",
+            customer_id=f"t{n % 5}",
+            value=Decimal(n % 7 + 1),
+            timestamp=AT + timedelta(seconds=(round_ * PER_ROUND + n) / 10),  # within the hour
+        )
+        for n in range(PER_ROUND)
+    ]
+
+
+@pytest.fixture(params=["sqlite_url", "postgres_url"])
+def ledger_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(request.param)
+    return url
+
+
+def test_no_drift_after_failures_an_outage_and_three_kills(ledger_url: str, tmp_path: Path) -> None:
+    behind = AsyncMetering("memory")
+    forwarder: Forwarder | None = None
+
+    def kill() -> None:
+        assert forwarder is not None
+        forwarder.kill()
+
+    chaos = Chaos(create_app(behind, keys=KEYS), kill)
+    with serve_in_thread(chaos) as mirror_url:
+        with (
+            Metering("sql", url=ledger_url, mirrors=billing(mirror_url), linger=0) as ledger,
+            Forwarder(ledger_url, mirror_url, tmp_path) as forwarder,
+        ):
+            ledger.create_meter(event_name="calls")  # the mirror's meter follows, through chaos
+            for tenant in range(5):
+                ledger.create_customer(id=f"t{tenant}")
+            rounds = 0
+            outage: threading.Timer | None = None
+            while rounds < ROUNDS or chaos.kills < len(KILLS_AT):  # usage keeps arriving
+                assert rounds < 10 * ROUNDS, (chaos.ingests, chaos.kills, forwarder.starts)
+                round_, rounds = rounds, rounds + 1
+                sent = usage(round_)
+                ledger.ingest_usage_events([*sent, *sent[:10]])  # some sent twice
+                ledger.cancel_usage_events([f"r{round_}-0"])
+                if chaos.kills == 2 and outage is None:  # and then the mirror goes away
+                    chaos.down = True
+                    outage = threading.Timer(OUTAGE, lambda: setattr(chaos, "down", False))
+                    outage.start()
+                time.sleep(0.3)
+            deadline = time.monotonic() + OUTAGE + 90
+            while chaos.kills < len(KILLS_AT) or chaos.down or ledger.mirror_status()[0].depth:
+                assert time.monotonic() < deadline, (chaos.kills, ledger.mirror_status())
+                time.sleep(0.5)
+
+            [status] = ledger.mirror_status()
+            report = ledger.reconcile("billing", start=AT, end=AT + timedelta(hours=1))
+
+        assert forwarder.starts == 1 + len(KILLS_AT)
+        assert (status.depth, status.dead_letters) == (0, 0)
+        assert report.ok
+        assert outage is not None
+        assert {cell.status for cell in report.cells} == {CellStatus.equal}
+        assert len(report.cells) == 5  # five customers, one window each
+        stored = rounds * PER_ROUND
+        assert sum(cell.mirror or 0 for cell in report.cells) == sum(
+            event.value for round_ in range(rounds) for event in usage(round_)[1:]
+        )
+        assert mirror_outcomes(mirror_url)["accepted"] == stored  # each event taken once
+        assert httpx.get(f"{mirror_url}/health").status_code == 200
