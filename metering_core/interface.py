@@ -92,6 +92,9 @@ class Capabilities(BaseModel):
     """The oldest event timestamp accepted, as an age; `None` means no limit."""
     max_future_skew: timedelta | None = None
     """How far ahead of now an event timestamp may be; `None` means no limit."""
+    dedupe_window: timedelta | None = None
+    """How long the provider remembers an event id, to answer duplicate when it comes
+    again; `None` means always. Past it, an id sent again counts again (Stripe: 24 h)."""
     cancel_window: timedelta | None = None
     """How long after delivery an event can still be cancelled; `None` means always."""
     refuses_lowering: bool = False

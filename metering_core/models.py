@@ -624,7 +624,11 @@ class CellStatus(StrEnum):
     over = "over"
     """The mirror holds more than the ledger: it would invoice too much."""
     pending = "pending"
-    """They differ, and the ledger still owes the mirror events of this cell."""
+    """They differ, and the ledger still owes the mirror events of this cell (or a repair
+    was sent to it within the last hour, which the mirror may not show yet)."""
+    refused = "refused"
+    """They differ, and the mirror refused events of this cell (its dead letters): fix the
+    cause, then `metering mirror retry`; never repaired (the retry would count twice)."""
     not_comparable = "not_comparable"
     """The mirror cannot answer this query (its windows, aggregations or meters)."""
 
@@ -645,8 +649,8 @@ class ReconcileCell(_Model):
 
 
 class ReconcileReport(_Model):
-    """Whether a mirror holds what the ledger holds: `ok` when no cell is short or over
-    (pending and not comparable cells are listed, and are not drift)."""
+    """Whether a mirror holds what the ledger holds: `ok` when no cell is short, over or
+    refused (pending and not comparable cells are listed, and are not drift)."""
 
     mirror: str
     ok: bool

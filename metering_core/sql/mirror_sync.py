@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 import sqlalchemy as sa
 
@@ -81,26 +82,49 @@ async def _named(mirror: IMetering, event_name: str) -> Meter | None:
 
 
 def _created(meter: Meter, capabilities: Capabilities) -> MeterCreate:
+    """The meter as the mirror can keep it: its dimensions and description only where
+    the mirror keeps them (Stripe keeps neither; it bills the meter's totals)."""
+    keeps = capabilities.updatable_meter_fields
     return MeterCreate(
         event_name=meter.event_name,
         display_name=meter.display_name,
         aggregation=meter.aggregation,
         dimensions=list(meter.dimensions) if capabilities.dimensions else [],
-        description=meter.description,
+        description=meter.description if "description" in keeps else None,
         unique_dimension=meter.unique_dimension,
     )
 
 
-async def _link(transaction: Transaction, name: str, meter_id: str, theirs: str | None) -> None:
+class _Link(NamedTuple):
+    theirs: str
+    created: bool
+    """The ledger created the mirror's meter (else it found it there, and leaves it be
+    when its own goes: other writers may still use it)."""
+
+
+async def _linked(transaction: Transaction, name: str, meter_id: str) -> _Link | None:
+    async with transaction(writes=False) as connection:
+        row = (
+            await connection.execute(
+                sa.select(mirror_meters.c.mirror_meter_id, mirror_meters.c.created).where(
+                    mirror_meters.c.mirror == name, mirror_meters.c.meter_id == meter_id
+                )
+            )
+        ).first()
+    return None if row is None else _Link(row[0], bool(row[1]))
+
+
+async def _link(transaction: Transaction, name: str, meter_id: str, link: _Link | None) -> None:
     async with transaction() as connection:
         mine = (mirror_meters.c.mirror == name) & (mirror_meters.c.meter_id == meter_id)
         await connection.execute(sa.delete(mirror_meters).where(mine))
-        if theirs is not None:
+        if link is not None:
             await connection.execute(
                 sa.insert(mirror_meters).values(
                     mirror=name,
                     meter_id=meter_id,
-                    mirror_meter_id=theirs,
+                    mirror_meter_id=link.theirs,
+                    created=link.created,
                     linked_at=int(time.time() * 1e6),
                 )
             )
@@ -110,14 +134,10 @@ async def sync_meter(
     transaction: Transaction, name: str, mirror: IMetering, meter_id: str, ledger: Meter | None
 ) -> MirrorLink:
     """Make `mirror`'s counterpart of the ledger meter `meter_id` match `ledger` (None: the
-    meter is gone from the ledger). `Refused` when the mirror cannot hold it; any other
-    failure is the mirror failing, to try again."""
-    async with transaction(writes=False) as connection:
-        linked = await connection.scalar(
-            sa.select(mirror_meters.c.mirror_meter_id).where(
-                mirror_meters.c.mirror == name, mirror_meters.c.meter_id == meter_id
-            )
-        )
+    meter is gone from the ledger; the mirror's goes too if the ledger created it).
+    `Refused` when the mirror cannot hold it; any other failure is the mirror failing,
+    to try again."""
+    linked = await _linked(transaction, name, meter_id)
 
     def done(outcome: LinkOutcome, theirs: str | None) -> MirrorLink:
         return MirrorLink(mirror=name, kind="meter", id=meter_id, mirror_id=theirs, outcome=outcome)
@@ -125,10 +145,11 @@ async def sync_meter(
     if ledger is None:
         if linked is None:
             return done(LinkOutcome.unchanged, None)
-        with contextlib.suppress(NotFoundError):  # deleted there already
-            await mirror.delete_meter(linked)
+        if linked.created:
+            with contextlib.suppress(NotFoundError):  # deleted there already
+                await mirror.delete_meter(linked.theirs)
         await _link(transaction, name, meter_id, None)
-        return done(LinkOutcome.deleted, None)
+        return done(LinkOutcome.deleted if linked.created else LinkOutcome.unchanged, None)
 
     capabilities = await mirror.load_capabilities()
     reason = refusal(name, ledger.aggregation, capabilities)
@@ -137,34 +158,27 @@ async def sync_meter(
     theirs: Meter | None = None
     if linked is not None:
         try:
-            theirs = await mirror.fetch_meter(linked)
+            theirs = await mirror.fetch_meter(linked.theirs)
         except NotFoundError:
             theirs = None  # deleted on the mirror: found or created again below
     if theirs is None:
-        outcome = LinkOutcome.linked
+        created = False
         theirs = await _named(mirror, ledger.event_name)
         if theirs is None:
             try:
                 theirs = await mirror.create_meter(_created(ledger, capabilities))
-                outcome = LinkOutcome.created
+                created = True
             except ConflictError:  # another forwarder created it meanwhile
                 theirs = await _named(mirror, ledger.event_name)
                 if theirs is None:
                     raise
-        if (theirs.aggregation, theirs.unique_dimension) != (
-            ledger.aggregation,
-            ledger.unique_dimension,
-        ):
-            raise Refused(
-                f"mirror {name!r} has a meter for event_name={ledger.event_name!r} "
-                f"({theirs.id}) aggregating {theirs.aggregation.value!r} "
-                f"(unique_dimension={theirs.unique_dimension!r}), not "
-                f"{ledger.aggregation.value!r} (unique_dimension={ledger.unique_dimension!r})"
-            )
-        await _link(transaction, name, meter_id, theirs.id)
-        if outcome is LinkOutcome.created:
-            return done(outcome, theirs.id)
+        _check_counterpart(name, ledger, theirs)
+        await _link(transaction, name, meter_id, _Link(theirs.id, created))
+        if created:
+            return done(LinkOutcome.created, theirs.id)
+        outcome = LinkOutcome.linked
     else:
+        _check_counterpart(name, ledger, theirs)
         outcome = LinkOutcome.unchanged
     changes = {
         field: getattr(ledger, field)
@@ -177,6 +191,26 @@ async def sync_meter(
         await mirror.update_meter(theirs.id, MeterUpdate(**changes))
         outcome = LinkOutcome.updated if outcome is LinkOutcome.unchanged else outcome
     return done(outcome, theirs.id)
+
+
+def _check_counterpart(name: str, ledger: Meter, theirs: Meter) -> None:
+    """`Refused` unless the mirror's meter bills as the ledger's does, and takes events."""
+    if (theirs.aggregation, theirs.unique_dimension) != (
+        ledger.aggregation,
+        ledger.unique_dimension,
+    ):
+        raise Refused(
+            f"mirror {name!r} has a meter for event_name={ledger.event_name!r} "
+            f"({theirs.id}) aggregating {theirs.aggregation.value!r} "
+            f"(unique_dimension={theirs.unique_dimension!r}), not "
+            f"{ledger.aggregation.value!r} (unique_dimension={ledger.unique_dimension!r})"
+        )
+    if theirs.status != "active":
+        raise Refused(
+            f"mirror {name!r} has the meter for event_name={ledger.event_name!r} "
+            f"({theirs.id}) inactive: it takes no events; reactivate it there "
+            "(Stripe: POST /v1/billing/meters/{id}/reactivate), then `metering mirror retry`"
+        )
 
 
 async def ledger_meter(transaction: Transaction, meter_id: str) -> Meter | None:
@@ -201,8 +235,10 @@ async def sync_customer(
     name: str, mirror: IMetering, customer_id: str, ledger: Customer | None
 ) -> MirrorLink:
     """Create the ledger's customer on `mirror` (one that is there already, even with
-    other fields, stays as it is: the mirror bills it by its id), or delete it there once
-    it is gone from the ledger. A mirror without customers has nothing to follow."""
+    other fields, stays as it is: the mirror bills it by its id). A customer gone from the
+    ledger stays on the mirror: deleting a billing customer (Stripe) cancels its
+    subscriptions and drops what is not yet invoiced, so that is the billing team's call.
+    A mirror without customers has nothing to follow."""
     capabilities = await mirror.load_capabilities()
 
     def done(outcome: LinkOutcome, theirs: str | None) -> MirrorLink:
@@ -210,15 +246,7 @@ async def sync_customer(
             mirror=name, kind="customer", id=customer_id, mirror_id=theirs, outcome=outcome
         )
 
-    if ledger is None:
-        if not capabilities.supports(Operation.DELETE_CUSTOMER):
-            return done(LinkOutcome.unchanged, None)
-        try:
-            await mirror.delete_customer(customer_id)
-        except NotFoundError:
-            return done(LinkOutcome.unchanged, None)
-        return done(LinkOutcome.deleted, None)
-    if not capabilities.supports(Operation.CREATE_CUSTOMER):
+    if ledger is None or not capabilities.supports(Operation.CREATE_CUSTOMER):
         return done(LinkOutcome.unchanged, None)
     wanted = CustomerCreate(**ledger.model_dump(exclude={"provider_ref"}))
     try:

@@ -33,6 +33,8 @@ from metering_core.errors import (
     ConfigurationError,
     ConflictError,
     NotFoundError,
+    ProviderUnavailableError,
+    RateLimitedError,
     UnsupportedOperationError,
     ValidationError,
 )
@@ -46,7 +48,7 @@ from metering_core.sql.mirror_sync import (
     sync_meter,
 )
 from metering_core.sql.rows import Transaction
-from metering_core.sql.schema import events, outbox
+from metering_core.sql.schema import events, meters, outbox
 
 __all__ = ["IDLE", "LEASE", "PASSES", "Forwarder", "build_mirrors"]
 
@@ -63,6 +65,13 @@ IDLE = 1.0
 
 PASSES = 4
 """Passes a forwarder runs at once per mirror."""
+
+CHANGE_ATTEMPTS = 10
+"""Passes a meter or customer change is tried when the mirror fails it for a reason other
+than an outage, before it becomes a dead letter."""
+
+_PASSING = (ProviderUnavailableError, RateLimitedError, TimeoutError)
+"""Failures that pass: a change they hit is tried for as long as they last."""
 
 LEASE = 120.0
 """Seconds a forwarder holds the rows it took, unless configured; past it (a forwarder
@@ -110,8 +119,14 @@ _BARRIER = {
     True: """kind IN ('meter', 'customer') AND seq < COALESCE((
         SELECT min(seq) FROM outbox
         WHERE mirror = :mirror AND refused IS NULL AND kind IN ('usage', 'cancel')
-    ), 9223372036854775807)""",
+    ), 9223372036854775807) AND NOT EXISTS (
+        SELECT 1 FROM outbox AS held
+        WHERE held.mirror = :mirror AND held.refused IS NULL
+          AND held.kind IN ('meter', 'customer') AND held.claimed_until >= :now
+    )""",
 }
+"""Changes go one pass at a time per mirror (none while another pass holds some), each
+in order: two passes could otherwise apply an update of a meter after its deletion."""
 
 
 def _claim(dialect: str, changes: bool) -> sa.TextClause:
@@ -126,7 +141,7 @@ def _claim(dialect: str, changes: bool) -> sa.TextClause:
               AND {_BARRIER[changes]}
             ORDER BY seq LIMIT :limit {skip}
         )
-        RETURNING seq, kind, event_id
+        RETURNING seq, kind, event_id, attempts
         """
     )
 
@@ -177,6 +192,7 @@ class Forwarder:
                 leased = (await connection.execute(_claim(dialect, False), parameters)).all()
         if not leased:
             return 0
+        leased = sorted(leased, key=lambda row: row.seq)  # RETURNING has no order
         delivered: list[int] = []
         refused: dict[int, str] = {}
         try:
@@ -188,7 +204,7 @@ class Forwarder:
                 else:
                     usage = {row.event_id: row.seq for row in leased if row.kind == "usage"}
                     cancels = {row.event_id: row.seq for row in leased if row.kind == "cancel"}
-                    delivered, refused = await self._send_usage(provider, usage)
+                    delivered, refused = await self._send_usage(mirror, provider, usage)
                     cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
                     delivered.extend(cancelled)
                     refused.update(cancel_refused)
@@ -221,7 +237,11 @@ class Forwarder:
                 logger.warning(
                     "mirror %r failed on %s %r (%s)", mirror, row.kind, row.event_id, exc
                 )
-                break
+                if row.attempts < CHANGE_ATTEMPTS or isinstance(exc, _PASSING):
+                    break  # tried again later, before anything that follows it
+                # Not an outage: a key without the scope, a bug. Set aside (a dead letter,
+                # retried once fixed) rather than holding back every later event.
+                refused[row.seq] = f"gave up after {row.attempts} attempts: {exc}"
             else:
                 delivered.append(row.seq)
         return delivered, refused
@@ -235,23 +255,49 @@ class Forwarder:
         return await sync_customer(mirror, provider, key, customer)
 
     async def _send_usage(
-        self, provider: IMetering, owed: Mapping[str, int]
+        self, mirror: str, provider: IMetering, owed: Mapping[str, int]
     ) -> tuple[list[int], dict[int, str]]:
         """Deliver the events; the rows delivered and those refused (with the reason).
         A row whose delivery gave up (the mirror failing, not refusing) is in neither,
-        and is taken again by a later pass."""
+        and is taken again by a later pass. An event cancelled here meanwhile is not
+        sent (a dead letter retried after its cancel would count it), and an event of a
+        meter the mirror refused is refused with it: sent, it would be billed by another
+        aggregation, or the mirror's meter of that name might not be the ledger's."""
         if not owed:
             return [], {}
-        found = await self._events(list(owed))
+        live, cancelled = await self._events(list(owed))
+        held = await self._refused_meters(mirror)
+        delivered = [owed[i] for i in cancelled]  # nothing left to send
         gone = "the event is no longer in the store"
-        refused = {seq: gone for event_id, seq in owed.items() if event_id not in found}
+        stored = {*live, *cancelled}
+        refused = {seq: gone for event_id, seq in owed.items() if event_id not in stored}
+        sending: list[UsageEvent] = []
+        for event in live.values():
+            if event.event_name in held:
+                refused[owed[event.id]] = f"the mirror refused its meter: {held[event.event_name]}"
+            else:
+                sending.append(event)
         policy = DeliveryPolicy(provider, self._settings, durable=False)
-        result = await policy.settle(list(found.values()))
-        delivered = [owed[i] for i in (*result.accepted, *result.duplicates)]
+        result = await policy.settle(sending)
+        delivered.extend(owed[i] for i in (*result.accepted, *result.duplicates))
         for event_id, reason in result.rejected.items():
             if not reason.startswith(GAVE_UP):
                 refused[owed[event_id]] = reason
         return delivered, refused
+
+    async def _refused_meters(self, mirror: str) -> dict[str, str]:
+        """Event names of the ledger meters `mirror` refused (dead letters), and why."""
+        statement = (
+            sa.select(meters.c.event_name, outbox.c.refused)
+            .join(meters, meters.c.id == outbox.c.event_id)
+            .where(
+                outbox.c.mirror == mirror,
+                outbox.c.kind == "meter",
+                outbox.c.refused.is_not(None),
+            )
+        )
+        async with self._transaction(writes=False) as connection:
+            return {row[0]: row[1] for row in await connection.execute(statement)}
 
     async def _send_cancels(
         self, mirror: str, provider: IMetering, owed: Mapping[str, int]
@@ -293,7 +339,8 @@ class Forwarder:
                     done.append(owed[event_id])
         return done, refused
 
-    async def _events(self, ids: Sequence[str]) -> dict[str, UsageEvent]:
+    async def _events(self, ids: Sequence[str]) -> tuple[dict[str, UsageEvent], set[str]]:
+        """The stored events of these ids that are live; and the ids cancelled here."""
         columns = (
             events.c.id,
             events.c.event_name,
@@ -301,10 +348,11 @@ class Forwarder:
             events.c.ts,
             events.c.value,
             sa.cast(events.c.dimensions, sa.Text),
+            events.c.cancelled,
         )
         async with self._transaction(writes=False) as connection:
             rows = (await connection.execute(sa.select(*columns).where(events.c.id.in_(ids)))).all()
-        return {
+        live = {
             row[0]: UsageEvent(
                 id=row[0],
                 event_name=row[1],
@@ -314,7 +362,9 @@ class Forwarder:
                 dimensions=json.loads(row[5]),
             )
             for row in rows
+            if not row[6]
         }
+        return live, {row[0] for row in rows if row[6]}
 
     async def _still_owed(self, mirror: str, ids: Sequence[str]) -> set[str]:
         if not ids:

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from metering_core import rules
 from metering_core.config import default_store_path
 from metering_core.cursors import check_limit, decode_cursor, encode_cursor
-from metering_core.epoch import epoch_micros
+from metering_core.epoch import epoch_micros, from_epoch_micros
 from metering_core.errors import (
     ConflictError,
     MeteringError,
@@ -67,7 +67,15 @@ from metering_core.sql.mirror_sync import Refused, refusal
 from metering_core.sql.mirrors import REFUSALS, Forwarder, build_mirrors
 from metering_core.sql.reconcile import reconcile
 from metering_core.sql.rows import customer_from_row, meter_from_row
-from metering_core.sql.schema import ROLLED_UP, customers, events, meters, outbox
+from metering_core.sql.schema import (
+    ROLLED_UP,
+    customers,
+    events,
+    meters,
+    mirror_backfills,
+    mirrors,
+    outbox,
+)
 from metering_core.sql.settings import CAPABILITIES, SqlSettings
 from metering_core.sql.store import (
     STORE_FAILURES,
@@ -176,12 +184,25 @@ class SqlProvider(BaseProvider):
                     await connection.run_sync(
                         migrate, upgrade=self._upgrade, shown=self.store.shown
                     )
+                    await self._register_mirrors(connection)
                 return
             except sa.exc.OperationalError as exc:
                 racing = "already exists" in str(exc) or "locked" in str(exc)
                 if not racing or attempt == _MIGRATE_ATTEMPTS - 1:
                     raise
                 await asyncio.sleep(0.02 * (attempt + 1))
+
+    async def _register_mirrors(self, connection: AsyncConnection) -> None:
+        """Note when each configured mirror first met this store: what was stored before
+        is what a backfill sends it."""
+        if not self._mirror_names:
+            return
+        now = epoch_micros(datetime.now(UTC))
+        await connection.execute(
+            self._insert(mirrors)
+            .values([{"name": name, "added_at": now} for name in self._mirror_names])
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
 
     async def schema_revision(self) -> tuple[str | None, str]:
         """The store's schema revision (None when empty) and this code's newest."""
@@ -538,7 +559,6 @@ class SqlProvider(BaseProvider):
             )
             if deleted.rowcount == 0:
                 raise NotFoundError(f"no customer with id {customer_id!r}")
-            await self._owe_change(connection, "customer", customer_id)
 
     # mirrors
 
@@ -594,10 +614,11 @@ class SqlProvider(BaseProvider):
     async def backfill_mirror(
         self, mirror: str, *, start: datetime, end: datetime | None = None
     ) -> int:
-        """Owe `mirror` every event the ledger holds from `start` to `end` (default: now)
-        that is not cancelled and whose meter exists; the number owed. For a mirror added
-        after those events were stored (a migration); the forwarder sends them, and a
-        mirror that has some already answers duplicate for them, within its dedupe window."""
+        """Owe `mirror` the events stored before it was added to this store (the rest are
+        owed to it already), from `start` to `end` (default: now), live and of a meter
+        that exists; the number owed. A mirror that forgets ids (Stripe, after 24 h)
+        would count a repeated backfill twice: for it, a range overlapping an earlier
+        backfill is refused."""
         provider = self._mirror(mirror)
         end = end or datetime.now(UTC)
         if end <= start:
@@ -606,7 +627,8 @@ class SqlProvider(BaseProvider):
                 field="end",
                 value=end.isoformat(),
             )
-        oldest = (await provider.load_capabilities()).max_event_age
+        capabilities = await provider.load_capabilities()
+        oldest = capabilities.max_event_age
         if oldest is not None and start < datetime.now(UTC) - oldest:
             raise ValidationError(
                 f"start={start.isoformat()} is older than mirror {mirror!r} accepts "
@@ -614,22 +636,55 @@ class SqlProvider(BaseProvider):
                 field="start",
                 value=start.isoformat(),
             )
+        since, until = epoch_micros(start), epoch_micros(end)
         now = epoch_micros(datetime.now(UTC))
-        chosen = (
-            sa.select(sa.literal(mirror), sa.literal("usage"), events.c.id, sa.literal(now))
-            .where(
-                events.c.ts >= epoch_micros(start),
-                events.c.ts < epoch_micros(end),
-                events.c.cancelled == sa.false(),
-                events.c.meter_seq.in_(sa.select(meters.c.seq)),
-            )
-            .order_by(events.c.ts, events.c.seq)
-        )
-        statement = sa.insert(outbox).from_select(
-            ["mirror", "kind", "event_id", "created_at"], chosen
-        )
         async with self._transaction() as connection:
-            return (await connection.execute(statement)).rowcount
+            added = await connection.scalar(
+                sa.select(mirrors.c.added_at).where(mirrors.c.name == mirror)
+            )
+            if capabilities.dedupe_window is not None:
+                await self._refuse_overlap(connection, mirror, since, until)
+            chosen = (
+                sa.select(sa.literal(mirror), sa.literal("usage"), events.c.id, sa.literal(now))
+                .where(
+                    events.c.ts >= since,
+                    events.c.ts < until,
+                    events.c.cancelled == sa.false(),
+                    events.c.meter_seq.in_(sa.select(meters.c.seq)),
+                    sa.or_(events.c.ingested_at.is_(None), events.c.ingested_at < added),
+                )
+                .order_by(events.c.ts, events.c.seq)
+            )
+            owed = await connection.execute(
+                sa.insert(outbox).from_select(["mirror", "kind", "event_id", "created_at"], chosen)
+            )
+            await connection.execute(
+                sa.insert(mirror_backfills).values(mirror=mirror, start=since, end=until, at=now)
+            )
+            return owed.rowcount
+
+    @staticmethod
+    async def _refuse_overlap(
+        connection: AsyncConnection, mirror: str, since: int, until: int
+    ) -> None:
+        earlier = (
+            await connection.execute(
+                sa.select(mirror_backfills.c.start, mirror_backfills.c.end).where(
+                    mirror_backfills.c.mirror == mirror,
+                    mirror_backfills.c.start < until,
+                    mirror_backfills.c.end > since,
+                )
+            )
+        ).first()
+        if earlier is not None:
+            began, ended = (from_epoch_micros(micros).isoformat() for micros in earlier)
+            raise ValidationError(
+                f"mirror {mirror!r} was backfilled from {began} to {ended} already, and "
+                "forgets event ids after a while: sending those events again would count "
+                "them twice",
+                field="start",
+                value=from_epoch_micros(since).isoformat(),
+            )
 
     async def retry_mirror_dead_letters(self, mirror: str) -> int:
         """Owe `mirror` again what it refused (once the cause is fixed: a meter or a

@@ -43,12 +43,21 @@ from metering_core.models import (
     Window,
 )
 from metering_core.sql.rows import Transaction
-from metering_core.sql.schema import events, mirror_meters, outbox
+from metering_core.sql.schema import events, mirror_meters, mirror_repairs, outbox
 
-__all__ = ["reconcile"]
+__all__ = ["DRIFT", "REPAIR_SETTLE", "reconcile"]
 
 Key = tuple[str, datetime]  # customer, window start
 _ZERO_WHEN_ABSENT = (Aggregation.SUM, Aggregation.COUNT)
+
+DRIFT = frozenset({CellStatus.short, CellStatus.over, CellStatus.refused})
+"""Cell statuses that make a report not ok."""
+
+REPAIR_SETTLE = timedelta(hours=1)
+"""How long a repaired cell is `pending` and not repaired again: the mirror may not show
+the correction yet (Stripe takes minutes), and a second one would count it twice."""
+
+_LONGEST_WINDOW = timedelta(days=31)
 
 
 async def _meters(provider: IMetering) -> list[Meter]:
@@ -80,27 +89,61 @@ async def _usage(
     return answered
 
 
-async def _owed(
+async def _unsent(
     transaction: Transaction,
     mirror: str,
     event_names: Collection[str],
     start: datetime,
     end: datetime,
-) -> list[tuple[str, str, int]]:
-    """(event name, customer, time) of the events in range the ledger still owes `mirror`."""
+) -> list[tuple[str, str, int, bool]]:
+    """(event name, customer, time, refused) of the events in range the ledger has not
+    delivered to `mirror`: still owed, or refused by it (its dead letters)."""
     statement = (
-        sa.select(events.c.event_name, events.c.customer_id, events.c.ts)
+        sa.select(
+            events.c.event_name, events.c.customer_id, events.c.ts, outbox.c.refused.is_not(None)
+        )
         .join(outbox, outbox.c.event_id == events.c.id)
         .where(
             outbox.c.mirror == mirror,
-            outbox.c.refused.is_(None),
+            outbox.c.kind == "usage",
             events.c.event_name.in_(list(event_names)),
             events.c.ts >= epoch_micros(start),
             events.c.ts < epoch_micros(end),
         )
     )
     async with transaction(writes=False) as connection:
-        return [(row[0], row[1], row[2]) for row in await connection.execute(statement)]
+        return [
+            (row[0], row[1], row[2], bool(row[3])) for row in await connection.execute(statement)
+        ]
+
+
+async def _recently_repaired(
+    transaction: Transaction, mirror: str, start: datetime, end: datetime
+) -> set[tuple[str, str, int]]:
+    """(meter, customer, window start) of the cells a repair was sent to within
+    `REPAIR_SETTLE`: the mirror may not show it yet (Stripe takes minutes)."""
+    since = epoch_micros(datetime.now(UTC) - REPAIR_SETTLE)
+    statement = sa.select(
+        mirror_repairs.c.meter_id, mirror_repairs.c.customer_id, mirror_repairs.c.window_start
+    ).where(
+        mirror_repairs.c.mirror == mirror,
+        mirror_repairs.c.sent_at >= since,
+        mirror_repairs.c.window_start >= epoch_micros(start - _LONGEST_WINDOW),
+        mirror_repairs.c.window_start < epoch_micros(end),
+    )
+    async with transaction(writes=False) as connection:
+        return {(row[0], row[1], row[2]) for row in await connection.execute(statement)}
+
+
+class _Times:
+    """Sorted times of one customer's unsent events: is any inside a window?"""
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+
+    def within(self, start: datetime, end: datetime) -> bool:
+        first = bisect.bisect_left(self.times, epoch_micros(start))
+        return first < len(self.times) and self.times[first] < epoch_micros(end)
 
 
 async def _customers(
@@ -120,12 +163,19 @@ async def _customers(
 
 
 def _status(
-    aggregation: Aggregation, ledger: Decimal | None, mirror: Decimal | None, pending: bool
+    aggregation: Aggregation,
+    ledger: Decimal | None,
+    mirror: Decimal | None,
+    *,
+    refused: bool,
+    pending: bool,
 ) -> CellStatus:
     if aggregation in _ZERO_WHEN_ABSENT:
         ledger, mirror = ledger or Decimal(0), mirror or Decimal(0)
     if ledger == mirror:
         return CellStatus.equal
+    if refused:
+        return CellStatus.refused
     if pending:
         return CellStatus.pending
     if ledger is None or mirror is None:
@@ -157,7 +207,8 @@ async def reconcile(
         )
         links = {mine: theirs for mine, theirs in await connection.execute(linked)}
     capabilities = await mirror.load_capabilities()
-    owed = await _owed(transaction, mirror_name, {m.event_name for m in mine}, start, end)
+    unsent = await _unsent(transaction, mirror_name, {m.event_name for m in mine}, start, end)
+    repaired = await _recently_repaired(transaction, mirror_name, start, end)
     cells: list[ReconcileCell] = []
     for meter in mine:
         query = UsageQuery(meter_id=meter.id, start=start, end=end, window=window)
@@ -184,21 +235,26 @@ async def reconcile(
         except (UnsupportedOperationError, ValidationError):  # a query it cannot answer
             cells.extend(_not_comparable(meter, ours))
             continue
-        waiting: dict[str, list[int]] = {}
-        for name, customer, ts in owed:
+        waiting: dict[tuple[str, bool], _Times] = {}
+        for name, customer, ts, refused in unsent:
             if name == meter.event_name:
-                waiting.setdefault(customer, []).append(ts)
+                waiting.setdefault((customer, refused), _Times()).times.append(ts)
         for times in waiting.values():
-            times.sort()
+            times.times.sort()
+        none = _Times()
         for key in sorted({*ours, *answered}):
             window_end, ledger_value = ours.get(key, (None, None))
             mirror_end, mirror_value = answered.get(key, (None, None))
             closes = window_end or mirror_end
             assert closes is not None
-            times = waiting.get(key[0], [])
-            first = bisect.bisect_left(times, epoch_micros(key[1]))
-            pending = first < len(times) and times[first] < epoch_micros(closes)
-            status = _status(meter.aggregation, ledger_value, mirror_value, pending)
+            status = _status(
+                meter.aggregation,
+                ledger_value,
+                mirror_value,
+                refused=waiting.get((key[0], True), none).within(key[1], closes),
+                pending=waiting.get((key[0], False), none).within(key[1], closes)
+                or (meter.id, key[0], epoch_micros(key[1])) in repaired,
+            )
             cells.append(
                 ReconcileCell(
                     meter_id=meter.id,
@@ -211,20 +267,19 @@ async def reconcile(
                     status=status,
                 )
             )
-    drift = {CellStatus.short, CellStatus.over}
-    ok = not any(c.status in drift for c in cells)
+    ok = not any(c.status in DRIFT for c in cells)
     if repair and not ok:
-        cells = await _repair(mirror, capabilities, mine, cells)
+        cells = await _repair(transaction, mirror_name, mirror, capabilities, mine, cells)
     return ReconcileReport(mirror=mirror_name, ok=ok, cells=cells)
 
 
 def _corrections(meter: Meter, cell: ReconcileCell, at: datetime) -> list[UsageEvent]:
     """The events that bring a short cell up to the ledger's total, with ids derived from
-    the cell and that total (the same drift gives the same ids)."""
+    the cell and both totals (the same drift gives the same ids)."""
     assert cell.ledger is not None
     missing = cell.ledger - (cell.mirror or Decimal(0))
     key = f"{meter.id}|{cell.customer_id}|{cell.start.isoformat()}|{cell.end.isoformat()}"
-    digest = hashlib.sha256(f"{key}|{cell.ledger}".encode()).hexdigest()[:40]
+    digest = hashlib.sha256(f"{key}|{cell.ledger}|{cell.mirror}".encode()).hexdigest()[:40]
 
     def correction(suffix: str, value: Decimal) -> UsageEvent:
         return UsageEvent(
@@ -241,14 +296,17 @@ def _corrections(meter: Meter, cell: ReconcileCell, at: datetime) -> list[UsageE
 
 
 async def _repair(
+    transaction: Transaction,
+    name: str,
     mirror: IMetering,
     capabilities: Capabilities,
     meters: Sequence[Meter],
     cells: list[ReconcileCell],
 ) -> list[ReconcileCell]:
-    """Send each short sum or count cell its corrections; the cells, those whose
-    corrections the mirror took marked `repaired`. A cell whose window is older than the
-    mirror accepts is left short."""
+    """Send each short sum or count cell its corrections, and record each repair (a cell
+    repaired is `pending` for `REPAIR_SETTLE`, and not repaired again meanwhile); the
+    cells, those whose corrections the mirror took marked `repaired`. A cell whose window
+    is older than the mirror accepts is left short."""
     by_id = {meter.id: meter for meter in meters}
     now = datetime.now(UTC)
     oldest = None if capabilities.max_event_age is None else now - capabilities.max_event_age
@@ -272,13 +330,27 @@ async def _repair(
     for first in range(0, len(owed), size):
         result = await policy.settle(owed[first : first + size])
         taken.update(result.accepted, result.duplicates)
-    repaired = [
-        cell.model_copy(update={"repaired": True})
-        if index in sent and all(i in taken for i in sent[index])
-        else cell
+    done = {index for index, ids in sent.items() if all(i in taken for i in ids)}
+    if done:
+        records = [
+            {
+                "mirror": name,
+                "meter_id": cells[index].meter_id,
+                "customer_id": cells[index].customer_id,
+                "window_start": epoch_micros(cells[index].start),
+                "amount": (cells[index].ledger or Decimal(0)) - (cells[index].mirror or 0),
+                "sent_at": epoch_micros(now),
+            }
+            for index in sorted(done)
+        ]
+        async with transaction() as connection:
+            if connection.dialect.name == "sqlite":  # an exact decimal is text there
+                records = [{**record, "amount": str(record["amount"])} for record in records]
+            await connection.execute(sa.insert(mirror_repairs), records)
+    return [
+        cell.model_copy(update={"repaired": True}) if index in done else cell
         for index, cell in enumerate(cells)
     ]
-    return repaired
 
 
 def _not_comparable(meter: Meter, ours: dict[Key, tuple[datetime, Decimal]]) -> list[ReconcileCell]:

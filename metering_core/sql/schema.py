@@ -18,7 +18,10 @@ __all__ = [
     "events",
     "metadata",
     "meters",
+    "mirror_backfills",
     "mirror_meters",
+    "mirror_repairs",
+    "mirrors",
     "outbox",
     "rollups",
 ]
@@ -148,7 +151,47 @@ mirror_meters = sa.Table(
     sa.Column("mirror", sa.String(100), primary_key=True),
     sa.Column("meter_id", sa.String(100), primary_key=True),
     sa.Column("mirror_meter_id", sa.String(100), nullable=False),
+    sa.Column("created", sa.Boolean, nullable=False),
     sa.Column("linked_at", sa.BigInteger, nullable=False),
 )
 """Which meter of each mirror is the ledger's meter there (found by event name, or
-created), so updates and deletions reach that meter, and reconcile compares the two."""
+created), so updates reach that meter and reconcile compares the two; a meter the ledger
+created there is deleted there with the ledger's (one it found is left to its owners)."""
+
+mirror_repairs = sa.Table(
+    "mirror_repairs",
+    metadata,
+    sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
+    sa.Column("mirror", sa.String(100), nullable=False),
+    sa.Column("meter_id", sa.String(100), nullable=False),
+    sa.Column("customer_id", sa.String(100), nullable=False),
+    sa.Column("window_start", sa.BigInteger, nullable=False),
+    sa.Column("amount", Value, nullable=False),
+    sa.Column("sent_at", sa.BigInteger, nullable=False),
+    sa.Index("mirror_repairs_cell", "mirror", "window_start"),
+    sqlite_autoincrement=True,
+)
+"""Each correction reconcile's repair sent a mirror: a cell repaired lately is not
+repaired again until the mirror has had time to show it."""
+
+mirrors = sa.Table(
+    "mirrors",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("added_at", sa.BigInteger, nullable=False),
+)
+"""When each mirror was first configured on this store: events stored since are owed to
+it through the outbox, and a backfill sends it only those stored before."""
+
+mirror_backfills = sa.Table(
+    "mirror_backfills",
+    metadata,
+    sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
+    sa.Column("mirror", sa.String(100), nullable=False),
+    sa.Column("start", sa.BigInteger, nullable=False),
+    sa.Column("end", sa.BigInteger, nullable=False),
+    sa.Column("at", sa.BigInteger, nullable=False),
+    sqlite_autoincrement=True,
+)
+"""Each backfill of a mirror, so one that would send the same events again to a mirror
+that forgets ids (Stripe, after 24 hours) is refused."""

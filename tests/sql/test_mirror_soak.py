@@ -210,5 +210,8 @@ def test_no_drift_after_failures_an_outage_and_three_kills(ledger_url: str, tmp_
         assert sum(cell.mirror or 0 for cell in report.cells) == sum(
             event.value for round_ in range(rounds) for event in usage(round_)[1:]
         )
-        assert mirror_outcomes(mirror_url)["accepted"] == stored  # each event taken once
+        outcomes = mirror_outcomes(mirror_url)
+        # Each event taken once; one cancelled here before it was forwarded is never sent.
+        assert stored - rounds <= outcomes["accepted"] <= stored
+        assert outcomes["duplicate"] > 0  # batches were sent again, and counted once
         assert httpx.get(f"{mirror_url}/health").status_code == 200

@@ -22,5 +22,6 @@ CAPABILITIES = Capabilities(
     updatable_meter_fields=frozenset({"display_name"}),
     max_event_age=MAX_AGE,
     max_future_skew=MAX_AHEAD,
+    dedupe_window=timedelta(hours=24),
     cancel_window=timedelta(hours=24),
 )
