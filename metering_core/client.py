@@ -523,6 +523,16 @@ class AsyncMetering:
         checked = UsageQuery(meter_id="backfill", start=start, end=end or datetime.now(UTC))
         return await self._ledger().backfill_mirror(mirror, start=checked.start, end=checked.end)
 
+    async def receive_mirror_notice(
+        self, source: str, body: bytes, headers: Mapping[str, str]
+    ) -> int:
+        """Record a refusal notice (a webhook) from the ledger's mirror of provider
+        `source`: its sampled events become that mirror's dead letters, so reconcile
+        marks their cells `refused`; the number recorded (0: a replay, or another kind of
+        notice). `ValidationError` when its signature does not verify."""
+        lowered = {name.lower(): value for name, value in headers.items()}
+        return await self._ledger().receive_notice(source, body, lowered)
+
     async def retry_mirror_dead_letters(self, mirror: str) -> int:
         """Owe `mirror` again what it refused, once the cause is fixed; the rows requeued."""
         return await self._ledger().retry_mirror_dead_letters(mirror)
@@ -666,6 +676,7 @@ class Metering:
     link_mirror = _mirror(AsyncMetering.link_mirror)
     backfill_mirror = _mirror(AsyncMetering.backfill_mirror)
     retry_mirror_dead_letters = _mirror(AsyncMetering.retry_mirror_dead_letters)
+    receive_mirror_notice = _mirror(AsyncMetering.receive_mirror_notice)
 
     def ingest_usage_event(
         self, event: EventInput | None = None, /, *, timeout: float | None = None, **fields: Any

@@ -4,7 +4,7 @@ plugin authors) and `Capabilities` (what a provider can do, stated up front)."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -26,6 +26,7 @@ from metering_core.models import (
     MirrorStatus,
     Page,
     ReconcileReport,
+    RefusalNotice,
     StoredEvent,
     Usage,
     UsageEvent,
@@ -41,6 +42,7 @@ __all__ = [
     "IMetering",
     "Ledger",
     "Operation",
+    "ReportsRefusals",
 ]
 
 
@@ -308,3 +310,20 @@ class Ledger(Protocol):
     ) -> int: ...
 
     async def retry_mirror_dead_letters(self, mirror: str) -> int: ...
+
+    async def receive_notice(self, source: str, body: bytes, headers: Mapping[str, str]) -> int:
+        """Record a notice a mirror of provider `source` sent (a webhook): the sampled
+        events it refused become its dead letters; the number recorded (0 for a replay,
+        or a notice of another kind). `ValidationError` when no mirror of that provider
+        can verify it, `NotFoundError` when the ledger has none."""
+
+
+@runtime_checkable
+class ReportsRefusals(Protocol):
+    """A provider that tells later, by webhook, of events it refused after accepting."""
+
+    async def read_refusal_notice(
+        self, body: bytes, headers: Mapping[str, str]
+    ) -> RefusalNotice | None:
+        """Verify and read a notice (`headers` with lower-case names); None when it is
+        authentic but not about refused events. `ValidationError` when not authentic."""

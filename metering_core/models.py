@@ -54,6 +54,7 @@ __all__ = [
     "Page",
     "ReconcileCell",
     "ReconcileReport",
+    "RefusalNotice",
     "StoredEvent",
     "Usage",
     "UsageEvent",
@@ -587,6 +588,22 @@ class MirrorStatus(_Model):
     fields are the store's, shared by every process)."""
     refused: int = 0
     """Rows the mirror refused to this process's forwarder since it started."""
+    reported: int = 0
+    """Events the mirror reported refusing after it had accepted them (Stripe's error
+    reports), in the notices this process received since it started."""
+
+
+class RefusalNotice(_Model):
+    """A provider's word, after it answered, that it refused events it had accepted
+    (Stripe validates meter events later, and reports errors by webhook)."""
+
+    id: str
+    """The notice's own id: a notice delivered again (a replay) has the same."""
+    kind: str
+    error_count: int
+    """Events refused in the notice's window, sampled or not."""
+    refused: dict[str, str] = {}
+    """The sampled event ids, each with the provider's reason."""
 
 
 class LinkOutcome(StrEnum):

@@ -29,7 +29,7 @@ from metering_core.server.callers import identify
 from metering_core.server.errors import install_error_handlers
 from metering_core.server.key_first import KeyFirst
 from metering_core.server.metrics import RequestMetrics, ServiceMetrics
-from metering_core.server.routes import customers, events, meters, operations, usage
+from metering_core.server.routes import customers, events, meters, operations, usage, webhooks
 from metering_core.server.schemas import documented
 from metering_core.server.service import Service
 from metering_core.server.settings import configured_keys
@@ -101,7 +101,7 @@ def create_app(
     app = FastAPI(title="metering-core", version="1", lifespan=lifespan)
     app.state.service = shared
     app.state.max_body_bytes = max_body_bytes
-    for resource in (operations, meters, usage, customers, events):
+    for resource in (operations, meters, usage, customers, events, webhooks):
         app.include_router(resource.router)
     app.openapi = documented(app, bearer=isinstance(gate, Keys))  # type: ignore[method-assign]
     install_error_handlers(app)

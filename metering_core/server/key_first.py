@@ -12,7 +12,10 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["KeyFirst"]
+__all__ = ["WEBHOOKS", "KeyFirst"]
+
+WEBHOOKS = "/webhooks/"
+"""Paths a provider posts to, signed by it rather than by a key (each verifies it)."""
 
 
 class KeyFirst:
@@ -23,7 +26,7 @@ class KeyFirst:
         self.check = check
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith(WEBHOOKS):
             await self.app(scope, receive, send)
             return
         checked = False

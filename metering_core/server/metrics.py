@@ -88,6 +88,11 @@ class _MirrorCollector(Collector):
         counters = (
             ("metering_mirror_delivered", "Rows this process delivered to the mirror", "delivered"),
             ("metering_mirror_refused", "Rows the mirror refused to this process", "refused"),
+            (
+                "metering_mirror_reported_refusals",
+                "Events the mirror reported refusing after accepting them (its notices)",
+                "reported",
+            ),
         )
         for name, documentation, field in counters:
             counted = CounterMetricFamily(name, documentation, labels=["mirror", "provider"])

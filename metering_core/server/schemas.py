@@ -117,13 +117,13 @@ _ERRORS = {
     "503": "A failure behind the service, to retry after `Retry-After` seconds",
 }
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds"}}
-_OPEN_ROUTES = frozenset({"/health"})
-"""Routes any caller may reach without a key."""
+_OPEN_ROUTES = frozenset({"/health", "/webhooks/{source}"})
+"""Routes any caller may reach without a key (a webhook is signed by its provider)."""
 
 
 def documented(app: FastAPI, *, bearer: bool) -> Callable[[], dict[str, Any]]:
     """`app.openapi`, with the schemas of the bodies routes read themselves, and the bearer
-    key on every route but `/health` (`bearer`: none behind a gateway, whose own
+    key on every route but `/health` and the webhooks (`bearer`: none behind a gateway, whose own
     authorizer is not part of this document). Keys are checked by the one caller
     dependency, which documents nothing itself."""
 
@@ -163,6 +163,8 @@ def _document_errors(schema: dict[str, Any]) -> None:
             statuses = ["404", "405", "413", "422", "500"]
             if path not in _OPEN_ROUTES:
                 statuses += ["400", "401", "403", "409", "429", "503"]
+            elif path.startswith("/webhooks/"):
+                statuses += ["400", "503"]
             for status in statuses:
                 response: dict[str, Any] = {"description": _ERRORS[status], "content": body}
                 if status in ("429", "503"):
@@ -186,6 +188,13 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     provider: str
     problem: str | None = None
+
+
+class NoticeAnswer(BaseModel):
+    """A notice received: how many of its sampled events became mirror dead letters (0
+    for a notice received before, or of another kind)."""
+
+    recorded: int
 
 
 def usage_json(usage: Usage) -> bytes:

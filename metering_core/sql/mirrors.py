@@ -57,7 +57,8 @@ logger = logging.getLogger("metering")
 _rows = metrics.get_meter("metering_core").create_counter(
     "metering.mirror.rows",
     unit="{row}",
-    description="Outbox rows settled with a mirror, by outcome (delivered, refused)",
+    description="Rows settled with a mirror, by outcome (delivered, refused; reported: "
+    "refused later, by a notice)",
 )
 
 IDLE = 1.0
@@ -410,6 +411,11 @@ class Forwarder:
                     .values(claimed_until=None)
                 )
 
+    def count_reported(self, mirror: str, count: int) -> None:
+        """Events `mirror` reported refusing after it accepted them (a notice)."""
+        self._counts[mirror]["reported"] += count
+        _rows.add(count, {"mirror": mirror, "outcome": "reported"})
+
     async def forward_all(self) -> int:
         """`PASSES` concurrent passes over every mirror (their leases never overlap, and
         a mirror's latency is waited out in parallel, as the pipeline's batches in
@@ -459,6 +465,7 @@ class Forwarder:
                     dead_letters=dead,
                     delivered=self._counts[name]["delivered"],
                     refused=self._counts[name]["refused"],
+                    reported=self._counts[name]["reported"],
                 )
             )
         return statuses

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -28,7 +28,7 @@ from metering_core.errors import (
     ProviderUnavailableError,
     ValidationError,
 )
-from metering_core.interface import BaseProvider, IMetering
+from metering_core.interface import BaseProvider, IMetering, ReportsRefusals
 from metering_core.models import (
     Aggregation,
     CancelResult,
@@ -44,6 +44,7 @@ from metering_core.models import (
     MirrorStatus,
     Page,
     ReconcileReport,
+    RefusalNotice,
     StoredEvent,
     Usage,
     UsageEvent,
@@ -73,6 +74,7 @@ from metering_core.sql.schema import (
     events,
     meters,
     mirror_backfills,
+    mirror_notices,
     mirrors,
     outbox,
 )
@@ -697,6 +699,75 @@ class SqlProvider(BaseProvider):
         )
         async with self._transaction() as connection:
             return (await connection.execute(statement)).rowcount
+
+    async def receive_notice(self, source: str, body: bytes, headers: Mapping[str, str]) -> int:
+        """Record a refusal notice from a mirror of provider `source`: each sampled event
+        the ledger holds becomes a dead letter of that mirror with the mirror's reason
+        (reconcile then marks its cell `refused`, and `mirror retry` sends it again); the
+        number recorded. A notice already recorded (a replay) records nothing."""
+        readers = [
+            (name, mirror)
+            for name, mirror in self.forwarder.mirrors.items()
+            if mirror.name == source and isinstance(mirror, ReportsRefusals)
+        ]
+        if not readers:
+            raise NotFoundError(f"no mirror of provider {source!r} sends notices to this store")
+        refusal: ValidationError | None = None
+        for name, reader in readers:
+            try:
+                notice = await reader.read_refusal_notice(body, headers)
+            except ValidationError as exc:  # not this mirror's secret
+                refusal = refusal or exc
+                continue
+            return 0 if notice is None else await self._record_notice(name, notice)
+        assert refusal is not None
+        raise refusal
+
+    async def _record_notice(self, mirror: str, notice: RefusalNotice) -> int:
+        now = epoch_micros(datetime.now(UTC))
+        async with self._transaction() as connection:
+            first = await connection.execute(
+                self._insert(mirror_notices)
+                .values(
+                    id=notice.id,
+                    mirror=mirror,
+                    kind=notice.kind,
+                    error_count=notice.error_count,
+                    received_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(mirror_notices.c.id)
+            )
+            if first.first() is None:
+                return 0  # recorded before
+            self.forwarder.count_reported(mirror, notice.error_count)
+            named = list(notice.refused)
+            stored = set(
+                await connection.scalars(sa.select(events.c.id).where(events.c.id.in_(named)))
+            )
+            known = set(
+                await connection.scalars(
+                    sa.select(outbox.c.event_id).where(
+                        outbox.c.mirror == mirror,
+                        outbox.c.kind == "usage",
+                        outbox.c.event_id.in_(named),
+                    )
+                )
+            )
+            rows = [
+                {
+                    "mirror": mirror,
+                    "kind": "usage",
+                    "event_id": event_id,
+                    "created_at": now,
+                    "refused": reason,
+                }
+                for event_id, reason in notice.refused.items()
+                if event_id in stored and event_id not in known
+            ]
+            if rows:
+                await connection.execute(sa.insert(outbox), rows)
+            return len(rows)
 
     async def reconcile(
         self,

@@ -20,6 +20,7 @@ __all__ = [
     "meters",
     "mirror_backfills",
     "mirror_meters",
+    "mirror_notices",
     "mirror_repairs",
     "mirrors",
     "outbox",
@@ -195,3 +196,15 @@ mirror_backfills = sa.Table(
 )
 """Each backfill of a mirror, so one that would send the same events again to a mirror
 that forgets ids (Stripe, after 24 hours) is refused."""
+
+mirror_notices = sa.Table(
+    "mirror_notices",
+    metadata,
+    sa.Column("id", sa.String(255), primary_key=True),
+    sa.Column("mirror", sa.String(100), nullable=False),
+    sa.Column("kind", sa.String(100), nullable=False),
+    sa.Column("error_count", sa.Integer, nullable=False),
+    sa.Column("received_at", sa.BigInteger, nullable=False),
+)
+"""Each refusal notice a mirror sent (a webhook), by its id: one delivered again (Stripe
+retries, or a replay) is recorded once."""

@@ -4,16 +4,27 @@ follow the ledger there, usage reaches Stripe once, and reconcile proves the two
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from metering_stripe.testing import FakeStripe
 
-from metering_core import AsyncMetering, CellStatus, LinkOutcome, UsageEvent, ValidationError
+from metering_core import (
+    AsyncMetering,
+    CellStatus,
+    LinkOutcome,
+    Metering,
+    UsageEvent,
+    ValidationError,
+)
+from metering_core.server import create_app
+from metering_core.testing.serving import serve_in_thread
 
 from .conftest import API_KEY
 
@@ -105,3 +116,76 @@ async def test_a_backfill_to_stripe_sends_what_predates_the_mirror_once(
         assert refused.value.field == "start"
         with pytest.raises(ValidationError, match="at most 35 days old"):
             await ledger.backfill_mirror("billing", start=hour - timedelta(days=40))
+
+
+SECRET = "whsec_test_5dc0a6c3f1d24b6e"
+KEYS = {"admin": {"scopes": ["meters:write", "usage:write", "customers:write", "metrics:read"]}}
+
+
+def test_stripe_refusal_notices_become_dead_letters_and_forged_or_replayed_ones_do_nothing(
+    fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    options = {
+        "mirrors": {"billing": {**stripe_mirror(fake_stripe)["billing"], "webhook_secret": SECRET}}
+    }
+    name = f"calls_{uuid.uuid4().hex[:8]}"
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    admin = {"Authorization": "Bearer admin"}
+    with serve_in_thread(create_app(AsyncMetering("sql", url=url, **options), keys=KEYS)) as base:
+
+        def owed() -> dict[str, Any]:
+            [status] = httpx.get(f"{base}/mirrors", headers=admin).json()
+            return dict(status)
+
+        assert httpx.post(f"{base}/meters", json={"event_name": name}, headers=admin).is_success
+        assert httpx.post(f"{base}/customers", json={"id": "acme"}, headers=admin).is_success
+        sent = [
+            {
+                "id": f"{name}-{n}",
+                "event_name": name,
+                "customer_id": "acme",
+                "value": "2",
+                "timestamp": hour.isoformat(),
+            }
+            for n in range(5)
+        ]
+        assert httpx.post(f"{base}/usage", json={"events": sent}, headers=admin).is_success
+        deadline = time.monotonic() + 30
+        while owed()["depth"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        [meter_id] = [
+            m for m, meter in fake_stripe.state.meters.items() if meter["event_name"] == name
+        ]
+        refused = {f"{name}-1": "No customer", f"{name}-2": "No customer"}
+        body, signed = fake_stripe.report_refusals(meter_id, refused, SECRET)
+        notices = f"{base}/webhooks/stripe"
+
+        _, forged = fake_stripe.report_refusals(meter_id, refused, "whsec_someone_else")
+        stale = fake_stripe.report_refusals(
+            meter_id, refused, SECRET, signed_at=int(time.time()) - 600
+        )
+        for content, headers in ((body, forged), (stale[0], stale[1]), (body, {})):
+            answer = httpx.post(notices, content=content, headers=headers)
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]["field"] == "Stripe-Signature"
+        assert owed()["dead_letters"] == 0  # nothing recorded
+
+        answer = httpx.post(notices, content=body, headers=signed)
+        assert answer.json() == {"recorded": 2}
+        assert httpx.post(notices, content=body, headers=signed).json() == {"recorded": 0}
+        assert owed()["dead_letters"] == 2  # the replay changed nothing
+        page = httpx.get(f"{base}/metrics", headers=admin).text
+        assert (
+            'metering_mirror_reported_refusals_total{mirror="billing",provider="stripe"} 2.0'
+            in page
+        )
+
+        span = {"start": hour, "end": hour + timedelta(hours=1), "window": "hour"}
+        with Metering("sql", url=url, **options) as ledger:
+            [cell] = ledger.reconcile("billing", **span).cells
+            assert (cell.status, cell.ledger, cell.mirror) == (CellStatus.refused, 10, 6)
+            assert ledger.retry_mirror_dead_letters("billing") == 2  # the customer fixed
+            ledger.flush_mirrors(timeout=30)
+            assert ledger.reconcile("billing", **span).ok

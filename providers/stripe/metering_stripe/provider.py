@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from metering_core.models import (
     MeterCreate,
     MeterUpdate,
     Page,
+    RefusalNotice,
     Usage,
     UsageEvent,
     UsageQuery,
@@ -30,6 +31,7 @@ from metering_core.rules import answer
 from metering_stripe.capabilities import CAPABILITIES, FORMULAS, MAX_AGE, MAX_AHEAD
 from metering_stripe.deliveries import RecentDeliveries
 from metering_stripe.errors import translate
+from metering_stripe.notices import read_notice
 from metering_stripe.settings import StripeSettings
 from metering_stripe.usage import fold_summaries, summary_request, unix
 
@@ -378,6 +380,16 @@ class StripeProvider(BaseProvider):
             else:
                 result.cancelled.append(event_id)
         return result
+
+    # notices
+
+    async def read_refusal_notice(
+        self, body: bytes, headers: Mapping[str, str]
+    ) -> RefusalNotice | None:
+        """Stripe's meter error reports (by webhook): what it refused after answering."""
+        secret = self._settings.webhook_secret
+        shown = None if secret is None else secret.get_secret_value()
+        return await read_notice(self._client, shown, body, headers)
 
     async def aclose(self) -> None:
         """Close the connection pool the API and session clients share."""

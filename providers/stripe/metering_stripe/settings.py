@@ -18,3 +18,6 @@ class StripeSettings(ProviderSettings):
     """The pipeline retries with backoff already; SDK retries on top would multiply them."""
     use_event_stream: bool = True
     """Batch through the v2 meter event stream (100 events a request); else v1, one by one."""
+    webhook_secret: SecretStr | None = None
+    """The signing secret (`whsec_…`) of the event destination that sends Stripe's meter
+    error reports to `POST /webhooks/stripe`, for a Stripe mirror of the ledger."""

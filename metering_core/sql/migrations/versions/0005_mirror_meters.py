@@ -1,7 +1,7 @@
 """Meters and customers follow the ledger to its mirrors: the link from each ledger meter
 to its counterpart on a mirror, an index of the meter and customer changes still owed (a
 mirror gets them before any later event), the repairs reconcile sent, when each mirror
-was added, and its backfills.
+was added, its backfills, and the refusal notices it sent.
 
 Revision ID: 0005
 Revises: 0004
@@ -42,6 +42,14 @@ def upgrade() -> None:
     )
     op.create_index("mirror_repairs_cell", "mirror_repairs", ["mirror", "window_start"])
     op.create_table(
+        "mirror_notices",
+        sa.Column("id", sa.String(255), primary_key=True),
+        sa.Column("mirror", sa.String(100), nullable=False),
+        sa.Column("kind", sa.String(100), nullable=False),
+        sa.Column("error_count", sa.Integer, nullable=False),
+        sa.Column("received_at", sa.BigInteger, nullable=False),
+    )
+    op.create_table(
         "mirrors",
         sa.Column("name", sa.String(100), primary_key=True),
         sa.Column("added_at", sa.BigInteger, nullable=False),
@@ -69,5 +77,6 @@ def downgrade() -> None:
     op.drop_index("mirror_repairs_cell", "mirror_repairs")
     op.drop_table("mirror_repairs")
     op.drop_table("mirrors")
+    op.drop_table("mirror_notices")
     op.drop_table("mirror_backfills")
     op.drop_table("mirror_meters")

@@ -7,12 +7,15 @@ classes. Switches inject 429s, 5xx, dropped connections and latency.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
+
+import stripe
 
 from metering_stripe.testing.routes import Router
 from metering_stripe.testing.rules import State, StripeFault
@@ -55,6 +58,54 @@ class FakeStripe:
     def drop_next(self, count: int) -> None:
         with self._lock:
             self._faults.extend([None] * count)
+
+    def report_refusals(
+        self,
+        meter_id: str,
+        refused: dict[str, str],
+        secret: str,
+        *,
+        code: str = "meter_event_customer_not_found",
+        kind: str = "v1.billing.meter.error_report_triggered",
+        signed_at: int | None = None,
+    ) -> tuple[bytes, dict[str, str]]:
+        """Refuse these events after the fact, as Stripe's asynchronous validation does
+        (they no longer count), and report it as Stripe does to an event destination: the
+        thin event's body and its `Stripe-Signature` (signed with `secret` at `signed_at`);
+        the full event, with the sampled identifiers and messages, is served at
+        `/v2/core/events/{id}`."""
+        event_id = f"evt_{secrets.token_hex(12)}"
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        related = {"id": meter_id, "type": "billing.meter", "url": f"/v1/billing/meters/{meter_id}"}
+        samples = [
+            {"error_message": message, "request": {"identifier": identifier}}
+            for identifier, message in refused.items()
+        ]
+        reason = {
+            "error_count": len(refused),
+            "error_types": [{"code": code, "error_count": len(refused), "sample_errors": samples}],
+        }
+        thin = {
+            "id": event_id,
+            "object": "v2.core.event",
+            "type": kind,
+            "created": now,
+            "livemode": False,
+            "related_object": related,
+        }
+        data = {
+            "developer_message_summary": f"{len(refused)} meter event(s) were refused",
+            "reason": reason,
+            "validation_start": now,
+            "validation_end": now,
+        }
+        with self.state.lock:
+            self.state.notices[event_id] = {**thin, "data": data}
+            for identifier in refused:  # refused: not counted, and free to be sent again
+                self.state.events.pop(identifier, None)
+        body = json.dumps(thin)
+        signature = stripe.WebhookSignature.generate_signature_header(body, secret, signed_at)
+        return body.encode(), {"Stripe-Signature": signature}
 
     def __enter__(self) -> FakeStripe:
         self._thread.start()

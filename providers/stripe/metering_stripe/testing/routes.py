@@ -52,6 +52,7 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
         lambda s, p, m: s.customer(only(p, {"expand"}) or m[1]),
     ),
     ("DELETE", re.compile(r"/v1/customers/(cus_\w+)"), lambda s, p, m: s.delete_customer(m[1])),
+    ("GET", re.compile(r"/v2/core/events/(evt_\w+)"), lambda s, p, m: s.notice(m[1])),
     (
         "POST",
         re.compile(r"/v2/billing/meter_event_session"),

@@ -96,7 +96,16 @@ class State:
     events: dict[str, MeterEvent] = field(default_factory=dict)
     sessions: dict[str, float] = field(default_factory=dict)
     stream_errors: list[dict[str, Any]] = field(default_factory=list)
+    notices: dict[str, dict[str, Any]] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
+
+    # thin events (v2): what a webhook notification points to
+
+    def notice(self, event_id: str) -> dict[str, Any]:
+        with self.lock:
+            if event_id not in self.notices:
+                raise StripeFault(404, f"No such event: '{event_id}'", code="resource_missing")
+            return self.notices[event_id]
 
     # meters
 
