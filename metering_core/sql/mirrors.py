@@ -16,11 +16,12 @@ import asyncio
 import collections
 import json
 import logging
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from opentelemetry import metrics
@@ -47,7 +48,7 @@ from metering_core.sql.mirror_sync import (
     sync_customer,
     sync_meter,
 )
-from metering_core.sql.rows import Transaction
+from metering_core.sql.rows import Transaction, trusted
 from metering_core.sql.schema import events, meters, outbox
 
 __all__ = ["IDLE", "LEASE", "PASSES", "Forwarder", "build_mirrors"]
@@ -147,6 +148,24 @@ def _claim(dialect: str, changes: bool) -> sa.TextClause:
     )
 
 
+class _Held(NamedTuple):
+    """The rows one pass leased: its token (the lease's end) and their seq range."""
+
+    mirror: str
+    until: int
+    first: int
+    last: int
+
+    def rows(self) -> sa.ColumnElement[bool]:
+        """The rows this pass still holds (in the owed rows' partial index)."""
+        return sa.and_(
+            outbox.c.mirror == self.mirror,
+            outbox.c.refused.is_(None),
+            outbox.c.seq.between(self.first, self.last),
+            outbox.c.claimed_until == self.until,
+        )
+
+
 class Forwarder:
     """Delivers what the outbox owes each mirror."""
 
@@ -183,7 +202,9 @@ class Forwarder:
             logger.warning("mirror %r is reachable again; forwarding what it is owed", mirror)
         now = _now()
         lease = self.lease
-        until = now + int(lease * 1e6)
+        # The lease's end is also the pass's token, so it has a random part (under a
+        # second): two passes, of this process or another, never share one.
+        until = now + int(lease * 1e6) + secrets.randbelow(1_000_000)
         parameters = {"mirror": mirror, "now": now, "until": until, "limit": size}
         async with self._transaction() as connection:
             dialect = connection.dialect.name
@@ -194,6 +215,7 @@ class Forwarder:
         if not leased:
             return 0
         leased = sorted(leased, key=lambda row: row.seq)  # RETURNING has no order
+        held = _Held(mirror, until, leased[0].seq, leased[-1].seq)
         delivered: list[int] = []
         refused: dict[int, str] = {}
         try:
@@ -205,7 +227,7 @@ class Forwarder:
                 else:
                     usage = {row.event_id: row.seq for row in leased if row.kind == "usage"}
                     cancels = {row.event_id: row.seq for row in leased if row.kind == "cancel"}
-                    delivered, refused = await self._send_usage(mirror, provider, usage)
+                    delivered, refused = await self._send_usage(held, provider, usage)
                     cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
                     delivered.extend(cancelled)
                     refused.update(cancel_refused)
@@ -213,7 +235,7 @@ class Forwarder:
             logger.warning("mirror %r: a pass outlasted its lease; its rows are sent again", mirror)
         settled = {*delivered, *refused}
         retry = [row.seq for row in leased if row.seq not in settled]
-        await self._settle(until, delivered, refused, retry)
+        await self._settle(held, delivered, refused, retry)
         for outcome, rows in (("delivered", delivered), ("refused", refused)):
             if rows:
                 self._counts[mirror][outcome] += len(rows)
@@ -256,7 +278,7 @@ class Forwarder:
         return await sync_customer(mirror, provider, key, customer)
 
     async def _send_usage(
-        self, mirror: str, provider: IMetering, owed: Mapping[str, int]
+        self, held: _Held, provider: IMetering, owed: Mapping[str, int]
     ) -> tuple[list[int], dict[int, str]]:
         """Deliver the events; the rows delivered and those refused (with the reason).
         A row whose delivery gave up (the mirror failing, not refusing) is in neither,
@@ -266,16 +288,17 @@ class Forwarder:
         aggregation, or the mirror's meter of that name might not be the ledger's."""
         if not owed:
             return [], {}
-        live, cancelled = await self._events(list(owed))
-        held = await self._refused_meters(mirror)
+        live, cancelled = await self._events(held)
+        withheld = await self._refused_meters(held.mirror)
         delivered = [owed[i] for i in cancelled]  # nothing left to send
         gone = "the event is no longer in the store"
         stored = {*live, *cancelled}
         refused = {seq: gone for event_id, seq in owed.items() if event_id not in stored}
         sending: list[UsageEvent] = []
         for event in live.values():
-            if event.event_name in held:
-                refused[owed[event.id]] = f"the mirror refused its meter: {held[event.event_name]}"
+            if event.event_name in withheld:
+                reason = withheld[event.event_name]
+                refused[owed[event.id]] = f"the mirror refused its meter: {reason}"
             else:
                 sending.append(event)
         policy = DeliveryPolicy(provider, self._settings, durable=False)
@@ -340,8 +363,10 @@ class Forwarder:
                     done.append(owed[event_id])
         return done, refused
 
-    async def _events(self, ids: Sequence[str]) -> tuple[dict[str, UsageEvent], set[str]]:
-        """The stored events of these ids that are live; and the ids cancelled here."""
+    async def _events(self, held: _Held) -> tuple[dict[str, UsageEvent], set[str]]:
+        """The stored events of the usage rows this pass holds that are live; and the ids
+        cancelled here. Read through the lease (its token and seq range, in the owed
+        rows' index), not a list of thousands of ids."""
         columns = (
             events.c.id,
             events.c.event_name,
@@ -351,20 +376,36 @@ class Forwarder:
             sa.cast(events.c.dimensions, sa.Text),
             events.c.cancelled,
         )
+        statement = (
+            sa.select(*columns)
+            .join(outbox, outbox.c.event_id == events.c.id)
+            .where(held.rows(), outbox.c.kind == "usage")
+        )
         async with self._transaction(writes=False) as connection:
-            rows = (await connection.execute(sa.select(*columns).where(events.c.id.in_(ids)))).all()
-        live = {
-            row[0]: UsageEvent(
-                id=row[0],
-                event_name=row[1],
-                customer_id=row[2],
-                timestamp=from_epoch_micros(row[3]),
-                value=Decimal(str(row[4])),
-                dimensions=json.loads(row[5]),
+            rows = (await connection.execute(statement)).all()
+        values: dict[Any, Decimal] = {}  # an exact value, and dimensions, decoded once each
+        dimensions: dict[str, dict[str, str]] = {}
+        live: dict[str, UsageEvent] = {}
+        for event_id, name, customer, ts, value, text, cancelled in rows:
+            if cancelled:
+                continue
+            amount = values.get(value)
+            if amount is None:
+                amount = values[value] = rules.canonical(Decimal(str(value)))
+            found = dimensions.get(text)
+            if found is None:
+                found = dimensions[text] = json.loads(text)
+            live[event_id] = trusted(
+                UsageEvent,
+                {
+                    "id": event_id,
+                    "event_name": name,
+                    "customer_id": customer,
+                    "value": amount,
+                    "timestamp": from_epoch_micros(ts),
+                    "dimensions": dict(found),  # a copy each: a mirror may keep the event
+                },
             )
-            for row in rows
-            if not row[6]
-        }
         return live, {row[0] for row in rows if row[6]}
 
     async def _still_owed(self, mirror: str, ids: Sequence[str]) -> set[str]:
@@ -384,32 +425,30 @@ class Forwarder:
 
     async def _settle(
         self,
-        until: int,
+        held: _Held,
         delivered: Sequence[int],
         refused: Mapping[int, str],
         retry: Sequence[int],
     ) -> None:
         """Mark what happened to each leased row, and release those to try again; only
-        rows this pass still holds (its lease, `until`): a row another forwarder took
-        after the lease ran out is that forwarder's to mark."""
-        held = outbox.c.claimed_until == until
+        rows this pass still holds (its lease): a row another forwarder took after the
+        lease ran out is that forwarder's to mark. The rows still held after that are
+        the ones delivered, deleted through the lease rather than a list of seqs."""
         async with self._transaction() as connection:
-            if delivered:
-                await connection.execute(
-                    sa.delete(outbox).where(outbox.c.seq.in_(list(delivered)), held)
-                )
             for seq, reason in refused.items():
                 await connection.execute(
                     sa.update(outbox)
-                    .where(outbox.c.seq == seq, held)
+                    .where(outbox.c.seq == seq, outbox.c.claimed_until == held.until)
                     .values(refused=reason, claimed_until=None)
                 )
             if retry:
                 await connection.execute(
                     sa.update(outbox)
-                    .where(outbox.c.seq.in_(list(retry)), held)
+                    .where(outbox.c.seq.in_(list(retry)), held.rows())
                     .values(claimed_until=None)
                 )
+            if delivered:
+                await connection.execute(sa.delete(outbox).where(held.rows()))
 
     def count_reported(self, mirror: str, count: int) -> None:
         """Events `mirror` reported refusing after it accepted them (a notice)."""

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from metering_core.epoch import from_epoch_micros
 from metering_core.models import Customer, Meter
 
-__all__ = ["Transaction", "customer_from_row", "meter_from_row"]
+__all__ = ["Transaction", "customer_from_row", "meter_from_row", "trusted"]
+
+M = TypeVar("M", bound=BaseModel)
 
 Transaction = Callable[..., AbstractAsyncContextManager[AsyncConnection]]
 """The provider's transaction factory (`writes=False` for reads): what the mirrors'
@@ -35,3 +38,16 @@ def meter_from_row(row: Any) -> Meter:
 
 def customer_from_row(row: Any) -> Customer:
     return Customer(id=row.id, name=row.name, email=row.email, metadata=row.metadata)
+
+
+def trusted(model: type[M], fields: dict[str, Any]) -> M:
+    """A model of the store's own row (validated when it was stored), every field given
+    and none to validate: what `model_construct` makes, without its walk over each field's
+    aliases and defaults (a quarter of an export's time). Tests hold it equal to the
+    validated model."""
+    made = model.__new__(model)
+    object.__setattr__(made, "__dict__", fields)
+    object.__setattr__(made, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(made, "__pydantic_extra__", None)
+    object.__setattr__(made, "__pydantic_private__", None)
+    return made
