@@ -10,11 +10,17 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["MAX_BODY_BYTES", "BodyLimit"]
+from metering_core.server.key_first import WEBHOOKS
+
+__all__ = ["MAX_BODY_BYTES", "MAX_NOTICE_BYTES", "BodyLimit"]
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 """The largest request body the service reads by default: a full batch of events with
 large dimensions fits many times over."""
+
+MAX_NOTICE_BYTES = 64 * 1024
+"""The largest webhook body: no key is checked before it is read (the provider's
+signature is), and a notice is about a kilobyte."""
 
 
 class BodyLimit:
@@ -29,8 +35,11 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_bytes
+        if scope["path"].startswith(WEBHOOKS):
+            limit = min(limit, MAX_NOTICE_BYTES)
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        too_long = declared.isdigit() and int(declared) > self.max_bytes
+        too_long = declared.isdigit() and int(declared) > limit
         read = 0
 
         async def limited() -> Message:
@@ -39,7 +48,7 @@ class BodyLimit:
                 raise HTTPException(413)
             message = await receive()
             read += len(message.get("body", b""))
-            if read > self.max_bytes:
+            if read > limit:
                 raise HTTPException(413)
             return message
 

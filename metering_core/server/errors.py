@@ -16,6 +16,8 @@ from starlette.routing import Match
 
 from metering_core.errors import MeteringError, RateLimitedError, ValidationError, clip, wire_type
 from metering_core.models import described_errors
+from metering_core.server.body_limit import MAX_NOTICE_BYTES
+from metering_core.server.key_first import WEBHOOKS
 
 logger = logging.getLogger("metering.server")
 
@@ -88,6 +90,8 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
         return _error("validation_error", f"invalid request body: {exc.detail}", 422, "body")
     if exc.status_code == 413:
         limit = request.app.state.max_body_bytes
+        if request.url.path.startswith(WEBHOOKS):
+            limit = min(limit, MAX_NOTICE_BYTES)
         message = f"the request body is over the service's limit of {limit} bytes: send less"
         return _error("validation_error", message, 413, "body")
     kind = "not_found" if exc.status_code == 404 else "http_error"

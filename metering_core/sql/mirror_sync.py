@@ -37,6 +37,8 @@ __all__ = [
     "Refused",
     "ledger_customer",
     "ledger_meter",
+    "mismatch",
+    "named",
     "refusal",
     "sync_customer",
     "sync_meter",
@@ -74,7 +76,8 @@ async def _their_meters(mirror: IMetering) -> AsyncIterator[Meter]:
         cursor = page.next_cursor
 
 
-async def _named(mirror: IMetering, event_name: str) -> Meter | None:
+async def named(mirror: IMetering, event_name: str) -> Meter | None:
+    """The mirror's meter of this event name, active or not."""
     async for meter in _their_meters(mirror):
         if meter.event_name == event_name:
             return meter
@@ -163,13 +166,13 @@ async def sync_meter(
             theirs = None  # deleted on the mirror: found or created again below
     if theirs is None:
         created = False
-        theirs = await _named(mirror, ledger.event_name)
+        theirs = await named(mirror, ledger.event_name)
         if theirs is None:
             try:
                 theirs = await mirror.create_meter(_created(ledger, capabilities))
                 created = True
             except ConflictError:  # another forwarder created it meanwhile
-                theirs = await _named(mirror, ledger.event_name)
+                theirs = await named(mirror, ledger.event_name)
                 if theirs is None:
                     raise
         _check_counterpart(name, ledger, theirs)
@@ -193,18 +196,26 @@ async def sync_meter(
     return done(outcome, theirs.id)
 
 
-def _check_counterpart(name: str, ledger: Meter, theirs: Meter) -> None:
-    """`Refused` unless the mirror's meter bills as the ledger's does, and takes events."""
-    if (theirs.aggregation, theirs.unique_dimension) != (
+def mismatch(name: str, event_name: str, theirs: Meter, ledger: Meter | MeterCreate) -> str | None:
+    """Why the mirror's meter of `event_name` cannot be the ledger's, or None."""
+    if (theirs.aggregation, theirs.unique_dimension) == (
         ledger.aggregation,
         ledger.unique_dimension,
     ):
-        raise Refused(
-            f"mirror {name!r} has a meter for event_name={ledger.event_name!r} "
-            f"({theirs.id}) aggregating {theirs.aggregation.value!r} "
-            f"(unique_dimension={theirs.unique_dimension!r}), not "
-            f"{ledger.aggregation.value!r} (unique_dimension={ledger.unique_dimension!r})"
-        )
+        return None
+    return (
+        f"mirror {name!r} has a meter for event_name={event_name!r} "
+        f"({theirs.id}) aggregating {theirs.aggregation.value!r} "
+        f"(unique_dimension={theirs.unique_dimension!r}), not "
+        f"{ledger.aggregation.value!r} (unique_dimension={ledger.unique_dimension!r})"
+    )
+
+
+def _check_counterpart(name: str, ledger: Meter, theirs: Meter) -> None:
+    """`Refused` unless the mirror's meter bills as the ledger's does, and takes events."""
+    reason = mismatch(name, ledger.event_name, theirs, ledger)
+    if reason is not None:
+        raise Refused(reason)
     if theirs.status != "active":
         raise Refused(
             f"mirror {name!r} has the meter for event_name={ledger.event_name!r} "

@@ -131,6 +131,15 @@ _BARRIER = {
 in order: two passes could otherwise apply an update of a meter after its deletion."""
 
 
+_CHANGES_OWED = sa.text(
+    "SELECT 1 FROM outbox WHERE mirror = :mirror AND refused IS NULL "
+    "AND kind IN ('meter', 'customer') LIMIT 1"
+)
+_ONE_CHANGE_PASS = sa.text("SELECT pg_advisory_xact_lock(hashtext('metering mirror ' || :mirror))")
+"""On PostgreSQL, passes claiming changes at the same moment would not see each other's
+uncommitted lease (READ COMMITTED): they take turns, for the claim's transaction."""
+
+
 def _claim(dialect: str, changes: bool) -> sa.TextClause:
     skip = "FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
     return sa.text(
@@ -208,7 +217,11 @@ class Forwarder:
         parameters = {"mirror": mirror, "now": now, "until": until, "limit": size}
         async with self._transaction() as connection:
             dialect = connection.dialect.name
-            leased = (await connection.execute(_claim(dialect, True), parameters)).all()
+            leased: Sequence[Any] = []
+            if await connection.scalar(_CHANGES_OWED, parameters):
+                if dialect == "postgresql":  # one change pass at a time, however many claim
+                    await connection.execute(_ONE_CHANGE_PASS, parameters)
+                leased = (await connection.execute(_claim(dialect, True), parameters)).all()
             changes = bool(leased)
             if not changes:
                 leased = (await connection.execute(_claim(dialect, False), parameters)).all()
@@ -218,12 +231,13 @@ class Forwarder:
         held = _Held(mirror, until, leased[0].seq, leased[-1].seq)
         delivered: list[int] = []
         refused: dict[int, str] = {}
+        untried: list[int] = []
         try:
             # Within the lease, or another forwarder could take these rows while they
             # are still being sent; what is not settled by then is taken again later.
             async with asyncio.timeout(lease * 0.8):
                 if changes:
-                    delivered, refused = await self._send_changes(mirror, provider, leased)
+                    delivered, refused, untried = await self._send_changes(mirror, provider, leased)
                 else:
                     usage = {row.event_id: row.seq for row in leased if row.kind == "usage"}
                     cancels = {row.event_id: row.seq for row in leased if row.kind == "cancel"}
@@ -233,9 +247,9 @@ class Forwarder:
                     refused.update(cancel_refused)
         except TimeoutError:
             logger.warning("mirror %r: a pass outlasted its lease; its rows are sent again", mirror)
-        settled = {*delivered, *refused}
+        settled = {*delivered, *refused, *untried}
         retry = [row.seq for row in leased if row.seq not in settled]
-        await self._settle(held, delivered, refused, retry)
+        await self._settle(held, delivered, refused, retry, untried)
         for outcome, rows in (("delivered", delivered), ("refused", refused)):
             if rows:
                 self._counts[mirror][outcome] += len(rows)
@@ -244,13 +258,14 @@ class Forwarder:
 
     async def _send_changes(
         self, mirror: str, provider: IMetering, leased: Sequence[Any]
-    ) -> tuple[list[int], dict[int, str]]:
+    ) -> tuple[list[int], dict[int, str], list[int]]:
         """Bring the mirror's meters and customers to the ledger's, one change at a time
         in the order they were made; stop at the first the mirror fails (not refuses),
-        so none overtakes another."""
+        so none overtakes another. The rows done, those refused, and those not tried
+        (after a failure: their lease did not count as an attempt)."""
         delivered: list[int] = []
         refused: dict[int, str] = {}
-        for row in leased:
+        for index, row in enumerate(leased):
             try:
                 await self.follow(mirror, provider, row.kind, row.event_id)
             except (Refused, *REFUSALS) as exc:
@@ -261,13 +276,14 @@ class Forwarder:
                     "mirror %r failed on %s %r (%s)", mirror, row.kind, row.event_id, exc
                 )
                 if row.attempts < CHANGE_ATTEMPTS or isinstance(exc, _PASSING):
-                    break  # tried again later, before anything that follows it
+                    # tried again later, before anything that follows it
+                    return delivered, refused, [later.seq for later in leased[index + 1 :]]
                 # Not an outage: a key without the scope, a bug. Set aside (a dead letter,
                 # retried once fixed) rather than holding back every later event.
                 refused[row.seq] = f"gave up after {row.attempts} attempts: {exc}"
             else:
                 delivered.append(row.seq)
-        return delivered, refused
+        return delivered, refused, []
 
     async def follow(self, mirror: str, provider: IMetering, kind: str, key: str) -> MirrorLink:
         """Make `mirror`'s meter or customer `key` what the ledger holds now."""
@@ -429,6 +445,7 @@ class Forwarder:
         delivered: Sequence[int],
         refused: Mapping[int, str],
         retry: Sequence[int],
+        untried: Sequence[int] = (),
     ) -> None:
         """Mark what happened to each leased row, and release those to try again; only
         rows this pass still holds (its lease): a row another forwarder took after the
@@ -446,6 +463,12 @@ class Forwarder:
                     sa.update(outbox)
                     .where(outbox.c.seq.in_(list(retry)), held.rows())
                     .values(claimed_until=None)
+                )
+            if untried:
+                await connection.execute(
+                    sa.update(outbox)
+                    .where(outbox.c.seq.in_(list(untried)), held.rows())
+                    .values(claimed_until=None, attempts=outbox.c.attempts - 1)
                 )
             if delivered:
                 await connection.execute(sa.delete(outbox).where(held.rows()))

@@ -22,6 +22,7 @@ from metering_core.config import default_store_path
 from metering_core.cursors import check_limit, decode_cursor, encode_cursor
 from metering_core.epoch import epoch_micros, from_epoch_micros
 from metering_core.errors import (
+    ConfigurationError,
     ConflictError,
     MeteringError,
     NotFoundError,
@@ -30,7 +31,6 @@ from metering_core.errors import (
 )
 from metering_core.interface import BaseProvider, IMetering, ReportsRefusals
 from metering_core.models import (
-    Aggregation,
     CancelResult,
     Customer,
     CustomerCreate,
@@ -64,7 +64,7 @@ from metering_core.sql.ingest import (
 from metering_core.sql.judged import Judged
 from metering_core.sql.listing import event_page, events_statement
 from metering_core.sql.meter_copy import MeterCopy
-from metering_core.sql.mirror_sync import Refused, refusal
+from metering_core.sql.mirror_sync import Refused, mismatch, named, refusal
 from metering_core.sql.mirrors import REFUSALS, Forwarder, build_mirrors
 from metering_core.sql.reconcile import reconcile
 from metering_core.sql.rows import customer_from_row, meter_from_row
@@ -75,6 +75,7 @@ from metering_core.sql.schema import (
     meters,
     mirror_backfills,
     mirror_notices,
+    mirror_repairs,
     mirrors,
     outbox,
 )
@@ -279,21 +280,25 @@ class SqlProvider(BaseProvider):
         """Owe each mirror a meter's or a customer's change (in its transaction)."""
         await owe(connection, kind, [key], self._mirror_names, at=epoch_micros(datetime.now(UTC)))
 
-    async def _check_mirrors_bill(self, aggregation: Aggregation) -> None:
-        """Refuse a meter a mirror could not bill, before the ledger has it. A mirror that
-        cannot say what it bills now (down) is owed the meter, and refuses it later as a
-        dead letter if it must."""
+    async def _check_mirrors_bill(self, meter: MeterCreate) -> None:
+        """Refuse a meter a mirror could not bill, before the ledger has it: an aggregation
+        the mirror lacks, or a meter of its event name there that bills otherwise (Stripe
+        keeps event names unique, deactivated meters too). A mirror that cannot say now
+        (down) is owed the meter, and refuses it later as a dead letter if it must."""
         for name, mirror in self.forwarder.mirrors.items():
             try:
                 capabilities = await mirror.load_capabilities()
+                theirs = await named(mirror, meter.event_name)
             except Exception:  # the mirror is down: the outbox catches it up
                 continue
-            reason = refusal(name, aggregation, capabilities)
+            reason = refusal(name, meter.aggregation, capabilities)
+            if reason is None and theirs is not None:
+                reason = mismatch(name, meter.event_name, theirs, meter)
             if reason is not None:
-                raise ValidationError(reason, field="aggregation", value=aggregation.value)
+                raise ValidationError(reason, field="aggregation", value=meter.aggregation.value)
 
     async def create_meter(self, meter: MeterCreate) -> Meter:
-        await self._check_mirrors_bill(meter.aggregation)
+        await self._check_mirrors_bill(meter)
         now = epoch_micros(datetime.now(UTC))
         meter_id = f"mtr_{secrets.token_hex(12)}"
         row = {
@@ -616,11 +621,11 @@ class SqlProvider(BaseProvider):
     async def backfill_mirror(
         self, mirror: str, *, start: datetime, end: datetime | None = None
     ) -> int:
-        """Owe `mirror` the events stored before it was added to this store (the rest are
-        owed to it already), from `start` to `end` (default: now), live and of a meter
-        that exists; the number owed. A mirror that forgets ids (Stripe, after 24 h)
-        would count a repeated backfill twice: for it, a range overlapping an earlier
-        backfill is refused."""
+        """Owe `mirror` the live events of existing meters from `start` to `end` (default:
+        now); the number owed. A mirror that remembers ids answers duplicate for those it
+        has. One that forgets them (Stripe, after 24 h) would count them twice: it is sent
+        only the events stored before it was added to this store (the rest were owed to
+        it already), and a range overlapping an earlier backfill is refused."""
         provider = self._mirror(mirror)
         end = end or datetime.now(UTC)
         if end <= start:
@@ -641,22 +646,26 @@ class SqlProvider(BaseProvider):
         since, until = epoch_micros(start), epoch_micros(end)
         now = epoch_micros(datetime.now(UTC))
         async with self._transaction() as connection:
-            added = await connection.scalar(
-                sa.select(mirrors.c.added_at).where(mirrors.c.name == mirror)
+            chosen = sa.select(
+                sa.literal(mirror), sa.literal("usage"), events.c.id, sa.literal(now)
+            ).where(
+                events.c.ts >= since,
+                events.c.ts < until,
+                events.c.cancelled == sa.false(),
+                events.c.meter_seq.in_(sa.select(meters.c.seq)),
             )
             if capabilities.dedupe_window is not None:
+                # Only what no process owed it: the rest it may have had for longer than
+                # it remembers ids. (Events stored meanwhile by a process without the
+                # mirror configured are not sent: reconcile shows their cells short.)
                 await self._refuse_overlap(connection, mirror, since, until)
-            chosen = (
-                sa.select(sa.literal(mirror), sa.literal("usage"), events.c.id, sa.literal(now))
-                .where(
-                    events.c.ts >= since,
-                    events.c.ts < until,
-                    events.c.cancelled == sa.false(),
-                    events.c.meter_seq.in_(sa.select(meters.c.seq)),
-                    sa.or_(events.c.ingested_at.is_(None), events.c.ingested_at < added),
+                added = await connection.scalar(
+                    sa.select(mirrors.c.added_at).where(mirrors.c.name == mirror)
                 )
-                .order_by(events.c.ts, events.c.seq)
-            )
+                chosen = chosen.where(
+                    sa.or_(events.c.ingested_at.is_(None), events.c.ingested_at < (added or now))
+                )
+            chosen = chosen.order_by(events.c.ts, events.c.seq)
             owed = await connection.execute(
                 sa.insert(outbox).from_select(["mirror", "kind", "event_id", "created_at"], chosen)
             )
@@ -690,11 +699,30 @@ class SqlProvider(BaseProvider):
 
     async def retry_mirror_dead_letters(self, mirror: str) -> int:
         """Owe `mirror` again what it refused (once the cause is fixed: a meter or a
-        customer it lacked); the number of rows. They keep their place in order."""
+        customer it lacked); the number of rows. They keep their place in order. An event
+        in a cell reconcile repaired since stays a dead letter: the repair sent the
+        mirror its difference, and the event again would count it twice."""
         self._mirror(mirror)
+        repaired = (
+            sa.select(1)
+            .select_from(events.join(meters, meters.c.seq == events.c.meter_seq))
+            .join(
+                mirror_repairs,
+                (mirror_repairs.c.mirror == mirror)
+                & (mirror_repairs.c.meter_id == meters.c.id)
+                & (mirror_repairs.c.customer_id == events.c.customer_id)
+                & (events.c.ts >= mirror_repairs.c.window_start)
+                & (events.c.ts < mirror_repairs.c.window_end),
+            )
+            .where(events.c.id == outbox.c.event_id, outbox.c.kind == "usage")
+        )
         statement = (
             sa.update(outbox)
-            .where(outbox.c.mirror == mirror, outbox.c.refused.is_not(None))
+            .where(
+                outbox.c.mirror == mirror,
+                outbox.c.refused.is_not(None),
+                ~sa.exists(repaired),
+            )
             .values(refused=None, claimed_until=None, attempts=0)
         )
         async with self._transaction() as connection:
@@ -712,11 +740,14 @@ class SqlProvider(BaseProvider):
         ]
         if not readers:
             raise NotFoundError(f"no mirror of provider {source!r} sends notices to this store")
-        refusal: ValidationError | None = None
+        refusal: MeteringError | None = None
         for name, reader in readers:
             try:
                 notice = await reader.read_refusal_notice(body, headers)
             except ValidationError as exc:  # not this mirror's secret
+                refusal = exc
+                continue
+            except ConfigurationError as exc:  # no secret: another mirror may verify it
                 refusal = refusal or exc
                 continue
             return 0 if notice is None else await self._record_notice(name, notice)
@@ -740,7 +771,6 @@ class SqlProvider(BaseProvider):
             )
             if first.first() is None:
                 return 0  # recorded before
-            self.forwarder.count_reported(mirror, notice.error_count)
             named = list(notice.refused)
             stored = set(
                 await connection.scalars(sa.select(events.c.id).where(events.c.id.in_(named)))
@@ -767,7 +797,8 @@ class SqlProvider(BaseProvider):
             ]
             if rows:
                 await connection.execute(sa.insert(outbox), rows)
-            return len(rows)
+        self.forwarder.count_reported(mirror, notice.error_count)
+        return len(rows)
 
     async def reconcile(
         self,

@@ -24,6 +24,7 @@ import hashlib
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import NamedTuple
 
 import sqlalchemy as sa
 
@@ -117,22 +118,59 @@ async def _unsent(
         ]
 
 
-async def _recently_repaired(
+class _Repair(NamedTuple):
+    start: int
+    end: int
+    sent_at: int
+
+
+class _Repairs:
+    """The repairs sent to a mirror's cells, by meter and customer: a cell overlapping
+    one sent lately is pending (the mirror may not show it yet: Stripe takes minutes),
+    and a cell is repaired again only where every earlier repair is old and was of that
+    same window (a correction sits at its window's start, so a finer or coarser window
+    would see the same shortfall and send it twice)."""
+
+    def __init__(self, found: dict[tuple[str, str], list[_Repair]], now: datetime) -> None:
+        self._found = found
+        self._lately = epoch_micros(now - REPAIR_SETTLE)
+
+    def _overlapping(
+        self, meter: str, customer: str, start: datetime, end: datetime
+    ) -> list[_Repair]:
+        since, until = epoch_micros(start), epoch_micros(end)
+        found = self._found.get((meter, customer), [])
+        return [r for r in found if r.start < until and r.end > since]
+
+    def lately(self, meter: str, customer: str, start: datetime, end: datetime) -> bool:
+        overlapping = self._overlapping(meter, customer, start, end)
+        return any(r.sent_at >= self._lately for r in overlapping)
+
+    def repairable(self, cell: ReconcileCell) -> bool:
+        window = (epoch_micros(cell.start), epoch_micros(cell.end))
+        overlapping = self._overlapping(cell.meter_id, cell.customer_id, cell.start, cell.end)
+        return all(r.sent_at < self._lately and (r.start, r.end) == window for r in overlapping)
+
+
+async def _repairs(
     transaction: Transaction, mirror: str, start: datetime, end: datetime
-) -> set[tuple[str, str, int]]:
-    """(meter, customer, window start) of the cells a repair was sent to within
-    `REPAIR_SETTLE`: the mirror may not show it yet (Stripe takes minutes)."""
-    since = epoch_micros(datetime.now(UTC) - REPAIR_SETTLE)
+) -> _Repairs:
     statement = sa.select(
-        mirror_repairs.c.meter_id, mirror_repairs.c.customer_id, mirror_repairs.c.window_start
+        mirror_repairs.c.meter_id,
+        mirror_repairs.c.customer_id,
+        mirror_repairs.c.window_start,
+        mirror_repairs.c.window_end,
+        mirror_repairs.c.sent_at,
     ).where(
         mirror_repairs.c.mirror == mirror,
-        mirror_repairs.c.sent_at >= since,
         mirror_repairs.c.window_start >= epoch_micros(start - _LONGEST_WINDOW),
         mirror_repairs.c.window_start < epoch_micros(end),
     )
+    found: dict[tuple[str, str], list[_Repair]] = {}
     async with transaction(writes=False) as connection:
-        return {(row[0], row[1], row[2]) for row in await connection.execute(statement)}
+        for meter, customer, since, until, sent_at in await connection.execute(statement):
+            found.setdefault((meter, customer), []).append(_Repair(since, until, sent_at))
+    return _Repairs(found, datetime.now(UTC))
 
 
 class _Times:
@@ -208,7 +246,7 @@ async def reconcile(
         links = {mine: theirs for mine, theirs in await connection.execute(linked)}
     capabilities = await mirror.load_capabilities()
     unsent = await _unsent(transaction, mirror_name, {m.event_name for m in mine}, start, end)
-    repaired = await _recently_repaired(transaction, mirror_name, start, end)
+    repaired = await _repairs(transaction, mirror_name, start, end)
     cells: list[ReconcileCell] = []
     for meter in mine:
         query = UsageQuery(meter_id=meter.id, start=start, end=end, window=window)
@@ -253,7 +291,7 @@ async def reconcile(
                 mirror_value,
                 refused=waiting.get((key[0], True), none).within(key[1], closes),
                 pending=waiting.get((key[0], False), none).within(key[1], closes)
-                or (meter.id, key[0], epoch_micros(key[1])) in repaired,
+                or repaired.lately(meter.id, key[0], key[1], closes),
             )
             cells.append(
                 ReconcileCell(
@@ -269,7 +307,7 @@ async def reconcile(
             )
     ok = not any(c.status in DRIFT for c in cells)
     if repair and not ok:
-        cells = await _repair(transaction, mirror_name, mirror, capabilities, mine, cells)
+        cells = await _repair(transaction, mirror_name, mirror, capabilities, mine, cells, repaired)
     return ReconcileReport(mirror=mirror_name, ok=ok, cells=cells)
 
 
@@ -302,11 +340,12 @@ async def _repair(
     capabilities: Capabilities,
     meters: Sequence[Meter],
     cells: list[ReconcileCell],
+    repaired: _Repairs,
 ) -> list[ReconcileCell]:
-    """Send each short sum or count cell its corrections, and record each repair (a cell
-    repaired is `pending` for `REPAIR_SETTLE`, and not repaired again meanwhile); the
-    cells, those whose corrections the mirror took marked `repaired`. A cell whose window
-    is older than the mirror accepts is left short."""
+    """Send each short sum or count cell its corrections, and record each repair (see
+    `_Repairs` for when a cell is repaired again); the cells, those whose corrections the
+    mirror took marked `repaired`. A cell whose window is older than the mirror accepts is
+    left short."""
     by_id = {meter.id: meter for meter in meters}
     now = datetime.now(UTC)
     oldest = None if capabilities.max_event_age is None else now - capabilities.max_event_age
@@ -315,6 +354,8 @@ async def _repair(
     for index, cell in enumerate(cells):
         meter = by_id[cell.meter_id]
         if cell.status is not CellStatus.short or meter.aggregation not in _ZERO_WHEN_ABSENT:
+            continue
+        if not repaired.repairable(cell):
             continue
         at = cell.start if oldest is None else max(cell.start, oldest + timedelta(minutes=5))
         if at >= cell.end:
@@ -338,6 +379,7 @@ async def _repair(
                 "meter_id": cells[index].meter_id,
                 "customer_id": cells[index].customer_id,
                 "window_start": epoch_micros(cells[index].start),
+                "window_end": epoch_micros(cells[index].end),
                 "amount": (cells[index].ledger or Decimal(0)) - (cells[index].mirror or 0),
                 "sent_at": epoch_micros(now),
             }

@@ -617,3 +617,88 @@ async def test_a_cell_the_mirror_refused_events_of_is_drift_and_never_repaired(
     await ledger.flush_mirrors(timeout=30)
     assert (await ledger.reconcile("billing", **span)).ok
     assert mirror_outcomes(url) == {"accepted": 3}
+
+
+async def test_a_repaired_cell_is_repaired_once_whatever_the_window_and_its_dead_letters_stay(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """A correction sits at its window's start: an hourly reconcile of a day repaired
+    would see the same shortfall and send it again; and a dead letter of that cell
+    (a refusal reported after the repair) retried would count it twice."""
+    day = AT.replace(hour=0)
+    late = day + timedelta(hours=5)
+    await ledger.ingest_usage_events(
+        [e.model_copy(update={"timestamp": late}) for e in (event(1), event(2))]
+    )
+    await ledger.flush_mirrors(timeout=30)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    await provider.forwarder.mirrors["billing"].cancel_usage_events(["e1"])  # the mirror lost e1
+    span = {"start": day, "end": day + timedelta(days=1)}
+
+    daily = await ledger.reconcile("billing", **span, window="day", repair=True)
+    hourly = await ledger.reconcile("billing", **span, window="hour", repair=True)
+
+    assert [c.repaired for c in daily.cells] == [True]
+    assert not any(c.repaired for c in hourly.cells)
+    assert {c.status for c in hourly.cells if c.status is not CellStatus.equal} == {
+        CellStatus.pending
+    }
+    again = await ledger.reconcile("billing", **span, window="day")
+    assert [c.status for c in again.cells] == [CellStatus.equal]
+
+    async with provider._transaction() as connection:  # the mirror reports refusing e1
+        await connection.execute(
+            sa.insert(outbox).values(
+                mirror="billing", kind="usage", event_id="e1", created_at=0, refused="late"
+            )
+        )
+    assert await ledger.retry_mirror_dead_letters("billing") == 0  # the repair stands for it
+    assert [c.status for c in (await ledger.reconcile("billing", **span)).cells] == [
+        CellStatus.equal
+    ]
+
+
+async def test_a_meter_a_mirror_has_under_another_aggregation_is_refused_at_creation(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    _, behind = mirror_service
+    await behind.create_meter(event_name="seats", aggregation="count")
+    with pytest.raises(ValidationError, match="aggregating 'count'") as refused:
+        await ledger.create_meter(event_name="seats", aggregation="max")
+    assert refused.value.field == "aggregation"
+    assert [m.event_name for m in (await ledger.fetch_all_meters()).items] == ["calls"]
+
+
+async def test_changes_reach_the_mirror_one_at_a_time_in_order_however_many_passes_claim(
+    ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four passes claiming at once (or two forwarders) must not apply changes side by
+    side: on PostgreSQL they would not see each other's uncommitted leases."""
+    await ledger.flush_mirrors(timeout=30)
+    for n in range(12):
+        await ledger.create_customer(id=f"c{n:02d}")
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    creating = mirror.create_customer
+    at_once, most, order = 0, 0, []
+
+    async def slow(customer: Any) -> Any:
+        nonlocal at_once, most
+        at_once += 1
+        most = max(most, at_once)
+        order.append(customer.id)
+        await asyncio.sleep(0.02)
+        try:
+            return await creating(customer)
+        finally:
+            at_once -= 1
+
+    monkeypatch.setattr(mirror, "create_customer", slow)
+    for _ in range(8):  # two changes a pass, one pass at a time: six rounds are enough
+        await asyncio.gather(*(provider.forwarder.forward("billing", limit=2) for _ in range(4)))
+
+    assert most == 1
+    assert order == sorted(order)
+    assert len(order) == 12

@@ -13,12 +13,15 @@ from typing import Any
 
 import httpx
 import pytest
+from metering_stripe import StripeProvider
 from metering_stripe.testing import FakeStripe
 
 from metering_core import (
     AsyncMetering,
     CellStatus,
+    CustomerCreate,
     LinkOutcome,
+    MeterCreate,
     Metering,
     UsageEvent,
     ValidationError,
@@ -26,7 +29,7 @@ from metering_core import (
 from metering_core.server import create_app
 from metering_core.testing.serving import serve_in_thread
 
-from .conftest import API_KEY
+from .conftest import API_KEY, settings_for
 
 
 def stripe_mirror(fake: FakeStripe) -> dict[str, Any]:
@@ -189,3 +192,42 @@ def test_stripe_refusal_notices_become_dead_letters_and_forged_or_replayed_ones_
             assert ledger.retry_mirror_dead_letters("billing") == 2  # the customer fixed
             ledger.flush_mirrors(timeout=30)
             assert ledger.reconcile("billing", **span).ok
+
+
+async def test_events_stripe_reports_refusing_are_sent_again_not_answered_duplicate(
+    fake_stripe: FakeStripe,
+) -> None:
+    """The provider remembers what it delivered for a day and answers duplicate for it;
+    an event Stripe refused later must reach Stripe when retried."""
+    mirror = StripeProvider(settings_for(fake_stripe, webhook_secret=SECRET))
+    name = f"calls_{uuid.uuid4().hex[:8]}"
+    try:
+        meter = await mirror.create_meter(MeterCreate(event_name=name))
+        await mirror.create_customer(CustomerCreate(id="acme"))
+        sent = UsageEvent(id=f"{name}-1", event_name=name, customer_id="acme")
+        assert (await mirror.ingest_usage_events([sent])).accepted == [sent.id]
+        assert (await mirror.ingest_usage_events([sent])).duplicates == [sent.id]
+
+        body, signed = fake_stripe.report_refusals(meter.id, {sent.id: "No customer"}, SECRET)
+        notice = await mirror.read_refusal_notice(body, {k.lower(): v for k, v in signed.items()})
+
+        assert notice is not None
+        assert notice.refused == {
+            sent.id: "Stripe refused it later (meter_event_customer_not_found): No customer"
+        }
+        assert (await mirror.ingest_usage_events([sent])).accepted == [sent.id]
+    finally:
+        await mirror.aclose()
+
+
+def test_a_webhook_body_over_64_kib_is_refused_before_it_is_read(
+    fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    ledger = AsyncMetering(
+        "sql", url=f"sqlite:///{tmp_path / 'l.db'}", mirrors=stripe_mirror(fake_stripe)
+    )
+    app = create_app(ledger, keys=KEYS)
+    with serve_in_thread(app) as base:
+        answer = httpx.post(f"{base}/webhooks/stripe", content=b"x" * (65 * 1024))
+    assert answer.status_code == 413
+    assert "65536" in answer.json()["error"]["message"]

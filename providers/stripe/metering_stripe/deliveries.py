@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 
 WINDOW = 24 * 3600
 
@@ -23,6 +24,12 @@ class RecentDeliveries:
     def get(self, event_id: str) -> tuple[str, float] | None:
         self._expire()
         return self._entries.get(event_id)
+
+    def forget(self, event_ids: Iterable[str]) -> None:
+        """Stripe refused these after all (a meter error report): sent again, they are
+        new to it, not duplicates."""
+        for event_id in event_ids:
+            self._entries.pop(event_id, None)
 
     def __contains__(self, event_id: object) -> bool:
         return isinstance(event_id, str) and self.get(event_id) is not None

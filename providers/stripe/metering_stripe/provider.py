@@ -386,10 +386,16 @@ class StripeProvider(BaseProvider):
     async def read_refusal_notice(
         self, body: bytes, headers: Mapping[str, str]
     ) -> RefusalNotice | None:
-        """Stripe's meter error reports (by webhook): what it refused after answering."""
+        """Stripe's meter error reports (by webhook): what it refused after answering.
+        The events it names are forgotten as delivered here, so a retry sends them (in a
+        forwarder of another process, a retry within 24 hours is answered duplicate from
+        that process's memory; reconcile then shows the cell short)."""
         secret = self._settings.webhook_secret
         shown = None if secret is None else secret.get_secret_value()
-        return await read_notice(self._client, shown, body, headers)
+        notice = await read_notice(self._client, shown, body, headers)
+        if notice is not None:
+            self._delivered.forget(notice.refused)
+        return notice
 
     async def aclose(self) -> None:
         """Close the connection pool the API and session clients share."""

@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("meter_id", sa.String(100), nullable=False),
         sa.Column("customer_id", sa.String(100), nullable=False),
         sa.Column("window_start", sa.BigInteger, nullable=False),
+        sa.Column("window_end", sa.BigInteger, nullable=False),
         sa.Column("amount", Value, nullable=False),
         sa.Column("sent_at", sa.BigInteger, nullable=False),
         sqlite_autoincrement=True,
