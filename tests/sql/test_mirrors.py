@@ -22,6 +22,7 @@ from metering_core import (
     ConfigurationError,
     IngestResult,
     Meter,
+    NotFoundError,
     ReconcileReport,
     UsageEvent,
     UsageQuery,
@@ -440,12 +441,16 @@ async def test_meters_and_customers_follow_the_ledger_to_the_mirror(
     await ledger.flush_mirrors(timeout=30)
     assert (await their_meters(behind))["seats"].display_name == "Seats in use"
 
+    await ledger.create_customer(id="brief")  # gone before the forwarder came to it
+    await ledger.delete_customer("brief")
     await ledger.delete_meter(seats.id)  # created there by the ledger: deleted there too
     await ledger.delete_customer("acme")  # a billing customer is the billing team's to delete
     [status] = await ledger.flush_mirrors(timeout=30)
     assert (status.depth, status.dead_letters) == (0, 0)
     assert sorted(await their_meters(behind)) == ["calls"]
     await behind.delete_customer("acme")  # still there
+    with pytest.raises(NotFoundError):
+        await behind.delete_customer("brief")  # never created there
     provider = ledger.provider
     assert isinstance(provider, SqlProvider)
     async with provider._transaction(writes=False) as connection:
@@ -499,6 +504,13 @@ async def test_link_and_backfill_bring_a_mirror_added_later_up_to_the_ledger(
             ("meter", "created"),  # peak
             ("meter", "linked"),  # calls, found by its event name
         ]
+        theirs = {m.event_name: m.id for m in (await behind.fetch_all_meters()).items}
+        ours = {m.id: m.event_name for m in (await ledger.fetch_all_meters()).items}
+        assert {(link.id, link.mirror_id) for link in links} == {
+            ("t0", "t0"),
+            ("t1", "t1"),
+            *((meter_id, theirs[name]) for meter_id, name in ours.items()),
+        }
         span = {"start": AT, "end": AT + 3 * day}
         before = await ledger.reconcile("billing", **span)
         assert not before.ok  # the mirror has none of the history
@@ -530,12 +542,13 @@ async def test_repair_sends_each_short_cell_its_difference_once(
     sent = [
         event(n, customer=f"t{n % 2}", name=("calls", "logins", "peak")[n % 3]) for n in range(60)
     ]
-    await ledger.ingest_usage_events(sent)
+    await ledger.ingest_usage_events([*sent, event(300, customer="t9")])
     await ledger.flush_mirrors(timeout=30)
     provider = ledger.provider
     assert isinstance(provider, SqlProvider)
     mirror = provider.forwarder.mirrors["billing"]
-    await mirror.cancel_usage_events(["e0", "e1", "e4", "e2"])  # lost: calls, 2 logins, peak
+    # lost: calls, 2 logins, peak; and all of t9's (the mirror has no number for it)
+    await mirror.cancel_usage_events(["e0", "e1", "e4", "e2", "e300"])
     await mirror.ingest_usage_events([event(100, customer="t1")])  # and one too many
     span = {"start": AT, "end": AT + timedelta(days=1)}
     accepted_before = mirror_outcomes(url)["accepted"]
@@ -561,14 +574,19 @@ async def test_repair_sends_each_short_cell_its_difference_once(
         return {(c.event_name, c.customer_id) for c in report.cells if c.repaired}
 
     assert not first.ok
-    assert repaired(first) == {("calls", "t0"), ("logins", "t1"), ("logins", "t0")}
+    assert repaired(first) == {
+        ("calls", "t0"),
+        ("logins", "t1"),
+        ("logins", "t0"),
+        ("calls", "t9"),
+    }
     # not peak (a max is not summed up), not the over-count
     assert repaired(second) == set()  # a cell repaired lately waits for the mirror to show it
     statuses = {(c.event_name, c.customer_id): c.status for c in second.cells}
     assert statuses[("calls", "t0")] is CellStatus.pending
     assert statuses[("logins", "t0")] is CellStatus.pending
     outcomes = mirror_outcomes(url)
-    assert outcomes["accepted"] - accepted_before == 1 + 2 + 1  # sum, two counted, the late one
+    assert outcomes["accepted"] - accepted_before == 2 + 2 + 1  # two sums, two counted, a late one
     assert "duplicate" not in outcomes
 
     final = await ledger.reconcile("billing", **span, repair=True)
