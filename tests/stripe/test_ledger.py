@@ -81,6 +81,19 @@ async def test_usage_reaches_stripe_once_and_reconciles(
             True
         ]
 
+        # A cancellation reaches Stripe as an adjustment (within its 24 hours), from a
+        # forwarder of another process too: the ledger names the event's event name.
+        async with AsyncMetering("sql", url=url, mirrors=stripe_mirror(fake_stripe)) as other:
+            assert (await other.cancel_usage_events([sent[0].id, sent[1].id])).cancelled == [
+                sent[0].id,
+                sent[1].id,
+            ]
+            [status] = await other.flush_mirrors(timeout=60)
+            assert (status.depth, status.dead_letters) == (0, 0)
+            after = await other.reconcile("billing", **span)
+        assert after.ok
+        assert sum(c.mirror or 0 for c in after.cells) == sum(e.value for e in sent[2:])
+
 
 async def test_a_backfill_to_stripe_sends_what_predates_the_mirror_once(
     fake_stripe: FakeStripe, tmp_path: Path
