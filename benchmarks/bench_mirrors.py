@@ -6,6 +6,8 @@ Ingest: batches of 500 into the sql store, with no mirror and with one (each sto
 event then also owes the mirror an outbox row, in the same transaction). Forwarding:
 the outbox of N events drained into the HTTP provider before a real metering service
 (memory, on 127.0.0.1), against the same events delivered by the pipeline directly.
+Reconcile: 1,000 customers x 31 days, the mirror an HTTP provider, and the fake Stripe
+(through the real stripe SDK).
 `--postgres` names a server (a fresh database is made on it per run)."""
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from metering_core import AsyncMetering, MeterCreate, UsageEvent, Window
+from metering_core import AsyncMetering, CustomerCreate, MeterCreate, UsageEvent, Window
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings
 from metering_core.sql.provider import SqlProvider
@@ -125,6 +127,46 @@ async def reconcile_time(url: str, mirror_url: str, customers: int, days: int) -
     return elapsed
 
 
+async def reconcile_stripe_time(url: str, customers: int, days: int) -> float:
+    """Seconds to reconcile `customers` x `days` daily cells against the fake Stripe
+    (the real stripe SDK over HTTP; Stripe answers one customer at a time), every one
+    equal. The days end today: Stripe takes events at most 35 days old."""
+    from metering_stripe.testing import FakeStripe
+
+    start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    start -= timedelta(days=days - 1)
+    key = "sk_test_bench"
+    with FakeStripe(api_key=key) as fake:
+        mirrors = {"billing": {"provider": "stripe", "api_key": key, "base_url": fake.url}}
+        provider = SqlProvider(SqlSettings(url=url, mirrors=mirrors))
+        await provider.create_meter(MeterCreate(event_name="calls"))
+        for c in range(customers):
+            await provider.create_customer(CustomerCreate(id=f"t{c}"))
+        cells = [
+            UsageEvent(
+                id=f"s-{c}-{d}",
+                event_name="calls",
+                customer_id=f"t{c}",
+                value=Decimal(c % 7 + 1),
+                timestamp=start + timedelta(days=d, minutes=c % 60),
+            )
+            for c in range(customers)
+            for d in range(days)
+        ]
+        for first in range(0, len(cells), BATCH):
+            await provider.ingest_usage_events(cells[first : first + BATCH])
+        await provider.flush_mirrors()
+        began = time.perf_counter()
+        report = await provider.reconcile(
+            "billing", start=start, end=start + timedelta(days=days), window=Window.DAY
+        )
+        elapsed = time.perf_counter() - began
+        assert report.ok
+        assert len(report.cells) == customers * days, len(report.cells)
+        await provider.aclose()
+    return elapsed
+
+
 def run(label: str, server: str | None, count: int) -> None:
     plain = asyncio.run(ingest_rate(fresh(server), {}, count))
     down = {"billing": {"provider": "http", "base_url": "http://127.0.0.1:9", "api_key": "k"}}
@@ -145,6 +187,8 @@ def run(label: str, server: str | None, count: int) -> None:
         )
         took = asyncio.run(reconcile_time(fresh(server), mirror_url, 1000, 31))
     print(f"{label} reconcile of 1,000 customers x 31 days, all equal: {took:.2f} s")
+    took = asyncio.run(reconcile_stripe_time(fresh(server), 1000, 31))
+    print(f"{label} reconcile of 1,000 customers x 31 days against the fake Stripe: {took:.2f} s")
     print(
         f"{label} forwarder into the HTTP provider: {forwarded:,.0f} events/s; the pipeline "
         f"delivering the same directly {delivered:,.0f} events/s ({forwarded / delivered:.2f}x)"

@@ -36,6 +36,8 @@ class FakeStripe:
         self.latency = latency
         self.state = State()
         self.requests: list[tuple[str, str]] = []
+        self.queries: list[tuple[str, str, str]] = []
+        """Each request's method, path and query string."""
         self._router = Router(self.state, api_key)
         self._faults: list[tuple[int, dict[str, str]] | None] = []
         self._lock = threading.Lock()
@@ -102,7 +104,7 @@ class FakeStripe:
         with self.state.lock:
             self.state.notices[event_id] = {**thin, "data": data}
             for identifier in refused:  # refused: not counted, and free to be sent again
-                self.state.events.pop(identifier, None)
+                self.state.forget(identifier)
         body = json.dumps(thin)
         signature = stripe.WebhookSignature.generate_signature_header(body, secret, signed_at)
         return body.encode(), {"Stripe-Signature": signature}
@@ -147,6 +149,7 @@ class FakeStripe:
                 raw = self.rfile.read(length).decode() if length else ""
                 url = urlsplit(self.path)
                 fake.requests.append((method, url.path))
+                fake.queries.append((method, url.path, url.query))
                 if fake.latency:
                     time.sleep(fake.latency)
                 faulted, fault = fake._next_fault()

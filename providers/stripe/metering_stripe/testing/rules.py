@@ -94,10 +94,19 @@ class State:
     meters: dict[str, dict[str, Any]] = field(default_factory=dict)
     customers: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: dict[str, MeterEvent] = field(default_factory=dict)
+    by_customer: dict[tuple[str, str], dict[str, MeterEvent]] = field(default_factory=dict)
+    """The events by event name and customer, as a summary asks for them."""
     sessions: dict[str, float] = field(default_factory=dict)
     stream_errors: list[dict[str, Any]] = field(default_factory=list)
     notices: dict[str, dict[str, Any]] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def forget(self, identifier: str) -> None:
+        """The event of this identifier no longer counts (refused, or replaced)."""
+        with self.lock:
+            event = self.events.pop(identifier, None)
+            if event is not None:
+                self.by_customer.get((event.event_name, event.customer), {}).pop(identifier, None)
 
     # thin events (v2): what a webhook notification points to
 
@@ -282,9 +291,10 @@ class State:
                     param="identifier",
                     code="resource_already_exists",
                 )
-            self.events[identifier] = MeterEvent(
-                identifier, event_name, payload[customer_key], value, timestamp, now
-            )
+            self.forget(identifier)
+            event = MeterEvent(identifier, event_name, payload[customer_key], value, timestamp, now)
+            self.events[identifier] = event
+            self.by_customer.setdefault((event_name, event.customer), {})[identifier] = event
         return {
             "object": "billing.meter_event",
             "event_name": event_name,
@@ -395,11 +405,8 @@ class State:
         with self.lock:
             chosen = [
                 e
-                for e in self.events.values()
-                if e.event_name == meter["event_name"]
-                and e.customer == customer
-                and not e.cancelled
-                and start <= e.timestamp < end
+                for e in self.by_customer.get((meter["event_name"], customer), {}).values()
+                if not e.cancelled and start <= e.timestamp < end
             ]
         items = []
         for window_start in range(start, end, step):
@@ -470,7 +477,7 @@ class State:
     def list_customers(self, p: dict[str, Any]) -> dict[str, Any]:
         allow(p, {"limit", "starting_after", "ending_before", "email", "expand", "created"})
         items = sorted(self.customers.values(), key=lambda c: (c["created"], c["id"]), reverse=True)
-        return page(items, p, "/v1/customers")
+        return page([c for c in items if _created_within(c["created"], p)], p, "/v1/customers")
 
     # v2 sessions
 
@@ -520,6 +527,27 @@ def page(items: list[dict[str, Any]], p: dict[str, Any], url: str) -> dict[str, 
             )
         items = items[: ids.index(p["ending_before"])][-limit:]
     return {"object": "list", "url": url, "has_more": len(items) > limit, "data": items[:limit]}
+
+
+def _created_within(created: int, p: dict[str, Any]) -> bool:
+    """Stripe's `created` list filter: a timestamp, or any of gt, gte, lt, lte."""
+    bound = p.get("created")
+    if bound is None:
+        return True
+    if not isinstance(bound, dict):
+        bound = {"eq": bound}
+    allow(bound, {"eq", "gt", "gte", "lt", "lte"})
+    tests = {
+        "eq": lambda at: created == at,
+        "gt": lambda at: created > at,
+        "gte": lambda at: created >= at,
+        "lt": lambda at: created < at,
+        "lte": lambda at: created <= at,
+    }
+    try:
+        return all(tests[op](int(value)) for op, value in bound.items())
+    except ValueError:
+        raise StripeFault(400, "Invalid integer: created", param="created") from None
 
 
 def _unix_to_iso(moment: float) -> str:
