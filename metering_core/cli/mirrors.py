@@ -9,12 +9,19 @@ from collections import Counter
 from typing import Annotated
 
 import typer
+from rich.progress import Progress
 from rich.table import Table
 
 from metering_core.cli.app import app, connect, err, out
 from metering_core.cli.commands import Format, FormatOption, parse_time, resolve_meter
 from metering_core.cli.events import FromOption, ToOption
-from metering_core.models import CellStatus, LinkOutcome, ReconcileCell, Window
+from metering_core.models import (
+    CellStatus,
+    LinkOutcome,
+    ReconcileCell,
+    ReconcileReport,
+    Window,
+)
 
 mirror_app = typer.Typer(help="The ledger's mirrors: status, and forwarding.", no_args_is_help=True)
 app.add_typer(mirror_app, name="mirror")
@@ -152,17 +159,35 @@ def reconcile(
     output: FormatOption = Format.table,
 ) -> None:
     """Compare each meter, customer and window of the ledger with the mirror's. Exits 1
-    when a cell is short or over (drift); pending and not comparable cells are listed."""
+    when a cell is short, over or refused (drift); pending and not comparable cells are
+    listed. A progress bar counts the meters on the terminal."""
+    start, end = parse_time(from_, "--from"), parse_time(to, "--to")
     with connect(ctx) as m:
-        meter_ids = None if not meter else [resolve_meter(m, name) for name in meter]
-        report = m.reconcile(
-            mirror,
-            start=parse_time(from_, "--from"),
-            end=parse_time(to, "--to"),
-            window=window,
-            meter_ids=meter_ids,
-            repair=repair,
+        meter_ids = (
+            [found.id for found in m.iter_meters()]
+            if not meter
+            else [resolve_meter(m, name) for name in meter]
         )
+        reports = []
+        with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task(f"reconciling with {mirror}", total=len(meter_ids))
+            for meter_id in meter_ids:  # one meter at a time: the bar moves on long ranges
+                reports.append(
+                    m.reconcile(
+                        mirror,
+                        start=start,
+                        end=end,
+                        window=window,
+                        meter_ids=[meter_id],
+                        repair=repair,
+                    )
+                )
+                progress.advance(task)
+    report = ReconcileReport(
+        mirror=mirror,
+        ok=all(part.ok for part in reports),
+        cells=[cell for part in reports for cell in part.cells],
+    )
     if output is Format.json:
         out.print_json(report.model_dump_json())
     elif output is Format.csv:
@@ -176,8 +201,8 @@ def reconcile(
         table = Table("meter", "customer", "start", "ledger", "mirror", "status", "repaired")
         for cell in report.cells:
             if cell.status is not CellStatus.equal:
-                name, customer, start, _, ours, theirs, status, repaired = _cell_fields(cell)
-                table.add_row(name, customer, start, ours, theirs, status, repaired)
+                name, customer, began, _, ours, theirs, status, repaired = _cell_fields(cell)
+                table.add_row(name, customer, began, ours, theirs, status, repaired)
         out.print(table)
         counts = Counter(cell.status.value for cell in report.cells)
         err.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no usage")
