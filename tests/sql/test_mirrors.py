@@ -720,3 +720,40 @@ async def test_changes_reach_the_mirror_one_at_a_time_in_order_however_many_pass
     assert most == 1
     assert order == sorted(order)
     assert len(order) == 12
+
+
+async def test_reconcile_states_cells_only_one_side_has_and_keeps_pending_to_its_meter(
+    ledger: AsyncMetering,
+) -> None:
+    """A cell the ledger has nothing for is over on the mirror (a sum counts it as 0, a
+    maximum as absent); one the mirror lost whole is short; and events still owed for
+    one meter make that meter's cells pending, not another's."""
+    day = timedelta(days=1)
+    await ledger.create_meter(event_name="peak", aggregation="max")
+    calls, peak = event(1), event(2, name="peak")
+    nothing = event(6, customer="t9").model_copy(update={"value": Decimal(0)})
+    await ledger.ingest_usage_events([calls, peak, nothing])
+    await ledger.flush_mirrors(timeout=30)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    # the mirror lost the day's only maximum, and a sum of nothing (no row there: still 0)
+    await mirror.cancel_usage_events([peak.id, nothing.id])
+    later = {"timestamp": AT + day}
+    await mirror.ingest_usage_events(  # and got a day the ledger has nothing of
+        [event(3).model_copy(update=later), event(4, name="peak").model_copy(update=later)]
+    )
+    await ledger.ingest_usage_events([event(5)])  # owed to the mirror, not yet sent
+
+    report = await ledger.reconcile("billing", start=AT, end=AT + 2 * day)
+
+    found = {(c.event_name, c.start.date(), c.ledger, c.mirror, c.status) for c in report.cells}
+    first, second = AT.date(), (AT + day).date()
+    assert found == {
+        ("calls", first, calls.value + event(5).value, calls.value, CellStatus.pending),
+        ("calls", first, Decimal(0), None, CellStatus.equal),
+        ("calls", second, None, event(3).value, CellStatus.over),
+        ("peak", first, peak.value, None, CellStatus.short),
+        ("peak", second, None, event(4).value, CellStatus.over),
+    }
+    assert not report.ok
