@@ -283,7 +283,22 @@ class Forwarder:
                 refused[row.seq] = f"gave up after {row.attempts} attempts: {exc}"
             else:
                 delivered.append(row.seq)
+                await self._supersede(mirror, row.kind, row.event_id)
         return delivered, refused, []
+
+    async def _supersede(self, mirror: str, kind: str, key: str) -> None:
+        """A change the mirror took makes its meter or customer what the ledger holds: an
+        earlier change of it the mirror refused (a dead letter) is moot, and would hold
+        back that meter's events for good."""
+        async with self._transaction() as connection:
+            await connection.execute(
+                sa.delete(outbox).where(
+                    outbox.c.mirror == mirror,
+                    outbox.c.kind == kind,
+                    outbox.c.event_id == key,
+                    outbox.c.refused.is_not(None),
+                )
+            )
 
     async def follow(self, mirror: str, provider: IMetering, kind: str, key: str) -> MirrorLink:
         """Make `mirror`'s meter or customer `key` what the ledger holds now."""

@@ -757,3 +757,25 @@ async def test_reconcile_states_cells_only_one_side_has_and_keeps_pending_to_its
         ("peak", second, None, event(4).value, CellStatus.over),
     }
     assert not report.ok
+
+
+async def test_a_later_change_the_mirror_takes_lifts_the_refusal_of_an_earlier_one(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    _, behind = mirror_service
+    wrong = await behind.create_meter(event_name="calls", aggregation="count")
+    await ledger.ingest_usage_events([event(1)])
+    [status] = await ledger.flush_mirrors(timeout=30)
+    assert status.dead_letters == 2  # the meter, and its event held with it
+
+    await behind.delete_meter(wrong.id)  # fixed on the billing side
+    [calls] = (await ledger.fetch_all_meters()).items
+    await ledger.update_meter(calls.id, display_name="Calls")  # a change the mirror takes
+    await ledger.ingest_usage_events([event(2)])
+    [status] = await ledger.flush_mirrors(timeout=30)
+
+    assert status.dead_letters == 1  # the meter's refusal is moot; its event stays refused
+    assert await ledger.retry_mirror_dead_letters("billing") == 1
+    [status] = await ledger.flush_mirrors(timeout=30)
+    assert status.dead_letters == 0
+    assert await totals(behind) == await totals(ledger)
