@@ -11,10 +11,11 @@ customer. Nothing is guessed: a cell either side does
 not answer is 0 for sum and count, and absent for the others.
 
 Repair sends, for each short cell of a sum or count meter, the difference to the mirror as
-correction events whose ids derive from the cell and the ledger's total: a second repair
-of the same drift sends the same ids, which the mirror answers duplicate. An over-count,
-or a cell of another aggregation, is reported and left alone: taking usage away, or
-guessing what a max was, is not a correction a store can prove right.
+correction events whose ids derive from the cell and both totals (a repair interrupted
+and run again sends the same ids, which the mirror answers duplicate), and records it: a
+cell overlapping a recent repair is pending, not repaired again (see `_Repairs`). An
+over-count, or a cell of another aggregation, is reported and left alone: taking usage
+away, or guessing what a max was, is not a correction a store can prove right.
 """
 
 from __future__ import annotations
