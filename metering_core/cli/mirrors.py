@@ -163,10 +163,12 @@ def reconcile(
     listed. A progress bar counts the meters on the terminal."""
     start, end = parse_time(from_, "--from"), parse_time(to, "--to")
     with connect(ctx) as m:
-        meter_ids = (
-            [found.id for found in m.iter_meters()]
-            if not meter
-            else [resolve_meter(m, name) for name in meter]
+        meter_ids = list(  # a meter named twice (by id and event name) is compared once
+            dict.fromkeys(
+                [found.id for found in m.iter_meters()]
+                if not meter
+                else [resolve_meter(m, name) for name in meter]
+            )
         )
         reports = []
         with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:

@@ -249,7 +249,9 @@ class Forwarder:
             logger.warning("mirror %r: a pass outlasted its lease; its rows are sent again", mirror)
         settled = {*delivered, *refused, *untried}
         retry = [row.seq for row in leased if row.seq not in settled]
-        await self._settle(held, delivered, refused, retry, untried)
+        taken = {*delivered}
+        superseding = [row for row in leased if changes and row.seq in taken]
+        await self._settle(held, delivered, refused, retry, untried, superseding)
         for outcome, rows in (("delivered", delivered), ("refused", refused)):
             if rows:
                 self._counts[mirror][outcome] += len(rows)
@@ -283,22 +285,7 @@ class Forwarder:
                 refused[row.seq] = f"gave up after {row.attempts} attempts: {exc}"
             else:
                 delivered.append(row.seq)
-                await self._supersede(mirror, row.kind, row.event_id)
         return delivered, refused, []
-
-    async def _supersede(self, mirror: str, kind: str, key: str) -> None:
-        """A change the mirror took makes its meter or customer what the ledger holds: an
-        earlier change of it the mirror refused (a dead letter) is moot, and would hold
-        back that meter's events for good."""
-        async with self._transaction() as connection:
-            await connection.execute(
-                sa.delete(outbox).where(
-                    outbox.c.mirror == mirror,
-                    outbox.c.kind == kind,
-                    outbox.c.event_id == key,
-                    outbox.c.refused.is_not(None),
-                )
-            )
 
     async def follow(self, mirror: str, provider: IMetering, kind: str, key: str) -> MirrorLink:
         """Make `mirror`'s meter or customer `key` what the ledger holds now."""
@@ -461,6 +448,7 @@ class Forwarder:
         refused: Mapping[int, str],
         retry: Sequence[int],
         untried: Sequence[int] = (),
+        superseding: Sequence[Any] = (),
     ) -> None:
         """Mark what happened to each leased row, and release those to try again; only
         rows this pass still holds (its lease): a row another forwarder took after the
@@ -487,6 +475,19 @@ class Forwarder:
                 )
             if delivered:
                 await connection.execute(sa.delete(outbox).where(held.rows()))
+            for change in superseding:
+                # The mirror took this change, so its meter or customer is what the ledger
+                # holds: an earlier change of it the mirror refused (a dead letter) is moot,
+                # and would hold back that meter's events for good.
+                await connection.execute(
+                    sa.delete(outbox).where(
+                        outbox.c.mirror == held.mirror,
+                        outbox.c.kind == change.kind,
+                        outbox.c.event_id == change.event_id,
+                        outbox.c.refused.is_not(None),
+                        outbox.c.seq < change.seq,
+                    )
+                )
 
     def count_reported(self, mirror: str, count: int) -> None:
         """Events `mirror` reported refusing after it accepted them (a notice)."""

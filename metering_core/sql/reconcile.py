@@ -97,7 +97,14 @@ async def _usage(
         for row in usage.rows:
             answered[(customer, row.start)] = (row.end, row.value)
 
-    await asyncio.gather(*(ask(customer) for customer in sorted(customers)))
+    asking = [asyncio.ensure_future(ask(customer)) for customer in sorted(customers)]
+    try:
+        await asyncio.gather(*asking)
+    except BaseException:  # one failed: the others stop, rather than run on unawaited
+        for task in asking:
+            task.cancel()
+        await asyncio.gather(*asking, return_exceptions=True)
+        raise
     return answered
 
 

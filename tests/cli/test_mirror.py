@@ -69,6 +69,24 @@ def test_status_and_one_forwarding_pass_from_the_command_line(tmp_path: Path) ->
         code, said = metering("reconcile", "--mirror", "billing", *span, "--window", "month")
         assert code == 0, said  # the mirror agrees again
 
+        twice = [
+            "--meter",
+            "calls",
+            "--meter",
+            json.loads(metering("meters", "list", "--format", "json")[1])[0]["id"],
+        ]
+        code, said = metering(
+            "reconcile",
+            "--mirror",
+            "billing",
+            *span,
+            "--window",
+            "month",
+            *twice,
+            "--format",
+            "json",
+        )
+        assert len(json.loads(said)["cells"]) == 1  # one meter named twice: compared once
         code, said = metering("mirror", "link", "--mirror", "billing", "--format", "json")
         assert code == 0, said
         assert [(link["kind"], link["outcome"]) for link in json.loads(said)] == [

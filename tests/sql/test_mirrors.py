@@ -779,3 +779,62 @@ async def test_a_later_change_the_mirror_takes_lifts_the_refusal_of_an_earlier_o
     [status] = await ledger.flush_mirrors(timeout=30)
     assert status.dead_letters == 0
     assert await totals(behind) == await totals(ledger)
+
+
+async def test_a_change_taken_lifts_an_earlier_refusal_set_aside_in_the_same_pass(
+    ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    listing = mirror.fetch_all_meters
+    glitches = 0
+
+    async def glitching(*args: Any, **kwargs: Any) -> Any:  # not an outage: set aside
+        nonlocal glitches
+        if glitches < mirrors.CHANGE_ATTEMPTS:
+            glitches += 1
+            raise RuntimeError("glitch")
+        return await listing(*args, **kwargs)
+
+    [calls] = (await ledger.fetch_all_meters()).items
+    await ledger.update_meter(calls.id, display_name="Calls")  # a second change of it
+    monkeypatch.setattr(mirror, "fetch_all_meters", glitching)
+    for _ in range(mirrors.CHANGE_ATTEMPTS):
+        await provider.forwarder.forward("billing")
+    await ledger.ingest_usage_events([event(1)])
+
+    [status] = await ledger.flush_mirrors(timeout=30)
+
+    assert (status.depth, status.dead_letters) == (0, 0)
+
+
+async def test_one_customers_failure_stops_the_other_queries_of_a_reconcile(
+    ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await ledger.ingest_usage_events([event(n, customer=f"c{n:03d}") for n in range(60)])
+    await ledger.flush_mirrors(timeout=30)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    capabilities = (await mirror.load_capabilities()).model_copy(update={"requires_customer": True})
+    asking, asked, finished = mirror.fetch_usage, [0], [False]
+
+    async def one_at_a_time() -> Any:
+        return capabilities
+
+    async def answering(query: UsageQuery) -> Any:
+        asked[0] += finished[0]
+        if query.customer_id == "c000":
+            raise RuntimeError("this one fails")
+        await asyncio.sleep(0.01)
+        return await asking(query)
+
+    monkeypatch.setattr(mirror, "load_capabilities", one_at_a_time)
+    monkeypatch.setattr(mirror, "fetch_usage", answering)
+    with pytest.raises(RuntimeError, match="this one fails"):
+        await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
+    finished[0] = True
+    await asyncio.sleep(0.3)
+
+    assert asked[0] == 0  # none asked after reconcile gave up

@@ -41,8 +41,6 @@ T = TypeVar("T")
 AGGREGATIONS = {formula: aggregation for aggregation, formula in FORMULAS.items()}
 SESSION_MARGIN = 60.0
 TENANT_KEY = "tenant_id"
-LISTING_MARGIN = 300
-"""Seconds a listing of new customers reaches back before the last one began."""
 
 
 def _meter(obj: Any) -> Meter:
@@ -87,8 +85,6 @@ class StripeProvider(BaseProvider):
         self._session_lock = asyncio.Lock()
         self._meters_by_event: dict[str, Meter] = {}
         self._customers: dict[str, str] = {}
-        self._customers_listed: int | None = None
-        """When the last listing of customers began (unix seconds); None: never."""
         self._delivered = RecentDeliveries()
 
     def __repr__(self) -> str:
@@ -173,13 +169,9 @@ class StripeProvider(BaseProvider):
 
     async def _load_customers(self) -> None:
         """Find tenants' `cus_…` again after a restart by listing customers' metadata
-        (search is eventually consistent, so it is not relied on): all of them once, then
-        only those created since the last listing (less a margin for clocks), not every
-        customer again for each tenant not seen yet."""
+        (search is eventually consistent, so it is not relied on). All of them each time:
+        a customer created long ago may be given a tenant's metadata later."""
         params: Any = {"limit": 100}
-        began = int(time.time())
-        if self._customers_listed is not None:
-            params["created"] = {"gte": self._customers_listed - LISTING_MARGIN}
         while True:
             listing = await self._call(self._client.v1.customers.list_async(params))
             for obj in listing.data:
@@ -187,7 +179,6 @@ class StripeProvider(BaseProvider):
                 if owner:
                     self._customers.setdefault(owner, obj.id)
             if not listing.has_more or not listing.data:
-                self._customers_listed = began
                 return
             params["starting_after"] = listing.data[-1]["id"]
 
