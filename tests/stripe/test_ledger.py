@@ -244,3 +244,35 @@ def test_a_webhook_body_over_64_kib_is_refused_before_it_is_read(
         answer = httpx.post(f"{base}/webhooks/stripe", content=b"x" * (65 * 1024))
     assert answer.status_code == 413
     assert "65536" in answer.json()["error"]["message"]
+
+
+async def test_a_cancel_stripe_no_longer_takes_is_a_dead_letter_and_reconcile_shows_it(
+    fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    """Stripe adjusts only events received in the last 24 hours: a later cancel cannot
+    reach it, and the cell shows over (Stripe would invoice the cancelled usage)."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    name = f"calls_{uuid.uuid4().hex[:8]}"
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    sent = [
+        UsageEvent(id=f"{name}-{n}", event_name=name, customer_id="acme", timestamp=hour)
+        for n in range(3)
+    ]
+    async with AsyncMetering("sql", url=url, mirrors=stripe_mirror(fake_stripe)) as ledger:
+        await ledger.create_meter(event_name=name)
+        await ledger.create_customer(id="acme")
+        await ledger.ingest_usage_events(sent)
+        await ledger.flush_mirrors(timeout=60)
+        with fake_stripe.state.lock:  # two days pass at Stripe
+            fake_stripe.state.events[sent[0].id].received -= 2 * 86_400
+
+        await ledger.cancel_usage_events([sent[0].id])
+        [status] = await ledger.flush_mirrors(timeout=60)
+        report = await ledger.reconcile(
+            "billing", start=hour, end=hour + timedelta(hours=1), window="hour"
+        )
+
+    assert (status.depth, status.dead_letters) == (0, 1)
+    assert not report.ok
+    [cell] = report.cells
+    assert (cell.ledger, cell.mirror, cell.status) == (2, 3, CellStatus.over)
