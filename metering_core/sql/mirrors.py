@@ -34,8 +34,6 @@ from metering_core.errors import (
     ConfigurationError,
     ConflictError,
     NotFoundError,
-    ProviderUnavailableError,
-    RateLimitedError,
     UnsupportedOperationError,
     ValidationError,
 )
@@ -67,13 +65,6 @@ IDLE = 1.0
 
 PASSES = 4
 """Passes a forwarder runs at once per mirror."""
-
-CHANGE_ATTEMPTS = 10
-"""Passes a meter or customer change is tried when the mirror fails it for a reason other
-than an outage, before it becomes a dead letter."""
-
-_PASSING = (ProviderUnavailableError, RateLimitedError, TimeoutError)
-"""Failures that pass: a change they hit is tried for as long as they last."""
 
 LEASE = 120.0
 """Seconds a forwarder holds the rows it took, unless configured; past it (a forwarder
@@ -152,7 +143,7 @@ def _claim(dialect: str, changes: bool) -> sa.TextClause:
               AND {_BARRIER[changes]}
             ORDER BY seq LIMIT :limit {skip}
         )
-        RETURNING seq, kind, event_id, attempts
+        RETURNING seq, kind, event_id
         """
     )
 
@@ -231,13 +222,12 @@ class Forwarder:
         held = _Held(mirror, until, leased[0].seq, leased[-1].seq)
         delivered: list[int] = []
         refused: dict[int, str] = {}
-        untried: list[int] = []
         try:
             # Within the lease, or another forwarder could take these rows while they
             # are still being sent; what is not settled by then is taken again later.
             async with asyncio.timeout(lease * 0.8):
                 if changes:
-                    delivered, refused, untried = await self._send_changes(mirror, provider, leased)
+                    delivered, refused = await self._send_changes(mirror, provider, leased)
                 else:
                     usage = {row.event_id: row.seq for row in leased if row.kind == "usage"}
                     cancels = {row.event_id: row.seq for row in leased if row.kind == "cancel"}
@@ -247,11 +237,11 @@ class Forwarder:
                     refused.update(cancel_refused)
         except TimeoutError:
             logger.warning("mirror %r: a pass outlasted its lease; its rows are sent again", mirror)
-        settled = {*delivered, *refused, *untried}
+        settled = {*delivered, *refused}
         retry = [row.seq for row in leased if row.seq not in settled]
         taken = {*delivered}
         superseding = [row for row in leased if changes and row.seq in taken]
-        await self._settle(held, delivered, refused, retry, untried, superseding)
+        await self._settle(held, delivered, refused, retry, superseding)
         for outcome, rows in (("delivered", delivered), ("refused", refused)):
             if rows:
                 self._counts[mirror][outcome] += len(rows)
@@ -260,14 +250,15 @@ class Forwarder:
 
     async def _send_changes(
         self, mirror: str, provider: IMetering, leased: Sequence[Any]
-    ) -> tuple[list[int], dict[int, str], list[int]]:
+    ) -> tuple[list[int], dict[int, str]]:
         """Bring the mirror's meters and customers to the ledger's, one change at a time
-        in the order they were made; stop at the first the mirror fails (not refuses),
-        so none overtakes another. The rows done, those refused, and those not tried
-        (after a failure: their lease did not count as an attempt)."""
+        in the order they were made; the rows done and those refused. At the first the
+        mirror fails (an outage, credentials, a bug: not a refusal) the pass stops, so
+        none overtakes another, and the rest wait, owed, never dead letters: events
+        queue behind them and show in the outbox's depth and age until it is fixed."""
         delivered: list[int] = []
         refused: dict[int, str] = {}
-        for index, row in enumerate(leased):
+        for row in leased:
             try:
                 await self.follow(mirror, provider, row.kind, row.event_id)
             except (Refused, *REFUSALS) as exc:
@@ -277,15 +268,10 @@ class Forwarder:
                 logger.warning(
                     "mirror %r failed on %s %r (%s)", mirror, row.kind, row.event_id, exc
                 )
-                if row.attempts < CHANGE_ATTEMPTS or isinstance(exc, _PASSING):
-                    # tried again later, before anything that follows it
-                    return delivered, refused, [later.seq for later in leased[index + 1 :]]
-                # Not an outage: a key without the scope, a bug. Set aside (a dead letter,
-                # retried once fixed) rather than holding back every later event.
-                refused[row.seq] = f"gave up after {row.attempts} attempts: {exc}"
+                break
             else:
                 delivered.append(row.seq)
-        return delivered, refused, []
+        return delivered, refused
 
     async def follow(self, mirror: str, provider: IMetering, kind: str, key: str) -> MirrorLink:
         """Make `mirror`'s meter or customer `key` what the ledger holds now."""
@@ -447,7 +433,6 @@ class Forwarder:
         delivered: Sequence[int],
         refused: Mapping[int, str],
         retry: Sequence[int],
-        untried: Sequence[int] = (),
         superseding: Sequence[Any] = (),
     ) -> None:
         """Mark what happened to each leased row, and release those to try again; only
@@ -466,12 +451,6 @@ class Forwarder:
                     sa.update(outbox)
                     .where(outbox.c.seq.in_(list(retry)), held.rows())
                     .values(claimed_until=None)
-                )
-            if untried:
-                await connection.execute(
-                    sa.update(outbox)
-                    .where(outbox.c.seq.in_(list(untried)), held.rows())
-                    .values(claimed_until=None, attempts=outbox.c.attempts - 1)
                 )
             if delivered:
                 await connection.execute(sa.delete(outbox).where(held.rows()))

@@ -788,24 +788,52 @@ async def test_a_change_taken_lifts_an_earlier_refusal_set_aside_in_the_same_pas
     assert isinstance(provider, SqlProvider)
     mirror = provider.forwarder.mirrors["billing"]
     listing = mirror.fetch_all_meters
-    glitches = 0
+    refusals = 0
 
-    async def glitching(*args: Any, **kwargs: Any) -> Any:  # not an outage: set aside
-        nonlocal glitches
-        if glitches < mirrors.CHANGE_ATTEMPTS:
-            glitches += 1
-            raise RuntimeError("glitch")
+    async def refusing_once(*args: Any, **kwargs: Any) -> Any:  # a refusal: a dead letter
+        nonlocal refusals
+        if not refusals:
+            refusals += 1
+            raise ValidationError("not now", field="meter")
         return await listing(*args, **kwargs)
 
     [calls] = (await ledger.fetch_all_meters()).items
     await ledger.update_meter(calls.id, display_name="Calls")  # a second change of it
-    monkeypatch.setattr(mirror, "fetch_all_meters", glitching)
-    for _ in range(mirrors.CHANGE_ATTEMPTS):
-        await provider.forwarder.forward("billing")
+    monkeypatch.setattr(mirror, "fetch_all_meters", refusing_once)
+    await provider.forwarder.forward("billing")  # both changes, in one pass
     await ledger.ingest_usage_events([event(1)])
 
     [status] = await ledger.flush_mirrors(timeout=30)
 
+    assert refusals == 1
+    assert (status.depth, status.dead_letters) == (0, 0)
+
+
+async def test_a_change_the_mirror_fails_waits_owed_and_its_events_queue_behind_it(
+    ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key without a scope, or a bug, is a failure, not a refusal: however often it is
+    tried, nothing becomes a dead letter, and the events wait to be sent once it passes."""
+    from metering_core import AuthenticationError
+
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    listing = mirror.fetch_all_meters
+
+    async def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AuthenticationError("this key lacks the scope", provider="http")
+
+    monkeypatch.setattr(mirror, "fetch_all_meters", forbidden)
+    await ledger.ingest_usage_events([event(1)])
+    await ledger.flush()
+    for _ in range(15):
+        assert await provider.forwarder.forward("billing") == 0
+    [status] = await ledger.mirror_status()
+    assert (status.depth, status.dead_letters) == (2, 0)  # the meter, then its event
+
+    monkeypatch.setattr(mirror, "fetch_all_meters", listing)
+    [status] = await ledger.flush_mirrors(timeout=30)
     assert (status.depth, status.dead_letters) == (0, 0)
 
 
