@@ -22,6 +22,7 @@ from metering_core import (
     ConfigurationError,
     IngestResult,
     Meter,
+    MeterCreate,
     NotFoundError,
     ReconcileReport,
     UsageEvent,
@@ -128,6 +129,31 @@ async def test_every_stored_event_and_cancellation_reaches_the_mirror_once(
     assert mirror_outcomes(url) == {"accepted": 298}
     [status] = statuses
     assert (status.delivered, status.refused) == (1 + 300 + 2, 0)  # the meter, events, cancels
+
+
+async def test_a_batch_owes_every_mirror_each_event_it_stored(sqlite_url: str) -> None:
+    """Two mirrors and 700 events: 1,400 outbox rows, written several hundred a statement."""
+    provider = SqlProvider(
+        SqlSettings(
+            url=sqlite_url, mirrors={"a": {"provider": "memory"}, "b": {"provider": "memory"}}
+        )
+    )
+    meter = await provider.create_meter(MeterCreate(event_name="calls"))
+    sent = [event(n, customer=f"t{n % 4}") for n in range(700)]
+    await provider.ingest_usage_events([*sent, sent[3]])  # one of them twice
+
+    owed = {s.mirror: s.depth for s in await provider.forwarder.status()}
+    assert owed == {"a": 701, "b": 701}  # each event, and the meter
+    await provider.flush_mirrors(timeout=30)
+
+    query = UsageQuery(meter_id=meter.id, start=AT, end=AT + timedelta(days=1))
+    expected = sum(e.value for e in sent)
+    for name in ("a", "b"):
+        mirror = provider.forwarder.mirrors[name]
+        [mirrored] = (await mirror.fetch_all_meters()).items
+        usage = await mirror.fetch_usage(query.model_copy(update={"meter_id": mirrored.id}))
+        assert [row.value for row in usage.rows] == [expected], name
+    await provider.aclose()
 
 
 async def test_a_mirror_that_is_down_is_owed_everything_until_it_is_back(
