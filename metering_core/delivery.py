@@ -16,6 +16,7 @@ once the provider is fixed, instead of becoming dead letters that nobody bills.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -64,19 +65,17 @@ def account(
     """What the answer says of each event of the batch, once per event (an id sent twice
     in one batch is one accepted and one duplicate), ignoring ids not in the batch; and
     the events it left out."""
-    verdicts: dict[str, list[bool]] = {event.id: [] for event in batch}  # True: accepted
-    for event_id in answer.accepted:
-        if event_id in verdicts:
-            verdicts[event_id].append(True)
-    for event_id in answer.duplicates:
-        if event_id in verdicts:
-            verdicts[event_id].append(False)
+    accepted = collections.Counter(answer.accepted)  # counts, not a list per event:
+    duplicates = collections.Counter(answer.duplicates)  # batches are 10,000 events
     accounted = IngestResult()
     missing: list[UsageEvent] = []
     for event in batch:
-        said = verdicts[event.id]
-        if said:
-            (accounted.accepted if said.pop(0) else accounted.duplicates).append(event.id)
+        if accepted[event.id] > 0:  # an id said accepted goes to its first copy
+            accepted[event.id] -= 1
+            accounted.accepted.append(event.id)
+        elif duplicates[event.id] > 0:
+            duplicates[event.id] -= 1
+            accounted.duplicates.append(event.id)
         elif event.id in answer.rejected:
             accounted.rejected[event.id] = answer.rejected[event.id] or "rejected, no reason given"
         else:

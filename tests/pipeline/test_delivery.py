@@ -89,6 +89,23 @@ def test_ids_left_out_of_an_answer_are_sent_again_alone() -> None:
     assert [size for _, size in provider.calls] == [2, 1]
 
 
+def test_each_copy_of_an_id_is_answered_once_and_strangers_are_ignored() -> None:
+    """An id twice in a batch is one accepted and one duplicate, in the batch's order; an
+    answer naming an id more often than it was sent, or one never sent, adds nothing."""
+
+    class Chatty(FaultyProvider):
+        async def ingest_usage_events(self, events):  # type: ignore[no-untyped-def]
+            result = await super().ingest_usage_events(events)
+            result.accepted.append("stranger")
+            result.duplicates.extend(["a", "stranger"])
+            return result
+
+    provider = Chatty()
+    result, retries = settle(provider, batch("a", "b", "a"))
+    assert (result.accepted, result.duplicates, result.rejected) == (["a", "b"], ["a"], {})
+    assert retries == []
+
+
 @pytest.mark.parametrize(
     ("asked", "waited"), [(float("inf"), MAX_RETRY_AFTER), (1e9, MAX_RETRY_AFTER), (42.0, 42.0)]
 )
