@@ -15,7 +15,6 @@ import functools
 import hashlib
 import itertools
 import json
-import sqlite3
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, localcontext
@@ -27,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from metering_core.epoch import epoch_micros
 from metering_core.models import EXACT, UsageEvent
+from metering_core.sql.driver import Aiosqlite
 from metering_core.sql.schema import BUCKET, events, meters, outbox, rollups
 from metering_core.sql.store import canonical_dimensions
 
@@ -180,38 +180,6 @@ def _payload(rows: Sequence[tuple[UsageEvent, int]]) -> str:
     )
 
 
-class _Aiosqlite:
-    """The aiosqlite connection under a SQLAlchemy connection. Each of its calls is one
-    trip to its thread, where a statement through SQLAlchemy's adapter is three or four
-    (cursor, execute, fetch, close): on SQLite, where a statement of 500 rows takes about
-    a millisecond, the trips were a third of ingest.
-
-    Statements share the SQLAlchemy transaction because sqlite3, in its default mode,
-    opens one before the first write (a read before it, as the meter lookup, runs in
-    none, as it did through SQLAlchemy): do not put these connections in autocommit.
-    aiosqlite reports a closed connection as ValueError; here it is sqlite3's error, as
-    SQLAlchemy's adapter would have raised, for `store_error` to name."""
-
-    def __init__(self, driver: Any) -> None:
-        self._driver = driver
-
-    @classmethod
-    async def under(cls, connection: AsyncConnection) -> _Aiosqlite:
-        return cls((await connection.get_raw_connection()).driver_connection)
-
-    async def fetchall(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
-        try:
-            return list(await self._driver.execute_fetchall(sql, parameters))
-        except ValueError as exc:
-            raise sqlite3.OperationalError(f"connection closed: {exc}") from exc
-
-    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        try:
-            await self._driver.executemany(sql, rows)
-        except ValueError as exc:
-            raise sqlite3.OperationalError(f"connection closed: {exc}") from exc
-
-
 class EventMeter(NamedTuple):
     """What ingest needs of the meter of an event name."""
 
@@ -236,7 +204,7 @@ async def meters_named(
             _EVENT_METERS.where(meters.c.event_name.in_(names))
         )
     else:
-        driver = await _Aiosqlite.under(connection)
+        driver = await Aiosqlite.under(connection)
         found = await driver.fetchall(
             "SELECT seq, event_name, id, unique_dimension, aggregation FROM meters "
             f"WHERE event_name IN ({', '.join('?' * len(names))})",
@@ -275,7 +243,7 @@ async def insert_events(
         records.append(
             (event.id, seq, event.event_name, event.customer_id, micros, value, text, ingested)
         )
-    driver = await _Aiosqlite.under(connection)
+    driver = await Aiosqlite.under(connection)
     inserted: set[str] = set()
     for start in range(0, len(records), _SQLITE_ROWS):
         part = records[start : start + _SQLITE_ROWS]
@@ -311,7 +279,7 @@ async def owe(
         return
     rows = [(mirror, kind, event_id, at) for event_id in event_ids for mirror in mirrors]
     if connection.dialect.name != "postgresql":  # straight through aiosqlite, as the events
-        driver = await _Aiosqlite.under(connection)
+        driver = await Aiosqlite.under(connection)
         for start in range(0, len(rows), _SQLITE_ROWS):
             part = rows[start : start + _SQLITE_ROWS]
             flat = tuple(itertools.chain.from_iterable(part))
@@ -418,7 +386,7 @@ async def add_to_rollups(connection: AsyncConnection, deltas: list[dict[str, Any
     if not deltas:
         return
     if connection.dialect.name != "postgresql":
-        driver = await _Aiosqlite.under(connection)
+        driver = await Aiosqlite.under(connection)
         await driver.executemany(
             _SQLITE_ROLLUP,
             [

@@ -39,6 +39,7 @@ from metering_core.errors import (
 )
 from metering_core.interface import IMetering
 from metering_core.models import MirrorLink, MirrorStatus, UsageEvent
+from metering_core.sql.driver import tuples
 from metering_core.sql.mirror_sync import (
     Refused,
     ledger_customer,
@@ -148,6 +149,27 @@ def _claim(dialect: str, changes: bool) -> sa.TextClause:
     )
 
 
+class _Owed(NamedTuple):
+    """A leased outbox row."""
+
+    seq: int
+    kind: str
+    event_id: str
+
+
+_EVENTS = sa.text(
+    """
+    SELECT e.id, e.event_name, e.customer_id, e.ts, e.value,
+           CAST(e.dimensions AS TEXT), e.cancelled
+    FROM outbox AS o JOIN events AS e ON e.id = o.event_id
+    WHERE o.mirror = :mirror AND o.refused IS NULL AND o.seq BETWEEN :first AND :last
+      AND o.claimed_until = :until AND o.kind = 'usage'
+    """
+)
+"""The stored events of the usage rows a pass holds: read through its lease (its token
+and seq range, in the owed rows' index), not a list of thousands of ids."""
+
+
 class _Held(NamedTuple):
     """The rows one pass leased: its token (the lease's end) and their seq range."""
 
@@ -208,17 +230,17 @@ class Forwarder:
         parameters = {"mirror": mirror, "now": now, "until": until, "limit": size}
         async with self._transaction() as connection:
             dialect = connection.dialect.name
-            leased: Sequence[Any] = []
+            claimed: list[tuple[Any, ...]] = []
             if await connection.scalar(_CHANGES_OWED, parameters):
                 if dialect == "postgresql":  # one change pass at a time, however many claim
                     await connection.execute(_ONE_CHANGE_PASS, parameters)
-                leased = (await connection.execute(_claim(dialect, True), parameters)).all()
-            changes = bool(leased)
+                claimed = await tuples(connection, _claim(dialect, True), parameters)
+            changes = bool(claimed)
             if not changes:
-                leased = (await connection.execute(_claim(dialect, False), parameters)).all()
-        if not leased:
+                claimed = await tuples(connection, _claim(dialect, False), parameters)
+        if not claimed:
             return 0
-        leased = sorted(leased, key=lambda row: row.seq)  # RETURNING has no order
+        leased = sorted(map(_Owed._make, claimed))  # by seq: RETURNING has no order
         held = _Held(mirror, until, leased[0].seq, leased[-1].seq)
         delivered: list[int] = []
         refused: dict[int, str] = {}
@@ -249,7 +271,7 @@ class Forwarder:
         return len(settled)
 
     async def _send_changes(
-        self, mirror: str, provider: IMetering, leased: Sequence[Any]
+        self, mirror: str, provider: IMetering, leased: Sequence[_Owed]
     ) -> tuple[list[int], dict[int, str]]:
         """Bring the mirror's meters and customers to the ledger's, one change at a time
         in the order they were made; the rows done and those refused. At the first the
@@ -369,24 +391,10 @@ class Forwarder:
 
     async def _events(self, held: _Held) -> tuple[dict[str, UsageEvent], set[str]]:
         """The stored events of the usage rows this pass holds that are live; and the ids
-        cancelled here. Read through the lease (its token and seq range, in the owed
-        rows' index), not a list of thousands of ids."""
-        columns = (
-            events.c.id,
-            events.c.event_name,
-            events.c.customer_id,
-            events.c.ts,
-            events.c.value,
-            sa.cast(events.c.dimensions, sa.Text),
-            events.c.cancelled,
-        )
-        statement = (
-            sa.select(*columns)
-            .join(outbox, outbox.c.event_id == events.c.id)
-            .where(held.rows(), outbox.c.kind == "usage")
-        )
+        cancelled here."""
+        parameters = {"mirror": held.mirror, "first": held.first, "last": held.last}
         async with self._transaction(writes=False) as connection:
-            rows = (await connection.execute(statement)).all()
+            rows = await tuples(connection, _EVENTS, {**parameters, "until": held.until})
         values: dict[Any, Decimal] = {}  # an exact value, and dimensions, decoded once each
         dimensions: dict[str, dict[str, str]] = {}
         live: dict[str, UsageEvent] = {}
@@ -433,7 +441,7 @@ class Forwarder:
         delivered: Sequence[int],
         refused: Mapping[int, str],
         retry: Sequence[int],
-        superseding: Sequence[Any] = (),
+        superseding: Sequence[_Owed] = (),
     ) -> None:
         """Mark what happened to each leased row, and release those to try again; only
         rows this pass still holds (its lease): a row another forwarder took after the
@@ -474,11 +482,19 @@ class Forwarder:
         _rows.add(count, {"mirror": mirror, "outcome": "reported"})
 
     async def forward_all(self) -> int:
-        """`PASSES` concurrent passes over every mirror (their leases never overlap, and
-        a mirror's latency is waited out in parallel, as the pipeline's batches in
-        flight); the rows settled."""
+        """Forward until nothing more is owed (or a mirror fails): `PASSES` passes at a
+        time per mirror, each taking the next rows as soon as it is done (their leases
+        never overlap), so a mirror's latency and the store's work overlap as the
+        pipeline's batches in flight do; the rows settled."""
+
+        async def passes(mirror: str) -> int:
+            settled = 0
+            while moved := await self.forward(mirror):
+                settled += moved
+            return settled
+
         settled = await asyncio.gather(
-            *(self.forward(name) for name in self.mirrors for _ in range(PASSES))
+            *(passes(name) for name in self.mirrors for _ in range(PASSES))
         )
         return sum(settled)
 
