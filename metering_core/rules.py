@@ -261,11 +261,12 @@ def admits(filters: Mapping[str, frozenset[str]], dimensions: Mapping[str, str])
     return all(dimensions.get(key) in values for key, values in filters.items())
 
 
-def answer(meter: Meter, query: UsageQuery, rows: list[UsageRow]) -> Usage:
-    """The answer to `query` over `meter`, from rows `ordered_rows` gave."""
+def answer(query: UsageQuery, aggregation: Aggregation, rows: list[UsageRow]) -> Usage:
+    """The answer to `query` over its meter (billed by `aggregation`), from rows
+    `ordered_rows` gave."""
     return Usage.model_construct(
-        meter_id=meter.id,
-        aggregation=meter.aggregation,
+        meter_id=query.meter_id,
+        aggregation=aggregation,
         start=query.start,
         end=query.end,
         window=query.window,

@@ -272,7 +272,7 @@ class MemoryProvider(BaseProvider):
             plan = rules.plan_query(meter, query)
             series = _series_of(stored, plan.customers)
             rows = _rows(meter, query, plan, series, self._dimension_sets)
-        return rules.answer(meter, query, rows)
+        return rules.answer(query, meter.aggregation, rows)
 
     async def list_usage_events(self, query: EventQuery) -> Page[StoredEvent]:
         return await asyncio.to_thread(self._events, query)

@@ -463,7 +463,7 @@ class SqlProvider(BaseProvider):
             rows = usage_rows(found, meter, query, plan)
         else:  # typing 100,000 rows holds a loop for most of a second: other requests wait
             rows = await asyncio.to_thread(usage_rows, found, meter, query, plan)
-        return rules.answer(meter, query, rows)
+        return rules.answer(query, meter.aggregation, rows)
 
     async def list_usage_events(self, query: EventQuery) -> Page[StoredEvent]:
         if query.meter_id is not None:

@@ -247,6 +247,33 @@ async def test_the_tenant_mapping_is_found_again_after_a_restart(
     assert again.provider_ref in fake.state.customers
 
 
+async def test_usage_by_customer_fetches_a_meter_once_and_never_an_unknown_ones_usage(
+    fake: FakeStripe, make: Make
+) -> None:
+    """A meter's aggregation is fixed on Stripe: asked usage per customer (as reconcile
+    asks), a provider fetches the meter the first time only; an unknown id is NotFound."""
+    first = make()
+    meter_id = await setup(first)
+    await first.create_customer(CustomerCreate(id="globex"))
+    await first.ingest_usage_events([event("a1", 3), event("g1", 5, tenant="globex")])
+    provider = make()  # knows nothing of the meter yet
+    window = {"start": NOW - timedelta(hours=1), "end": NOW + timedelta(hours=1)}
+    before = len(fake.requests)
+    totals = {
+        tenant: (
+            await provider.fetch_usage(UsageQuery(meter_id=meter_id, customer_id=tenant, **window))
+        ).total
+        for tenant in ("acme", "globex", "acme")
+    }
+    assert totals == {"acme": 3, "globex": 5}
+    fetched = [
+        path for _, path in fake.requests[before:] if path == f"/v1/billing/meters/{meter_id}"
+    ]
+    assert len(fetched) == 1
+    with pytest.raises(NotFoundError):
+        await provider.fetch_usage(UsageQuery(meter_id="mtr_unknown", customer_id="acme", **window))
+
+
 async def test_refusals_happen_before_any_request(fake: FakeStripe, make: Make) -> None:
     provider = make()
     meter_id = await setup(provider)

@@ -14,6 +14,7 @@ import stripe
 from metering_core.errors import NotFoundError, UnsupportedOperationError
 from metering_core.interface import BaseProvider
 from metering_core.models import (
+    Aggregation,
     CancelResult,
     Customer,
     CustomerCreate,
@@ -84,6 +85,9 @@ class StripeProvider(BaseProvider):
         self._stream_expires = 0.0
         self._session_lock = asyncio.Lock()
         self._meters_by_event: dict[str, Meter] = {}
+        self._aggregations: dict[str, Aggregation] = {}
+        """Each meter's aggregation by id, as seen: Stripe never changes a meter's (its
+        update takes a display name only), so a usage query need not fetch the meter."""
         self._customers: dict[str, str] = {}
         self._delivered = RecentDeliveries()
 
@@ -129,7 +133,9 @@ class StripeProvider(BaseProvider):
         return created
 
     async def fetch_meter(self, meter_id: str) -> Meter:
-        return _meter(await self._call(self._client.v1.billing.meters.retrieve_async(meter_id)))
+        meter = _meter(await self._call(self._client.v1.billing.meters.retrieve_async(meter_id)))
+        self._aggregations[meter.id] = meter.aggregation
+        return meter
 
     async def fetch_all_meters(self, *, limit: int = 100, cursor: str | None = None) -> Page[Meter]:
         params: Any = {"limit": min(limit, 100)}  # Stripe's page limit; a shorter page is fine
@@ -325,7 +331,9 @@ class StripeProvider(BaseProvider):
     async def fetch_usage(self, query: UsageQuery) -> Usage:
         # The facade has refused a missing customer and any group_by (CAPABILITIES).
         assert query.customer_id is not None
-        meter = await self.fetch_meter(query.meter_id)
+        aggregation = self._aggregations.get(query.meter_id)
+        if aggregation is None:  # an unknown id is NotFoundError here
+            aggregation = (await self.fetch_meter(query.meter_id)).aggregation
         customer = await self._stripe_customer(query.customer_id)
         if customer is None:
             raise NotFoundError(f"no Stripe customer for tenant {query.customer_id!r}")
@@ -341,14 +349,14 @@ class StripeProvider(BaseProvider):
         summaries: list[Any] = []
         while True:
             listing = await self._call(
-                self._client.v1.billing.meters.event_summaries.list_async(meter.id, params)
+                self._client.v1.billing.meters.event_summaries.list_async(query.meter_id, params)
             )
             summaries.extend(listing.data)
             if not listing.has_more or not listing.data:
                 break
             params["starting_after"] = listing.data[-1]["id"]
-        rows = fold_summaries(summaries, bounds, meter.aggregation, query.customer_id)
-        return answer(meter, query, rows)
+        rows = fold_summaries(summaries, bounds, aggregation, query.customer_id)
+        return answer(query, aggregation, rows)
 
     # cancellation
 
