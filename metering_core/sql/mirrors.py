@@ -38,7 +38,7 @@ from metering_core.errors import (
     ValidationError,
 )
 from metering_core.interface import IMetering
-from metering_core.models import MirrorLink, MirrorStatus, UsageEvent
+from metering_core.models import CancelResult, MirrorLink, MirrorStatus, UsageEvent
 from metering_core.sql.driver import tuples
 from metering_core.sql.mirror_sync import (
     Refused,
@@ -374,20 +374,52 @@ class Forwarder:
         refused: dict[int, str] = {}
         for name, ids in by_name.items():
             try:
-                answer = await provider.cancel_usage_events(ids, event_name=name or None)
+                answer, failed = await self._cancel(provider, ids, name or None)
             except UnsupportedOperationError as exc:
                 refused.update({owed[i]: str(exc) for i in ids})
                 continue
-            except Exception:
-                continue  # the mirror failing: these rows wait
             waiting = await self._still_owed(mirror, answer.not_found)
+            # done: cancelled, or unknown to a mirror its event has reached (nothing left
+            # to cancel); an id with no answer (the mirror failed first) waits
+            settled = {*answer.cancelled, *(set(answer.not_found) - waiting)}
             for event_id in ids:
                 reason = answer.rejected.get(event_id)
                 if reason is not None and not rules.cancelled_before(reason):
                     refused[owed[event_id]] = reason
-                elif event_id not in waiting:
+                elif reason is not None or event_id in settled:
                     done.append(owed[event_id])
+            if failed:
+                break  # the mirror failing: the rest wait
         return done, refused
+
+    @staticmethod
+    async def _cancel(
+        provider: IMetering, ids: Sequence[str], event_name: str | None
+    ) -> tuple[CancelResult, bool]:
+        """Cancel `ids` on the mirror; if it fails, one at a time until it fails again.
+        A provider that cancels id by id (Stripe: a request each) loses what it did to a
+        failure at the last id, and at a high failure rate would never finish a batch;
+        here what was answered before a failure is kept. The answers, and whether the
+        mirror failed (an outage costs two calls a pass, not one per id)."""
+        try:
+            return await provider.cancel_usage_events(ids, event_name=event_name), False
+        except UnsupportedOperationError:
+            raise
+        except Exception:
+            if len(ids) == 1:
+                return CancelResult(), True
+        answered = CancelResult()
+        for event_id in ids:
+            try:
+                one = await provider.cancel_usage_events([event_id], event_name=event_name)
+            except UnsupportedOperationError:
+                raise
+            except Exception:
+                return answered, True
+            answered.cancelled.extend(one.cancelled)
+            answered.not_found.extend(one.not_found)
+            answered.rejected.update(one.rejected)
+        return answered, False
 
     async def _events(self, held: _Held) -> tuple[dict[str, UsageEvent], set[str]]:
         """The stored events of the usage rows this pass holds that are live; and the ids

@@ -27,6 +27,8 @@ from metering_core import (
     ValidationError,
 )
 from metering_core.server import create_app
+from metering_core.sql import SqlSettings
+from metering_core.sql.provider import SqlProvider
 from metering_core.testing.serving import serve_in_thread
 
 from .conftest import API_KEY, settings_for
@@ -276,3 +278,51 @@ async def test_a_cancel_stripe_no_longer_takes_is_a_dead_letter_and_reconcile_sh
     assert not report.ok
     [cell] = report.cells
     assert (cell.ledger, cell.mirror, cell.status) == (2, 3, CellStatus.over)
+
+
+async def test_a_failure_amid_cancels_keeps_those_stripe_took(
+    fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    """Stripe cancels one event a request, so a failure at the third of five had lost the
+    two before it too, and at a high failure rate a batch never finished: after a failed
+    batch the forwarder goes one at a time, keeps what Stripe took until the next failure,
+    and leaves only the rest waiting."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    name = f"calls_{uuid.uuid4().hex[:8]}"
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    sent = [
+        UsageEvent(id=f"{name}-{n}", event_name=name, customer_id="acme", timestamp=hour)
+        for n in range(6)
+    ]
+    adjustments: list[str] = []
+
+    def chaos(method: str, path: str) -> str | None:
+        if path != "/v1/billing/meter_event_adjustments":
+            return None
+        adjustments.append(path)
+        return "fail" if len(adjustments) in (3, 6) else None  # in the batch, then the 3rd alone
+
+    ids = {e.id for e in sent}
+
+    def cancelled() -> set[str]:  # of this test's events: the fake Stripe is shared
+        return {i for i, e in fake_stripe.state.events.items() if e.cancelled} & ids
+
+    provider = SqlProvider(SqlSettings(url=url, mirrors=stripe_mirror(fake_stripe)))
+    await provider.create_meter(MeterCreate(event_name=name))
+    await provider.create_customer(CustomerCreate(id="acme"))
+    await provider.ingest_usage_events(sent)
+    await provider.flush_mirrors(timeout=60)
+    fake_stripe.chaos = chaos
+    try:
+        await provider.cancel_usage_events([e.id for e in sent[:5]])
+        await provider.forwarder.forward("billing")
+
+        assert cancelled() == {sent[0].id, sent[1].id}
+        [status] = await provider.forwarder.status()
+        assert (status.depth, status.dead_letters) == (3, 0)
+        await provider.flush_mirrors(timeout=60)
+        assert cancelled() == {e.id for e in sent[:5]}
+        assert len(adjustments) == 3 + 3 + 3  # the batch, one at a time, the rest
+    finally:
+        fake_stripe.chaos = None  # the fake Stripe is shared by the module's tests
+        await provider.aclose()

@@ -1,5 +1,5 @@
 """An offline Stripe for tests: a loopback server that enforces the Billing Meters rules."""
 
-from metering_stripe.testing.fake_server import FakeStripe
+from metering_stripe.testing.fake_server import Chaos, FakeStripe
 
-__all__ = ["FakeStripe"]
+__all__ = ["Chaos", "FakeStripe"]

@@ -1,7 +1,8 @@
 """The fake Stripe's lifecycle: a loopback server the real SDK reaches via `base_addresses`.
 
 Answers and error bodies have Stripe's shapes, so the SDK raises its own exception
-classes. Switches inject 429s, 5xx, dropped connections and latency.
+classes. Switches inject 429s, 5xx, dropped connections and latency; `chaos` decides per
+request, for soak tests.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -20,7 +22,12 @@ import stripe
 from metering_stripe.testing.routes import Router
 from metering_stripe.testing.rules import State, StripeFault
 
-__all__ = ["FakeStripe"]
+__all__ = ["Chaos", "FakeStripe"]
+
+Chaos = Callable[[str, str], str | None]
+"""Told each request's method and path, before it is served: None serves it, "fail"
+answers 500 without acting on it, "lose" acts on it and then closes the connection
+unanswered (the work done, its answer lost)."""
 
 
 class FakeStripe:
@@ -28,12 +35,14 @@ class FakeStripe:
 
     `fail_next(n, status, headers)` answers the next n requests with an error,
     `drop_next(n)` closes the next n connections without answering, `latency` adds
-    seconds to every request, `state.expire_sessions()` expires v2 session tokens.
+    seconds to every request, `chaos` (settable) decides per request, and
+    `state.expire_sessions()` expires v2 session tokens.
     """
 
     def __init__(self, api_key: str = "sk_test_fake", *, latency: float = 0.0) -> None:
         self.api_key = api_key
         self.latency = latency
+        self.chaos: Chaos | None = None
         self.state = State()
         self.requests: list[tuple[str, str]] = []
         self.queries: list[tuple[str, str, str]] = []
@@ -152,6 +161,11 @@ class FakeStripe:
                 fake.queries.append((method, url.path, url.query))
                 if fake.latency:
                     time.sleep(fake.latency)
+                verdict = fake.chaos(method, url.path) if fake.chaos else None
+                if verdict == "fail":
+                    error = {"error": {"type": "api_error", "message": "injected chaos"}}
+                    self._answer(500, error, {})
+                    return
                 faulted, fault = fake._next_fault()
                 if faulted and fault is None:
                     self.close_connection = True
@@ -171,6 +185,10 @@ class FakeStripe:
                     )
                 except StripeFault as failure:
                     status, body = failure.status, failure.body()
+                if verdict == "lose":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 self._answer(status, body, {})
 
             def _answer(self, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
