@@ -2,7 +2,9 @@
 storing what it was sent, half after, the answer lost), goes down for 20 s, and the
 forwarder (`metering mirror run`, a process of its own) is killed with SIGKILL three
 times just after the mirror stored one of its batches, while usage keeps arriving.
-Afterwards reconcile finds no drift, and the mirror took every event exactly once."""
+Afterwards reconcile finds no drift, and the mirror took every event exactly once. The
+mirror is the HTTP provider before a real service, and the fake Stripe through the real
+stripe SDK (its `chaos` switch)."""
 
 from __future__ import annotations
 
@@ -95,12 +97,12 @@ async def _fail(send: Send, status: int) -> None:
 class Forwarder:
     """`metering mirror run` over the ledger, restarted whenever it dies."""
 
-    def __init__(self, ledger_url: str, mirror_url: str, tmp_path: Path) -> None:
+    def __init__(self, ledger_url: str, mirrors: dict[str, Any], tmp_path: Path) -> None:
         self.env = {
             **os.environ,
             "METERING_PROVIDER": "sql",
             "METERING_SQL_URL": ledger_url,
-            "METERING_SQL_MIRRORS": json.dumps(billing(mirror_url)),
+            "METERING_SQL_MIRRORS": json.dumps(mirrors),
             "METERING_SQL_MIRROR_LEASE": "2",
             "METERING_MAX_ATTEMPTS": "3",
         }
@@ -174,7 +176,7 @@ def test_no_drift_after_failures_an_outage_and_three_kills(ledger_url: str, tmp_
     with serve_in_thread(chaos) as mirror_url:
         with (
             Metering("sql", url=ledger_url, mirrors=billing(mirror_url), linger=0) as ledger,
-            Forwarder(ledger_url, mirror_url, tmp_path) as forwarder,
+            Forwarder(ledger_url, billing(mirror_url), tmp_path) as forwarder,
         ):
             ledger.create_meter(event_name="calls")  # the mirror's meter follows, through chaos
             for tenant in range(5):
@@ -215,3 +217,96 @@ def test_no_drift_after_failures_an_outage_and_three_kills(ledger_url: str, tmp_
         assert stored - rounds <= outcomes["accepted"] <= stored
         assert outcomes["duplicate"] > 0  # batches were sent again, and counted once
         assert httpx.get(f"{mirror_url}/health").status_code == 200
+
+
+class StripeChaos:
+    """The same hostility as `Chaos`, in the fake Stripe's terms (its writes): a share
+    failed before acting or acted on with the answer lost, an outage when told, and the
+    forwarder killed as the chosen meter event streams are stored."""
+
+    def __init__(self, kill: Callable[[], None]) -> None:
+        self.kill = kill
+        self.random = random.Random(22)
+        self.down = False
+        self.streams = 0
+        self.kills = 0
+        self.lock = threading.Lock()  # the fake serves each request on a thread
+
+    def __call__(self, method: str, path: str) -> str | None:
+        if method != "POST":
+            return None
+        with self.lock:
+            if path == "/v2/billing/meter_event_stream":
+                self.streams += 1
+                due = self.kills < len(KILLS_AT) and self.streams >= KILLS_AT[self.kills]
+                if due and not self.down:
+                    self.kills += 1
+                    self.kill()  # dies with the batch in flight; the fake stores it
+                    return "lose"
+            roll = self.random.random()
+        if self.down or roll < 0.15:
+            return "fail"
+        return "lose" if roll < 0.30 else None
+
+
+def test_no_drift_in_stripe_after_failures_an_outage_and_three_kills(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from metering_stripe.testing import FakeStripe
+
+    forwarder: Forwarder | None = None
+
+    def kill() -> None:
+        assert forwarder is not None
+        forwarder.kill()
+
+    chaos = StripeChaos(kill)
+    key = "sk_test_soak"
+    with FakeStripe(api_key=key) as fake:
+        mirrors = {"billing": {"provider": "stripe", "api_key": key, "base_url": fake.url}}
+        fake.chaos = chaos
+        with (
+            Metering("sql", url=sqlite_url, mirrors=mirrors, linger=0) as ledger,
+            Forwarder(sqlite_url, mirrors, tmp_path) as forwarder,
+        ):
+            ledger.create_meter(event_name="calls")  # Stripe's meter and customers follow
+            for tenant in range(5):
+                ledger.create_customer(id=f"t{tenant}")
+            rounds = 0
+            outage: threading.Timer | None = None
+            while rounds < ROUNDS or chaos.kills < len(KILLS_AT):
+                assert rounds < 10 * ROUNDS, (chaos.streams, chaos.kills, forwarder.starts)
+                round_, rounds = rounds, rounds + 1
+                sent = usage(round_)
+                ledger.ingest_usage_events([*sent, *sent[:10]])
+                ledger.cancel_usage_events([f"r{round_}-0"])
+                if chaos.kills == 2 and outage is None:
+                    chaos.down = True
+                    outage = threading.Timer(OUTAGE, lambda: setattr(chaos, "down", False))
+                    outage.start()
+                time.sleep(0.3)
+            deadline = time.monotonic() + OUTAGE + 90
+            while chaos.kills < len(KILLS_AT) or chaos.down or ledger.mirror_status()[0].depth:
+                assert time.monotonic() < deadline, (chaos.kills, ledger.mirror_status())
+                time.sleep(0.5)
+
+            [status] = ledger.mirror_status()
+            report = ledger.reconcile(
+                "billing", start=AT, end=AT + timedelta(hours=1), window="hour"
+            )
+
+        assert forwarder.starts == 1 + len(KILLS_AT)
+        assert (status.depth, status.dead_letters) == (0, 0)
+        assert outage is not None
+        assert {cell.status for cell in report.cells} == {CellStatus.equal}, report.cells
+        assert len(report.cells) == 5
+        assert sum(cell.mirror or 0 for cell in report.cells) == sum(
+            event.value for round_ in range(rounds) for event in usage(round_)[1:]
+        )
+        # Stripe holds each live event once (by identifier) and counts no cancelled one;
+        # what it was sent again it refused as a duplicate, and nothing else.
+        live = {e.id for round_ in range(rounds) for e in usage(round_)[1:]}
+        assert {i for i, e in fake.state.events.items() if not e.cancelled} == live
+        assert len(fake.state.customers) == 5  # a customer created twice would show here
+        refusals = {error["message"].split("`")[0] for error in fake.state.stream_errors}
+        assert refusals <= {"An event with identifier "}, refusals
