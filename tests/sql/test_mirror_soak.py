@@ -250,7 +250,7 @@ class StripeChaos:
 
 
 def test_no_drift_in_stripe_after_failures_an_outage_and_three_kills(
-    sqlite_url: str, tmp_path: Path
+    ledger_url: str, tmp_path: Path
 ) -> None:
     from metering_stripe.testing import FakeStripe
 
@@ -266,8 +266,8 @@ def test_no_drift_in_stripe_after_failures_an_outage_and_three_kills(
         mirrors = {"billing": {"provider": "stripe", "api_key": key, "base_url": fake.url}}
         fake.chaos = chaos
         with (
-            Metering("sql", url=sqlite_url, mirrors=mirrors, linger=0) as ledger,
-            Forwarder(sqlite_url, mirrors, tmp_path) as forwarder,
+            Metering("sql", url=ledger_url, mirrors=mirrors, linger=0) as ledger,
+            Forwarder(ledger_url, mirrors, tmp_path) as forwarder,
         ):
             ledger.create_meter(event_name="calls")  # Stripe's meter and customers follow
             for tenant in range(5):
