@@ -18,10 +18,10 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from opentelemetry import metrics
@@ -53,6 +53,8 @@ from metering_core.sql.schema import events, meters, outbox
 __all__ = ["IDLE", "LEASE", "PASSES", "Forwarder", "build_mirrors"]
 
 logger = logging.getLogger("metering")
+
+T = TypeVar("T")
 
 _rows = metrics.get_meter("metering_core").create_counter(
     "metering.mirror.rows",
@@ -205,6 +207,7 @@ class Forwarder:
         self.mirrors = dict(mirrors)
         self._settings = settings or MeteringSettings()
         self._down: set[str] = set()
+        self._failing = False
         self._counts = {name: collections.Counter[str]() for name in self.mirrors}
 
     async def forward(self, mirror: str, *, limit: int | None = None) -> int:
@@ -519,28 +522,37 @@ class Forwarder:
         never overlap), so a mirror's latency and the store's work overlap as the
         pipeline's batches in flight do; the rows settled."""
 
-        async def passes(mirror: str) -> int:
+        async def drain(mirror: str) -> int:
             settled = 0
             while moved := await self.forward(mirror):
                 settled += moved
             return settled
 
-        settled = await asyncio.gather(
-            *(passes(name) for name in self.mirrors for _ in range(PASSES))
-        )
-        return sum(settled)
+        return sum(await _together(drain(name) for name in self.mirrors for _ in range(PASSES)))
 
     async def run(self, idle: float = IDLE) -> None:
-        """Forward until cancelled, resting `idle` seconds whenever nothing is owed. A
-        failure (the store down) is logged and waited out: the outbox keeps everything."""
-        while True:
-            try:
-                moved = await self.forward_all()
-            except Exception:
-                logger.exception("forwarding to the mirrors failed; trying again in %s s", idle)
-                moved = 0
-            if not moved:
-                await asyncio.sleep(idle)
+        """Forward until cancelled: `PASSES` passes at a time per mirror, each resting
+        `idle` seconds whenever it found nothing to do, so a mirror that is down or idle
+        is asked again every `idle` seconds however busy another keeps the forwarder. A
+        failure (the store down) is logged once and waited out: the outbox keeps all."""
+
+        async def keep_forwarding(mirror: str) -> None:
+            while True:
+                try:
+                    moved = await self.forward(mirror)
+                except Exception:
+                    if not self._failing:  # once for all passes, until one succeeds
+                        logger.exception(
+                            "forwarding to %r failed; trying again every %s s", mirror, idle
+                        )
+                    self._failing = True
+                    moved = 0
+                else:
+                    self._failing = False
+                if not moved:
+                    await asyncio.sleep(idle)
+
+        await _together(keep_forwarding(name) for name in self.mirrors for _ in range(PASSES))
 
     async def status(self) -> list[MirrorStatus]:
         """Each mirror's depth, oldest undelivered age and dead letters."""
@@ -574,3 +586,16 @@ class Forwarder:
                 )
             )
         return statuses
+
+
+async def _together(coroutines: Iterable[Awaitable[T]]) -> list[T]:
+    """Their results, run at once; if one fails, the others are cancelled, not left
+    running unawaited (as `asyncio.gather` leaves them), and the failure is raised."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

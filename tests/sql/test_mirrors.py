@@ -24,6 +24,7 @@ from metering_core import (
     Meter,
     MeterCreate,
     NotFoundError,
+    ProviderUnavailableError,
     ReconcileReport,
     UsageEvent,
     UsageQuery,
@@ -154,6 +155,60 @@ async def test_a_batch_owes_every_mirror_each_event_it_stored(sqlite_url: str) -
         usage = await mirror.fetch_usage(query.model_copy(update={"meter_id": mirrored.id}))
         assert [row.value for row in usage.rows] == [expected], name
     await provider.aclose()
+
+
+class Wrapped:
+    """A mirror with a smaller batch, a delay per delivery, or down (it cannot even say
+    its capabilities) while `down` is set."""
+
+    def __init__(self, inner: Any, *, batch: int | None = None, delay: float = 0.0) -> None:
+        self.inner, self.batch, self.delay, self.down = inner, batch, delay, False
+
+    async def load_capabilities(self) -> Any:
+        if self.down:
+            raise ProviderUnavailableError("down")
+        found = await self.inner.load_capabilities()
+        return found.model_copy(update={"max_batch_size": self.batch or found.max_batch_size})
+
+    async def ingest_usage_events(self, sent: Sequence[UsageEvent]) -> IngestResult:
+        await asyncio.sleep(self.delay)
+        result: IngestResult = await self.inner.ingest_usage_events(sent)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_mirror_back_from_an_outage_is_served_while_another_is_busy(
+    sqlite_url: str,
+) -> None:
+    """A running forwarder asks a mirror that was down again within its idle time, not
+    once another mirror's backlog is gone (with usage arriving, that could be never)."""
+    two = {"busy": {"provider": "memory"}, "flaky": {"provider": "memory"}}
+    provider = SqlProvider(SqlSettings(url=sqlite_url, mirrors=two))
+    await provider.create_meter(MeterCreate(event_name="calls"))
+    await provider.flush_mirrors(timeout=30)  # the meter reaches both
+    mirrors = provider.forwarder.mirrors
+    busy = Wrapped(mirrors["busy"], batch=10, delay=0.05)  # 1,000 events: over a second
+    flaky = Wrapped(mirrors["flaky"])
+    flaky.down = True
+    mirrors.update(busy=busy, flaky=flaky)
+    await provider.ingest_usage_events([event(n) for n in range(1000)])
+    running = asyncio.create_task(provider.forwarder.run(idle=0.05))
+    try:
+        await asyncio.sleep(0.2)
+        flaky.down = False
+        while True:
+            depths = {s.mirror: s.depth for s in await provider.forwarder.status()}
+            if depths["flaky"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert depths["busy"] > 0, depths  # still busy when the other had caught up
+    finally:
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        await provider.aclose()
 
 
 async def test_a_mirror_that_is_down_is_owed_everything_until_it_is_back(
