@@ -29,14 +29,14 @@ class ExportFormat(StrEnum):
         return "text/csv" if self is ExportFormat.csv else "application/x-ndjson"
 
 
-def _row(event: StoredEvent) -> list[str]:
-    return [
+def _row(event: StoredEvent) -> tuple[str, ...]:
+    return (
         event.id,
         event.event_name,
         event.customer_id,
         event.timestamp.isoformat(),
         str(event.value),
-    ]
+    )
 
 
 def _csv(events: Sequence[StoredEvent], keys: Sequence[str]) -> str:
@@ -45,7 +45,7 @@ def _csv(events: Sequence[StoredEvent], keys: Sequence[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)  # lines end in \r\n (RFC 4180): a \r in a field is quoted
     writer.writerows(
-        [*_row(event), *(event.dimensions.get(key, "") for key in keys)] for event in events
+        [(*_row(event), *[event.dimensions.get(key, "") for key in keys]) for event in events]
     )
     return buffer.getvalue()
 

@@ -12,6 +12,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
+from metering_core.cli import collector
 from metering_core.cli.app import app, connect, err, out
 from metering_core.cli.commands import Format, FormatOption, parse_time, resolve_meter
 from metering_core.cli.events import FromOption, ToOption
@@ -74,7 +75,8 @@ def run(
         m.mirror_status()  # refuses a provider without mirrors, naming the setting
         err.print("forwarding to the mirrors; Ctrl-C stops")
         try:
-            m.forward_mirrors()
+            with collector.eased():
+                m.forward_mirrors()
         except KeyboardInterrupt:
             err.print("stopped")
 

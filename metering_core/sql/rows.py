@@ -47,7 +47,13 @@ def trusted(model: type[M], fields: dict[str, Any]) -> M:
     validated model."""
     made = model.__new__(model)
     object.__setattr__(made, "__dict__", fields)
-    object.__setattr__(made, "__pydantic_fields_set__", set(fields))
-    object.__setattr__(made, "__pydantic_extra__", None)
-    object.__setattr__(made, "__pydantic_private__", None)
+    _set_fields_set(made, set(fields))
+    _set_extra(made, None)
+    _set_private(made, None)
     return made
+
+
+# BaseModel's slots, set through their descriptors: no lookup by name per model made
+_set_fields_set = BaseModel.__pydantic_fields_set__.__set__  # type: ignore[attr-defined]
+_set_extra = BaseModel.__pydantic_extra__.__set__  # type: ignore[union-attr]
+_set_private = BaseModel.__pydantic_private__.__set__  # type: ignore[union-attr]

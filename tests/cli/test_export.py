@@ -3,6 +3,7 @@ an export exists for: into another store with `metering ingest`, giving the same
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -87,6 +88,14 @@ def test_an_export_ingested_into_another_store_gives_the_same_usage(
     assert len(usage(source)) > 20
     code, out = on(target, "ingest", str(exported))  # the same file again counts nothing
     assert out.splitlines()[-1] == "accepted 0, duplicates 39, rejected 0"
+
+
+def test_an_export_leaves_the_collector_as_it_found_it(source: Path, tmp_path: Path) -> None:
+    """It eases the garbage collector while it runs (in the caller's process, here)."""
+    before = gc.get_threshold()
+    code, out = on(source, "export", "api_calls", *SPAN, "-o", str(tmp_path / "e.jsonl"))
+    assert code == 0, out
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (before, 0)
 
 
 def test_an_export_filtered_to_a_customer_and_a_region_holds_only_those(
