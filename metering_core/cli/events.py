@@ -15,8 +15,8 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metering_core.cli import collector
 from metering_core.cli.app import app, connect, err, out
+from metering_core.cli.collector import eased
 from metering_core.cli.commands import (
     FilterOption,
     Format,
@@ -161,7 +161,7 @@ def export(
         query = _query(m, meter, from_, to, customer, filter_, limit=MAX_EVENTS_PER_PAGE)
         found = m.fetch_meter(query.meter_id or "")
         keys = export_keys(found.dimensions, found.unique_dimension)
-        with _target(output) as file, _progress() as progress, collector.eased():
+        with _target(output) as file, _progress() as progress, eased():
             task = progress.add_task("exporting", total=None)
             file.write(header(form, keys))
             for page in _pages(m, query):

@@ -12,8 +12,8 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from metering_core.cli import collector
 from metering_core.cli.app import app, connect, err, out
+from metering_core.cli.collector import eased
 from metering_core.cli.commands import Format, FormatOption, parse_time, resolve_meter
 from metering_core.cli.events import FromOption, ToOption
 from metering_core.models import (
@@ -75,7 +75,7 @@ def run(
         m.mirror_status()  # refuses a provider without mirrors, naming the setting
         err.print("forwarding to the mirrors; Ctrl-C stops")
         try:
-            with collector.eased():
+            with eased():
                 m.forward_mirrors()
         except KeyboardInterrupt:
             err.print("stopped")
