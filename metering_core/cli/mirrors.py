@@ -64,7 +64,8 @@ def run(
     with connect(ctx) as m:
         if once:
             try:
-                statuses = m.flush_mirrors(timeout)
+                with eased():
+                    statuses = m.flush_mirrors(timeout)
             except TimeoutError:
                 owed = sum(s.depth for s in m.mirror_status())
                 err.print(f"error: {owed} row(s) still owed after {timeout} s; they wait")
