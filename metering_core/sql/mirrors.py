@@ -18,7 +18,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple, TypeVar
@@ -521,12 +521,15 @@ class Forwarder:
         time per mirror, each taking the next rows as soon as it is done (their leases
         never overlap), so a mirror's latency and the store's work overlap as the
         pipeline's batches in flight do; the rows settled."""
+        passes = _Passes(self.forward)
 
         async def drain(mirror: str) -> int:
             settled = 0
-            while moved := await self.forward(mirror):
+            while True:
+                moved = await passes.one(mirror)
                 settled += moved
-            return settled
+                if not moved and not await passes.after_siblings(mirror):
+                    return settled
 
         return sum(await _together(drain(name) for name in self.mirrors for _ in range(PASSES)))
 
@@ -535,11 +538,12 @@ class Forwarder:
         `idle` seconds whenever it found nothing to do, so a mirror that is down or idle
         is asked again every `idle` seconds however busy another keeps the forwarder. A
         failure (the store down) is logged once and waited out: the outbox keeps all."""
+        passes = _Passes(self.forward)
 
         async def keep_forwarding(mirror: str) -> None:
             while True:
                 try:
-                    moved = await self.forward(mirror)
+                    moved = await passes.one(mirror)
                 except Exception:
                     if not self._failing:  # once for all passes, until one succeeds
                         logger.exception(
@@ -549,7 +553,7 @@ class Forwarder:
                     moved = 0
                 else:
                     self._failing = False
-                if not moved:
+                if not moved and not await passes.after_siblings(mirror):
                     await asyncio.sleep(idle)
 
         await _together(keep_forwarding(name) for name in self.mirrors for _ in range(PASSES))
@@ -586,6 +590,42 @@ class Forwarder:
                 )
             )
         return statuses
+
+
+class _Passes:
+    """A forwarder's passes over each mirror, at once. One that finds nothing to take
+    while a sibling is mid-pass waits for it rather than stopping or resting: the
+    sibling may be delivering the meter change every event waits behind, or leave rows
+    to try again. (Stopped, three of four passes ended at the first change and one
+    drained the outbox alone: the mirror's time and the store's were spent in turn.)"""
+
+    def __init__(self, forward: Callable[[str], Awaitable[int]]) -> None:
+        self._forward = forward
+        self._busy = collections.Counter[str]()
+        self._finished: dict[str, asyncio.Event] = {}
+
+    async def one(self, mirror: str) -> int:
+        """A pass; the rows it settled. The passes waiting are woken by one that settled
+        rows (there may be more to take) or by the last to finish, not by each that found
+        nothing (they would wake one another for as long as one pass is sending)."""
+        self._busy[mirror] += 1
+        moved = None
+        try:
+            moved = await self._forward(mirror)
+            return moved
+        finally:
+            self._busy[mirror] -= 1
+            if moved != 0 or not self._busy[mirror]:
+                finished = self._finished.pop(mirror, None)
+                if finished is not None:
+                    finished.set()
+
+    async def after_siblings(self, mirror: str) -> bool:
+        """Whether a sibling was mid-pass; if so, once one has finished."""
+        if not self._busy[mirror]:
+            return False
+        await self._finished.setdefault(mirror, asyncio.Event()).wait()
+        return True
 
 
 async def _together(coroutines: Iterable[Awaitable[T]]) -> list[T]:

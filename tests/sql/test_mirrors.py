@@ -163,6 +163,7 @@ class Wrapped:
 
     def __init__(self, inner: Any, *, batch: int | None = None, delay: float = 0.0) -> None:
         self.inner, self.batch, self.delay, self.down = inner, batch, delay, False
+        self.sending = self.most_at_once = 0
 
     async def load_capabilities(self) -> Any:
         if self.down:
@@ -171,12 +172,35 @@ class Wrapped:
         return found.model_copy(update={"max_batch_size": self.batch or found.max_batch_size})
 
     async def ingest_usage_events(self, sent: Sequence[UsageEvent]) -> IngestResult:
-        await asyncio.sleep(self.delay)
-        result: IngestResult = await self.inner.ingest_usage_events(sent)
+        self.sending += 1
+        self.most_at_once = max(self.most_at_once, self.sending)
+        try:
+            await asyncio.sleep(self.delay)
+            result: IngestResult = await self.inner.ingest_usage_events(sent)
+        finally:
+            self.sending -= 1
         return result
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+async def test_every_pass_forwards_once_the_change_they_waited_behind_is_through(
+    sqlite_url: str,
+) -> None:
+    """The meter's creation goes first, by one pass; the others, finding nothing they may
+    take meanwhile, wait for it rather than stop: then all of them send at once."""
+    provider = SqlProvider(SqlSettings(url=sqlite_url, mirrors={"billing": {"provider": "memory"}}))
+    billing = Wrapped(provider.forwarder.mirrors["billing"], batch=10, delay=0.02)
+    provider.forwarder.mirrors["billing"] = billing
+    await provider.create_meter(MeterCreate(event_name="calls"))
+    await provider.ingest_usage_events([event(n) for n in range(200)])
+
+    [status] = await provider.flush_mirrors(timeout=30)
+
+    assert (status.depth, status.delivered) == (0, 201)
+    assert billing.most_at_once == mirrors.PASSES
+    await provider.aclose()
 
 
 async def test_a_mirror_back_from_an_outage_is_served_while_another_is_busy(
