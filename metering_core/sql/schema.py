@@ -138,6 +138,7 @@ outbox = sa.Table(
         sqlite_where=_CHANGE_OWED,
     ),
     sqlite_autoincrement=True,
+    postgresql_with={"fillfactor": 50},  # a claim's update stays on its page (0006)
 )
 """What each mirror is still owed: a row per stored event (and per cancellation) per
 mirror, written in the transaction that stored it, so the ledger and its outbox never
