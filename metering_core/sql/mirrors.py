@@ -373,6 +373,11 @@ class Forwarder:
         by_name: dict[str, list[str]] = {}
         for event_id in owed:
             by_name.setdefault(names.get(event_id, ""), []).append(event_id)
+        # Asked before the mirror is: an event a sibling pass is delivering meanwhile may
+        # land after the mirror answered "not found" and before a later look would see it
+        # still owed, and its cancel would be done with the event live on the mirror.
+        # Rows only ever leave the outbox, so an event not owed now had reached it.
+        waiting = await self._still_owed(mirror, list(owed))
         done: list[int] = []
         refused: dict[int, str] = {}
         for name, ids in by_name.items():
@@ -381,8 +386,7 @@ class Forwarder:
             except UnsupportedOperationError as exc:
                 refused.update({owed[i]: str(exc) for i in ids})
                 continue
-            waiting = await self._still_owed(mirror, answer.not_found)
-            # done: cancelled, or unknown to a mirror its event has reached (nothing left
+            # done: cancelled, or unknown to a mirror its event had reached (nothing left
             # to cancel); an id with no answer (the mirror failed first) waits
             settled = {*answer.cancelled, *(set(answer.not_found) - waiting)}
             for event_id in ids:
@@ -399,24 +403,28 @@ class Forwarder:
     async def _cancel(
         provider: IMetering, ids: Sequence[str], event_name: str | None
     ) -> tuple[CancelResult, bool]:
-        """Cancel `ids` on the mirror; if it fails, one at a time until it fails again.
-        A provider that cancels id by id (Stripe: a request each) loses what it did to a
-        failure at the last id, and at a high failure rate would never finish a batch;
-        here what was answered before a failure is kept. The answers, and whether the
-        mirror failed (an outage costs two calls a pass, not one per id)."""
+        """Cancel `ids` on the mirror; if that fails, one at a time until the mirror
+        fails again. A provider that cancels id by id (Stripe: a request each) loses what
+        it did to a failure at the last id, and at a high failure rate would never finish
+        a batch; here what was answered before a failure is kept, and an id the mirror
+        refuses for good is rejected with its reason (a dead letter) rather than holding
+        the rest. The answers, and whether the mirror failed (an outage costs two calls
+        a pass, not one per id)."""
         try:
             return await provider.cancel_usage_events(ids, event_name=event_name), False
         except UnsupportedOperationError:
             raise
         except Exception:
-            if len(ids) == 1:
-                return CancelResult(), True
+            pass  # one at a time, below
         answered = CancelResult()
         for event_id in ids:
             try:
                 one = await provider.cancel_usage_events([event_id], event_name=event_name)
             except UnsupportedOperationError:
                 raise
+            except REFUSALS as exc:
+                answered.rejected[event_id] = str(exc)
+                continue
             except Exception:
                 return answered, True
             answered.cancelled.extend(one.cancelled)
