@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from opentelemetry import metrics
@@ -54,7 +55,6 @@ __all__ = ["IDLE", "LEASE", "PASSES", "Forwarder", "build_mirrors"]
 
 logger = logging.getLogger("metering")
 
-T = TypeVar("T")
 
 _rows = metrics.get_meter("metering_core").create_counter(
     "metering.mirror.rows",
@@ -207,7 +207,6 @@ class Forwarder:
         self.mirrors = dict(mirrors)
         self._settings = settings or MeteringSettings()
         self._down: set[str] = set()
-        self._failing = False
         self._counts = {name: collections.Counter[str]() for name in self.mirrors}
 
     async def forward(self, mirror: str, *, limit: int | None = None) -> int:
@@ -262,6 +261,12 @@ class Forwarder:
                     refused.update(cancel_refused)
         except TimeoutError:
             logger.warning("mirror %r: a pass outlasted its lease; its rows are sent again", mirror)
+        except Exception:
+            # The store failed mid-pass (a read): the rows go back now, not when the lease
+            # runs out (two minutes); if the store is down this fails too, and they wait.
+            with contextlib.suppress(Exception):
+                await self._settle(held, [], {}, [row.seq for row in leased])
+            raise
         settled = {*delivered, *refused}
         retry = [row.seq for row in leased if row.seq not in settled]
         taken = {*delivered}
@@ -528,43 +533,61 @@ class Forwarder:
         """Forward until nothing more is owed (or a mirror fails): `PASSES` passes at a
         time per mirror, each taking the next rows as soon as it is done (their leases
         never overlap), so a mirror's latency and the store's work overlap as the
-        pipeline's batches in flight do; the rows settled."""
+        pipeline's batches in flight do; the rows settled. If a pass fails (the store),
+        the others end after the pass they are in (cancelled mid-send, they would leave
+        what the mirror took leased until the lease ran out) and the failure is raised."""
         passes = _Passes(self.forward)
 
         async def drain(mirror: str) -> int:
             settled = 0
-            while True:
-                moved = await passes.one(mirror)
-                settled += moved
-                if not moved and not await passes.after_siblings(mirror):
-                    return settled
+            try:
+                while not passes.stopping:
+                    moved = await passes.one(mirror)
+                    settled += moved
+                    if not moved and not await passes.after_progress(mirror):
+                        break
+            except Exception:
+                passes.stopping = True
+                raise
+            return settled
 
-        return sum(await _together(drain(name) for name in self.mirrors for _ in range(PASSES)))
+        done = await asyncio.gather(
+            *(drain(name) for name in self.mirrors for _ in range(PASSES)),
+            return_exceptions=True,
+        )
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sum(outcome for outcome in done if isinstance(outcome, int))
 
     async def run(self, idle: float = IDLE) -> None:
         """Forward until cancelled: `PASSES` passes at a time per mirror, each resting
         `idle` seconds whenever it found nothing to do, so a mirror that is down or idle
         is asked again every `idle` seconds however busy another keeps the forwarder. A
-        failure (the store down) is logged once and waited out: the outbox keeps all."""
+        failure (the store down) is logged once per mirror and waited out: the outbox
+        keeps everything."""
         passes = _Passes(self.forward)
+        failing: set[str] = set()
 
         async def keep_forwarding(mirror: str) -> None:
             while True:
                 try:
                     moved = await passes.one(mirror)
                 except Exception:
-                    if not self._failing:  # once for all passes, until one succeeds
+                    if mirror not in failing:  # once, until a pass of it succeeds
                         logger.exception(
                             "forwarding to %r failed; trying again every %s s", mirror, idle
                         )
-                    self._failing = True
-                    moved = 0
-                else:
-                    self._failing = False
-                if not moved and not await passes.after_siblings(mirror):
+                    failing.add(mirror)
+                    await asyncio.sleep(idle)
+                    continue
+                failing.discard(mirror)
+                if not moved and not await passes.after_progress(mirror):
                     await asyncio.sleep(idle)
 
-        await _together(keep_forwarding(name) for name in self.mirrors for _ in range(PASSES))
+        await asyncio.gather(
+            *(keep_forwarding(name) for name in self.mirrors for _ in range(PASSES))
+        )
 
     async def status(self) -> list[MirrorStatus]:
         """Each mirror's depth, oldest undelivered age and dead letters."""
@@ -610,40 +633,31 @@ class _Passes:
     def __init__(self, forward: Callable[[str], Awaitable[int]]) -> None:
         self._forward = forward
         self._busy = collections.Counter[str]()
-        self._finished: dict[str, asyncio.Event] = {}
+        self._next: dict[str, asyncio.Future[bool]] = {}
+        self.stopping = False
+        """Set when a pass failed: the others end after the pass they are in."""
 
     async def one(self, mirror: str) -> int:
-        """A pass; the rows it settled. The passes waiting are woken by one that settled
-        rows (there may be more to take) or by the last to finish, not by each that found
-        nothing (they would wake one another for as long as one pass is sending)."""
+        """A pass; the rows it settled. The passes waiting are told when one settles
+        rows (there may be more to take) and when the last finishes (there is nothing
+        to wait for), not at each that found nothing or failed: they would wake one
+        another for as long as one pass is sending, or hammer a store that is down."""
         self._busy[mirror] += 1
-        moved = None
+        moved = 0
         try:
             moved = await self._forward(mirror)
             return moved
         finally:
             self._busy[mirror] -= 1
-            if moved != 0 or not self._busy[mirror]:
-                finished = self._finished.pop(mirror, None)
-                if finished is not None:
-                    finished.set()
+            if moved or not self._busy[mirror]:
+                told = self._next.pop(mirror, None)
+                if told is not None and not told.done():
+                    told.set_result(moved > 0)
 
-    async def after_siblings(self, mirror: str) -> bool:
-        """Whether a sibling was mid-pass; if so, once one has finished."""
+    async def after_progress(self, mirror: str) -> bool:
+        """Whether, waiting while a sibling was mid-pass, one settled rows (False at
+        once when none is mid-pass)."""
         if not self._busy[mirror]:
             return False
-        await self._finished.setdefault(mirror, asyncio.Event()).wait()
-        return True
-
-
-async def _together(coroutines: Iterable[Awaitable[T]]) -> list[T]:
-    """Their results, run at once; if one fails, the others are cancelled, not left
-    running unawaited (as `asyncio.gather` leaves them), and the failure is raised."""
-    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+        told = self._next.setdefault(mirror, asyncio.get_running_loop().create_future())
+        return await asyncio.shield(told)  # one waiter cancelled must not cancel the rest

@@ -196,9 +196,10 @@ async def test_every_pass_forwards_once_the_change_they_waited_behind_is_through
     await provider.create_meter(MeterCreate(event_name="calls"))
     await provider.ingest_usage_events([event(n) for n in range(200)])
 
-    [status] = await provider.flush_mirrors(timeout=30)
+    assert await provider.forwarder.forward_all() == 201  # one call: all, the meter first
 
-    assert (status.depth, status.delivered) == (0, 201)
+    [status] = await provider.forwarder.status()
+    assert status.depth == 0
     assert billing.most_at_once == mirrors.PASSES
     await provider.aclose()
 
@@ -1070,3 +1071,54 @@ async def test_a_cancel_the_mirror_refuses_is_a_dead_letter_and_the_rest_go_on(
     provider.forwarder.mirrors["billing"] = inner
     assert await mirrored_total(provider, "billing") == event(2).value  # only e2 still counts
     await provider.aclose()
+
+
+async def test_a_store_failure_in_one_pass_leaves_no_rows_leased(sqlite_url: str) -> None:
+    """One mirror's pass fails on the store mid-pass while another mirror's is sending:
+    the sender finishes and settles (cancelled mid-send, it had left what the mirror took
+    leased for the lease's two minutes), the failed pass gives its rows back at once, and
+    the failure is raised."""
+    two = {"a": {"provider": "memory"}, "b": {"provider": "memory"}}
+    provider = SqlProvider(SqlSettings(url=sqlite_url, mirrors=two))
+    await provider.create_meter(MeterCreate(event_name="calls"))
+    await provider.flush_mirrors(timeout=30)
+    forwarder = provider.forwarder
+    forwarder.mirrors["b"] = Wrapped(forwarder.mirrors["b"], delay=0.3)
+    await provider.ingest_usage_events([event(n) for n in range(200)])
+    real = forwarder._refused_meters
+    failures = [OSError("database is locked (once)")]
+
+    async def refused_meters(mirror: str) -> dict[str, str]:
+        if mirror == "a" and failures:
+            await asyncio.sleep(0.1)
+            raise failures.pop()
+        return await real(mirror)
+
+    forwarder._refused_meters = refused_meters  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="once"):
+        await provider.flush_mirrors(timeout=30)
+    assert {s.mirror: s.depth for s in await forwarder.status()}["b"] == 0
+    statuses = await provider.flush_mirrors(timeout=10)  # the lease is 120 s
+    assert [s.depth for s in statuses] == [0, 0]
+    await provider.aclose()
+
+
+async def test_a_running_forwarder_rests_while_the_store_is_down() -> None:
+    """Each pass that fails rests its idle time: four passes, 1.1 s at 0.25 s each, ask
+    the store 4 x 5 times at most (not in a loop, woken by one another), and say so once."""
+    forwarder = mirrors.Forwarder(lambda *a, **k: None, {"billing": object()})  # type: ignore[arg-type]
+    asked = 0
+
+    async def forward(mirror: str, *, limit: int | None = None) -> int:
+        nonlocal asked
+        asked += 1
+        await asyncio.sleep(0.005)
+        raise OSError("the store is down")
+
+    forwarder.forward = forward  # type: ignore[method-assign]
+    running = asyncio.create_task(forwarder.run(idle=0.25))
+    await asyncio.sleep(1.1)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert mirrors.PASSES <= asked <= mirrors.PASSES * 5
