@@ -19,12 +19,14 @@ YOUNG = 10_000
 def eased() -> Iterator[None]:
     """What is alive now (modules, models, the engine) frozen, out of every collection's
     walk, and young collections every `YOUNG` allocations; cycles are still collected.
-    As found again after."""
+    As found again after (what a caller had frozen stays frozen)."""
     threshold = gc.get_threshold()
+    frozen = gc.get_freeze_count()
     gc.freeze()
     gc.set_threshold(YOUNG, *threshold[1:])
     try:
         yield
     finally:
         gc.set_threshold(*threshold)
-        gc.unfreeze()
+        if not frozen:
+            gc.unfreeze()
