@@ -144,31 +144,7 @@ async def forward_rate(url: str, mirror_url: str, count: int) -> tuple[float, fl
 async def reconcile_time(url: str, mirror_url: str, customers: int, days: int) -> float:
     """Seconds to reconcile `customers` x `days` daily cells, every one equal."""
     mirrors = {"billing": {"provider": "http", "base_url": mirror_url, "api_key": KEY}}
-    provider = SqlProvider(SqlSettings(url=url, mirrors=mirrors))
-    await provider.create_meter(MeterCreate(event_name="calls"))
-    cells = [
-        UsageEvent(
-            id=f"r-{c}-{d}",
-            event_name="calls",
-            customer_id=f"t{c}",
-            value=Decimal(c % 7 + 1),
-            timestamp=START + timedelta(days=d, hours=c % 24),
-        )
-        for c in range(customers)
-        for d in range(days)
-    ]
-    for first in range(0, len(cells), BATCH):
-        await provider.ingest_usage_events(cells[first : first + BATCH])
-    await provider.flush_mirrors()
-    began = time.perf_counter()
-    report = await provider.reconcile(
-        "billing", start=START, end=START + timedelta(days=days), window=Window.DAY
-    )
-    elapsed = time.perf_counter() - began
-    assert report.ok
-    assert len(report.cells) == customers * days, len(report.cells)
-    await provider.aclose()
-    return elapsed
+    return await timed_reconcile(url, mirrors, START, customers, days)
 
 
 async def reconcile_stripe_time(url: str, customers: int, days: int) -> float:
@@ -180,32 +156,47 @@ async def reconcile_stripe_time(url: str, customers: int, days: int) -> float:
     key = "sk_test_bench"
     with fake_stripe(key) as url_of_stripe:
         mirrors = {"billing": {"provider": "stripe", "api_key": key, "base_url": url_of_stripe}}
-        provider = SqlProvider(SqlSettings(url=url, mirrors=mirrors))
-        await provider.create_meter(MeterCreate(event_name="calls"))
+        return await timed_reconcile(url, mirrors, start, customers, days, stripe=True)
+
+
+async def timed_reconcile(
+    url: str,
+    mirrors: dict[str, Any],
+    start: datetime,
+    customers: int,
+    days: int,
+    *,
+    stripe: bool = False,
+) -> float:
+    """An event a customer a day from `start`, forwarded to the mirror; the seconds to
+    reconcile them by day, every cell equal. Stripe takes usage only of its customers."""
+    provider = SqlProvider(SqlSettings(url=url, mirrors=mirrors))
+    await provider.create_meter(MeterCreate(event_name="calls"))
+    if stripe:
         for c in range(customers):
             await provider.create_customer(CustomerCreate(id=f"t{c}"))
-        cells = [
-            UsageEvent(
-                id=f"s-{c}-{d}",
-                event_name="calls",
-                customer_id=f"t{c}",
-                value=Decimal(c % 7 + 1),
-                timestamp=start + timedelta(days=d, minutes=c % 60),
-            )
-            for c in range(customers)
-            for d in range(days)
-        ]
-        for first in range(0, len(cells), BATCH):
-            await provider.ingest_usage_events(cells[first : first + BATCH])
-        await provider.flush_mirrors()
-        began = time.perf_counter()
-        report = await provider.reconcile(
-            "billing", start=start, end=start + timedelta(days=days), window=Window.DAY
+    cells = [
+        UsageEvent(
+            id=f"r-{c}-{d}",
+            event_name="calls",
+            customer_id=f"t{c}",
+            value=Decimal(c % 7 + 1),
+            timestamp=start + timedelta(days=d, minutes=c % 60),  # in its first hour
         )
-        elapsed = time.perf_counter() - began
-        assert report.ok
-        assert len(report.cells) == customers * days, len(report.cells)
-        await provider.aclose()
+        for c in range(customers)
+        for d in range(days)
+    ]
+    for first in range(0, len(cells), BATCH):
+        await provider.ingest_usage_events(cells[first : first + BATCH])
+    await provider.flush_mirrors()
+    began = time.perf_counter()
+    report = await provider.reconcile(
+        "billing", start=start, end=start + timedelta(days=days), window=Window.DAY
+    )
+    elapsed = time.perf_counter() - began
+    assert report.ok
+    assert len(report.cells) == customers * days, len(report.cells)
+    await provider.aclose()
     return elapsed
 
 
