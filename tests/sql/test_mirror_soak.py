@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -158,6 +158,42 @@ def usage(round_: int) -> list[UsageEvent]:
     ]
 
 
+class Hostile(Protocol):
+    """A mirror's chaos, as the soak drives it."""
+
+    kills: int
+    down: bool
+
+
+def soak(ledger: Metering, chaos: Hostile, forwarder: Forwarder) -> int:
+    """The meter and five customers, then usage in rounds (some sent twice, one of each
+    cancelled) while the chaos kills the forwarder; after the second kill the mirror goes
+    down for `OUTAGE` seconds. Returns, with the rounds sent, once the mirror has been
+    sent everything."""
+    ledger.create_meter(event_name="calls")  # the mirror's meter and customers follow
+    for tenant in range(5):
+        ledger.create_customer(id=f"t{tenant}")
+    rounds = 0
+    outage: threading.Timer | None = None
+    while rounds < ROUNDS or chaos.kills < len(KILLS_AT):  # usage keeps arriving
+        assert rounds < 10 * ROUNDS, (chaos.kills, forwarder.starts)
+        round_, rounds = rounds, rounds + 1
+        sent = usage(round_)
+        ledger.ingest_usage_events([*sent, *sent[:10]])  # some sent twice
+        ledger.cancel_usage_events([f"r{round_}-0"])
+        if chaos.kills == 2 and outage is None:  # and then the mirror goes away
+            chaos.down = True
+            outage = threading.Timer(OUTAGE, lambda: setattr(chaos, "down", False))
+            outage.start()
+        time.sleep(0.3)
+    assert outage is not None  # the mirror went down
+    deadline = time.monotonic() + OUTAGE + 90
+    while chaos.kills < len(KILLS_AT) or chaos.down or ledger.mirror_status()[0].depth:
+        assert time.monotonic() < deadline, (chaos.kills, ledger.mirror_status())
+        time.sleep(0.5)
+    return rounds
+
+
 @pytest.fixture(params=["sqlite_url", "postgres_url"])
 def ledger_url(request: pytest.FixtureRequest) -> str:
     url: str = request.getfixturevalue(request.param)
@@ -178,26 +214,7 @@ def test_no_drift_after_failures_an_outage_and_three_kills(ledger_url: str, tmp_
             Metering("sql", url=ledger_url, mirrors=billing(mirror_url), linger=0) as ledger,
             Forwarder(ledger_url, billing(mirror_url), tmp_path) as forwarder,
         ):
-            ledger.create_meter(event_name="calls")  # the mirror's meter follows, through chaos
-            for tenant in range(5):
-                ledger.create_customer(id=f"t{tenant}")
-            rounds = 0
-            outage: threading.Timer | None = None
-            while rounds < ROUNDS or chaos.kills < len(KILLS_AT):  # usage keeps arriving
-                assert rounds < 10 * ROUNDS, (chaos.ingests, chaos.kills, forwarder.starts)
-                round_, rounds = rounds, rounds + 1
-                sent = usage(round_)
-                ledger.ingest_usage_events([*sent, *sent[:10]])  # some sent twice
-                ledger.cancel_usage_events([f"r{round_}-0"])
-                if chaos.kills == 2 and outage is None:  # and then the mirror goes away
-                    chaos.down = True
-                    outage = threading.Timer(OUTAGE, lambda: setattr(chaos, "down", False))
-                    outage.start()
-                time.sleep(0.3)
-            deadline = time.monotonic() + OUTAGE + 90
-            while chaos.kills < len(KILLS_AT) or chaos.down or ledger.mirror_status()[0].depth:
-                assert time.monotonic() < deadline, (chaos.kills, ledger.mirror_status())
-                time.sleep(0.5)
+            rounds = soak(ledger, chaos, forwarder)
 
             [status] = ledger.mirror_status()
             report = ledger.reconcile("billing", start=AT, end=AT + timedelta(hours=1))
@@ -205,7 +222,6 @@ def test_no_drift_after_failures_an_outage_and_three_kills(ledger_url: str, tmp_
         assert forwarder.starts == 1 + len(KILLS_AT)
         assert (status.depth, status.dead_letters) == (0, 0)
         assert report.ok
-        assert outage is not None
         assert {cell.status for cell in report.cells} == {CellStatus.equal}
         assert len(report.cells) == 5  # five customers, one window each
         stored = rounds * PER_ROUND
@@ -269,26 +285,7 @@ def test_no_drift_in_stripe_after_failures_an_outage_and_three_kills(
             Metering("sql", url=ledger_url, mirrors=mirrors, linger=0) as ledger,
             Forwarder(ledger_url, mirrors, tmp_path) as forwarder,
         ):
-            ledger.create_meter(event_name="calls")  # Stripe's meter and customers follow
-            for tenant in range(5):
-                ledger.create_customer(id=f"t{tenant}")
-            rounds = 0
-            outage: threading.Timer | None = None
-            while rounds < ROUNDS or chaos.kills < len(KILLS_AT):
-                assert rounds < 10 * ROUNDS, (chaos.streams, chaos.kills, forwarder.starts)
-                round_, rounds = rounds, rounds + 1
-                sent = usage(round_)
-                ledger.ingest_usage_events([*sent, *sent[:10]])
-                ledger.cancel_usage_events([f"r{round_}-0"])
-                if chaos.kills == 2 and outage is None:
-                    chaos.down = True
-                    outage = threading.Timer(OUTAGE, lambda: setattr(chaos, "down", False))
-                    outage.start()
-                time.sleep(0.3)
-            deadline = time.monotonic() + OUTAGE + 90
-            while chaos.kills < len(KILLS_AT) or chaos.down or ledger.mirror_status()[0].depth:
-                assert time.monotonic() < deadline, (chaos.kills, ledger.mirror_status())
-                time.sleep(0.5)
+            rounds = soak(ledger, chaos, forwarder)
 
             [status] = ledger.mirror_status()
             report = ledger.reconcile(
@@ -297,7 +294,6 @@ def test_no_drift_in_stripe_after_failures_an_outage_and_three_kills(
 
         assert forwarder.starts == 1 + len(KILLS_AT)
         assert (status.depth, status.dead_letters) == (0, 0)
-        assert outage is not None
         assert {cell.status for cell in report.cells} == {CellStatus.equal}, report.cells
         assert len(report.cells) == 5
         assert sum(cell.mirror or 0 for cell in report.cells) == sum(
