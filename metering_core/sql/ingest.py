@@ -15,7 +15,7 @@ import functools
 import hashlib
 import itertools
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, localcontext
 from typing import Any, NamedTuple
@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from metering_core.epoch import epoch_micros
 from metering_core.models import EXACT, UsageEvent
-from metering_core.sql.driver import Aiosqlite
+from metering_core.sql.driver import Aiosqlite, Asyncpg
 from metering_core.sql.schema import BUCKET, events, meters, outbox, rollups
 from metering_core.sql.store import canonical_dimensions
 
@@ -79,46 +79,58 @@ _SQLITE_ROLLUP = (
     "SET count = count + excluded.count, total = dec_add(total, excluded.total)"
 )
 
-_FRESH = """
+_CHECKED_PARAMETERS = ("rows", "rolled_up", "ingested", "meters", "unmetered", "refused", "mirrors")
+"""The checked insert's parameters, in asyncpg's order ($1, $2, …)."""
+
+
+def _fresh(parameter: Callable[[str], str]) -> str:
+    """Whether the meters ingest judged the rows by are the store's now: each as it was
+    read (the fields the rules read), and no meter for the names that had none."""
+    meters = parameter("meters")
+    return f"""
     fresh AS (
         SELECT (
             SELECT count(*) FROM meters AS m
-            JOIN jsonb_to_recordset(CAST(:meters AS jsonb))
+            JOIN jsonb_to_recordset(CAST({meters} AS jsonb))
                 AS c(seq bigint, event_name text, id text, unique_dimension text,
                      aggregation text)
             ON m.seq = c.seq AND m.event_name = c.event_name AND m.id = c.id
                AND m.unique_dimension IS NOT DISTINCT FROM c.unique_dimension
                AND m.aggregation = c.aggregation
-        ) = jsonb_array_length(CAST(:meters AS jsonb))
+        ) = jsonb_array_length(CAST({meters} AS jsonb))
         AND NOT EXISTS (
-            SELECT 1 FROM meters WHERE event_name = ANY(CAST(:unmetered AS text[]))
+            SELECT 1 FROM meters WHERE event_name = ANY(CAST({parameter("unmetered")} AS text[]))
         ) AS ok
     ),"""
-"""Whether the meters ingest judged the rows by are the store's now: each as it was read
-(the fields the rules read), and no meter for the names that had none."""
 
 
-def _postgres_insert(checked: bool) -> sa.TextClause:
-    """The rows and their rollups in one statement. `checked`: only if `_FRESH` holds, and
-    answering whether it did and which refused ids the store knew: one round trip in all,
-    run outside a transaction (one statement is one)."""
+def _postgres_insert(checked: bool) -> str:
+    """The rows and their rollups in one statement (SQL text). `checked`: only if `_fresh`
+    holds, and answering whether it did and which refused ids the store knew: one round
+    trip in all, run outside a transaction (one statement is one), its parameters
+    asyncpg's positional ones; unchecked, SQLAlchemy's named ones."""
+
+    def parameter(name: str) -> str:
+        return f"${_CHECKED_PARAMETERS.index(name) + 1}" if checked else f":{name}"
+
     guard = "WHERE (SELECT ok FROM fresh)" if checked else ""
     answer = (
         "SELECT (SELECT ok FROM fresh) AS fresh, ARRAY(SELECT id FROM inserted) AS inserted, "
-        "ARRAY(SELECT id FROM events WHERE id = ANY(CAST(:refused AS text[]))) AS known"
+        f"ARRAY(SELECT id FROM events WHERE id = ANY(CAST({parameter('refused')} AS text[]))) "
+        "AS known"
         if checked
         else "SELECT id FROM inserted"
     )
-    return sa.text(
-        f"""
-        WITH {_FRESH if checked else ""} arrived AS MATERIALIZED (
+    return f"""
+        WITH {_fresh(parameter) if checked else ""} arrived AS MATERIALIZED (
             SELECT nextval(CAST('events_seq_seq' AS regclass)) AS seq, n,
                    e->>0 AS id, CAST(e->>1 AS bigint) AS meter_seq, e->>2 AS event_name,
                    e->>3 AS customer_id, CAST(e->>4 AS bigint) AS ts,
                    CAST(e->>5 AS numeric) AS value, CAST(e->6 AS json) AS dimensions
             FROM (
                 SELECT e, n
-                FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS a(e, n)
+                FROM jsonb_array_elements(CAST({parameter("rows")} AS jsonb))
+                    WITH ORDINALITY AS a(e, n)
                 {guard}
                 ORDER BY n
             ) AS sent
@@ -126,7 +138,7 @@ def _postgres_insert(checked: bool) -> sa.TextClause:
             INSERT INTO events
                 (seq, id, meter_seq, event_name, customer_id, ts, value, dimensions, ingested_at)
             SELECT seq, id, meter_seq, event_name, customer_id, ts, value, dimensions,
-                   CAST(:ingested AS bigint)
+                   CAST({parameter("ingested")} AS bigint)
             FROM arrived ORDER BY id, n
             ON CONFLICT (id) DO NOTHING
             RETURNING id, meter_seq, ts, value, dimensions
@@ -137,7 +149,7 @@ def _postgres_insert(checked: bool) -> sa.TextClause:
                 SELECT meter_seq, {_BUCKET_OF} AS bucket,
                        CAST(CAST(dimensions AS jsonb) AS text) AS dimensions, value
                 FROM inserted
-                WHERE meter_seq = ANY(CAST(:rolled_up AS bigint[]))
+                WHERE meter_seq = ANY(CAST({parameter("rolled_up")} AS bigint[]))
             ) AS rolled
             GROUP BY meter_seq, bucket, dimensions
             ORDER BY meter_seq, bucket, md5(dimensions) COLLATE "C"
@@ -145,16 +157,15 @@ def _postgres_insert(checked: bool) -> sa.TextClause:
             SET count = r.count + excluded.count, total = r.total + excluded.total
         ), owed AS (
             INSERT INTO outbox (mirror, kind, event_id, created_at)
-            SELECT mirror, 'usage', id, CAST(:ingested AS bigint)
-            FROM inserted CROSS JOIN unnest(CAST(:mirrors AS text[])) AS m(mirror)
+            SELECT mirror, 'usage', id, CAST({parameter("ingested")} AS bigint)
+            FROM inserted CROSS JOIN unnest(CAST({parameter("mirrors")} AS text[])) AS m(mirror)
             ORDER BY id, mirror
         )
         {answer}
         """
-    )
 
 
-_POSTGRES = _postgres_insert(checked=False)
+_POSTGRES = sa.text(_postgres_insert(checked=False))
 """Arrival order numbers the rows (`seq`, the order `latest` breaks ties by); then they
 go in by id and their rollups by key: two processes writing overlapping batches take
 their locks in the same order, so neither waits on the other in a cycle. An id sent
@@ -304,7 +315,7 @@ class Checked(NamedTuple):
 
 
 async def insert_events_checked(
-    connection: AsyncConnection,
+    driver: Asyncpg,
     rows: Sequence[tuple[UsageEvent, int]],
     rolled_up: Collection[int],
     *,
@@ -317,7 +328,7 @@ async def insert_events_checked(
     meters the rows were judged by (`judged_by`; no meter for the names `unmetered`) are
     still the store's: a copy of the meters kept in this process is checked by the
     insert itself, so no other process's change can be missed."""
-    parameters = {
+    given = {
         "rows": _payload(rows),
         "rolled_up": list(rolled_up),
         "ingested": epoch_micros(datetime.now(UTC)),
@@ -326,7 +337,9 @@ async def insert_events_checked(
         "refused": list(refused),
         "mirrors": list(mirrors),
     }
-    fresh, inserted, known = (await connection.execute(_POSTGRES_CHECKED, parameters)).one()
+    fresh, inserted, known = await driver.fetchrow(
+        _POSTGRES_CHECKED, *(given[name] for name in _CHECKED_PARAMETERS)
+    )
     return Checked(fresh, set(inserted), set(known))
 
 

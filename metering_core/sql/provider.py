@@ -51,6 +51,7 @@ from metering_core.models import (
     UsageQuery,
     Window,
 )
+from metering_core.sql.driver import POOLED, Asyncpg
 from metering_core.sql.group_commit import GroupCommit, Ingest
 from metering_core.sql.ingest import (
     add_to_rollups,
@@ -235,23 +236,28 @@ class SqlProvider(BaseProvider):
         return revision
 
     @asynccontextmanager
-    async def _transaction(
-        self, *, writes: bool = True, autocommit: bool = False
-    ) -> AsyncIterator[AsyncConnection]:
-        """A transaction on a pooled connection (`autocommit`: none, each statement its
-        own). On SQLite, this process's writers take turns, first come first served:
-        several would otherwise contend for the file's one write lock through SQLite's
-        busy handler, which sleeps and retries, and a request could wait for seconds
-        behind later ones (measured under 16 concurrent clients)."""
-        try:
+    async def _transaction(self, *, writes: bool = True) -> AsyncIterator[AsyncConnection]:
+        """A transaction on a pooled connection. On SQLite, this process's writers take
+        turns, first come first served: several would otherwise contend for the file's one
+        write lock through SQLite's busy handler, which sleeps and retries, and a request
+        could wait for seconds behind later ones (measured under 16 concurrent clients)."""
+        async with self._failures_named():
             engine = await self._connected()
-            if autocommit:
-                async with engine.connect() as connection:
-                    await connection.execution_options(isolation_level="AUTOCOMMIT")
-                    yield connection
-                return
             async with self._turn(writes), engine.begin() as connection:
                 yield connection
+
+    @asynccontextmanager
+    async def _autocommitted(self) -> AsyncIterator[Asyncpg]:
+        """A PostgreSQL connection for statements that each commit alone, used raw."""
+        # entered in turn: a failure to connect is named too
+        async with self._failures_named(), Asyncpg.checkout(await self._connected()) as driver:
+            yield driver
+
+    @asynccontextmanager
+    async def _failures_named(self) -> AsyncIterator[None]:
+        """The store's failures as the library's errors, naming the store."""
+        try:
+            yield
         except MeteringError:
             raise
         except STORE_FAILURES as exc:
@@ -393,16 +399,18 @@ class SqlProvider(BaseProvider):
         return await self._group_commit.ingest(batch, lowering_refused=lowering_refused)
 
     async def _write_group(self, group: Sequence[Ingest]) -> list[IngestResult]:
-        """`_write_group_once`, once more when the connection it used was found dead (a
-        server restarted or failed over: connections are not pinged on checkout, and the
-        pool has now dropped them). Writing again is safe: a row that did commit is a
-        duplicate of itself, so nothing counts twice, and no caller sees an outage."""
-        try:
-            return await self._write_group_once(group)
-        except ProviderUnavailableError as exc:
-            cause = exc.__cause__
-            if not (isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated):
-                raise
+        """`_write_group_once`, again while the connection it used is found dead (a server
+        restarted or failed over: connections are not pinged on checkout, and each found
+        dead is dropped from the pool, or the whole pool with it). Writing again is safe: a
+        row that did commit is a duplicate of itself, so nothing counts twice, and no
+        caller sees an outage."""
+        for _ in range(POOLED):
+            try:
+                return await self._write_group_once(group)
+            except ProviderUnavailableError as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated):
+                    raise
         return await self._write_group_once(group)
 
     async def _write_group_once(self, group: Sequence[Ingest]) -> list[IngestResult]:
@@ -439,9 +447,9 @@ class SqlProvider(BaseProvider):
         the meters it was judged by is not the store's."""
         names = {event.event_name for ingest in group for event in ingest.events}
         judged = Judged.of(group, self._meter_copy.of(names))
-        async with self._transaction(autocommit=True) as connection:
+        async with self._autocommitted() as driver:
             checked = await insert_events_checked(
-                connection,
+                driver,
                 judged.rows,
                 judged.rolled_up,
                 judged_by=judged.meters.values(),

@@ -278,10 +278,10 @@ STORE_FAILURES: tuple[type[BaseException], ...] = (
     sqlite3.Error,
 )
 """What a database or its driver raises when the store itself fails."""
-try:  # asyncpg raises some errors unwrapped (before SQLAlchemy sees a connection)
+try:  # asyncpg's own, unwrapped: before SQLAlchemy sees a connection, and on the raw path
     import asyncpg
 
-    STORE_FAILURES = (*STORE_FAILURES, asyncpg.PostgresError)
+    STORE_FAILURES = (*STORE_FAILURES, asyncpg.PostgresError, asyncpg.InterfaceError)
 except ImportError:  # pragma: no cover - PostgreSQL support not installed
     pass
 

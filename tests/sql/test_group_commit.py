@@ -256,20 +256,36 @@ def test_a_loop_closed_with_writes_queued_leaves_the_next_loop_its_own_writes() 
     assert asyncio.run(later()).accepted == ["e7"]
 
 
+@pytest.mark.parametrize("noticed", [False, True], ids=["found-by-the-write", "noticed-idle"])
 async def test_writes_after_the_server_dropped_every_connection_are_answered(
-    postgres_url: str,
+    postgres_url: str, noticed: bool
 ) -> None:
     """Connections are not pinged on checkout: a server restart (here, every connection of
     the database terminated) is found by the next write, which is written again on a new
-    connection instead of failing its callers."""
+    connection instead of failing its callers; connections the driver has already seen
+    closed (`noticed`: the server's close read while they sat in the pool) are passed
+    over, however many the pool holds."""
     import asyncpg
 
     provider = SqlProvider(SqlSettings(url=postgres_url))
     try:
         await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
-        await asyncio.gather(
-            *(provider.ingest_usage_events(request_of([f"e{n}"])) for n in range(8))
-        )
+        await provider.ingest_usage_events(request_of(["e0"]))
+        holder = await asyncpg.connect(postgres_url)
+        try:  # writes held up by a lock: each lane on a connection of its own
+            holding = holder.transaction()
+            await holding.start()
+            await holder.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+            writes = []
+            for n in range(1, 8):  # one by one: each lane takes one and waits on the lock
+                writes.append(
+                    asyncio.create_task(provider.ingest_usage_events(request_of([f"e{n}"])))
+                )
+                await asyncio.sleep(0.05)
+            await holding.rollback()
+            await asyncio.gather(*writes)
+        finally:
+            await holder.close()
         server, database = postgres_url.rsplit("/", 1)
         admin = await asyncpg.connect(f"{server}/postgres")
         try:
@@ -280,8 +296,63 @@ async def test_writes_after_the_server_dropped_every_connection_are_answered(
             )
         finally:
             await admin.close()
-        assert dropped >= 1
+        assert dropped >= 3
+        if noticed:
+            await asyncio.sleep(0.5)
         answers = [await provider.ingest_usage_events(request_of([f"e{n}"])) for n in range(8, 12)]
         assert [a.accepted for a in answers] == [[f"e{n}"] for n in range(8, 12)]
     finally:
+        await provider.aclose()
+
+
+async def test_a_write_whose_connection_dies_under_it_is_written_again_once(
+    postgres_url: str,
+) -> None:
+    """The server ends the connection while its write waits (here, on a lock another
+    session holds): nothing of it committed, so it is written again on a new
+    connection, and the caller is answered as if nothing had happened, its event
+    counted once."""
+    import asyncpg
+
+    provider = SqlProvider(SqlSettings(url=postgres_url))
+    server, database = postgres_url.rsplit("/", 1)
+    holder = await asyncpg.connect(postgres_url)
+    admin = await asyncpg.connect(f"{server}/postgres")
+    try:
+        await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
+        await provider.ingest_usage_events(request_of(["e1"]))  # the meters' copy is kept
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+        write = asyncio.create_task(provider.ingest_usage_events(request_of(["e2"])))
+        waiting: list[int] = []
+        for _ in range(200):
+            waiting = [
+                row["pid"]
+                for row in await admin.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 "
+                    "AND wait_event_type = 'Lock'",
+                    database,
+                )
+            ]
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert len(waiting) == 1
+        await admin.execute("SELECT pg_terminate_backend($1)", waiting[0])
+        await asyncio.sleep(0.2)
+        await holding.rollback()
+        answer = await asyncio.wait_for(write, 10)
+        assert answer.accepted == ["e2"]
+        usage = await provider.fetch_usage(
+            UsageQuery(
+                meter_id=(await provider.fetch_all_meters()).items[0].id,
+                start=AT - timedelta(hours=1),
+                end=AT + timedelta(hours=1),
+            )
+        )
+        assert sum(row.value for row in usage.rows) == value_of("e1") + value_of("e2")
+    finally:
+        await holder.close()
+        await admin.close()
         await provider.aclose()
