@@ -76,14 +76,22 @@ LATEST = datetime(3000, 1, 1, tzinfo=UTC)
 enough that a window or a time zone shift can never overflow `datetime`."""
 
 
+_BOUNDS = f"must be from {EARLIEST.isoformat()} to before {LATEST.isoformat()}"
+
+
 def _utc(value: datetime) -> datetime:
-    """The same instant in UTC. pydantic checked the bounds first (so this cannot
-    overflow), but with the offset cut to whole seconds: checked again here."""
+    """The same instant in UTC, within [EARLIEST, LATEST). The bounds are checked here,
+    not by pydantic's `ge`/`lt`, which ran as two more calls into Python per time: a
+    third of validating an event. Comparing aware times cannot overflow, so the bounds
+    come first and the conversion cannot overflow either; the converted time is checked
+    again, as the offset was cut to whole seconds."""
+    if not EARLIEST <= value < LATEST:
+        raise ValueError(_BOUNDS)
     if value.tzinfo is UTC:
         return value
     moment = value.astimezone(UTC)
     if not EARLIEST <= moment < LATEST:
-        raise ValueError(f"must be from {EARLIEST.isoformat()} to before {LATEST.isoformat()}")
+        raise ValueError(_BOUNDS)
     return moment
 
 
@@ -111,8 +119,14 @@ def _not_a_number(value: Any) -> Any:
 UtcDatetime = Annotated[
     AwareDatetime,
     BeforeValidator(_not_a_number),
-    Field(ge=EARLIEST, lt=LATEST),
     AfterValidator(_utc),
+    # the bounds `_utc` checks, stated in the schema as pydantic's ge/lt had stated them
+    Field(
+        json_schema_extra={
+            "ge": EARLIEST.isoformat().replace("+00:00", "Z"),
+            "lt": LATEST.isoformat().replace("+00:00", "Z"),
+        }
+    ),
 ]
 TimeZoneName = Annotated[str, AfterValidator(_iana_zone)]
 EXACT = Context(prec=100)
