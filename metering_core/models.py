@@ -561,9 +561,11 @@ class IngestResult(_Model):
 
     model_config = ConfigDict(extra="forbid", frozen=False)
 
-    accepted: list[str] = []
-    duplicates: list[str] = []
-    rejected: dict[str, str] = {}
+    # factories, not `= []`: pydantic deep-copies a mutable default for each answer, and
+    # the service makes three answers a request
+    accepted: list[str] = Field(default_factory=list)
+    duplicates: list[str] = Field(default_factory=list)
+    rejected: dict[str, str] = Field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
