@@ -5,6 +5,7 @@ pass); on PostgreSQL, asyncpg's own call costs less than half of SQLAlchemy's.""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
-__all__ = ["POOLED", "Aiosqlite", "Asyncpg", "tuples"]
+__all__ = ["POOLED", "Aiosqlite", "Asyncpg", "rows_of"]
 
 POOLED = 16
 """More connections than a pool of the store holds (SQLAlchemy's 5 and 10 overflow): a
@@ -105,12 +106,33 @@ async def _open(engine: AsyncEngine) -> PoolProxiedConnection:
     return pooled  # the server closes every connection: the statement will say so
 
 
-async def tuples(
+async def rows_of(
     connection: AsyncConnection, statement: sa.TextClause, parameters: Mapping[str, Any]
-) -> list[tuple[Any, ...]]:
-    """The rows of a text statement (named `:parameters`) as plain tuples: on SQLite from
-    the driver, in the transaction of `connection`; elsewhere through SQLAlchemy."""
+) -> Sequence[Sequence[Any]]:
+    """The rows of a text statement (named `:parameters`), from the driver beneath
+    `connection`: sqlite3's tuples, asyncpg's records (each a sequence of its columns).
+    On SQLite in the connection's transaction. On PostgreSQL SQLAlchemy begins the
+    driver's transaction at its own first statement, so a statement sent around it before
+    then would run in none: it goes straight to asyncpg once SQLAlchemy has begun, or if it
+    only reads (alone, it sees what it would in a transaction under READ COMMITTED); else
+    through SQLAlchemy. Its Row objects had been a sixth of a forwarder's time."""
     if connection.dialect.name == "sqlite":
-        driver = await Aiosqlite.under(connection)
-        return await driver.fetchall(statement.text, parameters)
-    return [tuple(row) for row in await connection.execute(statement, parameters)]
+        return await (await Aiosqlite.under(connection)).fetchall(statement.text, parameters)
+    raw: Any = (await connection.get_raw_connection()).driver_connection
+    if raw.is_in_transaction() or _reads(statement.text):
+        sql, names = _positional(statement.text, connection.dialect)
+        records: list[Any] = await raw.fetch(sql, *(parameters[name] for name in names))
+        return records
+    return (await connection.execute(statement, parameters)).all()
+
+
+def _reads(sql: str) -> bool:
+    return sql.lstrip().upper().startswith("SELECT")
+
+
+@functools.lru_cache(maxsize=64)
+def _positional(sql: str, dialect: sa.Dialect) -> tuple[str, tuple[str, ...]]:
+    """A text statement as its driver takes it ($1, $2, …), and its parameters' names in
+    that order."""
+    compiled = sa.text(sql).compile(dialect=dialect)
+    return compiled.string, tuple(compiled.positiontup or ())

@@ -40,7 +40,7 @@ from metering_core.errors import (
 )
 from metering_core.interface import IMetering
 from metering_core.models import CancelResult, MirrorLink, MirrorStatus, UsageEvent
-from metering_core.sql.driver import tuples
+from metering_core.sql.driver import rows_of
 from metering_core.sql.mirror_sync import (
     Refused,
     ledger_customer,
@@ -231,14 +231,14 @@ class Forwarder:
         parameters = {"mirror": mirror, "now": now, "until": until, "limit": size}
         async with self._transaction() as connection:
             dialect = connection.dialect.name
-            claimed: list[tuple[Any, ...]] = []
+            claimed: Sequence[Sequence[Any]] = []
             if await connection.scalar(_CHANGES_OWED, parameters):
                 if dialect == "postgresql":  # one change pass at a time, however many claim
                     await connection.execute(_ONE_CHANGE_PASS, parameters)
-                claimed = await tuples(connection, _claim(dialect, True), parameters)
+                claimed = await rows_of(connection, _claim(dialect, True), parameters)
             changes = bool(claimed)
             if not changes:
-                claimed = await tuples(connection, _claim(dialect, False), parameters)
+                claimed = await rows_of(connection, _claim(dialect, False), parameters)
         if not claimed:
             return 0
         leased = sorted(map(_Owed._make, claimed))  # by seq: RETURNING has no order
@@ -441,7 +441,7 @@ class Forwarder:
         cancelled here."""
         parameters = {"mirror": held.mirror, "first": held.first, "last": held.last}
         async with self._transaction(writes=False) as connection:
-            rows = await tuples(connection, _EVENTS, {**parameters, "until": held.until})
+            rows = await rows_of(connection, _EVENTS, {**parameters, "until": held.until})
         values: dict[Any, Decimal] = {}  # an exact value, and dimensions, decoded once each
         dimensions: dict[str, dict[str, str]] = {}
         live: dict[str, UsageEvent] = {}
