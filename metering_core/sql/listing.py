@@ -15,7 +15,7 @@ from metering_core import rules
 from metering_core.cursors import decode_event_cursor, encode_event_cursor
 from metering_core.epoch import epoch_micros, from_epoch_micros
 from metering_core.models import EventQuery, Page, StoredEvent
-from metering_core.sql.rows import trusted
+from metering_core.sql.rows import Trusted
 from metering_core.sql.schema import events
 from metering_core.sql.usage import filtered
 
@@ -60,6 +60,9 @@ def events_statement(
     )
 
 
+_stored_event = Trusted(StoredEvent)
+
+
 def event_page(rows: Sequence[Any], limit: int) -> Page[StoredEvent]:
     """The page the rows make; a cursor when the extra row shows another page follows.
     Dimensions, values and ingest times repeat across events (a few regions, a few
@@ -81,8 +84,7 @@ def event_page(rows: Sequence[Any], limit: int) -> Page[StoredEvent]:
         if stored is _UNSEEN:
             stored = times[ingested] = from_epoch_micros(ingested)
         items.append(
-            trusted(
-                StoredEvent,
+            _stored_event(
                 {
                     "id": event_id,
                     "event_name": event_name,

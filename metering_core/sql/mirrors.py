@@ -48,7 +48,7 @@ from metering_core.sql.mirror_sync import (
     sync_customer,
     sync_meter,
 )
-from metering_core.sql.rows import Transaction, trusted
+from metering_core.sql.rows import Transaction, Trusted
 from metering_core.sql.schema import events, meters, outbox
 
 __all__ = ["IDLE", "LEASE", "PASSES", "Forwarder", "build_mirrors"]
@@ -177,6 +177,9 @@ _EVENTS = sa.text(
 )
 """The stored events of the usage rows a pass holds: read through its lease (its token
 and seq range, in the owed rows' index), not a list of thousands of ids."""
+
+
+_usage_event = Trusted(UsageEvent)
 
 
 class _Held(NamedTuple):
@@ -462,8 +465,7 @@ class Forwarder:
             found = dimensions.get(text)
             if found is None:
                 found = dimensions[text] = json.loads(text)
-            live[event_id] = trusted(
-                UsageEvent,
+            live[event_id] = _usage_event(
                 {
                     "id": event_id,
                     "event_name": name,

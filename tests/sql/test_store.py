@@ -29,6 +29,7 @@ from metering_core import (
     AuthenticationError,
     ConfigurationError,
     EventQuery,
+    IngestResult,
     MeterCreate,
     ProviderUnavailableError,
     StoredEvent,
@@ -40,6 +41,7 @@ from metering_core import (
 from metering_core.memory import MemoryProvider
 from metering_core.sql import SqlSettings
 from metering_core.sql.provider import SqlProvider
+from metering_core.sql.rows import Trusted
 from metering_core.sql.store import _config, schema_revisions
 from tests.examples import examples
 
@@ -1358,3 +1360,20 @@ def test_a_migration_is_not_cut_by_the_statement_timeout(postgres_url: str) -> N
         return [revision, *[m.id for m in meters.items]]
 
     assert asyncio.run(scenario()) == [schema_revisions()[0]]
+
+
+def test_trusted_models_share_no_state_a_change_could_reach() -> None:
+    """Models made from the store's rows share one set of the fields given: only frozen
+    models may, whose set never changes; a copy with changes gets a set of its own."""
+    make = Trusted(UsageEvent)
+    fields = UsageEvent(event_name="calls", customer_id="t1", timestamp=START).model_dump()
+    first, second = make(dict(fields)), make(dict(fields))
+    changed = first.model_copy(update={"value": Decimal(2)})
+    assert changed.value == 2
+    assert first.value == 1
+    assert first.model_fields_set == second.model_fields_set == set(UsageEvent.model_fields)
+    with pytest.raises(PydanticValidationError):
+        first.value = Decimal(3)  # type: ignore[misc]
+    assert second.model_fields_set == set(UsageEvent.model_fields)
+    with pytest.raises(TypeError, match="IngestResult is not frozen"):
+        Trusted(IngestResult)
