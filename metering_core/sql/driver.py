@@ -16,7 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
-__all__ = ["POOLED", "Aiosqlite", "Asyncpg", "rows_of"]
+__all__ = ["POOLED", "Aiosqlite", "Asyncpg", "mark_pooled", "rows_of"]
+
+_POOLED_BEFORE = "metering.pooled_before"
+"""Marks, in a connection's `info`, one the pool has taken back at least once: one that
+may have gone stale there, where a new one cannot have."""
 
 POOLED = 16
 """More connections than a pool of the store holds (SQLAlchemy's 5 and 10 overflow): a
@@ -68,7 +72,10 @@ class Asyncpg:
     found closed by a statement is dropped from the pool, and the failure raised as
     SQLAlchemy raises it, a `DBAPIError` marked `connection_invalidated`, for the caller
     to write again on another connection. (SQLAlchemy, finding one connection dead,
-    drops the whole pool with a private call; here each is dropped as it is found.)"""
+    drops the whole pool with a private call; here each is dropped as it is found.) Only
+    a connection that had been in the pool is reported so (`mark_pooled`): a new one
+    lost under its statement is the server failing that statement (a crash it causes,
+    say), and its error is raised as it is, not written again."""
 
     def __init__(self, driver: Any) -> None:
         self._driver = driver
@@ -78,15 +85,21 @@ class Asyncpg:
     async def checkout(cls, engine: AsyncEngine) -> AsyncIterator[Asyncpg]:
         pooled = await _open(engine)
         driver: Any = pooled.driver_connection
+        pooled_before = pooled.info.get(_POOLED_BEFORE, False)
         try:
             yield cls(driver)
         except Exception as exc:
             if not driver.is_closed():
                 raise
             await greenlet_spawn(pooled.invalidate, exc)
+            if not pooled_before:  # a new connection lost under its statement: none stale
+                raise
             raise sa.exc.DBAPIError(
                 None, None, exc, hide_parameters=True, connection_invalidated=True
             ) from exc
+        except BaseException:  # cancelled mid-statement: not pooled again in an unknown state
+            pooled.invalidate()  # closed at once, awaiting nothing
+            raise
         finally:
             await greenlet_spawn(pooled.close)
 
@@ -94,10 +107,21 @@ class Asyncpg:
         return await self._driver.fetchrow(sql, *parameters)
 
 
+def mark_pooled(engine: AsyncEngine) -> None:
+    """Have the pool mark each connection it takes back, for `Asyncpg` to tell one that
+    may have gone stale in the pool from a new one."""
+    sa.event.listen(engine.sync_engine, "checkin", _taken_back)
+
+
+def _taken_back(dbapi_connection: Any, record: Any) -> None:
+    if record is not None:
+        record.info[_POOLED_BEFORE] = True
+
+
 async def _open(engine: AsyncEngine) -> PoolProxiedConnection:
     """A pooled connection asyncpg has not seen closed (the dead ones are dropped)."""
     for _ in range(POOLED):
-        pooled = await engine.raw_connection()
+        pooled = await _connection(engine)
         driver: Any = pooled.driver_connection
         if not driver.is_closed():
             return pooled
@@ -106,28 +130,45 @@ async def _open(engine: AsyncEngine) -> PoolProxiedConnection:
     return pooled  # the server closes every connection: the statement will say so
 
 
+async def _connection(engine: AsyncEngine) -> PoolProxiedConnection:
+    """One from the pool; a new one the server refuses (starting up, too many clients, a
+    password changed) raised as SQLAlchemy raises it from a statement, so the store names
+    it as it names any other failure (a raw checkout passes the adapter's error through)."""
+    dbapi = engine.dialect.loaded_dbapi
+    try:
+        return await engine.raw_connection()
+    except dbapi.Error as exc:
+        raise sa.exc.DBAPIError.instance(None, None, exc, dbapi.Error) from exc
+
+
 async def rows_of(
-    connection: AsyncConnection, statement: sa.TextClause, parameters: Mapping[str, Any]
+    connection: AsyncConnection,
+    statement: sa.TextClause,
+    parameters: Mapping[str, Any],
+    *,
+    alone: bool = False,
 ) -> Sequence[Sequence[Any]]:
     """The rows of a text statement (named `:parameters`), from the driver beneath
     `connection`: sqlite3's tuples, asyncpg's records (each a sequence of its columns).
     On SQLite in the connection's transaction. On PostgreSQL SQLAlchemy begins the
     driver's transaction at its own first statement, so a statement sent around it before
-    then would run in none: it goes straight to asyncpg once SQLAlchemy has begun, or if it
-    only reads (alone, it sees what it would in a transaction under READ COMMITTED); else
-    through SQLAlchemy. Its Row objects had been a sixth of a forwarder's time."""
+    then runs in none: it goes straight to asyncpg once SQLAlchemy has begun, or when the
+    caller says it may run `alone` (a plain read: under READ COMMITTED it sees what it
+    would in a transaction); else through SQLAlchemy. Its Row objects had been a sixth of
+    a forwarder's time."""
     if connection.dialect.name == "sqlite":
         return await (await Aiosqlite.under(connection)).fetchall(statement.text, parameters)
     raw: Any = (await connection.get_raw_connection()).driver_connection
-    if raw.is_in_transaction() or _reads(statement.text):
-        sql, names = _positional(statement.text, connection.dialect)
+    if not (alone or raw.is_in_transaction()):
+        return (await connection.execute(statement, parameters)).all()
+    sql, names = _positional(statement.text, connection.dialect)
+    try:
         records: list[Any] = await raw.fetch(sql, *(parameters[name] for name in names))
-        return records
-    return (await connection.execute(statement, parameters)).all()
-
-
-def _reads(sql: str) -> bool:
-    return sql.lstrip().upper().startswith("SELECT")
+    except Exception as exc:
+        if raw.is_closed():  # as SQLAlchemy would: the connection is not pooled again
+            await connection.invalidate(exc)
+        raise
+    return records
 
 
 @functools.lru_cache(maxsize=64)

@@ -452,7 +452,9 @@ class Forwarder:
         cancelled here."""
         parameters = {"mirror": held.mirror, "first": held.first, "last": held.last}
         async with self._transaction(writes=False) as connection:
-            rows = await rows_of(connection, _EVENTS, {**parameters, "until": held.until})
+            rows = await rows_of(
+                connection, _EVENTS, {**parameters, "until": held.until}, alone=True
+            )
         values: dict[Any, Decimal] = {}  # an exact value, and dimensions, decoded once each
         dimensions: dict[str, dict[str, str]] = {}
         live: dict[str, UsageEvent] = {}

@@ -399,11 +399,12 @@ class SqlProvider(BaseProvider):
         return await self._group_commit.ingest(batch, lowering_refused=lowering_refused)
 
     async def _write_group(self, group: Sequence[Ingest]) -> list[IngestResult]:
-        """`_write_group_once`, again while the connection it used is found dead (a server
-        restarted or failed over: connections are not pinged on checkout, and each found
-        dead is dropped from the pool, or the whole pool with it). Writing again is safe: a
-        row that did commit is a duplicate of itself, so nothing counts twice, and no
-        caller sees an outage."""
+        """`_write_group_once`, again while the connection it used is found to be one the
+        server had closed while it sat in the pool (a server restarted or failed over:
+        connections are not pinged on checkout; each found is dropped from the pool, or
+        the whole pool with it, so this ends). Writing again is safe: a row that did
+        commit is a duplicate of itself, so nothing counts twice, and no caller sees an
+        outage."""
         for _ in range(POOLED):
             try:
                 return await self._write_group_once(group)

@@ -39,6 +39,7 @@ from metering_core.errors import (
     ValidationError,
 )
 from metering_core.models import EXACT
+from metering_core.sql.driver import mark_pooled
 from metering_core.sql.settings import masked
 
 __all__ = [
@@ -124,9 +125,11 @@ class StoreUrl:
         connect_args: dict[str, float] = {"timeout": bounds.connect}
         if bounds.statement is not None:
             connect_args["command_timeout"] = bounds.statement
-        return create_async_engine(
+        engine = create_async_engine(
             self.url, pool_pre_ping=False, pool_timeout=bounds.pool, connect_args=connect_args
         )
+        mark_pooled(engine)
+        return engine
 
 
 # SQLite: exact decimal aggregates over the text of each value, and window numbers.

@@ -356,3 +356,85 @@ async def test_a_write_whose_connection_dies_under_it_is_written_again_once(
         await holder.close()
         await admin.close()
         await provider.aclose()
+
+
+async def test_a_write_the_server_refuses_a_connection_for_fails_as_the_store_unavailable(
+    postgres_url: str,
+) -> None:
+    """A new connection refused (a server starting up or shutting down, too many clients,
+    here the database closed to connections) is the store unavailable, retryable, as on
+    every other path: not the driver's own error, which the service answered with a 500.
+    Once the server takes connections again, so do writes."""
+    import asyncpg
+
+    provider = SqlProvider(SqlSettings(url=postgres_url))
+    server, database = postgres_url.rsplit("/", 1)
+    admin = await asyncpg.connect(f"{server}/postgres")
+    try:
+        await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
+        await provider.ingest_usage_events(request_of(["e1"]))
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        await admin.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            database,
+        )
+        await asyncio.sleep(0.3)  # the pool's connections seen closed: a new one is needed
+        with pytest.raises(ProviderUnavailableError, match="not currently accepting"):
+            await provider.ingest_usage_events(request_of(["e2"]))
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        assert (await provider.ingest_usage_events(request_of(["e2"]))).accepted == ["e2"]
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+        await provider.aclose()
+
+
+async def test_a_new_connection_lost_under_its_write_fails_it_rather_than_write_again(
+    postgres_url: str,
+) -> None:
+    """Only a connection that had sat in the pool can have gone stale there: one opened
+    for this write and lost under it is the server failing the write (a statement that
+    crashes it would crash it again), so the write fails, retryable by its caller, and is
+    not sent again here. A write on a pooled connection is answered as usual."""
+    import asyncpg
+
+    provider = SqlProvider(SqlSettings(url=postgres_url))
+    server, database = postgres_url.rsplit("/", 1)
+    holder = await asyncpg.connect(postgres_url)
+    admin = await asyncpg.connect(f"{server}/postgres")
+    try:
+        await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
+        await provider.ingest_usage_events(request_of(["e1"]))  # one connection, pooled
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+        pooled = asyncio.create_task(provider.ingest_usage_events(request_of(["e2"])))
+        await waiting_on_locks(admin, database, 1)
+        new = asyncio.create_task(provider.ingest_usage_events(request_of(["e3"])))
+        newest = (await waiting_on_locks(admin, database, 2))[-1]
+        await admin.execute("SELECT pg_terminate_backend($1)", newest)
+        with pytest.raises(ProviderUnavailableError):
+            await asyncio.wait_for(new, 10)
+        await holding.rollback()
+        assert (await asyncio.wait_for(pooled, 10)).accepted == ["e2"]
+    finally:
+        await holder.close()
+        await admin.close()
+        await provider.aclose()
+
+
+async def waiting_on_locks(admin: Any, database: str, count: int) -> list[int]:
+    """The backends of `database` waiting on a lock, oldest first, once there are `count`."""
+    for _ in range(500):
+        pids = [
+            row["pid"]
+            for row in await admin.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 "
+                "AND wait_event_type = 'Lock' ORDER BY backend_start",
+                database,
+            )
+        ]
+        if len(pids) >= count:
+            return pids
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{count} backends never waited on a lock")
