@@ -16,7 +16,6 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from metering_core.cli.app import app, connect, err, out
-from metering_core.cli.collector import eased
 from metering_core.cli.commands import (
     FilterOption,
     Format,
@@ -26,6 +25,7 @@ from metering_core.cli.commands import (
     resolve_meter,
 )
 from metering_core.client import Metering
+from metering_core.collector import eased
 from metering_core.export import ExportFormat, export_keys, header, piece
 from metering_core.models import MAX_EVENTS_PER_PAGE, EventQuery, Page, StoredEvent
 

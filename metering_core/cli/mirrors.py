@@ -13,9 +13,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from metering_core.cli.app import app, connect, err, out
-from metering_core.cli.collector import eased
 from metering_core.cli.commands import Format, FormatOption, parse_time, resolve_meter
 from metering_core.cli.events import FromOption, ToOption
+from metering_core.collector import eased
 from metering_core.models import (
     CellStatus,
     LinkOutcome,

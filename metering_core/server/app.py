@@ -11,7 +11,6 @@ knows what became of every id. Errors share one shape: `{"error": {"type", "mess
 """
 
 import asyncio
-import gc
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from metering_core.client import AsyncMetering
+from metering_core.collector import eased
 from metering_core.errors import ConfigurationError
 from metering_core.interface import Ledger
 from metering_core.keys import ApiKey
@@ -84,19 +84,21 @@ def create_app(
         # long as the process; frozen, the collector stops walking it. Each full
         # collection had walked it all, 30-40 ms in which no request was answered: the
         # p99 of every request and of /health under load (measured on PostgreSQL, 16
-        # clients: p99 46 ms -> 11 ms at a p50 of 7 ms).
-        gc.freeze()
-        provider = metering.provider
-        forwarding = (
-            asyncio.create_task(provider.forward_mirrors(), name="metering-mirrors")
-            if isinstance(provider, Ledger) and provider.mirrored
-            else None
-        )
-        yield
-        if forwarding is not None:
-            forwarding.cancel()
-            await asyncio.gather(forwarding, return_exceptions=True)
-        await metering.close()
+        # clients: p99 46 ms -> 11 ms at a p50 of 7 ms). Young collections every 10,000
+        # allocations rather than 700: on PostgreSQL, one event a request from 16
+        # clients, 0.75-0.80x of the ceiling -> 0.91-0.94x, p99 unchanged.
+        with eased():
+            provider = metering.provider
+            forwarding = (
+                asyncio.create_task(provider.forward_mirrors(), name="metering-mirrors")
+                if isinstance(provider, Ledger) and provider.mirrored
+                else None
+            )
+            yield
+            if forwarding is not None:
+                forwarding.cancel()
+                await asyncio.gather(forwarding, return_exceptions=True)
+            await metering.close()
 
     app = FastAPI(title="metering-core", version="1", lifespan=lifespan)
     app.state.service = shared

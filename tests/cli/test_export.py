@@ -197,7 +197,7 @@ def test_awkward_text_and_long_numbers_survive_the_round_trip(tmp_path: Path, fo
 
 
 def test_easing_the_collector_keeps_what_its_caller_froze() -> None:
-    from metering_core.cli.collector import eased
+    from metering_core.collector import eased
 
     gc.freeze()
     try:

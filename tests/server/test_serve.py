@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -90,3 +91,21 @@ def test_metering_serve_logs_as_asked_and_uvicorn_keeps_to_it(tmp_path: Any) -> 
     quiet = lines("--log-level", "warning")
     assert not [line for line in quiet if "GET /meters" in line]
     assert not [line for line in [*quiet, *map(str, records)] if key in line]
+
+
+def test_the_running_service_eases_the_collector_and_gives_it_back() -> None:
+    """While the app runs, what existed at its start is frozen out of collections and
+    young ones come every 10,000 allocations (its p99 and its throughput, see
+    benchmarks/README.md); once it stops, an embedding process has its collector as it
+    had it."""
+    from fastapi.testclient import TestClient
+
+    before = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    with TestClient(create_app(AsyncMetering("memory"), allow_anonymous=True)) as client:
+        assert client.get("/health").status_code == 200
+        assert gc.get_threshold()[0] == 10_000
+        assert gc.get_freeze_count() > frozen
+    assert gc.get_threshold() == before
+    if not frozen:  # what a caller had frozen stays frozen (CPython cannot unfreeze part)
+        assert gc.get_freeze_count() == 0

@@ -1,7 +1,8 @@
-"""The cyclic garbage collector eased for a command that makes objects by the million
-(an export, a forwarder): their objects are freed by reference counting, yet each 700
-allocations start a young collection, and every few thousand of those a full one that
-walks the whole startup heap (an export of 1M events: 52 of them, 3 of its 12 seconds)."""
+"""The cyclic garbage collector eased for a process that makes objects by the million
+(an export, a forwarder, the service): their objects are freed by reference counting,
+yet each 700 allocations start a young collection, and every few thousand of those a
+full one that walks the whole startup heap (an export of 1M events: 52 of them, 3 of its
+12 seconds)."""
 
 from __future__ import annotations
 
