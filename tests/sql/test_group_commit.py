@@ -325,21 +325,8 @@ async def test_a_write_whose_connection_dies_under_it_is_written_again_once(
         await holding.start()
         await holder.execute("LOCK TABLE events IN EXCLUSIVE MODE")
         write = asyncio.create_task(provider.ingest_usage_events(request_of(["e2"])))
-        waiting: list[int] = []
-        for _ in range(200):
-            waiting = [
-                row["pid"]
-                for row in await admin.fetch(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 "
-                    "AND wait_event_type = 'Lock'",
-                    database,
-                )
-            ]
-            if waiting:
-                break
-            await asyncio.sleep(0.02)
-        assert len(waiting) == 1
-        await admin.execute("SELECT pg_terminate_backend($1)", waiting[0])
+        [waiting] = await waiting_on_locks(admin, database, 1)
+        await admin.execute("SELECT pg_terminate_backend($1)", waiting)
         await asyncio.sleep(0.2)
         await holding.rollback()
         answer = await asyncio.wait_for(write, 10)
