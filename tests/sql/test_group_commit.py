@@ -10,6 +10,7 @@ import itertools
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -312,23 +313,12 @@ async def test_a_write_whose_connection_dies_under_it_is_written_again_once(
     session holds): nothing of it committed, so it is written again on a new
     connection, and the caller is answered as if nothing had happened, its event
     counted once."""
-    import asyncpg
-
-    provider = SqlProvider(SqlSettings(url=postgres_url))
-    server, database = postgres_url.rsplit("/", 1)
-    holder = await asyncpg.connect(postgres_url)
-    admin = await asyncpg.connect(f"{server}/postgres")
-    try:
-        await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
-        await provider.ingest_usage_events(request_of(["e1"]))  # the meters' copy is kept
-        holding = holder.transaction()
-        await holding.start()
-        await holder.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+    async with events_locked(postgres_url) as (provider, admin, database, release):
         write = asyncio.create_task(provider.ingest_usage_events(request_of(["e2"])))
         [waiting] = await waiting_on_locks(admin, database, 1)
         await admin.execute("SELECT pg_terminate_backend($1)", waiting)
         await asyncio.sleep(0.2)
-        await holding.rollback()
+        await release()
         answer = await asyncio.wait_for(write, 10)
         assert answer.accepted == ["e2"]
         usage = await provider.fetch_usage(
@@ -339,10 +329,6 @@ async def test_a_write_whose_connection_dies_under_it_is_written_again_once(
             )
         )
         assert sum(row.value for row in usage.rows) == value_of("e1") + value_of("e2")
-    finally:
-        await holder.close()
-        await admin.close()
-        await provider.aclose()
 
 
 async def test_a_write_the_server_refuses_a_connection_for_fails_as_the_store_unavailable(
@@ -383,6 +369,26 @@ async def test_a_new_connection_lost_under_its_write_fails_it_rather_than_write_
     for this write and lost under it is the server failing the write (a statement that
     crashes it would crash it again), so the write fails, retryable by its caller, and is
     not sent again here. A write on a pooled connection is answered as usual."""
+    async with events_locked(postgres_url) as (provider, admin, database, release):
+        pooled = asyncio.create_task(provider.ingest_usage_events(request_of(["e2"])))
+        await waiting_on_locks(admin, database, 1)
+        new = asyncio.create_task(provider.ingest_usage_events(request_of(["e3"])))
+        newest = (await waiting_on_locks(admin, database, 2))[-1]
+        await admin.execute("SELECT pg_terminate_backend($1)", newest)
+        with pytest.raises(ProviderUnavailableError):
+            await asyncio.wait_for(new, 10)
+        await release()
+        assert (await asyncio.wait_for(pooled, 10)).accepted == ["e2"]
+
+
+@asynccontextmanager
+async def events_locked(
+    postgres_url: str,
+) -> AsyncIterator[tuple[SqlProvider, Any, str, Callable[[], Awaitable[None]]]]:
+    """A provider with a meter and one write done (one connection pooled, the meters'
+    copy kept), an admin connection, the database's name, and the events table locked by
+    another session until `release()`: writes then wait on the lock, each on a backend
+    a test can end."""
     import asyncpg
 
     provider = SqlProvider(SqlSettings(url=postgres_url))
@@ -391,19 +397,11 @@ async def test_a_new_connection_lost_under_its_write_fails_it_rather_than_write_
     admin = await asyncpg.connect(f"{server}/postgres")
     try:
         await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
-        await provider.ingest_usage_events(request_of(["e1"]))  # one connection, pooled
+        await provider.ingest_usage_events(request_of(["e1"]))
         holding = holder.transaction()
         await holding.start()
         await holder.execute("LOCK TABLE events IN EXCLUSIVE MODE")
-        pooled = asyncio.create_task(provider.ingest_usage_events(request_of(["e2"])))
-        await waiting_on_locks(admin, database, 1)
-        new = asyncio.create_task(provider.ingest_usage_events(request_of(["e3"])))
-        newest = (await waiting_on_locks(admin, database, 2))[-1]
-        await admin.execute("SELECT pg_terminate_backend($1)", newest)
-        with pytest.raises(ProviderUnavailableError):
-            await asyncio.wait_for(new, 10)
-        await holding.rollback()
-        assert (await asyncio.wait_for(pooled, 10)).accepted == ["e2"]
+        yield provider, admin, database, holding.rollback
     finally:
         await holder.close()
         await admin.close()

@@ -38,12 +38,25 @@ def stripe_mirror(fake: FakeStripe) -> dict[str, Any]:
     return {"billing": {"provider": "stripe", "api_key": API_KEY, "base_url": fake.url}}
 
 
+def hours_ago(hours: int) -> datetime:
+    """The start of the hour `hours` hours ago: inside Stripe's 35 days, and past."""
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours)
+
+
+def acme_events(name: str, at: datetime, count: int) -> list[UsageEvent]:
+    """`count` events of `name` for the customer acme at `at`, ids `{name}-0`, …"""
+    return [
+        UsageEvent(id=f"{name}-{n}", event_name=name, customer_id="acme", timestamp=at)
+        for n in range(count)
+    ]
+
+
 async def test_usage_reaches_stripe_once_and_reconciles(
     fake_stripe: FakeStripe, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     name = f"calls_{uuid.uuid4().hex[:8]}"
-    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    hour = hours_ago(2)
     async with AsyncMetering("sql", url=url, mirrors=stripe_mirror(fake_stripe)) as ledger:
         with pytest.raises(ValidationError) as refused:
             await ledger.create_meter(event_name="peak", aggregation="max")
@@ -104,11 +117,8 @@ async def test_a_backfill_to_stripe_sends_what_predates_the_mirror_once(
     before the mirror was added, and a second backfill of the same range is refused."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     name = f"calls_{uuid.uuid4().hex[:8]}"
-    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
-    before = [
-        UsageEvent(id=f"{name}-{n}", event_name=name, customer_id="acme", timestamp=hour)
-        for n in range(6)
-    ]
+    hour = hours_ago(2)
+    before = acme_events(name, hour, 6)
     async with AsyncMetering("sql", url=url) as alone:
         await alone.create_meter(event_name=name)
         await alone.create_customer(id="acme")
@@ -255,11 +265,8 @@ async def test_a_cancel_stripe_no_longer_takes_is_a_dead_letter_and_reconcile_sh
     reach it, and the cell shows over (Stripe would invoice the cancelled usage)."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     name = f"calls_{uuid.uuid4().hex[:8]}"
-    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
-    sent = [
-        UsageEvent(id=f"{name}-{n}", event_name=name, customer_id="acme", timestamp=hour)
-        for n in range(3)
-    ]
+    hour = hours_ago(3)
+    sent = acme_events(name, hour, 3)
     async with AsyncMetering("sql", url=url, mirrors=stripe_mirror(fake_stripe)) as ledger:
         await ledger.create_meter(event_name=name)
         await ledger.create_customer(id="acme")
@@ -289,11 +296,8 @@ async def test_a_failure_amid_cancels_keeps_those_stripe_took(
     and leaves only the rest waiting."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     name = f"calls_{uuid.uuid4().hex[:8]}"
-    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
-    sent = [
-        UsageEvent(id=f"{name}-{n}", event_name=name, customer_id="acme", timestamp=hour)
-        for n in range(6)
-    ]
+    hour = hours_ago(3)
+    sent = acme_events(name, hour, 6)
     adjustments: list[str] = []
 
     def chaos(method: str, path: str) -> str | None:
