@@ -158,7 +158,7 @@ def test_stripe_refusal_notices_become_dead_letters_and_forged_or_replayed_ones_
         "mirrors": {"billing": {**stripe_mirror(fake_stripe)["billing"], "webhook_secret": SECRET}}
     }
     name = f"calls_{uuid.uuid4().hex[:8]}"
-    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    hour = hours_ago(2)
     admin = {"Authorization": "Bearer admin"}
     with serve_in_thread(create_app(AsyncMetering("sql", url=url, **options), keys=KEYS)) as base:
 
