@@ -128,7 +128,6 @@ class StoreUrl:
         engine = create_async_engine(
             self.url, pool_pre_ping=False, pool_timeout=bounds.pool, connect_args=connect_args
         )
-        sa.event.listen(engine.sync_engine, "connect", _prepare_postgres)
         mark_pooled(engine)
         return engine
 
@@ -206,20 +205,6 @@ def _add(left: str, right: str) -> str:
 def _md5(text: str) -> str:
     """PostgreSQL's md5(text), for the migration's rollups."""
     return hashlib.md5(text.encode()).hexdigest()
-
-
-def _prepare_postgres(dbapi_connection: Any, _: Any) -> None:
-    """Per connection: each prepared statement planned once, not at every execution.
-
-    The ingest statement (a dozen tables and CTEs) costs PostgreSQL about 0.3 ms to plan,
-    and its default plan cache planned it again at every call, as the plan for the
-    values at hand looked cheaper than the generic one: a one-event write took 0.6 ms
-    where 0.25 ms was its work. The usage queries (index lookups and range scans) ran as
-    fast or faster with generic plans (bench_sql). Set per connection, not as a startup
-    parameter, which PgBouncer refuses."""
-    dbapi_connection.run_async(
-        lambda connection: connection.execute("SET plan_cache_mode = force_generic_plan")
-    )
 
 
 def _prepare_sqlite(dbapi_connection: Any, _: Any) -> None:

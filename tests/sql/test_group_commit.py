@@ -423,29 +423,3 @@ async def waiting_on_locks(admin: Any, database: str, count: int) -> list[int]:
             return pids
         await asyncio.sleep(0.02)
     raise AssertionError(f"{count} backends never waited on a lock")
-
-
-async def test_each_connection_plans_the_ingest_statement_once_not_at_every_write(
-    postgres_url: str,
-) -> None:
-    """PostgreSQL's plan cache, left to choose, planned the ingest statement again at
-    every write: 0.3 ms a time, more than half the server's work on a one-event write."""
-    import sqlalchemy as sa
-
-    provider = SqlProvider(SqlSettings(url=postgres_url))
-    try:
-        await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
-        for n in range(8):  # one at a time, so one connection writes them all
-            await provider.ingest_usage_events(request_of([f"e{n}"]))
-        async with provider._transaction(writes=False) as connection:
-            prepared = await connection.execute(
-                sa.text("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
-            )
-            [(generic, custom)] = [
-                (generic, custom)
-                for statement, generic, custom in prepared
-                if "fresh AS" in statement and "pg_prepared_statements" not in statement
-            ]
-        assert (generic, custom) == (8, 0)
-    finally:
-        await provider.aclose()
