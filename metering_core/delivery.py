@@ -164,9 +164,11 @@ class DeliveryPolicy:
         being cancelled (a provider's own task torn down) is a failed attempt to retry:
         let through, it ended the delivery with its events neither delivered nor reported."""
         try:
-            return await asyncio.wait_for(
-                self._provider.ingest_usage_events(events), self._settings.delivery_timeout
-            )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for answers with the call's
+            # result when a cancellation reaches it as the call completes (CPython
+            # gh-86296), and the cancelled delivery carried on
+            async with asyncio.timeout(self._settings.delivery_timeout):
+                return await self._provider.ingest_usage_events(events)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

@@ -604,9 +604,13 @@ class Forwarder:
                 if not moved and not await passes.after_progress(mirror):
                     await asyncio.sleep(idle)
 
-        await asyncio.gather(
-            *(keep_forwarding(name) for name in self.mirrors for _ in range(PASSES))
-        )
+        # A task group, not gather: cancelled, gather ends as soon as its first pass has,
+        # and the others finished their cleanup (a rollback, a connection SQLAlchemy was
+        # closing) after the caller had gone on to close the store, where one could hang.
+        async with asyncio.TaskGroup() as passes_running:
+            for name in self.mirrors:
+                for _ in range(PASSES):
+                    passes_running.create_task(keep_forwarding(name))
 
     async def status(self) -> list[MirrorStatus]:
         """Each mirror's depth, oldest undelivered age and dead letters."""

@@ -236,6 +236,40 @@ async def test_a_mirror_back_from_an_outage_is_served_while_another_is_busy(
         await provider.aclose()
 
 
+def cancels_a_query(task: asyncio.Task[Any]) -> bool:
+    """asyncpg's own task asking the server to cancel a statement whose caller was
+    cancelled: it ends by itself, and is asyncpg's to wait for."""
+    return getattr(task.get_coro(), "__qualname__", "") == "Connection._cancel"
+
+
+async def test_a_forwarder_cancelled_at_any_moment_has_ended_every_pass_when_it_returns(
+    ledger_url: str,
+) -> None:
+    """`run` cancelled mid-send, mid-statement or at rest returns only once all its passes
+    have ended, their cleanup (a rollback, a connection being closed) included: a pass
+    left finishing after the caller closed the store could wait forever, and the test
+    loop's teardown with it."""
+    provider = SqlProvider(SqlSettings(url=ledger_url, mirrors={"busy": {"provider": "memory"}}))
+    try:
+        await provider.create_meter(MeterCreate(event_name="calls"))
+        await provider.flush_mirrors(timeout=30)
+        mirrors = provider.forwarder.mirrors
+        mirrors["busy"] = Wrapped(mirrors["busy"], batch=7, delay=0.002)
+        await provider.ingest_usage_events([event(n) for n in range(3000)])
+        before = asyncio.all_tasks()
+        for moment in range(25):
+            running = asyncio.create_task(provider.forwarder.run(idle=0.01))
+            await asyncio.sleep(0.003 * (moment % 9))
+            running.cancel()
+            async with asyncio.timeout(10):  # a pass that swallowed its cancellation
+                with pytest.raises(asyncio.CancelledError):
+                    await running
+            left = [task for task in asyncio.all_tasks() - before if not cancels_a_query(task)]
+            assert not left, f"cancelled at {moment}: {left}"
+    finally:
+        await provider.aclose()
+
+
 async def test_a_mirror_that_is_down_is_owed_everything_until_it_is_back(
     ledger_url: str,
 ) -> None:
