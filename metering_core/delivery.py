@@ -98,6 +98,11 @@ class _Backoff:
         return delay
 
 
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class DeliveryPolicy:
     """Delivers a batch to `provider` under `settings` (attempts, backoff, timeout) and
     answers for every id. `on_retry(count)` is told of each retry of `count` events."""
@@ -162,21 +167,29 @@ class DeliveryPolicy:
     async def _call_provider(self, events: list[UsageEvent]) -> IngestResult:
         """One delivery attempt. A provider call that ends cancelled while this task is not
         being cancelled (a provider's own task torn down) is a failed attempt to retry:
-        let through, it ended the delivery with its events neither delivered nor reported."""
+        let through, it ended the delivery with its events neither delivered nor reported.
+        While this task is being cancelled, the call ends cancelled, and when its time is
+        up, timed out, whatever error the provider made of either."""
+        deadline = asyncio.timeout(self._settings.delivery_timeout)
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for answers with the call's
             # result when a cancellation reaches it as the call completes (CPython
             # gh-86296), and the cancelled delivery carried on
-            async with asyncio.timeout(self._settings.delivery_timeout):
+            async with deadline:
                 return await self._provider.ingest_usage_events(events)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if _being_cancelled():
                 raise
             raise ProviderUnavailableError(
                 "the provider's call was cancelled before it answered",
                 provider=self._provider.name,
             ) from None
+        except Exception as exc:
+            if _being_cancelled():
+                raise asyncio.CancelledError from exc
+            if deadline.expired() and not isinstance(exc, TimeoutError):
+                raise TimeoutError from exc
+            raise
 
     def _stop(self, state: RetryCallState, count: int) -> bool:
         """Stop after `max_attempts`; when durable, only to halve a batch of several events

@@ -589,7 +589,12 @@ class Forwarder:
         failing: set[str] = set()
 
         async def keep_forwarding(mirror: str) -> None:
+            this = asyncio.current_task()
             while True:
+                if this is not None and this.cancelling():
+                    # cancelled, and a mirror made an error or an answer of it: the task
+                    # group cancels each pass once, so the pass ends here all the same
+                    raise asyncio.CancelledError
                 try:
                     moved = await passes.one(mirror)
                 except Exception:
