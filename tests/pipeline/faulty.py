@@ -30,6 +30,9 @@ class FaultyProvider(MemoryProvider):
       request that reached the provider but whose answer was lost;
     - "cancelled": raises CancelledError, stores nothing, as a provider whose own task
       (a connection's, a client's) was torn down under the call;
+    - "hang_then_fail": stores nothing and hangs; cancelled (by its caller, or by the
+      delivery timeout), it raises ProviderUnavailableError instead, as a client that
+      reports an interrupted request as an error of its own;
     - a batch holding a poisoned id fails for good (ValidationError) as a whole.
     """
 
@@ -56,6 +59,11 @@ class FaultyProvider(MemoryProvider):
             raise RateLimitedError("injected 429", provider="faulty", retry_after=self.retry_after)
         if fault == "cancelled":
             raise asyncio.CancelledError()
+        if fault == "hang_then_fail":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise ProviderUnavailableError("interrupted", provider="faulty") from None
         if any(event.id in self.poisoned_ids for event in events):
             raise ValidationError("injected poison in batch", field="events", value=len(events))
         keep = [event for event in events if event.id not in self.rejected_ids]

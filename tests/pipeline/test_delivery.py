@@ -133,3 +133,32 @@ def test_a_delivery_cancelled_by_its_caller_stops_instead_of_retrying() -> None:
 
     assert asyncio.run(run()) < 1.0
     assert len(provider.calls) == 1
+
+
+def test_a_delivery_cancelled_while_its_provider_makes_an_error_of_it_stops() -> None:
+    """The provider runs in the delivery's own task: its error, raised as the delivery is
+    cancelled, is the cancellation, not a failure to retry."""
+    provider = FaultyProvider(schedule=["hang_then_fail"] * 3)
+    slow = MeteringSettings(retry_backoff=0.001, max_attempts=3, delivery_timeout=1.0)
+
+    async def run() -> bool:
+        await provider.create_meter(MeterCreate(event_name="api_calls"))
+        delivering = asyncio.create_task(
+            DeliveryPolicy(provider, slow, durable=False).settle(batch("a"))
+        )
+        await asyncio.sleep(0.2)
+        delivering.cancel()
+        await asyncio.wait({delivering}, timeout=5)  # retried, it would end after two more
+        return delivering.cancelled()
+
+    assert asyncio.run(run())
+    assert len(provider.calls) == 1
+
+
+def test_a_call_whose_provider_makes_an_error_of_its_timeout_is_timed_out() -> None:
+    """Out of time, the call timed out whatever the provider raised: a batch that does
+    so twice is halved, as any batch too slow twice is."""
+    provider = FaultyProvider(schedule=["hang_then_fail", "hang_then_fail"])
+    result, _ = settle(provider, batch("a", "b"), durable=True)
+    assert sorted(result.accepted) == ["a", "b"]
+    assert [size for _, size in provider.calls] == [2, 2, 1, 1]
