@@ -106,6 +106,9 @@ class Asyncpg:
     async def fetchrow(self, sql: str, *parameters: Any) -> Any:
         return await self._driver.fetchrow(sql, *parameters)
 
+    async def fetchval(self, sql: str, *parameters: Any) -> Any:
+        return await self._driver.fetchval(sql, *parameters)
+
 
 def mark_pooled(engine: AsyncEngine) -> None:
     """Have the pool mark each connection it takes back, for `Asyncpg` to tell one that

@@ -423,3 +423,34 @@ async def waiting_on_locks(admin: Any, database: str, count: int) -> list[int]:
             return pids
         await asyncio.sleep(0.02)
     raise AssertionError(f"{count} backends never waited on a lock")
+
+
+async def test_postgres_plans_the_ingest_statement_once_per_connection(postgres_url: str) -> None:
+    """PostgreSQL's plan cache plans a prepared statement for its values five times, then
+    keeps a generic plan if that looks no dearer. The ingest statement takes its lists as
+    JSON (estimated alike either way) and looks the refused ids up apart, so it does: a
+    one-event write took 0.85 ms when planned every time, and 0.4 ms on its cached plan.
+    (An array parameter's length is known to a plan for its values only, which made
+    every such plan look cheaper than the generic one.)"""
+    import sqlalchemy as sa
+
+    provider = SqlProvider(SqlSettings(url=postgres_url))
+    try:
+        await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
+        for n in range(10):  # one at a time, so one connection writes them all
+            sent = request_of([f"e{n}"])
+            if n % 3 == 0:  # and some with an event for no meter: refused ids looked up
+                sent = [*sent, UsageEvent(id=f"x{n}", event_name="nobody", customer_id="t")]
+            await provider.ingest_usage_events(sent)
+        async with provider._transaction(writes=False) as connection:
+            prepared = await connection.execute(
+                sa.text("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+            )
+            [(generic, custom)] = [
+                (generic, custom)
+                for statement, generic, custom in prepared
+                if "fresh AS" in statement and "pg_prepared_statements" not in statement
+            ]
+        assert (generic, custom) == (5, 5)
+    finally:
+        await provider.aclose()

@@ -304,6 +304,35 @@ def test_an_id_sent_refused_and_valid_in_one_batch_is_answered_as_on_memory(
     assert store == memory == [(["nobody"], [], ["nobody"]), (["calls"], ["calls"], [])]
 
 
+def test_an_id_stored_before_and_sent_again_for_no_meter_is_a_duplicate(any_url: str) -> None:
+    """An id the store holds is a duplicate whatever its copy now names: sent again for an
+    event name with no meter, or after its own meter was deleted. An id it does not hold,
+    sent for no meter, is rejected. (On PostgreSQL the ids refused are looked up apart
+    from the write, and only when a batch has any.)"""
+
+    async def scenario(provider: Any) -> list[tuple[list[str], list[str], list[str]]]:
+        meter = await provider.create_meter(MeterCreate(event_name="calls"))
+        await provider.ingest_batch(
+            [UsageEvent(id=i, event_name="calls", customer_id="t", timestamp=START) for i in "ab"]
+        )
+
+        async def send(batch: list[tuple[str, str]]) -> tuple[list[str], list[str], list[str]]:
+            answer = await provider.ingest_batch(
+                [
+                    UsageEvent(id=i, event_name=name, customer_id="t", timestamp=START)
+                    for i, name in batch
+                ]
+            )
+            return answer.accepted, answer.duplicates, sorted(answer.rejected)
+
+        first = await send([("a", "nobody"), ("new", "nobody"), ("c", "calls")])
+        await provider.delete_meter(meter.id)
+        return [first, await send([("b", "calls"), ("d", "calls")])]
+
+    memory, store = asyncio.run(_both(any_url, scenario))
+    assert store == memory == [(["c"], ["a"], ["new"]), ([], ["b"], ["d"])]
+
+
 def test_dimensions_of_any_size_are_rolled_up(any_url: str) -> None:
     """A rollup is keyed by a digest of its dimensions, so a 6,000-character value fits
     the index like any other, and its neighbours in the batch are not refused with it."""
