@@ -160,19 +160,27 @@ class AsyncMetering:
         **options: Any,
     ) -> None:
         """`options` naming a library setting (`spool_path`, `linger`, `max_queue`,
-        `max_concurrency`, `max_attempts`, `retry_backoff`, `delivery_timeout`) configure
-        the library; the rest are the provider's options (e.g. `api_key`)."""
+        `max_concurrency`, `max_attempts`, `retry_backoff`, `delivery_timeout`,
+        `mirror_forwarder`) configure the library; the rest are the provider's options
+        (e.g. `api_key`)."""
         library_options = {k: v for k, v in options.items() if k in MeteringSettings.model_fields}
         provider_options = {k: v for k, v in options.items() if k not in library_options}
         self._provider, self.settings = _build_provider(
             provider, config_file, library_options, provider_options
         )
         self._capabilities = CapabilityCache(self._provider)
+        ledger = self._provider
+        forwarder = (
+            ledger.forward_mirrors
+            if self.settings.mirror_forwarder and isinstance(ledger, Ledger) and ledger.mirrored
+            else None
+        )
         self._pipeline = Pipeline(
             self._provider,
             self.settings,
             capabilities=self._capabilities,
             on_delivered=self._report_delivery,
+            alongside=forwarder,
         )
         self._closed = False
 
@@ -252,7 +260,8 @@ class AsyncMetering:
         await self._provider.delete_meter(meter_id)
 
     async def start(self) -> None:
-        """Start background delivery in the running loop (otherwise done on first use)."""
+        """Start background delivery in the running loop (otherwise done on first use):
+        the queue's, and for a ledger with mirrors its forwarder (`mirror_forwarder`)."""
         await self._pipeline.start()
 
     def _queue_from_thread(self, events: Iterable[EventInput], timeout: float | None) -> list[str]:
@@ -538,8 +547,9 @@ class AsyncMetering:
         return await self._ledger().retry_mirror_dead_letters(mirror)
 
     async def forward_mirrors(self) -> None:
-        """Forward what the mirrors are owed until cancelled (the service runs one;
-        `metering mirror run` runs one alone). Several may share one PostgreSQL."""
+        """Forward what the mirrors are owed until cancelled (`metering mirror run` runs
+        one alone; a Metering runs one alongside its delivery unless `mirror_forwarder`
+        is false). Several may share one PostgreSQL."""
         await self._ledger().forward_mirrors()
 
     async def close(self) -> IngestResult:

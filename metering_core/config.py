@@ -103,6 +103,11 @@ class MeteringSettings(_Layered):
     delivery_timeout: float = Field(default=30.0, gt=0)
     """Seconds one provider call may take before it counts as a retryable failure; also
     how long closing waits for an outage to end before leaving events in the spool."""
+    mirror_forwarder: bool = True
+    """With the sql provider's `mirrors`: forward what they are owed from this process for
+    as long as its background delivery runs (from the first ingest, or `start()`, to
+    `close()`). False where this process is short-lived or frozen between calls (a
+    Lambda), or where `metering mirror run` forwards instead."""
 
 
 def load_config_file(path: Path | str | None = None) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from metering_core.capability_cache import CapabilityCache
 from metering_core.config import MeteringSettings
@@ -56,6 +57,13 @@ _CANCEL_AGAIN = 0.5
 """Seconds a closing pipeline waits for its cancelled tasks before cancelling them again."""
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """Log work run alongside delivery that ended in an error: nobody awaits it before
+    close, and it should never end by itself."""
+    if not task.cancelled() and (failure := task.exception()) is not None:
+        logger.error("%s stopped: %s", task.get_name(), failure, exc_info=failure)
+
+
 class Pipeline:
     """Queues validated events and delivers them in batches; safe to feed from any thread."""
 
@@ -66,8 +74,12 @@ class Pipeline:
         *,
         capabilities: CapabilityCache | None = None,
         on_delivered: Callable[[IngestResult], None] | None = None,
+        alongside: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
+        """`alongside`: work that runs for as long as delivery does (the ledger's
+        forwarder), started with the batching task and cancelled with it."""
         self._provider = provider
+        self._alongside = alongside
         self._capabilities = capabilities or CapabilityCache(provider)
         self._settings = settings
         self._on_delivered = on_delivered
@@ -90,6 +102,7 @@ class Pipeline:
         self._wake_pending = False
         self._flushing = 0
         self._runner: asyncio.Task[None] | None = None
+        self._companion: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slots: asyncio.Semaphore | None = None
         self._progress: asyncio.Condition | None = None
@@ -126,6 +139,9 @@ class Pipeline:
         self._slots = asyncio.Semaphore(self._settings.max_concurrency)
         self._progress = asyncio.Condition()
         self._runner = asyncio.create_task(self._run(), name="metering-pipeline")
+        if self._alongside is not None:
+            self._companion = asyncio.create_task(self._alongside(), name="metering-alongside")
+            self._companion.add_done_callback(_log_failure)
         self._wake.set()
 
     # submitting
@@ -400,7 +416,8 @@ class Pipeline:
         arrives as the call it waits on completes, and the delivery then retries on (for
         ever, with a spool). So each task still running is cancelled again until it ends:
         a close once hung there, about one run in a hundred of the outage test."""
-        tasks = {*self._in_flight, *([self._runner] if self._runner is not None else [])}
+        started = (self._runner, self._companion)
+        tasks = {*self._in_flight, *(task for task in started if task is not None)}
         while tasks:
             for task in tasks:
                 task.cancel()
@@ -408,4 +425,4 @@ class Pipeline:
             for task in done:  # retrieved: a failure was recorded when it happened
                 if not task.cancelled():
                     task.exception()
-        self._runner = None
+        self._runner = self._companion = None

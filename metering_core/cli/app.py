@@ -93,9 +93,11 @@ def _fail(ctx: typer.Context, exc: Exception, code: int) -> None:
 
 
 def connect(ctx: typer.Context, **settings: Any) -> Metering:
-    """The facade this invocation's options select."""
+    """The facade this invocation's options select. It forwards to no mirror: a command
+    ends with its work, which would cut a pass short (`metering serve` and `metering
+    mirror run` forward)."""
     shared = options(ctx)
-    return Metering(shared.provider, config_file=shared.config, **settings)
+    return Metering(shared.provider, config_file=shared.config, mirror_forwarder=False, **settings)
 
 
 def print_json(model: Any) -> None:

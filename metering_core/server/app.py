@@ -10,7 +10,6 @@ knows what became of every id. Errors share one shape: `{"error": {"type", "mess
 "field"?}}`. The routes live in `routes/`, one router per resource; this assembles them.
 """
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,7 +20,6 @@ from fastapi import FastAPI
 from metering_core.client import AsyncMetering
 from metering_core.collector import eased
 from metering_core.errors import ConfigurationError
-from metering_core.interface import Ledger
 from metering_core.keys import ApiKey
 from metering_core.server.auth import Gate, GatewayClaims, Keys
 from metering_core.server.body_limit import MAX_BODY_BYTES, BodyLimit
@@ -88,16 +86,8 @@ def create_app(
         # allocations rather than 700: on PostgreSQL, one event a request from 16
         # clients, 0.75-0.80x of the ceiling -> 0.91-0.94x, p99 unchanged.
         with eased():
-            provider = metering.provider
-            forwarding = (
-                asyncio.create_task(provider.forward_mirrors(), name="metering-mirrors")
-                if isinstance(provider, Ledger) and provider.mirrored
-                else None
-            )
+            await metering.start()  # and with it, for a ledger with mirrors, the forwarder
             yield
-            if forwarding is not None:
-                forwarding.cancel()
-                await asyncio.gather(forwarding, return_exceptions=True)
             await metering.close()
 
     app = FastAPI(title="metering-core", version="1", lifespan=lifespan)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -23,6 +24,7 @@ from metering_core import (
     IngestResult,
     Meter,
     MeterCreate,
+    Metering,
     NotFoundError,
     ProviderUnavailableError,
     ReconcileReport,
@@ -75,7 +77,15 @@ def billing(url: str) -> dict[str, Any]:
 async def ledger(
     ledger_url: str, mirror_service: tuple[str, AsyncMetering]
 ) -> AsyncIterator[AsyncMetering]:
-    metering = AsyncMetering("sql", url=ledger_url, mirrors=billing(mirror_service[0]), linger=0)
+    """A ledger whose forwarding each test drives (`flush_mirrors`, the forwarder's
+    passes): the forwarder a Metering runs alongside its delivery has tests of its own."""
+    metering = AsyncMetering(
+        "sql",
+        url=ledger_url,
+        mirrors=billing(mirror_service[0]),
+        linger=0,
+        mirror_forwarder=False,
+    )
     await metering.create_meter(event_name="calls")
     yield metering
     await metering.close()
@@ -130,6 +140,77 @@ async def test_every_stored_event_and_cancellation_reaches_the_mirror_once(
     assert mirror_outcomes(url) == {"accepted": 298}
     [status] = statuses
     assert (status.delivered, status.refused) == (1 + 300 + 2, 0)  # the meter, events, cancels
+
+
+async def owed(metering: AsyncMetering, *, until: int, seconds: float = 30) -> int:
+    """The outbox's depth once it is `until`, or after `seconds` if it never gets there."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        [status] = await metering.mirror_status()
+        if status.depth == until or asyncio.get_running_loop().time() > deadline:
+            return status.depth
+        await asyncio.sleep(0.05)
+
+
+async def test_a_metering_forwards_alongside_its_delivery_until_it_closes(
+    ledger_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """A long-lived Metering over a ledger with mirrors forwards by itself: its meter and
+    what it ingests reach the mirror with nobody flushing. Closing stops the forwarder
+    before the store, and leaves no task of it behind."""
+    url, behind = mirror_service
+    before = asyncio.all_tasks()
+    metering = AsyncMetering("sql", url=ledger_url, mirrors=billing(url), linger=0)
+    try:
+        await metering.create_meter(event_name="calls")
+        sent = [event(n, customer=f"t{n % 3}") for n in range(120)]
+        await metering.ingest_usage_events(sent)
+        assert await owed(metering, until=0) == 0
+        assert await totals(behind) == await totals(metering) != {}
+    finally:
+        await metering.close()
+    left = [task for task in asyncio.all_tasks() - before if not cancels_a_query(task)]
+    assert not left, left
+
+
+async def test_a_metering_told_not_to_forward_leaves_the_outbox_to_another_forwarder(
+    sqlite_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """`mirror_forwarder=False` (a Lambda, a one-off command, a fleet whose forwarding
+    runs as `metering mirror run`): what it ingests stays owed, for the forwarder that
+    runs elsewhere."""
+    url, behind = mirror_service
+    async with AsyncMetering(
+        "sql", url=sqlite_url, mirrors=billing(url), linger=0, mirror_forwarder=False
+    ) as metering:
+        await metering.create_meter(event_name="calls")
+        await metering.ingest_usage_events([event(n) for n in range(5)])
+        await metering.flush()
+        assert await owed(metering, until=0, seconds=1.5) == 6  # the meter and five events
+        assert not (await behind.fetch_all_meters()).items
+        [status] = await metering.flush_mirrors(timeout=30)  # another forwarder's work
+        assert status.depth == 0
+
+
+def test_the_sync_metering_forwards_from_its_own_loop(
+    sqlite_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """The sync facade starts its delivery when built, and the forwarder with it."""
+    url, behind = mirror_service
+    with Metering("sql", url=sqlite_url, mirrors=billing(url), linger=0) as metering:
+        metering.create_meter(event_name="calls")
+        metering.ingest_usage_events([event(n, customer=f"t{n % 2}") for n in range(40)])
+        for _ in range(600):
+            [status] = metering.mirror_status()
+            if status.depth == 0:
+                break
+            time.sleep(0.05)
+        assert status.depth == 0
+        meter = next(m for m in metering.fetch_all_meters().items if m.event_name == "calls")
+        usage = metering.fetch_usage(
+            meter.id, start=AT, end=AT + timedelta(days=1), group_by=["customer_id"]
+        )
+    assert asyncio.run(totals(behind)) == {row.customer_id or "": row.value for row in usage.rows}
 
 
 async def test_a_batch_owes_every_mirror_each_event_it_stored(sqlite_url: str) -> None:
