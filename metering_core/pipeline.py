@@ -382,6 +382,7 @@ class Pipeline:
         With a spool, an outage cannot hold the caller: after `delivery_timeout` the
         undelivered events stay committed in the spool for the next process to deliver.
         """
+        self._alongside = None  # a pipeline first started by its close needs none
         with self._state:
             self._closing = True
             self._state.notify_all()  # callers waiting for room now raise instead

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -128,6 +129,7 @@ class SqlProvider(BaseProvider):
             else self.store.backend == "sqlite"
         )
         self._engine: AsyncEngine | None = None
+        self._engine_pid = 0  # the process that made it
         self._meter_copy = MeterCopy()
         self._mirror_names = tuple(settings.mirrors)
         self.forwarder = Forwarder(
@@ -150,7 +152,13 @@ class SqlProvider(BaseProvider):
 
     async def _connected(self) -> AsyncEngine:
         if self._engine is not None:
-            return self._engine
+            if self._engine_pid == os.getpid():
+                return self._engine
+            # Made before a fork (gunicorn --preload, multiprocessing): its connections
+            # are the parent's sockets and aiosqlite's threads, which the child would
+            # share or wait on for ever. Let go of them unclosed, and make the child's own.
+            await self._engine.dispose(close=False)
+            self._engine, self._ready = None, None
         self._ready = self._ready or asyncio.Lock()
         async with self._ready:
             if self._engine is None:
@@ -174,7 +182,7 @@ class SqlProvider(BaseProvider):
                 finally:
                     if migrating is not engine:
                         await migrating.dispose()
-                self._engine = engine
+                self._engine, self._engine_pid = engine, os.getpid()
         return self._engine
 
     async def _migrate(self, engine: AsyncEngine) -> None:

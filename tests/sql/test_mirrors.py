@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -211,6 +212,57 @@ def test_the_sync_metering_forwards_from_its_own_loop(
             meter.id, start=AT, end=AT + timedelta(days=1), group_by=["customer_id"]
         )
     assert asyncio.run(totals(behind)) == {row.customer_id or "": row.value for row in usage.rows}
+
+
+async def test_a_metering_closed_before_it_started_forwards_nothing(tmp_path: Path) -> None:
+    """Closing a Metering that never ran starts nothing: with a spool, close flushes (and
+    so starts delivery), but no forwarder pass may begin then, to be cut short at once,
+    and the store is not even opened."""
+    store = tmp_path / "ledger.db"
+    metering = AsyncMetering(
+        "sql",
+        url=f"sqlite:///{store}",
+        mirrors={"billing": {"provider": "memory"}},  # answers at once: a pass begins
+        spool_path=tmp_path / "spool.db",
+    )
+    await metering.close()
+    assert not store.exists()
+
+
+def test_a_sync_metering_made_before_a_fork_works_in_the_child_and_the_parent(
+    ledger_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """A Metering made at import (gunicorn --preload, multiprocessing) and used, then
+    forked: the child reads through connections of its own, not the parent's sockets or
+    aiosqlite's threads (it hung on SQLite, and on PostgreSQL wrote into the parent's
+    connection, failing the parent's forwarder), and the parent goes on."""
+    import os
+    import signal
+
+    url, behind = mirror_service
+    with Metering("sql", url=ledger_url, mirrors=billing(url), linger=0) as metering:
+        metering.create_meter(event_name="calls")
+        metering.ingest_usage_events([event(n) for n in range(20)])
+        metering.flush()
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe
+            signal.alarm(20)  # a hang ends the child, and the parent reads nothing
+            try:
+                meters = metering.fetch_all_meters().items
+                os.write(write, f"meters {len(meters)}".encode())
+            except Exception as exc:
+                os.write(write, repr(exc).encode()[:300])
+            os._exit(0)
+        os.close(write)
+        os.waitpid(child, 0)
+        said = os.read(read, 300).decode()
+        os.close(read)
+        assert said == "meters 1"
+        metering.ingest_usage_events([event(n) for n in range(20, 40)])
+        [status] = metering.flush_mirrors(timeout=30)
+        assert status.depth == 0
+    assert asyncio.run(totals(behind))["acme"] == sum(Decimal(n % 5 + 1) for n in range(40))
 
 
 async def test_a_batch_owes_every_mirror_each_event_it_stored(sqlite_url: str) -> None:
