@@ -115,9 +115,10 @@ def _postgres_insert(checked: bool) -> str:
     (`insert_events_checked`): a plan for the values at hand knows an array's length and
     a generic plan does not, so with them every plan for its values looked cheaper, and
     PostgreSQL planned the statement again at every write (0.3 ms, as long as a one-event
-    write's work). Now the generic plan is kept after PostgreSQL's five trials. No step
-    of it depends on a table's size (inserts by unique key, and the few meters), so a plan
-    made while the tables were empty stays a good one."""
+    write's work). Now the generic plan is kept after PostgreSQL's five trials. Its
+    inserts go by unique key whatever the tables hold; only the meters are read by a plan
+    that assumes their number (scanned whole, as a table of a few rows is), until
+    autovacuum next analyzes them (after 50 changed rows and a tenth), which replans."""
 
     def parameter(name: str) -> str:
         return f"${_CHECKED_PARAMETERS.index(name) + 1}" if checked else f":{name}"
@@ -349,9 +350,10 @@ async def insert_events_checked(
         "unmetered": list(unmetered),
         "mirrors": json.dumps(mirrors),
     }
-    # Looked up before the write, as the statement's own snapshot would have seen them, and
-    # only when there are any: in the statement, this lookup alone made every plan for
-    # its values look cheaper than a generic one, and PostgreSQL planned it every time.
+    # Looked up before the write, and only when there are any: in the statement, this
+    # lookup made every plan for its values look cheaper than a generic one, and
+    # PostgreSQL planned it every time. An id another writer stores between the two is
+    # answered rejected for this copy, as a moment earlier; it is stored once either way.
     known: list[str] = await driver.fetchval(_KNOWN, list(refused)) if refused else []
     fresh, inserted = await driver.fetchrow(
         _POSTGRES_CHECKED, *(given[name] for name in _CHECKED_PARAMETERS)
