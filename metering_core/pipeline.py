@@ -383,6 +383,12 @@ class Pipeline:
         undelivered events stay committed in the spool for the next process to deliver.
         """
         self._alongside = None  # a pipeline first started by its close needs none
+        if os.getpid() != self._pid:
+            # A forked child's copy: its tasks are the parent's loop's and never end here,
+            # and what it holds is the parent's to deliver (delivered here, it would count
+            # twice). Closed, with nothing done.
+            self._closing = self._closed = True
+            return IngestResult()
         with self._state:
             self._closing = True
             self._state.notify_all()  # callers waiting for room now raise instead

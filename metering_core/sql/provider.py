@@ -105,6 +105,12 @@ OFF_LOOP_ROWS = 1_000
 _POSTGRES_LANES = 4
 """Ingest transactions one process runs at once on PostgreSQL (SQLite: one)."""
 
+_INHERITED: list[AsyncEngine] = []
+"""Engines a forked child inherited, kept from the collector for good: collected, asyncpg
+would end each connection (a Terminate on the socket the parent still uses, and its
+descriptor taken out of the epoll both share), and the parent's next statement hung
+until its timeout. Never used, never closed: they are the parent's."""
+
 _MIGRATE_ATTEMPTS = 25
 """Checks of a new SQLite store's schema while other processes create it (~6 s in all)."""
 
@@ -130,6 +136,7 @@ class SqlProvider(BaseProvider):
         )
         self._engine: AsyncEngine | None = None
         self._engine_pid = 0  # the process that made it
+        self._made_in = os.getpid()
         self._meter_copy = MeterCopy()
         self._mirror_names = tuple(settings.mirrors)
         self.forwarder = Forwarder(
@@ -156,9 +163,8 @@ class SqlProvider(BaseProvider):
                 return self._engine
             # Made before a fork (gunicorn --preload, multiprocessing): its connections
             # are the parent's sockets and aiosqlite's threads, which the child would
-            # share or wait on for ever. Let go of them unclosed, and make the child's own.
-            await self._engine.dispose(close=False)
-            self._engine, self._ready = None, None
+            # share or wait on for ever. Left to the parent, and the child makes its own.
+            self._let_go()
         self._ready = self._ready or asyncio.Lock()
         async with self._ready:
             if self._engine is None:
@@ -860,9 +866,20 @@ class SqlProvider(BaseProvider):
 
         return await asyncio.wait_for(drain(), timeout)
 
+    def _let_go(self) -> None:
+        """Forget an engine another process made, closing nothing of it (`_INHERITED`)."""
+        if self._engine is not None:
+            _INHERITED.append(self._engine)
+        self._engine, self._ready = None, None
+
     async def aclose(self) -> None:
-        for mirror in self.forwarder.mirrors.values():
-            await mirror.aclose()
+        """Close what this process opened; in a forked child, nothing of the parent's (its
+        mirrors' clients may hold the parent's connections too)."""
+        if self._engine is not None and self._engine_pid != os.getpid():
+            self._let_go()
+        if os.getpid() == self._made_in:
+            for mirror in self.forwarder.mirrors.values():
+                await mirror.aclose()
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None

@@ -235,7 +235,10 @@ def test_a_sync_metering_made_before_a_fork_works_in_the_child_and_the_parent(
     """A Metering made at import (gunicorn --preload, multiprocessing) and used, then
     forked: the child reads through connections of its own, not the parent's sockets or
     aiosqlite's threads (it hung on SQLite, and on PostgreSQL wrote into the parent's
-    connection, failing the parent's forwarder), and the parent goes on."""
+    connection, failing the parent's forwarder). The child collects and closes as a
+    worker does, ending none of the parent's connections (its next statements hung until
+    their timeout), and the parent goes on."""
+    import gc
     import os
     import signal
 
@@ -250,6 +253,8 @@ def test_a_sync_metering_made_before_a_fork_works_in_the_child_and_the_parent(
             signal.alarm(20)  # a hang ends the child, and the parent reads nothing
             try:
                 meters = metering.fetch_all_meters().items
+                gc.collect()  # what the parent left to the child, collected
+                metering.close()
                 os.write(write, f"meters {len(meters)}".encode())
             except Exception as exc:
                 os.write(write, repr(exc).encode()[:300])
@@ -260,7 +265,7 @@ def test_a_sync_metering_made_before_a_fork_works_in_the_child_and_the_parent(
         os.close(read)
         assert said == "meters 1"
         metering.ingest_usage_events([event(n) for n in range(20, 40)])
-        [status] = metering.flush_mirrors(timeout=30)
+        [status] = metering.flush_mirrors(timeout=10)  # a connection ended: 15 s, and more
         assert status.depth == 0
     assert asyncio.run(totals(behind))["acme"] == sum(Decimal(n % 5 + 1) for n in range(40))
 
