@@ -89,16 +89,16 @@ def _refuse_container_disk(provider_name: str, provider: object) -> None:
         )
 
 
-_NO_FORWARDER = """A Lambda container forwards to no mirror: frozen between invocations,
-a pass would keep its lease while another forwarder (`metering mirror run`, on a
-schedule or in ECS) is the one that can deliver."""
+# A Lambda container forwards to no mirror (`mirror_forwarder=False` below): frozen
+# between invocations, a pass would keep its lease while another forwarder (`metering
+# mirror run`, on a schedule or in ECS) is the one that can deliver.
 
 
 def _container_metering() -> Metering:
     global _metering
     if _metering is None:
         load_secrets()
-        metering = Metering(mirror_forwarder=False)  # see _NO_FORWARDER
+        metering = Metering(mirror_forwarder=False)  # see above
         try:
             _refuse_container_disk(metering.provider_name, metering.provider)
         except ConfigurationError:
@@ -135,7 +135,7 @@ def _container_api() -> Mangum:
             tenant_claim=os.environ.get("METERING_AWS_TENANT_CLAIM", "custom:tenantId"),
             allow_unauthenticated=_truthy("METERING_AWS_ALLOW_UNAUTHENTICATED"),
         )
-        metering = AsyncMetering(mirror_forwarder=False)  # see _NO_FORWARDER
+        metering = AsyncMetering(mirror_forwarder=False)  # see _container_metering
         try:
             _refuse_container_disk(metering.provider_name, metering.provider)
         except ConfigurationError:
