@@ -52,7 +52,7 @@ from metering_core.sql.mirror_sync import (
 from metering_core.sql.rows import Transaction, Trusted
 from metering_core.sql.schema import events, meters, outbox
 
-__all__ = ["IDLE", "LEASE", "PASSES", "Forwarder", "build_mirrors"]
+__all__ = ["IDLE", "LEASE", "PASSES", "REFUSED_METERS", "Forwarder", "build_mirrors"]
 
 logger = logging.getLogger("metering")
 
@@ -179,6 +179,18 @@ _EVENTS = sa.text(
 """The stored events of the usage rows a pass holds: read through its lease (its token
 and seq range, in the owed rows' index), not a list of thousands of ids."""
 
+
+REFUSED_METERS = (
+    sa.select(meters.c.event_name, outbox.c.refused)
+    .join(meters, meters.c.id == outbox.c.event_id)
+    .where(
+        outbox.c.mirror == sa.bindparam("mirror"),
+        outbox.c.kind == "meter",
+        outbox.c.refused.is_not(None),
+    )
+)
+"""The event names of the ledger meters a mirror refused, and why; every pass asks, so
+it reads the dead letters' index (`outbox_dead`), not the whole outbox."""
 
 _SEQ = operator.itemgetter(0)
 """A claimed row's seq."""
@@ -363,17 +375,9 @@ class Forwarder:
 
     async def _refused_meters(self, mirror: str) -> dict[str, str]:
         """Event names of the ledger meters `mirror` refused (dead letters), and why."""
-        statement = (
-            sa.select(meters.c.event_name, outbox.c.refused)
-            .join(meters, meters.c.id == outbox.c.event_id)
-            .where(
-                outbox.c.mirror == mirror,
-                outbox.c.kind == "meter",
-                outbox.c.refused.is_not(None),
-            )
-        )
         async with self._transaction(writes=False) as connection:
-            return {row[0]: row[1] for row in await connection.execute(statement)}
+            found = await connection.execute(REFUSED_METERS, {"mirror": mirror})
+            return {row[0]: row[1] for row in found}
 
     async def _send_cancels(
         self, mirror: str, provider: IMetering, owed: Mapping[str, int]

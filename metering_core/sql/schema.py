@@ -118,6 +118,8 @@ its id); "usage" and "cancel" rows carry an event's."""
 
 _CHANGE_OWED = sa.text("refused IS NULL AND kind IN ('meter', 'customer')")
 
+_DEAD = sa.text("refused IS NOT NULL")
+
 outbox = sa.Table(
     "outbox",
     metadata,
@@ -137,6 +139,7 @@ outbox = sa.Table(
         postgresql_where=_CHANGE_OWED,
         sqlite_where=_CHANGE_OWED,
     ),
+    sa.Index("outbox_dead", "mirror", "kind", postgresql_where=_DEAD, sqlite_where=_DEAD),
     sqlite_autoincrement=True,
     postgresql_with={"fillfactor": 50},  # a claim's update stays on its page (0006)
 )
