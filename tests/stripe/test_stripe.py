@@ -412,6 +412,29 @@ def test_paris_days_and_months_across_the_autumn_dst_change_come_from_hours() ->
     ]  # 22:00Z is still October in Paris, 23:00Z is November
 
 
+def test_each_summary_counts_in_its_own_window_once_and_none_outside_the_range() -> None:
+    """Summaries in any order: one on a window's first second is that window's, one
+    before the range or on its end is none's, a window without any has no row, and
+    latest takes the one that starts last."""
+    day = [datetime(2026, 11, d, tzinfo=UTC) for d in (1, 2, 3, 4)]
+    given = [
+        summary(day[2] - timedelta(hours=1), 4),  # the 2nd's last hour
+        summary(day[0], 1),  # the 1st's first second
+        summary(day[3], 100),  # on the range's end: outside
+        summary(day[0] - timedelta(hours=1), 1000),  # before the range
+        summary(day[1], 2),
+        summary(day[0] + timedelta(hours=5), 8),
+    ]
+    bounds = [day[0], day[1], day[2], day[3]]
+    added = fold_summaries(given, bounds, Aggregation.SUM, "acme")
+    assert [(r.start, r.end, r.value) for r in added] == [
+        (day[0], day[1], Decimal(9)),
+        (day[1], day[2], Decimal(6)),
+    ]
+    last = fold_summaries(given, bounds, Aggregation.LATEST, "acme")
+    assert [(r.start, r.value) for r in last] == [(day[0], Decimal(8)), (day[1], Decimal(4))]
+
+
 def test_utc_days_use_day_summaries_and_unaligned_ranges_are_refused() -> None:
     day = UsageQuery(
         meter_id="m",

@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import quote_plus
 
 import stripe
 
@@ -346,15 +347,17 @@ class StripeProvider(BaseProvider):
         }
         if grouping is not None:
             params["value_grouping_window"] = grouping
+        # The summaries as Stripe's JSON (the SDK's raw request: its retries and errors),
+        # not StripeObjects: converting each had been a fifth of a reconcile's time.
+        path = f"/v1/billing/meters/{quote_plus(query.meter_id)}/event_summaries"
         summaries: list[Any] = []
         while True:
-            listing = await self._call(
-                self._client.v1.billing.meters.event_summaries.list_async(query.meter_id, params)
-            )
-            summaries.extend(listing.data)
-            if not listing.has_more or not listing.data:
+            answered = await self._call(self._client.raw_request_async("get", path, **params))
+            page = answered.data
+            summaries.extend(page["data"])
+            if not page["has_more"] or not page["data"]:
                 break
-            params["starting_after"] = listing.data[-1]["id"]
+            params["starting_after"] = page["data"][-1]["id"]
         rows = fold_summaries(summaries, bounds, aggregation, query.customer_id)
         return answer(query, aggregation, rows)
 

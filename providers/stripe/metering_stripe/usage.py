@@ -3,6 +3,7 @@ them into the calendar windows of the query (months and non-UTC days from hours)
 
 from __future__ import annotations
 
+import bisect
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -57,15 +58,20 @@ def _value(raw: float, aggregation: Aggregation) -> Decimal:
 def fold_summaries(
     summaries: list[Any], bounds: list[datetime], aggregation: Aggregation, customer_id: str
 ) -> list[UsageRow]:
-    """One row per query window with summaries: sum or count add up; latest takes the last."""
-    rows = []
+    """One row per query window with summaries: sum or count add up; latest takes the last.
+    Each summary finds its window by bisection: a reconcile folds 31 days for each of
+    thousands of customers, where a scan of every summary per window cost a tenth of it."""
     edges = [int(b.timestamp()) for b in bounds]
-    ordered = sorted(summaries, key=lambda s: int(s["start_time"]))
-    for index in range(len(bounds) - 1):
-        inside = [s for s in ordered if edges[index] <= int(s["start_time"]) < edges[index + 1]]
-        if not inside:
-            continue
-        values = [_value(float(s["aggregated_value"]), aggregation) for s in inside]
+    inside: dict[int, list[Decimal]] = {}
+    for summary in sorted(summaries, key=lambda s: int(s["start_time"])):
+        start = int(summary["start_time"])
+        index = bisect.bisect_right(edges, start) - 1
+        if 0 <= index < len(edges) - 1:
+            value = _value(float(summary["aggregated_value"]), aggregation)
+            inside.setdefault(index, []).append(value)
+    rows = []
+    for index in sorted(inside):
+        values = inside[index]
         value = values[-1] if aggregation is Aggregation.LATEST else sum(values, Decimal(0))
         rows.append(
             UsageRow(
