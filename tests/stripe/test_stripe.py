@@ -247,6 +247,79 @@ async def test_the_tenant_mapping_is_found_again_after_a_restart(
     assert again.provider_ref in fake.state.customers
 
 
+def _old_customers(fake: FakeStripe, count: int) -> list[str]:
+    """`count` customers made a day ago or more, 100 s apart, newest first, in the fake
+    Stripe (not by this library); their ids."""
+    made = []
+    for i in range(count):
+        customer = fake.state.create_customer({"name": f"old {i}"})
+        customer["created"] -= 86_400 + 100 * i
+        made.append(str(customer["id"]))
+    return made
+
+
+def _customer_listings(fake: FakeStripe, since: int = 0) -> list[str]:
+    """The query strings of the customer listings asked since request `since`."""
+    return [
+        query
+        for method, path, query in fake.queries[since:]
+        if (method, path) == ("GET", "/v1/customers")
+    ]
+
+
+async def test_new_tenants_one_at_a_time_list_only_the_customers_made_since_the_last_listing(
+    fake: FakeStripe, make: Make
+) -> None:
+    """Each new tenant had every customer listed again (250 customers, 30 tenants: 90
+    pages); now the first lists them all and each later one the customers made since."""
+    _old_customers(fake, 250)
+    provider = make()
+    for i in range(30):
+        await provider.create_customer(CustomerCreate(id=f"new-{i}"))
+    listings = _customer_listings(fake)
+    assert len(listings) == 3 + 29  # every customer in three pages once, then one page each
+    assert ["created" in query for query in listings] == [False] * 3 + [True] * 29
+    assert len(fake.state.customers) == 250 + 30
+    since = len(fake.queries)
+    again = await provider.create_customer(CustomerCreate(id="new-0"))
+    assert _customer_listings(fake, since) == []  # known: neither listed nor made again
+    assert len(fake.state.customers) == 280
+    assert again.id == "new-0"
+
+
+async def test_a_tenant_another_process_made_after_the_last_listing_is_found(
+    fake: FakeStripe, make: Make
+) -> None:
+    _old_customers(fake, 1)
+    here, there = make(), make()
+    await setup(here)  # here lists every customer
+    await there.create_customer(CustomerCreate(id="made-there"))
+    since = len(fake.queries)
+    result = await here.ingest_usage_events([event("e1", tenant="made-there")])
+    assert result.accepted == ["e1"]
+    [listing] = _customer_listings(fake, since)
+    assert "created" in listing  # found among the customers made since, not all of them
+
+
+async def test_an_old_customer_given_a_tenant_later_is_found_once_every_customer_is_listed(
+    fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing only new customers misses an old one an operator gives a tenant's
+    metadata; the next listing of every customer, `RELIST_EVERY` seconds after the last,
+    finds it (and no duplicate customer is made for the tenant)."""
+    old = _old_customers(fake, 2)[1]  # the older one: before the last listing's newest
+    provider = make()
+    await setup(provider)  # every customer listed
+    fake.state.customers[old]["metadata"] = {"tenant_id": "late"}
+    result = await provider.ingest_usage_events([event("e1", tenant="late")])
+    assert "create_customer first" in result.rejected["e1"]
+    monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.0)
+    result = await provider.ingest_usage_events([event("e2", tenant="late")])
+    assert result.accepted == ["e2"]
+    made = await provider.create_customer(CustomerCreate(id="late"))
+    assert made.provider_ref == old
+
+
 async def test_usage_by_customer_fetches_a_meter_once_and_never_an_unknown_ones_usage(
     fake: FakeStripe, make: Make
 ) -> None:

@@ -44,6 +44,15 @@ AGGREGATIONS = {formula: aggregation for aggregation, formula in FORMULAS.items(
 SESSION_MARGIN = 60.0
 TENANT_KEY = "tenant_id"
 
+RELIST_EVERY = 60.0
+"""Seconds after which a tenant not found has every customer listed again: a customer made
+long ago may have been given a tenant's metadata since. Sooner, only the customers created
+since the last listing are read (each new tenant had cost a listing of every customer)."""
+
+LISTING_SLACK = 60
+"""Seconds before the newest customer a listing saw from which the next listing reads:
+one another process was creating meanwhile may carry an earlier `created`."""
+
 
 def _meter(obj: Any) -> Meter:
     return Meter(
@@ -90,6 +99,10 @@ class StripeProvider(BaseProvider):
         """Each meter's aggregation by id, as seen: Stripe never changes a meter's (its
         update takes a display name only), so a usage query need not fetch the meter."""
         self._customers: dict[str, str] = {}
+        self._listed_at: float | None = None
+        """When the last listing of every customer began (monotonic)."""
+        self._newest_listed: int | None = None
+        """The newest `created` any listing saw (Stripe's clock, seconds)."""
         self._delivered = RecentDeliveries()
 
     def __repr__(self) -> str:
@@ -175,19 +188,30 @@ class StripeProvider(BaseProvider):
     # customers
 
     async def _load_customers(self) -> None:
-        """Find tenants' `cus_…` again after a restart by listing customers' metadata
-        (search is eventually consistent, so it is not relied on). All of them each time:
-        a customer created long ago may be given a tenant's metadata later."""
+        """Find tenants' `cus_…` by listing customers' metadata (search is eventually
+        consistent, so it is not relied on): after a restart, or made by another process.
+        Every customer once each `RELIST_EVERY` seconds (one made long ago may be given a
+        tenant's metadata later); in between, those created since the newest one the last
+        listing saw (less `LISTING_SLACK`), where every new tenant had listed them all."""
         params: Any = {"limit": 100}
+        began = time.monotonic()
+        everyone = self._listed_at is None or began - self._listed_at >= RELIST_EVERY
+        if not everyone and self._newest_listed is not None:
+            params["created"] = {"gte": self._newest_listed - LISTING_SLACK}
+        newest = self._newest_listed
         while True:
             listing = await self._call(self._client.v1.customers.list_async(params))
             for obj in listing.data:
                 owner = (obj.to_dict().get("metadata") or {}).get(TENANT_KEY)
                 if owner:
                     self._customers.setdefault(owner, obj.id)
+                newest = max(newest or obj.created, obj.created)
             if not listing.has_more or not listing.data:
-                return
+                break
             params["starting_after"] = listing.data[-1]["id"]
+        self._newest_listed = newest
+        if everyone:
+            self._listed_at = began
 
     async def _stripe_customer(self, tenant: str) -> str | None:
         """The `cus_…` of a tenant, or None when Stripe has no customer for it."""
