@@ -70,8 +70,7 @@ def fold_summaries(
             value = _value(float(summary["aggregated_value"]), aggregation)
             inside.setdefault(index, []).append(value)
     rows = []
-    for index in sorted(inside):
-        values = inside[index]
+    for index, values in inside.items():  # windows in order: the summaries were
         value = values[-1] if aggregation is Aggregation.LATEST else sum(values, Decimal(0))
         rows.append(
             UsageRow(
