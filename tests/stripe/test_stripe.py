@@ -267,24 +267,41 @@ def _customer_listings(fake: FakeStripe, since: int = 0) -> list[str]:
     ]
 
 
-async def test_new_tenants_one_at_a_time_list_only_the_customers_made_since_the_last_listing(
+async def test_batches_naming_a_tenant_without_a_customer_list_only_the_newer_customers(
     fake: FakeStripe, make: Make
 ) -> None:
-    """Each new tenant had every customer listed again (250 customers, 30 tenants: 90
-    pages); now the first lists them all and each later one the customers made since."""
+    """Each batch naming a tenant without a Stripe customer had every customer listed
+    (250 customers, 10 batches: 30 pages); now the customers made since the last listing."""
     _old_customers(fake, 250)
     provider = make()
-    for i in range(30):
-        await provider.create_customer(CustomerCreate(id=f"new-{i}"))
-    listings = _customer_listings(fake)
-    assert len(listings) == 3 + 29  # every customer in three pages once, then one page each
-    assert ["created" in query for query in listings] == [False] * 3 + [True] * 29
-    assert len(fake.state.customers) == 250 + 30
+    await setup(provider)  # every customer listed, in three pages
     since = len(fake.queries)
-    again = await provider.create_customer(CustomerCreate(id="new-0"))
-    assert _customer_listings(fake, since) == []  # known: neither listed nor made again
-    assert len(fake.state.customers) == 280
-    assert again.id == "new-0"
+    for i in range(10):
+        result = await provider.ingest_usage_events([event(f"s{i}", tenant="stranger")])
+        assert "create_customer first" in result.rejected[f"s{i}"]
+    listings = _customer_listings(fake, since)
+    assert len(listings) == 10
+    assert all("created" in query for query in listings)
+
+
+async def test_creating_a_customer_lists_every_customer_first_however_recent_the_last_listing(
+    fake: FakeStripe, make: Make
+) -> None:
+    """A customer tagged with a tenant by hand a moment ago is the one `create_customer`
+    answers: listing only the newer customers, it would have made a second, and that
+    tenant's usage would never have reached the customer prepared for it (found in
+    review)."""
+    old = _old_customers(fake, 2)[1]  # the older one: before the last listing's newest
+    provider = make()
+    await setup(provider)  # every customer listed
+    fake.state.customers[old]["metadata"] = {"tenant_id": "tagged"}
+    made = await provider.create_customer(CustomerCreate(id="tagged"))
+    assert made.provider_ref == old
+    tagged = [c for c in fake.state.customers.values() if c["metadata"].get("tenant_id")]
+    assert sorted(c["metadata"]["tenant_id"] for c in tagged) == ["acme", "tagged"]
+    since = len(fake.queries)
+    await provider.create_customer(CustomerCreate(id="tagged"))  # known: no listing
+    assert _customer_listings(fake, since) == []
 
 
 async def test_a_tenant_another_process_made_after_the_last_listing_is_found(
@@ -304,9 +321,9 @@ async def test_a_tenant_another_process_made_after_the_last_listing_is_found(
 async def test_an_old_customer_given_a_tenant_later_is_found_once_every_customer_is_listed(
     fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Listing only new customers misses an old one an operator gives a tenant's
-    metadata; the next listing of every customer, `RELIST_EVERY` seconds after the last,
-    finds it (and no duplicate customer is made for the tenant)."""
+    """Listing only the newer customers misses an old one an operator gives a tenant's
+    metadata, so events for that tenant are refused until the next listing of every
+    customer, `RELIST_EVERY` seconds after the last, finds it."""
     old = _old_customers(fake, 2)[1]  # the older one: before the last listing's newest
     provider = make()
     await setup(provider)  # every customer listed
@@ -316,8 +333,6 @@ async def test_an_old_customer_given_a_tenant_later_is_found_once_every_customer
     monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.0)
     result = await provider.ingest_usage_events([event("e2", tenant="late")])
     assert result.accepted == ["e2"]
-    made = await provider.create_customer(CustomerCreate(id="late"))
-    assert made.provider_ref == old
 
 
 async def test_usage_by_customer_fetches_a_meter_once_and_never_an_unknown_ones_usage(

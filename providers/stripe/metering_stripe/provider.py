@@ -47,7 +47,9 @@ TENANT_KEY = "tenant_id"
 RELIST_EVERY = 60.0
 """Seconds after which a tenant not found has every customer listed again: a customer made
 long ago may have been given a tenant's metadata since. Sooner, only the customers created
-since the last listing are read (each new tenant had cost a listing of every customer)."""
+since the last listing are read (each batch naming a tenant without a customer had every
+customer listed). Creating a customer always lists them all first: it must not make a
+second one for a tenant whose customer was tagged by hand a moment ago."""
 
 LISTING_SLACK = 60
 """Seconds before the newest customer a listing saw from which the next listing reads:
@@ -187,15 +189,16 @@ class StripeProvider(BaseProvider):
 
     # customers
 
-    async def _load_customers(self) -> None:
+    async def _load_customers(self, *, everyone: bool = False) -> None:
         """Find tenants' `cus_…` by listing customers' metadata (search is eventually
         consistent, so it is not relied on): after a restart, or made by another process.
-        Every customer once each `RELIST_EVERY` seconds (one made long ago may be given a
-        tenant's metadata later); in between, those created since the newest one the last
-        listing saw (less `LISTING_SLACK`), where every new tenant had listed them all."""
+        Every customer when asked, or once each `RELIST_EVERY` seconds (one made long ago
+        may be given a tenant's metadata later); in between, those created since the
+        newest one the last listing saw (less `LISTING_SLACK`)."""
         params: Any = {"limit": 100}
         began = time.monotonic()
-        everyone = self._listed_at is None or began - self._listed_at >= RELIST_EVERY
+        if self._listed_at is None or began - self._listed_at >= RELIST_EVERY:
+            everyone = True
         if not everyone and self._newest_listed is not None:
             params["created"] = {"gte": self._newest_listed - LISTING_SLACK}
         newest = self._newest_listed
@@ -213,14 +216,15 @@ class StripeProvider(BaseProvider):
         if everyone:
             self._listed_at = began
 
-    async def _stripe_customer(self, tenant: str) -> str | None:
-        """The `cus_…` of a tenant, or None when Stripe has no customer for it."""
+    async def _stripe_customer(self, tenant: str, *, everyone: bool = False) -> str | None:
+        """The `cus_…` of a tenant, or None when Stripe has no customer for it (listing
+        `everyone` when it is not known: before a customer is made)."""
         if tenant not in self._customers:
-            await self._load_customers()
+            await self._load_customers(everyone=everyone)
         return self._customers.get(tenant)
 
     async def create_customer(self, customer: CustomerCreate) -> Customer:
-        existing = await self._stripe_customer(customer.id)
+        existing = await self._stripe_customer(customer.id, everyone=True)
         if existing is not None:
             return _customer(
                 customer.id, await self._call(self._client.v1.customers.retrieve_async(existing))
