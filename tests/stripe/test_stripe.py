@@ -335,6 +335,38 @@ async def test_an_old_customer_given_a_tenant_later_is_found_once_every_customer
     assert result.accepted == ["e2"]
 
 
+async def test_a_tenant_deleted_and_made_again_within_a_day_gets_a_live_customer(
+    fake: FakeStripe, make: Make
+) -> None:
+    """Stripe answers a making sent again under its idempotency key (24 h) with the first
+    answer: the tenant's deleted customer, whose usage Stripe would refuse (found in
+    review). Made again, the tenant gets a new customer; made again under other fields,
+    Stripe does not refuse the key; and its usage lands."""
+    provider = make()
+    meter_id = await setup(provider)
+    first = (await provider.create_customer(CustomerCreate(id="churned"))).provider_ref
+    await provider.delete_customer("churned")
+    again = (await provider.create_customer(CustomerCreate(id="churned"))).provider_ref
+    assert again != first
+    assert again in fake.state.customers
+    assert first not in fake.state.customers
+    await provider.delete_customer("churned")
+    renamed = await provider.create_customer(CustomerCreate(id="churned", name="Churned Ltd"))
+    assert renamed.provider_ref not in (first, again)
+    assert fake.state.customers[renamed.provider_ref]["name"] == "Churned Ltd"
+    assert (await provider.ingest_usage_events([event("c1", 3, tenant="churned")])).accepted
+    restarted = make()  # remembers nothing: finds the live customer by listing
+    usage = await restarted.fetch_usage(
+        UsageQuery(
+            meter_id=meter_id,
+            customer_id="churned",
+            start=NOW - timedelta(hours=1),
+            end=NOW + timedelta(hours=1),
+        )
+    )
+    assert usage.total == 3
+
+
 async def test_usage_by_customer_fetches_a_meter_once_and_never_an_unknown_ones_usage(
     fake: FakeStripe, make: Make
 ) -> None:
@@ -586,6 +618,20 @@ def test_the_fake_refuses_unknown_parameters_like_stripe(fake: FakeStripe) -> No
     }
     with pytest.raises(stripe.InvalidRequestError, match="default_aggregation"):
         client.v1.billing.meters.create(bad_formula)
+    http.close()  # type: ignore[no-untyped-call]
+
+
+def test_the_fake_replays_an_idempotency_key_and_refuses_it_with_other_parameters(
+    fake: FakeStripe,
+) -> None:
+    http = stripe.HTTPXClient(allow_sync_methods=True)
+    client = stripe.StripeClient(API_KEY, base_addresses={"api": fake.url}, http_client=http)
+    once = {"idempotency_key": "k1"}
+    first = client.v1.customers.create({"name": "a"}, once)
+    assert client.v1.customers.create({"name": "a"}, once).id == first.id
+    with pytest.raises(stripe.IdempotencyError, match="same parameters"):
+        client.v1.customers.create({"name": "b"}, once)
+    assert len(fake.state.customers) == 1
     http.close()  # type: ignore[no-untyped-call]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -12,7 +13,7 @@ from urllib.parse import quote_plus
 
 import stripe
 
-from metering_core.errors import NotFoundError, UnsupportedOperationError
+from metering_core.errors import ConflictError, NotFoundError, UnsupportedOperationError
 from metering_core.interface import BaseProvider
 from metering_core.models import (
     Aggregation,
@@ -51,6 +52,10 @@ since the last listing are read (each batch naming a tenant without a customer h
 customer listed). Creating a customer always lists them all first: it must not make a
 second one for a tenant whose customer was tagged by hand a moment ago."""
 
+MAX_REPLAYS = 5
+"""Customers of one tenant made and deleted within 24 hours that `create_customer` steps
+past (each making replayed by Stripe answers the deleted one) before it gives up."""
+
 LISTING_SLACK = 60
 """Seconds before the newest customer a listing saw from which the next listing reads:
 one another process was creating meanwhile may carry an earlier `created`."""
@@ -66,6 +71,16 @@ def _meter(obj: Any) -> Meter:
         created_at=datetime.fromtimestamp(obj["created"], UTC),
         updated_at=datetime.fromtimestamp(obj["updated"], UTC),
     )
+
+
+def _creation_key(tenant: str, params: Mapping[str, Any], replaced: str) -> str:
+    """The idempotency key of making `tenant`'s customer: a retry of the same making is
+    answered with the same customer, however often it is sent within Stripe's 24 hours.
+    Other fields (a tenant made again with another name) are another making: Stripe
+    refuses a key sent again with other parameters. `replaced`: a deleted customer the
+    key had made (below)."""
+    made = json.dumps([tenant, params, replaced], sort_keys=True)
+    return "metering-customer-" + hashlib.sha256(made.encode()).hexdigest()[:32]
 
 
 def _customer(tenant: str, obj: stripe.Customer) -> Customer:
@@ -234,12 +249,34 @@ class StripeProvider(BaseProvider):
             params["name"] = customer.name
         if customer.email is not None:
             params["email"] = customer.email
-        key = "metering-customer-" + hashlib.sha256(customer.id.encode()).hexdigest()[:32]
-        created = await self._call(
-            self._client.v1.customers.create_async(params, {"idempotency_key": key})
-        )
+        replaced = ""
+        for _ in range(MAX_REPLAYS):
+            key = _creation_key(customer.id, params, replaced)
+            created = await self._call(
+                self._client.v1.customers.create_async(params, {"idempotency_key": key})
+            )
+            if not await self._deleted(created["id"]):
+                break
+            # Stripe replayed, from its idempotency keys (24 h), the making of this
+            # tenant's customer that was deleted since: another key, derived from it, so
+            # that a retry of this making is answered with the same new customer
+            replaced = created["id"]
+        else:
+            raise ConflictError(
+                f"customer {customer.id!r}: made and deleted on Stripe {MAX_REPLAYS} times "
+                "within 24 hours; try again later"
+            )
         self._customers[customer.id] = created["id"]
         return _customer(customer.id, created)
+
+    async def _deleted(self, reference: str) -> bool:
+        """Whether Stripe's customer `reference` has been deleted (Stripe answers a deleted
+        customer as `deleted: true`; not found, it is gone too)."""
+        try:
+            found = await self._call(self._client.v1.customers.retrieve_async(reference))
+        except NotFoundError:
+            return True
+        return bool(found.to_dict().get("deleted"))
 
     async def delete_customer(self, customer_id: str) -> None:
         reference = await self._stripe_customer(customer_id)

@@ -1,7 +1,8 @@
 """The fake Stripe's routing: request to rule, with Stripe's auth, encodings and replays.
 
 v1 requests arrive form-encoded with Stripe's bracket notation (`payload[value]=3`), v2
-as JSON; a POST's `Idempotency-Key` replays the first answer, as Stripe does.
+as JSON; a POST's `Idempotency-Key` replays the first answer, as Stripe does, and a key
+sent again with other parameters is refused (`idempotency_error`).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class Router:
     def __init__(self, state: State, api_key: str) -> None:
         self.state = state
         self.api_key = api_key
-        self._replies: dict[str, dict[str, Any]] = {}
+        self._replies: dict[str, tuple[tuple[str, Any], dict[str, Any]]] = {}
+        """Each idempotency key's request (path and parameters) and first answer."""
 
     def dispatch(
         self, method: str, path: str, query: str, raw: str, headers: Any
@@ -116,12 +118,21 @@ class Router:
         )
         cache_key = headers.get("Idempotency-Key") if method == "POST" else None
         if cache_key and cache_key in self._replies:
-            return self._replies[cache_key]
+            sent, reply = self._replies[cache_key]
+            if sent != (path, params):
+                raise StripeFault(
+                    400,
+                    "Keys for idempotent requests can only be used with the same parameters "
+                    f"they were first used with. Try using a key other than '{cache_key}' if "
+                    "you meant to execute a different request.",
+                    kind="idempotency_error",
+                )
+            return reply
         for verb, pattern, route in ROUTES:
             match = pattern.fullmatch(path)
             if verb == method and match:
                 reply = route(self.state, params, match)
                 if cache_key:
-                    self._replies[cache_key] = reply
+                    self._replies[cache_key] = ((path, params), reply)
                 return reply
         raise StripeFault(404, f"Unrecognized request URL ({method}: {path}).")
