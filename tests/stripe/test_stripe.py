@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -365,6 +366,35 @@ async def test_a_tenant_deleted_and_made_again_within_a_day_gets_a_live_customer
         )
     )
     assert usage.total == 3
+
+
+async def test_two_processes_making_one_tenant_at_once_with_other_fields_make_one_customer(
+    fake: FakeStripe, make: Make
+) -> None:
+    """The making's key is the tenant's: Stripe refuses it to the second making, whose
+    fields differ, and that one finds the first's customer by listing (found in review:
+    a key covering the fields had made two, and the tenant's usage split between them)."""
+    _old_customers(fake, 150)  # a listing of two pages: time for the makings to overlap
+    fake.latency = 0.02
+    here, there = make(), make()
+    named, plain = await asyncio.gather(
+        here.create_customer(CustomerCreate(id="raced", name="Raced Ltd")),
+        there.create_customer(CustomerCreate(id="raced")),
+    )
+    tagged = [c for c in fake.state.customers.values() if c["metadata"].get("tenant_id")]
+    assert [c["id"] for c in tagged] == [named.provider_ref]
+    assert plain.provider_ref == named.provider_ref
+
+
+async def test_a_tenant_deleted_by_another_process_is_made_again_live_here(
+    fake: FakeStripe, make: Make
+) -> None:
+    here, there = make(), make()
+    first = (await here.create_customer(CustomerCreate(id="moved"))).provider_ref
+    await there.delete_customer("moved")
+    again = (await here.create_customer(CustomerCreate(id="moved"))).provider_ref
+    assert again != first
+    assert again in fake.state.customers
 
 
 async def test_usage_by_customer_fetches_a_meter_once_and_never_an_unknown_ones_usage(

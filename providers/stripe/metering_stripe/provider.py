@@ -13,7 +13,11 @@ from urllib.parse import quote_plus
 
 import stripe
 
-from metering_core.errors import ConflictError, NotFoundError, UnsupportedOperationError
+from metering_core.errors import (
+    NotFoundError,
+    ProviderUnavailableError,
+    UnsupportedOperationError,
+)
 from metering_core.interface import BaseProvider
 from metering_core.models import (
     Aggregation,
@@ -52,9 +56,9 @@ since the last listing are read (each batch naming a tenant without a customer h
 customer listed). Creating a customer always lists them all first: it must not make a
 second one for a tenant whose customer was tagged by hand a moment ago."""
 
-MAX_REPLAYS = 5
-"""Customers of one tenant made and deleted within 24 hours that `create_customer` steps
-past (each making replayed by Stripe answers the deleted one) before it gives up."""
+MAX_MAKINGS = 100
+"""Makings of one customer `create_customer` tries (each a customer of the tenant made
+and deleted within 24 hours, which Stripe's replay answered) before it gives up, for now."""
 
 LISTING_SLACK = 60
 """Seconds before the newest customer a listing saw from which the next listing reads:
@@ -73,13 +77,13 @@ def _meter(obj: Any) -> Meter:
     )
 
 
-def _creation_key(tenant: str, params: Mapping[str, Any], replaced: str) -> str:
-    """The idempotency key of making `tenant`'s customer: a retry of the same making is
-    answered with the same customer, however often it is sent within Stripe's 24 hours.
-    Other fields (a tenant made again with another name) are another making: Stripe
-    refuses a key sent again with other parameters. `replaced`: a deleted customer the
-    key had made (below)."""
-    made = json.dumps([tenant, params, replaced], sort_keys=True)
+def _creation_key(making: Sequence[Any]) -> str:
+    """The idempotency key of making a tenant's customer: the tenant's id, so that
+    makings of one tenant anywhere are one making within Stripe's 24 hours (a retry, or
+    another process, is answered with the same customer), then what a making found
+    (`create_customer`): each customer the key had made and was deleted since, and the
+    fields, when the key had made one with other fields that is gone."""
+    made = json.dumps(list(making), sort_keys=True)
     return "metering-customer-" + hashlib.sha256(made.encode()).hexdigest()[:32]
 
 
@@ -239,44 +243,67 @@ class StripeProvider(BaseProvider):
         return self._customers.get(tenant)
 
     async def create_customer(self, customer: CustomerCreate) -> Customer:
-        existing = await self._stripe_customer(customer.id, everyone=True)
+        existing = await self._live_customer(customer.id)
         if existing is not None:
-            return _customer(
-                customer.id, await self._call(self._client.v1.customers.retrieve_async(existing))
-            )
+            return _customer(customer.id, existing)
         params: Any = {"metadata": {**customer.metadata, TENANT_KEY: customer.id}}
         if customer.name is not None:
             params["name"] = customer.name
         if customer.email is not None:
             params["email"] = customer.email
-        replaced = ""
-        for _ in range(MAX_REPLAYS):
-            key = _creation_key(customer.id, params, replaced)
-            created = await self._call(
-                self._client.v1.customers.create_async(params, {"idempotency_key": key})
-            )
-            if not await self._deleted(created["id"]):
-                break
-            # Stripe replayed, from its idempotency keys (24 h), the making of this
-            # tenant's customer that was deleted since: another key, derived from it, so
-            # that a retry of this making is answered with the same new customer
-            replaced = created["id"]
-        else:
-            raise ConflictError(
-                f"customer {customer.id!r}: made and deleted on Stripe {MAX_REPLAYS} times "
-                "within 24 hours; try again later"
-            )
-        self._customers[customer.id] = created["id"]
-        return _customer(customer.id, created)
+        making: list[Any] = [customer.id]
+        for _ in range(MAX_MAKINGS):
+            key = _creation_key(making)
+            try:
+                created = await self._client.v1.customers.create_async(
+                    params, {"idempotency_key": key}
+                )
+            except stripe.IdempotencyError:
+                # Stripe keeps a key 24 h, and this one made the tenant's customer with
+                # other fields: by another process meanwhile (found by listing, so one
+                # tenant never gets two), or deleted since (these fields make the next)
+                existing = await self._live_customer(customer.id)
+                if existing is not None:
+                    return _customer(customer.id, existing)
+                making.append(params)
+                continue
+            except stripe.StripeError as exc:
+                raise translate(exc) from exc
+            if await self._retrieved(created["id"]) is not None:
+                self._customers[customer.id] = created["id"]
+                return _customer(customer.id, created)
+            # Stripe replayed the key's first answer: a customer of this tenant deleted
+            # since. The next key is derived from it, so a retry of this making is
+            # answered with the same new customer.
+            making.append(created["id"])
+        raise ProviderUnavailableError(
+            f"customer {customer.id!r}: Stripe answered {MAX_MAKINGS} makings in a row with "
+            "a deleted customer",
+            provider=self.name,
+        )
 
-    async def _deleted(self, reference: str) -> bool:
-        """Whether Stripe's customer `reference` has been deleted (Stripe answers a deleted
-        customer as `deleted: true`; not found, it is gone too)."""
+    async def _live_customer(self, tenant: str) -> stripe.Customer | None:
+        """Stripe's live customer of `tenant`, every customer listed when it is not known
+        (one tagged by hand is found); one known but deleted since (by another process)
+        is forgotten, and looked for again."""
+        for _ in range(2):
+            reference = await self._stripe_customer(tenant, everyone=True)
+            if reference is None:
+                return None
+            found = await self._retrieved(reference)
+            if found is not None:
+                return found
+            self._customers.pop(tenant, None)
+        return None
+
+    async def _retrieved(self, reference: str) -> stripe.Customer | None:
+        """Stripe's customer `reference`, or None if it has been deleted (Stripe answers
+        one as `deleted: true`; not found, it is gone too)."""
         try:
             found = await self._call(self._client.v1.customers.retrieve_async(reference))
         except NotFoundError:
-            return True
-        return bool(found.to_dict().get("deleted"))
+            return None
+        return None if found.to_dict().get("deleted") else found
 
     async def delete_customer(self, customer_id: str) -> None:
         reference = await self._stripe_customer(customer_id)

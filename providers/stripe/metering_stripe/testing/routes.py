@@ -7,8 +7,10 @@ sent again with other parameters is refused (`idempotency_error`).
 
 from __future__ import annotations
 
+import collections
 import json
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -97,6 +99,10 @@ class Router:
         self.api_key = api_key
         self._replies: dict[str, tuple[tuple[str, Any], dict[str, Any]]] = {}
         """Each idempotency key's request (path and parameters) and first answer."""
+        self._keys = collections.defaultdict[str, threading.Lock](threading.Lock)
+        """A lock per idempotency key: Stripe runs one request of a key at a time (a
+        second at once is a 409 the SDK retries; here it waits, then is replayed)."""
+        self._keys_lock = threading.Lock()
 
     def dispatch(
         self, method: str, path: str, query: str, raw: str, headers: Any
@@ -117,6 +123,16 @@ class Router:
             else parse_form(query if method != "POST" else raw)
         )
         cache_key = headers.get("Idempotency-Key") if method == "POST" else None
+        if not cache_key:
+            return self._route(method, path, params, None)
+        with self._keys_lock:
+            one_at_a_time = self._keys[cache_key]
+        with one_at_a_time:
+            return self._route(method, path, params, cache_key)
+
+    def _route(
+        self, method: str, path: str, params: dict[str, Any], cache_key: str | None
+    ) -> dict[str, Any]:
         if cache_key and cache_key in self._replies:
             sent, reply = self._replies[cache_key]
             if sent != (path, params):
