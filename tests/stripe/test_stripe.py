@@ -319,6 +319,21 @@ async def test_a_tenant_another_process_made_after_the_last_listing_is_found(
     assert "created" in listing  # found among the customers made since, not all of them
 
 
+async def test_a_customer_stamped_before_the_newest_listed_but_seen_after_is_found(
+    fake: FakeStripe, make: Make
+) -> None:
+    """Stripe stamps `created` when a making begins, so one made by another process can
+    become visible after a listing that saw a newer one: the next listing reads from a
+    minute before the newest it saw (`LISTING_SLACK`), not from the newest."""
+    [newest] = _old_customers(fake, 1)
+    provider = make()
+    await setup(provider)  # every customer listed: the newest seen is `newest`
+    late = fake.state.create_customer({"metadata": {"tenant_id": "late-commit"}})
+    late["created"] = fake.state.customers[newest]["created"] - 30
+    result = await provider.ingest_usage_events([event("e1", tenant="late-commit")])
+    assert result.accepted == ["e1"]
+
+
 async def test_an_old_customer_given_a_tenant_later_is_found_once_every_customer_is_listed(
     fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -389,12 +404,32 @@ async def test_two_processes_making_one_tenant_at_once_with_other_fields_make_on
 async def test_a_tenant_deleted_by_another_process_is_made_again_live_here(
     fake: FakeStripe, make: Make
 ) -> None:
+    """One this process knows, deleted elsewhere, is looked for again (and another
+    process's new customer for the tenant answered) rather than answered deleted."""
     here, there = make(), make()
     first = (await here.create_customer(CustomerCreate(id="moved"))).provider_ref
     await there.delete_customer("moved")
     again = (await here.create_customer(CustomerCreate(id="moved"))).provider_ref
     assert again != first
     assert again in fake.state.customers
+    await there.delete_customer("moved")
+    theirs = await there.create_customer(CustomerCreate(id="moved", name="Moved Ltd"))
+    ours = await here.create_customer(CustomerCreate(id="moved"))
+    assert ours.provider_ref == theirs.provider_ref
+    tagged = [c for c in fake.state.customers.values() if c["metadata"].get("tenant_id")]
+    assert len(tagged) == 1
+
+
+async def test_a_known_customer_stripe_no_longer_has_is_replaced_by_a_live_one(
+    fake: FakeStripe, make: Make
+) -> None:
+    """Stripe answers 404 for a customer it does not have (not a deleted one's stub)."""
+    provider = make()
+    gone = (await provider.create_customer(CustomerCreate(id="purged"))).provider_ref
+    del fake.state.customers[gone]
+    made = await provider.create_customer(CustomerCreate(id="purged"))
+    assert made.provider_ref != gone
+    assert made.provider_ref in fake.state.customers
 
 
 async def test_usage_by_customer_fetches_a_meter_once_and_never_an_unknown_ones_usage(

@@ -52,7 +52,7 @@ ROUTES: list[tuple[str, re.Pattern[str], Route]] = [
     (
         "GET",
         re.compile(r"/v1/customers/(cus_\w+)"),
-        lambda s, p, m: s.customer(only(p, {"expand"}) or m[1]),
+        lambda s, p, m: s.retrieve_customer(only(p, {"expand"}) or m[1]),
     ),
     ("DELETE", re.compile(r"/v1/customers/(cus_\w+)"), lambda s, p, m: s.delete_customer(m[1])),
     ("GET", re.compile(r"/v2/core/events/(evt_\w+)"), lambda s, p, m: s.notice(m[1])),

@@ -93,6 +93,7 @@ class State:
 
     meters: dict[str, dict[str, Any]] = field(default_factory=dict)
     customers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deleted_customers: set[str] = field(default_factory=set)
     events: dict[str, MeterEvent] = field(default_factory=dict)
     by_customer: dict[tuple[str, str], dict[str, MeterEvent]] = field(default_factory=dict)
     """The events by event name and customer, as a summary asks for them."""
@@ -468,10 +469,17 @@ class State:
             )
         return customer
 
+    def retrieve_customer(self, customer_id: str) -> dict[str, Any]:
+        """A customer; a deleted one as Stripe answers it: its id and `deleted: true`."""
+        if customer_id in self.deleted_customers:
+            return {"id": customer_id, "object": "customer", "deleted": True}
+        return self.customer(customer_id)
+
     def delete_customer(self, customer_id: str) -> dict[str, Any]:
         with self.lock:
             self.customer(customer_id)
             del self.customers[customer_id]
+            self.deleted_customers.add(customer_id)
         return {"id": customer_id, "object": "customer", "deleted": True}
 
     def list_customers(self, p: dict[str, Any]) -> dict[str, Any]:
