@@ -70,6 +70,19 @@ async def setup(provider: StripeProvider, tenant: str = "acme") -> str:
     return (await provider.create_meter(MeterCreate(event_name="api_calls"))).id
 
 
+async def recent_total(provider: StripeProvider, meter_id: str, tenant: str = "acme") -> Decimal:
+    """The tenant's usage of the meter within an hour of NOW, as Stripe sums it."""
+    usage = await provider.fetch_usage(
+        UsageQuery(
+            meter_id=meter_id,
+            customer_id=tenant,
+            start=NOW - timedelta(hours=1),
+            end=NOW + timedelta(hours=1),
+        )
+    )
+    return usage.total
+
+
 def event(event_id: str, value: int = 1, at: datetime = NOW, tenant: str = "acme") -> UsageEvent:
     return UsageEvent(
         id=event_id, event_name="api_calls", customer_id=tenant, value=value, timestamp=at
@@ -149,15 +162,7 @@ async def test_an_expired_session_is_renewed_and_the_batch_resent(
     assert (await provider.ingest_usage_events([event("b")])).accepted == ["b"]
     sessions = [path for method, path in fake.requests if path == "/v2/billing/meter_event_session"]
     assert len(sessions) == 2
-    usage = await provider.fetch_usage(
-        UsageQuery(
-            meter_id=meter_id,
-            customer_id="acme",
-            start=NOW - timedelta(hours=1),
-            end=NOW + timedelta(hours=1),
-        )
-    )
-    assert usage.total == 2
+    assert await recent_total(provider, meter_id) == 2
 
 
 async def test_a_session_is_renewed_before_its_15_minutes_run_out(
@@ -234,15 +239,7 @@ async def test_the_tenant_mapping_is_found_again_after_a_restart(
     meter_id = await setup(first)
     restarted = make()
     assert (await restarted.ingest_usage_events([event("r1", 4)])).accepted == ["r1"]
-    usage = await restarted.fetch_usage(
-        UsageQuery(
-            meter_id=meter_id,
-            customer_id="acme",
-            start=NOW - timedelta(hours=1),
-            end=NOW + timedelta(hours=1),
-        )
-    )
-    assert usage.total == 4
+    assert await recent_total(restarted, meter_id) == 4
     again = await restarted.create_customer(CustomerCreate(id="acme"))
     assert len(fake.state.customers) == 1
     assert again.provider_ref in fake.state.customers
@@ -372,15 +369,7 @@ async def test_a_tenant_deleted_and_made_again_within_a_day_gets_a_live_customer
     assert fake.state.customers[renamed.provider_ref]["name"] == "Churned Ltd"
     assert (await provider.ingest_usage_events([event("c1", 3, tenant="churned")])).accepted
     restarted = make()  # remembers nothing: finds the live customer by listing
-    usage = await restarted.fetch_usage(
-        UsageQuery(
-            meter_id=meter_id,
-            customer_id="churned",
-            start=NOW - timedelta(hours=1),
-            end=NOW + timedelta(hours=1),
-        )
-    )
-    assert usage.total == 3
+    assert await recent_total(restarted, meter_id, "churned") == 3
 
 
 async def test_two_processes_making_one_tenant_at_once_with_other_fields_make_one_customer(
