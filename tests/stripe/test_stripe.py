@@ -300,6 +300,10 @@ async def test_creating_a_customer_lists_every_customer_first_however_recent_the
     since = len(fake.queries)
     await provider.create_customer(CustomerCreate(id="tagged"))  # known: no listing
     assert _customer_listings(fake, since) == []
+    [older] = _old_customers(fake, 1)
+    fake.state.customers[older].update(created=0, metadata={"tenant_id": "tagged-too"})
+    await provider.delete_customer("tagged-too")  # deleting lists every customer too
+    assert older not in fake.state.customers
 
 
 async def test_a_tenant_another_process_made_after_the_last_listing_is_found(

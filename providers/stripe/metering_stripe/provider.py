@@ -53,8 +53,8 @@ RELIST_EVERY = 60.0
 """Seconds after which a tenant not found has every customer listed again: a customer made
 long ago may have been given a tenant's metadata since. Sooner, only the customers created
 since the last listing are read (each batch naming a tenant without a customer had every
-customer listed). Creating a customer always lists them all first: it must not make a
-second one for a tenant whose customer was tagged by hand a moment ago."""
+customer listed). Creating or deleting a customer lists them all first: creating must
+not make a second one for a tenant whose customer was tagged by hand a moment ago."""
 
 MAX_MAKINGS = 100
 """Makings of one customer `create_customer` tries (each a customer of the tenant made
@@ -306,7 +306,7 @@ class StripeProvider(BaseProvider):
         return None if found.to_dict().get("deleted") else found
 
     async def delete_customer(self, customer_id: str) -> None:
-        reference = await self._stripe_customer(customer_id)
+        reference = await self._stripe_customer(customer_id, everyone=True)
         if reference is None:
             raise NotFoundError(f"no Stripe customer for tenant {customer_id!r}")
         await self._call(self._client.v1.customers.delete_async(reference))
