@@ -101,7 +101,8 @@ class Router:
         """Each idempotency key's request (path and parameters) and first answer."""
         self._keys = collections.defaultdict[str, threading.Lock](threading.Lock)
         """A lock per idempotency key: Stripe runs one request of a key at a time (a
-        second at once is a 409 the SDK retries; here it waits, then is replayed)."""
+        second at once is answered 409, retryable; here it waits, then is replayed, as
+        a retry would be)."""
         self._keys_lock = threading.Lock()
 
     def dispatch(
