@@ -31,6 +31,7 @@ from metering_core import (
 from metering_core.memory import MemoryProvider
 from metering_core.spool import Spool
 from tests.examples import examples
+from tests.forks import said_in_a_child
 
 from .faulty import FAULTS, FaultyProvider
 
@@ -412,19 +413,12 @@ def test_a_client_created_before_a_fork_refuses_in_the_child(tmp_path: Path, for
     with Metering(provider, linger=0) as m:
         m.ingest_usage_event(id="parent", event_name="api_calls", customer_id="t1")
         m.flush()
-        read, write = os.pipe()
-        child = forked()
-        if child == 0:  # pragma: no cover - the child reports through the pipe
-            try:
-                m.ingest_usage_event(id="child", event_name="api_calls", customer_id="t1")
-                os.write(write, b"acknowledged")
-            except RuntimeError as exc:
-                os.write(write, str(exc).encode()[:200])
-            os._exit(0)
-        os.close(write)
-        os.waitpid(child, 0)
-        said = os.read(read, 200).decode()
-        os.close(read)
+
+        def ingest() -> str:
+            m.ingest_usage_event(id="child", event_name="api_calls", customer_id="t1")
+            return "acknowledged"
+
+        said = said_in_a_child(ingest, fork=forked)
     assert "before a fork" in said
     assert provider.stored_ids() == ["parent"]
 

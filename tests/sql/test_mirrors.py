@@ -38,6 +38,7 @@ from metering_core.sql import SqlSettings, mirrors
 from metering_core.sql.provider import SqlProvider
 from metering_core.sql.schema import mirror_meters, outbox
 from metering_core.testing.serving import serve_in_thread
+from tests.forks import said_in_a_child
 
 pytest.importorskip("metering_http")
 
@@ -239,31 +240,20 @@ def test_a_sync_metering_made_before_a_fork_works_in_the_child_and_the_parent(
     worker does, ending none of the parent's connections (its next statements hung until
     their timeout), and the parent goes on."""
     import gc
-    import os
-    import signal
 
     url, behind = mirror_service
     with Metering("sql", url=ledger_url, mirrors=billing(url), linger=0) as metering:
         metering.create_meter(event_name="calls")
         metering.ingest_usage_events([event(n) for n in range(20)])
         metering.flush()
-        read, write = os.pipe()
-        child = os.fork()
-        if child == 0:  # pragma: no cover - the child reports through the pipe
-            signal.alarm(20)  # a hang ends the child, and the parent reads nothing
-            try:
-                meters = metering.fetch_all_meters().items
-                gc.collect()  # what the parent left to the child, collected
-                metering.close()
-                os.write(write, f"meters {len(meters)}".encode())
-            except Exception as exc:
-                os.write(write, repr(exc).encode()[:300])
-            os._exit(0)
-        os.close(write)
-        os.waitpid(child, 0)
-        said = os.read(read, 300).decode()
-        os.close(read)
-        assert said == "meters 1"
+
+        def as_a_worker() -> str:
+            meters = metering.fetch_all_meters().items
+            gc.collect()  # what the parent left to the child, collected
+            metering.close()
+            return f"meters {len(meters)}"
+
+        assert said_in_a_child(as_a_worker) == "meters 1"
         metering.ingest_usage_events([event(n) for n in range(20, 40)])
         [status] = metering.flush_mirrors(timeout=10)  # a connection ended: 15 s, and more
         assert status.depth == 0
