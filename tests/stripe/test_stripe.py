@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -172,7 +174,8 @@ async def test_a_session_is_renewed_before_its_15_minutes_run_out(
     await setup(provider)
     assert (await provider.ingest_usage_events([event("a")])).accepted == ["a"]
     later = time.time() + 15 * 60 - 30  # still valid at Stripe, but about to lapse
-    monkeypatch.setattr("metering_stripe.provider.time", SimpleNamespace(time=lambda: later))
+    clock = SimpleNamespace(time=lambda: later, monotonic=time.monotonic)
+    monkeypatch.setattr("metering_stripe.provider.time", clock)
     assert (await provider.ingest_usage_events([event("b")])).accepted == ["b"]
     paths = [path for _, path in fake.requests]
     assert paths.count("/v2/billing/meter_event_session") == 2
@@ -411,6 +414,64 @@ async def test_a_tenant_deleted_by_another_process_is_made_again_live_here(
     assert ours.provider_ref == theirs.provider_ref
     tagged = [c for c in fake.state.customers.values() if c["metadata"].get("tenant_id")]
     assert len(tagged) == 1
+
+
+async def test_usage_of_a_tenant_another_process_made_again_reaches_its_new_customer(
+    fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process trusts the customers it knows for `RELIST_EVERY` seconds, then lists
+    those made since: another process that deleted a tenant and made it again has given
+    it a new customer, and usage sent on to the deleted one would never be invoiced
+    (found in review: it was sent there until this process made the tenant itself)."""
+    _old_customers(fake, 1)
+    here, there = make(), make()
+    meter_id = await setup(here, "moved")
+    first = here._customers["moved"]
+    since = len(fake.queries)
+    assert (await here.ingest_usage_events([event("m1", 2, tenant="moved")])).accepted
+    assert _customer_listings(fake, since) == []  # known, and trusted within the minute
+    await there.delete_customer("moved")
+    remade = await there.create_customer(CustomerCreate(id="moved", name="Moved Ltd"))
+    assert remade.provider_ref != first
+    monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.0)  # a minute on
+    since = len(fake.queries)
+    assert (await here.ingest_usage_events([event("m2", 3, tenant="moved")])).accepted
+    [listing] = _customer_listings(fake, since)
+    assert "created" in listing  # the customers made since, not every one
+    assert await recent_total(there, meter_id, "moved") == 3
+    assert await recent_total(here, meter_id, "moved") == 3
+
+
+async def test_a_listing_does_not_undo_a_customer_found_while_it_ran(
+    fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing maps tenants as Stripe held them when it read each page: a tenant this
+    process found a new customer for while the listing ran keeps it, not the deleted
+    one the listing saw."""
+    for i in range(150):  # made recently: listing those made since takes two pages
+        fake.state.create_customer({"name": f"other {i}"})
+    here, there = make(), make()
+    meter_id = await setup(here, "moved")
+    first = here._customers["moved"]
+    monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.0)
+    second_page, resume = threading.Event(), threading.Event()
+    pages = itertools.count()
+
+    def hold_the_second_page(method: str, path: str) -> None:
+        if (method, path) == ("GET", "/v1/customers") and next(pages) == 1:
+            second_page.set()
+            resume.wait(10)
+
+    fake.chaos = hold_the_second_page
+    ingesting = asyncio.create_task(here.ingest_usage_events([event("m1", 4, tenant="moved")]))
+    await asyncio.to_thread(second_page.wait, 10)  # the first page, naming `first`, is read
+    await there.delete_customer("moved")
+    made = (await there.create_customer(CustomerCreate(id="moved"))).provider_ref
+    assert (await here.create_customer(CustomerCreate(id="moved"))).provider_ref == made
+    resume.set()
+    assert (await ingesting).accepted == ["m1"]
+    assert first != made
+    assert await recent_total(there, meter_id, "moved") == 4
 
 
 async def test_a_known_customer_stripe_no_longer_has_is_replaced_by_a_live_one(

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote_plus
@@ -54,7 +54,11 @@ RELIST_EVERY = 60.0
 long ago may have been given a tenant's metadata since. Sooner, only the customers created
 since the last listing are read (each batch naming a tenant without a customer had every
 customer listed). Creating or deleting a customer lists them all first: creating must
-not make a second one for a tenant whose customer was tagged by hand a moment ago."""
+not make a second one for a tenant whose customer was tagged by hand a moment ago.
+
+Also how long ingestion and usage queries trust the customers they know: after that they
+list the customers created since, so a tenant another process deleted and made again is
+sent to its new customer, not the deleted one, from then on."""
 
 MAX_MAKINGS = 100
 """Makings of one customer `create_customer` tries (each a customer of the tenant made
@@ -122,6 +126,8 @@ class StripeProvider(BaseProvider):
         self._customers: dict[str, str] = {}
         self._listed_at: float | None = None
         """When the last listing of every customer began (monotonic)."""
+        self._looked_at: float | None = None
+        """When the last listing of any customers began (monotonic)."""
         self._newest_listed: int | None = None
         """The newest `created` any listing saw (Stripe's clock, seconds)."""
         self._delivered = RecentDeliveries()
@@ -208,38 +214,54 @@ class StripeProvider(BaseProvider):
 
     # customers
 
-    async def _load_customers(self, *, everyone: bool = False) -> None:
+    async def _load_customers(self, *, everyone: bool = False, newer: bool = False) -> None:
         """Find tenants' `cus_…` by listing customers' metadata (search is eventually
         consistent, so it is not relied on): after a restart, or made by another process.
-        Every customer when asked, or once each `RELIST_EVERY` seconds (one made long ago
-        may be given a tenant's metadata later); in between, those created since the
-        newest one the last listing saw (less `LISTING_SLACK`)."""
-        params: Any = {"limit": 100}
+        Every customer when asked, or (unless only the `newer` are asked for) once each
+        `RELIST_EVERY` seconds, as one made long ago may be given a tenant's metadata
+        later; else those created since the newest one the last listing saw (less
+        `LISTING_SLACK`). A tenant listed is mapped to its newest customer, replacing one
+        known from before (deleted since, by another process) unless this process mapped
+        the tenant itself while the listing ran."""
         began = time.monotonic()
-        if self._listed_at is None or began - self._listed_at >= RELIST_EVERY:
+        if not newer and (self._listed_at is None or began - self._listed_at >= RELIST_EVERY):
             everyone = True
+        params: Any = {"limit": 100}
         if not everyone and self._newest_listed is not None:
             params["created"] = {"gte": self._newest_listed - LISTING_SLACK}
+        known = dict(self._customers)
+        found: dict[str, str] = {}
         newest = self._newest_listed
         while True:
             listing = await self._call(self._client.v1.customers.list_async(params))
-            for obj in listing.data:
+            for obj in listing.data:  # newest first
                 owner = (obj.to_dict().get("metadata") or {}).get(TENANT_KEY)
                 if owner:
-                    self._customers.setdefault(owner, obj.id)
+                    found.setdefault(owner, obj.id)
                 newest = max(newest or obj.created, obj.created)
             if not listing.has_more or not listing.data:
                 break
             params["starting_after"] = listing.data[-1]["id"]
+        for tenant, reference in found.items():
+            if self._customers.get(tenant) == known.get(tenant):
+                self._customers[tenant] = reference
         self._newest_listed = newest
-        if everyone:
+        self._looked_at = began
+        if everyone or "created" not in params:
             self._listed_at = began
 
-    async def _stripe_customer(self, tenant: str, *, everyone: bool = False) -> str | None:
+    async def _know_customers(self, tenants: Iterable[str]) -> None:
+        """Make sure the tenants' customers are known and not older than `RELIST_EVERY`."""
+        if any(tenant not in self._customers for tenant in tenants):
+            await self._load_customers()
+        elif self._looked_at is None or time.monotonic() - self._looked_at >= RELIST_EVERY:
+            await self._load_customers(newer=True)
+
+    async def _stripe_customer(self, tenant: str) -> str | None:
         """The `cus_…` of a tenant, or None when Stripe has no customer for it (listing
-        `everyone` when it is not known: before a customer is made)."""
+        every customer when it is not known: before one is made or deleted)."""
         if tenant not in self._customers:
-            await self._load_customers(everyone=everyone)
+            await self._load_customers(everyone=True)
         return self._customers.get(tenant)
 
     async def create_customer(self, customer: CustomerCreate) -> Customer:
@@ -287,7 +309,7 @@ class StripeProvider(BaseProvider):
         (one tagged by hand is found); one known but deleted since (by another process)
         is forgotten, and looked for again."""
         for _ in range(2):
-            reference = await self._stripe_customer(tenant, everyone=True)
+            reference = await self._stripe_customer(tenant)
             if reference is None:
                 return None
             found = await self._retrieved(reference)
@@ -306,7 +328,7 @@ class StripeProvider(BaseProvider):
         return None if found.to_dict().get("deleted") else found
 
     async def delete_customer(self, customer_id: str) -> None:
-        reference = await self._stripe_customer(customer_id, everyone=True)
+        reference = await self._stripe_customer(customer_id)
         if reference is None:
             raise NotFoundError(f"no Stripe customer for tenant {customer_id!r}")
         await self._call(self._client.v1.customers.delete_async(reference))
@@ -321,8 +343,7 @@ class StripeProvider(BaseProvider):
         now = datetime.now(UTC)
         if any(event.event_name not in self._meters_by_event for event in events):
             await self._load_meters()
-        if any(event.customer_id not in self._customers for event in events):
-            await self._load_customers()
+        await self._know_customers(event.customer_id for event in events)
         for event in events:
             if event.id in seen or event.id in self._delivered:
                 result.duplicates.append(event.id)
@@ -427,7 +448,8 @@ class StripeProvider(BaseProvider):
         aggregation = self._aggregations.get(query.meter_id)
         if aggregation is None:  # an unknown id is NotFoundError here
             aggregation = (await self.fetch_meter(query.meter_id)).aggregation
-        customer = await self._stripe_customer(query.customer_id)
+        await self._know_customers([query.customer_id])
+        customer = self._customers.get(query.customer_id)
         if customer is None:
             raise NotFoundError(f"no Stripe customer for tenant {query.customer_id!r}")
         grouping, bounds = summary_request(query)
