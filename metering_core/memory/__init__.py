@@ -232,7 +232,6 @@ class MemoryProvider(BaseProvider):
                 )
                 for event in events
             ]
-            inserted: set[str] = set()
             now = epoch_micros(datetime.now(UTC))
             for event, reason in zip(events, refusals, strict=True):
                 if reason is not None or event.id in seen:
@@ -253,8 +252,8 @@ class MemoryProvider(BaseProvider):
                     now,
                 )
                 seen[event.id] = series.number
-                inserted.add(event.id)
-        return rules.ingest_verdicts(events, refusals, inserted, known_before)
+            # every id stored, this batch's among them: what `known_before` lacks went in now
+            return rules.ingest_verdicts(events, refusals, seen, known_before)
 
     def _meter_named(self, event_name: str) -> Meter | None:
         stored = self._by_event_name.get(event_name)

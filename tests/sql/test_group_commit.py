@@ -22,6 +22,8 @@ from metering_core.models import EventQuery, IngestResult, MeterCreate, UsageEve
 from metering_core.sql import SqlSettings
 from metering_core.sql import provider as sql_provider
 from metering_core.sql.group_commit import GroupCommit, Ingest
+from metering_core.sql.ingest import EventMeter
+from metering_core.sql.judged import Judged
 from metering_core.sql.provider import SqlProvider
 
 AT = datetime(2026, 11, 2, 10, tzinfo=UTC)
@@ -136,6 +138,27 @@ async def test_concurrent_callers_with_overlapping_ids_each_count_once(
         EventQuery(event_name="calls", start=AT, end=AT + timedelta(hours=1), limit=1000)
     )
     assert sorted(e.id for e in stored.items) == sorted(sent)
+
+
+async def test_the_callers_of_one_group_are_answered_as_one_after_another() -> None:
+    """A group's answers are those its callers would have had in turn, though their rows
+    go in together: the first sends an id under an event name without a meter (rejected),
+    the second the same id under a meter (stored: accepted), the third it again (a
+    duplicate)."""
+    loop = asyncio.get_running_loop()
+    meters = {"calls": EventMeter(1, "calls", "m1", None, "sum")}
+
+    def sending(event_name: str) -> Ingest:
+        event = UsageEvent(id="x", event_name=event_name, customer_id="acme", value=1, timestamp=AT)
+        return Ingest([event], False, loop.create_future())
+
+    judged = Judged.of([sending("unmetered"), sending("calls"), sending("calls")], meters)
+    assert [event.id for event, _ in judged.rows] == ["x", "x"]
+    assert judged.refused_ids == {"x"}
+    first, second, third = judged.answers(inserted={"x"}, known={"x"})
+    assert first.rejected == {"x": "no meter for event_name='unmetered'"}
+    assert (first.accepted, second.accepted, third.accepted) == ([], ["x"], [])
+    assert (second.duplicates, third.duplicates) == ([], ["x"])
 
 
 async def meter_id(provider: SqlProvider) -> str:
