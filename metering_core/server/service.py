@@ -36,7 +36,9 @@ class Service:
         return min(offered, MAX_EVENTS_PER_REQUEST)
 
 
-def service(request: Request) -> Service:
-    """A dependency: the app's shared parts."""
+async def service(request: Request) -> Service:
+    """A dependency: the app's shared parts. A coroutine, though it awaits nothing:
+    FastAPI runs a plain function dependency in a worker thread, a handoff to a thread
+    and back on every request that names it (`/health`, `POST /events`, every read)."""
     shared: Service = request.app.state.service
     return shared

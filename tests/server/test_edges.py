@@ -746,3 +746,27 @@ def test_the_pipelines_counters_and_hook_see_usage_sent_to_the_service() -> None
     }
     assert ingested == {"accepted": 5, "duplicate": 1, "rejected": 1}
     assert sorted(len(r.accepted) + len(r.duplicates) + len(r.rejected) for r in seen) == [1, 2, 4]
+
+
+def test_no_request_waits_on_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every dependency is a coroutine: FastAPI runs a plain function dependency in a
+    worker thread, a handoff there and back on each request (the shared `service` was
+    one: `/health`, `POST /events` and every read paid it)."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a dependency ran in a worker thread")
+
+    monkeypatch.setattr("fastapi.dependencies.utils.run_in_threadpool", refuse)
+    now = datetime.now(UTC)
+    window = {"start": (now - timedelta(hours=1)).isoformat(), "end": now.isoformat()}
+    with TestClient(create_app(AsyncMetering("memory"), keys=KEYS)) as client:
+        assert client.get("/health").status_code == 200
+        made = client.post("/meters", json={"event_name": "api_calls"}, headers=ADMIN)
+        assert made.status_code == 201, made.text
+        assert client.get("/meters", headers=ADMIN).status_code == 200
+        usage = client.get(f"/usage/{made.json()['id']}", params=window, headers=ACME)
+        assert usage.status_code == 200, usage.text
+        listed = client.get(
+            "/usage/events", params={**window, "event_name": "api_calls"}, headers=ACME
+        )
+        assert listed.status_code == 200, listed.text
