@@ -426,7 +426,7 @@ async def test_usage_of_a_tenant_another_process_made_again_reaches_its_new_cust
     _old_customers(fake, 1)
     here, there = make(), make()
     meter_id = await setup(here, "moved")
-    first = here._customers["moved"]
+    first = here._customers.get("moved")
     since = len(fake.queries)
     assert (await here.ingest_usage_events([event("m1", 2, tenant="moved")])).accepted
     assert _customer_listings(fake, since) == []  # known, and trusted within the minute
@@ -442,6 +442,21 @@ async def test_usage_of_a_tenant_another_process_made_again_reaches_its_new_cust
     assert await recent_total(here, meter_id, "moved") == 3
 
 
+def hold_the_second_customer_page(fake: FakeStripe) -> tuple[threading.Event, threading.Event]:
+    """From now, the fake holds the second customer listing request it is asked until
+    the test resumes it: (read: the first page of that listing was answered, resume)."""
+    second_page, resume = threading.Event(), threading.Event()
+    pages = itertools.count()
+
+    def hold(method: str, path: str) -> None:
+        if (method, path) == ("GET", "/v1/customers") and next(pages) == 1:
+            second_page.set()
+            resume.wait(10)
+
+    fake.chaos = hold
+    return second_page, resume
+
+
 async def test_a_listing_does_not_undo_a_customer_found_while_it_ran(
     fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -452,19 +467,11 @@ async def test_a_listing_does_not_undo_a_customer_found_while_it_ran(
         fake.state.create_customer({"name": f"other {i}"})
     here, there = make(), make()
     meter_id = await setup(here, "moved")
-    first = here._customers["moved"]
+    first = here._customers.get("moved")
     monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.0)
-    second_page, resume = threading.Event(), threading.Event()
-    pages = itertools.count()
-
-    def hold_the_second_page(method: str, path: str) -> None:
-        if (method, path) == ("GET", "/v1/customers") and next(pages) == 1:
-            second_page.set()
-            resume.wait(10)
-
-    fake.chaos = hold_the_second_page
+    read, resume = hold_the_second_customer_page(fake)
     ingesting = asyncio.create_task(here.ingest_usage_events([event("m1", 4, tenant="moved")]))
-    await asyncio.to_thread(second_page.wait, 10)  # the first page, naming `first`, is read
+    await asyncio.to_thread(read.wait, 10)  # the first page, naming `first`, is read
     await there.delete_customer("moved")
     made = (await there.create_customer(CustomerCreate(id="moved"))).provider_ref
     assert (await here.create_customer(CustomerCreate(id="moved"))).provider_ref == made
@@ -472,6 +479,80 @@ async def test_a_listing_does_not_undo_a_customer_found_while_it_ran(
     assert (await ingesting).accepted == ["m1"]
     assert first != made
     assert await recent_total(there, meter_id, "moved") == 4
+
+
+async def test_a_listing_does_not_restore_a_customer_deleted_while_it_ran(
+    fake: FakeStripe, make: Make
+) -> None:
+    """A listing that read a tenant's customer on its first page, while this process
+    deleted that customer, leaves the tenant without one (found in review: it mapped
+    the tenant to the deleted customer again, and usage went there)."""
+    for i in range(150):  # a listing of two pages
+        fake.state.create_customer({"name": f"other {i}"})
+    there = make()
+    meter_id = await setup(there, "gone")
+    fake.state.customers[there._customers.get("gone")]["created"] += 1  # on the first page
+    here = make()  # restarted: knows no tenant
+    read, resume = hold_the_second_customer_page(fake)
+    ingesting = asyncio.create_task(here.ingest_usage_events([event("g1", 2, tenant="gone")]))
+    await asyncio.to_thread(read.wait, 10)  # its first page names the customer
+    await here.delete_customer("gone")
+    resume.set()
+    assert "create_customer first" in (await ingesting).rejected["g1"]
+    made = await there.create_customer(CustomerCreate(id="gone"))  # made again, elsewhere
+    assert (await here.ingest_usage_events([event("g2", 3, tenant="gone")])).accepted
+    assert here._customers.get("gone") == made.provider_ref
+    assert await recent_total(there, meter_id, "gone") == 3
+
+
+async def test_a_tenant_deleted_elsewhere_is_forgotten_at_the_next_listing_of_everyone(
+    fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its events are then refused here, naming the cause, rather than sent to a deleted
+    customer and refused by Stripe after it answered."""
+    here, there = make(), make()
+    await setup(here, "left")
+    await there.delete_customer("left")
+    monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.0)
+    result = await here.ingest_usage_events([event("l1", tenant="left"), event("s1", tenant="x")])
+    assert "create_customer first" in result.rejected["l1"]
+
+
+async def test_known_tenants_usage_is_sent_while_stripe_refuses_to_list_customers(
+    fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The minute's refresh is for tenants made again elsewhere: while Stripe refuses
+    listings (its read limit, an outage of its API but not of its meter events), the
+    customers known are used and the refresh waits another minute (found in review:
+    every batch failed, and its events went to the dead letters)."""
+    provider = make()
+    meter_id = await setup(provider)
+    monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.0)
+
+    def refuse_listings(method: str, path: str) -> str | None:
+        return "fail" if (method, path) == ("GET", "/v1/customers") else None
+
+    fake.chaos = refuse_listings
+    since = len(fake.queries)
+    assert (await provider.ingest_usage_events([event("k1", 4)])).accepted == ["k1"]
+    assert _customer_listings(fake, since)  # tried, and refused
+    assert await recent_total(provider, meter_id) == 4
+
+
+async def test_batches_in_flight_share_the_minutes_refresh(
+    fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each had listed the customers itself (found in review: 8 batches, 8 listings)."""
+    _old_customers(fake, 1)
+    provider = make()
+    await setup(provider)
+    monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.5)
+    await asyncio.sleep(0.5)
+    fake.latency = 0.05
+    since = len(fake.queries)
+    batches = [provider.ingest_usage_events([event(f"b{i}")]) for i in range(8)]
+    assert all(result.accepted for result in await asyncio.gather(*batches))
+    assert len(_customer_listings(fake, since)) == 1
 
 
 async def test_a_known_customer_stripe_no_longer_has_is_replaced_by_a_live_one(

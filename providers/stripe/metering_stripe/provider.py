@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote_plus
@@ -16,6 +17,7 @@ import stripe
 from metering_core.errors import (
     NotFoundError,
     ProviderUnavailableError,
+    RateLimitedError,
     UnsupportedOperationError,
 )
 from metering_core.interface import BaseProvider
@@ -36,6 +38,7 @@ from metering_core.models import (
 )
 from metering_core.rules import answer
 from metering_stripe.capabilities import CAPABILITIES, FORMULAS, MAX_AGE, MAX_AHEAD
+from metering_stripe.customers import TenantCustomers
 from metering_stripe.deliveries import RecentDeliveries
 from metering_stripe.errors import translate
 from metering_stripe.notices import read_notice
@@ -45,6 +48,7 @@ from metering_stripe.usage import fold_summaries, summary_request, unix
 __all__ = ["CAPABILITIES", "StripeProvider"]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 AGGREGATIONS = {formula: aggregation for aggregation, formula in FORMULAS.items()}
 SESSION_MARGIN = 60.0
 TENANT_KEY = "tenant_id"
@@ -123,7 +127,10 @@ class StripeProvider(BaseProvider):
         self._aggregations: dict[str, Aggregation] = {}
         """Each meter's aggregation by id, as seen: Stripe never changes a meter's (its
         update takes a display name only), so a usage query need not fetch the meter."""
-        self._customers: dict[str, str] = {}
+        self._customers = TenantCustomers()
+        self._listing = asyncio.Lock()
+        """Held by the listing that ingestion and usage queries wait for: batches in
+        flight share one rather than each making its own."""
         self._listed_at: float | None = None
         """When the last listing of every customer began (monotonic)."""
         self._looked_at: float | None = None
@@ -229,7 +236,7 @@ class StripeProvider(BaseProvider):
         params: Any = {"limit": 100}
         if not everyone and self._newest_listed is not None:
             params["created"] = {"gte": self._newest_listed - LISTING_SLACK}
-        known = dict(self._customers)
+        since = self._customers.mark()
         found: dict[str, str] = {}
         newest = self._newest_listed
         while True:
@@ -242,20 +249,38 @@ class StripeProvider(BaseProvider):
             if not listing.has_more or not listing.data:
                 break
             params["starting_after"] = listing.data[-1]["id"]
-        for tenant, reference in found.items():
-            if self._customers.get(tenant) == known.get(tenant):
-                self._customers[tenant] = reference
+        everyone = "created" not in params
+        self._customers.listed(found, since, everyone=everyone)
         self._newest_listed = newest
         self._looked_at = began
-        if everyone or "created" not in params:
+        if everyone:
             self._listed_at = began
 
-    async def _know_customers(self, tenants: Iterable[str]) -> None:
-        """Make sure the tenants' customers are known and not older than `RELIST_EVERY`."""
-        if any(tenant not in self._customers for tenant in tenants):
-            await self._load_customers()
-        elif self._looked_at is None or time.monotonic() - self._looked_at >= RELIST_EVERY:
-            await self._load_customers(newer=True)
+    async def _know_customers(self, tenants: Sequence[str]) -> None:
+        """The tenants' customers looked for when not known, and those known trusted no
+        longer than `RELIST_EVERY`. One listing at a time: batches in flight wait for it
+        rather than each make their own. A refresh that fails leaves the customers known
+        in use (Stripe may limit its customer listing while it takes meter events), and
+        is tried again `RELIST_EVERY` later."""
+        if not self._stale(tenants):
+            return
+        async with self._listing:
+            if any(tenant not in self._customers for tenant in tenants):
+                await self._load_customers()
+            elif self._stale(tenants):
+                try:
+                    await self._load_customers(newer=True)
+                except (ProviderUnavailableError, RateLimitedError) as exc:
+                    logger.warning("Stripe customers not refreshed (%s); using those known", exc)
+                    self._looked_at = time.monotonic()
+
+    def _stale(self, tenants: Sequence[str]) -> bool:
+        """Whether a tenant is not known, or what is known was listed too long ago."""
+        return (
+            any(tenant not in self._customers for tenant in tenants)
+            or self._looked_at is None
+            or time.monotonic() - self._looked_at >= RELIST_EVERY
+        )
 
     async def _stripe_customer(self, tenant: str) -> str | None:
         """The `cus_…` of a tenant, or None when Stripe has no customer for it (listing
@@ -292,7 +317,7 @@ class StripeProvider(BaseProvider):
             except stripe.StripeError as exc:
                 raise translate(exc) from exc
             if await self._retrieved(created["id"]) is not None:
-                self._customers[customer.id] = created["id"]
+                self._customers.set(customer.id, created["id"])
                 return _customer(customer.id, created)
             # Stripe replayed the key's first answer: a customer of this tenant deleted
             # since. The next key is derived from it, so a retry of this making is
@@ -315,7 +340,7 @@ class StripeProvider(BaseProvider):
             found = await self._retrieved(reference)
             if found is not None:
                 return found
-            self._customers.pop(tenant, None)
+            self._customers.forget(tenant)
         return None
 
     async def _retrieved(self, reference: str) -> stripe.Customer | None:
@@ -332,7 +357,7 @@ class StripeProvider(BaseProvider):
         if reference is None:
             raise NotFoundError(f"no Stripe customer for tenant {customer_id!r}")
         await self._call(self._client.v1.customers.delete_async(reference))
-        del self._customers[customer_id]
+        self._customers.forget(customer_id)
 
     # ingestion
 
@@ -343,7 +368,7 @@ class StripeProvider(BaseProvider):
         now = datetime.now(UTC)
         if any(event.event_name not in self._meters_by_event for event in events):
             await self._load_meters()
-        await self._know_customers(event.customer_id for event in events)
+        await self._know_customers([event.customer_id for event in events])
         for event in events:
             if event.id in seen or event.id in self._delivered:
                 result.duplicates.append(event.id)
