@@ -94,10 +94,10 @@ _EVENTS = TypeAdapter(Annotated[list[UsageEvent], Field(fail_fast=True)])
 
 
 EASED_FROM = 1_000
-"""Events in a batch from which it is validated with the collector eased
-(`collector.eased`): its models are freed by reference counting, yet every 700 made
-started a young collection, and the full ones walked the caller's whole heap, a third
-of the time of validating 300,000 events in batches of 10,000 (bench_memory)."""
+"""Events in a batch from which it is validated with young collections eased
+(`collector.eased`, nothing frozen): its models are freed by reference counting, yet
+every 700 made started a young collection, and every few hundred of those a full one
+over the caller's whole heap."""
 
 
 def _coerce_events(events: Iterable[EventInput]) -> list[UsageEvent]:
@@ -107,7 +107,7 @@ def _coerce_events(events: Iterable[EventInput]) -> list[UsageEvent]:
     try:
         if len(listed) < EASED_FROM:
             return _EVENTS.validate_python(listed)
-        with eased():
+        with eased(freeze=False):
             return _EVENTS.validate_python(listed)
     except pydantic.ValidationError:
         pass

@@ -108,7 +108,7 @@ def ingest_verdicts(
     ids = [event.id for event in batch]
     if (
         not known_before
-        and refusals.count(None) == len(ids)
+        and refusals.count(None) == len(ids) == len(refusals)
         and all(map(inserted.__contains__, ids))
         and len(set(ids)) == len(ids)
     ):  # the common batch, every copy new and stored: answered a fifth as dearly
