@@ -505,6 +505,42 @@ async def test_a_listing_does_not_restore_a_customer_deleted_while_it_ran(
     assert await recent_total(there, meter_id, "gone") == 3
 
 
+async def test_a_tenant_of_an_old_customer_stays_known_through_the_minutes_refresh(
+    fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh lists only the customers made lately: a tenant it does not see is
+    not forgotten for that (only a listing of every customer says Stripe has none)."""
+    provider = make()
+    await setup(provider)
+    fake.state.customers[provider._customers.get("acme")]["created"] -= 86_400
+    await provider.create_customer(CustomerCreate(id="newer"))
+    await provider.create_customer(CustomerCreate(id="newest"))  # its listing saw "newer"
+    monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.0)
+    since = len(fake.queries)
+    assert (await provider.ingest_usage_events([event("o1")])).accepted == ["o1"]
+    [listing] = _customer_listings(fake, since)
+    assert "created" in listing
+
+
+async def test_a_listing_of_everyone_keeps_a_tenant_made_here_while_it_ran(
+    fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its customer was made after the listing read its first page, so the listing did
+    not see it: that is no sign Stripe has none."""
+    for i in range(150):  # a listing of two pages
+        fake.state.create_customer({"name": f"other {i}"})
+    provider = make()
+    await setup(provider)
+    monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.0)
+    read, resume = hold_the_second_customer_page(fake)
+    ingesting = asyncio.create_task(provider.ingest_usage_events([event("s1", tenant="x")]))
+    await asyncio.to_thread(read.wait, 10)
+    made = await provider.create_customer(CustomerCreate(id="fresh"))
+    resume.set()
+    assert "create_customer first" in (await ingesting).rejected["s1"]
+    assert provider._customers.get("fresh") == made.provider_ref
+
+
 async def test_a_tenant_deleted_elsewhere_is_forgotten_at_the_next_listing_of_everyone(
     fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
