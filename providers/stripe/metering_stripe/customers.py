@@ -10,9 +10,10 @@ __all__ = ["TenantCustomers"]
 class TenantCustomers:
     """Tenant -> `cus_…`, set by this process's own makings and deletions and by its
     listings of Stripe's customers. A listing reads pages over time, so it never undoes
-    what this process changed while it ran: each change is numbered, and a listing
-    applies only to tenants unchanged since it began (a tenant deleted here and mapped
-    again by the listing's older page would get its deleted customer back)."""
+    what was learnt while it ran: every change and the start of every listing is
+    numbered, and a listing applies only to tenants whose last change is older than its
+    start (a tenant deleted here, or found by a later listing, would otherwise get back
+    the customer the listing's older page named)."""
 
     def __init__(self) -> None:
         self._of: dict[str, str] = {}
@@ -39,18 +40,22 @@ class TenantCustomers:
         self._changed[tenant] = self._changes
 
     def mark(self) -> int:
-        """Where a listing begins: changes after it are newer than what it reads."""
+        """A listing's start: what changes after it is newer than what it reads."""
+        self._changes += 1
         return self._changes
 
     def listed(self, found: Mapping[str, str], since: int, *, everyone: bool) -> None:
         """Apply a listing that began at `since`: each tenant found is mapped to the
         customer found (the newest tagged with it); after a listing of `everyone`, a
         tenant not found has no live customer (deleted, by another process) and is
-        forgotten. Tenants changed here since the listing began keep that change."""
+        forgotten. Tenants changed since the listing began (by this process, or by a
+        listing that began later) keep that change."""
         for tenant, reference in found.items():
-            if self._changed.get(tenant, 0) <= since:
+            if self._changed.get(tenant, 0) < since:
                 self._of[tenant] = reference
+                self._changed[tenant] = since
         if everyone:
-            gone = [t for t in self._of if t not in found and self._changed.get(t, 0) <= since]
+            gone = [t for t in self._of if t not in found and self._changed.get(t, 0) < since]
             for tenant in gone:
                 del self._of[tenant]
+                self._changed[tenant] = since

@@ -258,13 +258,17 @@ class StripeProvider(BaseProvider):
 
     async def _know_customers(self, tenants: Sequence[str]) -> None:
         """The tenants' customers looked for when not known, and those known trusted no
-        longer than `RELIST_EVERY`. One listing at a time: batches in flight wait for it
-        rather than each make their own. A refresh that fails leaves the customers known
+        longer than `RELIST_EVERY`. One listing at a time: batches queued behind one are
+        answered by the next that begins after they asked. A refresh that fails leaves the
+        customers known
         in use (Stripe may limit its customer listing while it takes meter events), and
         is tried again `RELIST_EVERY` later."""
         if not self._stale(tenants):
             return
+        asked = time.monotonic()
         async with self._listing:
+            if self._looked_at is not None and self._looked_at >= asked:
+                return  # a listing begun since this batch asked has answered it
             if any(tenant not in self._customers for tenant in tenants):
                 await self._load_customers()
             elif self._stale(tenants):
