@@ -590,13 +590,25 @@ async def test_a_tenant_deleted_elsewhere_is_forgotten_at_the_next_listing_of_ev
     fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its events are then refused here, naming the cause, rather than sent to a deleted
-    customer and refused by Stripe after it answered."""
+    customer and refused by Stripe after it answered: from a listing for a tenant not
+    known, or the refresh's listing of everyone, `FORGET_AFTER` seconds after the last
+    (found in review: a process naming only known tenants never forgot it)."""
     here, there = make(), make()
     await setup(here, "left")
+    await here.create_customer(CustomerCreate(id="stays"))
     await there.delete_customer("left")
     monkeypatch.setattr("metering_stripe.provider.RELIST_EVERY", 0.0)
     result = await here.ingest_usage_events([event("l1", tenant="left"), event("s1", tenant="x")])
     assert "create_customer first" in result.rejected["l1"]
+    await here.create_customer(CustomerCreate(id="left"))
+    await there.delete_customer("left")
+    batch = [event("l2", tenant="left"), event("s2", tenant="stays")]
+    assert (await here.ingest_usage_events(batch)).accepted == ["l2", "s2"]  # within 10 min
+    monkeypatch.setattr("metering_stripe.provider.FORGET_AFTER", 0.0)
+    batch = [event("l3", tenant="left"), event("s3", tenant="stays")]
+    result = await here.ingest_usage_events(batch)
+    assert result.accepted == ["s3"]
+    assert "create_customer first" in result.rejected["l3"]
 
 
 async def test_known_tenants_usage_is_sent_while_stripe_refuses_to_list_customers(

@@ -64,6 +64,12 @@ Also how long ingestion and usage queries trust the customers they know: after t
 list the customers created since, so a tenant another process deleted and made again is
 sent to its new customer, not the deleted one, from then on."""
 
+FORGET_AFTER = 600.0
+"""Seconds after which the minute's refresh lists every customer, not only the newer: a
+tenant another process deleted for good is forgotten then, and its events refused here
+naming the cause, rather than sent to a deleted customer (a listing costs a request a
+hundred customers)."""
+
 MAX_MAKINGS = 100
 """Makings of one customer `create_customer` tries (each a customer of the tenant made
 and deleted within 24 hours, which Stripe's replay answered) before it gives up, for now."""
@@ -272,8 +278,10 @@ class StripeProvider(BaseProvider):
             if any(tenant not in self._customers for tenant in tenants):
                 await self._load_customers()
             elif self._stale(tenants):
+                began = time.monotonic()
+                everyone = self._listed_at is None or began - self._listed_at >= FORGET_AFTER
                 try:
-                    await self._load_customers(newer=True)
+                    await self._load_customers(everyone=everyone, newer=not everyone)
                 except (ProviderUnavailableError, RateLimitedError) as exc:
                     logger.warning("Stripe customers not refreshed (%s); using those known", exc)
                     self._looked_at = time.monotonic()
