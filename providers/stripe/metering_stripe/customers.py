@@ -19,7 +19,8 @@ class TenantCustomers:
         self._of: dict[str, str] = {}
         self._changes = 0
         self._changed: dict[str, int] = {}
-        """Each tenant this process changed, and the number of its last change."""
+        """Each tenant changed, and the number of its last change (this process's own,
+        or the start of the listing that changed it)."""
 
     def __contains__(self, tenant: object) -> bool:
         return tenant in self._of

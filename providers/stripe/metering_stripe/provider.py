@@ -234,8 +234,8 @@ class StripeProvider(BaseProvider):
         `RELIST_EVERY` seconds, as one made long ago may be given a tenant's metadata
         later; else those created since the newest one the last listing saw (less
         `LISTING_SLACK`). A tenant listed is mapped to its newest customer, replacing one
-        known from before (deleted since, by another process) unless this process mapped
-        the tenant itself while the listing ran."""
+        known from before (deleted since, by another process), unless the tenant changed
+        while the listing ran (`TenantCustomers.listed`)."""
         began = time.monotonic()
         if not newer and (self._listed_at is None or began - self._listed_at >= RELIST_EVERY):
             everyone = True
@@ -264,11 +264,11 @@ class StripeProvider(BaseProvider):
 
     async def _know_customers(self, tenants: Sequence[str]) -> None:
         """The tenants' customers looked for when not known, and those known trusted no
-        longer than `RELIST_EVERY`. One listing at a time: batches queued behind one are
-        answered by the next that begins after they asked. A refresh that fails leaves the
-        customers known
-        in use (Stripe may limit its customer listing while it takes meter events), and
-        is tried again `RELIST_EVERY` later."""
+        longer than `RELIST_EVERY` (every customer listed each `FORGET_AFTER`). One
+        listing at a time: batches queued behind one are answered by the next that begins
+        after they asked. A refresh that fails leaves the customers known in use (Stripe
+        may limit its customer listing while it takes meter events), and is tried again
+        `RELIST_EVERY` later."""
         if not self._stale(tenants):
             return
         asked = time.monotonic()
