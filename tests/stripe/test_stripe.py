@@ -586,6 +586,29 @@ async def test_batches_waiting_on_a_listing_are_answered_by_the_next_one(
     assert len(_customer_listings(fake, since)) == 2
 
 
+async def test_a_listing_begun_earlier_does_not_restore_what_a_later_one_forgot(
+    fake: FakeStripe, make: Make
+) -> None:
+    """A later listing of every customer found the tenant's customer gone; an earlier
+    listing, which read it on its first page and ends last, does not bring it back."""
+    for i in range(150):  # a listing of two pages, "gone" on the first
+        fake.state.create_customer({"name": f"other {i}"})["created"] -= 10
+    there = make()
+    await setup(there, "gone")
+    here = make()
+    await here.create_customer(CustomerCreate(id="gone"))  # found: there made it
+    read, resume = hold_the_second_customer_page(fake)
+    ingesting = asyncio.create_task(here.ingest_usage_events([event("u1", tenant="typo")]))
+    await asyncio.to_thread(read.wait, 10)  # its first page names the customer
+    await there.delete_customer("gone")
+    with pytest.raises(NotFoundError):
+        await here.delete_customer("nobody")  # a listing of everyone: "gone" has none now
+    resume.set()
+    await ingesting
+    result = await here.ingest_usage_events([event("g1", tenant="gone")])
+    assert "create_customer first" in result.rejected["g1"]
+
+
 async def test_a_tenant_deleted_elsewhere_is_forgotten_at_the_next_listing_of_everyone(
     fake: FakeStripe, make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
