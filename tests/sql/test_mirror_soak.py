@@ -64,8 +64,10 @@ class Chaos:
             self.ingests += 1
             due = self.kills < len(KILLS_AT) and self.ingests >= KILLS_AT[self.kills]
             if due and not self.down:
-                await self._answer_lost(scope, receive)
+                # counted before the mirror's work is awaited: a request arriving meanwhile
+                # was due too, and killed the forwarder started after this one's kill
                 self.kills += 1
+                await self._answer_lost(scope, receive)
                 self.kill()
                 await _fail(send, 502)
                 return
