@@ -26,6 +26,7 @@ from metering_core import (
     Meter,
     MeterCreate,
     Metering,
+    MeteringSettings,
     NotFoundError,
     ProviderUnavailableError,
     ReconcileReport,
@@ -704,6 +705,133 @@ async def test_a_pass_that_outlasts_its_lease_releases_its_rows_unmarked(
     [status] = await ledger.flush_mirrors(timeout=30)
     assert (status.depth, status.dead_letters) == (0, 0)
     assert await totals(behind) == await totals(ledger)
+
+
+class Recording(Wrapped):
+    """A mirror that notes the ids of each delivery, and fails each while `failing`."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.failing = False
+        self.sent: list[list[str]] = []
+
+    async def ingest_usage_events(self, sent: Sequence[UsageEvent]) -> IngestResult:
+        if self.failing:
+            raise ProviderUnavailableError("down", provider="http")
+        self.sent.append([e.id for e in sent])
+        return await super().ingest_usage_events(sent)
+
+
+def ids(first: int, end: int) -> list[str]:
+    """Ids of the `recorded` ledger's events, in the order they were stored."""
+    return [f"e{n}" for n in range(10 + first, 10 + end)]
+
+
+@pytest.fixture
+async def recorded(
+    ledger_url: str, mirror_service: tuple[str, AsyncMetering], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[AsyncMetering, mirrors.Forwarder, Recording]]:
+    """A ledger owing 30 events to a recording mirror (the meter already through), its
+    forwarder driven by the test, one attempt a delivery."""
+    url, behind = mirror_service
+    await behind.create_meter(event_name="calls")
+    async with AsyncMetering(
+        "sql", url=ledger_url, mirrors=billing(url), linger=0, mirror_forwarder=False
+    ) as ledger:
+        await ledger.create_meter(event_name="calls")
+        await ledger.ingest_usage_events([event(n) for n in range(10, 40)])  # ids as stored
+        await ledger.flush()
+        provider = ledger.provider
+        assert isinstance(provider, SqlProvider)
+        forwarder = provider.forwarder
+        recording = Recording(forwarder.mirrors["billing"])
+        monkeypatch.setitem(forwarder.mirrors, "billing", recording)
+        monkeypatch.setattr(forwarder, "_settings", MeteringSettings(max_attempts=1))
+        assert await forwarder.forward("billing") == 1  # the meter
+        yield ledger, forwarder, recording
+
+
+async def test_rows_a_failed_pass_gave_back_go_before_newer_ones(
+    recorded: tuple[AsyncMetering, mirrors.Forwarder, Recording],
+) -> None:
+    """Each claim starts past the rows the one before it took, but rows a pass gave back
+    lie behind that point: the next claim looks there first."""
+    ledger, forwarder, recording = recorded
+    assert await forwarder.forward("billing", limit=10) == 10
+    recording.failing = True
+    assert await forwarder.forward("billing", limit=10) == 0  # e10-e19, given back
+    recording.failing = False
+    assert await forwarder.forward("billing", limit=10) == 10
+    assert recording.sent == [ids(0, 10), ids(10, 20)]
+    [status] = await ledger.flush_mirrors(timeout=30)
+    assert status.depth == 0
+    assert recording.sent[2:] == [ids(20, 30)]
+
+
+async def test_a_dead_passs_rows_are_taken_again_behind_a_backlog_once_its_lease_ends(
+    recorded: tuple[AsyncMetering, mirrors.Forwarder, Recording],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forwarder killed holding rows leaves them leased; a forwarder still draining a
+    backlog past them takes them again within a quarter lease of the lease's end, not
+    only once the backlog is through."""
+    ledger, forwarder, recording = recorded
+    monkeypatch.setattr(forwarder, "lease", 1.0)
+    real_settle = mirrors.Forwarder._settle
+
+    async def killed(*args: Any, **kwargs: Any) -> None:
+        raise SystemExit("killed between sending and marking")
+
+    monkeypatch.setattr(mirrors.Forwarder, "_settle", killed)
+    with pytest.raises(SystemExit):
+        await forwarder.forward("billing", limit=10)  # e0-e9, sent, still leased
+    monkeypatch.setattr(mirrors.Forwarder, "_settle", real_settle)
+    assert await forwarder.forward("billing", limit=10) == 10  # e10-e19
+    await asyncio.sleep(2.1)  # the dead pass's lease runs out (a second, and its token's part)
+    assert await forwarder.forward("billing", limit=10) == 10
+    assert recording.sent == [ids(0, 10), ids(10, 20), ids(0, 10)]
+    [status] = await ledger.flush_mirrors(timeout=30)
+    assert status.depth == 0
+    assert recording.sent[3:] == [ids(20, 30)]
+
+
+class Held(Wrapped):
+    """A mirror that holds each delivery until `released`, then fails it."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.holding, self.released = asyncio.Event(), asyncio.Event()
+
+    async def ingest_usage_events(self, sent: Sequence[UsageEvent]) -> IngestResult:
+        self.holding.set()
+        await self.released.wait()
+        raise ProviderUnavailableError("down", provider="http")
+
+
+async def test_rows_another_forwarder_gave_back_are_taken_by_one_whose_cursor_is_past_them(
+    recorded: tuple[AsyncMetering, mirrors.Forwarder, Recording],
+    ledger_url: str,
+    mirror_service: tuple[str, AsyncMetering],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forwarder knows when its own passes give rows back, not another's: when nothing
+    is owed past its cursor, it looks behind it at once rather than at the next sweep."""
+    _, forwarder, recording = recorded
+    other = SqlProvider(SqlSettings(url=ledger_url, mirrors=billing(mirror_service[0])))
+    held = Held(other.forwarder.mirrors["billing"])
+    monkeypatch.setitem(other.forwarder.mirrors, "billing", held)
+    monkeypatch.setattr(other.forwarder, "_settings", MeteringSettings(max_attempts=1))
+    try:
+        holding = asyncio.create_task(other.forwarder.forward("billing", limit=10))
+        await asyncio.wait_for(held.holding.wait(), 10)  # the other holds e10-e19
+        assert await forwarder.forward("billing", limit=10) == 10
+        assert await forwarder.forward("billing", limit=10) == 10  # the cursor past all
+        held.released.set()
+        assert await holding == 0  # given back
+        assert await forwarder.forward("billing", limit=10) == 10
+        assert recording.sent == [ids(10, 20), ids(20, 30), ids(0, 10)]
+    finally:
+        await other.aclose()
 
 
 def test_the_service_shows_the_outbox_at_get_mirrors_and_in_its_metrics(sqlite_url: str) -> None:
