@@ -77,6 +77,7 @@ enough that a window or a time zone shift can never overflow `datetime`."""
 
 
 _BOUNDS = f"must be from {EARLIEST.isoformat()} to before {LATEST.isoformat()}"
+_END_BOUNDS = f"must be from {EARLIEST.isoformat()} to {LATEST.isoformat()} (an end is exclusive)"
 
 
 def _utc(value: datetime) -> datetime:
@@ -93,6 +94,18 @@ def _utc(value: datetime) -> datetime:
     if not EARLIEST <= moment < LATEST:
         raise ValueError(_BOUNDS)
     return moment
+
+
+def _utc_end(value: datetime) -> datetime:
+    """`_utc` for the exclusive end of a span: LATEST too, or no query could reach an
+    event stamped in the last microsecond accepted (stored, yet never billed or
+    exported)."""
+    if value == LATEST:
+        return LATEST
+    try:
+        return _utc(value)
+    except ValueError:
+        raise ValueError(_END_BOUNDS) from None
 
 
 def _iana_zone(value: str) -> str:
@@ -128,6 +141,18 @@ UtcDatetime = Annotated[
         }
     ),
 ]
+UtcEnd = Annotated[
+    AwareDatetime,
+    BeforeValidator(_not_a_number),
+    AfterValidator(_utc_end),
+    Field(
+        json_schema_extra={
+            "ge": EARLIEST.isoformat().replace("+00:00", "Z"),
+            "le": LATEST.isoformat().replace("+00:00", "Z"),
+        }
+    ),
+]
+"""The exclusive end of a span of time: up to LATEST itself."""
 TimeZoneName = Annotated[str, AfterValidator(_iana_zone)]
 EXACT = Context(prec=100)
 """Enough digits for any sum of values of at most 38 digits: no sum is ever rounded."""
@@ -425,7 +450,7 @@ class UsageQuery(_Model):
     meter_id: Identifier
     customer_id: Identifier | None = None
     start: UtcDatetime
-    end: UtcDatetime
+    end: UtcEnd
     window: Window | None = None
     group_by: tuple[str, ...] = ()
     tz: TimeZoneName = "UTC"
@@ -465,7 +490,7 @@ class UsageRow(_Model):
     """The aggregated value of one window (and one group, when grouped)."""
 
     start: UtcDatetime
-    end: UtcDatetime
+    end: UtcEnd
     customer_id: str | None = None
     dimensions: dict[str, str] = {}
     value: Decimal
@@ -488,7 +513,7 @@ class Usage(_Model):
     meter_id: str
     aggregation: Aggregation
     start: UtcDatetime
-    end: UtcDatetime
+    end: UtcEnd
     window: Window | None = None
     rows: list[UsageRow]
 
@@ -522,7 +547,7 @@ class EventQuery(_Model):
     event_name: Slug | None = None
     customer_id: Identifier | None = None
     start: UtcDatetime
-    end: UtcDatetime
+    end: UtcEnd
     filters: Filters = {}
     """As in `UsageQuery`: a dimension -> the values it may have."""
     include_cancelled: bool = False
@@ -673,7 +698,7 @@ class ReconcileCell(_Model):
     event_name: str
     customer_id: str
     start: UtcDatetime
-    end: UtcDatetime
+    end: UtcEnd
     ledger: Decimal | None
     mirror: Decimal | None
     status: CellStatus

@@ -36,6 +36,7 @@ from metering_core.errors import (
 )
 from metering_core.interface import IMetering, Operation
 from metering_core.models import (
+    LATEST,
     Aggregation,
     CustomerCreate,
     EventQuery,
@@ -250,6 +251,26 @@ class ProviderConformance:
         usage = await self.usage(provider, meter, customer_id=tenant, start=start, end=end)
         assert sum(row.value for row in usage.rows) == Decimal(3)
         assert (usage.start, usage.end) == (start, end)
+
+    async def test_the_last_instant_accepted_is_reached_by_a_query(
+        self, provider: IMetering
+    ) -> None:
+        """An event stamped in the last microsecond a timestamp may have is refused, or
+        counted and listed by a query ending at that bound: never stored out of reach."""
+        meter = await self.meter(provider)
+        tenant = await self.tenant(provider)
+        last = LATEST - timedelta(microseconds=1)
+        sent = UsageEvent(event_name=meter.event_name, customer_id=tenant, value=7, timestamp=last)
+        result = await provider.ingest_usage_events([sent])
+        if result.rejected:  # a provider may refuse so late a time, with its reason
+            assert result.rejected[sent.id]
+            return
+        await self.settle(provider)
+        day = {"start": LATEST - timedelta(days=1), "end": LATEST}
+        usage = await self.usage(provider, meter, customer_id=tenant, **day)
+        assert sum(row.value for row in usage.rows) == Decimal(7)
+        if await self.supports(provider, Operation.LIST_USAGE_EVENTS):
+            assert [e.id for e in await self.listed(provider, meter, **day)] == [sent.id]
 
     async def test_day_windows_split_usage_by_day(self, provider: IMetering) -> None:
         await self.need_window(provider, Window.DAY)
