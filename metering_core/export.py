@@ -54,11 +54,13 @@ _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _jsonl(events: Sequence[StoredEvent]) -> str:
+    """A line per event, its dimensions' keys in sorted order: the same bytes from every
+    store (PostgreSQL keeps dimensions as `jsonb`, which orders keys its own way)."""
     return "".join(
         _encode(
             {
                 **dict(zip(_FIELDS, _row(event), strict=True)),
-                "dimensions": event.dimensions,
+                "dimensions": dict(sorted(event.dimensions.items())),
             }
         )
         + "\n"

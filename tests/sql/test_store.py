@@ -31,6 +31,7 @@ from metering_core import (
     EventQuery,
     IngestResult,
     MeterCreate,
+    Metering,
     ProviderUnavailableError,
     StoredEvent,
     UsageEvent,
@@ -38,6 +39,7 @@ from metering_core import (
     UsageRow,
     ValidationError,
 )
+from metering_core.export import ExportFormat, piece
 from metering_core.memory import MemoryProvider
 from metering_core.sql import SqlSettings
 from metering_core.sql.provider import SqlProvider
@@ -1406,3 +1408,31 @@ def test_trusted_models_share_no_state_a_change_could_reach() -> None:
     assert second.model_fields_set == set(UsageEvent.model_fields)
     with pytest.raises(TypeError, match="IngestResult is not frozen"):
         Trusted(IngestResult)
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite", "postgres"])
+def test_a_json_lines_export_is_the_same_bytes_from_every_store(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """PostgreSQL gives dimensions back in `jsonb`'s order of keys (by length), the other
+    stores as they were given: the export writes them sorted, so that files of the same
+    events compare equal whichever store wrote them."""
+    options: dict[str, Any] = {}
+    if store == "sqlite":
+        options["url"] = f"sqlite:///{tmp_path / 'metering.db'}"
+    elif store == "postgres":
+        options["url"] = request.getfixturevalue("postgres_url")
+    at = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    with Metering("memory" if store == "memory" else "sql", **options) as m:
+        meter = m.create_meter(event_name="calls", dimensions=["region"])
+        dimensions = {"region": "eu", "zz": "1", "account": "a"}  # jsonb: zz, region, account
+        m.ingest_usage_event(
+            id="e1", event_name="calls", customer_id="acme", timestamp=at, dimensions=dimensions
+        )
+        m.flush()
+        page = m.list_usage_events(meter_id=meter.id, start=at, end=at + timedelta(hours=1))
+    assert piece(page.items, ExportFormat.jsonl, []) == (
+        '{"id":"e1","event_name":"calls","customer_id":"acme",'
+        '"timestamp":"2026-03-01T10:00:00+00:00","value":"1",'
+        '"dimensions":{"account":"a","region":"eu","zz":"1"}}\n'
+    )
