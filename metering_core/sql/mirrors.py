@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from opentelemetry import metrics
 
 from metering_core import rules
+from metering_core.collector import eased
 from metering_core.config import MeteringSettings, resolve_provider_settings
 from metering_core.delivery import GAVE_UP, DeliveryPolicy
 from metering_core.epoch import epoch_micros, from_epoch_micros
@@ -145,11 +146,13 @@ def _claim(dialect: str, changes: bool) -> sa.TextClause:
         ORDER BY seq LIMIT :limit"""
 
     # On PostgreSQL the rows picked, skipping those another pass is claiming, are updated
-    # where they lie (their ctid, stable while this statement holds their lock; a row
-    # another pass changed meanwhile is checked again as it is now, and picked as that):
-    # as `IN (…)` the planner hashed them and scanned the whole outbox for each claim (35
-    # ms a claim of 10,000 rows, and growing with the outbox), and through the primary
-    # key it descended the index once a row (16 of 24 ms; by ctid, 3).
+    # where they lie (their ctid, stable while this statement holds their lock): as
+    # `IN (…)` the planner hashed them and scanned the whole outbox for each claim (35 ms
+    # a claim of 10,000 rows, and growing with the outbox), and through the primary key it
+    # descended the index once a row (16 of 24 ms; by ctid, 3). A row another session
+    # changed after this statement began is locked as it is now, but that version is not
+    # the one the update can see: it is left for a later claim (review), and this claim
+    # comes back short, so the next starts from the head.
     rows = (
         f"ctid = ANY(ARRAY({picked('ctid')} FOR UPDATE SKIP LOCKED))"
         if dialect == "postgresql"
@@ -244,7 +247,19 @@ class Forwarder:
     async def forward(self, mirror: str, *, limit: int | None = None) -> int:
         """Lease up to a batch of `mirror`'s oldest rows, deliver them and mark each;
         the number settled, delivered or refused (0: nothing is owed now, or the mirror
-        failed: a forwarder then rests rather than asking again at once)."""
+        failed: a forwarder then rests rather than asking again at once). With young
+        collections eased (nothing frozen): a pass makes a model of each of thousands
+        of events, and a collection every 700 of them cost an in-process forwarder a
+        seventh of its rate (`bench_mirrors`, 61-63k events/s against 72k)."""
+        with eased(freeze=False):
+            return await self._pass(mirror, limit)
+
+    def owed_again(self, mirror: str) -> None:
+        """Rows of `mirror` behind where claims start are owed again (dead letters
+        retried): the next claim looks from the head."""
+        self._cursor.restart(mirror)
+
+    async def _pass(self, mirror: str, limit: int | None) -> int:
         provider = self.mirrors[mirror]
         try:
             size = limit or (await provider.load_capabilities()).max_batch_size

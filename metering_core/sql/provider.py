@@ -749,7 +749,9 @@ class SqlProvider(BaseProvider):
             .values(refused=None, claimed_until=None, attempts=0)
         )
         async with self._transaction() as connection:
-            return (await connection.execute(statement)).rowcount
+            owed = (await connection.execute(statement)).rowcount
+        self.forwarder.owed_again(mirror)  # behind its cursor: in order (another process's
+        return owed  # forwarder takes them at its next sweep, within a quarter lease)
 
     async def receive_notice(self, source: str, body: bytes, headers: Mapping[str, str]) -> int:
         """Record a refusal notice from a mirror of provider `source`: each sampled event
