@@ -9,8 +9,9 @@ passes of one forwarder claim in turn, each past the last row the claim before i
 Rows behind that point can be free again: a pass gave them back (the mirror failed),
 another forwarder's lease ran out (it died), or a row committed after a later one (its
 seq was taken first by a slower transaction). So a claim starts from the head again when
-the last one reached the end of what was owed, when a pass has given rows back, and at
-least every `sweep` seconds (a quarter of the forwarder's lease).
+the last one reached the end of what was owed, when a pass has given rows back, when
+nothing is owed past the cursor, and at least every `sweep` seconds (a quarter of the
+forwarder's lease).
 """
 
 from __future__ import annotations

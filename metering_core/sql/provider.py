@@ -750,8 +750,10 @@ class SqlProvider(BaseProvider):
         )
         async with self._transaction() as connection:
             owed = (await connection.execute(statement)).rowcount
-        self.forwarder.owed_again(mirror)  # behind its cursor: in order (another process's
-        return owed  # forwarder takes them at its next sweep, within a quarter lease)
+        # behind where this process's forwarder claims: taken next, in order (a forwarder
+        # in another process takes them at its next sweep, within a quarter lease)
+        self.forwarder.owed_again(mirror)
+        return owed
 
     async def receive_notice(self, source: str, body: bytes, headers: Mapping[str, str]) -> int:
         """Record a refusal notice from a mirror of provider `source`: each sampled event

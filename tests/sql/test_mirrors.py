@@ -734,6 +734,23 @@ def ids(first: int, end: int) -> list[str]:
     return [f"e{n}" for n in range(10 + first, 10 + end)]
 
 
+async def recording_owed(
+    ledger: AsyncMetering, numbers: range, monkeypatch: pytest.MonkeyPatch
+) -> tuple[mirrors.Forwarder, Recording]:
+    """The ledger's forwarder, owing its mirror (made a `Recording`) `event(n)` for each
+    of `numbers`: the meter already through."""
+    await ledger.create_meter(event_name="calls")
+    await ledger.ingest_usage_events([event(n) for n in numbers])
+    await ledger.flush()
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    forwarder = provider.forwarder
+    recording = Recording(forwarder.mirrors["billing"])
+    monkeypatch.setitem(forwarder.mirrors, "billing", recording)
+    assert await forwarder.forward("billing") == 1  # the meter
+    return forwarder, recording
+
+
 @pytest.fixture
 async def recorded(
     ledger_url: str, mirror_service: tuple[str, AsyncMetering], monkeypatch: pytest.MonkeyPatch
@@ -745,16 +762,9 @@ async def recorded(
     async with AsyncMetering(
         "sql", url=ledger_url, mirrors=billing(url), linger=0, mirror_forwarder=False
     ) as ledger:
-        await ledger.create_meter(event_name="calls")
-        await ledger.ingest_usage_events([event(n) for n in range(10, 40)])  # ids as stored
-        await ledger.flush()
-        provider = ledger.provider
-        assert isinstance(provider, SqlProvider)
-        forwarder = provider.forwarder
-        recording = Recording(forwarder.mirrors["billing"])
-        monkeypatch.setitem(forwarder.mirrors, "billing", recording)
+        # ids as stored: e10-e39 sort as their numbers do
+        forwarder, recording = await recording_owed(ledger, range(10, 40), monkeypatch)
         monkeypatch.setattr(forwarder, "_settings", MeteringSettings(max_attempts=1))
-        assert await forwarder.forward("billing") == 1  # the meter
         yield ledger, forwarder, recording
 
 
@@ -801,15 +811,7 @@ async def test_a_pass_runs_with_young_collections_eased_and_nothing_frozen(
     async with AsyncMetering(
         "sql", url=sqlite_url, mirrors=mirror, linger=0, mirror_forwarder=False
     ) as ledger:
-        await ledger.create_meter(event_name="calls")
-        await ledger.ingest_usage_events([event(n) for n in range(10)])
-        await ledger.flush()
-        provider = ledger.provider
-        assert isinstance(provider, SqlProvider)
-        forwarder = provider.forwarder
-        recording = Recording(forwarder.mirrors["billing"])
-        monkeypatch.setitem(forwarder.mirrors, "billing", recording)
-        assert await forwarder.forward("billing") == 1  # the meter
+        forwarder, recording = await recording_owed(ledger, range(10), monkeypatch)
         found, frozen = gc.get_threshold(), gc.get_freeze_count()
         gc.set_threshold(700, 10, 10)
         try:
