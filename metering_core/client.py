@@ -181,6 +181,8 @@ class AsyncMetering:
         )
         self._capabilities = CapabilityCache(self._provider)
         ledger = self._provider
+        if isinstance(ledger, Ledger):
+            ledger.deliver_with(self.settings)
         forwarder = (
             ledger.forward_mirrors
             if self.settings.mirror_forwarder and isinstance(ledger, Ledger) and ledger.mirrored

@@ -7,7 +7,7 @@ import abc
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +33,9 @@ from metering_core.models import (
     UsageQuery,
     Window,
 )
+
+if TYPE_CHECKING:
+    from metering_core.config import MeteringSettings
 
 __all__ = [
     "CALENDAR_WINDOWS",
@@ -284,6 +287,10 @@ class Ledger(Protocol):
     @property
     def mirrored(self) -> bool:
         """Whether any mirror is configured."""
+
+    def deliver_with(self, settings: MeteringSettings) -> None:
+        """The library's settings its forwarder delivers under (attempts, backoff,
+        timeout): the facade's, as the pipeline's, wherever they were set."""
 
     async def mirror_status(self) -> list[MirrorStatus]: ...
 

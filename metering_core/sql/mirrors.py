@@ -254,6 +254,10 @@ class Forwarder:
         with eased(freeze=False):
             return await self._pass(mirror, limit)
 
+    def deliver_with(self, settings: MeteringSettings) -> None:
+        """Deliver under `settings` (the facade's attempts, backoff and timeout)."""
+        self._settings = settings
+
     def owed_again(self, mirror: str) -> None:
         """Rows of `mirror` behind where claims start are owed again (dead letters
         retried): the next claim looks from the head."""

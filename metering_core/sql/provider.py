@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from metering_core import rules
-from metering_core.config import default_store_path
+from metering_core.config import MeteringSettings, default_store_path
 from metering_core.cursors import check_limit, decode_cursor, encode_cursor
 from metering_core.epoch import epoch_micros, from_epoch_micros
 from metering_core.errors import (
@@ -595,6 +595,9 @@ class SqlProvider(BaseProvider):
     @property
     def mirrored(self) -> bool:
         return bool(self._mirror_names)
+
+    def deliver_with(self, settings: MeteringSettings) -> None:
+        self.forwarder.deliver_with(settings)
 
     async def forward_mirrors(self) -> None:
         await self.forwarder.run()

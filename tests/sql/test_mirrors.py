@@ -756,15 +756,13 @@ async def recorded(
     ledger_url: str, mirror_service: tuple[str, AsyncMetering], monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[AsyncMetering, mirrors.Forwarder, Recording]]:
     """A ledger owing 30 events to a recording mirror (the meter already through), its
-    forwarder driven by the test, one attempt a delivery."""
+    forwarder driven by the test, one attempt a delivery (the facade's setting)."""
     url, behind = mirror_service
     await behind.create_meter(event_name="calls")
-    async with AsyncMetering(
-        "sql", url=ledger_url, mirrors=billing(url), linger=0, mirror_forwarder=False
-    ) as ledger:
+    options: dict[str, Any] = {"max_attempts": 1, "linger": 0, "mirror_forwarder": False}
+    async with AsyncMetering("sql", url=ledger_url, mirrors=billing(url), **options) as ledger:
         # ids as stored: e10-e39 sort as their numbers do
         forwarder, recording = await recording_owed(ledger, range(10, 40), monkeypatch)
-        monkeypatch.setattr(forwarder, "_settings", MeteringSettings(max_attempts=1))
         yield ledger, forwarder, recording
 
 
@@ -777,6 +775,7 @@ async def test_rows_a_failed_pass_gave_back_go_before_newer_ones(
     assert await forwarder.forward("billing", limit=10) == 10
     recording.failing = True
     assert await forwarder.forward("billing", limit=10) == 0  # e10-e19, given back
+    assert len(recording.collector) == 2  # one attempt each: the facade's max_attempts
     recording.failing = False
     assert await forwarder.forward("billing", limit=10) == 10
     assert recording.sent == [ids(0, 10), ids(10, 20)]
@@ -874,7 +873,7 @@ async def test_rows_another_forwarder_gave_back_are_taken_by_one_whose_cursor_is
     other = SqlProvider(SqlSettings(url=ledger_url, mirrors=billing(mirror_service[0])))
     held = Held(other.forwarder.mirrors["billing"])
     monkeypatch.setitem(other.forwarder.mirrors, "billing", held)
-    monkeypatch.setattr(other.forwarder, "_settings", MeteringSettings(max_attempts=1))
+    other.deliver_with(MeteringSettings(max_attempts=1))
     try:
         holding = asyncio.create_task(other.forwarder.forward("billing", limit=10))
         await asyncio.wait_for(held.holding.wait(), 10)  # the other holds e10-e19
