@@ -35,7 +35,13 @@ from metering_core.config import (
     resolve_settings,
 )
 from metering_core.errors import ConfigurationError, MeteringError, ValidationError
-from metering_core.interface import Capabilities, IMetering, Ledger, Operation
+from metering_core.interface import (
+    Capabilities,
+    DeliversOnItsOwn,
+    IMetering,
+    Ledger,
+    Operation,
+)
 from metering_core.loop import shared_loop
 from metering_core.metrics import PipelineStats
 from metering_core.models import (
@@ -181,7 +187,7 @@ class AsyncMetering:
         )
         self._capabilities = CapabilityCache(self._provider)
         ledger = self._provider
-        if isinstance(ledger, Ledger):
+        if isinstance(ledger, DeliversOnItsOwn):
             ledger.deliver_with(self.settings)
         forwarder = (
             ledger.forward_mirrors

@@ -42,6 +42,7 @@ __all__ = [
     "SHARED_OPERATIONS",
     "BaseProvider",
     "Capabilities",
+    "DeliversOnItsOwn",
     "IMetering",
     "Ledger",
     "Operation",
@@ -288,10 +289,6 @@ class Ledger(Protocol):
     def mirrored(self) -> bool:
         """Whether any mirror is configured."""
 
-    def deliver_with(self, settings: MeteringSettings) -> None:
-        """The library's settings its forwarder delivers under (attempts, backoff,
-        timeout): the facade's, as the pipeline's, wherever they were set."""
-
     async def mirror_status(self) -> list[MirrorStatus]: ...
 
     async def flush_mirrors(self, timeout: float | None = None) -> list[MirrorStatus]: ...
@@ -323,6 +320,17 @@ class Ledger(Protocol):
         events it refused become its dead letters; the number recorded (0 for a replay,
         or a notice of another kind). `ValidationError` when no mirror of that provider
         can verify it, `NotFoundError` when the ledger has none."""
+
+
+@runtime_checkable
+class DeliversOnItsOwn(Protocol):
+    """A provider that delivers on its own (a ledger's forwarder), under the library's
+    settings it is given. Apart from `Ledger`, so that a ledger written without it is
+    still one."""
+
+    def deliver_with(self, settings: MeteringSettings) -> None:
+        """Deliver under `settings` (attempts, backoff, timeout): the facade's, as its
+        pipeline's, wherever they were set."""
 
 
 @runtime_checkable

@@ -206,6 +206,11 @@ _SEQ = operator.itemgetter(0)
 _usage_event = Trusted(UsageEvent)
 
 
+def _delivery(settings: MeteringSettings) -> tuple[int, float, float]:
+    """What of the library's settings a forwarder delivers under."""
+    return settings.max_attempts, settings.retry_backoff, settings.delivery_timeout
+
+
 class _Held(NamedTuple):
     """The rows one pass leased: its token (the lease's end) and their seq range."""
 
@@ -240,6 +245,7 @@ class Forwarder:
         """Seconds a pass holds the rows it took (`SqlSettings.mirror_lease`)."""
         self.mirrors = dict(mirrors)
         self._settings = settings or MeteringSettings()
+        self._given: MeteringSettings | None = None
         self._down: set[str] = set()
         self._cursor = ClaimCursor()
         self._counts = {name: collections.Counter[str]() for name in self.mirrors}
@@ -255,8 +261,19 @@ class Forwarder:
             return await self._pass(mirror, limit)
 
     def deliver_with(self, settings: MeteringSettings) -> None:
-        """Deliver under `settings` (the facade's attempts, backoff and timeout)."""
-        self._settings = settings
+        """Deliver under `settings` (the facade's attempts, backoff and timeout). Two
+        facades over one provider share its forwarder, and the last one's settings hold:
+        said in the log when they differ (review)."""
+        if self._given is not None and _delivery(settings) != _delivery(self._given):
+            logger.warning(
+                "a second Metering over the same ledger: its forwarder now delivers under "
+                "the newer one's settings (max_attempts=%s, retry_backoff=%s, "
+                "delivery_timeout=%s)",
+                settings.max_attempts,
+                settings.retry_backoff,
+                settings.delivery_timeout,
+            )
+        self._settings = self._given = settings
 
     def owed_again(self, mirror: str) -> None:
         """Rows of `mirror` behind where claims start are owed again (dead letters

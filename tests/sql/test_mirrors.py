@@ -36,6 +36,8 @@ from metering_core import (
     ValidationError,
 )
 from metering_core.collector import YOUNG
+from metering_core.interface import Ledger
+from metering_core.memory import MemoryProvider
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings, mirrors
 from metering_core.sql.provider import SqlProvider
@@ -577,6 +579,65 @@ async def test_two_forwarders_over_one_postgres_never_send_a_row_twice(
             assert await totals(behind) == await totals(ledger)
     finally:
         await second.aclose()
+
+
+class LedgerOfBefore(MemoryProvider):
+    """A ledger as a plugin could have written it before `deliver_with` existed: every
+    member of `Ledger`, and no more."""
+
+    mirrored = True
+
+    async def mirror_status(self) -> list[Any]:
+        return []
+
+    async def flush_mirrors(self, timeout: float | None = None) -> list[Any]:
+        return []
+
+    async def forward_mirrors(self) -> None:
+        await asyncio.Event().wait()
+
+    async def reconcile(self, mirror: str, **query: Any) -> Any:
+        raise NotImplementedError
+
+    async def link_mirror(self, mirror: str) -> list[Any]:
+        return []
+
+    async def backfill_mirror(self, mirror: str, **span: Any) -> int:
+        return 0
+
+    async def retry_mirror_dead_letters(self, mirror: str) -> int:
+        return 0
+
+    async def receive_notice(self, source: str, body: bytes, headers: Any) -> int:
+        return 0
+
+
+async def test_a_ledger_without_deliver_with_is_still_one_and_runs_its_forwarder() -> None:
+    """`deliver_with` is a protocol of its own (review): added to `Ledger`, it made every
+    ledger written before it stop being one, silently (no forwarder, no mirror routes)."""
+    ledger = LedgerOfBefore()
+    assert isinstance(ledger, Ledger)
+    async with AsyncMetering(ledger, linger=0) as metering:
+        assert await metering.flush_mirrors() == []
+        await metering.create_meter(event_name="calls")
+        await metering.ingest_usage_events([event(1)])
+        await metering.flush()  # the queue started the forwarder alongside; close stops it
+
+
+async def test_a_second_facade_over_one_ledger_says_whose_settings_its_forwarder_keeps(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both share the provider's forwarder: the newer's settings hold (review)."""
+    provider = SqlProvider(SqlSettings(url=sqlite_url, mirrors={"billing": {"provider": "memory"}}))
+    try:
+        AsyncMetering(provider, max_attempts=3)
+        AsyncMetering(provider, max_attempts=3, linger=1.0)  # delivery alike: nothing said
+        assert "second Metering" not in caplog.text
+        AsyncMetering(provider, max_attempts=1)
+        assert "second Metering over the same ledger" in caplog.text
+        assert "max_attempts=1" in caplog.text
+    finally:
+        await provider.aclose()
 
 
 def test_a_facade_without_mirrors_says_which_setting_gives_them() -> None:
