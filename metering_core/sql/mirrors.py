@@ -273,6 +273,13 @@ class Forwarder:
                 settings.retry_backoff,
                 settings.delivery_timeout,
             )
+        if settings.delivery_timeout >= self.lease * 0.8:
+            logger.warning(
+                "delivery_timeout=%s s leaves a mirror pass no time: a pass ends at %s s "
+                "(0.8 of the mirror lease) and its rows are sent again; raise mirror_lease",
+                settings.delivery_timeout,
+                self.lease * 0.8,
+            )
         self._settings = self._given = settings
 
     def owed_again(self, mirror: str) -> None:

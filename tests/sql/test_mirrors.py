@@ -627,7 +627,8 @@ async def test_a_ledger_without_deliver_with_is_still_one_and_runs_its_forwarder
 async def test_a_second_facade_over_one_ledger_says_whose_settings_its_forwarder_keeps(
     sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Both share the provider's forwarder: the newer's settings hold (review)."""
+    """Both share the provider's forwarder: the newer's settings hold (review). And a
+    delivery timeout longer than a pass may last is pointed out."""
     provider = SqlProvider(SqlSettings(url=sqlite_url, mirrors={"billing": {"provider": "memory"}}))
     try:
         AsyncMetering(provider, max_attempts=3)
@@ -636,6 +637,10 @@ async def test_a_second_facade_over_one_ledger_says_whose_settings_its_forwarder
         AsyncMetering(provider, max_attempts=1)
         assert "second Metering over the same ledger" in caplog.text
         assert "max_attempts=1" in caplog.text
+        assert "mirror lease" not in caplog.text
+        AsyncMetering(provider, max_attempts=1, delivery_timeout=100)  # a pass lasts 96 s
+        assert "delivery_timeout=100" in caplog.text
+        assert "raise mirror_lease" in caplog.text
     finally:
         await provider.aclose()
 
