@@ -586,6 +586,7 @@ class LedgerOfBefore(MemoryProvider):
     member of `Ledger`, and no more."""
 
     mirrored = True
+    forwarding = False
 
     async def mirror_status(self) -> list[Any]:
         return []
@@ -594,6 +595,7 @@ class LedgerOfBefore(MemoryProvider):
         return []
 
     async def forward_mirrors(self) -> None:
+        self.forwarding = True
         await asyncio.Event().wait()
 
     async def reconcile(self, mirror: str, **query: Any) -> Any:
@@ -621,7 +623,8 @@ async def test_a_ledger_without_deliver_with_is_still_one_and_runs_its_forwarder
         assert await metering.flush_mirrors() == []
         await metering.create_meter(event_name="calls")
         await metering.ingest_usage_events([event(1)])
-        await metering.flush()  # the queue started the forwarder alongside; close stops it
+        await metering.flush()
+        assert ledger.forwarding  # started alongside the queue; closing stops it
 
 
 async def test_a_second_facade_over_one_ledger_says_whose_settings_its_forwarder_keeps(
