@@ -871,6 +871,19 @@ def test_each_summary_counts_in_its_own_window_once_and_none_outside_the_range()
     assert [(r.start, r.value) for r in last] == [(day[0], Decimal(8)), (day[1], Decimal(4))]
 
 
+def test_a_float_stripe_sums_to_reads_as_the_exact_decimal_the_ledger_holds() -> None:
+    """Stripe answers `aggregated_value` as a float: 0.1 + 0.2 is 0.30000000000000004
+    there, which read as such would be drift against the ledger's 0.3 for ever, and a
+    repair of 1E-16 at every reconcile (probe)."""
+    day = [datetime(2026, 11, d, tzinfo=UTC) for d in (1, 2, 3)]
+    given = [summary(day[0], 0.1 + 0.2), summary(day[1], 0.1 + 0.7), summary(day[1], 1e20)]
+    added = fold_summaries(given, day, Aggregation.SUM, "acme")
+    assert [r.value for r in added] == [Decimal("0.3"), Decimal("0.8") + Decimal("1E+20")]
+    assert str(added[0].value) == "0.3"
+    counted = fold_summaries([summary(day[0], 3.0000000000000004)], day, Aggregation.COUNT, "a")
+    assert [str(r.value) for r in counted] == ["3"]
+
+
 def test_utc_days_use_day_summaries_and_unaligned_ranges_are_refused() -> None:
     day = UsageQuery(
         meter_id="m",

@@ -51,7 +51,10 @@ def summary_request(query: UsageQuery) -> tuple[str | None, list[datetime]]:
 
 
 def _value(raw: float, aggregation: Aggregation) -> Decimal:
-    value = Decimal(str(raw))
+    """Stripe's `aggregated_value`, a float: to 15 significant digits, which a float holds
+    exactly, so the sum 0.1 + 0.2 reads 0.3 as the ledger's does, not 0.30000000000000004
+    (a drift reconcile would report, and repair with 1E-16, for ever)."""
+    value = Decimal(format(raw, ".15g"))
     return value.to_integral_value() if aggregation is Aggregation.COUNT else value
 
 
