@@ -526,7 +526,7 @@ class AsyncMetering:
         the report is the one before the repair, its repaired cells marked."""
         ledger = self._ledger()
         await self._pipeline.settle()  # what was ingested here is in the ledger first
-        checked = UsageQuery(meter_id="reconcile", start=start, end=end, window=Window(window))
+        checked = UsageQuery(meter_id="reconcile", start=start, end=end, window=window)
         return await ledger.reconcile(
             mirror,
             start=checked.start,

@@ -68,7 +68,7 @@ from metering_core.sql.listing import event_page, events_statement
 from metering_core.sql.meter_copy import MeterCopy
 from metering_core.sql.mirror_sync import Refused, mismatch, named, refusal
 from metering_core.sql.mirrors import REFUSALS, Forwarder, build_mirrors
-from metering_core.sql.reconcile import reconcile
+from metering_core.sql.reconcile import held_by_repair, reconcile
 from metering_core.sql.rows import customer_from_row, meter_from_row
 from metering_core.sql.schema import (
     ROLLED_UP,
@@ -77,7 +77,6 @@ from metering_core.sql.schema import (
     meters,
     mirror_backfills,
     mirror_notices,
-    mirror_repairs,
     mirrors,
     outbox,
 )
@@ -648,7 +647,8 @@ class SqlProvider(BaseProvider):
         self, mirror: str, *, start: datetime, end: datetime | None = None
     ) -> int:
         """Owe `mirror` the live events of existing meters from `start` to `end` (default:
-        now); the number owed. A mirror that remembers ids answers duplicate for those it
+        now); the number owed, less those a reconcile repair sent the difference for
+        (`held_by_repair`). A mirror that remembers ids answers duplicate for those it
         has. One that forgets them (Stripe, after 24 h) would count them twice: it is sent
         only the events stored before it was added to this store (the rest were owed to
         it already), and a range overlapping an earlier backfill is refused."""
@@ -691,6 +691,9 @@ class SqlProvider(BaseProvider):
                 chosen = chosen.where(
                     sa.or_(events.c.ingested_at.is_(None), events.c.ingested_at < (added or now))
                 )
+            # an event a repair sent the difference for is in its correction: sent again, it
+            # would count twice, whatever ids the mirror remembers (probe)
+            chosen = chosen.where(~held_by_repair(mirror))
             chosen = chosen.order_by(events.c.ts, events.c.seq)
             owed = await connection.execute(
                 sa.insert(outbox).from_select(["mirror", "kind", "event_id", "created_at"], chosen)
@@ -726,21 +729,12 @@ class SqlProvider(BaseProvider):
     async def retry_mirror_dead_letters(self, mirror: str) -> int:
         """Owe `mirror` again what it refused (once the cause is fixed: a meter or a
         customer it lacked); the number of rows. They keep their place in order. An event
-        in a cell reconcile repaired since stays a dead letter: the repair sent the
-        mirror its difference, and the event again would count it twice."""
+        a reconcile repair holds (`held_by_repair`: stored before the repair counted its
+        cell) stays a dead letter: the repair sent the mirror its difference, and the
+        event again would count it twice."""
         self._mirror(mirror)
-        repaired = (
-            sa.select(1)
-            .select_from(events.join(meters, meters.c.seq == events.c.meter_seq))
-            .join(
-                mirror_repairs,
-                (mirror_repairs.c.mirror == mirror)
-                & (mirror_repairs.c.meter_id == meters.c.id)
-                & (mirror_repairs.c.customer_id == events.c.customer_id)
-                & (events.c.ts >= mirror_repairs.c.window_start)
-                & (events.c.ts < mirror_repairs.c.window_end),
-            )
-            .where(events.c.id == outbox.c.event_id, outbox.c.kind == "usage")
+        repaired = sa.select(1).where(
+            events.c.id == outbox.c.event_id, outbox.c.kind == "usage", held_by_repair(mirror)
         )
         statement = (
             sa.update(outbox)

@@ -12,8 +12,9 @@ not answer is 0 for sum and count, and absent for the others.
 
 Repair sends, for each short cell of a sum or count meter, the difference to the mirror as
 correction events whose ids derive from the cell and both totals (a repair interrupted
-and run again sends the same ids, which the mirror answers duplicate), and records it: a
-cell overlapping a recent repair is pending, not repaired again (see `_Repairs`). An
+and run again sends the same ids, which the mirror answers duplicate), recorded before
+it is sent: a cell overlapping a recent repair is pending, not repaired again (see
+`_Repairs`, `_record`), and the events it holds are not sent again (`held_by_repair`). An
 over-count, or a cell of another aggregation, is reported and left alone: taking usage
 away, or guessing what a max was, is not a correction a store can prove right.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import NamedTuple
@@ -46,9 +47,9 @@ from metering_core.models import (
     Window,
 )
 from metering_core.sql.rows import Transaction
-from metering_core.sql.schema import events, mirror_meters, mirror_repairs, outbox
+from metering_core.sql.schema import events, meters, mirror_meters, mirror_repairs, outbox
 
-__all__ = ["DRIFT", "REPAIR_SETTLE", "reconcile"]
+__all__ = ["DRIFT", "REPAIR_SETTLE", "held_by_repair", "reconcile"]
 
 Key = tuple[str, datetime]  # customer, window start
 _ZERO_WHEN_ABSENT = (Aggregation.SUM, Aggregation.COUNT)
@@ -65,6 +66,23 @@ _LONGEST_WINDOW = timedelta(days=31)
 ASKED_AT_ONCE = 8
 """Customers a mirror that answers one at a time (Stripe) is asked about at once: its
 round trips overlap, within what its rate limits allow."""
+
+
+def _chosen(meters: Sequence[Meter], meter_ids: Sequence[str] | None) -> list[Meter]:
+    """The ledger's meters to compare: all, or those `meter_ids` names, each of which must
+    be one (a report of nothing, ok, would prove nothing)."""
+    if meter_ids is None:
+        return list(meters)
+    known = {meter.id for meter in meters}
+    unknown = [meter_id for meter_id in meter_ids if meter_id not in known]
+    if unknown or not meter_ids:
+        raise ValidationError(
+            f"meter_ids={list(meter_ids)!r}: "
+            + (f"no meter of the ledger has the id {unknown[0]!r}" if unknown else "names none"),
+            field="meter_ids",
+            value=list(meter_ids),
+        )
+    return [meter for meter in meters if meter.id in meter_ids]
 
 
 async def _meters(provider: IMetering) -> list[Meter]:
@@ -111,29 +129,31 @@ async def _usage(
 async def _unsent(
     transaction: Transaction,
     mirror: str,
-    event_names: Collection[str],
+    event_name: str,
     start: datetime,
     end: datetime,
-) -> list[tuple[str, str, int, bool]]:
-    """(event name, customer, time, refused) of the events in range the ledger has not
-    delivered to `mirror`: still owed, or refused by it (its dead letters)."""
+) -> list[tuple[str, int, bool]]:
+    """(customer, time, refused) of the events of `event_name` in range whose usage the
+    ledger has not delivered to `mirror` (still owed, or refused by it: its dead letters),
+    or whose cancellation it still owes it. Read after the ledger's totals and before
+    the mirror is asked: an event the totals count that is not owed now had reached the
+    mirror before it was asked. (Read first, an event stored in between was counted, not
+    seen owed, and repaired as lost; then the forwarder delivered it too: probe.)"""
     statement = (
-        sa.select(
-            events.c.event_name, events.c.customer_id, events.c.ts, outbox.c.refused.is_not(None)
-        )
+        sa.select(events.c.customer_id, events.c.ts, outbox.c.refused.is_not(None))
         .join(outbox, outbox.c.event_id == events.c.id)
         .where(
             outbox.c.mirror == mirror,
-            outbox.c.kind == "usage",
-            events.c.event_name.in_(list(event_names)),
+            # a cancellation owed makes its cell pending; one refused (Stripe cannot cancel
+            # after 24 h) leaves the mirror over, which is what it bills
+            (outbox.c.kind == "usage") | ((outbox.c.kind == "cancel") & outbox.c.refused.is_(None)),
+            events.c.event_name == event_name,
             events.c.ts >= epoch_micros(start),
             events.c.ts < epoch_micros(end),
         )
     )
     async with transaction(writes=False) as connection:
-        return [
-            (row[0], row[1], row[2], bool(row[3])) for row in await connection.execute(statement)
-        ]
+        return [(row[0], row[1], bool(row[2])) for row in await connection.execute(statement)]
 
 
 class _Repair(NamedTuple):
@@ -144,30 +164,39 @@ class _Repair(NamedTuple):
 
 class _Repairs:
     """The repairs sent to a mirror's cells, by meter and customer: a cell overlapping
-    one sent lately is pending (the mirror may not show it yet: Stripe takes minutes),
-    and a cell is repaired again only where every earlier repair is old and was of that
-    same window (a correction sits at its window's start, so a finer or coarser window
-    would see the same shortfall and send it twice)."""
+    one sent lately is pending (the mirror may not show it yet: Stripe takes minutes).
+    Whether a cell is repaired again is decided as its repair is recorded (`_record`)."""
 
     def __init__(self, found: dict[tuple[str, str], list[_Repair]], now: datetime) -> None:
         self._found = found
         self._lately = epoch_micros(now - REPAIR_SETTLE)
 
-    def _overlapping(
-        self, meter: str, customer: str, start: datetime, end: datetime
-    ) -> list[_Repair]:
-        since, until = epoch_micros(start), epoch_micros(end)
-        found = self._found.get((meter, customer), [])
-        return [r for r in found if r.start < until and r.end > since]
-
     def lately(self, meter: str, customer: str, start: datetime, end: datetime) -> bool:
-        overlapping = self._overlapping(meter, customer, start, end)
-        return any(r.sent_at >= self._lately for r in overlapping)
+        since, until = epoch_micros(start), epoch_micros(end)
+        return any(
+            r.start < until and r.end > since and r.sent_at >= self._lately
+            for r in self._found.get((meter, customer), [])
+        )
 
-    def repairable(self, cell: ReconcileCell) -> bool:
-        window = (epoch_micros(cell.start), epoch_micros(cell.end))
-        overlapping = self._overlapping(cell.meter_id, cell.customer_id, cell.start, cell.end)
-        return all(r.sent_at < self._lately and (r.start, r.end) == window for r in overlapping)
+
+def held_by_repair(mirror: str) -> sa.Exists:
+    """Whether the enclosing query's event (a row of `events`) lies in a cell a repair
+    sent `mirror` the difference of, and was stored before that repair read the ledger's
+    total: the correction holds it, and the event sent as well (a dead letter retried, a
+    backfill) would count it twice. An event stored after is not in it, and is sent."""
+    counted = sa.func.coalesce(mirror_repairs.c.counted_at, mirror_repairs.c.sent_at)
+    return sa.exists(
+        sa.select(1)
+        .select_from(mirror_repairs.join(meters, meters.c.id == mirror_repairs.c.meter_id))
+        .where(
+            mirror_repairs.c.mirror == mirror,
+            meters.c.seq == events.c.meter_seq,
+            mirror_repairs.c.customer_id == events.c.customer_id,
+            events.c.ts >= mirror_repairs.c.window_start,
+            events.c.ts < mirror_repairs.c.window_end,
+            events.c.ingested_at.is_(None) | (events.c.ingested_at < counted),
+        )
+    )
 
 
 async def _repairs(
@@ -253,7 +282,7 @@ async def reconcile(
 ) -> ReconcileReport:
     """Compare every (meter, customer, window) of the ledger with `mirror`'s; with
     `repair`, send each short sum or count cell its correction."""
-    mine = [m for m in await _meters(ledger) if meter_ids is None or m.id in meter_ids]
+    mine = _chosen(await _meters(ledger), meter_ids)
     found = await _meters(mirror)
     by_id = {m.id: m for m in found}
     by_name = {m.event_name: m for m in found}
@@ -263,11 +292,12 @@ async def reconcile(
         )
         links = {mine: theirs for mine, theirs in await connection.execute(linked)}
     capabilities = await mirror.load_capabilities()
-    unsent = await _unsent(transaction, mirror_name, {m.event_name for m in mine}, start, end)
     repaired = await _repairs(transaction, mirror_name, start, end)
     cells: list[ReconcileCell] = []
+    counted: dict[str, datetime] = {}
     for meter in mine:
         query = UsageQuery(meter_id=meter.id, start=start, end=end, window=window)
+        counted[meter.id] = datetime.now(UTC)  # what the totals hold was stored before
         ours = await _usage(ledger, query, (), grouped=True)
         # A mirror asked one customer at a time is asked for every customer the ledger
         # has events of in range, cancelled ones too: all cancelled here may be billed there.
@@ -284,17 +314,25 @@ async def reconcile(
         if not comparable or counterpart is None:
             cells.extend(_not_comparable(meter, ours))
             continue
+        unsent = await _unsent(transaction, mirror_name, meter.event_name, start, end)
         asked = query.model_copy(update={"meter_id": counterpart.id})
         grouped = capabilities.group_by and not capabilities.requires_customer
         try:
             answered = await _usage(mirror, asked, customers, grouped)
-        except (UnsupportedOperationError, ValidationError):  # a query it cannot answer
+        except UnsupportedOperationError:  # a query it cannot answer
             cells.extend(_not_comparable(meter, ours))
             continue
+        except ValidationError as exc:  # this range (unaligned, too long): the caller's to fix
+            # not cells "not comparable" in a report that is ok: drift there went unseen
+            raise ValidationError(
+                f"mirror {mirror_name!r} cannot answer meter {meter.event_name!r} over this "
+                f"range: {exc}",
+                field=exc.field,
+                value=exc.value,
+            ) from exc
         waiting: dict[tuple[str, bool], _Times] = {}
-        for name, customer, ts, refused in unsent:
-            if name == meter.event_name:
-                waiting.setdefault((customer, refused), _Times()).times.append(ts)
+        for customer, ts, refused in unsent:
+            waiting.setdefault((customer, refused), _Times()).times.append(ts)
         for times in waiting.values():
             times.times.sort()
         none = _Times()
@@ -325,7 +363,7 @@ async def reconcile(
             )
     ok = not any(c.status in DRIFT for c in cells)
     if repair and not ok:
-        cells = await _repair(transaction, mirror_name, mirror, capabilities, mine, cells, repaired)
+        cells = await _repair(transaction, mirror_name, mirror, capabilities, mine, cells, counted)
     return ReconcileReport(mirror=mirror_name, ok=ok, cells=cells)
 
 
@@ -358,59 +396,121 @@ async def _repair(
     capabilities: Capabilities,
     meters: Sequence[Meter],
     cells: list[ReconcileCell],
-    repaired: _Repairs,
+    counted: Mapping[str, datetime],
 ) -> list[ReconcileCell]:
-    """Send each short sum or count cell its corrections, and record each repair (see
-    `_Repairs` for when a cell is repaired again); the cells, those whose corrections the
-    mirror took marked `repaired`. A cell whose window is older than the mirror accepts is
-    left short."""
+    """Send each short sum or count cell its corrections, each recorded first (see
+    `_record`); the cells, those whose corrections the mirror took marked `repaired`. A
+    cell whose window is older than the mirror accepts is left short. A record whose
+    corrections the mirror took none of is taken back, so the next reconcile may repair
+    the cell at once (the same ids, if the mirror took them after all and does not show
+    them yet: it answers duplicate)."""
     by_id = {meter.id: meter for meter in meters}
     now = datetime.now(UTC)
     oldest = None if capabilities.max_event_age is None else now - capabilities.max_event_age
-    sent: dict[int, list[str]] = {}
-    owed: list[UsageEvent] = []
+    chosen: dict[int, list[UsageEvent]] = {}
     for index, cell in enumerate(cells):
         meter = by_id[cell.meter_id]
         if cell.status is not CellStatus.short or meter.aggregation not in _ZERO_WHEN_ABSENT:
             continue
-        if not repaired.repairable(cell):
-            continue
         at = cell.start if oldest is None else max(cell.start, oldest + timedelta(minutes=5))
-        if at >= cell.end:
-            continue  # the mirror no longer takes events of that window
-        corrections = _corrections(meter, cell, at)
-        sent[index] = [event.id for event in corrections]
-        owed.extend(corrections)
-    if not owed:
-        return cells
+        if at < cell.end:  # else the mirror no longer takes events of that window
+            chosen[index] = _corrections(meter, cell, at)
+    recorded = await _record(transaction, name, cells, chosen, counted, now)
+    owed = [event for index in recorded for event in chosen[index]]
     policy = DeliveryPolicy(mirror, MeteringSettings(), durable=False)
     taken: set[str] = set()
     size = capabilities.max_batch_size
-    for first in range(0, len(owed), size):
-        result = await policy.settle(owed[first : first + size])
-        taken.update(result.accepted, result.duplicates)
-    done = {index for index, ids in sent.items() if all(i in taken for i in ids)}
-    if done:
-        records = [
-            {
-                "mirror": name,
-                "meter_id": cells[index].meter_id,
-                "customer_id": cells[index].customer_id,
-                "window_start": epoch_micros(cells[index].start),
-                "window_end": epoch_micros(cells[index].end),
-                "amount": (cells[index].ledger or Decimal(0)) - (cells[index].mirror or 0),
-                "sent_at": epoch_micros(now),
-            }
-            for index in sorted(done)
+    try:
+        for first in range(0, len(owed), size):
+            result = await policy.settle(owed[first : first + size])
+            taken.update(result.accepted, result.duplicates)
+    finally:
+        untouched = [
+            seq for index, seq in recorded.items() if not taken & {e.id for e in chosen[index]}
         ]
-        async with transaction() as connection:
-            if connection.dialect.name == "sqlite":  # an exact decimal is text there
-                records = [{**record, "amount": str(record["amount"])} for record in records]
-            await connection.execute(sa.insert(mirror_repairs), records)
+        if untouched:
+            async with transaction() as connection:
+                await connection.execute(
+                    sa.delete(mirror_repairs).where(mirror_repairs.c.seq.in_(untouched))
+                )
+    done = {index for index in recorded if all(e.id in taken for e in chosen[index])}
     return [
         cell.model_copy(update={"repaired": True}) if index in done else cell
         for index, cell in enumerate(cells)
     ]
+
+
+_ONE_REPAIR = sa.text("SELECT pg_advisory_xact_lock(hashtext('metering repair ' || :mirror))")
+
+
+async def _record(
+    transaction: Transaction,
+    name: str,
+    cells: Sequence[ReconcileCell],
+    chosen: Mapping[int, Sequence[UsageEvent]],
+    counted: Mapping[str, datetime],
+    now: datetime,
+) -> dict[int, int]:
+    """Record the repair of each chosen cell that no repair overlapping it was sent to
+    lately, or in another window (`_Repairs`), checked again as it is recorded, before
+    anything is sent: two reconciles at once (a daily and an hourly cron) each read the
+    repairs first, found none and sent the shortfall twice (probe). Each record is one
+    statement that checks and inserts (on SQLite it holds the write lock as it reads);
+    on PostgreSQL the repairs of a mirror are recorded one transaction at a time. The
+    cells recorded, and their records' seq."""
+    if not chosen:
+        return {}
+    lately = epoch_micros(now - REPAIR_SETTLE)
+    recorded: dict[int, int] = {}
+    async with transaction() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if not sqlite:
+            await connection.execute(_ONE_REPAIR, {"mirror": name})
+        for index in chosen:
+            cell = cells[index]
+            since, until = epoch_micros(cell.start), epoch_micros(cell.end)
+            amount = (cell.ledger or Decimal(0)) - (cell.mirror or Decimal(0))
+            blocking = sa.select(1).where(
+                mirror_repairs.c.mirror == name,
+                mirror_repairs.c.meter_id == cell.meter_id,
+                mirror_repairs.c.customer_id == cell.customer_id,
+                mirror_repairs.c.window_start < until,
+                mirror_repairs.c.window_end > since,
+                (mirror_repairs.c.sent_at >= lately)
+                | (mirror_repairs.c.window_start != since)
+                | (mirror_repairs.c.window_end != until),
+            )
+            row = sa.select(
+                sa.literal(name),
+                sa.literal(cell.meter_id),
+                sa.literal(cell.customer_id),
+                sa.literal(since),
+                sa.literal(until),
+                sa.literal(str(amount) if sqlite else amount, mirror_repairs.c.amount.type),
+                sa.literal(epoch_micros(now)),
+                sa.literal(epoch_micros(counted[cell.meter_id])),
+            ).where(~sa.exists(blocking))
+            inserted = await connection.execute(
+                sa.insert(mirror_repairs)
+                .from_select(
+                    [
+                        "mirror",
+                        "meter_id",
+                        "customer_id",
+                        "window_start",
+                        "window_end",
+                        "amount",
+                        "sent_at",
+                        "counted_at",
+                    ],
+                    row,
+                )
+                .returning(mirror_repairs.c.seq)
+            )
+            seq = inserted.scalar()
+            if seq is not None:
+                recorded[index] = seq
+    return recorded
 
 
 def _not_comparable(meter: Meter, ours: dict[Key, tuple[datetime, Decimal]]) -> list[ReconcileCell]:

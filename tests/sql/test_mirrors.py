@@ -733,6 +733,26 @@ async def test_reconcile_marks_what_the_mirror_cannot_answer_not_comparable(
         await ledger.reconcile("ledger", start=AT, end=AT + timedelta(days=1))
 
 
+async def test_a_range_the_mirror_refuses_to_answer_is_an_error_not_an_ok_report(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """Stripe refuses a start off the hour, any mirror a range of too many rows: cells
+    not comparable in a report that is ok hid the drift behind them (probe)."""
+    await ledger.ingest_usage_events([event(1)])
+    await ledger.flush_mirrors(timeout=30)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+
+    async def refusing(query: UsageQuery) -> Any:
+        raise ValidationError("start: not on an hour", field="start", value=query.start)
+
+    mirror.fetch_usage = refusing  # type: ignore[method-assign]
+    with pytest.raises(ValidationError, match="mirror 'billing' cannot answer") as refused:
+        await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
+    assert (refused.value.field, refused.value.value) == ("start", AT)
+
+
 async def test_a_mirror_meter_of_another_aggregation_is_not_comparable(
     ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
 ) -> None:
@@ -1251,6 +1271,186 @@ async def test_a_repaired_cell_is_repaired_once_whatever_the_window_and_its_dead
     assert [c.status for c in (await ledger.reconcile("billing", **span)).cells] == [
         CellStatus.equal
     ]
+
+
+async def test_an_event_stored_while_reconcile_runs_is_pending_not_repaired(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """Stored after reconcile began and before it counted that meter, the event is in the
+    ledger's total; it must also be seen owed, or it is repaired as lost and then
+    delivered by the forwarder too: billed twice (probe)."""
+    url, _ = mirror_service
+    await ledger.create_meter(event_name="logins")
+    await ledger.ingest_usage_events([event(1), event(2, name="logins")])
+    await ledger.flush_mirrors(timeout=30)
+    order = [m.event_name for m in (await ledger.fetch_all_meters()).items]
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    asking = mirror.fetch_usage
+    late = event(3, name=order[-1])  # of the meter compared last
+
+    async def meanwhile(query: UsageQuery) -> Any:
+        answer = await asking(query)
+        if late.id not in {e.id for e in stored}:  # another process stores it, once
+            stored.append(late)
+            await provider.ingest_usage_events([late])
+        return answer
+
+    stored: list[UsageEvent] = []
+    mirror.fetch_usage = meanwhile  # type: ignore[method-assign]
+    span = {"start": AT, "end": AT + timedelta(days=1)}
+    report = await ledger.reconcile("billing", **span, repair=True)
+    mirror.fetch_usage = asking  # type: ignore[method-assign]
+
+    assert stored == [late]
+    assert not any(c.repaired for c in report.cells)
+    assert {c.event_name: c.status for c in report.cells}[order[-1]] is CellStatus.pending
+    await ledger.flush_mirrors(timeout=30)
+    after = await ledger.reconcile("billing", **span)
+    assert {c.status for c in after.cells} == {CellStatus.equal}
+    assert "duplicate" not in mirror_outcomes(url)
+    assert mirror_outcomes(url)["accepted"] == 3
+
+
+async def test_a_cancellation_still_owed_makes_its_cell_pending_and_its_loss_is_repaired_after(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """Before it is forwarded the mirror still bills the cancelled event: not drift, and a
+    repair then would be short by it once it is (probe)."""
+    await ledger.ingest_usage_events([event(1), event(2), event(3)])
+    await ledger.flush_mirrors(timeout=30)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    await provider.forwarder.mirrors["billing"].cancel_usage_events(["e3"])  # the mirror lost e3
+    await ledger.cancel_usage_events(["e1"])  # owed, not forwarded yet
+    span = {"start": AT, "end": AT + timedelta(days=1)}
+
+    [cell] = (await ledger.reconcile("billing", **span, repair=True)).cells
+
+    assert (cell.status, cell.repaired) == (CellStatus.pending, False)
+    await ledger.flush_mirrors(timeout=30)
+    [cell] = (await ledger.reconcile("billing", **span, repair=True)).cells
+    assert (cell.status, cell.repaired) == (CellStatus.short, True)
+    assert cell.ledger is not None
+    assert cell.mirror is not None
+    assert cell.ledger - cell.mirror == event(3).value
+    [cell] = (await ledger.reconcile("billing", **span)).cells
+    assert cell.status is CellStatus.equal
+
+
+async def test_two_reconciles_repairing_at_once_in_other_windows_send_the_shortfall_once(
+    ledger_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """A daily and an hourly cron: each read the repairs, found none and sent its own
+    correction (other ids), the shortfall twice, before either recorded it (probe)."""
+    url, _ = mirror_service
+    async with (
+        AsyncMetering("sql", url=ledger_url, mirrors=billing(url), mirror_forwarder=False) as one,
+        AsyncMetering("sql", url=ledger_url, mirrors=billing(url), mirror_forwarder=False) as two,
+    ):
+        await one.create_meter(event_name="calls")
+        await one.ingest_usage_events([event(1), event(2)])
+        await one.flush_mirrors(timeout=30)
+        provider = one.provider
+        assert isinstance(provider, SqlProvider)
+        await provider.forwarder.mirrors["billing"].cancel_usage_events(["e2"])  # lost e2
+        day = AT.replace(hour=0)
+        span = {"start": day, "end": day + timedelta(days=1)}
+
+        daily, hourly = await asyncio.gather(
+            one.reconcile("billing", **span, window="day", repair=True),
+            two.reconcile("billing", **span, window="hour", repair=True),
+        )
+
+        assert len([c for c in (*daily.cells, *hourly.cells) if c.repaired]) == 1
+        [cell] = (await one.reconcile("billing", **span)).cells
+        assert cell.ledger == cell.mirror == event(1).value + event(2).value
+        assert mirror_outcomes(url)["accepted"] == 3  # two events and one correction
+
+
+async def test_a_backfill_after_a_repair_sends_only_what_the_repair_did_not(
+    ledger_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """A scheduled `reconcile --repair` ran before the operator's backfill: the correction
+    holds the events stored before the mirror was added, and sent as well they counted
+    twice (probe). An event stored after the repair counted its cell is still owed."""
+    url, _ = mirror_service
+    async with AsyncMetering("sql", url=ledger_url, linger=0) as alone:  # no mirror yet
+        await alone.create_meter(event_name="calls")
+        await alone.ingest_usage_events([event(1), event(2)])
+    async with AsyncMetering("sql", url=ledger_url, mirrors=billing(url), linger=0) as ledger:
+        await ledger.link_mirror("billing")
+        await ledger.flush_mirrors(timeout=30)
+        span = {"start": AT.replace(hour=0), "end": AT.replace(hour=0) + timedelta(days=1)}
+        [cell] = (await ledger.reconcile("billing", **span, repair=True)).cells
+        assert (cell.status, cell.repaired) == (CellStatus.short, True)
+
+        assert await ledger.backfill_mirror("billing", start=span["start"]) == 0
+        await ledger.flush_mirrors(timeout=30)
+
+    async with AsyncMetering("sql", url=ledger_url, linger=0) as alone:  # an old process
+        await alone.ingest_usage_events([event(3)])
+    async with AsyncMetering("sql", url=ledger_url, mirrors=billing(url), linger=0) as ledger:
+        assert await ledger.backfill_mirror("billing", start=span["end"] - timedelta(hours=1)) == 0
+        assert (
+            await ledger.backfill_mirror(
+                "billing", start=span["start"], end=span["end"] - timedelta(hours=1)
+            )
+            == 1
+        )  # e3, stored after the repair
+        await ledger.flush_mirrors(timeout=30)
+        [cell] = (await ledger.reconcile("billing", **span)).cells
+        assert cell.status is CellStatus.equal
+        assert cell.ledger == cell.mirror == sum(event(n).value for n in (1, 2, 3))
+
+
+async def test_a_dead_letter_of_an_event_stored_after_a_repair_is_retried(
+    ledger: AsyncMetering,
+) -> None:
+    """The repair holds only what it counted: an event of the cell stored later and
+    refused was kept a dead letter for good, and never billed (probe)."""
+    await ledger.ingest_usage_events([event(1), event(2)])
+    await ledger.flush_mirrors(timeout=30)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    await mirror.cancel_usage_events(["e1"])  # the mirror lost e1
+    span = {"start": AT, "end": AT + timedelta(days=1)}
+    [cell] = (await ledger.reconcile("billing", **span, repair=True)).cells
+    assert cell.repaired
+    taking = mirror.ingest_usage_events
+
+    async def refusing(batch: Sequence[UsageEvent], **options: Any) -> IngestResult:
+        answer = await taking([e for e in batch if e.id != "e3"], **options)
+        return answer.model_copy(update={"rejected": {**answer.rejected, "e3": "not today"}})
+
+    mirror.ingest_usage_events = refusing  # type: ignore[method-assign]
+    await ledger.ingest_usage_events([event(3)])
+    [status] = await ledger.flush_mirrors(timeout=30)
+    assert status.dead_letters == 1
+    mirror.ingest_usage_events = taking  # type: ignore[method-assign]
+
+    assert await ledger.retry_mirror_dead_letters("billing") == 1
+    await ledger.flush_mirrors(timeout=30)
+    [cell] = (await ledger.reconcile("billing", **span)).cells
+    assert cell.ledger == cell.mirror == sum(event(n).value for n in (1, 2, 3))
+
+
+async def test_reconcile_refuses_meter_ids_naming_no_meter_and_windows_it_does_not_know(
+    ledger: AsyncMetering,
+) -> None:
+    """A report of no cells is ok and proves nothing (probe)."""
+    span = {"start": AT, "end": AT + timedelta(days=1)}
+    [meter] = (await ledger.fetch_all_meters()).items
+    for meter_ids, said in ((["nope"], "'nope'"), (["calls"], "'calls'"), ([], "names none")):
+        with pytest.raises(ValidationError, match=said) as refused:
+            await ledger.reconcile("billing", **span, meter_ids=meter_ids)
+        assert refused.value.field == "meter_ids"
+    with pytest.raises(ValidationError, match="'week'") as refused:
+        await ledger.reconcile("billing", **span, window="week")
+    assert refused.value.field == "window"
+    assert (await ledger.reconcile("billing", **span, meter_ids=[meter.id])).ok
 
 
 async def test_a_meter_a_mirror_has_under_another_aggregation_is_refused_at_creation(
