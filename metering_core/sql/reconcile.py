@@ -297,8 +297,10 @@ async def reconcile(
     counted: dict[str, datetime] = {}
     for meter in mine:
         query = UsageQuery(meter_id=meter.id, start=start, end=end, window=window)
-        counted[meter.id] = datetime.now(UTC)  # what the totals hold was stored before
         ours = await _usage(ledger, query, (), grouped=True)
+        # after the read: every event the totals hold was stamped before it (one stamped
+        # and stored just after is held too, and shows short: repaired after the hour)
+        counted[meter.id] = datetime.now(UTC)
         # A mirror asked one customer at a time is asked for every customer the ledger
         # has events of in range, cancelled ones too: all cancelled here may be billed there.
         customers = await _customers(transaction, meter.event_name, start, end)
@@ -330,6 +332,11 @@ async def reconcile(
                 field=exc.field,
                 value=exc.value,
             ) from exc
+        # Read again: a cancellation that reached the mirror after the totals were read
+        # left it short of a total that no longer holds, and was repaired back (review).
+        # A cell whose total moved meanwhile is pending.
+        again = await _usage(ledger, query, (), grouped=True)
+        moved = {key for key in {*ours, *again} if ours.get(key) != again.get(key)}
         waiting: dict[tuple[str, bool], _Times] = {}
         for customer, ts, refused in unsent:
             waiting.setdefault((customer, refused), _Times()).times.append(ts)
@@ -346,7 +353,8 @@ async def reconcile(
                 ledger_value,
                 mirror_value,
                 refused=waiting.get((key[0], True), none).within(key[1], closes),
-                pending=waiting.get((key[0], False), none).within(key[1], closes)
+                pending=key in moved
+                or waiting.get((key[0], False), none).within(key[1], closes)
                 or repaired.lately(meter.id, key[0], key[1], closes),
             )
             cells.append(
@@ -400,10 +408,10 @@ async def _repair(
 ) -> list[ReconcileCell]:
     """Send each short sum or count cell its corrections, each recorded first (see
     `_record`); the cells, those whose corrections the mirror took marked `repaired`. A
-    cell whose window is older than the mirror accepts is left short. A record whose
-    corrections the mirror took none of is taken back, so the next reconcile may repair
-    the cell at once (the same ids, if the mirror took them after all and does not show
-    them yet: it answers duplicate)."""
+    cell whose window is older than the mirror accepts is left short. A record stays
+    when the mirror answered none of its corrections: it may have taken them all the
+    same (an answer lost), and the cell is repaired again, if still short, after
+    `REPAIR_SETTLE` (review)."""
     by_id = {meter.id: meter for meter in meters}
     now = datetime.now(UTC)
     oldest = None if capabilities.max_event_age is None else now - capabilities.max_event_age
@@ -420,19 +428,9 @@ async def _repair(
     policy = DeliveryPolicy(mirror, MeteringSettings(), durable=False)
     taken: set[str] = set()
     size = capabilities.max_batch_size
-    try:
-        for first in range(0, len(owed), size):
-            result = await policy.settle(owed[first : first + size])
-            taken.update(result.accepted, result.duplicates)
-    finally:
-        untouched = [
-            seq for index, seq in recorded.items() if not taken & {e.id for e in chosen[index]}
-        ]
-        if untouched:
-            async with transaction() as connection:
-                await connection.execute(
-                    sa.delete(mirror_repairs).where(mirror_repairs.c.seq.in_(untouched))
-                )
+    for first in range(0, len(owed), size):
+        result = await policy.settle(owed[first : first + size])
+        taken.update(result.accepted, result.duplicates)
     done = {index for index in recorded if all(e.id in taken for e in chosen[index])}
     return [
         cell.model_copy(update={"repaired": True}) if index in done else cell
@@ -460,7 +458,6 @@ async def _record(
     cells recorded, and their records' seq."""
     if not chosen:
         return {}
-    lately = epoch_micros(now - REPAIR_SETTLE)
     recorded: dict[int, int] = {}
     async with transaction() as connection:
         sqlite = connection.dialect.name == "sqlite"
@@ -470,6 +467,9 @@ async def _record(
             cell = cells[index]
             since, until = epoch_micros(cell.start), epoch_micros(cell.end)
             amount = (cell.ledger or Decimal(0)) - (cell.mirror or Decimal(0))
+            # "lately" from when this reconcile read the cell, not from now: one that read
+            # the mirror over an hour ago would take a repair sent since as old (review)
+            lately = epoch_micros(counted[cell.meter_id] - REPAIR_SETTLE)
             blocking = sa.select(1).where(
                 mirror_repairs.c.mirror == name,
                 mirror_repairs.c.meter_id == cell.meter_id,

@@ -1313,6 +1313,36 @@ async def test_an_event_stored_while_reconcile_runs_is_pending_not_repaired(
     assert mirror_outcomes(url)["accepted"] == 3
 
 
+async def test_a_cancellation_that_reaches_the_mirror_while_reconcile_runs_is_not_repaired_back(
+    ledger: AsyncMetering,
+) -> None:
+    """Cancelled and forwarded after the ledger's total was read and before the mirror
+    answered: the mirror is short of a total that no longer holds (review)."""
+    await ledger.ingest_usage_events([event(1), event(2)])
+    await ledger.flush_mirrors(timeout=30)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    asking = mirror.fetch_usage
+
+    async def meanwhile(query: UsageQuery) -> Any:
+        if not cancelled:
+            cancelled.append(await provider.cancel_usage_events(["e1"]))
+            await provider.flush_mirrors(timeout=30)
+        return await asking(query)
+
+    cancelled: list[Any] = []
+    mirror.fetch_usage = meanwhile  # type: ignore[method-assign]
+    span = {"start": AT, "end": AT + timedelta(days=1)}
+    [cell] = (await ledger.reconcile("billing", **span, repair=True)).cells
+    mirror.fetch_usage = asking  # type: ignore[method-assign]
+
+    assert (cell.status, cell.repaired) == (CellStatus.pending, False)
+    [cell] = (await ledger.reconcile("billing", **span)).cells
+    assert cell.status is CellStatus.equal
+    assert cell.mirror == event(2).value
+
+
 async def test_a_cancellation_still_owed_makes_its_cell_pending_and_its_loss_is_repaired_after(
     ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
 ) -> None:

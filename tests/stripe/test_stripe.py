@@ -882,6 +882,8 @@ def test_a_float_stripe_sums_to_reads_as_the_exact_decimal_the_ledger_holds() ->
     assert str(added[0].value) == "0.3"
     counted = fold_summaries([summary(day[0], 3.0000000000000004)], day, Aggregation.COUNT, "a")
     assert [str(r.value) for r in counted] == ["3"]
+    whole = fold_summaries([summary(day[0], 1234567890123456.0)], day, Aggregation.SUM, "a")
+    assert [r.value for r in whole] == [Decimal(1234567890123456)]  # all 16 digits
 
 
 def test_utc_days_use_day_summaries_and_unaligned_ranges_are_refused() -> None:

@@ -51,10 +51,12 @@ def summary_request(query: UsageQuery) -> tuple[str | None, list[datetime]]:
 
 
 def _value(raw: float, aggregation: Aggregation) -> Decimal:
-    """Stripe's `aggregated_value`, a float: to 15 significant digits, which a float holds
-    exactly, so the sum 0.1 + 0.2 reads 0.3 as the ledger's does, not 0.30000000000000004
-    (a drift reconcile would report, and repair with 1E-16, for ever)."""
-    value = Decimal(format(raw, ".15g"))
+    """Stripe's `aggregated_value`, a float: a whole number as it is (exact to 2**53, so a
+    count of 16 digits keeps them all); else to 15 significant digits, which a float
+    holds exactly, so the sum 0.1 + 0.2 reads 0.3 as the ledger's does, not
+    0.30000000000000004 (a drift reconcile would report, and repair with 1E-16, for
+    ever)."""
+    value = Decimal(int(raw)) if raw.is_integer() else Decimal(format(raw, ".15g"))
     return value.to_integral_value() if aggregation is Aggregation.COUNT else value
 
 

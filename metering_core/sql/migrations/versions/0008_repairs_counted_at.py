@@ -23,5 +23,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("mirror_repairs") as table:
-        table.drop_column("counted_at")
+    # in place on both (SQLite 3.35+): a batch rebuild would drop the table's AUTOINCREMENT
+    op.execute("ALTER TABLE mirror_repairs DROP COLUMN counted_at")
