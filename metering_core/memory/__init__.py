@@ -1,4 +1,4 @@
-"""The in-memory provider: complete, exact, the embedded default.
+"""The in-memory provider: complete, exact, nothing persisted (the default is `sql`).
 
 Nothing is persisted: it serves development, tests, demos, and a single-process metering
 service. Events are indexed by meter and customer in time-sorted columns, so a usage query

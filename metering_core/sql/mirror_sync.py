@@ -3,9 +3,9 @@
 A change of a meter or a customer is owed to every mirror as an outbox row (kind "meter"
 or "customer", holding its id), and the forwarder makes the mirror match what the ledger
 holds *now*: the meter created there (or found by its event name, and linked), updated,
-or deleted; the customer created or deleted. Bringing a mirror to the ledger's state,
-rather than replaying each change, makes a row safe to deliver twice and lets a mirror
-that was down catch up in one step. `metering mirror link` does the same for every meter
+or deleted; the customer created (one deleted here stays there: see `sync_customer`).
+Bringing a mirror to the ledger's state, rather than replaying each change, makes a row
+safe to deliver twice and lets a mirror that was down catch up in one step. `metering mirror link` does the same for every meter
 and customer at once, for what the ledger held before the mirror was added.
 """
 
