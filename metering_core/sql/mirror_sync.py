@@ -5,8 +5,9 @@ or "customer", holding its id), and the forwarder makes the mirror match what th
 holds *now*: the meter created there (or found by its event name, and linked), updated,
 or deleted; the customer created (one deleted here stays there: see `sync_customer`).
 Bringing a mirror to the ledger's state, rather than replaying each change, makes a row
-safe to deliver twice and lets a mirror that was down catch up in one step. `metering mirror link` does the same for every meter
-and customer at once, for what the ledger held before the mirror was added.
+safe to deliver twice and lets a mirror that was down catch up in one step. `metering
+mirror link` does the same for every meter and customer at once, for what the ledger held
+before the mirror was added.
 """
 
 from __future__ import annotations

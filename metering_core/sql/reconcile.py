@@ -448,17 +448,17 @@ async def _record(
     chosen: Mapping[int, Sequence[UsageEvent]],
     counted: Mapping[str, datetime],
     now: datetime,
-) -> dict[int, int]:
+) -> set[int]:
     """Record the repair of each chosen cell that no repair overlapping it was sent to
     lately, or in another window (`_Repairs`), checked again as it is recorded, before
     anything is sent: two reconciles at once (a daily and an hourly cron) each read the
     repairs first, found none and sent the shortfall twice (probe). Each record is one
     statement that checks and inserts (on SQLite it holds the write lock as it reads);
     on PostgreSQL the repairs of a mirror are recorded one transaction at a time. The
-    cells recorded, and their records' seq."""
+    cells recorded."""
+    recorded: set[int] = set()
     if not chosen:
-        return {}
-    recorded: dict[int, int] = {}
+        return recorded
     async with transaction() as connection:
         sqlite = connection.dialect.name == "sqlite"
         if not sqlite:
@@ -491,8 +491,7 @@ async def _record(
                 sa.literal(epoch_micros(counted[cell.meter_id])),
             ).where(~sa.exists(blocking))
             inserted = await connection.execute(
-                sa.insert(mirror_repairs)
-                .from_select(
+                sa.insert(mirror_repairs).from_select(
                     [
                         "mirror",
                         "meter_id",
@@ -505,11 +504,9 @@ async def _record(
                     ],
                     row,
                 )
-                .returning(mirror_repairs.c.seq)
             )
-            seq = inserted.scalar()
-            if seq is not None:
-                recorded[index] = seq
+            if inserted.rowcount:
+                recorded.add(index)
     return recorded
 
 
