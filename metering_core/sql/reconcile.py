@@ -32,9 +32,9 @@ from typing import NamedTuple
 import sqlalchemy as sa
 
 from metering_core.config import MeteringSettings
-from metering_core.delivery import DeliveryPolicy
+from metering_core.delivery import GAVE_UP, DeliveryPolicy
 from metering_core.epoch import epoch_micros
-from metering_core.errors import UnsupportedOperationError, ValidationError
+from metering_core.errors import NotFoundError, UnsupportedOperationError, ValidationError
 from metering_core.interface import Capabilities, IMetering
 from metering_core.models import (
     Aggregation,
@@ -111,7 +111,12 @@ async def _usage(
 
     async def ask(customer: str) -> None:
         async with turns:
-            usage = await provider.fetch_usage(query.model_copy(update={"customer_id": customer}))
+            try:
+                usage = await provider.fetch_usage(
+                    query.model_copy(update={"customer_id": customer})
+                )
+            except NotFoundError:  # no such customer there: it bills that customer nothing
+                return  # (one failing the whole reconcile hid every other's cells: probe)
         for row in usage.rows:
             answered[(customer, row.start)] = (row.end, row.value)
 
@@ -409,9 +414,9 @@ async def _repair(
     """Send each short sum or count cell its corrections, each recorded first (see
     `_record`); the cells, those whose corrections the mirror took marked `repaired`. A
     cell whose window is older than the mirror accepts is left short. A record stays
-    when the mirror answered none of its corrections: it may have taken them all the
-    same (an answer lost), and the cell is repaired again, if still short, after
-    `REPAIR_SETTLE` (review)."""
+    unless the mirror refused every correction of it: one it did not answer it may have
+    taken all the same (an answer lost), and the cell is repaired again, if still short,
+    after `REPAIR_SETTLE` (review)."""
     by_id = {meter.id: meter for meter in meters}
     now = datetime.now(UTC)
     oldest = None if capabilities.max_event_age is None else now - capabilities.max_event_age
@@ -427,11 +432,16 @@ async def _repair(
     owed = [event for index in recorded for event in chosen[index]]
     policy = DeliveryPolicy(mirror, MeteringSettings(), durable=False)
     taken: set[str] = set()
+    refused: set[str] = set()
     size = capabilities.max_batch_size
     for first in range(0, len(owed), size):
         result = await policy.settle(owed[first : first + size])
         taken.update(result.accepted, result.duplicates)
+        refused.update(i for i, why in result.rejected.items() if not why.startswith(GAVE_UP))
     done = {index for index in recorded if all(e.id in taken for e in chosen[index])}
+    undone = [index for index in recorded if all(e.id in refused for e in chosen[index])]
+    if undone:  # refused, so never taken: the record would hold the cell's events back
+        await _unrecord(transaction, name, [cells[index] for index in undone], counted)
     return [
         cell.model_copy(update={"repaired": True}) if index in done else cell
         for index, cell in enumerate(cells)
@@ -508,6 +518,28 @@ async def _record(
             if inserted.rowcount:
                 recorded.add(index)
     return recorded
+
+
+async def _unrecord(
+    transaction: Transaction,
+    name: str,
+    cells: Sequence[ReconcileCell],
+    counted: Mapping[str, datetime],
+) -> None:
+    """Take back the records `_record` made of `cells` (this reconcile's: their
+    `counted_at`)."""
+    async with transaction() as connection:
+        for cell in cells:
+            await connection.execute(
+                sa.delete(mirror_repairs).where(
+                    mirror_repairs.c.mirror == name,
+                    mirror_repairs.c.meter_id == cell.meter_id,
+                    mirror_repairs.c.customer_id == cell.customer_id,
+                    mirror_repairs.c.window_start == epoch_micros(cell.start),
+                    mirror_repairs.c.window_end == epoch_micros(cell.end),
+                    mirror_repairs.c.counted_at == epoch_micros(counted[cell.meter_id]),
+                )
+            )
 
 
 def _not_comparable(meter: Meter, ours: dict[Key, tuple[datetime, Decimal]]) -> list[ReconcileCell]:

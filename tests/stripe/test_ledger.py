@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from metering_stripe import StripeProvider
 from metering_stripe.testing import FakeStripe
 
@@ -29,6 +30,7 @@ from metering_core import (
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings
 from metering_core.sql.provider import SqlProvider
+from metering_core.sql.schema import mirror_repairs
 from metering_core.testing.serving import serve_in_thread
 
 from .conftest import API_KEY, settings_for
@@ -330,3 +332,45 @@ async def test_a_failure_amid_cancels_keeps_those_stripe_took(
     finally:
         fake_stripe.chaos = None  # the fake Stripe is shared by the module's tests
         await provider.aclose()
+
+
+async def test_a_tenant_stripe_has_no_customer_for_is_a_cell_not_a_failed_reconcile(
+    fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    """Stripe answers not found for a customer it does not have: that failed the whole
+    reconcile, every other customer's cells with it (probe). A correction for such a
+    tenant is refused, and holds none of its events back."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    name = f"calls_{uuid.uuid4().hex[:8]}"
+    hour = hours_ago(3)
+    async with AsyncMetering("sql", url=url, mirrors=stripe_mirror(fake_stripe)) as ledger:
+        await ledger.create_meter(event_name=name)
+        await ledger.create_customer(id="acme")
+        await ledger.ingest_usage_events(
+            [
+                *acme_events(name, hour, 2),
+                UsageEvent(id="g1", event_name=name, customer_id="ghost", timestamp=hour),
+            ]
+        )
+        [status] = await ledger.flush_mirrors(timeout=60)
+        assert status.dead_letters == 1  # Stripe has no customer for ghost
+    async with AsyncMetering("sql", url=url) as alone:  # a process without the mirror
+        await alone.ingest_usage_events(
+            [UsageEvent(id="p1", event_name=name, customer_id="phantom", timestamp=hour)]
+        )
+    async with AsyncMetering("sql", url=url, mirrors=stripe_mirror(fake_stripe)) as ledger:
+        span = {"start": hour, "end": hour + timedelta(hours=1), "window": "hour"}
+
+        report = await ledger.reconcile("billing", **span, repair=True)
+
+        assert [(c.customer_id, c.status, c.repaired) for c in report.cells] == [
+            ("acme", CellStatus.equal, False),
+            ("ghost", CellStatus.refused, False),
+            ("phantom", CellStatus.short, False),  # its correction refused: no customer
+        ]
+        provider = ledger.provider
+        assert isinstance(provider, SqlProvider)
+        async with provider._transaction(writes=False) as connection:
+            assert (
+                await connection.scalar(sa.select(sa.func.count()).select_from(mirror_repairs)) == 0
+            )
