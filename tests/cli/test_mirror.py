@@ -46,6 +46,7 @@ def test_status_and_one_forwarding_pass_from_the_command_line(tmp_path: Path) ->
 
         code, said = metering("mirror", "run", "--once", "--timeout", "30")
         assert code == 0, said
+        assert "mirrors up to date: 6 row(s) settled in " in said  # the meter, 5 events
         code, shown = metering("mirror", "status", "--format", "json")
         assert [(s["depth"], s["dead_letters"]) for s in json.loads(shown)] == [(0, 0)]
 
