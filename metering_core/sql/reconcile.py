@@ -161,6 +161,20 @@ async def _unsent(
         return [(row[0], row[1], bool(row[2])) for row in await connection.execute(statement)]
 
 
+class _Counted(NamedTuple):
+    """When a meter's totals were read, and the highest event seq stored after the read:
+    every event they hold is at or below it (one stored just after may be too: held by a
+    repair and not in it, its cell shows short, and is repaired after the hour)."""
+
+    at: datetime
+    through: int
+
+
+async def _last_seq(transaction: Transaction) -> int:
+    async with transaction(writes=False) as connection:
+        return int(await connection.scalar(sa.select(sa.func.max(events.c.seq))) or 0)
+
+
 class _Repair(NamedTuple):
     start: int
     end: int
@@ -186,10 +200,18 @@ class _Repairs:
 
 def held_by_repair(mirror: str) -> sa.Exists:
     """Whether the enclosing query's event (a row of `events`) lies in a cell a repair
-    sent `mirror` the difference of, and was stored before that repair read the ledger's
-    total: the correction holds it, and the event sent as well (a dead letter retried, a
-    backfill) would count it twice. An event stored after is not in it, and is sent."""
-    counted = sa.func.coalesce(mirror_repairs.c.counted_at, mirror_repairs.c.sent_at)
+    sent `mirror` the difference of, and was stored when that repair read the ledger's
+    total (its seq at most `counted_through`): the correction holds it, and the event
+    sent as well (a dead letter retried, a backfill) would count it twice. An event
+    stored after is not in it, and is sent. (A repair recorded before 0008 holds what
+    was stored before it was sent.)"""
+    counted = sa.case(
+        (
+            mirror_repairs.c.counted_through.is_not(None),
+            events.c.seq <= mirror_repairs.c.counted_through,
+        ),
+        else_=events.c.ingested_at.is_(None) | (events.c.ingested_at < mirror_repairs.c.sent_at),
+    )
     return sa.exists(
         sa.select(1)
         .select_from(mirror_repairs.join(meters, meters.c.id == mirror_repairs.c.meter_id))
@@ -199,7 +221,7 @@ def held_by_repair(mirror: str) -> sa.Exists:
             mirror_repairs.c.customer_id == events.c.customer_id,
             events.c.ts >= mirror_repairs.c.window_start,
             events.c.ts < mirror_repairs.c.window_end,
-            events.c.ingested_at.is_(None) | (events.c.ingested_at < counted),
+            counted,
         )
     )
 
@@ -299,13 +321,12 @@ async def reconcile(
     capabilities = await mirror.load_capabilities()
     repaired = await _repairs(transaction, mirror_name, start, end)
     cells: list[ReconcileCell] = []
-    counted: dict[str, datetime] = {}
+    counted: dict[str, _Counted] = {}
     for meter in mine:
         query = UsageQuery(meter_id=meter.id, start=start, end=end, window=window)
+        at = datetime.now(UTC)
         ours = await _usage(ledger, query, (), grouped=True)
-        # after the read: every event the totals hold was stamped before it (one stamped
-        # and stored just after is held too, and shows short: repaired after the hour)
-        counted[meter.id] = datetime.now(UTC)
+        counted[meter.id] = _Counted(at, await _last_seq(transaction))
         # A mirror asked one customer at a time is asked for every customer the ledger
         # has events of in range, cancelled ones too: all cancelled here may be billed there.
         customers = await _customers(transaction, meter.event_name, start, end)
@@ -409,7 +430,7 @@ async def _repair(
     capabilities: Capabilities,
     meters: Sequence[Meter],
     cells: list[ReconcileCell],
-    counted: Mapping[str, datetime],
+    counted: Mapping[str, _Counted],
 ) -> list[ReconcileCell]:
     """Send each short sum or count cell its corrections, each recorded first (see
     `_record`); the cells, those whose corrections the mirror took marked `repaired`. A
@@ -441,7 +462,7 @@ async def _repair(
     done = {index for index in recorded if all(e.id in taken for e in chosen[index])}
     undone = [index for index in recorded if all(e.id in refused for e in chosen[index])]
     if undone:  # refused, so never taken: the record would hold the cell's events back
-        await _unrecord(transaction, name, [cells[index] for index in undone], counted)
+        await _unrecord(transaction, name, [cells[index] for index in undone], now)
     return [
         cell.model_copy(update={"repaired": True}) if index in done else cell
         for index, cell in enumerate(cells)
@@ -456,7 +477,7 @@ async def _record(
     name: str,
     cells: Sequence[ReconcileCell],
     chosen: Mapping[int, Sequence[UsageEvent]],
-    counted: Mapping[str, datetime],
+    counted: Mapping[str, _Counted],
     now: datetime,
 ) -> set[int]:
     """Record the repair of each chosen cell that no repair overlapping it was sent to
@@ -479,7 +500,7 @@ async def _record(
             amount = (cell.ledger or Decimal(0)) - (cell.mirror or Decimal(0))
             # "lately" from when this reconcile read the cell, not from now: one that read
             # the mirror over an hour ago would take a repair sent since as old (review)
-            lately = epoch_micros(counted[cell.meter_id] - REPAIR_SETTLE)
+            lately = epoch_micros(counted[cell.meter_id].at - REPAIR_SETTLE)
             blocking = sa.select(1).where(
                 mirror_repairs.c.mirror == name,
                 mirror_repairs.c.meter_id == cell.meter_id,
@@ -498,7 +519,7 @@ async def _record(
                 sa.literal(until),
                 sa.literal(str(amount) if sqlite else amount, mirror_repairs.c.amount.type),
                 sa.literal(epoch_micros(now)),
-                sa.literal(epoch_micros(counted[cell.meter_id])),
+                sa.literal(counted[cell.meter_id].through),
             ).where(~sa.exists(blocking))
             inserted = await connection.execute(
                 sa.insert(mirror_repairs).from_select(
@@ -510,7 +531,7 @@ async def _record(
                         "window_end",
                         "amount",
                         "sent_at",
-                        "counted_at",
+                        "counted_through",
                     ],
                     row,
                 )
@@ -524,10 +545,10 @@ async def _unrecord(
     transaction: Transaction,
     name: str,
     cells: Sequence[ReconcileCell],
-    counted: Mapping[str, datetime],
+    sent_at: datetime,
 ) -> None:
-    """Take back the records `_record` made of `cells` (this reconcile's: their
-    `counted_at`)."""
+    """Take back the records `_record` made of `cells` (this repair's: their
+    `sent_at`)."""
     async with transaction() as connection:
         for cell in cells:
             await connection.execute(
@@ -537,7 +558,7 @@ async def _unrecord(
                     mirror_repairs.c.customer_id == cell.customer_id,
                     mirror_repairs.c.window_start == epoch_micros(cell.start),
                     mirror_repairs.c.window_end == epoch_micros(cell.end),
-                    mirror_repairs.c.counted_at == epoch_micros(counted[cell.meter_id]),
+                    mirror_repairs.c.sent_at == epoch_micros(sent_at),
                 )
             )
 

@@ -174,13 +174,13 @@ mirror_repairs = sa.Table(
     sa.Column("window_end", sa.BigInteger, nullable=False),
     sa.Column("amount", Value, nullable=False),
     sa.Column("sent_at", sa.BigInteger, nullable=False),
-    sa.Column("counted_at", sa.BigInteger),  # the ledger's total read (0008; None before)
+    sa.Column("counted_through", sa.BigInteger),  # the highest event seq counted (0008)
     sa.Index("mirror_repairs_cell", "mirror", "window_start"),
     sqlite_autoincrement=True,
 )
 """Each correction reconcile's repair sent a mirror, recorded before it is sent: a cell
 repaired lately is not repaired again until the mirror has had time to show it, and the
-events of the cell stored before `counted_at` are not sent again (the correction holds
+events of the cell up to `counted_through` are not sent again (the correction holds
 them)."""
 
 mirrors = sa.Table(
