@@ -41,7 +41,7 @@ from metering_core.memory import MemoryProvider
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings, mirrors
 from metering_core.sql.provider import SqlProvider
-from metering_core.sql.schema import mirror_meters, outbox
+from metering_core.sql.schema import events, mirror_meters, mirror_repairs, outbox
 from metering_core.testing.serving import serve_in_thread
 from tests.forks import said_in_a_child
 
@@ -1465,6 +1465,45 @@ async def test_a_dead_letter_of_an_event_stored_after_a_repair_is_retried(
     await ledger.flush_mirrors(timeout=30)
     [cell] = (await ledger.reconcile("billing", **span)).cells
     assert cell.ledger == cell.mirror == sum(event(n).value for n in (1, 2, 3))
+
+
+async def test_a_repair_recorded_before_0008_holds_what_was_stored_before_it_was_sent(
+    ledger: AsyncMetering,
+) -> None:
+    """Records made before migration 0008 have no `counted_through`: their `sent_at`
+    stands in, against each event's `ingested_at`."""
+    await ledger.ingest_usage_events([event(1), event(2)])
+    await ledger.flush_mirrors(timeout=30)
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    await provider.forwarder.mirrors["billing"].cancel_usage_events(["e1"])  # lost e1
+    span = {"start": AT, "end": AT + timedelta(days=1)}
+    assert [c.repaired for c in (await ledger.reconcile("billing", **span, repair=True)).cells]
+    await ledger.ingest_usage_events([event(3)])
+    await ledger.flush()
+    async with provider._transaction() as connection:
+        stamped = dict(
+            (await connection.execute(sa.select(events.c.id, events.c.ingested_at))).all()
+        )
+        await connection.execute(  # as an older version recorded it: sent before e3
+            sa.update(mirror_repairs).values(counted_through=None, sent_at=stamped["e3"])
+        )
+        for event_id in ("e1", "e3"):  # the mirror reports refusing both
+            await connection.execute(sa.delete(outbox).where(outbox.c.event_id == event_id))
+            await connection.execute(
+                sa.insert(outbox).values(
+                    mirror="billing", kind="usage", event_id=event_id, created_at=0, refused="late"
+                )
+            )
+
+    assert await ledger.retry_mirror_dead_letters("billing") == 1  # e3; the repair holds e1
+    async with provider._transaction(writes=False) as connection:
+        assert (
+            await connection.scalar(
+                sa.select(outbox.c.event_id).where(outbox.c.refused.is_not(None))
+            )
+            == "e1"
+        )
 
 
 async def test_reconcile_refuses_meter_ids_naming_no_meter_and_windows_it_does_not_know(
