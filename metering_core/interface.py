@@ -107,6 +107,11 @@ class Capabilities(BaseModel):
     """`ingest_usage_events(..., lowering_refused=True)` works: the provider refuses, as
     it stores them, events of meters whose usage an event can lower (for callers that may
     only raise usage: a tenant's own key)."""
+    exact_sums: bool = True
+    """Its sums are exact decimals. False for a provider that sums in binary floating
+    point (Stripe): a sum of many fractional values differs from the exact one in about
+    its fifteenth significant digit, more as events add up, and reconcile compares its
+    sums to the ledger's within a billionth (`reconcile.FLOAT_SUM_AGREEMENT`)."""
 
     def supports(self, operation: Operation | str) -> bool:
         return Operation(operation) in self.operations

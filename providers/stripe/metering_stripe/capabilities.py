@@ -24,4 +24,5 @@ CAPABILITIES = Capabilities(
     max_future_skew=MAX_AHEAD,
     dedupe_window=timedelta(hours=24),
     cancel_window=timedelta(hours=24),
+    exact_sums=False,  # aggregated_value is a float
 )
