@@ -42,9 +42,16 @@ class Principal:
         self.caller = caller
 
     def need(self, scope: Scope) -> None:
-        """Refuse (403) a key without `scope`."""
+        """Refuse (403) a key without `scope`; and a tenant-bound key changing meters,
+        whatever its scopes: a meter is every tenant's, and one tenant renaming or
+        deleting it took every other's usage with it (probe)."""
         if scope not in self.scopes:
             raise Forbidden(f"this key lacks the scope {scope!r}")
+        if scope == "meters:write" and self.tenant is not None:
+            raise Forbidden(
+                f"this key is bound to tenant {self.tenant!r} and cannot change meters: "
+                "they are shared by every tenant (a key bound to no tenant manages them)"
+            )
 
     def own_tenant(self, customer_id: str | None, what: str) -> None:
         """Refuse (403) a tenant-bound key acting on another tenant."""

@@ -17,6 +17,7 @@ KEYS = {
     "reader": {"scopes": ["meters:read", "usage:read"]},
     "acme": {"scopes": ["usage:read", "usage:write", "customers:write"], "tenant": "acme"},
     "globex": {"scopes": ["usage:write"], "tenant": "globex"},
+    "greedy": {"scopes": [*ALL, "meters:read"], "tenant": "globex"},
 }
 ADMIN = {"Authorization": "Bearer admin"}
 ACME = {"Authorization": "Bearer acme"}
@@ -227,6 +228,30 @@ def test_unknown_routes_and_methods_answer_in_the_error_shape(client: TestClient
 def test_any_valid_key_reads_capabilities_but_no_anonymous_caller(client: TestClient) -> None:
     assert client.get("/capabilities", headers=ACME).json()["max_batch_size"] >= 1
     assert client.get("/capabilities").status_code == 401
+
+
+def test_a_tenant_key_cannot_change_the_meters_every_tenant_shares_whatever_its_scopes(
+    client: TestClient, meter_id: str
+) -> None:
+    """One tenant renaming or deleting a meter took every other tenant's usage with it
+    (probe): meters are the operator's to manage."""
+    client.post("/usage", json={"events": [event("a1", "acme")]}, headers=ACME)
+    greedy = {"Authorization": "Bearer greedy"}
+    tries = [
+        client.post("/meters", json={"event_name": "mine"}, headers=greedy),
+        client.put(f"/meters/{meter_id}", json={"display_name": "x"}, headers=greedy),
+        client.delete(f"/meters/{meter_id}", headers=greedy),
+    ]
+    for refused in tries:
+        assert refused.status_code == 403
+        assert "cannot change meters" in error_of(refused)["message"]
+    assert client.get(f"/meters/{meter_id}", headers=greedy).json()["display_name"] == "api_calls"
+    assert [m["event_name"] for m in client.get("/meters", headers=ADMIN).json()["items"]] == [
+        "api_calls"
+    ]
+    params = {**RANGE, "customer_id": "acme"}
+    rows = client.get(f"/usage/{meter_id}", params=params, headers=ADMIN).json()["rows"]
+    assert [r["value"] for r in rows] == ["1"]
 
 
 def test_the_same_id_from_two_tenants_is_two_events_and_neither_learns_of_the_other(
