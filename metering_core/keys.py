@@ -13,8 +13,18 @@ from pydantic import BaseModel, ConfigDict
 __all__ = ["ApiKey", "Scope"]
 
 Scope = Literal[
-    "meters:read", "meters:write", "usage:read", "usage:write", "customers:write", "metrics:read"
+    "meters:read",
+    "meters:write",
+    "usage:read",
+    "usage:write",
+    "usage:replicate",
+    "customers:write",
+    "metrics:read",
 ]
+"""`usage:replicate`: a key bound to no tenant may also write events under the ids
+tenant-bound keys' events are stored by (a ledger forwarding its events to this service,
+an export loaded into it); without it such an id is refused, so no one plants an event
+where a tenant's would go."""
 
 
 class ApiKey(BaseModel):

@@ -78,9 +78,13 @@ class Principal:
         (`kinds`: each event name's aggregation). Each event is judged alone, so the rest
         of a batch is counted and its client's pipeline keeps only the refused ones."""
         if self.tenant is None:
+            if "usage:replicate" in self.scopes:  # stored ids, as another store holds them
+                return list(events), {}, {}
             reserved = {
                 event.id: f"id {event.id!r} has the form of a tenant-bound key's stored ids, "
-                "which are reserved to them: it could shadow or cancel a tenant's event"
+                "which are reserved to them: it could shadow a tenant's event (a key with "
+                "the scope 'usage:replicate' may send them: a ledger forwarding its events, "
+                "an export loaded into another store)"
                 for event in events
                 if event.id.startswith(TENANT_ID_PREFIX) and _TENANT_ID.fullmatch(event.id)
             }

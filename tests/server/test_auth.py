@@ -18,6 +18,7 @@ KEYS = {
     "acme": {"scopes": ["usage:read", "usage:write", "customers:write"], "tenant": "acme"},
     "globex": {"scopes": ["usage:write"], "tenant": "globex"},
     "greedy": {"scopes": [*ALL, "meters:read"], "tenant": "globex"},
+    "replicator": {"scopes": ["usage:write", "usage:replicate"]},
 }
 ADMIN = {"Authorization": "Bearer admin"}
 ACME = {"Authorization": "Bearer acme"}
@@ -287,6 +288,24 @@ def test_no_other_key_can_send_an_id_in_a_tenants_stored_form(client: TestClient
     assert own.json()["accepted"] == ["order-2"]
     ordinary = client.post("/usage", json={"events": [event("tenant-7", "globex")]}, headers=ADMIN)
     assert ordinary.json()["accepted"] == ["tenant-7"]
+
+
+def test_a_key_that_may_replicate_writes_a_tenants_event_under_its_stored_id(
+    client: TestClient,
+) -> None:
+    """A ledger forwarding a tenant's event, or an export loaded back: the stored id is
+    the tenant's event here too, and the tenant sending it is then a duplicate."""
+    stored_form = "tenant-" + hashlib.sha256(b"4:acme:order-9").hexdigest()[:48]
+    copied = client.post(
+        "/usage",
+        json={"events": [event(stored_form, "acme")]},
+        headers={"Authorization": "Bearer replicator"},
+    )
+    assert copied.json()["accepted"] == [stored_form]
+    own = client.post("/usage", json={"events": [event("order-9", "acme")]}, headers=ACME)
+    assert own.json()["duplicates"] == ["order-9"]
+    refused = client.post("/usage", json={"events": [event(stored_form, "acme")]}, headers=ADMIN)
+    assert "'usage:replicate'" in refused.json()["rejected"][stored_form]
 
 
 def test_a_tenant_key_cannot_lower_its_own_usage(client: TestClient, meter_id: str) -> None:

@@ -58,8 +58,9 @@ KEYS = {
             "customers:write",
             "metrics:read",
         ]
-    }
+    },
 }
+KEYS["replicator"] = {"scopes": [*KEYS["admin"]["scopes"], "usage:replicate"]}
 
 
 @pytest.fixture(params=["sqlite_url", "postgres_url"])
@@ -1504,6 +1505,37 @@ async def test_a_repair_recorded_before_0008_holds_what_was_stored_before_it_was
             )
             == "e1"
         )
+
+
+async def test_a_tenant_keys_events_reach_an_http_mirror_whose_key_may_replicate_them(
+    ledger_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """The ledger holds a tenant-bound key's events under tenant-<hash> ids, which a
+    metering service refuses from keys that may not replicate (probe: every tenant's
+    event was a dead letter of an HTTP mirror for good). Refused with the scope named,
+    and delivered once the mirror's key has it."""
+    url, _ = mirror_service
+    stored = "tenant-" + "ab" * 24  # as the ledger's service stores a tenant's event
+    tenant_event = event(1).model_copy(update={"id": stored})
+    plain = {"billing": {"provider": "http", "base_url": url, "api_key": "admin"}}
+    async with AsyncMetering("sql", url=ledger_url, mirrors=plain, linger=0) as ledger:
+        await ledger.create_meter(event_name="calls")
+        await ledger.ingest_usage_events([tenant_event, event(2)])
+        [status] = await ledger.flush_mirrors(timeout=30)
+        assert status.dead_letters == 1
+        provider = ledger.provider
+        assert isinstance(provider, SqlProvider)
+        async with provider._transaction(writes=False) as connection:
+            reason = await connection.scalar(sa.select(outbox.c.refused))
+        assert "'usage:replicate'" in reason
+    replicating = {"billing": {**plain["billing"], "api_key": "replicator"}}
+    async with AsyncMetering("sql", url=ledger_url, mirrors=replicating, linger=0) as ledger:
+        assert await ledger.retry_mirror_dead_letters("billing") == 1
+        [status] = await ledger.flush_mirrors(timeout=30)
+        assert (status.depth, status.dead_letters) == (0, 0)
+        [cell] = (await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))).cells
+        assert cell.status is CellStatus.equal
+        assert cell.mirror == event(1).value + event(2).value
 
 
 async def test_reconcile_refuses_meter_ids_naming_no_meter_and_windows_it_does_not_know(
