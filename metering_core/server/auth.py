@@ -31,6 +31,13 @@ def _as_sent(stored: str, reason: str, sent: Mapping[str, str]) -> str:
     return reason.replace(stored, sent.get(stored, stored))
 
 
+_OPERATORS_ONLY: dict[str, str] = {
+    "meters:write": "change meters, which every tenant's usage is counted by",
+    "metrics:read": "read the service's metrics, which count every tenant's",
+}
+"""Scopes a tenant-bound key is refused whatever it holds, and what they would do."""
+
+
 class Principal:
     """Who is calling: the scopes of their key, the tenant it is bound to, if any, and a
     name for the caller that shows no secret (`caller`: its key's digest, or its token's
@@ -42,15 +49,16 @@ class Principal:
         self.caller = caller
 
     def need(self, scope: Scope) -> None:
-        """Refuse (403) a key without `scope`; and a tenant-bound key changing meters,
-        whatever its scopes: a meter is every tenant's, and one tenant renaming or
-        deleting it took every other's usage with it (probe)."""
+        """Refuse (403) a key without `scope`; and a tenant-bound key, whatever its scopes,
+        changing meters or reading the service's metrics: a meter is every tenant's (one
+        tenant deleting it took every other's usage with it) and the metrics count every
+        tenant's events and dead letters (probe)."""
         if scope not in self.scopes:
             raise Forbidden(f"this key lacks the scope {scope!r}")
-        if scope == "meters:write" and self.tenant is not None:
+        if self.tenant is not None and scope in _OPERATORS_ONLY:
             raise Forbidden(
-                f"this key is bound to tenant {self.tenant!r} and cannot change meters: "
-                "they are shared by every tenant (a key bound to no tenant manages them)"
+                f"this key is bound to tenant {self.tenant!r} and cannot "
+                f"{_OPERATORS_ONLY[scope]}: a key bound to no tenant can"
             )
 
     def own_tenant(self, customer_id: str | None, what: str) -> None:

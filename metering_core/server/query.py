@@ -4,6 +4,7 @@ answer would silently cover every customer."""
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 from fastapi import Request
@@ -25,7 +26,13 @@ FILTER_PATTERN = r"^[^:\x00]{1,100}:[^\x00]*$"
 """`key:value`: a dimension's key (no ':'), then its value (any text)."""
 
 
-def refuse_unknown_query(request: Request, known: frozenset[str] = frozenset()) -> None:
+def refuse_unknown_query(
+    request: Request,
+    known: frozenset[str] = frozenset(),
+    repeatable: frozenset[str] = frozenset(),
+) -> None:
+    """Refuse a parameter the route does not declare, and one given twice that takes one
+    value (`?customer_id=acme&customer_id=globex` answered for the last alone: probe)."""
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         declared = ", ".join(sorted(known)) or "none"
@@ -34,27 +41,48 @@ def refuse_unknown_query(request: Request, known: frozenset[str] = frozenset()) 
             field=unknown[0],
             value=request.query_params[unknown[0]],
         )
+    for name in sorted(set(request.query_params) - repeatable):
+        given = request.query_params.getlist(name)
+        if len(given) > 1:
+            raise ValidationError(
+                f"query parameter {name!r} given {len(given)} times: it takes one value",
+                field=name,
+                value=given,
+            )
 
 
-def _declared(dependant: Any) -> frozenset[str]:
-    """The query parameters a route (its dependencies included) declares."""
+def _takes_many(annotation: Any) -> bool:
+    """Whether a parameter's type is a list (`filter=…&filter=…`), through Optional."""
+    if typing.get_origin(annotation) is list:
+        return True
+    return any(_takes_many(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+
+
+def _declared(dependant: Any) -> tuple[frozenset[str], frozenset[str]]:
+    """The query parameters a route (its dependencies included) declares, and those of
+    them that take several values."""
     names = {param.alias for param in dependant.query_params}
+    many = {
+        param.alias for param in dependant.query_params if _takes_many(param.field_info.annotation)
+    }
     for sub in dependant.dependencies:
-        names |= _declared(sub)
-    return frozenset(names)
+        more, repeatable = _declared(sub)
+        names |= more
+        many |= repeatable
+    return frozenset(names), frozenset(many)
 
 
 async def known_query_only(request: Request) -> None:
-    """A dependency: the request's query names only parameters its route declares
-    (worked out once per route, and kept on it)."""
+    """A dependency: the request's query names only parameters its route declares, each
+    once unless it takes several (worked out once per route, and kept on it)."""
     route = request.scope.get("route")
-    known: frozenset[str] | None = getattr(route, "metering_query", None)
-    if known is None:
+    declared: tuple[frozenset[str], frozenset[str]] | None = getattr(route, "metering_query", None)
+    if declared is None:
         dependant = getattr(route, "dependant", None)
-        known = _declared(dependant) if dependant is not None else frozenset()
+        declared = _declared(dependant) if dependant is not None else (frozenset(), frozenset())
         if route is not None:
-            route.metering_query = known
-    refuse_unknown_query(request, known)
+            route.metering_query = declared
+    refuse_unknown_query(request, *declared)
 
 
 def parse_filters(given: list[str] | None) -> dict[str, list[str]]:

@@ -17,7 +17,7 @@ KEYS = {
     "reader": {"scopes": ["meters:read", "usage:read"]},
     "acme": {"scopes": ["usage:read", "usage:write", "customers:write"], "tenant": "acme"},
     "globex": {"scopes": ["usage:write"], "tenant": "globex"},
-    "greedy": {"scopes": [*ALL, "meters:read"], "tenant": "globex"},
+    "greedy": {"scopes": [*ALL, "metrics:read"], "tenant": "globex"},
     "replicator": {"scopes": ["usage:write", "usage:replicate"]},
 }
 ADMIN = {"Authorization": "Bearer admin"}
@@ -246,6 +246,9 @@ def test_a_tenant_key_cannot_change_the_meters_every_tenant_shares_whatever_its_
     for refused in tries:
         assert refused.status_code == 403
         assert "cannot change meters" in error_of(refused)["message"]
+    metrics = client.get("/metrics", headers=greedy)  # every tenant's counts
+    assert metrics.status_code == 403
+    assert "cannot read the service's metrics" in error_of(metrics)["message"]
     assert client.get(f"/meters/{meter_id}", headers=greedy).json()["display_name"] == "api_calls"
     assert [m["event_name"] for m in client.get("/meters", headers=ADMIN).json()["items"]] == [
         "api_calls"

@@ -204,3 +204,33 @@ def test_a_query_parameter_the_route_does_not_take_is_refused_naming_it(
     )
     unknown = next(name for name in params if name not in ("start", "end"))
     assert (response.status_code, response.json()["error"]["field"]) == (422, unknown)
+
+
+def test_a_parameter_given_twice_that_takes_one_value_is_refused_naming_it(
+    client: TestClient,
+) -> None:
+    """`?customer_id=acme&customer_id=globex` was answered for globex alone."""
+    meter = client.post(
+        "/meters",
+        json={"event_name": "twice_asked", "dimensions": ["region", "plan"]},
+        headers={"Authorization": "Bearer admin"},
+    ).json()["id"]
+    day = [("start", "2026-01-01T00:00:00Z"), ("end", "2026-01-02T00:00:00Z")]
+    admin = {"Authorization": "Bearer admin"}
+    twice = [*day, ("customer_id", "acme"), ("customer_id", "globex")]
+    refused = client.get(f"/usage/{meter}", params=twice, headers=admin)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["field"] == "customer_id"
+    assert "given 2 times" in refused.json()["error"]["message"]
+    again = client.get(f"/usage/{meter}", params=[*day, day[0]], headers=admin)
+    assert (again.status_code, again.json()["error"]["field"]) == (422, "start")
+    many = [
+        *day,
+        ("filter", "region:eu"),
+        ("filter", "plan:pro"),
+        ("customer_ids", "acme"),
+        ("customer_ids", "globex"),
+        ("group_by", "customer_id"),
+        ("group_by", "region"),
+    ]
+    assert client.get(f"/usage/{meter}", params=many, headers=admin).status_code == 200
