@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from metering_core.models import Identifier
+
 __all__ = ["ApiKey", "Scope"]
 
 Scope = Literal[
@@ -33,4 +35,6 @@ class ApiKey(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     scopes: frozenset[Scope]
-    tenant: str | None = None
+    tenant: Identifier | None = None
+    """A customer id, as events name it (an empty one was taken, and every read then
+    refused naming a `customer_id` the caller never sent: probe)."""

@@ -221,13 +221,15 @@ class GatewayClaims:
         if self.tenant_claim not in claims:
             return Principal(ApiKey(scopes=scopes), caller=caller)
         tenant = claims[self.tenant_claim]
-        if not isinstance(tenant, str) or tenant == "":
+        try:
             # present but not one tenant: refused, never read as no tenant (which acts for
-            # every tenant): a null, an empty string, a number, a list
+            # every tenant): a null, an empty string, a number, a list, a NUL, 101 chars
+            key = ApiKey(scopes=scopes, tenant=tenant if isinstance(tenant, str) else "")
+        except ValueError:
             raise Forbidden(
                 f"the token's {self.tenant_claim!r} claim is not a tenant id: {tenant!r}"
-            )
-        return Principal(ApiKey(scopes=scopes, tenant=tenant), caller=caller)
+            ) from None
+        return Principal(key, caller=caller)
 
 
 Gate = Keys | GatewayClaims

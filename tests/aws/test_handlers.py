@@ -217,7 +217,9 @@ def test_a_tenant_lists_and_exports_only_its_own_events_through_the_api(provider
     assert status == 403
 
 
-@pytest.mark.parametrize("claim", ["", None, 7, ["acme", "globex"], {"id": "acme"}])
+@pytest.mark.parametrize(
+    "claim", ["", None, 7, ["acme", "globex"], {"id": "acme"}, "acme\x00", "t" * 101]
+)
 def test_a_tenant_claim_that_names_no_tenant_is_refused_not_read_as_acting_for_every_tenant(
     provider: str, claim: object
 ) -> None:

@@ -27,6 +27,18 @@ def test_a_bad_scope_names_the_key_by_position_never_by_value(
     assert "ok-key" not in str(caught.value)
 
 
+def test_a_key_bound_to_an_empty_tenant_is_refused_naming_the_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "METERING_KEYS", f'{{"{SECRET}": {{"scopes": ["usage:read"], "tenant": ""}}}}'
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        configured_keys()
+    assert "key #1: tenant" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
 def test_keys_that_are_not_json_are_a_configuration_error_without_the_text(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
