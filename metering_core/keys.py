@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from metering_core.models import Identifier
 
@@ -38,3 +38,12 @@ class ApiKey(BaseModel):
     tenant: Identifier | None = None
     """A customer id, as events name it (an empty one was taken, and every read then
     refused naming a `customer_id` the caller never sent: probe)."""
+
+    @model_validator(mode="after")
+    def _replicates_for_every_tenant(self) -> ApiKey:
+        if self.tenant is not None and "usage:replicate" in self.scopes:
+            raise ValueError(
+                "usage:replicate is for a key bound to no tenant (a ledger forwarding "
+                "every tenant's events): bound to a tenant, its events are that tenant's"
+            )
+        return self

@@ -54,5 +54,5 @@ class ActingAs:
         return await self.shared.metering.create_customer(customer)
 
     async def delete_customer(self, customer_id: str, /) -> None:
-        self.principal.own_tenant(customer_id, "delete customer")
+        self.principal.may_delete_customer()
         await self.shared.metering.delete_customer(customer_id)

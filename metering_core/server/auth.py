@@ -61,6 +61,17 @@ class Principal:
                 f"{_OPERATORS_ONLY[scope]}: a key bound to no tenant can"
             )
 
+    def may_delete_customer(self) -> None:
+        """Refuse (403) a tenant-bound key deleting a customer, its own too: on a billing
+        provider that drops what is not yet invoiced (Stripe), a tenant would erase its
+        own bill, as a cancel would (review)."""
+        if self.tenant is not None:
+            raise Forbidden(
+                f"this key is bound to tenant {self.tenant!r} and cannot delete customers: "
+                "a billing provider drops what is not yet invoiced (a key bound to no "
+                "tenant can)"
+            )
+
     def own_tenant(self, customer_id: str | None, what: str) -> None:
         """Refuse (403) a tenant-bound key acting on another tenant."""
         if self.tenant is not None and customer_id != self.tenant:
@@ -224,7 +235,8 @@ class GatewayClaims:
         try:
             # present but not one tenant: refused, never read as no tenant (which acts for
             # every tenant): a null, an empty string, a number, a list, a NUL, 101 chars
-            key = ApiKey(scopes=scopes, tenant=tenant if isinstance(tenant, str) else "")
+            bound = scopes - {"usage:replicate"}  # a tenant's events are its own
+            key = ApiKey(scopes=bound, tenant=tenant if isinstance(tenant, str) else "")
         except ValueError:
             raise Forbidden(
                 f"the token's {self.tenant_claim!r} claim is not a tenant id: {tenant!r}"

@@ -160,11 +160,18 @@ def test_a_tenant_key_cannot_cancel_usage_its_own_or_another_tenants(
     assert done.json()["cancelled"] == ["g1"]  # the operator's key can
 
 
-def test_a_tenant_key_manages_only_its_own_customer(client: TestClient) -> None:
+def test_a_tenant_key_creates_only_its_own_customer_and_deletes_none(client: TestClient) -> None:
+    """Deleting its own customer on a billing provider (Stripe) dropped what was not yet
+    invoiced: a tenant erasing its own bill, as a cancel would (review)."""
     assert client.post("/customers", json={"id": "globex"}, headers=ACME).status_code == 403
     assert client.post("/customers", json={"id": "acme"}, headers=ACME).status_code == 201
     assert client.delete("/customers/globex", headers=ACME).status_code == 403
-    assert client.delete("/customers/acme", headers=ACME).status_code == 204
+    own = client.delete("/customers/acme", headers=ACME)
+    assert own.status_code == 403
+    assert "cannot delete customers" in error_of(own)["message"]
+    offboarding = {"id": "m1", "detail-type": "OFFBOARDING_REQUEST", "detail": {"tenantId": "acme"}}
+    assert client.post("/events", json=offboarding, headers=ACME).status_code == 403
+    assert client.delete("/customers/acme", headers=ADMIN).status_code == 204
 
 
 def test_errors_share_one_shape_with_the_field(client: TestClient) -> None:

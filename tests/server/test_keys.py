@@ -39,6 +39,15 @@ def test_a_key_bound_to_an_empty_tenant_is_refused_naming_the_field(
     assert SECRET not in str(caught.value)
 
 
+def test_a_key_bound_to_a_tenant_cannot_replicate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror's key bound to a tenant by mistake had every forwarded event refused, for
+    a reason that named neither (review)."""
+    scopes = '["usage:write", "usage:replicate"]'
+    monkeypatch.setenv("METERING_KEYS", f'{{"{SECRET}": {{"scopes": {scopes}, "tenant": "a"}}}}')
+    with pytest.raises(ConfigurationError, match=r"key #1: .*usage:replicate is for a key bound"):
+        configured_keys()
+
+
 def test_keys_that_are_not_json_are_a_configuration_error_without_the_text(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

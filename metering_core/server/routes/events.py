@@ -48,7 +48,7 @@ def _may(principal: Principal, parsed: ParsedEvent) -> None:
     if parsed.customer is not None:
         principal.own_tenant(parsed.customer.id, "create customer")
     if parsed.tenant_id is not None:
-        principal.own_tenant(parsed.tenant_id, "delete customer")
+        principal.may_delete_customer()
 
 
 @router.post(
