@@ -477,3 +477,133 @@ async def test_postgres_plans_the_ingest_statement_once_per_connection(postgres_
         assert (generic, custom) == (5, 5)
     finally:
         await provider.aclose()
+
+
+# The coalescing itself, against a writer that holds its first transaction open, so the
+# requests that arrive meanwhile queue behind it (mutation testing: no test queued more
+# than a group holds, formed a group of two, or stopped a lane).
+
+
+class HeldWriter:
+    """Records each transaction's requests (by their events' ids), keeps the first open
+    until `release` is set, counts transactions at once, and fails as `failing` says."""
+
+    def __init__(self, failing: Callable[[list[str]], Exception | None] = lambda ids: None):
+        self.groups: list[list[list[str]]] = []
+        self.release = asyncio.Event()
+        self.at_once = self.most_at_once = 0
+        self.failing = failing
+
+    async def __call__(self, group: Sequence[Ingest]) -> list[IngestResult]:
+        ids = [[event.id for event in request.events] for request in group]
+        self.groups.append(ids)
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            if len(self.groups) == 1:
+                await self.release.wait()
+            failure = self.failing([i for request in ids for i in request])
+            if failure is not None:
+                raise failure
+            return [IngestResult(accepted=request) for request in ids]
+        finally:
+            self.at_once -= 1
+
+
+async def behind_a_held_write(
+    commits: GroupCommit, writer: HeldWriter, *requests: list[str]
+) -> list[IngestResult | BaseException]:
+    """Each caller's outcome: a first request written alone and held open, `requests`
+    queued behind it in order, then the first released."""
+    asked = [asyncio.create_task(commits.ingest(request_of(["e0"]), lowering_refused=False))]
+    await asyncio.sleep(0)
+    for ids in requests:
+        asked.append(asyncio.create_task(commits.ingest(request_of(ids), lowering_refused=False)))
+        await asyncio.sleep(0)
+    assert writer.groups == [[["e0"]]]
+    writer.release.set()
+    return await asyncio.wait_for(asyncio.gather(*asked, return_exceptions=True), 5)
+
+
+async def test_a_group_takes_waiting_requests_up_to_its_size_and_the_rest_go_next() -> None:
+    writer = HeldWriter()
+    commits = GroupCommit(writer, lanes=1, max_events=5)
+    outcomes = await behind_a_held_write(
+        commits, writer, *([f"e{n}"] for n in range(1, 8)), ["e8", "e9", "e10"], ["e11", "e12"]
+    )
+    assert [sum(map(len, group)) for group in writer.groups] == [1, 5, 5, 2]
+    assert [o.accepted for o in outcomes if isinstance(o, IngestResult)] == [
+        ["e0"],
+        *([f"e{n}"] for n in range(1, 8)),
+        ["e8", "e9", "e10"],
+        ["e11", "e12"],
+    ]  # every caller answered, the one that did not fit too
+    assert writer.most_at_once == 1  # one lane: no second transaction while one is open
+
+
+async def test_a_caller_cancelled_while_it_waits_is_left_out_and_splits_no_group() -> None:
+    writer = HeldWriter()
+    commits = GroupCommit(writer, lanes=1, max_events=5)
+    first = asyncio.create_task(commits.ingest(request_of(["e0"]), lowering_refused=False))
+    await asyncio.sleep(0)
+    waiting = [
+        asyncio.create_task(commits.ingest(request_of([i]), lowering_refused=False))
+        for i in ("e1", "e2", "e3")
+    ]
+    await asyncio.sleep(0)
+    waiting[1].cancel()
+    writer.release.set()
+    await asyncio.wait_for(asyncio.gather(first, waiting[0], waiting[2]), 5)
+    assert writer.groups == [[["e0"]], [["e1"], ["e3"]]]
+
+
+async def test_one_of_two_callers_failing_a_shared_transaction_fails_only_itself() -> None:
+    writer = HeldWriter(lambda ids: RuntimeError("e13 is bad") if "e13" in ids else None)
+    commits = GroupCommit(writer, lanes=1, max_events=5)
+    _, bad, good = await behind_a_held_write(commits, writer, ["e13"], ["e14"])
+    assert isinstance(bad, RuntimeError)
+    assert isinstance(good, IngestResult)
+    assert good.accepted == ["e14"]
+    assert writer.groups[1:] == [[["e13"], ["e14"]], [["e13"]], [["e14"]]]
+
+
+async def test_an_outage_fails_a_group_once_and_a_lone_failure_is_not_written_again() -> None:
+    down = ProviderUnavailableError("the store is down", provider="sql")
+    writer = HeldWriter(lambda ids: RuntimeError("bad") if ids == ["e0"] else down)
+    commits = GroupCommit(writer, lanes=1, max_events=5)
+    outcomes = await behind_a_held_write(commits, writer, ["e1"], ["e2"], ["e3"])
+    assert isinstance(outcomes[0], RuntimeError)
+    assert all(isinstance(o, ProviderUnavailableError) for o in outcomes[1:])
+    assert len(writer.groups) == 2  # not once more per caller, at the store that is down
+
+
+async def test_a_lane_stopped_mid_write_fails_each_caller_with_a_retryable_error() -> None:
+    writer = HeldWriter()
+    commits = GroupCommit(writer, lanes=1, max_events=5)
+    asked = [asyncio.create_task(commits.ingest(request_of(["e0"]), lowering_refused=False))]
+    await asyncio.sleep(0)
+    asked.append(asyncio.create_task(commits.ingest(request_of(["e1"]), lowering_refused=False)))
+    await asyncio.sleep(0)
+    [lane] = [task for task in asyncio.all_tasks() if task.get_name() == "metering-group-commit"]
+    lane.cancel()  # the loop closing under it
+    for outcome in await asyncio.wait_for(asyncio.gather(*asked, return_exceptions=True), 5):
+        assert isinstance(outcome, ProviderUnavailableError)
+        assert outcome.provider == "sql"
+        assert "writer stopped before committing: CancelledError" in str(outcome)
+
+
+async def test_a_caller_that_may_only_raise_usage_is_refused_a_latest_meter_in_its_group(
+    provider: SqlProvider,
+) -> None:
+    """A tenant's key: an event of a meter its events can lower is refused as it is
+    stored, in the group's transaction; another caller's event of it in the same group
+    is not (each is judged as its own caller)."""
+    await provider.create_meter(MeterCreate(event_name="seats", aggregation="latest"))
+    seat = UsageEvent(id="s1", event_name="seats", customer_id="acme", value=0, timestamp=AT)
+    operator = seat.model_copy(update={"id": "s2"})
+    tenant, anyone = await asyncio.gather(
+        provider.ingest_usage_events([seat], lowering_refused=True),
+        provider.ingest_usage_events([operator]),
+    )
+    assert "may only raise usage" in tenant.rejected["s1"]
+    assert anyone.accepted == ["s2"]
