@@ -119,11 +119,12 @@ async def run_postgres(url: str, stored: int) -> None:
     print(f"postgres one customer's filtered 30 days, by day: {customer * 1000:.1f} ms")
 
     listing = EventQuery(meter_id=meter.id, start=START, end=START + timedelta(days=90), limit=100)
-    ts, seq = await connection.fetchrow(  # where page 10,000 begins (after 999,900 events)
-        "SELECT ts, seq FROM events WHERE meter_seq = $1 ORDER BY ts, seq OFFSET 999899 LIMIT 1",
+    ts, event_id = await connection.fetchrow(  # where page 10,000 begins (after 999,900)
+        "SELECT ts, id FROM events WHERE meter_seq = $1"
+        ' ORDER BY ts, id COLLATE "C" OFFSET 999899 LIMIT 1',
         meter_seq,
     )
-    far = listing.model_copy(update={"cursor": encode_event_cursor(ts, seq)})
+    far = listing.model_copy(update={"cursor": encode_event_cursor(ts, event_id)})
     first_page = await best(lambda: provider.list_usage_events(listing))
     far_page = await best(lambda: provider.list_usage_events(far))
     filtered = listing.model_copy(update={"customer_id": "tenant-7", "filters": two_regions})

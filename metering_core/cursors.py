@@ -1,7 +1,10 @@
 """Opaque page cursors for providers that list in a sequence order (memory, sql): the
 position after which the next page starts, and the check of the limit. Meters are listed
-by one sequence number; stored events by (timestamp, sequence), a key that a database
-index walks from any page as cheaply as from the first."""
+by one sequence number; stored events by (timestamp, id), a key that a database index
+walks from any page as cheaply as from the first. Events are never keyed by the store's
+sequence: it counts every tenant's events, and a tenant reading the numbers between two
+of its own would learn how much the others sent. Ids compare by code point (bytes of
+UTF-8), the same in Python, SQLite and PostgreSQL's "C" collation."""
 
 from __future__ import annotations
 
@@ -38,25 +41,29 @@ def decode_cursor(cursor: str | None) -> int:
     )
 
 
-def encode_event_cursor(micros: int, sequence: int) -> str:
-    return base64.urlsafe_b64encode(f"e{micros}.{sequence}".encode()).decode()
+def encode_event_cursor(micros: int, event_id: str) -> str:
+    return base64.urlsafe_b64encode(f"e{micros}.{event_id}".encode()).decode()
 
 
-def decode_event_cursor(cursor: str | None) -> tuple[int, int] | None:
-    """The (timestamp, sequence) after which a page of events starts (None: the first);
+def decode_event_cursor(cursor: str | None) -> tuple[int, str] | None:
+    """The (timestamp, event id) after which a page of events starts (None: the first);
     refused if not one we gave."""
     if cursor is None:
         return None
     try:
         text = base64.urlsafe_b64decode(cursor.encode()).decode()
-        micros, _, sequence = text[1:].partition(".")
-        if text.startswith("e") and abs(int(micros)) < 2**63 and 0 <= int(sequence) < 2**63:
-            return int(micros), int(sequence)
+        micros, _, event_id = text[1:].partition(".")
+        if text.startswith("e") and abs(int(micros)) < 2**63 and _identifier(event_id):
+            return int(micros), event_id
     except (binascii.Error, UnicodeDecodeError, ValueError):
         pass
     raise ValidationError(
         f"cursor={cursor!r} is not a cursor this provider gave", field="cursor", value=cursor
     )
+
+
+def _identifier(text: str) -> bool:
+    return 1 <= len(text) <= 100 and "\x00" not in text
 
 
 def check_limit(limit: int) -> None:

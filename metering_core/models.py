@@ -537,6 +537,10 @@ class Page(_Model, Generic[T]):
 MAX_EVENTS_PER_PAGE = 1000
 """Stored events one page of `list_usage_events` may hold."""
 
+MAX_CURSOR_LENGTH = 1000
+"""A page cursor's length: memory's and sql's name an event by its id (up to 100
+characters, under 600 once encoded); another provider's are its own."""
+
 
 class EventQuery(_Model):
     """What `list_usage_events` asks for: one meter's stored events (named by `meter_id`
@@ -552,7 +556,7 @@ class EventQuery(_Model):
     """As in `UsageQuery`: a dimension -> the values it may have."""
     include_cancelled: bool = False
     limit: Annotated[int, Field(ge=1, le=MAX_EVENTS_PER_PAGE)] = 100
-    cursor: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    cursor: Annotated[str, Field(min_length=1, max_length=MAX_CURSOR_LENGTH)] | None = None
 
     @model_validator(mode="after")
     def _one_meter(self) -> Self:

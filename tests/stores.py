@@ -90,6 +90,11 @@ def postgres_server() -> Iterator[str]:
 @pytest.fixture
 def postgres_url(postgres_server: str) -> str:
     """A fresh, empty database on the private server."""
+    return new_database(postgres_server)
+
+
+def new_database(postgres_server: str) -> str:
+    """The URL of a new, empty database on the private server."""
     import asyncio
 
     import asyncpg

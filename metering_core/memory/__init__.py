@@ -293,14 +293,14 @@ class MemoryProvider(BaseProvider):
             candidates = heapq.merge(
                 *(s.listed(start, end, after) for s in _series_of(stored, _one(query)))
             )
-            page: list[tuple[int, int, StoredEvent]] = []
-            for micros, order, series, position in candidates:
+            page: list[tuple[int, str, StoredEvent]] = []
+            for micros, event_id, series, position in candidates:
                 value = series.values[position]
                 if (value is None and not query.include_cancelled) or admitted[
                     series.dimensions[position]
                 ] is None:
                     continue
-                page.append((micros, order, self._stored_event(series, position, value)))
+                page.append((micros, event_id, self._stored_event(series, position, value)))
                 if len(page) > query.limit:
                     break
         more = len(page) > query.limit

@@ -223,15 +223,21 @@ class Series:
         return True
 
     def listed(
-        self, start: int, end: int, after: tuple[int, int] | None
-    ) -> Iterator[tuple[int, int, Series, int]]:
-        """(time, order, series, position) of the events with start <= time < end after the
-        key `after`, in (time, order) order (ties in a series keep the order they came in)."""
+        self, start: int, end: int, after: tuple[int, str] | None
+    ) -> Iterator[tuple[int, str, Series, int]]:
+        """(time, id, series, position) of the events with start <= time < end after the
+        key `after`, in (time, id) order: events of one time are sorted by id here, as the
+        sql store's index orders them."""
         span = self.span(start, end)
-        first = span.start
+        position = span.start
         if after is not None and after[0] >= start:
-            first = max(first, bisect.bisect_left(self.times, after[0]))
-        for position in range(first, span.stop):
-            key = (self.times[position], self.order[position])
-            if after is None or key > after:
-                yield (*key, self, position)
+            position = max(position, bisect.bisect_left(self.times, after[0]))
+        times, ids = self.times, self.ids
+        while position < span.stop:
+            time, stop = times[position], position + 1
+            if stop < span.stop and times[stop] == time:
+                stop = bisect.bisect_right(times, time, stop, span.stop)
+            for event_id, at in sorted((ids[p], p) for p in range(position, stop)):
+                if after is None or (time, event_id) > after:
+                    yield time, event_id, self, at
+            position = stop

@@ -1,6 +1,6 @@
-"""Stored events of a meter, a page at a time: keyset pagination on (timestamp, sequence),
-so page 10,000 costs what page 1 does (the index is entered at the cursor, never counted
-up to it as OFFSET would)."""
+"""Stored events of a meter, a page at a time: keyset pagination on (timestamp, id), so
+page 10,000 costs what page 1 does (the index is entered at the cursor, never counted up
+to it as OFFSET would). Ids break ties in byte order, so every store lists alike."""
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ _COLUMNS = (
     sa.cast(events.c.dimensions, sa.Text).label("dimensions"),  # decoded once per distinct text
     events.c.cancelled,
     events.c.ingested_at,
-    events.c.seq,
 )
 
 
@@ -50,14 +49,10 @@ def events_statement(
         conditions.append(events.c.customer_id == query.customer_id)
     if not query.include_cancelled:
         conditions.append(events.c.cancelled == sa.false())
+    tie = events.c.id.collate("C") if dialect == "postgresql" else events.c.id  # SQLite: bytes
     if after is not None:
-        conditions.append(sa.tuple_(events.c.ts, events.c.seq) > sa.tuple_(*after))
-    return (
-        sa.select(*_COLUMNS)
-        .where(*conditions)
-        .order_by(events.c.ts, events.c.seq)
-        .limit(query.limit + 1)
-    )
+        conditions.append(sa.tuple_(events.c.ts, tie) > sa.tuple_(*after))
+    return sa.select(*_COLUMNS).where(*conditions).order_by(events.c.ts, tie).limit(query.limit + 1)
 
 
 _stored_event = Trusted(StoredEvent)
@@ -73,7 +68,7 @@ def event_page(rows: Sequence[Any], limit: int) -> Page[StoredEvent]:
     values: dict[Any, Decimal] = {}
     times: dict[int | None, Any] = {None: None}
     items = []
-    for event_id, event_name, customer_id, ts, value, text, cancelled, ingested, _ in page:
+    for event_id, event_name, customer_id, ts, value, text, cancelled, ingested in page:
         found = dimensions.get(text)
         if found is None:
             found = dimensions[text] = json.loads(text)
@@ -99,7 +94,7 @@ def event_page(rows: Sequence[Any], limit: int) -> Page[StoredEvent]:
         )
     return Page[StoredEvent](
         items=items,
-        next_cursor=None if last is None else encode_event_cursor(last.ts, last.seq),
+        next_cursor=None if last is None else encode_event_cursor(last.ts, last.id),
     )
 
 

@@ -138,6 +138,25 @@ def test_listing_pages_through_the_events_oldest_first(client: tuple[TestClient,
     assert [(e["id"], e["cancelled"]) for e in shown] == [("e2", False), ("e4", True)]
 
 
+def test_the_longest_cursor_a_store_gives_is_taken_back(client: tuple[TestClient, str]) -> None:
+    """An id of 100 four-byte characters, last on its page, makes a cursor of some 560
+    characters; the service takes it as the next request's `cursor`."""
+    http, meter = client
+    wide = "\U0001f600" * 100
+    event = {"id": wide, "event_name": "api_calls", "customer_id": "acme", "value": 32}
+    stamp = {"timestamp": "2026-03-01T09:00:00Z", "dimensions": {"region": "eu"}}
+    http.post("/usage", json={"events": [event | stamp]}, headers=ADMIN).raise_for_status()
+    first = http.get(
+        "/usage/events", params={**RANGE, "meter_id": meter, "limit": 1}, headers=ADMIN
+    )
+    assert [e["id"] for e in first.json()["items"]] == [wide]
+    assert len(first.json()["next_cursor"]) > 500
+    assert [e["id"] for e in pages(http, ADMIN, meter_id=meter)] == [
+        wide,
+        *(i for i, *_ in EVENTS),
+    ]
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [

@@ -746,6 +746,7 @@ def _listings(
                 EventQuery(meter_id=created.id, cursor=cursor, **query)
             )
             found.append(tuple(e.model_dump(exclude={"ingested_at"}) for e in page.items))
+            found.append((page.next_cursor,))  # the same events, the same cursors
             cursor = page.next_cursor
             if cursor is None:
                 await provider.aclose()

@@ -13,6 +13,7 @@ from pydantic import StringConstraints
 
 from metering_core.export import ExportFormat, export_keys, header, piece
 from metering_core.models import (
+    MAX_CURSOR_LENGTH,
     MAX_CUSTOMER_IDS,
     MAX_EVENTS_PER_PAGE,
     SLUG_PATTERN,
@@ -91,7 +92,7 @@ async def list_events(
     filter: FilterParam = None,  # the query parameter's name
     include_cancelled: bool = False,
     limit: Annotated[int, Query(ge=1, le=MAX_EVENTS_PER_PAGE)] = 100,
-    cursor: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    cursor: Annotated[str | None, Query(min_length=1, max_length=MAX_CURSOR_LENGTH)] = None,
 ) -> Page[StoredEvent]:
     """The events stored for a meter (`meter_id` or `event_name`), oldest first, a page at
     a time: the events behind a usage number. A tenant-bound key sees only its tenant's,
