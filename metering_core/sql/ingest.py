@@ -15,6 +15,7 @@ import functools
 import hashlib
 import itertools
 import json
+import operator
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, localcontext
@@ -58,7 +59,7 @@ def _sqlite_insert(count: int) -> str:
         "INSERT INTO events "
         "(id, meter_seq, event_name, customer_id, ts, value, dimensions, ingested_at) "
         f"VALUES {', '.join(['(?, ?, ?, ?, ?, ?, ?, ?)'] * count)} "
-        "ON CONFLICT (id) DO NOTHING RETURNING id"
+        "ON CONFLICT (id) DO NOTHING RETURNING id, seq"
     )
 
 
@@ -71,6 +72,17 @@ def _sqlite_owe(count: int) -> str:
     return (
         "INSERT INTO outbox (mirror, kind, event_id, created_at) "
         f"SELECT ?1, ?2, column1, ?3 FROM (VALUES {ids})"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _sqlite_owe_usage(count: int) -> str:
+    """As `_sqlite_owe` for stored events of one mirror and time (?1, ?2): each an (id,
+    seq) pair of parameters."""
+    pairs = ", ".join(f"(?{n}, ?{n + 1})" for n in range(3, 2 * count + 3, 2))
+    return (
+        "INSERT INTO outbox (mirror, kind, event_id, event_seq, created_at) "
+        f"SELECT ?1, 'usage', column1, column2, ?2 FROM (VALUES {pairs})"
     )
 
 
@@ -157,7 +169,7 @@ def _postgres_insert(checked: bool) -> str:
                    CAST({parameter("ingested")} AS bigint)
             FROM arrived ORDER BY id, n
             ON CONFLICT (id) DO NOTHING
-            RETURNING id, meter_seq, ts, value, dimensions
+            RETURNING seq, id, meter_seq, ts, value, dimensions
         ), rolled AS (
             INSERT INTO rollups AS r (meter_seq, bucket, digest, dimensions, count, total)
             SELECT meter_seq, bucket, md5(dimensions), dimensions, count(*), sum(value)
@@ -172,8 +184,8 @@ def _postgres_insert(checked: bool) -> str:
             ON CONFLICT (meter_seq, bucket, digest) DO UPDATE
             SET count = r.count + excluded.count, total = r.total + excluded.total
         ), owed AS (
-            INSERT INTO outbox (mirror, kind, event_id, created_at)
-            SELECT mirror, 'usage', id, CAST({parameter("ingested")} AS bigint)
+            INSERT INTO outbox (mirror, kind, event_id, event_seq, created_at)
+            SELECT mirror, 'usage', id, seq, CAST({parameter("ingested")} AS bigint)
             FROM inserted CROSS JOIN
                 jsonb_array_elements_text(CAST({parameter("mirrors")} AS jsonb)) AS m(mirror)
             ORDER BY id, mirror
@@ -279,11 +291,11 @@ async def insert_events(
             (event.id, seq, event.event_name, event.customer_id, micros, value, text, ingested)
         )
     driver = await Aiosqlite.under(connection)
-    inserted: set[str] = set()
+    inserted: dict[str, int] = {}  # id -> its seq in `events`
     for start in range(0, len(records), _SQLITE_ROWS):
         part = records[start : start + _SQLITE_ROWS]
         flat = tuple(itertools.chain.from_iterable(part))
-        inserted.update(row[0] for row in await driver.fetchall(_sqlite_insert(len(part)), flat))
+        inserted.update(await driver.fetchall(_sqlite_insert(len(part)), flat))
     if inserted and rolled_up:
         # Summed here rather than by a second statement over the new rows: SQLite would
         # call back into Python for every exact decimal anyway, at twice the cost.
@@ -296,8 +308,16 @@ async def insert_events(
                     kept.append((seq, record[4], event.value, event.dimensions))
         await add_to_rollups(connection, rollup_deltas(kept, sign=1))
     if inserted and mirrors:
-        await owe(connection, "usage", sorted(inserted), mirrors, at=ingested)
-    return inserted
+        stored = sorted(inserted.items(), key=_SEQ_OF)  # the order they lie in `events`
+        for mirror in mirrors:
+            for start in range(0, len(stored), _SQLITE_ROWS):
+                owing = stored[start : start + _SQLITE_ROWS]
+                owed = (mirror, ingested, *itertools.chain.from_iterable(owing))
+                await driver.fetchall(_sqlite_owe_usage(len(owing)), owed)
+    return set(inserted)
+
+
+_SEQ_OF = operator.itemgetter(1)
 
 
 async def owe(

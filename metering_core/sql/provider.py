@@ -673,7 +673,7 @@ class SqlProvider(BaseProvider):
         now = epoch_micros(datetime.now(UTC))
         async with self._transaction() as connection:
             chosen = sa.select(
-                sa.literal(mirror), sa.literal("usage"), events.c.id, sa.literal(now)
+                sa.literal(mirror), sa.literal("usage"), events.c.id, events.c.seq, sa.literal(now)
             ).where(
                 events.c.ts >= since,
                 events.c.ts < until,
@@ -696,7 +696,9 @@ class SqlProvider(BaseProvider):
             chosen = chosen.where(~held_by_repair(mirror))
             chosen = chosen.order_by(events.c.ts, events.c.seq)
             owed = await connection.execute(
-                sa.insert(outbox).from_select(["mirror", "kind", "event_id", "created_at"], chosen)
+                sa.insert(outbox).from_select(
+                    ["mirror", "kind", "event_id", "event_seq", "created_at"], chosen
+                )
             )
             await connection.execute(
                 sa.insert(mirror_backfills).values(mirror=mirror, start=since, end=until, at=now)
@@ -796,9 +798,8 @@ class SqlProvider(BaseProvider):
             if first.first() is None:
                 return 0  # recorded before
             named = list(notice.refused)
-            stored = set(
-                await connection.scalars(sa.select(events.c.id).where(events.c.id.in_(named)))
-            )
+            found = sa.select(events.c.id, events.c.seq).where(events.c.id.in_(named))
+            stored = {row.id: row.seq for row in await connection.execute(found)}
             known = set(
                 await connection.scalars(
                     sa.select(outbox.c.event_id).where(
@@ -813,6 +814,7 @@ class SqlProvider(BaseProvider):
                     "mirror": mirror,
                     "kind": "usage",
                     "event_id": event_id,
+                    "event_seq": stored[event_id],
                     "created_at": now,
                     "refused": reason,
                 }

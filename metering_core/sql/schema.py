@@ -131,6 +131,7 @@ outbox = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("claimed_until", sa.BigInteger),  # a forwarder's lease on the row
     sa.Column("refused", sa.Text),  # the mirror's reason: a mirror dead letter
+    sa.Column("event_seq", sa.BigInteger),  # usage: where the event lies in `events` (0009)
     sa.Index("outbox_owed", "mirror", "seq", postgresql_where=_OWED, sqlite_where=_OWED),
     sa.Index(
         "outbox_changes",

@@ -1507,6 +1507,67 @@ async def test_a_repair_recorded_before_0008_holds_what_was_stored_before_it_was
         )
 
 
+async def pairs(connection: Any, key: Any, value: Any, *where: Any) -> dict[Any, Any]:
+    return {row[0]: row[1] for row in await connection.execute(sa.select(key, value).where(*where))}
+
+
+USAGE_ROWS = outbox.c.kind == "usage"
+
+
+async def test_rows_owed_without_the_events_seq_are_read_by_id_beside_those_with_it(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """Rows owed before migration 0009, or by a process still on 0008, have no
+    `event_seq`: a pass holding both kinds reads those by id, and each event reaches the
+    mirror once (read by its seq alone, they were dead letters: "no longer stored")."""
+    await ledger.ingest_usage_events([event(n) for n in range(1, 9)])
+    await ledger.flush()
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    async with provider._transaction() as connection:
+        owed = await pairs(connection, outbox.c.event_id, outbox.c.event_seq, USAGE_ROWS)
+        stored = await pairs(connection, events.c.id, events.c.seq)
+        assert owed == stored  # as ingest writes them: each with its event's seq
+        await connection.execute(
+            sa.update(outbox)
+            .where(outbox.c.event_id.in_(["e2", "e5", "e8"]))
+            .values(event_seq=None)
+        )
+    await ledger.flush_mirrors(timeout=30)
+    assert (await ledger.mirror_status())[0].dead_letters == 0
+    assert await totals(mirror_service[1]) == await totals(ledger)
+    listed = await mirror_service[1].list_usage_events(
+        event_name="calls", start=AT, end=AT + timedelta(days=1)
+    )
+    assert sorted(e.id for e in listed.items) == sorted(f"e{n}" for n in range(1, 9))
+
+
+async def test_migration_0009_gives_rows_owed_before_it_their_events_seq(ledger_url: str) -> None:
+    """A store at 0008 owing events (rows with no `event_seq`), upgraded: each row has
+    its event's seq, and a row whose event is gone has none (the forwarder refuses it)."""
+    from alembic import command
+
+    from metering_core.sql.store import _config
+
+    provider = SqlProvider(SqlSettings(url=ledger_url, mirrors=billing("http://127.0.0.1:9")))
+    try:
+        await provider.create_meter(MeterCreate(event_name="calls"))
+        await provider.ingest_usage_events([event(n) for n in range(1, 5)])
+        async with provider._transaction() as connection:
+            await connection.run_sync(lambda c: command.downgrade(_config(c), "0008"))
+            await connection.execute(  # an event the ledger no longer holds, still owed
+                sa.insert(outbox).values(
+                    mirror="billing", kind="usage", event_id="gone", created_at=0
+                )
+            )
+            await connection.run_sync(lambda c: command.upgrade(_config(c), "head"))
+            owed = await pairs(connection, outbox.c.event_id, outbox.c.event_seq, USAGE_ROWS)
+            stored = await pairs(connection, events.c.id, events.c.seq)
+        assert owed == {**stored, "gone": None}
+    finally:
+        await provider.aclose()
+
+
 async def test_a_tenant_keys_events_reach_an_http_mirror_whose_key_may_replicate_them(
     ledger_url: str, mirror_service: tuple[str, AsyncMetering]
 ) -> None:
