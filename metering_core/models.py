@@ -544,8 +544,8 @@ characters, under 600 once encoded); another provider's are its own."""
 
 class EventQuery(_Model):
     """What `list_usage_events` asks for: one meter's stored events (named by `meter_id`
-    or `event_name`) with timestamps in [start, end), oldest first (ties in the order they
-    were stored), a page at a time."""
+    or `event_name`) with timestamps in [start, end), oldest first (events of one time by
+    id, in code-point order), a page at a time."""
 
     meter_id: Identifier | None = None
     event_name: Slug | None = None

@@ -577,7 +577,7 @@ class ProviderConformance:
         await self.ingest(provider, sent[:4])
         await self.ingest(provider, [*sent[4:], sent[0]])  # a duplicate is stored once
         everything = await self.listed(provider, meter)
-        expected = sorted(sent, key=lambda e: e.timestamp)  # stable: ties in stored order
+        expected = sorted(sent, key=lambda e: (e.timestamp, e.id))  # ties by id
         assert [e.id for e in everything] == [e.id for e in expected]
         first = everything[0]
         assert (first.event_name, first.customer_id, first.value, first.dimensions) == (
