@@ -328,8 +328,9 @@ async def owe(
     *,
     at: int,
 ) -> None:
-    """Owe each mirror these events (`kind` "usage") or their cancellation ("cancel"), in
-    the transaction that stored or cancelled them."""
+    """Owe each mirror these events' cancellation (`kind` "cancel"), or a meter's or a
+    customer's change, in the transaction that made it (stored events are owed as they
+    are inserted, with their seq)."""
     if not event_ids or not mirrors:
         return
     if connection.dialect.name != "postgresql":  # straight through aiosqlite, as the events

@@ -182,16 +182,16 @@ _HELD_EVENTS = """
     WHERE o.mirror = :mirror AND o.refused IS NULL AND o.seq BETWEEN :first AND :last
       AND o.claimed_until = :until AND o.kind = 'usage'
     """
-_EVENTS = sa.text(_HELD_EVENTS.format(joined="e.seq = o.event_seq"))
+_EVENTS = sa.text(_HELD_EVENTS.format(joined="e.seq = o.event_seq AND e.id = o.event_id"))
 """The stored events of the usage rows a pass holds: read through its lease (its token
 and seq range, in the owed rows' index), not a list of thousands of ids, and each by the
-events' primary key (by their text ids it cost PostgreSQL half again as much)."""
+events' primary key (by their text ids it cost PostgreSQL half again as much). The id
+must match too: a seq that named another event (a store copied with its events
+renumbered) sends nothing rather than the wrong event."""
 
-_EVENTS_BY_ID = sa.text(
-    _HELD_EVENTS.format(joined="e.id = o.event_id") + " AND o.event_seq IS NULL"
-)
-"""Those of rows owed without the event's seq (before migration 0009, or by a process
-still on 0008); asked only when the first read missed some."""
+_EVENTS_BY_ID = sa.text(_HELD_EVENTS.format(joined="e.id = o.event_id"))
+"""The same by id alone, for a pass the first read missed some of: rows owed without
+the event's seq (by a process still on 0008) or with a wrong one."""
 
 
 REFUSED_METERS = (
@@ -544,7 +544,7 @@ class Forwarder:
         async with self._transaction(writes=False) as connection:
             rows = await rows_of(connection, _EVENTS, parameters, alone=True)
             if len({row[0] for row in rows}) < len(owed):  # a row may be owed twice
-                rows = [*rows, *await rows_of(connection, _EVENTS_BY_ID, parameters, alone=True)]
+                rows = await rows_of(connection, _EVENTS_BY_ID, parameters, alone=True)
         values: dict[Any, Decimal] = {}  # an exact value, and dimensions, decoded once each
         dimensions: dict[str, dict[str, str]] = {}
         live: dict[str, UsageEvent] = {}

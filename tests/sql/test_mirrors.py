@@ -1517,9 +1517,11 @@ USAGE_ROWS = outbox.c.kind == "usage"
 async def test_rows_owed_without_the_events_seq_are_read_by_id_beside_those_with_it(
     ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
 ) -> None:
-    """Rows owed before migration 0009, or by a process still on 0008, have no
-    `event_seq`: a pass holding both kinds reads those by id, and each event reaches the
-    mirror once (read by its seq alone, they were dead letters: "no longer stored")."""
+    """Rows owed by a process still on 0008 have no `event_seq`, and a store copied with
+    its events renumbered would have wrong ones: a pass holding such rows beside sound
+    ones reads its events by id, and each event reaches the mirror once (read by seq
+    alone, the first were dead letters, "no longer stored", and the last sent another
+    event)."""
     await ledger.ingest_usage_events([event(n) for n in range(1, 9)])
     await ledger.flush()
     provider = ledger.provider
@@ -1533,6 +1535,9 @@ async def test_rows_owed_without_the_events_seq_are_read_by_id_beside_those_with
             .where(outbox.c.event_id.in_(["e2", "e5", "e8"]))
             .values(event_seq=None)
         )
+        await connection.execute(  # e3's row names e4's place
+            sa.update(outbox).where(outbox.c.event_id == "e3").values(event_seq=stored["e4"])
+        )
     await ledger.flush_mirrors(timeout=30)
     assert (await ledger.mirror_status())[0].dead_letters == 0
     assert await totals(mirror_service[1]) == await totals(ledger)
@@ -1540,6 +1545,28 @@ async def test_rows_owed_without_the_events_seq_are_read_by_id_beside_those_with
         event_name="calls", start=AT, end=AT + timedelta(days=1)
     )
     assert sorted(e.id for e in listed.items) == sorted(f"e{n}" for n in range(1, 9))
+
+
+async def test_a_row_whose_seq_names_an_event_it_does_not_owe_sends_its_own(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """A seq naming another event (a store copied with its events renumbered), one this
+    pass does not owe: the mirror gets the owed event, not that one."""
+    await ledger.ingest_usage_events([event(n) for n in range(1, 5)])
+    await ledger.flush()
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    async with provider._transaction() as connection:
+        stored = await pairs(connection, events.c.id, events.c.seq)
+        await connection.execute(sa.delete(outbox).where(outbox.c.event_id == "e4"))  # sent
+        await connection.execute(
+            sa.update(outbox).where(outbox.c.event_id == "e3").values(event_seq=stored["e4"])
+        )
+    await ledger.flush_mirrors(timeout=30)
+    listed = await mirror_service[1].list_usage_events(
+        event_name="calls", start=AT, end=AT + timedelta(days=1)
+    )
+    assert [e.id for e in listed.items] == ["e1", "e2", "e3"]
 
 
 async def test_migration_0009_gives_rows_owed_before_it_their_events_seq(ledger_url: str) -> None:

@@ -3,6 +3,9 @@ reads the events of a pass by their primary key, a range of it, rather than look
 up by its id (a second index, of text: two thirds of the read on PostgreSQL). Rows owed
 before this revision are given theirs here; a row without one (an event gone, or a row
 written by a process still on the previous revision) is read by its id, as before.
+On PostgreSQL the column's lock is held while the rows are filled, and ingest (which
+writes outbox rows) waits for it: upgrade when the outbox is short, not while it holds a
+long outage's backlog.
 
 Revision ID: 0009
 Revises: 0008
