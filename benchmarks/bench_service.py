@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -443,22 +443,30 @@ CEILING_OF = {"sql": "ceiling-sqlite", "sql-postgres": "ceiling-postgres"}
 
 
 def measure(
-    kinds: list[str], cells: list[tuple[int, int]], seconds: float, postgres: str | None
-) -> dict[tuple[str, int, int], dict[str, float]]:
-    results: dict[tuple[str, int, int], dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as data:
-        for kind in kinds:
-            with server(kind, Path(data), postgres) as port:
-                service = kind not in (*ECHOES, NO_STORE, *CEILINGS)
-                if service:
-                    create_meter(port)
-                sent = 0
-                for batch, clients in cells:
-                    run = f"{kind}-{batch}-{clients}"
-                    figures = results[kind, batch, clients] = client(
-                        port, batch, clients, seconds, run
-                    )
-                    sent += int(figures["events"])
+    kinds: list[str],
+    cells: list[tuple[int, int]],
+    seconds: float,
+    postgres: str | None,
+    rounds: int,
+) -> dict[tuple[str, int, int], list[dict[str, float]]]:
+    """Each server's figures per cell, one a round. Every server runs from the start; in a
+    round each cell is measured on each server in turn, so a service and its ceiling are
+    measured seconds apart, not minutes: this machine's speed drifts by half within an
+    hour, and a ratio of figures taken minutes apart measured the drift as much."""
+    results: dict[tuple[str, int, int], list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as data, ExitStack() as servers:
+        ports = {kind: servers.enter_context(server(kind, Path(data), postgres)) for kind in kinds}
+        services = [kind for kind in kinds if kind not in (*ECHOES, NO_STORE, *CEILINGS)]
+        for kind in services:
+            create_meter(ports[kind])
+        sent = dict.fromkeys(kinds, 0)
+        for turn in range(rounds):
+            for batch, clients in cells:
+                for kind in kinds:
+                    run = f"{kind}-{batch}-{clients}-{turn}"
+                    figures = client(ports[kind], batch, clients, seconds, run)
+                    results.setdefault((kind, batch, clients), []).append(figures)
+                    sent[kind] += int(figures["events"])
                     print(
                         f"{kind:>16}  batch {batch:>3}  clients {clients:>2}  "
                         f"{figures['events_per_s']:>9,.0f} events/s  "
@@ -466,8 +474,8 @@ def measure(
                         f"/health p99 {figures['health_p99_ms']:6.1f} ms",
                         flush=True,
                     )
-                if service:
-                    print(f"{kind:>16}  {counted(port, sent)}", flush=True)
+        for kind in services:
+            print(f"{kind:>16}  {counted(ports[kind], sent[kind])}", flush=True)
     return results
 
 
@@ -479,7 +487,7 @@ def counted(port: int, sent: int) -> str:
             "connection: close\r\n\r\n".encode()
         )
         text = b"".join(iter(lambda: sock.recv(65536), b"")).decode()
-    figures = {}
+    figures: dict[str, float] = {}
     for line in text.splitlines():
         for name in ("metering_events_ingested_total", "metering_pipeline_events_settled_total"):
             if line.startswith(name):
@@ -488,8 +496,8 @@ def counted(port: int, sent: int) -> str:
     return f"sent {sent:,}; /metrics: {shown or 'no counters found'}"
 
 
-def report(results: dict[tuple[str, int, int], dict[str, float]], kinds: list[str]) -> None:
-    print("\nratio to each ceiling (events/s), and p99/p50, same run:")
+def report(results: dict[tuple[str, int, int], list[dict[str, float]]], kinds: list[str]) -> None:
+    print("\nratio to each ceiling (events/s): the median of the rounds' (range), and p99/p50:")
     for kind, batch, clients in results:
         if kind in (*ECHOES, *CEILINGS):
             continue
@@ -498,9 +506,15 @@ def report(results: dict[tuple[str, int, int], dict[str, float]], kinds: list[st
         ceilings = [CEILING_OF[kind]] if kind in CEILING_OF else list(ECHOES)
         for ceiling_kind in ceilings:
             if (ceiling_kind, batch, clients) in results:
-                ceiling = results[ceiling_kind, batch, clients]["events_per_s"]
-                line += f"{ours['events_per_s'] / ceiling:5.2f}x {ceiling_kind}  "
-        line += f"p99/p50 {ours['p99_ms'] / ours['p50_ms']:4.1f}"
+                theirs = results[ceiling_kind, batch, clients]
+                ratios = sorted(
+                    mine["events_per_s"] / ceiling["events_per_s"]
+                    for mine, ceiling in zip(ours, theirs, strict=True)
+                )
+                line += f"{statistics.median(ratios):5.2f}x {ceiling_kind} "
+                line += f"({ratios[0]:.2f}-{ratios[-1]:.2f})  " if len(ratios) > 1 else " "
+        spreads = [run["p99_ms"] / run["p50_ms"] for run in ours]
+        line += f"p99/p50 {max(spreads):4.1f}"
         print(line)
 
 
@@ -514,6 +528,7 @@ def main() -> None:
         help="batch x clients, comma-separated (default: every pair of 1, 25, 500 x 1, 4, 16)",
     )
     parser.add_argument("--postgres", help="a PostgreSQL server URL, for *-postgres servers")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds over every cell and server")
     parser.add_argument("--app-server", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=5, help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -539,7 +554,7 @@ def main() -> None:
     print(f"metering-core service benchmark, {datetime.now(UTC):%Y-%m-%d}")
     kinds = options.servers.split(",")
     cells = [(int(b), int(c)) for b, c in (cell.split("x") for cell in options.cells.split(","))]
-    report(measure(kinds, cells, options.seconds, options.postgres), kinds)
+    report(measure(kinds, cells, options.seconds, options.postgres, options.rounds), kinds)
 
 
 if __name__ == "__main__":
