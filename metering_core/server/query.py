@@ -1,6 +1,7 @@
 """Query parameters a route does not declare are refused (422, naming the parameter), as
 unknown body fields are: a misspelt `?customer=acme` would otherwise be ignored, and the
-answer would silently cover every customer."""
+answer would silently cover every customer. On a route that needs a key the caller is
+known first: a request without one is answered 401, whatever its query says."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from metering_core.client import AsyncMetering
 from metering_core.errors import NotFoundError, ValidationError
 from metering_core.filters import parse_filters as filters_from_text
 from metering_core.models import Meter
+from metering_core.server.callers import caller, identify
 
 __all__ = [
     "FILTER_PATTERN",
@@ -58,6 +60,11 @@ def _takes_many(annotation: Any) -> bool:
     return any(_takes_many(arg) for arg in typing.get_args(annotation) if arg is not type(None))
 
 
+def _needs_caller(dependant: Any) -> bool:
+    """Whether a route (through its dependencies) asks who is calling."""
+    return dependant.call is caller or any(_needs_caller(sub) for sub in dependant.dependencies)
+
+
 def _declared(dependant: Any) -> tuple[frozenset[str], frozenset[str]]:
     """The query parameters a route (its dependencies included) declares, and those of
     them that take several values."""
@@ -74,15 +81,25 @@ def _declared(dependant: Any) -> tuple[frozenset[str], frozenset[str]]:
 
 async def known_query_only(request: Request) -> None:
     """A dependency: the request's query names only parameters its route declares, each
-    once unless it takes several (worked out once per route, and kept on it)."""
+    once unless it takes several (worked out once per route, and kept on it); on a route
+    that needs a key, asked after the key (a 422 would tell a caller without one what
+    the route takes)."""
     route = request.scope.get("route")
-    declared: tuple[frozenset[str], frozenset[str]] | None = getattr(route, "metering_query", None)
-    if declared is None:
+    checks: tuple[bool, frozenset[str], frozenset[str]] | None = getattr(
+        route, "metering_query", None
+    )
+    if checks is None:
         dependant = getattr(route, "dependant", None)
-        declared = _declared(dependant) if dependant is not None else (frozenset(), frozenset())
+        if dependant is None:
+            checks = (False, frozenset(), frozenset())
+        else:
+            checks = (_needs_caller(dependant), *_declared(dependant))
         if route is not None:
-            route.metering_query = declared
-    refuse_unknown_query(request, *declared)
+            route.metering_query = checks
+    keyed, known, repeatable = checks
+    if keyed:
+        identify(request.scope)
+    refuse_unknown_query(request, known, repeatable)
 
 
 def parse_filters(given: list[str] | None) -> dict[str, list[str]]:

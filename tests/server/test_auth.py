@@ -53,6 +53,24 @@ def test_a_missing_or_unknown_key_is_401(client: TestClient) -> None:
     assert client.get("/meters", headers={"Authorization": "Bearer guess"}).status_code == 401
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/meters", "/usage/events", "/usage/events/export", "/usage/some-meter", "/mirrors"],
+)
+@pytest.mark.parametrize("authorization", [None, "Bearer guess"])
+def test_a_query_a_route_does_not_take_is_refused_only_after_the_key(
+    client: TestClient, path: str, authorization: str | None
+) -> None:
+    """Without a known key the answer is 401, whatever the query: a 422 naming what the
+    route takes was an answer to a caller with no right to one. A route with no key
+    (`/health`) still refuses the parameter."""
+    headers = {"Authorization": authorization} if authorization else {}
+    answer = client.get(path, params={"customer": "acme", "limit": "x"}, headers=headers)
+    assert answer.status_code == 401, answer.text
+    assert client.get(path, params={"customer": "acme"}, headers=ADMIN).status_code == 422
+    assert client.get("/health", params={"customer": "acme"}).status_code == 422
+
+
 def test_a_key_without_the_scope_is_403_and_says_which(client: TestClient) -> None:
     response = client.post(
         "/meters", json={"event_name": "x"}, headers={"Authorization": "Bearer reader"}

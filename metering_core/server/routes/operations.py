@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from metering_core.interface import Capabilities, Ledger
 from metering_core.models import MirrorStatus
-from metering_core.server.callers import Caller, identify
+from metering_core.server.auth import Principal
+from metering_core.server.callers import Caller, identify, needs
 from metering_core.server.metrics import CONTENT_TYPE
 from metering_core.server.query import known_query_only
 from metering_core.server.schemas import Health
@@ -16,6 +17,7 @@ from metering_core.server.service import Service, service
 
 router = APIRouter(dependencies=[Depends(known_query_only)])
 Shared = Annotated[Service, Depends(service)]
+Operator = Annotated[Principal, Depends(needs("metrics:read"))]
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -29,10 +31,9 @@ async def prometheus(request: Request, shared: Shared) -> Response:
 
 
 @router.get("/mirrors", response_model=list[MirrorStatus])
-async def mirrors(request: Request, shared: Shared) -> list[MirrorStatus]:
+async def mirrors(_: Operator, shared: Shared) -> list[MirrorStatus]:
     """What the ledger still owes each of its mirrors: outbox depth, the oldest row's
     age, dead letters (scope `metrics:read`; empty when the store has no mirrors)."""
-    identify(request.scope).need("metrics:read")
     provider = shared.metering.provider
     if not (isinstance(provider, Ledger) and provider.mirrored):
         return []
