@@ -112,6 +112,11 @@ class Capabilities(BaseModel):
     point (Stripe): a sum of many fractional values differs from the exact one in about
     its fifteenth significant digit, more as events add up, and reconcile compares its
     sums to the ledger's within a billionth (`reconcile.FLOAT_SUM_AGREEMENT`)."""
+    processing_delay: timedelta | None = None
+    """How long after accepting an event its usage may not show it yet (Stripe aggregates
+    asynchronously); `None`: at once. A ledger's reconcile holds a cell `pending` while
+    events of its window were delivered within it, and repairs it only after: a repair
+    sent meanwhile would be billed beside the events still being processed."""
 
     def supports(self, operation: Operation | str) -> bool:
         return Operation(operation) in self.operations

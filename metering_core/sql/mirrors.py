@@ -21,7 +21,7 @@ import operator
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -52,7 +52,7 @@ from metering_core.sql.mirror_sync import (
     sync_meter,
 )
 from metering_core.sql.rows import Transaction, Trusted
-from metering_core.sql.schema import events, meters, outbox
+from metering_core.sql.schema import events, meters, mirror_deliveries, outbox
 
 __all__ = ["IDLE", "LEASE", "PASSES", "REFUSED_METERS", "Forwarder", "build_mirrors"]
 
@@ -296,7 +296,7 @@ class Forwarder:
     async def _pass(self, mirror: str, limit: int | None) -> int:
         provider = self.mirrors[mirror]
         try:
-            size = limit or (await provider.load_capabilities()).max_batch_size
+            capabilities = await provider.load_capabilities()
         except Exception as exc:  # the mirror cannot even say its batch size: down
             if mirror not in self._down:  # once per outage, not once per pass
                 logger.warning("mirror %r is unavailable (%s); its rows wait", mirror, exc)
@@ -305,6 +305,7 @@ class Forwarder:
         if mirror in self._down:
             self._down.discard(mirror)
             logger.warning("mirror %r is reachable again; forwarding what it is owed", mirror)
+        size = limit or capabilities.max_batch_size
         now = _now()
         lease = self.lease
         # The lease's end is also the pass's token, so it has a random part (under a
@@ -321,6 +322,7 @@ class Forwarder:
         held = _Held(mirror, until, seqs[0], seqs[-1])
         delivered: list[int] = []
         refused: dict[int, str] = {}
+        span: tuple[int, int] | None = None  # of the events' times the mirror took
         try:
             # Within the lease, or another forwarder could take these rows while they
             # are still being sent; what is not settled by then is taken again later.
@@ -331,7 +333,7 @@ class Forwarder:
                 else:
                     usage = {event_id: seq for seq, kind, event_id in leased if kind == "usage"}
                     cancels = {event_id: seq for seq, kind, event_id in leased if kind == "cancel"}
-                    delivered, refused = await self._send_usage(held, provider, usage)
+                    delivered, refused, span = await self._send_usage(held, provider, usage)
                     cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
                     delivered.extend(cancelled)
                     refused.update(cancel_refused)
@@ -348,7 +350,9 @@ class Forwarder:
         retry = [seq for seq in seqs if seq not in settled]
         taken = {*delivered}
         superseding = [_Owed._make(row) for row in leased if changes and row[0] in taken]
-        await self._settle(held, delivered, refused, retry, superseding)
+        processing = capabilities.processing_delay
+        shown_after = None if span is None or processing is None else (span, processing)
+        await self._settle(held, delivered, refused, retry, superseding, shown_after)
         if retry:
             self._cursor.restart(mirror)  # given back: behind the cursor
         for outcome, rows in (("delivered", delivered), ("refused", refused)):
@@ -418,15 +422,16 @@ class Forwarder:
 
     async def _send_usage(
         self, held: _Held, provider: IMetering, owed: Mapping[str, int]
-    ) -> tuple[list[int], dict[int, str]]:
-        """Deliver the events; the rows delivered and those refused (with the reason).
+    ) -> tuple[list[int], dict[int, str], tuple[int, int] | None]:
+        """Deliver the events; the rows delivered and those refused (with the reason),
+        and the span of the times of the events the mirror took (None: none).
         A row whose delivery gave up (the mirror failing, not refusing) is in neither,
         and is taken again by a later pass. An event cancelled here meanwhile is not
         sent (a dead letter retried after its cancel would count it), and an event of a
         meter the mirror refused is refused with it: sent, it would be billed by another
         aggregation, or the mirror's meter of that name might not be the ledger's."""
         if not owed:
-            return [], {}
+            return [], {}, None
         live, cancelled = await self._events(held, owed)
         withheld = await self._refused_meters(held.mirror)
         delivered = [owed[i] for i in cancelled]  # nothing left to send
@@ -442,11 +447,13 @@ class Forwarder:
                 sending.append(event)
         policy = DeliveryPolicy(provider, self._settings, durable=False)
         result = await policy.settle(sending)
-        delivered.extend(owed[i] for i in (*result.accepted, *result.duplicates))
+        taken = [*result.accepted, *result.duplicates]
+        delivered.extend(owed[i] for i in taken)
         for event_id, reason in result.rejected.items():
             if not reason.startswith(GAVE_UP):
                 refused[owed[event_id]] = reason
-        return delivered, refused
+        times = [epoch_micros(live[i].timestamp) for i in taken if i in live]
+        return delivered, refused, (min(times), max(times)) if times else None
 
     async def _refused_meters(self, mirror: str) -> dict[str, str]:
         """Event names of the ledger meters `mirror` refused (dead letters), and why."""
@@ -591,12 +598,30 @@ class Forwarder:
         refused: Mapping[int, str],
         retry: Sequence[int],
         superseding: Sequence[_Owed] = (),
+        shown_after: tuple[tuple[int, int], timedelta] | None = None,
     ) -> None:
         """Mark what happened to each leased row, and release those to try again; only
         rows this pass still holds (its lease): a row another forwarder took after the
         lease ran out is that forwarder's to mark. The rows still held after that are
-        the ones delivered, deleted through the lease rather than a list of seqs."""
+        the ones delivered, deleted through the lease rather than a list of seqs. With
+        `shown_after` (the delivered events' span of times, and the mirror's processing
+        delay), the delivery is recorded in the same transaction, for reconcile: a window
+        it touches is not repaired while the mirror may still be processing it."""
         async with self._transaction() as connection:
+            if shown_after is not None and delivered:
+                (first, last), delay = shown_after
+                now = _now()
+                await connection.execute(
+                    sa.insert(mirror_deliveries).values(
+                        mirror=held.mirror, delivered_at=now, first_ts=first, last_ts=last
+                    )
+                )
+                await connection.execute(
+                    sa.delete(mirror_deliveries).where(
+                        mirror_deliveries.c.mirror == held.mirror,
+                        mirror_deliveries.c.delivered_at < now - int(delay.total_seconds() * 1e6),
+                    )
+                )
             for seq, reason in refused.items():
                 await connection.execute(
                     sa.update(outbox)

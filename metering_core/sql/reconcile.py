@@ -3,7 +3,8 @@
 Both sides are asked the same question (the meter's aggregation over the same windows,
 per customer), and each cell is compared exactly: equal, short (the mirror would
 invoice less), over (more), pending (different, while the ledger still owes the mirror
-events of that cell), or not comparable (the mirror cannot answer: a window, an
+events of that cell, or delivered some within the mirror's processing delay:
+`Capabilities.processing_delay`), or not comparable (the mirror cannot answer: a window, an
 aggregation or a meter it does not have, or a meter of another aggregation). A mirror
 that answers one customer at a time is asked for each customer the ledger has events of,
 so usage of a customer the ledger never saw is visible only on mirrors that group by
@@ -47,7 +48,14 @@ from metering_core.models import (
     Window,
 )
 from metering_core.sql.rows import Transaction
-from metering_core.sql.schema import events, meters, mirror_meters, mirror_repairs, outbox
+from metering_core.sql.schema import (
+    events,
+    meters,
+    mirror_deliveries,
+    mirror_meters,
+    mirror_repairs,
+    outbox,
+)
 
 __all__ = ["DRIFT", "REPAIR_SETTLE", "held_by_repair", "reconcile"]
 
@@ -254,6 +262,34 @@ async def _repairs(
     return _Repairs(found, datetime.now(UTC))
 
 
+class _Processing:
+    """The spans of event times delivered to a mirror within its processing delay of now:
+    a window that touches one may not show them there yet."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
+        self.spans = spans
+
+    def touches(self, start: datetime, end: datetime) -> bool:
+        since, until = epoch_micros(start), epoch_micros(end)
+        return any(first < until and last >= since for first, last in self.spans)
+
+
+async def _processing(
+    transaction: Transaction, mirror: str, delay: timedelta | None
+) -> _Processing:
+    """Read after the mirror answered: a delivery settled before then may be in its
+    answer or not yet; one settled after was owed when `_unsent` read, so its window is
+    pending anyway."""
+    if delay is None:
+        return _Processing(())
+    statement = sa.select(mirror_deliveries.c.first_ts, mirror_deliveries.c.last_ts).where(
+        mirror_deliveries.c.mirror == mirror,
+        mirror_deliveries.c.delivered_at >= epoch_micros(datetime.now(UTC) - delay),
+    )
+    async with transaction(writes=False) as connection:
+        return _Processing([(row[0], row[1]) for row in await connection.execute(statement)])
+
+
 class _Times:
     """Sorted times of one customer's unsent events: is any inside a window?"""
 
@@ -380,6 +416,7 @@ async def reconcile(
         # A cell whose total moved meanwhile is pending.
         again = await _usage(ledger, query, (), grouped=True)
         moved = {key for key in {*ours, *again} if ours.get(key) != again.get(key)}
+        processing = await _processing(transaction, mirror_name, capabilities.processing_delay)
         waiting: dict[tuple[str, bool], _Times] = {}
         for customer, ts, refused in unsent:
             waiting.setdefault((customer, refused), _Times()).times.append(ts)
@@ -399,7 +436,8 @@ async def reconcile(
                 refused=waiting.get((key[0], True), none).within(key[1], closes),
                 pending=key in moved
                 or waiting.get((key[0], False), none).within(key[1], closes)
-                or repaired.lately(meter.id, key[0], key[1], closes),
+                or repaired.lately(meter.id, key[0], key[1], closes)
+                or processing.touches(key[1], closes),
             )
             cells.append(
                 ReconcileCell(

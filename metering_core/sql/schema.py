@@ -19,6 +19,7 @@ __all__ = [
     "metadata",
     "meters",
     "mirror_backfills",
+    "mirror_deliveries",
     "mirror_meters",
     "mirror_notices",
     "mirror_repairs",
@@ -183,6 +184,22 @@ mirror_repairs = sa.Table(
 repaired lately is not repaired again until the mirror has had time to show it, and the
 events of the cell up to `counted_through` are not sent again (the correction holds
 them)."""
+
+mirror_deliveries = sa.Table(
+    "mirror_deliveries",
+    metadata,
+    sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
+    sa.Column("mirror", sa.String(100), nullable=False),
+    sa.Column("delivered_at", sa.BigInteger, nullable=False),
+    sa.Column("first_ts", sa.BigInteger, nullable=False),
+    sa.Column("last_ts", sa.BigInteger, nullable=False),
+    sa.Index("mirror_deliveries_at", "mirror", "delivered_at"),
+    sqlite_autoincrement=True,
+)
+"""When a forwarder's pass delivered events to a mirror that shows them only after a
+processing delay (`Capabilities.processing_delay`: Stripe), and the span of their
+timestamps: reconcile holds the windows they fall in `pending` until the delay has
+passed. One row a pass, written as its rows are settled; kept for the delay (0010)."""
 
 mirrors = sa.Table(
     "mirrors",

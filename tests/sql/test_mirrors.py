@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from metering_core import (
     AsyncMetering,
+    Capabilities,
     CellStatus,
     ConfigurationError,
     IngestResult,
@@ -41,7 +42,13 @@ from metering_core.memory import MemoryProvider
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings, mirrors
 from metering_core.sql.provider import SqlProvider
-from metering_core.sql.schema import events, mirror_meters, mirror_repairs, outbox
+from metering_core.sql.schema import (
+    events,
+    mirror_deliveries,
+    mirror_meters,
+    mirror_repairs,
+    outbox,
+)
 from metering_core.testing.serving import serve_in_thread
 from tests.forks import said_in_a_child
 
@@ -1368,6 +1375,65 @@ async def test_a_cancellation_still_owed_makes_its_cell_pending_and_its_loss_is_
     assert cell.ledger - cell.mirror == event(3).value
     [cell] = (await ledger.reconcile("billing", **span)).cells
     assert cell.status is CellStatus.equal
+
+
+async def test_a_window_delivered_to_within_the_mirrors_processing_delay_is_not_repaired(
+    ledger: AsyncMetering,
+    mirror_service: tuple[str, AsyncMetering],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A mirror that shows what it took only after a delay (Stripe aggregates
+    asynchronously): a reconcile right after delivery read the window short, and a repair
+    then was billed beside the events once the mirror caught up. A window events were
+    delivered to within the delay is pending; one delivered to before it, short of an
+    event the mirror lost, is repaired; and once the delay has passed, so is the first."""
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    await ledger.ingest_usage_events([event(1), event(2), event(4000)])  # hours 1 and 2
+    await ledger.flush_mirrors(timeout=30)
+
+    async def deliveries() -> int:
+        async with provider._transaction(writes=False) as connection:
+            return int(
+                await connection.scalar(sa.select(sa.func.count()).select_from(mirror_deliveries))
+            )
+
+    assert await deliveries() == 0  # a mirror that shows at once: nothing to wait for
+    stated = await mirror.load_capabilities()
+    delayed = stated.model_copy(update={"processing_delay": timedelta(minutes=5)})
+
+    async def delaying() -> Capabilities:
+        return delayed
+
+    monkeypatch.setattr(mirror, "load_capabilities", delaying)
+
+    async def age(minutes: int) -> None:
+        async with provider._transaction() as connection:
+            await connection.execute(
+                sa.update(mirror_deliveries).values(
+                    delivered_at=mirror_deliveries.c.delivered_at - minutes * 60 * 10**6
+                )
+            )
+
+    await ledger.ingest_usage_events([event(3)])  # hour 1 again, delivered now
+    await ledger.flush_mirrors(timeout=30)
+    assert await deliveries() == 1
+    await mirror.cancel_usage_events(["e1", "e4000"])  # e1 not shown yet; e4000 lost
+    span = {"start": AT, "end": AT + timedelta(hours=2), "window": "hour"}
+    first = await ledger.reconcile("billing", **span, repair=True)
+    assert [(c.start - AT, c.status, c.repaired) for c in first.cells] == [
+        (timedelta(0), CellStatus.pending, False),
+        (timedelta(hours=1), CellStatus.short, True),
+    ]
+
+    await age(6)  # the delay has passed since hour 1 was delivered to
+    second = await ledger.reconcile("billing", **span, repair=True)
+    assert [(c.start - AT, c.status, c.repaired) for c in second.cells] == [
+        (timedelta(0), CellStatus.short, True),
+        (timedelta(hours=1), CellStatus.equal, False),  # the correction shows here at once
+    ]
+    assert await totals(mirror_service[1]) == await totals(ledger)
 
 
 async def test_two_reconciles_repairing_at_once_in_other_windows_send_the_shortfall_once(

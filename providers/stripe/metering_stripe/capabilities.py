@@ -7,10 +7,13 @@ from datetime import timedelta
 from metering_core.interface import Capabilities
 from metering_core.models import Aggregation, Window
 
-__all__ = ["CAPABILITIES", "FORMULAS", "MAX_AGE", "MAX_AHEAD"]
+__all__ = ["CAPABILITIES", "FORMULAS", "MAX_AGE", "MAX_AHEAD", "PROCESSING_DELAY"]
 
 FORMULAS = {Aggregation.SUM: "sum", Aggregation.COUNT: "count", Aggregation.LATEST: "last"}
 MAX_AGE, MAX_AHEAD = timedelta(days=35), timedelta(minutes=5)
+PROCESSING_DELAY = timedelta(hours=1)
+"""Meter events are aggregated asynchronously and event summaries are eventually
+consistent (Stripe: usually minutes); an hour is the margin a reconcile waits."""
 
 CAPABILITIES = Capabilities(
     aggregations=frozenset(FORMULAS),
@@ -25,4 +28,5 @@ CAPABILITIES = Capabilities(
     dedupe_window=timedelta(hours=24),
     cancel_window=timedelta(hours=24),
     exact_sums=False,  # aggregated_value is a float
+    processing_delay=PROCESSING_DELAY,
 )
