@@ -333,7 +333,9 @@ class Forwarder:
                 else:
                     usage = {event_id: seq for seq, kind, event_id in leased if kind == "usage"}
                     cancels = {event_id: seq for seq, kind, event_id in leased if kind == "cancel"}
-                    delivered, refused, span = await self._send_usage(held, provider, usage)
+                    delivered, refused, span = await self._send_usage(
+                        held, provider, usage, spanned=capabilities.processing_delay is not None
+                    )
                     cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
                     delivered.extend(cancelled)
                     refused.update(cancel_refused)
@@ -421,10 +423,11 @@ class Forwarder:
         return await sync_customer(mirror, provider, key, customer)
 
     async def _send_usage(
-        self, held: _Held, provider: IMetering, owed: Mapping[str, int]
+        self, held: _Held, provider: IMetering, owed: Mapping[str, int], *, spanned: bool
     ) -> tuple[list[int], dict[int, str], tuple[int, int] | None]:
         """Deliver the events; the rows delivered and those refused (with the reason),
-        and the span of the times of the events the mirror took (None: none).
+        and, if `spanned`, the span of the times of the events the mirror took (None:
+        none, or not asked: a mirror that shows what it takes at once).
         A row whose delivery gave up (the mirror failing, not refusing) is in neither,
         and is taken again by a later pass. An event cancelled here meanwhile is not
         sent (a dead letter retried after its cancel would count it), and an event of a
@@ -452,8 +455,9 @@ class Forwarder:
         for event_id, reason in result.rejected.items():
             if not reason.startswith(GAVE_UP):
                 refused[owed[event_id]] = reason
-        times = [epoch_micros(live[i].timestamp) for i in taken if i in live]
-        return delivered, refused, (min(times), max(times)) if times else None
+        times = [live[i].timestamp for i in taken if i in live] if spanned else []
+        span = (epoch_micros(min(times)), epoch_micros(max(times))) if times else None
+        return delivered, refused, span
 
     async def _refused_meters(self, mirror: str) -> dict[str, str]:
         """Event names of the ledger meters `mirror` refused (dead letters), and why."""
