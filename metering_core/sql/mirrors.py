@@ -20,13 +20,14 @@ import logging
 import operator
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from opentelemetry import metrics
+from sqlalchemy.dialects import postgresql, sqlite
 
 from metering_core import rules
 from metering_core.collector import eased
@@ -212,6 +213,29 @@ _SEQ = operator.itemgetter(0)
 _usage_event = Trusted(UsageEvent)
 
 
+HOUR = 3_600_000_000
+"""An hour in microseconds: deliveries are kept by the UTC hour of their events' times."""
+
+
+def _hour_of(event: UsageEvent) -> tuple[str, str, int]:
+    micros = epoch_micros(event.timestamp)
+    return event.event_name, event.customer_id, micros - micros % HOUR
+
+
+def _delivered_now(dialect: str) -> Any:
+    """Mark an (event name, customer, hour) delivered now; the later time wins, whichever
+    forwarder writes last."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(mirror_deliveries)
+    later = sa.func.greatest if dialect == "postgresql" else sa.func.max
+    return statement.on_conflict_do_update(
+        index_elements=["mirror", "event_name", "customer_id", "hour"],
+        set_={
+            "delivered_at": later(mirror_deliveries.c.delivered_at, statement.excluded.delivered_at)
+        },
+    )
+
+
 def _delivery(settings: MeteringSettings) -> tuple[int, float, float]:
     """What of the library's settings a forwarder delivers under."""
     return settings.max_attempts, settings.retry_backoff, settings.delivery_timeout
@@ -253,6 +277,7 @@ class Forwarder:
         self._settings = settings or MeteringSettings()
         self._given: MeteringSettings | None = None
         self._down: set[str] = set()
+        self._forgotten: dict[str, float] = {}  # when each mirror's old deliveries go next
         self._cursor = ClaimCursor()
         self._counts = {name: collections.Counter[str]() for name in self.mirrors}
 
@@ -322,7 +347,7 @@ class Forwarder:
         held = _Held(mirror, until, seqs[0], seqs[-1])
         delivered: list[int] = []
         refused: dict[int, str] = {}
-        span: tuple[int, int] | None = None  # of the events' times the mirror took
+        touched: set[tuple[str, str, int]] = set()  # what the mirror took: see _send_usage
         try:
             # Within the lease, or another forwarder could take these rows while they
             # are still being sent; what is not settled by then is taken again later.
@@ -333,8 +358,8 @@ class Forwarder:
                 else:
                     usage = {event_id: seq for seq, kind, event_id in leased if kind == "usage"}
                     cancels = {event_id: seq for seq, kind, event_id in leased if kind == "cancel"}
-                    delivered, refused, span = await self._send_usage(
-                        held, provider, usage, spanned=capabilities.processing_delay is not None
+                    delivered, refused, touched = await self._send_usage(
+                        held, provider, usage, touching=capabilities.processing_delay is not None
                     )
                     cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
                     delivered.extend(cancelled)
@@ -352,9 +377,9 @@ class Forwarder:
         retry = [seq for seq in seqs if seq not in settled]
         taken = {*delivered}
         superseding = [_Owed._make(row) for row in leased if changes and row[0] in taken]
-        processing = capabilities.processing_delay
-        shown_after = None if span is None or processing is None else (span, processing)
-        await self._settle(held, delivered, refused, retry, superseding, shown_after)
+        await self._settle(held, delivered, refused, retry, superseding, touched)
+        if touched and capabilities.processing_delay is not None:
+            await self._forget_deliveries(mirror, capabilities.processing_delay)
         if retry:
             self._cursor.restart(mirror)  # given back: behind the cursor
         for outcome, rows in (("delivered", delivered), ("refused", refused)):
@@ -423,18 +448,18 @@ class Forwarder:
         return await sync_customer(mirror, provider, key, customer)
 
     async def _send_usage(
-        self, held: _Held, provider: IMetering, owed: Mapping[str, int], *, spanned: bool
-    ) -> tuple[list[int], dict[int, str], tuple[int, int] | None]:
+        self, held: _Held, provider: IMetering, owed: Mapping[str, int], *, touching: bool
+    ) -> tuple[list[int], dict[int, str], set[tuple[str, str, int]]]:
         """Deliver the events; the rows delivered and those refused (with the reason),
-        and, if `spanned`, the span of the times of the events the mirror took (None:
-        none, or not asked: a mirror that shows what it takes at once).
+        and, if `touching`, the (event name, customer, UTC hour) of each event the mirror
+        took (for a mirror that shows what it takes only after a processing delay).
         A row whose delivery gave up (the mirror failing, not refusing) is in neither,
         and is taken again by a later pass. An event cancelled here meanwhile is not
         sent (a dead letter retried after its cancel would count it), and an event of a
         meter the mirror refused is refused with it: sent, it would be billed by another
         aggregation, or the mirror's meter of that name might not be the ledger's."""
         if not owed:
-            return [], {}, None
+            return [], {}, set()
         live, cancelled = await self._events(held, owed)
         withheld = await self._refused_meters(held.mirror)
         delivered = [owed[i] for i in cancelled]  # nothing left to send
@@ -455,9 +480,8 @@ class Forwarder:
         for event_id, reason in result.rejected.items():
             if not reason.startswith(GAVE_UP):
                 refused[owed[event_id]] = reason
-        times = [live[i].timestamp for i in taken if i in live] if spanned else []
-        span = (epoch_micros(min(times)), epoch_micros(max(times))) if times else None
-        return delivered, refused, span
+        touched = {_hour_of(live[i]) for i in taken if i in live} if touching else set()
+        return delivered, refused, touched
 
     async def _refused_meters(self, mirror: str) -> dict[str, str]:
         """Event names of the ledger meters `mirror` refused (dead letters), and why."""
@@ -602,29 +626,24 @@ class Forwarder:
         refused: Mapping[int, str],
         retry: Sequence[int],
         superseding: Sequence[_Owed] = (),
-        shown_after: tuple[tuple[int, int], timedelta] | None = None,
+        touched: Collection[tuple[str, str, int]] = (),
     ) -> None:
         """Mark what happened to each leased row, and release those to try again; only
         rows this pass still holds (its lease): a row another forwarder took after the
         lease ran out is that forwarder's to mark. The rows still held after that are
-        the ones delivered, deleted through the lease rather than a list of seqs. With
-        `shown_after` (the delivered events' span of times, and the mirror's processing
-        delay), the delivery is recorded in the same transaction, for reconcile: a window
-        it touches is not repaired while the mirror may still be processing it."""
+        the ones delivered, deleted through the lease rather than a list of seqs. The
+        (event name, customer, hour) the mirror took events of, if `touched`, are marked
+        delivered now in the same transaction, for reconcile: their cells are not repaired
+        while the mirror may still be processing them."""
         async with self._transaction() as connection:
-            if shown_after is not None and delivered:
-                (first, last), delay = shown_after
-                now = _now()
+            if touched:
                 await connection.execute(
-                    sa.insert(mirror_deliveries).values(
-                        mirror=held.mirror, delivered_at=now, first_ts=first, last_ts=last
-                    )
-                )
-                await connection.execute(
-                    sa.delete(mirror_deliveries).where(
-                        mirror_deliveries.c.mirror == held.mirror,
-                        mirror_deliveries.c.delivered_at < now - int(delay.total_seconds() * 1e6),
-                    )
+                    _delivered_now(connection.dialect.name),
+                    [
+                        {"mirror": held.mirror, "event_name": name, "customer_id": customer}
+                        | {"hour": hour, "delivered_at": _now()}
+                        for name, customer, hour in sorted(touched)  # locks in one order
+                    ],
                 )
             for seq, reason in refused.items():
                 await connection.execute(
@@ -651,6 +670,24 @@ class Forwarder:
                         outbox.c.event_id == change.event_id,
                         outbox.c.refused.is_not(None),
                         outbox.c.seq < change.seq,
+                    )
+                )
+
+    async def _forget_deliveries(self, mirror: str, delay: timedelta) -> None:
+        """Drop the deliveries marked over twice the delay ago (reconcile asks for those
+        within it of when it asked the mirror), at most once per quarter of the delay: in
+        a transaction of its own, as housekeeping (one failing is tried again later)."""
+        now = time.monotonic()
+        if now < self._forgotten.get(mirror, 0.0):
+            return
+        self._forgotten[mirror] = now + delay.total_seconds() / 4
+        old = _now() - 2 * int(delay.total_seconds() * 1e6)
+        with contextlib.suppress(Exception):
+            async with self._transaction() as connection:
+                await connection.execute(
+                    sa.delete(mirror_deliveries).where(
+                        mirror_deliveries.c.mirror == mirror,
+                        mirror_deliveries.c.delivered_at < old,
                     )
                 )
 

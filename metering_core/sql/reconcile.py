@@ -47,6 +47,7 @@ from metering_core.models import (
     UsageQuery,
     Window,
 )
+from metering_core.sql.mirrors import HOUR
 from metering_core.sql.rows import Transaction
 from metering_core.sql.schema import (
     events,
@@ -67,7 +68,13 @@ DRIFT = frozenset({CellStatus.short, CellStatus.over, CellStatus.refused})
 
 REPAIR_SETTLE = timedelta(hours=1)
 """How long a repaired cell is `pending` and not repaired again: the mirror may not show
-the correction yet (Stripe takes minutes), and a second one would count it twice."""
+the correction yet (Stripe takes minutes), and a second one would count it twice. A
+mirror's longer processing delay stands instead (`_settling`)."""
+
+
+def _settling(capabilities: Capabilities) -> timedelta:
+    return max(REPAIR_SETTLE, capabilities.processing_delay or REPAIR_SETTLE)
+
 
 _LONGEST_WINDOW = timedelta(days=31)
 
@@ -201,9 +208,11 @@ class _Repairs:
     one sent lately is pending (the mirror may not show it yet: Stripe takes minutes).
     Whether a cell is repaired again is decided as its repair is recorded (`_record`)."""
 
-    def __init__(self, found: dict[tuple[str, str], list[_Repair]], now: datetime) -> None:
+    def __init__(
+        self, found: dict[tuple[str, str], list[_Repair]], now: datetime, settle: timedelta
+    ) -> None:
         self._found = found
-        self._lately = epoch_micros(now - REPAIR_SETTLE)
+        self._lately = epoch_micros(now - settle)
 
     def lately(self, meter: str, customer: str, start: datetime, end: datetime) -> bool:
         since, until = epoch_micros(start), epoch_micros(end)
@@ -242,7 +251,7 @@ def held_by_repair(mirror: str) -> sa.Exists:
 
 
 async def _repairs(
-    transaction: Transaction, mirror: str, start: datetime, end: datetime
+    transaction: Transaction, mirror: str, start: datetime, end: datetime, settle: timedelta
 ) -> _Repairs:
     statement = sa.select(
         mirror_repairs.c.meter_id,
@@ -259,35 +268,53 @@ async def _repairs(
     async with transaction(writes=False) as connection:
         for meter, customer, since, until, sent_at in await connection.execute(statement):
             found.setdefault((meter, customer), []).append(_Repair(since, until, sent_at))
-    return _Repairs(found, datetime.now(UTC))
+    return _Repairs(found, datetime.now(UTC), settle)
 
 
 class _Processing:
-    """The spans of event times delivered to a mirror within its processing delay of now:
-    a window that touches one may not show them there yet."""
+    """The UTC hours, by customer, of the events of one meter delivered to a mirror within
+    its processing delay of when it was asked: a window that touches one may not show
+    them there yet."""
 
-    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
-        self.spans = spans
+    def __init__(self, hours: dict[str, list[int]]) -> None:
+        self.hours = hours
 
-    def touches(self, start: datetime, end: datetime) -> bool:
-        since, until = epoch_micros(start), epoch_micros(end)
-        return any(first < until and last >= since for first, last in self.spans)
+    def touches(self, customer: str, start: datetime, end: datetime) -> bool:
+        hours = self.hours.get(customer)
+        if not hours:
+            return False
+        first = bisect.bisect_right(hours, epoch_micros(start) - HOUR)  # ends after start
+        return first < len(hours) and hours[first] < epoch_micros(end)
 
 
 async def _processing(
-    transaction: Transaction, mirror: str, delay: timedelta | None
+    transaction: Transaction,
+    mirror: str,
+    event_name: str,
+    window: tuple[datetime, datetime],
+    asked: datetime,
+    delay: timedelta | None,
 ) -> _Processing:
-    """Read after the mirror answered: a delivery settled before then may be in its
-    answer or not yet; one settled after was owed when `_unsent` read, so its window is
-    pending anyway."""
+    """Read after the mirror answered, of deliveries since `delay` before it was `asked`:
+    one marked before then it may show or not yet; one marked after was still owed when
+    `_unsent` read, so its cell is pending anyway."""
     if delay is None:
-        return _Processing(())
-    statement = sa.select(mirror_deliveries.c.first_ts, mirror_deliveries.c.last_ts).where(
+        return _Processing({})
+    start, end = window
+    statement = sa.select(mirror_deliveries.c.customer_id, mirror_deliveries.c.hour).where(
         mirror_deliveries.c.mirror == mirror,
-        mirror_deliveries.c.delivered_at >= epoch_micros(datetime.now(UTC) - delay),
+        mirror_deliveries.c.event_name == event_name,
+        mirror_deliveries.c.hour > epoch_micros(start) - HOUR,
+        mirror_deliveries.c.hour < epoch_micros(end),
+        mirror_deliveries.c.delivered_at >= epoch_micros(asked - delay),
     )
+    hours: dict[str, list[int]] = {}
     async with transaction(writes=False) as connection:
-        return _Processing([(row[0], row[1]) for row in await connection.execute(statement)])
+        for customer, hour in await connection.execute(statement):
+            hours.setdefault(customer, []).append(hour)
+    for found in hours.values():
+        found.sort()
+    return _Processing(hours)
 
 
 class _Times:
@@ -372,7 +399,7 @@ async def reconcile(
         )
         links = {mine: theirs for mine, theirs in await connection.execute(linked)}
     capabilities = await mirror.load_capabilities()
-    repaired = await _repairs(transaction, mirror_name, start, end)
+    repaired = await _repairs(transaction, mirror_name, start, end, _settling(capabilities))
     cells: list[ReconcileCell] = []
     counted: dict[str, _Counted] = {}
     for meter in mine:
@@ -398,6 +425,7 @@ async def reconcile(
         unsent = await _unsent(transaction, mirror_name, meter.event_name, start, end)
         asked = query.model_copy(update={"meter_id": counterpart.id})
         grouped = capabilities.group_by and not capabilities.requires_customer
+        asked_at = datetime.now(UTC)
         try:
             answered = await _usage(mirror, asked, customers, grouped)
         except UnsupportedOperationError:  # a query it cannot answer
@@ -416,7 +444,14 @@ async def reconcile(
         # A cell whose total moved meanwhile is pending.
         again = await _usage(ledger, query, (), grouped=True)
         moved = {key for key in {*ours, *again} if ours.get(key) != again.get(key)}
-        processing = await _processing(transaction, mirror_name, capabilities.processing_delay)
+        processing = await _processing(
+            transaction,
+            mirror_name,
+            meter.event_name,
+            (start, end),
+            asked_at,
+            capabilities.processing_delay,
+        )
         waiting: dict[tuple[str, bool], _Times] = {}
         for customer, ts, refused in unsent:
             waiting.setdefault((customer, refused), _Times()).times.append(ts)
@@ -437,7 +472,7 @@ async def reconcile(
                 pending=key in moved
                 or waiting.get((key[0], False), none).within(key[1], closes)
                 or repaired.lately(meter.id, key[0], key[1], closes)
-                or processing.touches(key[1], closes),
+                or processing.touches(key[0], key[1], closes),
             )
             cells.append(
                 ReconcileCell(
@@ -505,7 +540,9 @@ async def _repair(
         at = cell.start if oldest is None else max(cell.start, oldest + timedelta(minutes=5))
         if at < cell.end:  # else the mirror no longer takes events of that window
             chosen[index] = _corrections(meter, cell, at)
-    recorded = await _record(transaction, name, cells, chosen, counted, now)
+    recorded = await _record(
+        transaction, name, cells, chosen, counted, now, _settling(capabilities)
+    )
     owed = [event for index in recorded for event in chosen[index]]
     policy = DeliveryPolicy(mirror, MeteringSettings(), durable=False)
     taken: set[str] = set()
@@ -535,6 +572,7 @@ async def _record(
     chosen: Mapping[int, Sequence[UsageEvent]],
     counted: Mapping[str, _Counted],
     now: datetime,
+    settle: timedelta,
 ) -> set[int]:
     """Record the repair of each chosen cell that no repair overlapping it was sent to
     lately, or in another window (`_Repairs`), checked again as it is recorded, before
@@ -556,7 +594,7 @@ async def _record(
             amount = (cell.ledger or Decimal(0)) - (cell.mirror or Decimal(0))
             # "lately" from when this reconcile read the cell, not from now: one that read
             # the mirror over an hour ago would take a repair sent since as old (review)
-            lately = epoch_micros(counted[cell.meter_id].at - REPAIR_SETTLE)
+            lately = epoch_micros(counted[cell.meter_id].at - settle)
             blocking = sa.select(1).where(
                 mirror_repairs.c.mirror == name,
                 mirror_repairs.c.meter_id == cell.meter_id,

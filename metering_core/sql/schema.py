@@ -188,18 +188,19 @@ them)."""
 mirror_deliveries = sa.Table(
     "mirror_deliveries",
     metadata,
-    sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
-    sa.Column("mirror", sa.String(100), nullable=False),
+    sa.Column("mirror", sa.String(100), primary_key=True),
+    sa.Column("event_name", sa.String(100), primary_key=True),
+    sa.Column("customer_id", sa.String(100), primary_key=True),
+    sa.Column("hour", sa.BigInteger, primary_key=True),  # the events' UTC hour, its start
     sa.Column("delivered_at", sa.BigInteger, nullable=False),
-    sa.Column("first_ts", sa.BigInteger, nullable=False),
-    sa.Column("last_ts", sa.BigInteger, nullable=False),
     sa.Index("mirror_deliveries_at", "mirror", "delivered_at"),
-    sqlite_autoincrement=True,
 )
-"""When a forwarder's pass delivered events to a mirror that shows them only after a
-processing delay (`Capabilities.processing_delay`: Stripe), and the span of their
-timestamps: reconcile holds the windows they fall in `pending` until the delay has
-passed. One row a pass, written as its rows are settled; kept for the delay (0010)."""
+"""When a forwarder last delivered events of an (event name, customer, hour of event
+time) to a mirror that shows them only after a processing delay
+(`Capabilities.processing_delay`: Stripe): reconcile holds the cells they fall in
+`pending` until the delay has passed. Written as a pass's rows are settled; kept for
+twice the delay (0010). Per customer and hour, so one late event holds back its own
+cell, not every cell of every customer between it and now (review)."""
 
 mirrors = sa.Table(
     "mirrors",

@@ -1383,10 +1383,12 @@ async def test_a_window_delivered_to_within_the_mirrors_processing_delay_is_not_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A mirror that shows what it took only after a delay (Stripe aggregates
-    asynchronously): a reconcile right after delivery read the window short, and a repair
-    then was billed beside the events once the mirror caught up. A window events were
+    asynchronously): a reconcile right after delivery read the cell short, and a repair
+    then was billed beside the events once the mirror caught up. A cell events were
     delivered to within the delay is pending; one delivered to before it, short of an
-    event the mirror lost, is repaired; and once the delay has passed, so is the first."""
+    event the mirror lost, is repaired, whatever other customers' events of its hour were
+    delivered since (review: one span a pass held every cell between its events pending,
+    and a short mirror read ok); once the delay has passed, the first is repaired too."""
     provider = ledger.provider
     assert isinstance(provider, SqlProvider)
     mirror = provider.forwarder.mirrors["billing"]
@@ -1416,24 +1418,59 @@ async def test_a_window_delivered_to_within_the_mirrors_processing_delay_is_not_
                 )
             )
 
-    await ledger.ingest_usage_events([event(3)])  # hour 1 again, delivered now
+    # acme's hour 1 again, and another customer's hour 2, delivered now
+    await ledger.ingest_usage_events([event(3), event(7000, customer="zed")])
     await ledger.flush_mirrors(timeout=30)
-    assert await deliveries() == 1
+    assert await deliveries() == 2
     await mirror.cancel_usage_events(["e1", "e4000"])  # e1 not shown yet; e4000 lost
     span = {"start": AT, "end": AT + timedelta(hours=2), "window": "hour"}
     first = await ledger.reconcile("billing", **span, repair=True)
-    assert [(c.start - AT, c.status, c.repaired) for c in first.cells] == [
-        (timedelta(0), CellStatus.pending, False),
-        (timedelta(hours=1), CellStatus.short, True),
+    assert [(c.customer_id, c.start - AT, c.status, c.repaired) for c in first.cells] == [
+        ("acme", timedelta(0), CellStatus.pending, False),
+        ("acme", timedelta(hours=1), CellStatus.short, True),
+        ("zed", timedelta(hours=1), CellStatus.equal, False),
     ]
 
     await age(6)  # the delay has passed since hour 1 was delivered to
     second = await ledger.reconcile("billing", **span, repair=True)
-    assert [(c.start - AT, c.status, c.repaired) for c in second.cells] == [
-        (timedelta(0), CellStatus.short, True),
-        (timedelta(hours=1), CellStatus.equal, False),  # the correction shows here at once
+    assert [(c.customer_id, c.start - AT, c.status, c.repaired) for c in second.cells] == [
+        ("acme", timedelta(0), CellStatus.short, True),
+        ("acme", timedelta(hours=1), CellStatus.equal, False),  # the correction shows at once
+        ("zed", timedelta(hours=1), CellStatus.equal, False),
     ]
     assert await totals(mirror_service[1]) == await totals(ledger)
+
+
+async def test_the_processing_delay_counts_from_when_the_mirror_was_asked(
+    ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror slow to answer (Stripe, asked customer by customer): the delay is counted
+    back from when it was asked, not from its answer (review: a cell delivered to 0.1 s
+    before asking a mirror with a 2 s delay, answered after 2.5 s, was repaired)."""
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    delayed = (await mirror.load_capabilities()).model_copy(
+        update={"processing_delay": timedelta(seconds=1)}
+    )
+
+    async def delaying() -> Capabilities:
+        return delayed
+
+    monkeypatch.setattr(mirror, "load_capabilities", delaying)
+    await ledger.ingest_usage_events([event(1), event(2)])
+    await ledger.flush_mirrors(timeout=30)
+    await mirror.cancel_usage_events(["e1"])  # not shown yet
+    asking = mirror.fetch_usage
+
+    async def slowly(query: UsageQuery) -> Any:
+        answer = await asking(query)
+        await asyncio.sleep(1.5)
+        return answer
+
+    monkeypatch.setattr(mirror, "fetch_usage", slowly)
+    report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1), repair=True)
+    assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.pending, False)]
 
 
 async def test_two_reconciles_repairing_at_once_in_other_windows_send_the_shortfall_once(

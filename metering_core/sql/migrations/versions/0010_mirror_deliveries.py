@@ -1,7 +1,7 @@
-"""When a pass delivered events to a mirror with a processing delay, and the span of their
-timestamps (`mirror_deliveries`): a reconcile right after read such a mirror's windows
-short while it was still processing what it had accepted, and `--repair` sent the
-difference as well, billed twice once the mirror caught up.
+"""When a forwarder last delivered events of an (event name, customer, hour of event time)
+to a mirror with a processing delay (`mirror_deliveries`): a reconcile right after read
+such a mirror's cells short while it was still processing what it had accepted, and
+`--repair` sent the difference as well, billed twice once the mirror caught up.
 
 Revision ID: 0010
 Revises: 0009
@@ -19,17 +19,11 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "mirror_deliveries",
-        sa.Column(
-            "seq",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            primary_key=True,
-            autoincrement=True,
-        ),
-        sa.Column("mirror", sa.String(100), nullable=False),
+        sa.Column("mirror", sa.String(100), primary_key=True),
+        sa.Column("event_name", sa.String(100), primary_key=True),
+        sa.Column("customer_id", sa.String(100), primary_key=True),
+        sa.Column("hour", sa.BigInteger, primary_key=True),
         sa.Column("delivered_at", sa.BigInteger, nullable=False),
-        sa.Column("first_ts", sa.BigInteger, nullable=False),
-        sa.Column("last_ts", sa.BigInteger, nullable=False),
-        sqlite_autoincrement=True,
     )
     op.create_index("mirror_deliveries_at", "mirror_deliveries", ["mirror", "delivered_at"])
 
