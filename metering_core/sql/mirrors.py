@@ -674,22 +674,32 @@ class Forwarder:
                 )
 
     async def _forget_deliveries(self, mirror: str, delay: timedelta) -> None:
-        """Drop the deliveries marked over twice the delay ago (reconcile asks for those
-        within it of when it asked the mirror), at most once per quarter of the delay: in
-        a transaction of its own, as housekeeping (one failing is tried again later)."""
+        """Drop the deliveries marked over three times the delay ago, at most once per
+        quarter of the delay, in a transaction of its own, as housekeeping (one failing
+        is tried again later). Reconcile asks for those since the delay before it asked
+        the mirror, and a mirror asked customer by customer may take long to answer:
+        two delays more of slack (review). On PostgreSQL the marks are locked in key
+        order, skipping those a settling pass holds: in the order of their times, as a
+        plain DELETE takes them, the purge and a pass's upsert deadlocked (review)."""
         now = time.monotonic()
         if now < self._forgotten.get(mirror, 0.0):
             return
         self._forgotten[mirror] = now + delay.total_seconds() / 4
-        old = _now() - 2 * int(delay.total_seconds() * 1e6)
+        old = _now() - 3 * int(delay.total_seconds() * 1e6)
+        marks = mirror_deliveries.c
+        stale = sa.and_(marks.mirror == mirror, marks.delivered_at < old)
         with contextlib.suppress(Exception):
             async with self._transaction() as connection:
-                await connection.execute(
-                    sa.delete(mirror_deliveries).where(
-                        mirror_deliveries.c.mirror == mirror,
-                        mirror_deliveries.c.delivered_at < old,
+                if connection.dialect.name == "postgresql":
+                    key = (marks.mirror, marks.event_name, marks.customer_id, marks.hour)
+                    free = (
+                        sa.select(*key)
+                        .where(stale)
+                        .order_by(*key)
+                        .with_for_update(skip_locked=True)
                     )
-                )
+                    stale = sa.tuple_(*key).in_(free)
+                await connection.execute(sa.delete(mirror_deliveries).where(stale))
 
     def count_reported(self, mirror: str, count: int) -> None:
         """Events `mirror` reported refusing after it accepted them (a notice)."""

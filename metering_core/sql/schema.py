@@ -199,7 +199,7 @@ mirror_deliveries = sa.Table(
 time) to a mirror that shows them only after a processing delay
 (`Capabilities.processing_delay`: Stripe): reconcile holds the cells they fall in
 `pending` until the delay has passed. Written as a pass's rows are settled; kept for
-twice the delay (0010). Per customer and hour, so one late event holds back its own
+three times the delay (0010). Per customer and hour, so one late event holds back its own
 cell, not every cell of every customer between it and now (review)."""
 
 mirrors = sa.Table(

@@ -1440,18 +1440,25 @@ async def test_a_window_delivered_to_within_the_mirrors_processing_delay_is_not_
     ]
     assert await totals(mirror_service[1]) == await totals(ledger)
 
+    await age(10)  # 16 minutes on: past three delays, forgotten at the next delivery
+    provider.forwarder._forgotten.clear()  # (at most once a quarter of the delay)
+    await ledger.ingest_usage_events([event(5)])
+    await ledger.flush_mirrors(timeout=30)
+    assert await deliveries() == 1
+
 
 async def test_the_processing_delay_counts_from_when_the_mirror_was_asked(
     ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A mirror slow to answer (Stripe, asked customer by customer): the delay is counted
     back from when it was asked, not from its answer (review: a cell delivered to 0.1 s
-    before asking a mirror with a 2 s delay, answered after 2.5 s, was repaired)."""
+    before asking a mirror with a 2 s delay, answered after 2.5 s, was repaired); once
+    the delay has passed, the loss is repaired."""
     provider = ledger.provider
     assert isinstance(provider, SqlProvider)
     mirror = provider.forwarder.mirrors["billing"]
     delayed = (await mirror.load_capabilities()).model_copy(
-        update={"processing_delay": timedelta(seconds=1)}
+        update={"processing_delay": timedelta(seconds=2)}
     )
 
     async def delaying() -> Capabilities:
@@ -1465,12 +1472,22 @@ async def test_the_processing_delay_counts_from_when_the_mirror_was_asked(
 
     async def slowly(query: UsageQuery) -> Any:
         answer = await asking(query)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(2.5)
         return answer
 
     monkeypatch.setattr(mirror, "fetch_usage", slowly)
-    report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1), repair=True)
+    span = {"start": AT, "end": AT + timedelta(days=1)}
+    report = await ledger.reconcile("billing", **span, repair=True)
     assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.pending, False)]
+    monkeypatch.setattr(mirror, "fetch_usage", asking)
+    async with provider._transaction() as connection:  # the delay passes
+        await connection.execute(
+            sa.update(mirror_deliveries).values(
+                delivered_at=mirror_deliveries.c.delivered_at - 3 * 10**6
+            )
+        )
+    report = await ledger.reconcile("billing", **span, repair=True)
+    assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.short, True)]
 
 
 async def test_two_reconciles_repairing_at_once_in_other_windows_send_the_shortfall_once(
