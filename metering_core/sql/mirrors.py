@@ -218,8 +218,12 @@ HOUR = 3_600_000_000
 
 
 def _hour_of(event: UsageEvent) -> tuple[str, str, int]:
-    micros = epoch_micros(event.timestamp)
-    return event.event_name, event.customer_id, micros - micros % HOUR
+    return event.event_name, event.customer_id, _hour(epoch_micros(event.timestamp))
+
+
+def _hour(micros: int) -> int:
+    """The start of the UTC hour a time falls in (floored: times before 1970 too)."""
+    return micros - micros % HOUR
 
 
 def _delivered_now(dialect: str) -> Any:
@@ -358,10 +362,13 @@ class Forwarder:
                 else:
                     usage = {event_id: seq for seq, kind, event_id in leased if kind == "usage"}
                     cancels = {event_id: seq for seq, kind, event_id in leased if kind == "cancel"}
+                    delayed = capabilities.processing_delay is not None
                     delivered, refused, touched = await self._send_usage(
-                        held, provider, usage, touching=capabilities.processing_delay is not None
+                        held, provider, usage, touching=delayed
                     )
-                    cancelled, cancel_refused = await self._send_cancels(mirror, provider, cancels)
+                    cancelled, cancel_refused = await self._send_cancels(
+                        mirror, provider, cancels, touched if delayed else None
+                    )
                     delivered.extend(cancelled)
                     refused.update(cancel_refused)
         except TimeoutError:
@@ -490,23 +497,32 @@ class Forwarder:
             return {row[0]: row[1] for row in found}
 
     async def _send_cancels(
-        self, mirror: str, provider: IMetering, owed: Mapping[str, int]
+        self,
+        mirror: str,
+        provider: IMetering,
+        owed: Mapping[str, int],
+        touched: set[tuple[str, str, int]] | None = None,
     ) -> tuple[list[int], dict[int, str]]:
         """Cancel on the mirror, naming each event's event name (Stripe cannot cancel
         without it once the process that sent the event is gone); the rows done and
         those refused. An id the mirror had cancelled already (an answer lost, then
         asked again) is done. An id the mirror does not know is done once its event has
         reached the mirror (nothing is left to cancel), and is tried again while the
-        event is still owed to it; so is every row when the mirror fails."""
+        event is still owed to it; so is every row when the mirror fails. The (event
+        name, customer, hour) of each cancel the mirror took go into `touched`, if given:
+        a mirror processing it reads over meanwhile."""
         if not owed:
             return [], {}
         async with self._transaction(writes=False) as connection:
-            names = {
-                row[0]: row[1]
+            stored = {
+                row[0]: (row[1], row[2], row[3])
                 for row in await connection.execute(
-                    sa.select(events.c.id, events.c.event_name).where(events.c.id.in_(list(owed)))
+                    sa.select(
+                        events.c.id, events.c.event_name, events.c.customer_id, events.c.ts
+                    ).where(events.c.id.in_(list(owed)))
                 )
             }
+        names = {event_id: found[0] for event_id, found in stored.items()}
         by_name: dict[str, list[str]] = {}
         for event_id in owed:
             by_name.setdefault(names.get(event_id, ""), []).append(event_id)
@@ -526,6 +542,11 @@ class Forwarder:
             # done: cancelled, or unknown to a mirror its event had reached (nothing left
             # to cancel); an id with no answer (the mirror failed first) waits
             settled = {*answer.cancelled, *(set(answer.not_found) - waiting)}
+            if touched is not None:
+                for event_id in answer.cancelled:
+                    if event_id in stored:
+                        name, customer, micros = stored[event_id]
+                        touched.add((name, customer, _hour(micros)))
             for event_id in ids:
                 reason = answer.rejected.get(event_id)
                 if reason is not None and not rules.cancelled_before(reason):

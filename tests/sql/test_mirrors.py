@@ -1447,6 +1447,34 @@ async def test_a_window_delivered_to_within_the_mirrors_processing_delay_is_not_
     assert await deliveries() == 1
 
 
+async def test_a_cancel_the_mirror_took_within_its_processing_delay_is_pending_not_over(
+    ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stripe processes a cancellation (an adjustment) asynchronously too: meanwhile the
+    cell reads over, and was reported drift for the delay (review)."""
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    delayed = (await mirror.load_capabilities()).model_copy(
+        update={"processing_delay": timedelta(minutes=5)}
+    )
+
+    async def delaying() -> Capabilities:
+        return delayed
+
+    monkeypatch.setattr(mirror, "load_capabilities", delaying)
+    await ledger.ingest_usage_events([event(1), event(2)])
+    await ledger.flush_mirrors(timeout=30)
+    async with provider._transaction() as connection:  # delivered long ago
+        await connection.execute(sa.update(mirror_deliveries).values(delivered_at=0))
+    await ledger.cancel_usage_events(["e2"])
+    await ledger.flush_mirrors(timeout=30)
+    await mirror.ingest_usage_events([event(900)])  # as if e2 still counted there
+    report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
+    assert report.ok
+    assert [c.status for c in report.cells] == [CellStatus.pending]
+
+
 async def test_the_processing_delay_counts_from_when_the_mirror_was_asked(
     ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch
 ) -> None:
