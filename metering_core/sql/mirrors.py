@@ -658,11 +658,12 @@ class Forwarder:
         while the mirror may still be processing them."""
         async with self._transaction() as connection:
             if touched:
+                now = _now()
                 await connection.execute(
                     _delivered_now(connection.dialect.name),
                     [
                         {"mirror": held.mirror, "event_name": name, "customer_id": customer}
-                        | {"hour": hour, "delivered_at": _now()}
+                        | {"hour": hour, "delivered_at": now}
                         for name, customer, hour in sorted(touched)  # locks in one order
                     ],
                 )

@@ -37,7 +37,7 @@ from metering_core import (
     ValidationError,
 )
 from metering_core.collector import YOUNG
-from metering_core.interface import Ledger
+from metering_core.interface import IMetering, Ledger
 from metering_core.memory import MemoryProvider
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings, mirrors
@@ -1377,6 +1377,32 @@ async def test_a_cancellation_still_owed_makes_its_cell_pending_and_its_loss_is_
     assert cell.status is CellStatus.equal
 
 
+async def delayed_mirror(
+    ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch, delay: timedelta
+) -> tuple[SqlProvider, IMetering]:
+    """The ledger's store and its `billing` mirror, which now states a processing delay."""
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    delayed = (await mirror.load_capabilities()).model_copy(update={"processing_delay": delay})
+
+    async def delaying() -> Capabilities:
+        return delayed
+
+    monkeypatch.setattr(mirror, "load_capabilities", delaying)
+    return provider, mirror
+
+
+async def age_deliveries(provider: SqlProvider, by: timedelta) -> None:
+    """Every delivery mark made `by` earlier: time passes for the processing delay."""
+    async with provider._transaction() as connection:
+        await connection.execute(
+            sa.update(mirror_deliveries).values(
+                delivered_at=mirror_deliveries.c.delivered_at - by // timedelta(microseconds=1)
+            )
+        )
+
+
 async def test_a_window_delivered_to_within_the_mirrors_processing_delay_is_not_repaired(
     ledger: AsyncMetering,
     mirror_service: tuple[str, AsyncMetering],
@@ -1402,21 +1428,7 @@ async def test_a_window_delivered_to_within_the_mirrors_processing_delay_is_not_
             )
 
     assert await deliveries() == 0  # a mirror that shows at once: nothing to wait for
-    stated = await mirror.load_capabilities()
-    delayed = stated.model_copy(update={"processing_delay": timedelta(minutes=5)})
-
-    async def delaying() -> Capabilities:
-        return delayed
-
-    monkeypatch.setattr(mirror, "load_capabilities", delaying)
-
-    async def age(minutes: int) -> None:
-        async with provider._transaction() as connection:
-            await connection.execute(
-                sa.update(mirror_deliveries).values(
-                    delivered_at=mirror_deliveries.c.delivered_at - minutes * 60 * 10**6
-                )
-            )
+    await delayed_mirror(ledger, monkeypatch, timedelta(minutes=5))
 
     # acme's hour 1 again, and another customer's hour 2, delivered now
     await ledger.ingest_usage_events([event(3), event(7000, customer="zed")])
@@ -1431,7 +1443,7 @@ async def test_a_window_delivered_to_within_the_mirrors_processing_delay_is_not_
         ("zed", timedelta(hours=1), CellStatus.equal, False),
     ]
 
-    await age(6)  # the delay has passed since hour 1 was delivered to
+    await age_deliveries(provider, timedelta(minutes=6))  # the delay has passed for hour 1
     second = await ledger.reconcile("billing", **span, repair=True)
     assert [(c.customer_id, c.start - AT, c.status, c.repaired) for c in second.cells] == [
         ("acme", timedelta(0), CellStatus.short, True),
@@ -1440,7 +1452,9 @@ async def test_a_window_delivered_to_within_the_mirrors_processing_delay_is_not_
     ]
     assert await totals(mirror_service[1]) == await totals(ledger)
 
-    await age(10)  # 16 minutes on: past three delays, forgotten at the next delivery
+    await age_deliveries(
+        provider, timedelta(minutes=10)
+    )  # 16 minutes on: past three delays, forgotten at the next delivery
     provider.forwarder._forgotten.clear()  # (at most once a quarter of the delay)
     await ledger.ingest_usage_events([event(5)])
     await ledger.flush_mirrors(timeout=30)
@@ -1452,21 +1466,10 @@ async def test_a_cancel_the_mirror_took_within_its_processing_delay_is_pending_n
 ) -> None:
     """Stripe processes a cancellation (an adjustment) asynchronously too: meanwhile the
     cell reads over, and was reported drift for the delay (review)."""
-    provider = ledger.provider
-    assert isinstance(provider, SqlProvider)
-    mirror = provider.forwarder.mirrors["billing"]
-    delayed = (await mirror.load_capabilities()).model_copy(
-        update={"processing_delay": timedelta(minutes=5)}
-    )
-
-    async def delaying() -> Capabilities:
-        return delayed
-
-    monkeypatch.setattr(mirror, "load_capabilities", delaying)
+    provider, mirror = await delayed_mirror(ledger, monkeypatch, timedelta(minutes=5))
     await ledger.ingest_usage_events([event(1), event(2)])
     await ledger.flush_mirrors(timeout=30)
-    async with provider._transaction() as connection:  # delivered long ago
-        await connection.execute(sa.update(mirror_deliveries).values(delivered_at=0))
+    await age_deliveries(provider, timedelta(hours=1))  # delivered long ago
     await ledger.cancel_usage_events(["e2"])
     await ledger.flush_mirrors(timeout=30)
     await mirror.ingest_usage_events([event(900)])  # as if e2 still counted there
@@ -1482,17 +1485,7 @@ async def test_the_processing_delay_counts_from_when_the_mirror_was_asked(
     back from when it was asked, not from its answer (review: a cell delivered to 0.1 s
     before asking a mirror with a 2 s delay, answered after 2.5 s, was repaired); once
     the delay has passed, the loss is repaired."""
-    provider = ledger.provider
-    assert isinstance(provider, SqlProvider)
-    mirror = provider.forwarder.mirrors["billing"]
-    delayed = (await mirror.load_capabilities()).model_copy(
-        update={"processing_delay": timedelta(seconds=2)}
-    )
-
-    async def delaying() -> Capabilities:
-        return delayed
-
-    monkeypatch.setattr(mirror, "load_capabilities", delaying)
+    provider, mirror = await delayed_mirror(ledger, monkeypatch, timedelta(seconds=2))
     await ledger.ingest_usage_events([event(1), event(2)])
     await ledger.flush_mirrors(timeout=30)
     await mirror.cancel_usage_events(["e1"])  # not shown yet
@@ -1508,12 +1501,7 @@ async def test_the_processing_delay_counts_from_when_the_mirror_was_asked(
     report = await ledger.reconcile("billing", **span, repair=True)
     assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.pending, False)]
     monkeypatch.setattr(mirror, "fetch_usage", asking)
-    async with provider._transaction() as connection:  # the delay passes
-        await connection.execute(
-            sa.update(mirror_deliveries).values(
-                delivered_at=mirror_deliveries.c.delivered_at - 3 * 10**6
-            )
-        )
+    await age_deliveries(provider, timedelta(seconds=3))  # the delay passes
     report = await ledger.reconcile("billing", **span, repair=True)
     assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.short, True)]
 
