@@ -124,6 +124,12 @@ class ServiceMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self._ingested = {
+            outcome: self.ingested.labels(outcome)
+            for outcome in ("accepted", "duplicate", "rejected")
+        }
+        self._requests: dict[tuple[str, str, int], Counter] = {}
+        self._latency: dict[tuple[str, str], Histogram] = {}
         self.registry.register(_PipelineCollector(stats))
         self._mirrors = _MirrorCollector()
         self.registry.register(self._mirrors)
@@ -139,7 +145,22 @@ class ServiceMetrics:
             ("rejected", len(result.rejected)),
         ):
             if number:
-                self.ingested.labels(outcome).inc(number)
+                self._ingested[outcome].inc(number)
+
+    def answered(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count a request and time it. Each label set's child is looked up once and kept
+        (the sets are bounded: methods, route templates, statuses): `labels()` checks and
+        locks each call, a hundredth of a one-event request's time."""
+        requests = self._requests.get((method, route, status))
+        if requests is None:
+            requests = self._requests[method, route, status] = self.requests.labels(
+                method, route, str(status)
+            )
+        latency = self._latency.get((method, route))
+        if latency is None:
+            latency = self._latency[method, route] = self.latency.labels(method, route)
+        requests.inc()
+        latency.observe(seconds)
 
     def page(self) -> bytes:
         return generate_latest(self.registry)
@@ -176,5 +197,4 @@ class RequestMetrics:
             method = scope.get("method", "")
             if method not in _METHODS:  # any token is a method to HTTP: a label each would grow
                 method = "other"
-            self.metrics.requests.labels(method, route, str(status[0])).inc()
-            self.metrics.latency.labels(method, route).observe(time.perf_counter() - began)
+            self.metrics.answered(method, route, status[0], time.perf_counter() - began)

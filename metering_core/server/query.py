@@ -35,6 +35,8 @@ def refuse_unknown_query(
 ) -> None:
     """Refuse a parameter the route does not declare, and one given twice that takes one
     value (`?customer_id=acme&customer_id=globex` answered for the last alone: probe)."""
+    if not request.scope.get("query_string"):
+        return  # none at all, as on nearly every `POST /usage`: nothing to parse
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         declared = ", ".join(sorted(known)) or "none"
