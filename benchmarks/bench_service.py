@@ -464,7 +464,11 @@ def measure(
     """Each server's figures per cell, one a round. Every server runs from the start; in a
     round each cell is measured on each server in turn, so a service and its ceiling are
     measured seconds apart, not minutes: this machine's speed drifts by half within an
-    hour, and a ratio of figures taken minutes apart measured the drift as much."""
+    hour, and a ratio of figures taken minutes apart measured the drift as much. Every
+    other round takes the servers in reverse order: a run leaves work behind it (a
+    checkpoint, PostgreSQL's autovacuum of the rows it wrote) that the next run pays for,
+    and a fixed order had each service always follow its own ceiling. An even number of
+    rounds puts each server first as often as second."""
     results: dict[tuple[str, int, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as data, ExitStack() as servers:
         ports = {kind: servers.enter_context(server(kind, Path(data), postgres)) for kind in kinds}
@@ -474,7 +478,7 @@ def measure(
         sent = dict.fromkeys(kinds, 0)
         for turn in range(rounds):
             for batch, clients in cells:
-                for kind in kinds:
+                for kind in kinds if turn % 2 == 0 else kinds[::-1]:
                     run = f"{kind}-{batch}-{clients}-{turn}"
                     figures = client(ports[kind], batch, clients, seconds, run)
                     results.setdefault((kind, batch, clients), []).append(figures)
