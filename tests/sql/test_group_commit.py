@@ -320,7 +320,7 @@ async def test_writes_after_the_server_dropped_every_connection_are_answered(
             )
         finally:
             await admin.close()
-        assert dropped >= 3
+        assert dropped >= 2  # a connection per lane
         if noticed:
             await asyncio.sleep(0.5)
         answers = [await provider.ingest_usage_events(request_of([f"e{n}"])) for n in range(8, 12)]
