@@ -124,6 +124,8 @@ class ServiceMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        # each outcome shown from the start, at 0: an alert on the rate of rejections has
+        # a series to read before the first one
         self._ingested = {
             outcome: self.ingested.labels(outcome)
             for outcome in ("accepted", "duplicate", "rejected")

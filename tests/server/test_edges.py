@@ -359,6 +359,8 @@ def test_metrics_need_their_scope_and_count_requests_and_events() -> None:
     text = page.text
     assert 'metering_events_ingested_total{outcome="accepted"} 3.0' in text
     assert 'metering_events_ingested_total{outcome="duplicate"} 1.0' in text
+    # an outcome not yet met is there at 0: an alert on its rate sees a series from the start
+    assert 'metering_events_ingested_total{outcome="rejected"} 0.0' in text
     assert 'route="/meters/{meter_id}",status="404"' in text  # the template, not the id
     assert "mtr_nope" not in text
     assert "metering_http_request_duration_seconds_bucket" in text

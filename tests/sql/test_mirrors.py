@@ -126,7 +126,8 @@ async def totals(metering: AsyncMetering) -> dict[str, Decimal]:
 
 
 def mirror_outcomes(url: str) -> dict[str, float]:
-    """What the mirror's service counted, by outcome (accepted, duplicate, rejected)."""
+    """What the mirror's service counted, by outcome (accepted, duplicate, rejected), of
+    the outcomes it met (the page shows each outcome from the start, at 0)."""
     import httpx
 
     page = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer admin"}).text
@@ -134,7 +135,7 @@ def mirror_outcomes(url: str) -> dict[str, float]:
         sample.labels["outcome"]: sample.value
         for family in text_string_to_metric_families(page)
         for sample in family.samples
-        if sample.name == "metering_events_ingested_total"
+        if sample.name == "metering_events_ingested_total" and sample.value
     }
 
 
