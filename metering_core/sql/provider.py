@@ -52,6 +52,7 @@ from metering_core.models import (
     UsageQuery,
     Window,
 )
+from metering_core.sql.checkpoints import Checkpoints
 from metering_core.sql.driver import POOLED, Asyncpg
 from metering_core.sql.group_commit import GroupCommit, Ingest
 from metering_core.sql.ingest import (
@@ -140,6 +141,7 @@ class SqlProvider(BaseProvider):
         )
         self._engine: AsyncEngine | None = None
         self._engine_pid = 0  # the process that made it
+        self._checkpoints: Checkpoints | None = None  # an SQLite file's, while it is open
         self._made_in = os.getpid()
         self._meter_copy = MeterCopy()
         self._mirror_names = tuple(settings.mirrors)
@@ -193,6 +195,9 @@ class SqlProvider(BaseProvider):
                     if migrating is not engine:
                         await migrating.dispose()
                 self._engine, self._engine_pid = engine, os.getpid()
+                path = self.store.sqlite_path
+                if path is not None:
+                    self._checkpoints = Checkpoints(path).start()
         return self._engine
 
     async def _migrate(self, engine: AsyncEngine) -> None:
@@ -879,6 +884,7 @@ class SqlProvider(BaseProvider):
         if self._engine is not None:
             _INHERITED.append(self._engine)
         self._engine, self._ready = None, None
+        self._checkpoints = None  # the parent's thread, which a child does not have
 
     async def aclose(self) -> None:
         """Close what this process opened; in a forked child, nothing of the parent's (its
@@ -888,6 +894,9 @@ class SqlProvider(BaseProvider):
         if os.getpid() == self._made_in:
             for mirror in self.forwarder.mirrors.values():
                 await mirror.aclose()
+        if self._checkpoints is not None:
+            await asyncio.to_thread(self._checkpoints.stop)
+            self._checkpoints = None
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None

@@ -39,6 +39,7 @@ from metering_core.errors import (
     ValidationError,
 )
 from metering_core.models import EXACT
+from metering_core.sql.checkpoints import WRITER_CHECKPOINT_PAGES
 from metering_core.sql.driver import mark_pooled
 from metering_core.sql.settings import masked
 
@@ -208,13 +209,16 @@ def _md5(text: str) -> str:
 
 
 def _prepare_sqlite(dbapi_connection: Any, _: Any) -> None:
-    """Per connection: WAL, a busy timeout (two processes may share the file), and the
-    store's functions, registered on the sqlite3 connection in aiosqlite's own thread."""
+    """Per connection: WAL, a busy timeout (two processes may share the file), writers
+    that leave checkpoints to the store's thread (`Checkpoints`), and the store's
+    functions, registered on the sqlite3 connection in aiosqlite's own thread."""
 
     def register(connection: sqlite3.Connection) -> None:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute("PRAGMA busy_timeout=30000")
+        # checkpoints are the store's thread's (`Checkpoints`); a writer's only past this
+        connection.execute(f"PRAGMA wal_autocheckpoint={WRITER_CHECKPOINT_PAGES}")
         # typeshed's aggregate protocol wants int results: these fold exact decimal text
         aggregates: dict[str, tuple[int, Any]] = {
             "dec_sum": (1, lambda: _DecimalFold(None)),

@@ -1,0 +1,81 @@
+"""SQLite's checkpoints, moved off the write path.
+
+In WAL mode a commit appends its pages to the log, and by default the commit that takes
+the log past 1,000 pages then copies the log into the database file and syncs it: that
+caller waits for the copy, and so does every request queued behind it. Under load it
+was the service's tail (p99 3.7x its p50 at one event a request from 16 clients; 1.5x
+with checkpoints off the path). Here a thread of the store's own, on a connection of its
+own, checkpoints passively at a short interval: it copies what no reader still needs
+and waits for nobody, while writers go on appending. A writer still checkpoints once the
+log passes `WRITER_CHECKPOINT_PAGES`, which is then cheap (the thread has copied nearly
+all of it) and lets the log start over: a passive checkpoint alone cannot, while writes
+never pause. If the thread cannot run, the store behaves as SQLite's default, with
+larger checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+
+__all__ = ["WRITER_CHECKPOINT_PAGES", "Checkpoints"]
+
+logger = logging.getLogger("metering_core.sql")
+
+WRITER_CHECKPOINT_PAGES = 10_000
+"""Log pages (40 MB of 4 KiB pages) past which a committing writer checkpoints: the
+bound on the log, and the store's own checkpoints if the thread has stopped."""
+
+EVERY_SECONDS = 0.1
+"""How often the thread checkpoints (an idle store's checkpoint finds nothing to do)."""
+
+
+class Checkpoints:
+    """Passive checkpoints of the SQLite database at `path`, in a daemon thread, from
+    `start()` until `stop()`."""
+
+    def __init__(self, path: Path, *, every: float = EVERY_SECONDS) -> None:
+        self._path = path
+        self._every = every
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="metering-sqlite-checkpoints", daemon=True
+        )
+
+    def start(self) -> Checkpoints:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop checkpointing and close the thread's connection (before the store's own
+        close, whose last connection checkpoints the rest and removes the log)."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        reported: str | None = None
+        connection: sqlite3.Connection | None = None
+        # read-write, never created: a file moved away is not replaced by an empty one
+        address = f"{self._path.resolve().as_uri()}?mode=rw"
+        try:
+            while not self._stopping.wait(self._every):
+                try:
+                    if connection is None:
+                        connection = sqlite3.connect(address, uri=True, isolation_level=None)
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:
+                    if "locked" in str(exc):
+                        continue  # another process's checkpoint is running: it does the work
+                    # the file moved, or made read-only: tried again at the next interval
+                    if str(exc) != reported:
+                        logger.warning("SQLite checkpoint of %s failed: %s", self._path, exc)
+                        reported = str(exc)
+                    if connection is not None:
+                        connection.close()
+                        connection = None
+        finally:
+            if connection is not None:
+                connection.close()
