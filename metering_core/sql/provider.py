@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import secrets
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import replace
@@ -198,6 +199,8 @@ class SqlProvider(BaseProvider):
                 path = self.store.sqlite_path
                 if path is not None:
                     self._checkpoints = Checkpoints(path).start()
+                    # a store never closed: its thread ends when it is collected
+                    weakref.finalize(self, self._checkpoints.stop_soon)
         return self._engine
 
     async def _migrate(self, engine: AsyncEngine) -> None:

@@ -5,6 +5,7 @@ closed store leaves no thread and no log behind."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sqlite3
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from metering_core import AsyncMetering
+from metering_core.sql.checkpoints import Checkpoints
 
 AT = datetime(2026, 11, 2, 10, tzinfo=UTC)
 THREAD = "metering-sqlite-checkpoints"
@@ -99,3 +101,52 @@ async def test_a_closed_store_leaves_no_thread_and_no_log(tmp_path: Path) -> Non
     assert THREAD not in {thread.name for thread in threading.enumerate()}
     assert not path.with_name(f"{path.name}-wal").exists()  # all of it in the file
     assert in_the_file(path) == 100
+
+
+async def test_a_store_dropped_unclosed_ends_its_thread(tmp_path: Path) -> None:
+    """Scripts forget `close()`: their stores' threads, each with the file open, must
+    not pile up for the life of the process."""
+    for n in range(3):
+        metering = AsyncMetering(provider="sql", url=f"sqlite:///{tmp_path / f'{n}.db'}")
+        await metering.create_meter({"event_name": "calls", "aggregation": "sum"})
+        del metering
+    gc.collect()
+    for _ in range(40):
+        if THREAD not in {thread.name for thread in threading.enumerate()}:
+            break
+        await asyncio.sleep(0.05)
+    assert THREAD not in {thread.name for thread in threading.enumerate()}
+
+
+def test_a_failing_checkpoint_is_reported_once_per_outage_and_so_is_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk failing now and then: each outage is one warning, however many intervals
+    it lasts, and each recovery is said; a second outage is not lost for having the
+    same message as the first."""
+    script = ["fail", "fail", "fail", "ok", "ok", "fail", "fail", "ok"]
+    done = threading.Event()
+
+    class Flaky:
+        def execute(self, statement: str) -> Flaky:
+            step = script.pop(0) if script else "ok"
+            if not script:
+                done.set()
+            if step == "fail":
+                raise sqlite3.OperationalError("disk I/O error")
+            return self
+
+        def fetchone(self) -> tuple[int, int, int]:
+            return (0, 0, 0)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(sqlite3, "connect", lambda *args, **kwargs: Flaky())
+    with caplog.at_level(logging.WARNING, logger="metering_core.sql"):
+        checkpoints = Checkpoints(tmp_path / "usage.db", every=0.001).start()
+        assert done.wait(5)
+        checkpoints.stop()
+    said = [record.getMessage().rsplit(": ", 1)[-1] for record in caplog.records]
+    recovered = f"SQLite checkpoints of {tmp_path / 'usage.db'} work again"
+    assert said == ["disk I/O error", recovered] * 2
