@@ -10,11 +10,13 @@ knows what became of every id. Errors share one shape: `{"error": {"type", "mess
 "field"?}}`. The routes live in `routes/`, one router per resource; this assembles them.
 """
 
+import collections
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import fastapi.routing
 from fastapi import FastAPI
 
 from metering_core.client import AsyncMetering
@@ -99,6 +101,9 @@ def create_app(
     for resource in (usage, operations, meters, customers, events, webhooks):
         app.include_router(resource.router)
     app.openapi = documented(app, bearer=isinstance(gate, Keys))  # type: ignore[method-assign]
+    built = getattr(fastapi.routing, "iter_route_contexts", None)  # FastAPI 0.165 on
+    if built is not None:  # included routes built now: one built wrong fails here, not
+        collections.deque(built(app.routes), maxlen=0)  # every request at its first match
     install_error_handlers(app)
     if isinstance(gate, Keys) and gate:  # behind a gateway, the gateway checked first
         app.add_middleware(KeyFirst, check=identify)

@@ -33,6 +33,10 @@ bound on the log, and the store's own checkpoints if the thread has stopped."""
 EVERY_SECONDS = 0.1
 """How often the thread checkpoints (an idle store's checkpoint finds nothing to do)."""
 
+RECOVERED_AFTER = 10
+"""Checkpoints in a row that must work before a failure is said to be over: one that
+fails every other time is one outage, not a warning each interval."""
+
 
 class Checkpoints:
     """Passive checkpoints of the SQLite database at `path`, in a daemon thread, from
@@ -54,8 +58,9 @@ class Checkpoints:
         return self
 
     def stop(self) -> None:
-        """Stop checkpointing and close the thread's connection (before the store's own
-        close, whose last connection checkpoints the rest and removes the log)."""
+        """Stop checkpointing and close the thread's connection, once the checkpoint
+        under way (if any) has finished: before the store's own close, whose last
+        connection checkpoints the rest and removes the log."""
         self.stop_soon()
         if self._thread.is_alive():
             self._thread.join()
@@ -66,7 +71,8 @@ class Checkpoints:
         self._stopping.set()
 
     def _run(self) -> None:
-        reported: str | None = None
+        failing: str | None = None  # the outage reported, until checkpoints work again
+        working = 0  # checkpoints in a row that worked, since
         connection: sqlite3.Connection | None = None
         try:
             while not self._stopping.wait(self._every):
@@ -76,19 +82,26 @@ class Checkpoints:
                             self._address, uri=True, timeout=0, isolation_level=None
                         )
                     connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if reported is not None:
+                    working += 1
+                    if failing is not None and working >= RECOVERED_AFTER:
                         logger.warning("SQLite checkpoints of %s work again", self._path)
-                        reported = None
+                        failing = None
                 except sqlite3.Error as exc:
-                    if "locked" in str(exc):
-                        continue  # another process's checkpoint is running: it does the work
-                    # the file moved, or made read-only: tried again at the next interval
-                    if str(exc) != reported:
+                    if any(passing in str(exc) for passing in _CONTENDED):
+                        continue  # another connection's lock: the next interval tries again
+                    # the file moved, or made read-only: tried again at the next interval,
+                    # and said once per outage, however it flaps
+                    working = 0
+                    if failing is None:
                         logger.warning("SQLite checkpoint of %s failed: %s", self._path, exc)
-                        reported = str(exc)
+                        failing = str(exc)
                     if connection is not None:
                         connection.close()
                         connection = None
         finally:
             if connection is not None:
                 connection.close()
+
+
+_CONTENDED = ("locked", "locking protocol")
+"""SQLite's errors for a lock another connection holds, which pass on their own."""

@@ -143,6 +143,7 @@ class SqlProvider(BaseProvider):
         self._engine: AsyncEngine | None = None
         self._engine_pid = 0  # the process that made it
         self._checkpoints: Checkpoints | None = None  # an SQLite file's, while it is open
+        self._unclosed: weakref.finalize[Any, Any] | None = None  # stops them if collected
         self._made_in = os.getpid()
         self._meter_copy = MeterCopy()
         self._mirror_names = tuple(settings.mirrors)
@@ -200,7 +201,7 @@ class SqlProvider(BaseProvider):
                 if path is not None:
                     self._checkpoints = Checkpoints(path).start()
                     # a store never closed: its thread ends when it is collected
-                    weakref.finalize(self, self._checkpoints.stop_soon)
+                    self._unclosed = weakref.finalize(self, self._checkpoints.stop_soon)
         return self._engine
 
     async def _migrate(self, engine: AsyncEngine) -> None:
@@ -887,7 +888,15 @@ class SqlProvider(BaseProvider):
         if self._engine is not None:
             _INHERITED.append(self._engine)
         self._engine, self._ready = None, None
-        self._checkpoints = None  # the parent's thread, which a child does not have
+        # the parent's thread, which a child does not have: never touched here (its lock
+        # may have been copied held), nor when the child exits
+        self._checkpoints = None
+        self._forget_checkpoints()
+
+    def _forget_checkpoints(self) -> None:
+        if self._unclosed is not None:
+            self._unclosed.detach()
+            self._unclosed = None
 
     async def aclose(self) -> None:
         """Close what this process opened; in a forked child, nothing of the parent's (its
@@ -900,6 +909,7 @@ class SqlProvider(BaseProvider):
         if self._checkpoints is not None:
             await asyncio.to_thread(self._checkpoints.stop)
             self._checkpoints = None
+            self._forget_checkpoints()
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None

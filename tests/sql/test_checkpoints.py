@@ -9,13 +9,16 @@ import gc
 import logging
 import sqlite3
 import threading
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from metering_core import AsyncMetering
-from metering_core.sql.checkpoints import Checkpoints
+from metering_core import AsyncMetering, UsageEvent
+from metering_core.sql.checkpoints import RECOVERED_AFTER, Checkpoints
+from metering_core.sql.provider import SqlProvider
+from tests.forks import said_in_a_child
 
 AT = datetime(2026, 11, 2, 10, tzinfo=UTC)
 THREAD = "metering-sqlite-checkpoints"
@@ -91,14 +94,21 @@ async def test_two_stores_on_one_file_checkpoint_it_side_by_side(
         await second.close()
 
 
+def checkpointing() -> set[threading.Thread]:
+    """The stores' checkpoint threads running now (other tests' unclosed stores too)."""
+    return {thread for thread in threading.enumerate() if thread.name == THREAD}
+
+
 async def test_a_closed_store_leaves_no_thread_and_no_log(tmp_path: Path) -> None:
     path = tmp_path / "usage.db"
+    before = checkpointing()
     metering = AsyncMetering(provider="sql", url=f"sqlite:///{path}")
     await metering.create_meter({"event_name": "calls", "aggregation": "sum"})
     await metering.ingest_usage_events(batch("a", 100))
-    assert THREAD in {thread.name for thread in threading.enumerate()}
+    ours = checkpointing() - before
+    assert len(ours) == 1
     await metering.close()
-    assert THREAD not in {thread.name for thread in threading.enumerate()}
+    assert not any(thread.is_alive() for thread in ours)
     assert not path.with_name(f"{path.name}-wal").exists()  # all of it in the file
     assert in_the_file(path) == 100
 
@@ -106,25 +116,63 @@ async def test_a_closed_store_leaves_no_thread_and_no_log(tmp_path: Path) -> Non
 async def test_a_store_dropped_unclosed_ends_its_thread(tmp_path: Path) -> None:
     """Scripts forget `close()`: their stores' threads, each with the file open, must
     not pile up for the life of the process."""
+    before, ours = checkpointing(), set()
     for n in range(3):
         metering = AsyncMetering(provider="sql", url=f"sqlite:///{tmp_path / f'{n}.db'}")
         await metering.create_meter({"event_name": "calls", "aggregation": "sum"})
+        ours |= checkpointing() - before
         del metering
+    assert len(ours) == 3
     gc.collect()
     for _ in range(40):
-        if THREAD not in {thread.name for thread in threading.enumerate()}:
+        if not any(thread.is_alive() for thread in ours):
             break
         await asyncio.sleep(0.05)
-    assert THREAD not in {thread.name for thread in threading.enumerate()}
+    assert not any(thread.is_alive() for thread in ours)
+
+
+async def test_a_forked_child_never_touches_the_parents_thread(tmp_path: Path) -> None:
+    """gunicorn --preload: the child makes its own store and thread, and at its exit
+    does not stop the parent's, whose stop flag's lock it may have copied held (here
+    held on purpose): stopping it would wait on that lock for ever."""
+    path = tmp_path / "usage.db"
+    metering = AsyncMetering(provider="sql", url=f"sqlite:///{path}")
+    try:
+        await metering.create_meter({"event_name": "calls", "aggregation": "sum"})
+        provider = metering.provider
+        assert isinstance(provider, SqlProvider)
+        parents = provider._checkpoints
+        assert parents is not None
+
+        def in_the_child() -> str:
+            parents._stopping._cond.acquire()  # type: ignore[attr-defined]  # as if copied while the parent held it
+            events = [UsageEvent.model_validate(fields) for fields in batch("child", 10)]
+
+            async def use_the_store() -> None:  # the provider: a facade is refused after a fork
+                await provider.ingest_usage_events(events)
+                await provider.aclose()
+
+            asyncio.run(use_the_store())
+            weakref.finalize._exitfunc()  # type: ignore[attr-defined]  # run at exit
+            return "exited"
+
+        assert said_in_a_child(in_the_child, limit=5) == "exited"
+        await metering.ingest_usage_events(batch("parent", 10))
+        assert await eventually_in_the_file(path, 20) == 20
+    finally:
+        await metering.close()
 
 
 def test_a_failing_checkpoint_is_reported_once_per_outage_and_so_is_its_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A disk failing now and then: each outage is one warning, however many intervals
-    it lasts, and each recovery is said; a second outage is not lost for having the
-    same message as the first."""
-    script = ["fail", "fail", "fail", "ok", "ok", "fail", "fail", "ok"]
+    it lasts or however it flaps, and its end is said once checkpoints have worked
+    `RECOVERED_AFTER` times in a row; a second outage is not lost for having the same
+    message as the first."""
+    flapping = ["fail", "ok"] * RECOVERED_AFTER
+    steady = ["ok"] * RECOVERED_AFTER
+    script = ["fail", "fail", *flapping, *steady, "fail", *steady]
     done = threading.Event()
 
     class Flaky:
