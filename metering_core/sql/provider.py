@@ -107,9 +107,10 @@ _POSTGRES_LANES = 2
 """Ingest transactions one process runs at once on PostgreSQL (SQLite: one). Two, not
 more: what waits meanwhile joins the next group, so a lane's statement carries more
 events, and fewer statements cost the server less. Measured beside the server on two
-cores against one commit per request (bench_service, paired rounds): 2 lanes gave 1.08x
-at 25 events x 16 clients, 0.85-0.89x at 500 x 4 and 1.00x at 1 x 16; 4 lanes gave
-0.94x, 0.83x and 0.98x; one lane starved batches of 500 (0.72x)."""
+cores against one commit per request (bench_service, paired rounds): 2 lanes gave
+0.99-1.08x at 25 events x 16 clients, 0.85-0.89x at 500 x 4 and 0.99-1.00x at 1 x 16;
+4 lanes gave 0.94x, 0.83x and 1.00-1.15x (one event a request gains from more lanes,
+the others lose); one lane starved batches of 500 (0.72x)."""
 
 _INHERITED: list[AsyncEngine] = []
 """Engines a forked child inherited, kept from the collector for good: collected, asyncpg
