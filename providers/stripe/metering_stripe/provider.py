@@ -19,6 +19,7 @@ from metering_core.errors import (
     ProviderUnavailableError,
     RateLimitedError,
     UnsupportedOperationError,
+    ValidationError,
 )
 from metering_core.interface import BaseProvider
 from metering_core.models import (
@@ -77,6 +78,10 @@ and deleted within 24 hours, which Stripe's replay answered) before it gives up,
 LISTING_SLACK = 60
 """Seconds before the newest customer a listing saw from which the next listing reads:
 one another process was creating meanwhile may carry an earlier `created`."""
+
+_LISTING_RESTARTS = 3
+"""Times a customer listing starts over when the customer its last page ended on was
+deleted meanwhile, before it fails as retryable."""
 
 
 def _meter(obj: Any) -> Meter:
@@ -245,8 +250,26 @@ class StripeProvider(BaseProvider):
         since = self._customers.mark()
         found: dict[str, str] = {}
         newest = self._newest_listed
+        restarts = 0
         while True:
-            listing = await self._call(self._client.v1.customers.list_async(params))
+            try:
+                listing = await self._call(self._client.v1.customers.list_async(params))
+            except ValidationError as exc:
+                if exc.field != "starting_after":
+                    raise
+                # The customer the last page ended on was deleted while the listing ran,
+                # and Stripe takes it as a cursor no longer: the listing starts over (a
+                # tenant's customer found before the deletion is not kept), and a store
+                # that keeps changing under it is a passing failure, not the caller's.
+                restarts += 1
+                if restarts > _LISTING_RESTARTS:
+                    raise ProviderUnavailableError(
+                        "Stripe's customers changed under every listing; try again",
+                        provider="stripe",
+                    ) from exc
+                params.pop("starting_after")
+                since, found, newest = self._customers.mark(), {}, self._newest_listed
+                continue
             for obj in listing.data:  # newest first
                 owner = (obj.to_dict().get("metadata") or {}).get(TENANT_KEY)
                 if owner:
