@@ -25,6 +25,23 @@ RETRY_AFTER = 5
 """Seconds a caller is asked to wait after a failure behind the service (503)."""
 
 
+class AfterActing(Exception):
+    """A message of a batch failed after the messages before it acted. Answered as its
+    error says, and saying so: a caller told only "409" would take the batch for undone."""
+
+    def __init__(self, error: MeteringError, index: int, count: int) -> None:
+        super().__init__(str(error))
+        self.error, self.index, self.count = error, index, count
+
+    def told(self) -> str:
+        """What the caller is told before the error's own message."""
+        before = "the message" if self.index == 1 else f"the {self.index} messages"
+        return (
+            f"message {self.index + 1} of {self.count} failed after {before} before it acted "
+            "(sending the batch again repeats those harmlessly): "
+        )
+
+
 class Forbidden(HTTPException):
     """The caller's key is missing or unknown (401), or may not do this (403). An
     HTTPException, so that FastAPI lets it through when raised while a body is read."""
@@ -53,7 +70,7 @@ _BEHIND_THE_SERVICE = {
 user, a driver's message) is the operator's to read in the service's log, not a caller's."""
 
 
-def _metering_error(request: Request, exc: Exception) -> JSONResponse:
+def _metering_error(request: Request, exc: Exception, told: str = "") -> JSONResponse:
     assert isinstance(exc, MeteringError)
     kind, status_code = wire_type(exc)
     headers = {}
@@ -67,7 +84,12 @@ def _metering_error(request: Request, exc: Exception) -> JSONResponse:
         logger.warning("%s %s: %s: %s", request.method, request.url.path, kind, message)
         request.app.state.service.health.failed(kind)
         message = f"{_BEHIND_THE_SERVICE[kind]} (the service logged the cause)"
-    return _error(kind, message, status_code, field, **headers)
+    return _error(kind, told + message, status_code, field, **headers)
+
+
+def _after_acting(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AfterActing)
+    return _metering_error(request, exc.error, exc.told())
 
 
 def _request_error(_: Request, exc: Exception) -> JSONResponse:
@@ -131,6 +153,7 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(MeteringError, _metering_error)
+    app.add_exception_handler(AfterActing, _after_acting)
     app.add_exception_handler(RequestValidationError, _request_error)
     app.add_exception_handler(Forbidden, _forbidden)
     app.add_exception_handler(HTTPException, _http_error)

@@ -123,6 +123,49 @@ def test_a_batch_with_one_bad_message_changes_nothing(client: TestClient) -> Non
     assert total(client) == ""
 
 
+def test_a_batch_failing_after_earlier_messages_acted_says_they_did(
+    client: TestClient,
+) -> None:
+    """Usage, then an onboarding that conflicts with the customer stored: the usage is
+    billed, so the 409 says the message before it acted, and a redelivery bills it once."""
+    client.post("/customers", json={"id": "acme", "name": "Acme"}, headers=ADMIN)
+    usage = {
+        "specversion": "1.0",
+        "id": "u1",
+        "source": "s",
+        "type": "INGEST_USAGE",
+        "time": SENT.isoformat(),
+        "data": {"event_name": "api_calls", "tenantId": "acme", "value": 4},
+    }
+    onboarding = {
+        "specversion": "1.0",
+        "id": "o1",
+        "source": "s",
+        "type": "ONBOARDING_REQUEST",
+        "data": {"tenantId": "acme", "tenantName": "Acme Rockets"},
+    }
+    for _ in range(2):
+        response = client.post(
+            "/events",
+            content=json.dumps([usage, onboarding]).encode(),
+            headers={**ADMIN, "Content-Type": "application/cloudevents-batch+json"},
+        )
+        assert response.status_code == 409
+        message = response.json()["error"]["message"]
+        assert message.startswith(
+            "message 2 of 2 failed after the message before it acted (sending the batch "
+            "again repeats those harmlessly): customer 'acme' exists already"
+        ), message
+        assert total(client) == "4"
+    alone = client.post(
+        "/events",
+        content=json.dumps([onboarding, usage]).encode(),
+        headers={**ADMIN, "Content-Type": "application/cloudevents-batch+json"},
+    )
+    assert alone.status_code == 409
+    assert alone.json()["error"]["message"].startswith("customer 'acme' exists already")
+
+
 @pytest.mark.parametrize(
     ("body", "content_type"),
     [(b"[]", "application/cloudevents-batch+json"), (b"{", "application/json")],

@@ -8,13 +8,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import TypeAdapter
 
-from metering_core.errors import ValidationError
+from metering_core.errors import MeteringError, ValidationError
 from metering_core.events import ParsedEvent, parse_event, route
 from metering_core.models import MAX_EVENTS_PER_REQUEST, Customer, IngestResult
 from metering_core.server.acting import ActingAs
 from metering_core.server.auth import Principal
 from metering_core.server.callers import Caller
-from metering_core.server.errors import Forbidden
+from metering_core.server.errors import AfterActing, Forbidden
 from metering_core.server.event_bodies import BATCH, event_messages
 from metering_core.server.query import known_query_only
 from metering_core.server.service import Service, service
@@ -62,7 +62,7 @@ async def handle_event(
     """An event-bus message, as `handle_event` takes it, or a batch of CloudEvents (each
     answered in turn, in a list); ingestion answers per event, like `POST /usage`. Every
     message of a batch is validated, and the caller's right to each checked, before any
-    acts."""
+    acts; one that fails in the store after others acted is answered saying so."""
     if not principal.scopes & {"usage:write", "customers:write"}:
         raise Forbidden("this key lacks the scope 'usage:write' or 'customers:write'")
     messages, batch = event_messages(request.headers, await request.body())
@@ -76,6 +76,13 @@ async def handle_event(
     for one in parsed:
         _may(principal, one)
     acting = ActingAs(shared, principal)
-    answers: list[Any] = [await route(one, acting) for one in parsed]
+    answers: list[Any] = []
+    for index, one in enumerate(parsed):
+        try:
+            answers.append(await route(one, acting))
+        except MeteringError as error:
+            if index:
+                raise AfterActing(error, index, len(parsed)) from error
+            raise
     content = _ANSWERS.dump_json(answers) if batch else _ONE.dump_json(answers[0])
     return Response(content, media_type="application/json")
