@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 import stripe
@@ -505,6 +506,38 @@ async def test_a_listing_whose_page_ended_on_a_customer_deleted_meanwhile_starts
     await there.create_customer(CustomerCreate(id="edge"))
     assert (await here.ingest_usage_events([event("x2", 3, tenant="edge")])).accepted
     assert await recent_total(there, meter_id, "edge") == 3
+
+
+async def test_a_listing_whose_cursor_is_deleted_every_time_fails_as_retryable(
+    fake: FakeStripe, make: Make
+) -> None:
+    """Customers deleted under every listing's cursor: after three restarts the listing
+    gives up as a passing failure (the caller retries), never rejecting the events as
+    invalid, and the next listing, in a calm store, finds the tenant."""
+    for i in range(150):  # two pages, the tenant's customer on the first
+        fake.state.create_customer({"name": f"other {i}"})
+    there = make()
+    meter_id = await setup(there, "calm")
+    fake.state.customers[there._customers.get("calm")]["created"] += 1
+    first_pages = itertools.count()
+
+    def delete_the_cursor(method: str, path: str) -> None:
+        query = parse_qs(fake.queries[-1][2])
+        if (method, path) != ("GET", "/v1/customers"):
+            return
+        if "starting_after" in query:
+            del fake.state.customers[query["starting_after"][0]]
+        else:
+            next(first_pages)
+
+    fake.chaos = delete_the_cursor
+    here = make()  # restarted: knows no tenant
+    with pytest.raises(ProviderUnavailableError, match="changed under every listing"):
+        await here.ingest_usage_events([event("c1", 2, tenant="calm")])
+    assert next(first_pages) == 4  # the listing, and three restarts
+    fake.chaos = None
+    assert (await here.ingest_usage_events([event("c1", 2, tenant="calm")])).accepted == ["c1"]
+    assert await recent_total(there, meter_id, "calm") == 2
 
 
 async def test_a_listing_does_not_restore_a_customer_deleted_while_it_ran(
