@@ -21,7 +21,7 @@ import operator
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -54,6 +54,7 @@ from metering_core.sql.mirror_sync import (
 )
 from metering_core.sql.rows import Transaction, Trusted
 from metering_core.sql.schema import events, meters, mirror_deliveries, outbox
+from metering_core.sql.store_clock import StoreClock
 
 __all__ = ["IDLE", "LEASE", "PASSES", "REFUSED_METERS", "Forwarder", "build_mirrors"]
 
@@ -100,10 +101,6 @@ def build_mirrors(configured: Mapping[str, Mapping[str, Any]]) -> dict[str, IMet
         spec = get_provider(kind)
         built[name] = spec.factory(resolve_provider_settings(spec.settings_model, kind, {}, given))
     return built
-
-
-def _now() -> int:
-    return epoch_micros(datetime.now(UTC))
 
 
 _BARRIER = {
@@ -275,6 +272,7 @@ class Forwarder:
         lease: float = LEASE,
     ) -> None:
         self._transaction = transaction
+        self._clock = StoreClock(transaction)  # leases and delivery marks: one clock
         self.lease = lease
         """Seconds a pass holds the rows it took (`SqlSettings.mirror_lease`)."""
         self.mirrors = dict(mirrors)
@@ -335,7 +333,7 @@ class Forwarder:
             self._down.discard(mirror)
             logger.warning("mirror %r is reachable again; forwarding what it is owed", mirror)
         size = limit or capabilities.max_batch_size
-        now = _now()
+        now = await self._clock.micros()
         lease = self.lease
         # The lease's end is also the pass's token, so it has a random part (under a
         # second): two passes, of this process or another, never share one.
@@ -658,7 +656,7 @@ class Forwarder:
         while the mirror may still be processing them."""
         async with self._transaction() as connection:
             if touched:
-                now = _now()
+                now = await self._clock.micros()
                 await connection.execute(
                     _delivered_now(connection.dialect.name),
                     [
@@ -707,7 +705,7 @@ class Forwarder:
         if now < self._forgotten.get(mirror, 0.0):
             return
         self._forgotten[mirror] = now + delay.total_seconds() / 4
-        old = _now() - 3 * int(delay.total_seconds() * 1e6)
+        old = await self._clock.micros() - 3 * int(delay.total_seconds() * 1e6)
         marks = mirror_deliveries.c
         stale = sa.and_(marks.mirror == mirror, marks.delivered_at < old)
         with contextlib.suppress(Exception):

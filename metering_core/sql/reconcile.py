@@ -26,7 +26,7 @@ import asyncio
 import bisect
 import hashlib
 from collections.abc import Collection, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import NamedTuple
 
@@ -57,6 +57,7 @@ from metering_core.sql.schema import (
     mirror_repairs,
     outbox,
 )
+from metering_core.sql.store_clock import StoreClock
 
 __all__ = ["DRIFT", "REPAIR_SETTLE", "held_by_repair", "reconcile"]
 
@@ -251,7 +252,12 @@ def held_by_repair(mirror: str) -> sa.Exists:
 
 
 async def _repairs(
-    transaction: Transaction, mirror: str, start: datetime, end: datetime, settle: timedelta
+    transaction: Transaction,
+    mirror: str,
+    start: datetime,
+    end: datetime,
+    settle: timedelta,
+    clock: StoreClock,
 ) -> _Repairs:
     statement = sa.select(
         mirror_repairs.c.meter_id,
@@ -268,7 +274,7 @@ async def _repairs(
     async with transaction(writes=False) as connection:
         for meter, customer, since, until, sent_at in await connection.execute(statement):
             found.setdefault((meter, customer), []).append(_Repair(since, until, sent_at))
-    return _Repairs(found, datetime.now(UTC), settle)
+    return _Repairs(found, await clock.now(), settle)
 
 
 class _Processing:
@@ -390,6 +396,7 @@ async def reconcile(
     """Compare every (meter, customer, window) of the ledger with `mirror`'s; with
     `repair`, send each short sum or count cell its correction."""
     mine = _chosen(await _meters(ledger), meter_ids)
+    clock = StoreClock(transaction)  # the clock the forwarders marked deliveries by
     found = await _meters(mirror)
     by_id = {m.id: m for m in found}
     by_name = {m.event_name: m for m in found}
@@ -399,12 +406,12 @@ async def reconcile(
         )
         links = {mine: theirs for mine, theirs in await connection.execute(linked)}
     capabilities = await mirror.load_capabilities()
-    repaired = await _repairs(transaction, mirror_name, start, end, _settling(capabilities))
+    repaired = await _repairs(transaction, mirror_name, start, end, _settling(capabilities), clock)
     cells: list[ReconcileCell] = []
     counted: dict[str, _Counted] = {}
     for meter in mine:
         query = UsageQuery(meter_id=meter.id, start=start, end=end, window=window)
-        at = datetime.now(UTC)
+        at = await clock.now()
         ours = await _usage(ledger, query, (), grouped=True)
         counted[meter.id] = _Counted(at, await _last_seq(transaction))
         # A mirror asked one customer at a time is asked for every customer the ledger
@@ -425,7 +432,7 @@ async def reconcile(
         unsent = await _unsent(transaction, mirror_name, meter.event_name, start, end)
         asked = query.model_copy(update={"meter_id": counterpart.id})
         grouped = capabilities.group_by and not capabilities.requires_customer
-        asked_at = datetime.now(UTC)
+        asked_at = await clock.now()
         try:
             answered = await _usage(mirror, asked, customers, grouped)
         except UnsupportedOperationError:  # a query it cannot answer
@@ -488,7 +495,9 @@ async def reconcile(
             )
     ok = not any(c.status in DRIFT for c in cells)
     if repair and not ok:
-        cells = await _repair(transaction, mirror_name, mirror, capabilities, mine, cells, counted)
+        cells = await _repair(
+            transaction, mirror_name, mirror, capabilities, mine, cells, counted, clock
+        )
     return ReconcileReport(mirror=mirror_name, ok=ok, cells=cells)
 
 
@@ -522,6 +531,7 @@ async def _repair(
     meters: Sequence[Meter],
     cells: list[ReconcileCell],
     counted: Mapping[str, _Counted],
+    clock: StoreClock,
 ) -> list[ReconcileCell]:
     """Send each short sum or count cell its corrections, each recorded first (see
     `_record`); the cells, those whose corrections the mirror took marked `repaired`. A
@@ -530,7 +540,7 @@ async def _repair(
     taken all the same (an answer lost), and the cell is repaired again, if still short,
     after `REPAIR_SETTLE` (review)."""
     by_id = {meter.id: meter for meter in meters}
-    now = datetime.now(UTC)
+    now = await clock.now()
     oldest = None if capabilities.max_event_age is None else now - capabilities.max_event_age
     chosen: dict[int, list[UsageEvent]] = {}
     for index, cell in enumerate(cells):

@@ -40,7 +40,7 @@ from metering_core.collector import YOUNG
 from metering_core.interface import IMetering, Ledger
 from metering_core.memory import MemoryProvider
 from metering_core.server import create_app
-from metering_core.sql import SqlSettings, mirrors
+from metering_core.sql import SqlSettings, mirrors, store_clock
 from metering_core.sql.provider import SqlProvider
 from metering_core.sql.schema import (
     events,
@@ -1503,6 +1503,39 @@ async def test_the_processing_delay_counts_from_when_the_mirror_was_asked(
     assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.pending, False)]
     monkeypatch.setattr(mirror, "fetch_usage", asking)
     await age_deliveries(provider, timedelta(seconds=3))  # the delay passes
+    report = await ledger.reconcile("billing", **span, repair=True)
+    assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.short, True)]
+
+
+@pytest.mark.parametrize("ledger_url", ["postgres_url"], indirect=True)
+@pytest.mark.parametrize("skewed", ["forwarder", "reconcile"])
+async def test_hosts_whose_clocks_are_hours_apart_agree_a_cell_is_still_processing(
+    ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch, skewed: str
+) -> None:
+    """A forwarder and a reconcile on hosts whose clocks disagree by two hours (one set to
+    local time): a cell delivered to just now, on a mirror that shows what it took an
+    hour later, is pending, not short (whose repair would be billed beside the events
+    once the mirror showed them). Marks and the times compared with them are the
+    store's; once its delay has passed the loss is repaired."""
+    provider, mirror = await delayed_mirror(ledger, monkeypatch, timedelta(hours=1))
+    real = store_clock.host_micros
+    hours = 2 * 3_600_000_000
+
+    def behind() -> int:
+        return real() - hours
+
+    def ahead() -> int:
+        return real() + hours
+
+    monkeypatch.setattr(store_clock, "host_micros", behind)
+    await ledger.ingest_usage_events([event(1), event(2)])
+    await ledger.flush_mirrors(timeout=30)
+    monkeypatch.setattr(store_clock, "host_micros", ahead if skewed == "reconcile" else real)
+    await mirror.cancel_usage_events(["e1"])  # not shown there yet
+    span = {"start": AT, "end": AT + timedelta(days=1)}
+    report = await ledger.reconcile("billing", **span, repair=True)
+    assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.pending, False)]
+    await age_deliveries(provider, timedelta(hours=1, minutes=1))
     report = await ledger.reconcile("billing", **span, repair=True)
     assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.short, True)]
 
