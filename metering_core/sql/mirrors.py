@@ -270,9 +270,10 @@ class Forwarder:
         settings: MeteringSettings | None = None,
         *,
         lease: float = LEASE,
+        clock: StoreClock | None = None,
     ) -> None:
         self._transaction = transaction
-        self._clock = StoreClock(transaction)  # leases and delivery marks: one clock
+        self._clock = clock or StoreClock()  # of leases and delivery marks
         self.lease = lease
         """Seconds a pass holds the rows it took (`SqlSettings.mirror_lease`)."""
         self.mirrors = dict(mirrors)

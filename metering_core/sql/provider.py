@@ -92,6 +92,7 @@ from metering_core.sql.store import (
     schema_revisions,
     store_error,
 )
+from metering_core.sql.store_clock import StoreClock
 from metering_core.sql.usage import usage_rows, usage_statement
 
 __all__ = ["SqlProvider"]
@@ -148,8 +149,14 @@ class SqlProvider(BaseProvider):
         self._made_in = os.getpid()
         self._meter_copy = MeterCopy()
         self._mirror_names = tuple(settings.mirrors)
+        remote = self.store.backend == "postgresql"
+        self._clock = StoreClock(self._transaction if remote else None)
+        """The clock of the marks forwarders on several hosts write and reconcile reads."""
         self.forwarder = Forwarder(
-            self._transaction, build_mirrors(settings.mirrors), lease=settings.mirror_lease
+            self._transaction,
+            build_mirrors(settings.mirrors),
+            lease=settings.mirror_lease,
+            clock=self._clock,
         )
         """Delivers what the outbox owes the mirrors (`metering mirror run`, the service)."""
         # SQLite has one writer at a time; PostgreSQL overlaps a few transactions
@@ -858,6 +865,7 @@ class SqlProvider(BaseProvider):
             self._transaction,
             mirror,
             self._mirror(mirror),
+            self._clock,
             start=start,
             end=end,
             window=window,

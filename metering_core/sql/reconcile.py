@@ -386,6 +386,7 @@ async def reconcile(
     transaction: Transaction,
     mirror_name: str,
     mirror: IMetering,
+    clock: StoreClock,
     *,
     start: datetime,
     end: datetime,
@@ -396,7 +397,6 @@ async def reconcile(
     """Compare every (meter, customer, window) of the ledger with `mirror`'s; with
     `repair`, send each short sum or count cell its correction."""
     mine = _chosen(await _meters(ledger), meter_ids)
-    clock = StoreClock(transaction)  # the clock the forwarders marked deliveries by
     found = await _meters(mirror)
     by_id = {m.id: m for m in found}
     by_name = {m.event_name: m for m in found}

@@ -4,8 +4,8 @@ marks with when it asked the mirror. Each host's own clock may be minutes off, o
 off when one is set to local time, and a cell delivered to an hour ago then reads as
 settled and is repaired while Stripe still processes it: the correction is billed beside
 the events. So marks and the times compared with them are the store's. PostgreSQL's
-clock is measured with one query a `REFRESH` (its offset from this host's, to half a
-round trip); SQLite's store is on this host, whose clock it is."""
+clock is read with one query a `REFRESH` (to half a round trip); SQLite's store is on
+this host, whose clock it is."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from metering_core.sql.rows import Transaction
 __all__ = ["REFRESH", "StoreClock"]
 
 REFRESH = 30.0
-"""Seconds an offset measured is trusted before it is measured again (a host's clock
-stepped by NTP is followed within this)."""
+"""Seconds the store's clock is carried on by this host's monotonic one before it is read
+again (which drifts from it by parts per million)."""
 
 _POSTGRES_NOW = sa.text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)")
 
@@ -32,28 +32,33 @@ def host_micros() -> int:
 
 
 class StoreClock:
-    """The store's time, as this host's clock plus the offset last measured."""
+    """The store's time: a PostgreSQL server's, read through `transaction` once a
+    `REFRESH` and carried on by this host's monotonic clock meanwhile (so a step of this
+    host's clock, NTP's or an operator's, moves nothing); with no transaction the store
+    is this host's (SQLite), whose clock is read alone, no connection opened for it."""
 
-    def __init__(self, transaction: Transaction) -> None:
+    def __init__(self, transaction: Transaction | None = None) -> None:
         self._transaction = transaction
-        self._offset = 0
-        self._measured_until = float("-inf")  # monotonic: when to measure again
+        self._measured = 0  # the store's micros when measured,
+        self._measured_at: int | None = None  # at this monotonic nanosecond
 
     async def micros(self) -> int:
         """The store's time now, in microseconds since the epoch."""
-        if time.monotonic() >= self._measured_until:
-            await self._measure()
-        return host_micros() + self._offset
+        if self._transaction is None:
+            return host_micros()
+        since = None if self._measured_at is None else time.monotonic_ns() - self._measured_at
+        if since is None or since >= REFRESH * 1e9:
+            await self._measure(self._transaction)
+            return self._measured
+        return self._measured + since // 1000
 
     async def now(self) -> datetime:
         """The store's time now, as a UTC instant."""
         return from_epoch_micros(await self.micros())
 
-    async def _measure(self) -> None:
-        async with self._transaction(writes=False) as connection:
-            if connection.dialect.name == "postgresql":
-                before = host_micros()
-                stored = int(await connection.scalar(_POSTGRES_NOW))
-                after = host_micros()
-                self._offset = stored - (before + after) // 2
-        self._measured_until = time.monotonic() + REFRESH
+    async def _measure(self, transaction: Transaction) -> None:
+        async with transaction(writes=False) as connection:
+            before = time.monotonic_ns()
+            stored = int(await connection.scalar(_POSTGRES_NOW))
+            after = time.monotonic_ns()
+        self._measured, self._measured_at = stored, (before + after) // 2
