@@ -102,12 +102,14 @@ def _envelope(message: Any) -> _Envelope:
 
 
 def _decoded(encoded: Any) -> Any:
-    """A CloudEvent's `data_base64`: base64 of the JSON of its data."""
+    """A CloudEvent's `data_base64`: base64 of the JSON of its data (one this service
+    reads: an integer past Python's 4,300 digits, or nesting past its recursion limit, is
+    refused like any other that is not)."""
     try:
         return json.loads(base64.b64decode(str(encoded), validate=True))
-    except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError):
+    except (binascii.Error, ValueError, RecursionError):
         raise ValidationError(
-            "data_base64 is not base64 of a JSON document",
+            "data_base64 is not base64 of a JSON document this service reads",
             field="data_base64",
             value=str(encoded)[:100],
         ) from None

@@ -31,6 +31,8 @@ def _json(body: bytes) -> Any:
         raise HTTPException(400, f"not JSON: {exc}") from None
     except RecursionError:  # nested past what the parser can hold: refused, not failed
         raise HTTPException(400, "not JSON this service reads: nested too deeply") from None
+    except ValueError as exc:  # an integer past Python's 4,300 digits: refused, not failed
+        raise HTTPException(400, f"not JSON this service reads: {exc}") from None
 
 
 def event_messages(headers: Headers, body: bytes) -> tuple[list[Any], bool]:

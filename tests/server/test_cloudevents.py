@@ -3,6 +3,7 @@ with data as JSON or as base64, and batched mode; each counted once when deliver
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -168,13 +169,37 @@ def test_a_batch_failing_after_earlier_messages_acted_says_they_did(
 
 @pytest.mark.parametrize(
     ("body", "content_type"),
-    [(b"[]", "application/cloudevents-batch+json"), (b"{", "application/json")],
+    [
+        (b"[]", "application/cloudevents-batch+json"),
+        (b"{", "application/json"),
+        (b'{"specversion": "1.0", "id": "x", "data": ' + b"9" * 4301 + b"}", "application/json"),
+    ],
 )
 def test_a_body_that_is_no_message_is_refused_naming_the_body(
     client: TestClient, body: bytes, content_type: str
 ) -> None:
     response = client.post("/events", content=body, headers={**ADMIN, "Content-Type": content_type})
     assert (response.status_code, response.json()["error"]["field"]) == (422, "body")
+
+
+@pytest.mark.parametrize(
+    "data", [b"9" * 4301, b"[" * 100_000 + b"]" * 100_000], ids=["4301 digits", "deep"]
+)
+def test_data_base64_of_json_past_what_python_reads_is_refused_naming_it(
+    client: TestClient, data: bytes
+) -> None:
+    """An integer past Python's 4,300 digits, or nesting past its recursion limit, in
+    base64: the service failed with a 500 (probe); it is a 422 naming data_base64."""
+    message = {
+        "specversion": "1.0",
+        "id": "big",
+        "source": "s",
+        "type": "INGEST_USAGE",
+        "data_base64": base64.b64encode(data).decode(),
+    }
+    response = client.post("/events", json=message, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "data_base64"
 
 
 def test_one_event_sent_in_binary_then_structured_mode_counts_once(client: TestClient) -> None:
