@@ -16,16 +16,19 @@ from cloudevents.core.v1.event import CloudEvent
 from fastapi.testclient import TestClient
 
 from metering_core import AsyncMetering
+from metering_core.memory import MemoryProvider, MemorySettings
 from metering_core.server import create_app
 
 ADMIN = {"Authorization": "Bearer admin"}
 SENT = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
 
 
+SCOPES = ["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
+
+
 @pytest.fixture
 def client() -> Iterator[TestClient]:
-    scopes = ["meters:read", "meters:write", "usage:read", "usage:write", "customers:write"]
-    app = create_app(AsyncMetering("memory"), keys={"admin": {"scopes": scopes}})
+    app = create_app(AsyncMetering("memory"), keys={"admin": {"scopes": SCOPES}})
     with TestClient(app) as client:
         client.post("/meters", json={"event_name": "api_calls"}, headers=ADMIN)
         yield client
@@ -165,6 +168,32 @@ def test_a_batch_failing_after_earlier_messages_acted_says_they_did(
     )
     assert alone.status_code == 409
     assert alone.json()["error"]["message"].startswith("customer 'acme' exists already")
+
+
+def test_a_batch_with_a_message_over_the_stores_batch_size_changes_nothing() -> None:
+    """A message carrying more events than the store takes in one batch can never
+    succeed: refused before the messages ahead of it act (probe: they were billed, then
+    the batch answered 422)."""
+    provider = MemoryProvider(MemorySettings(max_batch_size=2))
+    with TestClient(create_app(AsyncMetering(provider), keys={"admin": {"scopes": SCOPES}})) as c:
+        c.post("/meters", json={"event_name": "api_calls"}, headers=ADMIN)
+        one = {"event_name": "api_calls", "tenantId": "acme", "value": 1}
+        messages = [
+            {"specversion": "1.0", "id": i, "source": "s", "type": "INGEST_USAGE", "data": data}
+            for i, data in (("small", one), ("large", [one, one, one]))
+        ]
+        response = c.post(
+            "/events",
+            content=json.dumps(messages).encode(),
+            headers={**ADMIN, "Content-Type": "application/cloudevents-batch+json"},
+        )
+        assert response.status_code == 422
+        assert response.json()["error"] == {
+            "type": "validation_error",
+            "message": "events: 3 exceed max_batch_size=2",
+            "field": "events",
+        }
+        assert total(c) == ""
 
 
 @pytest.mark.parametrize(

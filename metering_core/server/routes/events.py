@@ -11,7 +11,7 @@ from pydantic import TypeAdapter
 from metering_core.errors import MeteringError, ValidationError
 from metering_core.events import ParsedEvent, parse_event, route
 from metering_core.models import MAX_EVENTS_PER_REQUEST, Customer, IngestResult
-from metering_core.server.acting import ActingAs
+from metering_core.server.acting import ActingAs, check_batch
 from metering_core.server.auth import Principal
 from metering_core.server.callers import Caller
 from metering_core.server.errors import AfterActing, Forbidden
@@ -61,8 +61,9 @@ async def handle_event(
 ) -> Response:
     """An event-bus message, as `handle_event` takes it, or a batch of CloudEvents (each
     answered in turn, in a list); ingestion answers per event, like `POST /usage`. Every
-    message of a batch is validated, and the caller's right to each checked, before any
-    acts; one that fails in the store after others acted is answered saying so."""
+    message of a batch is validated, and the caller's right to each and its size
+    checked, before any acts; one that fails in the store after others acted is
+    answered saying so."""
     if not principal.scopes & {"usage:write", "customers:write"}:
         raise Forbidden("this key lacks the scope 'usage:write' or 'customers:write'")
     messages, batch = event_messages(request.headers, await request.body())
@@ -75,6 +76,8 @@ async def handle_event(
     parsed = [parse_event(message) for message in messages]
     for one in parsed:
         _may(principal, one)
+        if one.kind == "ingest":  # a batch no store takes: refused before any message acts
+            await check_batch(shared, "events", len(one.usage))
     acting = ActingAs(shared, principal)
     answers: list[Any] = []
     for index, one in enumerate(parsed):
