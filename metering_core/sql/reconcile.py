@@ -501,13 +501,19 @@ async def reconcile(
     return ReconcileReport(mirror=mirror_name, ok=ok, cells=cells)
 
 
-def _corrections(meter: Meter, cell: ReconcileCell, at: datetime) -> list[UsageEvent]:
+def _corrections(
+    meter: Meter, cell: ReconcileCell, at: datetime, newest: int | None
+) -> list[UsageEvent]:
     """The events that bring a short cell up to the ledger's total, with ids derived from
-    the cell and both totals (the same drift gives the same ids)."""
+    the cell, both totals and the newest event the ledger stored in it: the same drift
+    of the same events gives the same ids, and a later loss gives new ones, even to the
+    same totals (probe: an event cancelled and another lost gave the first repair's ids,
+    the mirror answered duplicate, and the cell was marked repaired and stayed short)."""
     assert cell.ledger is not None
     missing = cell.ledger - (cell.mirror or Decimal(0))
     key = f"{meter.id}|{cell.customer_id}|{cell.start.isoformat()}|{cell.end.isoformat()}"
-    digest = hashlib.sha256(f"{key}|{cell.ledger}|{cell.mirror}".encode()).hexdigest()[:40]
+    drift = f"{key}|{cell.ledger}|{cell.mirror}|{newest}"
+    digest = hashlib.sha256(drift.encode()).hexdigest()[:40]
 
     def correction(suffix: str, value: Decimal) -> UsageEvent:
         return UsageEvent(
@@ -521,6 +527,20 @@ def _corrections(meter: Meter, cell: ReconcileCell, at: datetime) -> list[UsageE
     if meter.aggregation is Aggregation.SUM:
         return [correction("", missing)]
     return [correction(f"-{n}", Decimal(1)) for n in range(int(missing))]
+
+
+async def _newest_event(transaction: Transaction, cell: ReconcileCell) -> int | None:
+    """The seq of the newest event the ledger stored in a cell, cancelled ones too."""
+    statement = sa.select(sa.func.max(events.c.seq)).where(
+        events.c.meter_seq
+        == sa.select(meters.c.seq).where(meters.c.id == cell.meter_id).scalar_subquery(),
+        events.c.customer_id == cell.customer_id,
+        events.c.ts >= epoch_micros(cell.start),
+        events.c.ts < epoch_micros(cell.end),
+    )
+    async with transaction(writes=False) as connection:
+        newest = await connection.scalar(statement)
+    return None if newest is None else int(newest)
 
 
 async def _repair(
@@ -549,7 +569,8 @@ async def _repair(
             continue
         at = cell.start if oldest is None else max(cell.start, oldest + timedelta(minutes=5))
         if at < cell.end:  # else the mirror no longer takes events of that window
-            chosen[index] = _corrections(meter, cell, at)
+            newest = await _newest_event(transaction, cell)
+            chosen[index] = _corrections(meter, cell, at, newest)
     recorded = await _record(
         transaction, name, cells, chosen, counted, now, _settling(capabilities)
     )

@@ -1540,6 +1540,43 @@ async def test_hosts_whose_clocks_are_hours_apart_agree_a_cell_is_still_processi
     assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.short, True)]
 
 
+async def test_a_second_loss_to_the_same_totals_is_repaired_with_new_ids(
+    ledger: AsyncMetering,
+) -> None:
+    """Ledger 15 and mirror 10 twice, by other events: the first repair's ids were given
+    again, the mirror answered duplicate, and the cell was marked repaired and stayed
+    short for good (probe). Each loss is repaired; each repair, twice, sends once."""
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    day = AT.replace(hour=0)
+    span = {"start": day, "end": day + timedelta(days=1)}
+    five = [event(n) for n in (4, 9, 14, 19)]  # each of value 5
+    await ledger.ingest_usage_events(five[:3])
+    await ledger.flush_mirrors(timeout=30)
+    await mirror.cancel_usage_events(["e14"])  # lost there
+    [first] = (await ledger.reconcile("billing", **span, repair=True)).cells
+    assert (first.ledger, first.mirror, first.repaired) == (15, 10, True)
+
+    async def a_while_later() -> None:
+        async with provider._transaction() as connection:
+            hours = 2 * 3_600_000_000
+            await connection.execute(
+                sa.update(mirror_repairs).values(sent_at=mirror_repairs.c.sent_at - hours)
+            )
+
+    await a_while_later()
+    await ledger.cancel_usage_events(["e4"])  # reaches the mirror: 10 and 10
+    await ledger.ingest_usage_events([five[3]])
+    await ledger.flush_mirrors(timeout=30)
+    await mirror.cancel_usage_events(["e19"])  # lost there: 15 and 10 again
+    [second] = (await ledger.reconcile("billing", **span, repair=True)).cells
+    assert (second.ledger, second.mirror, second.repaired) == (15, 10, True)
+    await a_while_later()
+    [after] = (await ledger.reconcile("billing", **span, repair=True)).cells
+    assert (after.status, after.ledger, after.mirror) == (CellStatus.equal, 15, 15)
+
+
 async def test_two_reconciles_repairing_at_once_in_other_windows_send_the_shortfall_once(
     ledger_url: str, mirror_service: tuple[str, AsyncMetering]
 ) -> None:
