@@ -70,7 +70,7 @@ from metering_core.sql.listing import event_page, events_statement
 from metering_core.sql.meter_copy import MeterCopy
 from metering_core.sql.mirror_sync import Refused, mismatch, named, refusal
 from metering_core.sql.mirrors import REFUSALS, Forwarder, build_mirrors
-from metering_core.sql.reconcile import held_by_repair, reconcile
+from metering_core.sql.reconcile import held_by_repair, one_repair_at_a_time, reconcile
 from metering_core.sql.rows import customer_from_row, meter_from_row
 from metering_core.sql.schema import (
     ROLLED_UP,
@@ -694,6 +694,7 @@ class SqlProvider(BaseProvider):
         since, until = epoch_micros(start), epoch_micros(end)
         now = epoch_micros(datetime.now(UTC))
         async with self._transaction() as connection:
+            await one_repair_at_a_time(connection, mirror)  # a repair's record seen, or ours
             chosen = sa.select(
                 sa.literal(mirror), sa.literal("usage"), events.c.id, events.c.seq, sa.literal(now)
             ).where(
@@ -770,6 +771,7 @@ class SqlProvider(BaseProvider):
             .values(refused=None, claimed_until=None, attempts=0)
         )
         async with self._transaction() as connection:
+            await one_repair_at_a_time(connection, mirror)  # a repair's record seen, or ours
             owed = (await connection.execute(statement)).rowcount
         # behind where this process's forwarder claims: taken next, in order (a forwarder
         # in another process takes them at its next sweep, within a quarter lease)

@@ -31,6 +31,7 @@ from decimal import Decimal
 from typing import NamedTuple
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from metering_core.config import MeteringSettings
 from metering_core.delivery import GAVE_UP, DeliveryPolicy
@@ -59,7 +60,7 @@ from metering_core.sql.schema import (
 )
 from metering_core.sql.store_clock import StoreClock
 
-__all__ = ["DRIFT", "REPAIR_SETTLE", "held_by_repair", "reconcile"]
+__all__ = ["DRIFT", "REPAIR_SETTLE", "held_by_repair", "one_repair_at_a_time", "reconcile"]
 
 Key = tuple[str, datetime]  # customer, window start
 _ZERO_WHEN_ABSENT = (Aggregation.SUM, Aggregation.COUNT)
@@ -529,11 +530,14 @@ def _corrections(
     return [correction(f"-{n}", Decimal(1)) for n in range(int(missing))]
 
 
+def _meter_seq(meter_id: str) -> sa.ScalarSelect[int]:
+    return sa.select(meters.c.seq).where(meters.c.id == meter_id).scalar_subquery()
+
+
 async def _newest_event(transaction: Transaction, cell: ReconcileCell) -> int | None:
     """The seq of the newest event the ledger stored in a cell, cancelled ones too."""
     statement = sa.select(sa.func.max(events.c.seq)).where(
-        events.c.meter_seq
-        == sa.select(meters.c.seq).where(meters.c.id == cell.meter_id).scalar_subquery(),
+        events.c.meter_seq == _meter_seq(cell.meter_id),
         events.c.customer_id == cell.customer_id,
         events.c.ts >= epoch_micros(cell.start),
         events.c.ts < epoch_micros(cell.end),
@@ -596,6 +600,16 @@ async def _repair(
 _ONE_REPAIR = sa.text("SELECT pg_advisory_xact_lock(hashtext('metering repair ' || :mirror))")
 
 
+async def one_repair_at_a_time(connection: AsyncConnection, mirror: str) -> None:
+    """Take, for the rest of the transaction, `mirror`'s turn among the transactions that
+    decide what it is sent of the ledger's past: repairs, backfills, retried dead letters.
+    Each checks what the others committed (`held_by_repair`, owed rows), and two checking
+    at once would each see none of the other's (PostgreSQL's read committed); SQLite's one
+    writer takes them in turn already."""
+    if connection.dialect.name == "postgresql":
+        await connection.execute(_ONE_REPAIR, {"mirror": mirror})
+
+
 async def _record(
     transaction: Transaction,
     name: str,
@@ -617,8 +631,7 @@ async def _record(
         return recorded
     async with transaction() as connection:
         sqlite = connection.dialect.name == "sqlite"
-        if not sqlite:
-            await connection.execute(_ONE_REPAIR, {"mirror": name})
+        await one_repair_at_a_time(connection, name)
         for index in chosen:
             cell = cells[index]
             since, until = epoch_micros(cell.start), epoch_micros(cell.end)
@@ -636,6 +649,20 @@ async def _record(
                 | (mirror_repairs.c.window_start != since)
                 | (mirror_repairs.c.window_end != until),
             )
+            # owed meanwhile (a backfill, a dead letter retried, since this reconcile read
+            # what was owed): the mirror is to get those events, and the correction too
+            # would count them twice (probe); the cell is pending, not repaired
+            owed = sa.select(1).where(
+                outbox.c.mirror == name,
+                outbox.c.kind == "usage",
+                outbox.c.refused.is_(None),
+                events.c.seq == outbox.c.event_seq,
+                events.c.meter_seq == _meter_seq(cell.meter_id),
+                events.c.customer_id == cell.customer_id,
+                events.c.ts >= since,
+                events.c.ts < until,
+                events.c.seq <= counted[cell.meter_id].through,
+            )
             row = sa.select(
                 sa.literal(name),
                 sa.literal(cell.meter_id),
@@ -645,7 +672,7 @@ async def _record(
                 sa.literal(str(amount) if sqlite else amount, mirror_repairs.c.amount.type),
                 sa.literal(epoch_micros(now)),
                 sa.literal(counted[cell.meter_id].through),
-            ).where(~sa.exists(blocking))
+            ).where(~sa.exists(blocking), ~sa.exists(owed))
             inserted = await connection.execute(
                 sa.insert(mirror_repairs).from_select(
                     [

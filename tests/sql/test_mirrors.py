@@ -41,6 +41,7 @@ from metering_core.interface import IMetering, Ledger
 from metering_core.memory import MemoryProvider
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings, mirrors, store_clock
+from metering_core.sql import reconcile as reconcile_module
 from metering_core.sql.provider import SqlProvider
 from metering_core.sql.schema import (
     events,
@@ -1575,6 +1576,60 @@ async def test_a_second_loss_to_the_same_totals_is_repaired_with_new_ids(
     await a_while_later()
     [after] = (await ledger.reconcile("billing", **span, repair=True)).cells
     assert (after.status, after.ledger, after.mirror) == (CellStatus.equal, 15, 15)
+
+
+async def test_a_backfill_committed_while_a_repair_runs_is_sent_and_the_repair_is_not(
+    ledger_url: str,
+    ledger: AsyncMetering,
+    mirror_service: tuple[str, AsyncMetering],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event lost to the mirror (stored by a process without it configured), and a
+    backfill that commits after reconcile read what was owed and before it recorded its
+    repair: both reached the mirror, the shortfall billed twice (probe). The repair now
+    sees the rows owed meanwhile and leaves the cell to them."""
+    await ledger.ingest_usage_events([event(1)])
+    await ledger.flush_mirrors(timeout=30)
+    async with AsyncMetering("sql", url=ledger_url, linger=0) as unmirrored:
+        await unmirrored.ingest_usage_events([event(2), event(3)])
+    day = AT.replace(hour=0)
+    span = {"start": day, "end": day + timedelta(days=1)}
+    recording = reconcile_module._record
+    owed: list[int] = []
+
+    async def backfilled_meanwhile(*args: Any, **kwargs: Any) -> set[int]:
+        owed.append(await ledger.backfill_mirror("billing", start=day, end=span["end"]))
+        return await recording(*args, **kwargs)
+
+    monkeypatch.setattr(reconcile_module, "_record", backfilled_meanwhile)
+    [cell] = (await ledger.reconcile("billing", **span, repair=True)).cells
+    assert (cell.status, cell.repaired, owed) == (CellStatus.short, False, [3])
+    monkeypatch.setattr(reconcile_module, "_record", recording)
+    await ledger.flush_mirrors(timeout=30)
+    [cell] = (await ledger.reconcile("billing", **span, repair=True)).cells
+    assert (cell.status, cell.ledger, cell.mirror) == (CellStatus.equal, 9, 9)
+    assert await totals(mirror_service[1]) == await totals(ledger)
+
+
+@pytest.mark.parametrize("ledger_url", ["postgres_url"], indirect=True)
+async def test_backfills_and_retries_wait_for_a_repair_being_recorded(
+    ledger: AsyncMetering,
+) -> None:
+    """On PostgreSQL a backfill's check of the repairs and a repair's check of the owed
+    rows, at once, would each miss the other's: they take the mirror's turn in one lock."""
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    day = AT.replace(hour=0)
+    async with provider._transaction() as connection:
+        await reconcile_module.one_repair_at_a_time(connection, "billing")
+        backfill = asyncio.create_task(
+            ledger.backfill_mirror("billing", start=day, end=day + timedelta(days=1))
+        )
+        retry = asyncio.create_task(ledger.retry_mirror_dead_letters("billing"))
+        done, _ = await asyncio.wait([backfill, retry], timeout=0.5)
+        assert not done
+    assert await asyncio.wait_for(backfill, 10) == 0
+    assert await asyncio.wait_for(retry, 10) == 0
 
 
 async def test_two_reconciles_repairing_at_once_in_other_windows_send_the_shortfall_once(
