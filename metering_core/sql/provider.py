@@ -663,7 +663,34 @@ class SqlProvider(BaseProvider):
                             reason=str(exc),
                         )
                     )
+                if kind == "meter":
+                    await self._meter_refused(mirror, key, links[-1].reason)
         return links
+
+    async def _meter_refused(self, mirror: str, meter_id: str, reason: str | None) -> None:
+        """Keep what linking a meter found as the forwarder keeps a meter change's
+        outcome: refused, a dead letter of the meter, whose events are then refused with
+        it (sent, the mirror's meter of that name would bill them by its aggregation:
+        probe); linked, no such dead letter left (`mirror retry` would send it again)."""
+        refused = sa.and_(
+            outbox.c.mirror == mirror,
+            outbox.c.kind == "meter",
+            outbox.c.event_id == meter_id,
+            outbox.c.refused.is_not(None),
+        )
+        async with self._transaction() as connection:
+            await connection.execute(sa.delete(outbox).where(refused))
+            if reason is not None:
+                now = epoch_micros(datetime.now(UTC))
+                await connection.execute(
+                    sa.insert(outbox).values(
+                        mirror=mirror,
+                        kind="meter",
+                        event_id=meter_id,
+                        created_at=now,
+                        refused=reason,
+                    )
+                )
 
     async def backfill_mirror(
         self, mirror: str, *, start: datetime, end: datetime | None = None

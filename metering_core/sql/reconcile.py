@@ -427,17 +427,22 @@ async def reconcile(
             and window in capabilities.windows
             and meter.aggregation in capabilities.aggregations
         )
-        if not comparable or counterpart is None:
-            cells.extend(_not_comparable(meter, ours))
-            continue
         unsent = await _unsent(transaction, mirror_name, meter.event_name, start, end)
+        waiting: dict[tuple[str, bool], _Times] = {}
+        for customer, ts, refused in unsent:
+            waiting.setdefault((customer, refused), _Times()).times.append(ts)
+        for times in waiting.values():
+            times.times.sort()
+        if not comparable or counterpart is None:
+            cells.extend(_not_comparable(meter, ours, waiting))
+            continue
         asked = query.model_copy(update={"meter_id": counterpart.id})
         grouped = capabilities.group_by and not capabilities.requires_customer
         asked_at = await clock.now()
         try:
             answered = await _usage(mirror, asked, customers, grouped)
         except UnsupportedOperationError:  # a query it cannot answer
-            cells.extend(_not_comparable(meter, ours))
+            cells.extend(_not_comparable(meter, ours, waiting))
             continue
         except ValidationError as exc:  # this range (unaligned, too long): the caller's to fix
             # not cells "not comparable" in a report that is ok: drift there went unseen
@@ -460,11 +465,6 @@ async def reconcile(
             asked_at,
             capabilities.processing_delay,
         )
-        waiting: dict[tuple[str, bool], _Times] = {}
-        for customer, ts, refused in unsent:
-            waiting.setdefault((customer, refused), _Times()).times.append(ts)
-        for times in waiting.values():
-            times.times.sort()
         none = _Times()
         for key in sorted({*ours, *answered}):
             window_end, ledger_value = ours.get(key, (None, None))
@@ -715,7 +715,15 @@ async def _unrecord(
             )
 
 
-def _not_comparable(meter: Meter, ours: dict[Key, tuple[datetime, Decimal]]) -> list[ReconcileCell]:
+def _not_comparable(
+    meter: Meter,
+    ours: dict[Key, tuple[datetime, Decimal]],
+    waiting: Mapping[tuple[str, bool], _Times],
+) -> list[ReconcileCell]:
+    """The ledger's cells of a meter the mirror cannot be asked about: not comparable,
+    but refused where the mirror refused events of it (its meter, when the mirror's of
+    that name aggregates otherwise): those are not billed there, whatever it holds."""
+    none = _Times()
     return [
         ReconcileCell(
             meter_id=meter.id,
@@ -725,7 +733,9 @@ def _not_comparable(meter: Meter, ours: dict[Key, tuple[datetime, Decimal]]) -> 
             end=end,
             ledger=value,
             mirror=None,
-            status=CellStatus.not_comparable,
+            status=CellStatus.refused
+            if waiting.get((customer, True), none).within(start, end)
+            else CellStatus.not_comparable,
         )
         for (customer, start), (end, value) in sorted(ours.items())
     ]

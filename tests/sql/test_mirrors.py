@@ -25,6 +25,7 @@ from metering_core import (
     CellStatus,
     ConfigurationError,
     IngestResult,
+    LinkOutcome,
     Meter,
     MeterCreate,
     Metering,
@@ -766,13 +767,21 @@ async def test_a_range_the_mirror_refuses_to_answer_is_an_error_not_an_ok_report
 async def test_a_mirror_meter_of_another_aggregation_is_not_comparable(
     ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
 ) -> None:
-    """A sum here against a count there agrees only by coincidence: no proof either way."""
+    """A sum here against a count there agrees only by coincidence: no proof either way.
+    The mirror refused the meter, and its events with it: those cells are refused, not
+    merely not comparable in a report that was ok (probe: nothing of them was billed)."""
     _, behind = mirror_service
     await behind.create_meter(event_name="calls", aggregation="count")
     await ledger.ingest_usage_events([event(1), event(2, customer="beta")])
     await ledger.flush_mirrors(timeout=30)
     report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
+    assert {c.status for c in report.cells} == {CellStatus.refused}
+    assert not report.ok
+    async with ledger.provider._transaction() as connection:  # type: ignore[attr-defined]
+        await connection.execute(sa.delete(outbox))  # no dead letters: no refusal known
+    report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
     assert {c.status for c in report.cells} == {CellStatus.not_comparable}
+    assert report.ok
 
 
 async def test_a_pass_that_outlasts_its_lease_releases_its_rows_unmarked(
@@ -1630,6 +1639,45 @@ async def test_backfills_and_retries_wait_for_a_repair_being_recorded(
         assert not done
     assert await asyncio.wait_for(backfill, 10) == 0
     assert await asyncio.wait_for(retry, 10) == 0
+
+
+async def test_a_meter_link_refused_holds_its_events_back_and_reconcile_says_so(
+    ledger_url: str, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """The mirror has `calls` aggregating max; the ledger's, made before the mirror was
+    added, sums. Linking refused it, yet its events went there and were billed by max,
+    and reconcile called the cells not comparable, ok (probe). The refusal is now the
+    meter's dead letter: its events are refused with it and reconcile reports them;
+    once the mirror's meter is fixed, a link clears it and a retry sends them."""
+    url, behind = mirror_service
+    await behind.create_meter(event_name="calls", aggregation="max")
+    async with AsyncMetering("sql", url=ledger_url, linger=0) as before:
+        await before.create_meter(event_name="calls")
+    async with AsyncMetering(
+        "sql", url=ledger_url, mirrors=billing(url), linger=0, mirror_forwarder=False
+    ) as ledger:
+        [link] = await ledger.link_mirror("billing")
+        assert link.outcome is LinkOutcome.refused
+        await ledger.ingest_usage_events([event(1), event(2)])
+        [status] = await ledger.flush_mirrors(timeout=30)
+        assert (status.depth, status.dead_letters) == (0, 3)  # the meter, its two events
+        [theirs] = (await behind.fetch_all_meters()).items
+        usage = await behind.fetch_usage(
+            theirs.id, start=AT, end=AT + timedelta(hours=1), window="hour"
+        )
+        assert usage.rows == []
+        span = {"start": AT.replace(hour=0), "end": AT.replace(hour=0) + timedelta(days=1)}
+        report = await ledger.reconcile("billing", **span)
+        assert not report.ok
+        assert [c.status for c in report.cells] == [CellStatus.refused]
+
+        await behind.delete_meter(theirs.id)  # the mirror's meter fixed
+        [link] = await ledger.link_mirror("billing")
+        assert link.outcome is LinkOutcome.created
+        assert await ledger.retry_mirror_dead_letters("billing") == 2
+        await ledger.flush_mirrors(timeout=30)
+        [cell] = (await ledger.reconcile("billing", **span)).cells
+        assert (cell.status, cell.mirror) == (CellStatus.equal, 5)
 
 
 async def test_two_reconciles_repairing_at_once_in_other_windows_send_the_shortfall_once(
