@@ -4,7 +4,7 @@ plugin authors) and `Capabilities` (what a provider can do, stated up front)."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -348,7 +348,13 @@ class ReportsRefusals(Protocol):
     """A provider that tells later, by webhook, of events it refused after accepting."""
 
     async def read_refusal_notice(
-        self, body: bytes, headers: Mapping[str, str]
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        recorded: Callable[[str], Awaitable[bool]] | None = None,
     ) -> RefusalNotice | None:
         """Verify and read a notice (`headers` with lower-case names); None when it is
-        authentic but not about refused events. `ValidationError` when not authentic."""
+        authentic but not about refused events, or when `recorded(its id)` says it was
+        read before (a replay: nothing fetched, nothing changed). `ValidationError` when
+        not authentic."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import secrets
@@ -104,6 +105,8 @@ _REOPEN = re.compile(r"readonly database|disk I/O error|unable to open", re.IGNO
 OFF_LOOP_ROWS = 1_000
 """Answers of this many rows or more are typed in a worker thread, off the event loop."""
 
+logger = logging.getLogger("metering")
+
 _POSTGRES_LANES = 2
 """Ingest transactions one process runs at once on PostgreSQL (SQLite: one). Two, not
 more: what waits meanwhile joins the next group, so a lane's statement carries more
@@ -147,6 +150,7 @@ class SqlProvider(BaseProvider):
         self._checkpoints: Checkpoints | None = None  # an SQLite file's, while it is open
         self._unclosed: weakref.finalize[Any, Any] | None = None  # stops them if collected
         self._made_in = os.getpid()
+        self._unverifiable_said = False  # a notice no mirror could verify, logged once
         self._meter_copy = MeterCopy()
         self._mirror_names = tuple(settings.mirrors)
         remote = self.store.backend == "postgresql"
@@ -817,19 +821,35 @@ class SqlProvider(BaseProvider):
         ]
         if not readers:
             raise NotFoundError(f"no mirror of provider {source!r} sends notices to this store")
-        refusal: MeteringError | None = None
+        refusal: ValidationError | None = None
         for name, reader in readers:
             try:
-                notice = await reader.read_refusal_notice(body, headers)
+                notice = await reader.read_refusal_notice(
+                    body, headers, recorded=self._notice_recorded
+                )
             except ValidationError as exc:  # not this mirror's secret
                 refusal = exc
                 continue
             except ConfigurationError as exc:  # no secret: another mirror may verify it
-                refusal = refusal or exc
+                if not self._unverifiable_said:
+                    logger.warning("a notice from %s arrived unverified: %s", source, exc)
+                    self._unverifiable_said = True
                 continue
             return 0 if notice is None else await self._record_notice(name, notice)
-        assert refusal is not None
-        raise refusal
+        if refusal is not None:
+            raise refusal
+        # No mirror can verify it: the operator's to fix (said once in the log), and not
+        # a failure behind the service that anyone, with no key, could mark /health by.
+        raise NotFoundError(
+            f"no mirror of provider {source!r} here has a webhook secret to verify notices"
+        )
+
+    async def _notice_recorded(self, notice_id: str) -> bool:
+        async with self._transaction(writes=False) as connection:
+            found = await connection.scalar(
+                sa.select(mirror_notices.c.id).where(mirror_notices.c.id == notice_id)
+            )
+        return found is not None
 
     async def _record_notice(self, mirror: str, notice: RefusalNotice) -> int:
         now = epoch_micros(datetime.now(UTC))

@@ -217,10 +217,15 @@ def test_stripe_refusal_notices_become_dead_letters_and_forged_or_replayed_ones_
             assert answer.json()["error"]["field"] == "Stripe-Signature"
         assert owed()["dead_letters"] == 0  # nothing recorded
 
+        def fetched() -> int:
+            return sum(path.startswith("/v2/core/events/") for _, path in fake_stripe.requests)
+
         answer = httpx.post(notices, content=body, headers=signed)
         assert answer.json() == {"recorded": 2}
+        assert fetched() == 1
         assert httpx.post(notices, content=body, headers=signed).json() == {"recorded": 0}
         assert owed()["dead_letters"] == 2  # the replay changed nothing
+        assert fetched() == 1  # nor asked Stripe again (probe: each replay fetched it)
         page = httpx.get(f"{base}/metrics", headers=admin).text
         assert (
             'metering_mirror_reported_refusals_total{mirror="billing",provider="stripe"} 2.0'
@@ -260,6 +265,26 @@ async def test_events_stripe_reports_refusing_are_sent_again_not_answered_duplic
         assert (await mirror.ingest_usage_events([sent])).accepted == [sent.id]
     finally:
         await mirror.aclose()
+
+
+def test_a_notice_no_mirror_can_verify_is_a_404_that_leaves_health_alone(
+    fake_stripe: FakeStripe, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Stripe mirror with no webhook secret, the usual setup of an operator who never
+    configured webhooks: anyone, with no key, posting there made /health 503 for 30 s
+    and logged a warning each time (probe). It is a 404, said once in the log."""
+    ledger = AsyncMetering(
+        "sql", url=f"sqlite:///{tmp_path / 'l.db'}", mirrors=stripe_mirror(fake_stripe)
+    )
+    with serve_in_thread(create_app(ledger, keys=KEYS)) as base:
+        for _ in range(3):
+            answer = httpx.post(f"{base}/webhooks/stripe", content=b"{}")
+            assert answer.status_code == 404, answer.text
+            assert "webhook secret" in answer.json()["error"]["message"]
+        health = httpx.get(f"{base}/health")
+    assert health.status_code == 200, health.text
+    said = [r for r in caplog.records if "arrived unverified" in r.getMessage()]
+    assert len(said) == 1
 
 
 def test_a_webhook_body_over_64_kib_is_refused_before_it_is_read(

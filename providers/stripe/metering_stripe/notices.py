@@ -4,7 +4,7 @@ whose details (the sampled identifiers Stripe refused, and why) are fetched from
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import stripe
@@ -27,8 +27,10 @@ async def read_notice(
     secret: str | None,
     body: bytes,
     headers: Mapping[str, str],
+    recorded: Callable[[str], Awaitable[bool]] | None = None,
 ) -> RefusalNotice | None:
-    """The refusals a verified notice reports; None for another kind of event."""
+    """The refusals a verified notice reports; None for another kind of event, and for
+    one `recorded` already (a replay within the five minutes: not fetched again)."""
     if secret is None:
         raise ConfigurationError(
             "the Stripe mirror has no webhook_secret (METERING_STRIPE_WEBHOOK_SECRET, or "
@@ -47,6 +49,8 @@ async def read_notice(
             field="Stripe-Signature",
         ) from exc
     if notification.type not in REFUSALS:
+        return None
+    if recorded is not None and await recorded(notification.id):
         return None
     try:
         event: Any = await notification.fetch_event_async()

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote_plus
@@ -570,7 +570,11 @@ class StripeProvider(BaseProvider):
     # notices
 
     async def read_refusal_notice(
-        self, body: bytes, headers: Mapping[str, str]
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        recorded: Callable[[str], Awaitable[bool]] | None = None,
     ) -> RefusalNotice | None:
         """Stripe's meter error reports (by webhook): what it refused after answering.
         The events it names are forgotten as delivered here, so a retry sends them (in a
@@ -578,7 +582,7 @@ class StripeProvider(BaseProvider):
         that process's memory; reconcile then shows the cell short)."""
         secret = self._settings.webhook_secret
         shown = None if secret is None else secret.get_secret_value()
-        notice = await read_notice(self._client, shown, body, headers)
+        notice = await read_notice(self._client, shown, body, headers, recorded)
         if notice is not None:
             self._delivered.forget(notice.refused)
         return notice
