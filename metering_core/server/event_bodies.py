@@ -18,6 +18,8 @@ from urllib.parse import unquote
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from metering_core.errors import ValidationError
+
 __all__ = ["BATCH", "event_messages"]
 
 BATCH = "application/cloudevents-batch+json"
@@ -35,6 +37,23 @@ def _json(body: bytes) -> Any:
         raise HTTPException(400, f"not JSON this service reads: {exc}") from None
 
 
+def _attribute(name: str, value: str) -> str:
+    """A binary-mode attribute: percent-encoded UTF-8 in ASCII, as the HTTP binding sends
+    it. Anything else is refused by name: read leniently, bad escapes all became U+FFFD,
+    so distinct ids collided and an event was dropped as a duplicate, and raw UTF-8 was
+    read as Latin-1, so one event sent in two modes counted twice (probe)."""
+    try:
+        if not value.isascii():
+            raise UnicodeError("not ASCII")
+        return unquote(value, errors="strict")
+    except UnicodeError:
+        raise ValidationError(
+            f"header {name} must be percent-encoded UTF-8 (the CloudEvents HTTP binding)",
+            field=name,
+            value=value[:100],
+        ) from None
+
+
 def event_messages(headers: Headers, body: bytes) -> tuple[list[Any], bool]:
     """The messages a request carries, and whether it was a batch (answered as a list)."""
     media = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
@@ -42,7 +61,7 @@ def event_messages(headers: Headers, body: bytes) -> tuple[list[Any], bool]:
         # values are percent-encoded (the HTTP binding's rule): the same event sent in
         # binary and in structured mode must name the same source and id, or it counts twice
         message: dict[str, Any] = {
-            name[len(_PREFIX) :]: unquote(value)
+            name[len(_PREFIX) :]: _attribute(name, value)
             for name, value in headers.items()
             if name.startswith(_PREFIX)
         }

@@ -231,6 +231,28 @@ def test_data_base64_of_json_past_what_python_reads_is_refused_naming_it(
     assert response.json()["error"]["field"] == "data_base64"
 
 
+@pytest.mark.parametrize("value", ["%FF", "%C3", "caf\u00e9"], ids=["bad", "cut", "raw"])
+def test_a_binary_attribute_not_percent_encoded_utf8_is_refused_naming_it(
+    client: TestClient, value: str
+) -> None:
+    """Bad escapes all read as U+FFFD (%FF and %FE one id: an event dropped as a
+    duplicate), and raw UTF-8 as Latin-1 (one event in two modes counted twice): probe."""
+    headers = {
+        **ADMIN,
+        "ce-specversion": "1.0",
+        "ce-type": "INGEST_USAGE",
+        "ce-source": "s",
+        "ce-id": value,
+        "Content-Type": "application/json",
+    }
+    body = json.dumps({"event_name": "api_calls", "tenantId": "acme"}).encode()
+    raw = {k: v.encode("utf-8") for k, v in headers.items()}  # as a sender would put it
+    response = client.post("/events", content=body, headers=raw)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "ce-id"
+    assert total(client) == ""
+
+
 def test_one_event_sent_in_binary_then_structured_mode_counts_once(client: TestClient) -> None:
     """The binding percent-encodes header values ("sbt app" is sbt%20app): read raw, the
     event's source and id differed between the modes, and a redrive in the other mode
