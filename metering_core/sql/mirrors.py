@@ -42,7 +42,7 @@ from metering_core.errors import (
     ValidationError,
 )
 from metering_core.interface import IMetering
-from metering_core.models import CancelResult, MirrorLink, MirrorStatus, UsageEvent
+from metering_core.models import CancelResult, Customer, MirrorLink, MirrorStatus, UsageEvent
 from metering_core.sql.claim_cursor import ClaimCursor
 from metering_core.sql.driver import rows_of
 from metering_core.sql.mirror_sync import (
@@ -451,7 +451,28 @@ class Forwarder:
             meter = await ledger_meter(self._transaction, key)
             return await sync_meter(self._transaction, mirror, provider, key, meter)
         customer = await ledger_customer(self._transaction, key)
+        if customer is None and await self._usage_owed(mirror, key):
+            # Offboarded before its usage reached the mirror: the mirror bills that usage
+            # all the same, so it gets the customer, by its id (its fields are gone):
+            # never made there, every event of it was refused for good (probe).
+            customer = Customer(id=key)
         return await sync_customer(mirror, provider, key, customer)
+
+    async def _usage_owed(self, mirror: str, customer_id: str) -> bool:
+        """Whether `mirror` is still owed usage of the customer's events."""
+        owed = (
+            sa.select(1)
+            .select_from(outbox.join(events, events.c.seq == outbox.c.event_seq))
+            .where(
+                outbox.c.mirror == mirror,
+                outbox.c.kind == "usage",
+                outbox.c.refused.is_(None),
+                events.c.customer_id == customer_id,
+            )
+            .limit(1)
+        )
+        async with self._transaction(writes=False) as connection:
+            return await connection.scalar(owed) is not None
 
     async def _send_usage(
         self, held: _Held, provider: IMetering, owed: Mapping[str, int], *, touching: bool

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from metering_stripe import StripeProvider
 from metering_stripe.capabilities import PROCESSING_DELAY
+from metering_stripe.provider import TENANT_KEY
 from metering_stripe.testing import FakeStripe
 
 from metering_core import (
@@ -373,6 +374,58 @@ async def test_a_failure_amid_cancels_keeps_those_stripe_took(
     finally:
         fake_stripe.chaos = None  # the fake Stripe is shared by the module's tests
         await provider.aclose()
+
+
+async def test_a_tenant_offboarded_before_its_usage_reached_stripe_is_billed_there(
+    fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    """Usage, then offboarding (sbt-aws sends them so), before the forwarder ran: Stripe
+    never got the customer, every event was refused for good, and nothing could make it
+    again (probe). The mirror gets the customer, by its id, while usage of it is owed."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    name = f"calls_{uuid.uuid4().hex[:8]}"
+    hour = hours_ago(3)
+    async with AsyncMetering(
+        "sql", url=url, mirrors=stripe_mirror(fake_stripe), mirror_forwarder=False
+    ) as ledger:
+        await ledger.create_meter(event_name=name)
+        await ledger.flush_mirrors(timeout=60)
+        tenant = f"gone-{uuid.uuid4().hex[:6]}"  # the fake Stripe is shared
+        await ledger.create_customer(id=tenant)
+        await ledger.ingest_usage_events(
+            [
+                UsageEvent(id=f"{tenant}-{n}", event_name=name, customer_id=tenant, timestamp=hour)
+                for n in range(3)
+            ]
+        )
+        await ledger.delete_customer(tenant)
+        [status] = await ledger.flush_mirrors(timeout=60)
+        assert (status.depth, status.dead_letters) == (0, 0)
+
+        def made(tenant: str) -> int:
+            return sum(
+                (c.get("metadata") or {}).get(TENANT_KEY) == tenant
+                for c in fake_stripe.state.customers.values()
+            )
+
+        assert made(tenant) == 1
+        await after_stripe_processed(ledger)
+        [cell] = (
+            await ledger.reconcile(
+                "billing", start=hour, end=hour + timedelta(hours=1), window="hour"
+            )
+        ).cells
+        assert (cell.customer_id, cell.status, cell.ledger, cell.mirror) == (
+            tenant,
+            CellStatus.equal,
+            3,
+            3,
+        )
+
+        await ledger.create_customer(id=f"{tenant}-idle")  # gone with no usage: not made there
+        await ledger.delete_customer(f"{tenant}-idle")
+        await ledger.flush_mirrors(timeout=60)
+        assert made(f"{tenant}-idle") == 0
 
 
 async def test_a_tenant_stripe_has_no_customer_for_is_a_cell_not_a_failed_reconcile(
