@@ -85,7 +85,8 @@ FLOAT_SUM_AGREEMENT = Decimal("1e-9")
 (`Capabilities.exact_sums` false: Stripe) agrees with the ledger's exact one. A float
 sum of n values is within about n x 1.1e-16 of theirs, so this holds to ten million
 events a cell (1,000 of 0.01 read 9.99999999999983 there); an event lost is its whole
-value, far more for any meter that bills money."""
+value, far more for any meter that bills money. Whole sums a float holds exactly are
+compared exactly (`_close`)."""
 
 ASKED_AT_ONCE = 8
 """Customers a mirror that answers one at a time (Stripe) is asked about at once: its
@@ -351,11 +352,24 @@ async def _customers(
         return set(await connection.scalars(statement))
 
 
+_WHOLE_AND_EXACT = Decimal(2**53)
+"""Whole sums below this a float holds exactly (and sums of whole values, exactly)."""
+
+
 def _close(ledger: Decimal | None, mirror: Decimal | None) -> bool:
-    """Within `FLOAT_SUM_AGREEMENT` of each other."""
+    """Within `FLOAT_SUM_AGREEMENT` of each other, unless both are whole numbers a float
+    holds exactly: then a difference is events, not rounding (probe: 3,000 bytes lost of
+    4e12 were within the relative margin, and read equal)."""
     if ledger is None or mirror is None:
         return False
-    return abs(ledger - mirror) <= FLOAT_SUM_AGREEMENT * max(abs(ledger), abs(mirror))
+    largest = max(abs(ledger), abs(mirror))
+    if _whole(ledger) and _whole(mirror) and largest < _WHOLE_AND_EXACT:
+        return False
+    return abs(ledger - mirror) <= FLOAT_SUM_AGREEMENT * largest
+
+
+def _whole(value: Decimal) -> bool:
+    return value == value.to_integral_value()
 
 
 def _status(

@@ -471,6 +471,37 @@ async def test_a_tenant_stripe_has_no_customer_for_is_a_cell_not_a_failed_reconc
             )
 
 
+async def test_a_whole_sum_stripe_holds_exactly_is_compared_exactly(
+    fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    """3,000 bytes lost of 4e12 are within the relative margin float sums are allowed,
+    and read equal (probe); whole sums under 2**53 a float holds exactly, so a
+    difference there is events lost, and is repaired."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    name = f"bytes_{uuid.uuid4().hex[:8]}"
+    hour = hours_ago(3)
+    span = {"start": hour, "end": hour + timedelta(hours=1), "window": "hour"}
+    big = UsageEvent(
+        id=f"{name}-big",
+        event_name=name,
+        customer_id="acme",
+        timestamp=hour,
+        value=Decimal(4_000_000_000_000),
+    )
+    lost = big.model_copy(update={"id": f"{name}-lost", "value": Decimal(3000)})
+    async with AsyncMetering("sql", url=url, mirrors=stripe_mirror(fake_stripe)) as ledger:
+        await ledger.create_meter(event_name=name)
+        await ledger.create_customer(id="acme")
+        await ledger.ingest_usage_events([big])
+        await ledger.flush_mirrors(timeout=60)
+        async with AsyncMetering("sql", url=url) as unmirrored:  # a rolling deploy
+            await unmirrored.ingest_usage_events([lost])
+        await after_stripe_processed(ledger)
+        [cell] = (await ledger.reconcile("billing", **span, repair=True)).cells
+        assert (cell.status, cell.repaired) == (CellStatus.short, True)
+        assert (cell.ledger, cell.mirror) == (4_000_000_003_000, 4_000_000_000_000)
+
+
 async def test_stripe_float_sums_agree_with_the_ledger_and_a_lost_cent_is_still_short(
     fake_stripe: FakeStripe, tmp_path: Path
 ) -> None:
