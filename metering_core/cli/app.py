@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic_settings import SettingsError
 from rich.console import Console
 from typer.core import TyperGroup
 
@@ -35,6 +36,8 @@ class _Reporting(TyperGroup):
             return super().invoke(ctx)
         except (ValidationError, ConfigurationError) as exc:
             _fail(ctx, exc, 2)
+        except SettingsError as exc:  # a setting pydantic-settings could not even parse
+            _fail(ctx, ConfigurationError(f"{exc}: {exc.__cause__ or exc}"), 2)
         except MeteringError as exc:
             _fail(ctx, exc, 1)
 

@@ -16,7 +16,9 @@ from rich.table import Table
 from metering_core.cli.app import app, connect, err, out
 from metering_core.cli.commands import Format, FormatOption, parse_time, resolve_meter
 from metering_core.cli.events import FromOption, ToOption
+from metering_core.client import Metering
 from metering_core.collector import eased
+from metering_core.errors import NotFoundError, ValidationError
 from metering_core.models import (
     CellStatus,
     LinkOutcome,
@@ -149,6 +151,15 @@ def retry(ctx: typer.Context, mirror: MirrorOption) -> None:
     err.print(f"{count} dead letter(s) owed to {mirror!r} again")
 
 
+def _named(m: Metering, name: str) -> str:
+    """The meter `--meter` names: one that names none is bad input (exit 2), not drift,
+    which exit 1 means here."""
+    try:
+        return resolve_meter(m, name)
+    except NotFoundError as exc:
+        raise ValidationError(str(exc), field="--meter", value=name) from None
+
+
 @app.command("reconcile")
 def reconcile(
     ctx: typer.Context,
@@ -178,7 +189,7 @@ def reconcile(
             dict.fromkeys(
                 [found.id for found in m.iter_meters()]
                 if not meter
-                else [resolve_meter(m, name) for name in meter]
+                else [_named(m, name) for name in meter]
             )
         )
         reports = []

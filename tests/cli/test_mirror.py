@@ -117,3 +117,26 @@ def test_a_store_without_mirrors_is_refused_naming_the_setting(tmp_path: Path) -
     )
     assert result.exit_code != 0
     assert "METERING_SQL_MIRRORS" in result.output
+
+
+def test_mirrors_that_do_not_parse_or_a_meter_named_wrong_are_bad_input(
+    tmp_path: Path,
+) -> None:
+    """Exit 2 and one line, not a traceback (an empty METERING_SQL_MIRRORS) nor exit 1,
+    which from reconcile means drift (a --meter naming none): probe."""
+    store = {"METERING_SQL_URL": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    span = ["--from", "2026-11-01T00:00:00Z", "--to", "2026-11-02T00:00:00Z"]
+    unparsed = runner.invoke(
+        app,
+        ["--provider", "sql", "reconcile", "--mirror", "billing", *span],
+        env={**store, "METERING_SQL_MIRRORS": ""},
+    )
+    assert unparsed.exit_code == 2, unparsed.output
+    assert unparsed.output.startswith('error: error parsing value for field "mirrors"')
+    misnamed = runner.invoke(
+        app,
+        ["--provider", "sql", "reconcile", "--mirror", "billing", *span, "--meter", "nosuch"],
+        env={**store, "METERING_SQL_MIRRORS": json.dumps({"billing": {"provider": "memory"}})},
+    )
+    assert misnamed.exit_code == 2, misnamed.output
+    assert "'nosuch'" in misnamed.output
