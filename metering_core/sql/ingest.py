@@ -17,7 +17,6 @@ import itertools
 import json
 import operator
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from decimal import Decimal, localcontext
 from typing import Any, NamedTuple
 
@@ -265,11 +264,13 @@ async def insert_events(
     rows: Sequence[tuple[UsageEvent, int]],
     rolled_up: Collection[int],
     mirrors: Sequence[str] = (),
+    *,
+    ingested: int,
 ) -> set[str]:
     """Insert (event, meter_seq) rows unless their id is known, adding those of the meters
     in `rolled_up` to their rollups, and owing each inserted event to each of `mirrors`
-    (the outbox); the ids inserted. Each row is stamped with the time it was stored."""
-    ingested = epoch_micros(datetime.now(UTC))
+    (the outbox); the ids inserted. Each row is stamped `ingested`, when it was stored
+    by the store's clock (a backfill compares it with when a mirror was added)."""
     if connection.dialect.name == "postgresql":
         parameters = {
             "rows": _payload(rows),
@@ -366,6 +367,7 @@ async def insert_events_checked(
     unmetered: Collection[str],
     refused: Collection[str],
     mirrors: Sequence[str] = (),
+    ingested: int,
 ) -> Checked:
     """`insert_events` on PostgreSQL in one autocommitted statement, written only if the
     meters the rows were judged by (`judged_by`; no meter for the names `unmetered`) are
@@ -374,7 +376,7 @@ async def insert_events_checked(
     given = {
         "rows": _payload(rows),
         "rolled_up": list(rolled_up),
-        "ingested": epoch_micros(datetime.now(UTC)),
+        "ingested": ingested,
         "meters": json.dumps([meter._asdict() for meter in judged_by]),
         "unmetered": list(unmetered),
         "mirrors": json.dumps(mirrors),

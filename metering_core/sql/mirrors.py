@@ -676,9 +676,9 @@ class Forwarder:
         (event name, customer, hour) the mirror took events of, if `touched`, are marked
         delivered now in the same transaction, for reconcile: their cells are not repaired
         while the mirror may still be processing them."""
+        now = await self._clock.micros()  # before a connection is held: it may take one
         async with self._transaction() as connection:
             if touched:
-                now = await self._clock.micros()
                 await connection.execute(
                     _delivered_now(connection.dialect.name),
                     [

@@ -93,7 +93,7 @@ from metering_core.sql.store import (
     schema_revisions,
     store_error,
 )
-from metering_core.sql.store_clock import StoreClock
+from metering_core.sql.store_clock import StoreClock, store_now
 from metering_core.sql.usage import usage_rows, usage_statement
 
 __all__ = ["SqlProvider"]
@@ -240,7 +240,7 @@ class SqlProvider(BaseProvider):
         is what a backfill sends it."""
         if not self._mirror_names:
             return
-        now = epoch_micros(datetime.now(UTC))
+        now = store_now(connection.dialect.name)  # the clock events' ingested_at is by
         await connection.execute(
             self._insert(mirrors)
             .values([{"name": name, "added_at": now} for name in self._mirror_names])
@@ -458,8 +458,9 @@ class SqlProvider(BaseProvider):
         had been written one after another in the group's order. On PostgreSQL, by one
         statement judged by this process's copy of the meters, which the statement checks
         (one round trip); when the copy is stale, again in a transaction that reads them."""
+        ingested = await self._clock.micros()  # before a connection is held: it may take one
         if self.store.backend == "postgresql":
-            answers = await self._write_checked(group)
+            answers = await self._write_checked(group, ingested)
             if answers is not None:
                 return answers
         names = {event.event_name for ingest in group for event in ingest.events}
@@ -467,7 +468,9 @@ class SqlProvider(BaseProvider):
             judged = Judged.of(group, await meters_named(connection, names))
             rows = judged.rows
             inserted = (
-                await insert_events(connection, rows, judged.rolled_up, self._mirror_names)
+                await insert_events(
+                    connection, rows, judged.rolled_up, self._mirror_names, ingested=ingested
+                )
                 if rows
                 else set()
             )
@@ -482,7 +485,9 @@ class SqlProvider(BaseProvider):
         self._meter_copy.keep(names, judged.meters)
         return judged.answers(inserted, known)
 
-    async def _write_checked(self, group: Sequence[Ingest]) -> list[IngestResult] | None:
+    async def _write_checked(
+        self, group: Sequence[Ingest], ingested: int
+    ) -> list[IngestResult] | None:
         """The group in one checked statement, or None (nothing written) if the copy of
         the meters it was judged by is not the store's."""
         names = {event.event_name for ingest in group for event in ingest.events}
@@ -496,6 +501,7 @@ class SqlProvider(BaseProvider):
                 unmetered=names - judged.meters.keys(),
                 refused=judged.refused_ids,
                 mirrors=self._mirror_names,
+                ingested=ingested,
             )
         if not checked.fresh:
             return None
@@ -723,7 +729,7 @@ class SqlProvider(BaseProvider):
                 value=start.isoformat(),
             )
         since, until = epoch_micros(start), epoch_micros(end)
-        now = epoch_micros(datetime.now(UTC))
+        now = await self._clock.micros()  # the clock of ingested_at and added_at
         async with self._transaction() as connection:
             await one_repair_at_a_time(connection, mirror)  # a repair's record seen, or ours
             chosen = sa.select(

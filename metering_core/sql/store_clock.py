@@ -17,13 +17,32 @@ import sqlalchemy as sa
 from metering_core.epoch import from_epoch_micros
 from metering_core.sql.rows import Transaction
 
-__all__ = ["REFRESH", "StoreClock"]
+__all__ = ["REFRESH", "StoreClock", "store_now"]
 
 REFRESH = 30.0
-"""Seconds the store's clock is carried on by this host's monotonic one before it is read
+"""Seconds the store's clock is carried on by this host's steady one before it is read
 again (which drifts from it by parts per million)."""
 
-_POSTGRES_NOW = sa.text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)")
+_POSTGRES_MICROS = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS BIGINT)"
+_POSTGRES_NOW = sa.text(f"SELECT {_POSTGRES_MICROS}")
+
+
+def store_now(dialect: str) -> sa.ColumnElement[int]:
+    """The store's time as SQL, for a statement to stamp a row with (where no
+    `StoreClock` can be read: while the store is being opened)."""
+    if dialect == "postgresql":
+        return sa.literal_column(_POSTGRES_MICROS, sa.BigInteger)
+    return sa.literal(host_micros(), sa.BigInteger)
+
+
+_STEADY = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def _elapsed_ns() -> int:
+    """Nanoseconds on a clock no one sets: Linux's boot time, which counts a suspended
+    host's or VM's sleep as the store's clock does (the monotonic clock stops, and a
+    store clock carried by it would lag by the sleep until read again: review)."""
+    return time.clock_gettime_ns(_STEADY)
 
 
 def host_micros() -> int:
@@ -33,20 +52,20 @@ def host_micros() -> int:
 
 class StoreClock:
     """The store's time: a PostgreSQL server's, read through `transaction` once a
-    `REFRESH` and carried on by this host's monotonic clock meanwhile (so a step of this
+    `REFRESH` and carried on by this host's steady clock meanwhile (so a step of this
     host's clock, NTP's or an operator's, moves nothing); with no transaction the store
     is this host's (SQLite), whose clock is read alone, no connection opened for it."""
 
     def __init__(self, transaction: Transaction | None = None) -> None:
         self._transaction = transaction
         self._measured = 0  # the store's micros when measured,
-        self._measured_at: int | None = None  # at this monotonic nanosecond
+        self._measured_at: int | None = None  # at this steady nanosecond
 
     async def micros(self) -> int:
         """The store's time now, in microseconds since the epoch."""
         if self._transaction is None:
             return host_micros()
-        since = None if self._measured_at is None else time.monotonic_ns() - self._measured_at
+        since = None if self._measured_at is None else _elapsed_ns() - self._measured_at
         if since is None or since >= REFRESH * 1e9:
             await self._measure(self._transaction)
             return self._measured
@@ -58,7 +77,7 @@ class StoreClock:
 
     async def _measure(self, transaction: Transaction) -> None:
         async with transaction(writes=False) as connection:
-            before = time.monotonic_ns()
+            before = _elapsed_ns()
             stored = int(await connection.scalar(_POSTGRES_NOW))
-            after = time.monotonic_ns()
+            after = _elapsed_ns()
         self._measured, self._measured_at = stored, (before + after) // 2

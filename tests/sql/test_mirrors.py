@@ -6,6 +6,7 @@ and two forwarders over one PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import time
@@ -42,6 +43,8 @@ from metering_core.interface import IMetering, Ledger
 from metering_core.memory import MemoryProvider
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings, mirrors, store_clock
+from metering_core.sql import ingest as sql_ingest
+from metering_core.sql import provider as sql_provider
 from metering_core.sql import reconcile as reconcile_module
 from metering_core.sql.provider import SqlProvider
 from metering_core.sql.schema import (
@@ -1521,6 +1524,25 @@ async def test_the_processing_delay_counts_from_when_the_mirror_was_asked(
     assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.short, True)]
 
 
+@contextlib.contextmanager
+def host_clock(by: timedelta) -> Iterator[None]:
+    """This host's clock `by` off, as the modules that stamp and compare times read it
+    (`datetime.now`, `time.time_ns`): another host's, in this process."""
+
+    class Skewed(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return datetime.now(tz) + by
+
+    real_ns = time.time_ns
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (sql_ingest, sql_provider, mirrors, reconcile_module, store_clock):
+            if hasattr(module, "datetime"):
+                patch.setattr(module, "datetime", Skewed)
+        patch.setattr(time, "time_ns", lambda: real_ns() + by // timedelta(microseconds=1) * 1000)
+        yield
+
+
 @pytest.mark.parametrize("ledger_url", ["postgres_url"], indirect=True)
 @pytest.mark.parametrize("skewed", ["forwarder", "reconcile"])
 async def test_hosts_whose_clocks_are_hours_apart_agree_a_cell_is_still_processing(
@@ -1532,26 +1554,44 @@ async def test_hosts_whose_clocks_are_hours_apart_agree_a_cell_is_still_processi
     once the mirror showed them). Marks and the times compared with them are the
     store's; once its delay has passed the loss is repaired."""
     provider, mirror = await delayed_mirror(ledger, monkeypatch, timedelta(hours=1))
-    real = store_clock.host_micros
-    hours = 2 * 3_600_000_000
-
-    def behind() -> int:
-        return real() - hours
-
-    def ahead() -> int:
-        return real() + hours
-
-    monkeypatch.setattr(store_clock, "host_micros", behind)
-    await ledger.ingest_usage_events([event(1), event(2)])
-    await ledger.flush_mirrors(timeout=30)
-    monkeypatch.setattr(store_clock, "host_micros", ahead if skewed == "reconcile" else real)
-    await mirror.cancel_usage_events(["e1"])  # not shown there yet
-    span = {"start": AT, "end": AT + timedelta(days=1)}
-    report = await ledger.reconcile("billing", **span, repair=True)
+    with host_clock(timedelta(hours=-2)):
+        await ledger.ingest_usage_events([event(1), event(2)])
+        await ledger.flush_mirrors(timeout=30)
+    with host_clock(timedelta(hours=2 if skewed == "reconcile" else 0)):
+        await mirror.cancel_usage_events(["e1"])  # not shown there yet
+        span = {"start": AT, "end": AT + timedelta(days=1)}
+        report = await ledger.reconcile("billing", **span, repair=True)
     assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.pending, False)]
     await age_deliveries(provider, timedelta(hours=1, minutes=1))
     report = await ledger.reconcile("billing", **span, repair=True)
     assert [(c.status, c.repaired) for c in report.cells] == [(CellStatus.short, True)]
+
+
+@pytest.mark.parametrize("ledger_url", ["postgres_url"], indirect=True)
+async def test_an_ingesting_host_behind_does_not_make_a_backfill_send_its_events_again(
+    ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror that forgets ids (Stripe) is backfilled only events stored before it was
+    added: stamped by the ingesting host's clock two hours behind, events stored after
+    read as older, and a backfill owed them again, counted twice once the mirror forgot
+    their ids (review). Both times are the store's."""
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    forgetting = (await mirror.load_capabilities()).model_copy(
+        update={"dedupe_window": timedelta(hours=24)}
+    )
+
+    async def capabilities() -> Capabilities:
+        return forgetting
+
+    monkeypatch.setattr(mirror, "load_capabilities", capabilities)
+    recent = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    with host_clock(timedelta(hours=-2)):
+        await ledger.ingest_usage_events([event(1).model_copy(update={"timestamp": recent})])
+        await ledger.flush()  # stored on that host
+    await ledger.flush_mirrors(timeout=30)
+    assert await ledger.backfill_mirror("billing", start=recent - timedelta(hours=1)) == 0
 
 
 async def test_a_second_loss_to_the_same_totals_is_repaired_with_new_ids(
