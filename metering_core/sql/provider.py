@@ -754,6 +754,27 @@ class SqlProvider(BaseProvider):
             # an event a repair sent the difference for is in its correction: sent again, it
             # would count twice, whatever ids the mirror remembers (probe)
             chosen = chosen.where(~held_by_repair(mirror))
+            # before the events, so that the forwarder takes them first (changes go ahead
+            # of what is owed after them): a customer gone from the ledger, made there by
+            # its id, or Stripe refuses its events for good (review)
+            picked = chosen.whereclause
+            assert picked is not None
+            gone = (
+                sa.select(
+                    sa.literal(mirror),
+                    sa.literal("customer"),
+                    events.c.customer_id,
+                    sa.literal(now),
+                )
+                .distinct()
+                .where(
+                    picked,
+                    ~sa.exists(sa.select(1).where(customers.c.id == events.c.customer_id)),
+                )
+            )
+            await connection.execute(
+                sa.insert(outbox).from_select(["mirror", "kind", "event_id", "created_at"], gone)
+            )
             chosen = chosen.order_by(events.c.ts, events.c.seq)
             owed = await connection.execute(
                 sa.insert(outbox).from_select(

@@ -428,6 +428,39 @@ async def test_a_tenant_offboarded_before_its_usage_reached_stripe_is_billed_the
         assert made(f"{tenant}-idle") == 0
 
 
+async def test_a_backfill_makes_a_tenant_offboarded_before_the_mirror_was_added(
+    fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    """Stripe added after a tenant was offboarded: linking makes only the ledger's
+    customers, so the backfilled events were refused for good (review). The backfill
+    owes the mirror the customer, by its id, ahead of its events."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    name = f"calls_{uuid.uuid4().hex[:8]}"
+    tenant = f"left-{uuid.uuid4().hex[:6]}"
+    hour = hours_ago(3)
+    async with AsyncMetering("sql", url=url) as before:
+        await before.create_meter(event_name=name)
+        await before.create_customer(id=tenant)
+        await before.ingest_usage_events(
+            [
+                UsageEvent(id=f"{tenant}-{n}", event_name=name, customer_id=tenant, timestamp=hour)
+                for n in range(3)
+            ]
+        )
+        await before.delete_customer(tenant)
+    async with AsyncMetering(
+        "sql", url=url, mirrors=stripe_mirror(fake_stripe), mirror_forwarder=False
+    ) as ledger:
+        await ledger.link_mirror("billing")
+        assert await ledger.backfill_mirror("billing", start=hour) == 3
+        [status] = await ledger.flush_mirrors(timeout=60)
+        assert (status.depth, status.dead_letters) == (0, 0)
+        await after_stripe_processed(ledger)
+        span = {"start": hour, "end": hour + timedelta(hours=1), "window": "hour"}
+        [cell] = (await ledger.reconcile("billing", **span)).cells
+        assert (cell.customer_id, cell.status, cell.mirror) == (tenant, CellStatus.equal, 3)
+
+
 async def test_a_tenant_stripe_has_no_customer_for_is_a_cell_not_a_failed_reconcile(
     fake_stripe: FakeStripe, tmp_path: Path
 ) -> None:
