@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import re
@@ -851,9 +852,10 @@ class SqlProvider(BaseProvider):
         refusal: ValidationError | None = None
         for name, reader in readers:
             try:
-                notice = await reader.read_refusal_notice(
-                    body, headers, recorded=self._notice_recorded
-                )
+                # a plugin written before `recorded` existed is called as it was
+                asks = "recorded" in inspect.signature(reader.read_refusal_notice).parameters
+                extra = {"recorded": self._notice_recorded} if asks else {}
+                notice = await reader.read_refusal_notice(body, headers, **extra)
             except ValidationError as exc:  # not this mirror's secret
                 refusal = exc
                 continue

@@ -10,7 +10,7 @@ import contextlib
 import gc
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -41,6 +41,7 @@ from metering_core import (
 from metering_core.collector import YOUNG
 from metering_core.interface import IMetering, Ledger
 from metering_core.memory import MemoryProvider
+from metering_core.models import RefusalNotice
 from metering_core.server import create_app
 from metering_core.sql import SqlSettings, mirrors, store_clock
 from metering_core.sql import ingest as sql_ingest
@@ -1592,6 +1593,28 @@ async def test_an_ingesting_host_behind_does_not_make_a_backfill_send_its_events
         await ledger.flush()  # stored on that host
     await ledger.flush_mirrors(timeout=30)
     assert await ledger.backfill_mirror("billing", start=recent - timedelta(hours=1)) == 0
+
+
+async def test_a_refusal_reader_written_before_replays_were_checked_still_reads(
+    ledger: AsyncMetering,
+) -> None:
+    """`ReportsRefusals.read_refusal_notice` gained `recorded=`; a mirror plugin with the
+    older two-argument method is called as before, not failed with a TypeError (review),
+    and the ledger still records each notice once."""
+
+    class Older(MemoryProvider):
+        async def read_refusal_notice(
+            self, body: bytes, headers: Mapping[str, str]
+        ) -> RefusalNotice:
+            return RefusalNotice(id="n1", kind="refused", error_count=1, refused={"e1": "no"})
+
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    await ledger.ingest_usage_events([event(1)])
+    await ledger.flush_mirrors(timeout=30)
+    provider.forwarder.mirrors["billing"] = Older()
+    assert await provider.receive_notice("memory", b"{}", {}) == 1
+    assert await provider.receive_notice("memory", b"{}", {}) == 0
 
 
 async def test_a_second_loss_to_the_same_totals_is_repaired_with_new_ids(
