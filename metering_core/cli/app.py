@@ -37,7 +37,8 @@ class _Reporting(TyperGroup):
         except (ValidationError, ConfigurationError) as exc:
             _fail(ctx, exc, 2)
         except SettingsError as exc:  # a setting pydantic-settings could not even parse
-            _fail(ctx, ConfigurationError(f"{exc}: {exc.__cause__ or exc}"), 2)
+            cause = f": {exc.__cause__}" if exc.__cause__ else ""
+            _fail(ctx, ConfigurationError(f"{exc}{cause}"), 2)
         except MeteringError as exc:
             _fail(ctx, exc, 1)
 

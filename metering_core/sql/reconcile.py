@@ -665,7 +665,8 @@ async def _record(
             )
             # owed meanwhile (a backfill, a dead letter retried, since this reconcile read
             # what was owed): the mirror is to get those events, and the correction too
-            # would count them twice (probe); the cell is pending, not repaired
+            # would count them twice (probe); the cell is left short, not repaired, and
+            # the rows owed bring it level
             owed = sa.select(1).where(
                 outbox.c.mirror == name,
                 outbox.c.kind == "usage",
