@@ -61,6 +61,7 @@ from metering_core.models import (
     Usage,
     UsageEvent,
     UsageQuery,
+    UtcDatetime,
     Window,
     _Model,
 )
@@ -93,6 +94,12 @@ def _coerce(model: type[M], value: M | Mapping[str, Any] | None, fields: Mapping
         field=model.__name__,
         value=value,
     )
+
+
+class _MirrorAdded(_Model):
+    """`backfill_mirror(mirror_added=)`, checked as every time the library takes."""
+
+    mirror_added: UtcDatetime
 
 
 _EVENTS = TypeAdapter(Annotated[list[UsageEvent], Field(fail_fast=True)])
@@ -543,13 +550,25 @@ class AsyncMetering:
         return await self._ledger().link_mirror(mirror)
 
     async def backfill_mirror(
-        self, mirror: str, *, start: datetime, end: datetime | None = None
+        self,
+        mirror: str,
+        *,
+        start: datetime,
+        end: datetime | None = None,
+        mirror_added: datetime | None = None,
     ) -> int:
         """Owe `mirror` every live event of the ledger from `start` to `end` (default
         now), for a mirror added after they were stored; the number owed. The forwarder
-        sends them; `flush_mirrors` waits for it."""
+        sends them; `flush_mirrors` waits for it. `mirror_added`: when the mirror was
+        first configured on this store, where the store does not know (it forwarded
+        before it noted that) and the mirror forgets event ids."""
         checked = UsageQuery(meter_id="backfill", start=start, end=end or datetime.now(UTC))
-        return await self._ledger().backfill_mirror(mirror, start=checked.start, end=checked.end)
+        added = None
+        if mirror_added is not None:
+            added = _MirrorAdded(mirror_added=mirror_added).mirror_added
+        return await self._ledger().backfill_mirror(
+            mirror, start=checked.start, end=checked.end, mirror_added=added
+        )
 
     async def receive_mirror_notice(
         self, source: str, body: bytes, headers: Mapping[str, str]

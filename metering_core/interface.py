@@ -320,7 +320,12 @@ class Ledger(Protocol):
     async def link_mirror(self, mirror: str) -> list[MirrorLink]: ...
 
     async def backfill_mirror(
-        self, mirror: str, *, start: datetime, end: datetime | None = None
+        self,
+        mirror: str,
+        *,
+        start: datetime,
+        end: datetime | None = None,
+        mirror_added: datetime | None = None,
     ) -> int: ...
 
     async def retry_mirror_dead_letters(self, mirror: str) -> int: ...
@@ -329,7 +334,8 @@ class Ledger(Protocol):
         """Record a notice a mirror of provider `source` sent (a webhook): the sampled
         events it refused become its dead letters; the number recorded (0 for a replay,
         or a notice of another kind). `ValidationError` when no mirror of that provider
-        can verify it, `NotFoundError` when the ledger has none."""
+        can verify it, `NotFoundError` when the ledger has none, or none with a secret
+        to verify it by."""
 
 
 @runtime_checkable

@@ -130,6 +130,14 @@ def backfill(
     to: Annotated[
         str | None, typer.Option("--to", help="End, exclusive (ISO 8601; default: now).")
     ] = None,
+    mirror_added: Annotated[
+        str | None,
+        typer.Option(
+            "--mirror-added",
+            help="When the mirror was first configured on this store (ISO 8601), where the "
+            "store does not know: one that forwarded before it noted that.",
+        ),
+    ] = None,
 ) -> None:
     """Owe a mirror every live event of the ledger from --from (to --to): for a mirror
     added after they were stored. `metering mirror run --once` (or the service) then
@@ -139,6 +147,9 @@ def backfill(
             mirror,
             start=parse_time(from_, "--from"),
             end=None if to is None else parse_time(to, "--to"),
+            mirror_added=None
+            if mirror_added is None
+            else parse_time(mirror_added, "--mirror-added"),
         )
     err.print(f"{owed} event(s) owed to {mirror!r}; forward them with `metering mirror run`")
 

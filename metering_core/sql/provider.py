@@ -108,6 +108,13 @@ OFF_LOOP_ROWS = 1_000
 
 logger = logging.getLogger("metering")
 
+_OUTBOX_EVER_WRITTEN = {
+    "sqlite": "SELECT count(*) FROM sqlite_sequence WHERE name = 'outbox' AND seq > 0",
+    "postgresql": "SELECT pg_sequence_last_value(pg_get_serial_sequence('outbox', 'seq')) "
+    "IS NOT NULL",
+}
+"""Whether the outbox ever held a row (delivered rows are deleted, its sequence stays)."""
+
 _POSTGRES_LANES = 2
 """Ingest transactions one process runs at once on PostgreSQL (SQLite: one). Two, not
 more: what waits meanwhile joins the next group, so a lane's statement carries more
@@ -238,10 +245,15 @@ class SqlProvider(BaseProvider):
 
     async def _register_mirrors(self, connection: AsyncConnection) -> None:
         """Note when each configured mirror first met this store: what was stored before
-        is what a backfill sends it."""
+        is what a backfill sends it. Unknown (NULL) on a store that owed mirrors events
+        before any was noted (forwarding before 0005): the mirror may have had them."""
         if not self._mirror_names:
             return
-        now = store_now(connection.dialect.name)  # the clock events' ingested_at is by
+        dialect = connection.dialect.name
+        now: Any = store_now(dialect)  # the clock events' ingested_at is by
+        noted = await connection.scalar(sa.select(sa.func.count()).select_from(mirrors))
+        if not noted and await connection.scalar(sa.text(_OUTBOX_EVER_WRITTEN[dialect])):
+            now = None
         await connection.execute(
             self._insert(mirrors)
             .values([{"name": name, "added_at": now} for name in self._mirror_names])
@@ -704,14 +716,21 @@ class SqlProvider(BaseProvider):
                 )
 
     async def backfill_mirror(
-        self, mirror: str, *, start: datetime, end: datetime | None = None
+        self,
+        mirror: str,
+        *,
+        start: datetime,
+        end: datetime | None = None,
+        mirror_added: datetime | None = None,
     ) -> int:
         """Owe `mirror` the live events of existing meters from `start` to `end` (default:
         now); the number owed, less those a reconcile repair sent the difference for
         (`held_by_repair`). A mirror that remembers ids answers duplicate for those it
         has. One that forgets them (Stripe, after 24 h) would count them twice: it is sent
         only the events stored before it was added to this store (the rest were owed to
-        it already), and a range overlapping an earlier backfill is refused."""
+        it already), and a range overlapping an earlier backfill is refused. When that is
+        unknown (a store that forwarded before 0005), the caller says when it was first
+        configured (`mirror_added`, kept), or the backfill is refused."""
         provider = self._mirror(mirror)
         end = end or datetime.now(UTC)
         if end <= start:
@@ -746,11 +765,9 @@ class SqlProvider(BaseProvider):
                 # it remembers ids. (Events stored meanwhile by a process without the
                 # mirror configured are not sent: reconcile shows their cells short.)
                 await self._refuse_overlap(connection, mirror, since, until)
-                added = await connection.scalar(
-                    sa.select(mirrors.c.added_at).where(mirrors.c.name == mirror)
-                )
+                added = await self._mirror_added(connection, mirror, mirror_added, now)
                 chosen = chosen.where(
-                    sa.or_(events.c.ingested_at.is_(None), events.c.ingested_at < (added or now))
+                    sa.or_(events.c.ingested_at.is_(None), events.c.ingested_at < added)
                 )
             # an event a repair sent the difference for is in its correction: sent again, it
             # would count twice, whatever ids the mirror remembers (probe)
@@ -786,6 +803,35 @@ class SqlProvider(BaseProvider):
                 sa.insert(mirror_backfills).values(mirror=mirror, start=since, end=until, at=now)
             )
             return owed.rowcount
+
+    @staticmethod
+    async def _mirror_added(
+        connection: AsyncConnection, mirror: str, given: datetime | None, now: int
+    ) -> int:
+        """When `mirror` was added to this store: as noted (none noted: now), else as
+        `given` (and noted from then on); unknown and not given is refused."""
+        noted = (
+            await connection.execute(sa.select(mirrors.c.added_at).where(mirrors.c.name == mirror))
+        ).first()
+        if noted is None:
+            return now
+        if noted.added_at is not None:
+            return int(noted.added_at)
+        if given is None:
+            raise ValidationError(
+                f"when mirror {mirror!r} was added is unknown: this store forwarded to its "
+                "mirrors before it noted when each was added, and the mirror forgets event "
+                "ids, so a backfill could send it again what it had (billed twice). Say "
+                "when it was first configured here (mirror_added, --mirror-added)",
+                field="mirror_added",
+                value=None,
+            )
+        await connection.execute(
+            sa.update(mirrors)
+            .where(mirrors.c.name == mirror, mirrors.c.added_at.is_(None))
+            .values(added_at=epoch_micros(given))
+        )
+        return epoch_micros(given)
 
     @staticmethod
     async def _refuse_overlap(

@@ -206,10 +206,12 @@ mirrors = sa.Table(
     "mirrors",
     metadata,
     sa.Column("name", sa.String(100), primary_key=True),
-    sa.Column("added_at", sa.BigInteger, nullable=False),
+    sa.Column("added_at", sa.BigInteger),  # NULL: unknown (0011)
 )
 """When each mirror was first configured on this store: events stored since are owed to
-it through the outbox, and a backfill sends it only those stored before."""
+it through the outbox, and a backfill sends it only those stored before. Unknown for a
+mirror of a store that forwarded before 0005 recorded this: a backfill of a mirror that
+forgets ids is then told when (`backfill_mirror(mirror_added=)`)."""
 
 mirror_backfills = sa.Table(
     "mirror_backfills",

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from prometheus_client.parser import text_string_to_metric_families
 
 from metering_core import (
@@ -39,6 +40,7 @@ from metering_core import (
     ValidationError,
 )
 from metering_core.collector import YOUNG
+from metering_core.epoch import epoch_micros
 from metering_core.interface import IMetering, Ledger
 from metering_core.memory import MemoryProvider
 from metering_core.models import RefusalNotice
@@ -55,6 +57,8 @@ from metering_core.sql.schema import (
     mirror_repairs,
     outbox,
 )
+from metering_core.sql.schema import mirrors as schema_mirrors
+from metering_core.sql.store import _config as alembic_config
 from metering_core.testing.serving import serve_in_thread
 from tests.forks import said_in_a_child
 
@@ -1615,6 +1619,53 @@ async def test_a_refusal_reader_written_before_replays_were_checked_still_reads(
     provider.forwarder.mirrors["billing"] = Older()
     assert await provider.receive_notice("memory", b"{}", {}) == 1
     assert await provider.receive_notice("memory", b"{}", {}) == 0
+
+
+async def test_a_store_that_forwarded_before_it_noted_mirrors_asks_when_before_a_backfill(
+    ledger_url: str, mirror_service: tuple[str, AsyncMetering], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store forwarding at 0004, before it noted when each mirror was added, upgraded:
+    the mirror was noted as added at the upgrade, and a backfill of a mirror that forgets
+    ids (Stripe) sent again every event it had had, billed twice (probe). When is now
+    unknown there, and a backfill asks for it; once told, it is kept."""
+    url, _ = mirror_service
+    async with AsyncMetering("sql", url=ledger_url, linger=0) as before:
+        await before.create_meter(event_name="calls")
+        await before.ingest_usage_events([event(0)])  # before the mirror was configured
+    configured = datetime.now(UTC)
+    options = {"mirrors": billing(url), "linger": 0, "mirror_forwarder": False}
+    async with AsyncMetering("sql", url=ledger_url, **options) as ledger:
+        await ledger.ingest_usage_events([event(1), event(2)])
+        await ledger.flush_mirrors(timeout=30)  # forwarded: their outbox rows are gone
+    plain = SqlProvider(SqlSettings(url=ledger_url))
+    async with plain._transaction() as connection:
+        await connection.run_sync(lambda c: command.downgrade(alembic_config(c), "0004"))
+    await plain.aclose()
+    if ledger_url.startswith("postgresql"):
+        async with AsyncMetering("sql", url=ledger_url, auto_upgrade=True) as upgrading:
+            await upgrading.fetch_all_meters()  # `metering db upgrade`, no mirror configured
+    async with AsyncMetering("sql", url=ledger_url, **options) as ledger:
+        provider = ledger.provider
+        assert isinstance(provider, SqlProvider)
+        mirror = provider.forwarder.mirrors["billing"]
+        forgetting = (await mirror.load_capabilities()).model_copy(
+            update={"dedupe_window": timedelta(hours=24)}
+        )
+
+        async def capabilities() -> Capabilities:
+            return forgetting
+
+        monkeypatch.setattr(mirror, "load_capabilities", capabilities)
+        with pytest.raises(ValidationError, match="was added is unknown") as unknown:
+            await ledger.backfill_mirror("billing", start=AT - timedelta(hours=1))
+        assert unknown.value.field == "mirror_added"
+        owed = await ledger.backfill_mirror(
+            "billing", start=AT - timedelta(hours=1), mirror_added=configured
+        )
+        assert owed == 1  # e0 alone: e1 and e2 it had
+        async with provider._transaction(writes=False) as connection:
+            noted = await connection.scalar(sa.select(schema_mirrors.c.added_at))
+        assert noted == epoch_micros(configured)  # kept: the next backfill is not asked
 
 
 async def test_a_second_loss_to_the_same_totals_is_repaired_with_new_ids(
