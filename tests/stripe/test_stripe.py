@@ -838,6 +838,21 @@ async def test_events_older_than_24_hours_cannot_be_cancelled(
     assert "pass event_name" in forgotten.rejected["fresh"]
 
 
+async def test_an_identifier_sent_again_after_a_day_is_billed_again(
+    fake: FakeStripe, make: Make
+) -> None:
+    """Stripe holds an identifier unique over a day, no longer: sent again after, it is
+    another event, and both count. The fake replaced the first, so a double count went
+    unseen by every test of one (probe)."""
+    first = make()
+    meter_id = await setup(first)
+    assert (await first.ingest_usage_events([event("again", 3)])).accepted == ["again"]
+    fake.state.events["again"].received -= 25 * 3600
+    later = make()  # another process: nothing it remembers answers duplicate
+    assert (await later.ingest_usage_events([event("again", 3)])).accepted == ["again"]
+    assert await recent_total(later, meter_id) == 6
+
+
 def test_recent_deliveries_forget_after_a_day(monkeypatch: pytest.MonkeyPatch) -> None:
     recent = RecentDeliveries()
     recent.add("a", "api_calls")

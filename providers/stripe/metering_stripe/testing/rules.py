@@ -292,7 +292,13 @@ class State:
                     param="identifier",
                     code="resource_already_exists",
                 )
-            self.forget(identifier)
+            if previous is not None:
+                # Unique over a day, no longer: a repeat after is another event, and the
+                # earlier one still counts (replaced, a double count went unseen: probe).
+                counted = self.by_customer.get((previous.event_name, previous.customer), {})
+                if counted.pop(identifier, None) is not None:
+                    counted[f"{identifier}@{previous.received}"] = previous
+                self.events.pop(identifier)
             event = MeterEvent(identifier, event_name, payload[customer_key], value, timestamp, now)
             self.events[identifier] = event
             self.by_customer.setdefault((event_name, event.customer), {})[identifier] = event
