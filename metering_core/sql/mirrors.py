@@ -204,6 +204,9 @@ REFUSED_METERS = (
 """The event names of the ledger meters a mirror refused, and why; every pass asks, so
 it reads the dead letters' index (`outbox_dead`), not the whole outbox."""
 
+OWED_LOOKED_AT = 50_000
+"""Usage rows a change of a customer gone from the ledger looks through for its usage."""
+
 _SEQ = operator.itemgetter(0)
 """A claimed row's seq."""
 
@@ -432,7 +435,7 @@ class Forwarder:
         refused: dict[int, str] = {}
         for row in leased:
             try:
-                await self.follow(mirror, provider, row.kind, row.event_id)
+                await self.follow(mirror, provider, row.kind, row.event_id, after=row.seq)
             except (Refused, *REFUSALS) as exc:
                 logger.warning("mirror %r refused %s %r: %s", mirror, row.kind, row.event_id, exc)
                 refused[row.seq] = str(exc)
@@ -445,34 +448,48 @@ class Forwarder:
                 delivered.append(row.seq)
         return delivered, refused
 
-    async def follow(self, mirror: str, provider: IMetering, kind: str, key: str) -> MirrorLink:
-        """Make `mirror`'s meter or customer `key` what the ledger holds now."""
+    async def follow(
+        self, mirror: str, provider: IMetering, kind: str, key: str, *, after: int = 0
+    ) -> MirrorLink:
+        """Make `mirror`'s meter or customer `key` what the ledger holds now (the change
+        owed at outbox seq `after`, if one is)."""
         if kind == "meter":
             meter = await ledger_meter(self._transaction, key)
             return await sync_meter(self._transaction, mirror, provider, key, meter)
         customer = await ledger_customer(self._transaction, key)
-        if customer is None and await self._usage_owed(mirror, key):
+        if customer is None and await self._usage_owed(mirror, key, after):
             # Offboarded before its usage reached the mirror: the mirror bills that usage
             # all the same, so it gets the customer, by its id (its fields are gone):
             # never made there, every event of it was refused for good (probe).
             customer = Customer(id=key)
         return await sync_customer(mirror, provider, key, customer)
 
-    async def _usage_owed(self, mirror: str, customer_id: str) -> bool:
-        """Whether `mirror` is still owed usage of the customer's events."""
-        owed = (
-            sa.select(1)
-            .select_from(outbox.join(events, events.c.seq == outbox.c.event_seq))
+    async def _usage_owed(self, mirror: str, customer_id: str, after: int) -> bool:
+        """Whether `mirror` may still be owed usage of the customer's events: among the
+        next `OWED_LOOKED_AT` usage rows after the change (those before it have gone: a
+        change waits for them). Past as many, it may be: a backlog is not read whole
+        (review: a statement over millions of rows outlasted the statement timeout, and
+        the change, and the mirror with it, failed for good), and an empty customer made
+        on the mirror costs nothing, where its usage refused would be billed nowhere."""
+        next_rows = (
+            sa.select(outbox.c.event_id)
             .where(
                 outbox.c.mirror == mirror,
+                outbox.c.seq > after,
                 outbox.c.kind == "usage",
                 outbox.c.refused.is_(None),
-                events.c.customer_id == customer_id,
             )
-            .limit(1)
+            .order_by(outbox.c.seq)
+            .limit(OWED_LOOKED_AT)
+            .subquery()
+        )
+        ours = sa.case((events.c.customer_id == customer_id, 1), else_=0)
+        statement = sa.select(sa.func.count(), sa.func.max(ours)).select_from(
+            next_rows.outerjoin(events, events.c.id == next_rows.c.event_id)
         )
         async with self._transaction(writes=False) as connection:
-            return await connection.scalar(owed) is not None
+            looked_at, found = (await connection.execute(statement)).one()
+        return bool(found) or looked_at >= OWED_LOOKED_AT
 
     async def _send_usage(
         self, held: _Held, provider: IMetering, owed: Mapping[str, int], *, touching: bool
