@@ -96,8 +96,9 @@ def _coerce(model: type[M], value: M | Mapping[str, Any] | None, fields: Mapping
     )
 
 
-class _MirrorAdded(_Model):
-    """`backfill_mirror(mirror_added=)`, checked as every time the library takes."""
+class Backfill(_Model):
+    """`backfill_mirror`'s `mirror_added`, checked as every time the library takes (its
+    errors read "invalid Backfill: mirror_added=…")."""
 
     mirror_added: UtcDatetime
 
@@ -565,7 +566,7 @@ class AsyncMetering:
         checked = UsageQuery(meter_id="backfill", start=start, end=end or datetime.now(UTC))
         added = None
         if mirror_added is not None:
-            added = _MirrorAdded(mirror_added=mirror_added).mirror_added
+            added = Backfill(mirror_added=mirror_added).mirror_added
         return await self._ledger().backfill_mirror(
             mirror, start=checked.start, end=checked.end, mirror_added=added
         )

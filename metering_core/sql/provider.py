@@ -109,11 +109,15 @@ OFF_LOOP_ROWS = 1_000
 logger = logging.getLogger("metering")
 
 _OUTBOX_EVER_WRITTEN = {
-    "sqlite": "SELECT count(*) FROM sqlite_sequence WHERE name = 'outbox' AND seq > 0",
-    "postgresql": "SELECT pg_sequence_last_value(pg_get_serial_sequence('outbox', 'seq')) "
-    "IS NOT NULL",
+    "sqlite": "SELECT EXISTS (SELECT 1 FROM outbox) OR EXISTS (SELECT 1 FROM sqlite_sequence "
+    "WHERE name = 'outbox' AND seq > 0)",
+    "postgresql": "SELECT EXISTS (SELECT 1 FROM outbox) OR COALESCE((SELECT "
+    "has_sequence_privilege(s, 'SELECT, USAGE') AND pg_sequence_last_value(s) IS NOT NULL "
+    "FROM pg_get_serial_sequence('outbox', 'seq') AS s), false)",
 }
-"""Whether the outbox ever held a row (delivered rows are deleted, its sequence stays)."""
+"""Whether the outbox ever held a row: one still there (a dead letter is kept), or its
+sequence used (delivered rows are deleted; a sequence the store's role may not read, or
+one a restore reset, leaves only the rows to go by)."""
 
 _POSTGRES_LANES = 2
 """Ingest transactions one process runs at once on PostgreSQL (SQLite: one). Two, not
@@ -251,8 +255,13 @@ class SqlProvider(BaseProvider):
             return
         dialect = connection.dialect.name
         now: Any = store_now(dialect)  # the clock events' ingested_at is by
-        noted = await connection.scalar(sa.select(sa.func.count()).select_from(mirrors))
-        if not noted and await connection.scalar(sa.text(_OUTBOX_EVER_WRITTEN[dialect])):
+        # Unknown while no mirror's time is known on a store that owed mirrors events:
+        # every mirror it had then is first noted after the upgrade, by whichever
+        # process opens with it, and only a time a caller gave ends that (review).
+        known = sa.select(mirrors.c.name).where(mirrors.c.added_at.is_not(None)).limit(1)
+        if await connection.scalar(known) is None and await connection.scalar(
+            sa.text(_OUTBOX_EVER_WRITTEN[dialect])
+        ):
             now = None
         await connection.execute(
             self._insert(mirrors)
@@ -764,8 +773,8 @@ class SqlProvider(BaseProvider):
                 # Only what no process owed it: the rest it may have had for longer than
                 # it remembers ids. (Events stored meanwhile by a process without the
                 # mirror configured are not sent: reconcile shows their cells short.)
-                await self._refuse_overlap(connection, mirror, since, until)
                 added = await self._mirror_added(connection, mirror, mirror_added, now)
+                await self._refuse_overlap(connection, mirror, since, until)
                 chosen = chosen.where(
                     sa.or_(events.c.ingested_at.is_(None), events.c.ingested_at < added)
                 )
@@ -815,7 +824,22 @@ class SqlProvider(BaseProvider):
         ).first()
         if noted is None:
             return now
+        if given is not None and epoch_micros(given) > now:
+            raise ValidationError(
+                f"mirror_added={given.isoformat()} is later than now: every event would "
+                "read as stored before the mirror was added, and be sent again",
+                field="mirror_added",
+                value=given.isoformat(),
+            )
         if noted.added_at is not None:
+            if given is not None and epoch_micros(given) != noted.added_at:
+                raise ValidationError(
+                    f"mirror {mirror!r} is noted as added at "
+                    f"{from_epoch_micros(noted.added_at).isoformat()}, not "
+                    f"{given.isoformat()}: leave mirror_added out",
+                    field="mirror_added",
+                    value=given.isoformat(),
+                )
             return int(noted.added_at)
         if given is None:
             raise ValidationError(

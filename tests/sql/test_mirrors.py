@@ -1640,10 +1640,20 @@ async def test_a_store_that_forwarded_before_it_noted_mirrors_asks_when_before_a
     plain = SqlProvider(SqlSettings(url=ledger_url))
     async with plain._transaction() as connection:
         await connection.run_sync(lambda c: command.downgrade(alembic_config(c), "0004"))
-    await plain.aclose()
     if ledger_url.startswith("postgresql"):
         async with AsyncMetering("sql", url=ledger_url, auto_upgrade=True) as upgrading:
             await upgrading.fetch_all_meters()  # `metering db upgrade`, no mirror configured
+
+    async def noted() -> dict[str, int | None]:
+        async with plain._transaction(writes=False) as connection:
+            return {name: at for name, at in await connection.execute(sa.select(schema_mirrors))}
+
+    async with AsyncMetering("sql", url=ledger_url, **options) as first:
+        await first.fetch_all_meters()  # a process with one of the mirrors it had (review)
+    both = {**options, "mirrors": {**billing(url), "audit": billing(url)["billing"]}}
+    async with AsyncMetering("sql", url=ledger_url, **both) as second:
+        await second.fetch_all_meters()
+        assert await noted() == {"billing": None, "audit": None}
     async with AsyncMetering("sql", url=ledger_url, **options) as ledger:
         provider = ledger.provider
         assert isinstance(provider, SqlProvider)
@@ -1663,9 +1673,18 @@ async def test_a_store_that_forwarded_before_it_noted_mirrors_asks_when_before_a
             "billing", start=AT - timedelta(hours=1), mirror_added=configured
         )
         assert owed == 1  # e0 alone: e1 and e2 it had
-        async with provider._transaction(writes=False) as connection:
-            noted = await connection.scalar(sa.select(schema_mirrors.c.added_at))
-        assert noted == epoch_micros(configured)  # kept: the next backfill is not asked
+        assert await noted() == {"billing": epoch_micros(configured), "audit": None}  # kept
+        later = {"start": AT + timedelta(days=1)}
+        with pytest.raises(ValidationError, match="noted as added at"):
+            await ledger.backfill_mirror("billing", **later, mirror_added=AT)
+        with pytest.raises(ValidationError, match="later than now"):
+            await ledger.backfill_mirror(
+                "billing", **later, mirror_added=datetime.now(UTC) + timedelta(days=1)
+            )
+    async with plain._transaction() as connection:
+        await connection.run_sync(lambda c: command.downgrade(alembic_config(c), "0010"))
+    assert (await noted())["audit"] == 1  # the older code then backfills it nothing
+    await plain.aclose()
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # unknown becomes the epoch: a backfill of a forgetting mirror then sends nothing
-    op.execute("UPDATE mirrors SET added_at = 0 WHERE added_at IS NULL")
+    # unknown becomes the epoch's first microsecond, so that a backfill of a forgetting
+    # mirror by the older code sends nothing it may have had (0 it read as none noted, and
+    # sent everything: review); upgraded again, it stays a known time, and sends nothing
+    op.execute("UPDATE mirrors SET added_at = 1 WHERE added_at IS NULL")
     with op.batch_alter_table("mirrors") as batch:
         batch.alter_column("added_at", existing_type=sa.BigInteger, nullable=False)
