@@ -57,6 +57,20 @@ def total(client: TestClient) -> str:
     return ",".join(row["value"] for row in rows)
 
 
+def structured(
+    event_id: str, data: Any, kind: str = "INGEST_USAGE", **attributes: Any
+) -> dict[str, Any]:
+    """A CloudEvent in structured mode, as a batch holds it."""
+    return {"specversion": "1.0", "id": event_id, "source": "s", "type": kind, **attributes} | {
+        "data": data
+    }
+
+
+def post_batch(client: TestClient, messages: list[dict[str, Any]]) -> Any:
+    headers = {**ADMIN, "Content-Type": "application/cloudevents-batch+json"}
+    return client.post("/events", content=json.dumps(messages).encode(), headers=headers)
+
+
 def post(client: TestClient, message: Any) -> Any:
     response = client.post("/events", content=message.body, headers={**ADMIN, **message.headers})
     assert response.status_code == 200, response.text
@@ -106,23 +120,9 @@ def test_a_batch_is_answered_per_message_and_redelivered_counts_once(
 
 
 def test_a_batch_with_one_bad_message_changes_nothing(client: TestClient) -> None:
-    good = {
-        "specversion": "1.0",
-        "id": "g",
-        "source": "s",
-        "type": "INGEST_USAGE",
-        "data": {"event_name": "api_calls", "tenantId": "acme"},
-    }
-    bad = {
-        **good,
-        "id": "b",
-        "data": {"event_name": "api_calls", "tenantId": "acme", "value": "lots"},
-    }
-    response = client.post(
-        "/events",
-        content=json.dumps([good, bad]).encode(),
-        headers={**ADMIN, "Content-Type": "application/cloudevents-batch+json"},
-    )
+    good = structured("g", {"event_name": "api_calls", "tenantId": "acme"})
+    bad = structured("b", {"event_name": "api_calls", "tenantId": "acme", "value": "lots"})
+    response = post_batch(client, [good, bad])
     assert response.status_code == 422
     assert total(client) == ""
 
@@ -133,27 +133,14 @@ def test_a_batch_failing_after_earlier_messages_acted_says_they_did(
     """Usage, then an onboarding that conflicts with the customer stored: the usage is
     billed, so the 409 says the message before it acted, and a redelivery bills it once."""
     client.post("/customers", json={"id": "acme", "name": "Acme"}, headers=ADMIN)
-    usage = {
-        "specversion": "1.0",
-        "id": "u1",
-        "source": "s",
-        "type": "INGEST_USAGE",
-        "time": SENT.isoformat(),
-        "data": {"event_name": "api_calls", "tenantId": "acme", "value": 4},
-    }
-    onboarding = {
-        "specversion": "1.0",
-        "id": "o1",
-        "source": "s",
-        "type": "ONBOARDING_REQUEST",
-        "data": {"tenantId": "acme", "tenantName": "Acme Rockets"},
-    }
+    usage = structured(
+        "u1", {"event_name": "api_calls", "tenantId": "acme", "value": 4}, time=SENT.isoformat()
+    )
+    onboarding = structured(
+        "o1", {"tenantId": "acme", "tenantName": "Acme Rockets"}, "ONBOARDING_REQUEST"
+    )
     for _ in range(2):
-        response = client.post(
-            "/events",
-            content=json.dumps([usage, onboarding]).encode(),
-            headers={**ADMIN, "Content-Type": "application/cloudevents-batch+json"},
-        )
+        response = post_batch(client, [usage, onboarding])
         assert response.status_code == 409
         message = response.json()["error"]["message"]
         assert message.startswith(
@@ -161,11 +148,7 @@ def test_a_batch_failing_after_earlier_messages_acted_says_they_did(
             "again repeats those harmlessly): customer 'acme' exists already"
         ), message
         assert total(client) == "4"
-    alone = client.post(
-        "/events",
-        content=json.dumps([onboarding, usage]).encode(),
-        headers={**ADMIN, "Content-Type": "application/cloudevents-batch+json"},
-    )
+    alone = post_batch(client, [onboarding, usage])
     assert alone.status_code == 409
     assert alone.json()["error"]["message"].startswith("customer 'acme' exists already")
 
@@ -178,15 +161,7 @@ def test_a_batch_with_a_message_over_the_stores_batch_size_changes_nothing() -> 
     with TestClient(create_app(AsyncMetering(provider), keys={"admin": {"scopes": SCOPES}})) as c:
         c.post("/meters", json={"event_name": "api_calls"}, headers=ADMIN)
         one = {"event_name": "api_calls", "tenantId": "acme", "value": 1}
-        messages = [
-            {"specversion": "1.0", "id": i, "source": "s", "type": "INGEST_USAGE", "data": data}
-            for i, data in (("small", one), ("large", [one, one, one]))
-        ]
-        response = c.post(
-            "/events",
-            content=json.dumps(messages).encode(),
-            headers={**ADMIN, "Content-Type": "application/cloudevents-batch+json"},
-        )
+        response = post_batch(c, [structured("small", one), structured("large", [one] * 3)])
         assert response.status_code == 422
         assert response.json()["error"] == {
             "type": "validation_error",

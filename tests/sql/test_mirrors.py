@@ -1400,20 +1400,28 @@ async def test_a_cancellation_still_owed_makes_its_cell_pending_and_its_loss_is_
     assert cell.status is CellStatus.equal
 
 
+async def mirror_stating(
+    ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch, **stated: Any
+) -> tuple[SqlProvider, IMetering]:
+    """The ledger's store and its `billing` mirror, which now states `stated` among its
+    capabilities (a processing delay, a window it remembers ids for)."""
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    capabilities = (await mirror.load_capabilities()).model_copy(update=stated)
+
+    async def stating() -> Capabilities:
+        return capabilities
+
+    monkeypatch.setattr(mirror, "load_capabilities", stating)
+    return provider, mirror
+
+
 async def delayed_mirror(
     ledger: AsyncMetering, monkeypatch: pytest.MonkeyPatch, delay: timedelta
 ) -> tuple[SqlProvider, IMetering]:
     """The ledger's store and its `billing` mirror, which now states a processing delay."""
-    provider = ledger.provider
-    assert isinstance(provider, SqlProvider)
-    mirror = provider.forwarder.mirrors["billing"]
-    delayed = (await mirror.load_capabilities()).model_copy(update={"processing_delay": delay})
-
-    async def delaying() -> Capabilities:
-        return delayed
-
-    monkeypatch.setattr(mirror, "load_capabilities", delaying)
-    return provider, mirror
+    return await mirror_stating(ledger, monkeypatch, processing_delay=delay)
 
 
 async def age_deliveries(provider: SqlProvider, by: timedelta) -> None:
@@ -1580,17 +1588,7 @@ async def test_an_ingesting_host_behind_does_not_make_a_backfill_send_its_events
     added: stamped by the ingesting host's clock two hours behind, events stored after
     read as older, and a backfill owed them again, counted twice once the mirror forgot
     their ids (review). Both times are the store's."""
-    provider = ledger.provider
-    assert isinstance(provider, SqlProvider)
-    mirror = provider.forwarder.mirrors["billing"]
-    forgetting = (await mirror.load_capabilities()).model_copy(
-        update={"dedupe_window": timedelta(hours=24)}
-    )
-
-    async def capabilities() -> Capabilities:
-        return forgetting
-
-    monkeypatch.setattr(mirror, "load_capabilities", capabilities)
+    await mirror_stating(ledger, monkeypatch, dedupe_window=timedelta(hours=24))
     recent = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     with host_clock(timedelta(hours=-2)):
         await ledger.ingest_usage_events([event(1).model_copy(update={"timestamp": recent})])
@@ -1655,17 +1653,7 @@ async def test_a_store_that_forwarded_before_it_noted_mirrors_asks_when_before_a
         await second.fetch_all_meters()
         assert await noted() == {"billing": None, "audit": None}
     async with AsyncMetering("sql", url=ledger_url, **options) as ledger:
-        provider = ledger.provider
-        assert isinstance(provider, SqlProvider)
-        mirror = provider.forwarder.mirrors["billing"]
-        forgetting = (await mirror.load_capabilities()).model_copy(
-            update={"dedupe_window": timedelta(hours=24)}
-        )
-
-        async def capabilities() -> Capabilities:
-            return forgetting
-
-        monkeypatch.setattr(mirror, "load_capabilities", capabilities)
+        await mirror_stating(ledger, monkeypatch, dedupe_window=timedelta(hours=24))
         with pytest.raises(ValidationError, match="was added is unknown") as unknown:
             await ledger.backfill_mirror("billing", start=AT - timedelta(hours=1))
         assert unknown.value.field == "mirror_added"
