@@ -769,11 +769,13 @@ class SqlProvider(BaseProvider):
                 events.c.cancelled == sa.false(),
                 events.c.meter_seq.in_(sa.select(meters.c.seq)),
             )
-            if capabilities.dedupe_window is not None:
+            forgets = capabilities.dedupe_window is not None
+            if forgets or mirror_added is not None:  # a time given is checked, never ignored
+                added = await self._mirror_added(connection, mirror, mirror_added, now)
+            if forgets:
                 # Only what no process owed it: the rest it may have had for longer than
                 # it remembers ids. (Events stored meanwhile by a process without the
                 # mirror configured are not sent: reconcile shows their cells short.)
-                added = await self._mirror_added(connection, mirror, mirror_added, now)
                 await self._refuse_overlap(connection, mirror, since, until)
                 chosen = chosen.where(
                     sa.or_(events.c.ingested_at.is_(None), events.c.ingested_at < added)

@@ -1675,6 +1675,19 @@ async def test_a_store_that_forwarded_before_it_noted_mirrors_asks_when_before_a
     await plain.aclose()
 
 
+async def test_a_mirror_added_time_given_for_a_mirror_that_remembers_ids_is_checked(
+    ledger: AsyncMetering,
+) -> None:
+    """Such a backfill sends every event of the range (the mirror answers duplicate for
+    those it has), so the time goes unused: it was ignored, a wrong one unseen (re-read);
+    it is checked as for any mirror."""
+    start = AT - timedelta(hours=1)
+    with pytest.raises(ValidationError, match="noted as added at") as wrong:
+        await ledger.backfill_mirror("billing", start=start, mirror_added=AT)
+    assert wrong.value.field == "mirror_added"
+    assert await ledger.backfill_mirror("billing", start=start) == 0
+
+
 @pytest.mark.parametrize(
     ("looked_at", "used", "made"), [(100, True, True), (100, False, False), (3, False, True)]
 )
