@@ -82,14 +82,35 @@ _END_BOUNDS = f"must be from {EARLIEST.isoformat()} to {LATEST.isoformat()} (an 
 
 def _utc(value: datetime) -> datetime:
     """The same instant in UTC, within [EARLIEST, LATEST). The bounds are checked here,
-    not by pydantic's `ge`/`lt`, which ran as two more calls into Python per time: a
-    third of validating an event. Comparing aware times cannot overflow, so the bounds
-    come first and the conversion cannot overflow either; the converted time is checked
-    again, as the offset was cut to whole seconds."""
+    not by pydantic's `ge`/`lt`, which ran as two more calls into Python per time. Most
+    times are UTC already under another name (pydantic's own for "Z"), and are rebuilt
+    with `UTC` field by field: `replace` cost five times as much, and comparing times
+    of two different zones calls each zone. Validating a time had been two fifths of
+    validating an event."""
+    if value.tzinfo is not UTC:
+        if value.utcoffset():
+            return _from_offset(value)
+        value = datetime(
+            value.year,
+            value.month,
+            value.day,
+            value.hour,
+            value.minute,
+            value.second,
+            value.microsecond,
+            UTC,
+        )
     if not EARLIEST <= value < LATEST:
         raise ValueError(_BOUNDS)
-    if value.tzinfo is UTC:
-        return value
+    return value
+
+
+def _from_offset(value: datetime) -> datetime:
+    """`_utc` of a time with an offset. Comparing aware times cannot overflow, so the
+    bounds come first and the conversion cannot overflow either; the converted time is
+    checked again, as the offset was cut to whole seconds."""
+    if not EARLIEST <= value < LATEST:
+        raise ValueError(_BOUNDS)
     moment = value.astimezone(UTC)
     if not EARLIEST <= moment < LATEST:
         raise ValueError(_BOUNDS)
