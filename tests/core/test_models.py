@@ -4,6 +4,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -48,6 +49,47 @@ def test_timestamps_are_normalised_to_utc() -> None:
     stamped = event(timestamp=datetime(2026, 7, 1, 12, 0, tzinfo=paris_summer))
     assert stamped.timestamp == datetime(2026, 7, 1, 10, 0, tzinfo=UTC)
     assert stamped.timestamp.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "2026-11-25T10:20:30.123456Z",  # pydantic's own UTC, not datetime's
+        "2026-11-25T10:20:30.123456+00:00",
+        "2026-11-25T10:20:30.123456-00:00",
+        datetime(2026, 11, 25, 10, 20, 30, 123456, tzinfo=ZoneInfo("Europe/London")),  # GMT
+        datetime(2026, 11, 25, 10, 20, 30, 123456, tzinfo=timezone(timedelta(0), "Z0")),
+    ],
+    ids=["Z", "+00:00", "-00:00", "London in winter", "a named zero offset"],
+)
+def test_a_time_at_offset_zero_keeps_every_field_and_becomes_utc(given: object) -> None:
+    stamped = event(timestamp=given).timestamp
+    assert stamped.tzinfo is UTC
+    assert stamped == datetime(2026, 11, 25, 10, 20, 30, 123456, tzinfo=UTC)
+    assert (stamped.hour, stamped.minute, stamped.second, stamped.microsecond) == (
+        10,
+        20,
+        30,
+        123456,
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "ok"),
+    [
+        ("1900-01-01T00:00:00Z", True),
+        ("1899-12-31T23:59:59.999999Z", False),
+        ("2999-12-31T23:59:59.999999Z", True),
+        ("3000-01-01T00:00:00Z", False),
+        ("3000-01-01T00:00:00+00:00", False),
+    ],
+)
+def test_the_bounds_hold_at_offset_zero_to_the_microsecond(given: str, ok: bool) -> None:
+    if ok:
+        assert event(timestamp=given).timestamp.isoformat().startswith(given[:19])
+    else:
+        with pytest.raises(ValidationError, match="timestamp"):
+            event(timestamp=given)
 
 
 def test_float_values_keep_their_decimal_spelling() -> None:
