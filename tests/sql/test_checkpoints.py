@@ -71,6 +71,28 @@ async def test_stored_events_reach_the_database_file_with_no_writer_checkpointin
         await metering.close()
 
 
+async def test_a_store_at_rest_cuts_its_log_file_to_nothing_while_open(tmp_path: Path) -> None:
+    """Starting the log over reuses its file at the size it reached (up to 160 MB under
+    load); at rest the thread cuts it, and what was stored stays readable."""
+    path = tmp_path / "usage.db"
+    log = tmp_path / "usage.db-wal"
+    metering = AsyncMetering(provider="sql", url=f"sqlite:///{path}")
+    try:
+        await metering.create_meter({"event_name": "calls", "aggregation": "sum"})
+        await metering.ingest_usage_events(batch("a", 2000))
+        assert log.stat().st_size > 0
+        for _ in range(100):
+            if log.stat().st_size == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert log.stat().st_size == 0
+        assert in_the_file(path) == 2000
+        await metering.ingest_usage_events(batch("b", 10))  # the cut log takes writes again
+        assert await eventually_in_the_file(path, 2010) == 2010
+    finally:
+        await metering.close()
+
+
 async def test_two_stores_on_one_file_checkpoint_it_side_by_side(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
