@@ -203,7 +203,9 @@ def _postgres_insert(checked: bool) -> str:
 _POSTGRES = sa.text(_postgres_insert(checked=False))
 """Arrival order numbers the rows (`seq`, the order `latest` breaks ties by); then they
 go in by id and their rollups by key: two processes writing overlapping batches take
-their locks in the same order, so neither waits on the other in a cycle. An id sent
+their locks in the same order, so neither waits on the other in a cycle (a process of
+an older version sorted ids by the database's collation: while both run, PostgreSQL may
+roll a group back, and it is written again, `SqlProvider._write_group`). An id sent
 twice in the batch goes in in arrival order too (its place in the array breaks the
 tie), so its first copy is the one stored, as on every provider; sorted by id alone,
 PostgreSQL's sort could put a later copy first, and its value was billed."""

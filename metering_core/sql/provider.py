@@ -91,6 +91,7 @@ from metering_core.sql.store import (
     StoreUrl,
     current_revision,
     migrate,
+    rolled_back,
     schema_revisions,
     store_error,
 )
@@ -127,6 +128,9 @@ cores against one commit per request (bench_service, paired rounds): 2 lanes gav
 0.99-1.08x at 25 events x 16 clients, 0.85-0.89x at 500 x 4 and 0.99-1.00x at 1 x 16;
 4 lanes gave 0.94x, 0.83x and 1.00-1.15x (one event a request gains from more lanes,
 the others lose); one lane starved batches of 500 (0.72x)."""
+
+ROLLED_BACK_RETRIES = 3
+"""Times a group is written again after the server rolled its transaction back."""
 
 _INHERITED: list[AsyncEngine] = []
 """Engines a forked child inherited, kept from the collector for good: collected, asyncpg
@@ -463,16 +467,22 @@ class SqlProvider(BaseProvider):
         """`_write_group_once`, again while the connection it used is found to be one the
         server had closed while it sat in the pool (a server restarted or failed over:
         connections are not pinged on checkout; each found is dropped from the pool, or
-        the whole pool with it, so this ends). Writing again is safe: a row that did
-        commit is a duplicate of itself, so nothing counts twice, and no caller sees an
-        outage."""
-        for _ in range(POOLED):
+        the whole pool with it, so this ends), and up to `ROLLED_BACK_RETRIES` times when
+        the server rolled the transaction back (a deadlock: writers of two versions of
+        this code, mid-upgrade, can lock the same ids in different orders). Writing again
+        is safe: a row that did commit is a duplicate of itself, so nothing counts
+        twice, and no caller sees an outage."""
+        rollbacks = 0
+        for _ in range(POOLED + ROLLED_BACK_RETRIES):
             try:
                 return await self._write_group_once(group)
             except ProviderUnavailableError as exc:
                 cause = exc.__cause__
-                if not (isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated):
+                if isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated:
+                    continue
+                if cause is None or not rolled_back(cause) or rollbacks == ROLLED_BACK_RETRIES:
                     raise
+                rollbacks += 1
         return await self._write_group_once(group)
 
     async def _write_group_once(self, group: Sequence[Ingest]) -> list[IngestResult]:

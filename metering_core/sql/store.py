@@ -48,6 +48,7 @@ __all__ = [
     "StoreUrl",
     "canonical_dimensions",
     "migrate",
+    "rolled_back",
     "schema_revisions",
     "store_error",
 ]
@@ -245,12 +246,27 @@ _PASSING = re.compile(r"disk is full|disk I/O error|connection closed", re.IGNOR
 a connection closed under a request (aiosqlite's own message)."""
 
 
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL failure, as asyncpg raised it or SQLAlchemy wrapped it."""
+    origin = getattr(exc, "orig", None) or exc
+    cause = getattr(origin, "__cause__", None) or origin
+    sqlstate = getattr(cause, "sqlstate", None) or getattr(origin, "sqlstate", None)
+    return sqlstate if isinstance(sqlstate, str) else None
+
+
+def rolled_back(exc: BaseException) -> bool:
+    """Whether the server rolled the transaction back on its own (a deadlock, a
+    serialization failure: SQLSTATE class 40), so that none of it committed."""
+    sqlstate = sqlstate_of(exc)
+    return sqlstate is not None and sqlstate.startswith("40")
+
+
 def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
     """One line naming the store (password masked): unreachable stores are retryable,
     refused credentials are not, and a database that is not one is a configuration error."""
     origin = getattr(exc, "orig", None) or exc
     cause = getattr(origin, "__cause__", None) or origin
-    sqlstate = getattr(cause, "sqlstate", None) or getattr(origin, "sqlstate", None)
+    sqlstate = sqlstate_of(exc)
     detail = f"{type(cause).__name__}: {cause}".splitlines()[0]
     where = f"store {store.shown}"
     if sqlstate in ("28P01", "28000"):
@@ -263,14 +279,14 @@ def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
         return ProviderUnavailableError(
             f"{where} failed to write; it can be retried: {detail}", provider="sql"
         )
-    if (isinstance(sqlstate, str) and sqlstate[:2] in ("22", "23")) or isinstance(
+    if (sqlstate is not None and sqlstate[:2] in ("22", "23")) or isinstance(
         cause, sqlite3.IntegrityError | OverflowError
     ):  # data or constraint: the store refused this data; trying again cannot help, and
         # the pipeline halves the batch until the event it refuses stands alone
         return ValidationError(f"{where} refused the data: {detail}")
     if sqlstate == "3D000" or isinstance(cause, sqlite3.DatabaseError):
         return ConfigurationError(f"{where} cannot be used: {detail}")
-    if isinstance(sqlstate, str) and sqlstate.startswith("40"):  # deadlock, serialization
+    if rolled_back(exc):
         return ProviderUnavailableError(
             f"{where} rolled the transaction back; it can be retried: {detail}", provider="sql"
         )

@@ -607,3 +607,45 @@ async def test_a_caller_that_may_only_raise_usage_is_refused_a_latest_meter_in_i
     )
     assert "may only raise usage" in tenant.rejected["s1"]
     assert anyone.accepted == ["s2"]
+
+
+@pytest.mark.parametrize("checked", [False, True], ids=["in a transaction", "checked"])
+async def test_a_group_the_server_rolls_back_in_a_deadlock_is_written_again(
+    postgres_url: str, checked: bool
+) -> None:
+    """A writer that locks ids in another order (a process of another version, mid-
+    upgrade) holds e1 and then waits for e0, which the group holds while it waits for
+    e1: PostgreSQL rolls the group back (SQLSTATE 40P01). The group is written again
+    once the other lets go, and its caller is answered as if nothing had happened.
+    `checked`: the meters already known, by the one statement on asyncpg itself (its
+    errors unwrapped); else in a transaction through SQLAlchemy (wrapped)."""
+    import asyncpg
+
+    provider = SqlProvider(SqlSettings(url=postgres_url))
+    other = await asyncpg.connect(postgres_url)
+    try:
+        meter = await provider.create_meter(MeterCreate(event_name="calls", aggregation="sum"))
+        seq = await other.fetchval("SELECT seq FROM meters")
+        if checked:
+            await provider.ingest_usage_events(request_of(["e7"]))
+        insert = (
+            "INSERT INTO events (id, meter_seq, event_name, customer_id, ts, value, dimensions) "
+            "VALUES ($1, $2, 'calls', 'acme', 0, 1, '{}')"
+        )
+        holding = other.transaction()
+        await holding.start()
+        await other.execute(insert, "e1", seq)
+        group = asyncio.create_task(provider.ingest_usage_events(request_of(["e0", "e1"])))
+        await asyncio.sleep(0.3)  # the group has e0 and waits for e1
+        # e0 waits for the group; PostgreSQL finds the cycle and rolls the group back
+        await asyncio.wait_for(other.execute(insert, "e0", seq), 10)
+        await holding.rollback()
+        answer = await asyncio.wait_for(group, 10)
+        assert sorted(answer.accepted) == ["e0", "e1"]
+        usage = await provider.fetch_usage(
+            UsageQuery(meter_id=meter.id, start=AT, end=AT + timedelta(hours=1))
+        )
+        assert usage.total == value_of("e0") + value_of("e1") + (value_of("e7") if checked else 0)
+    finally:
+        await other.close()
+        await provider.aclose()
