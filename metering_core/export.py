@@ -72,18 +72,14 @@ def header(form: ExportFormat, keys: Sequence[str]) -> str:
     """What a file starts with: for CSV, its header (a column per dimension in `keys`)."""
     if form is ExportFormat.jsonl:
         return ""
-    return ",".join(_FIELDS + tuple(_header(f"dimensions.{key}") for key in keys)) + "\r\n"
+    buffer = io.StringIO()  # written as rows are: a line break in a name is quoted too
+    csv.writer(buffer).writerow([*_FIELDS, *(f"dimensions.{key}" for key in keys)])
+    return buffer.getvalue()
 
 
 def piece(events: Sequence[StoredEvent], form: ExportFormat, keys: Sequence[str]) -> str:
     """The lines of a page of events."""
     return _csv(events, keys) if form is ExportFormat.csv else _jsonl(events)
-
-
-def _header(name: str) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="").writerow([name])
-    return buffer.getvalue()
 
 
 def export_keys(dimensions: Sequence[str], unique_dimension: str | None) -> list[str]:

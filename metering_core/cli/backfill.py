@@ -20,6 +20,9 @@ from metering_core.models import UsageEvent
 
 _EXTRA = "__extra__"
 
+_LARGEST_FIELD = 2**31 - 1
+"""The csv module's field limit while reading a file (its default is 128 KiB)."""
+
 
 def _utf8_problem(text: str) -> str | None:
     """Why a line read with surrogateescape is not UTF-8, if it is not."""
@@ -32,6 +35,8 @@ def _utf8_problem(text: str) -> str | None:
 
 def _csv_events(file: TextIO) -> Iterator[tuple[int, UsageEvent | str]]:
     """Each record as an event; `dimensions.<name>` columns are its dimensions."""
+    # a dimension's value has no bound of its own: an export's is read back whole
+    csv.field_size_limit(max(csv.field_size_limit(), _LARGEST_FIELD))
     reader = csv.DictReader(file, restkey=_EXTRA)
     header = reader.fieldnames or []
     repeated = sorted({name for name in header if header.count(name) > 1})
@@ -43,7 +48,7 @@ def _csv_events(file: TextIO) -> Iterator[tuple[int, UsageEvent | str]]:
             row = next(reader)
         except StopIteration:
             return
-        except csv.Error as exc:  # e.g. a field over the csv module's size limit
+        except csv.Error as exc:  # e.g. a field past `_LARGEST_FIELD`
             # line_num has not counted the failed record yet: it begins on the next line
             yield reader.line_num + 1, f"not a CSV row: {exc}"
             continue

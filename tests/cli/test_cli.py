@@ -334,7 +334,7 @@ def test_unreadable_backfill_rows_are_named_by_line_and_exit_2(
         b"event_name,customer_id,value\n"
         b"api_calls,t1,1,extra\n"  # 2: a column the header does not name
         b"api_calls,t\xe91,1\n"  # 3: a Latin-1 byte
-        b"api_calls," + b"x" * 140_000 + b",1\n"  # 4: over the csv module's field limit
+        b"api_calls," + b"x" * 140_000 + b",1\n"  # 4: a customer id of 140,000 characters
         b"api_calls,t1\n"  # 5: a column short
         b"api_calls,t1,5\n"  # 6: good
     )

@@ -194,3 +194,37 @@ def test_awkward_text_and_long_numbers_survive_the_round_trip(tmp_path: Path, fo
 
     assert stored(target) == stored(source)
     assert len(stored(source)) == len(texts)
+
+
+@pytest.mark.parametrize("form", ["csv", "jsonl"])
+def test_a_dimension_named_across_lines_and_a_value_of_200k_characters_round_trip(
+    tmp_path: Path, form: str
+) -> None:
+    """The CSV header quotes a column name with a line break in it, as rows quote values,
+    and a value past the csv module's default field limit (128 KiB) is read back whole."""
+    source, target = tmp_path / "a.db", tmp_path / "b.db"
+    key = "plan\r\ntier"
+    lines = [
+        {
+            "id": f"e{i}",
+            "event_name": "api_calls",
+            "customer_id": "acme",
+            "value": i + 1,
+            "timestamp": "2026-04-01T10:00:00Z",
+            "dimensions": {key: text},
+        }
+        for i, text in enumerate(["pro", "x" * 200_000])
+    ]
+    backfill = tmp_path / "events.jsonl"
+    backfill.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for store in (source, target):
+        assert on(store, "meters", "create", "api_calls", "--dimension", key)[0] == 0
+    assert on(source, "ingest", str(backfill))[0] == 0
+    exported = tmp_path / f"export.{form}"
+    assert on(source, "export", "api_calls", *SPAN, "--format", form, "-o", str(exported))[0] == 0
+    code, out = on(target, "ingest", str(exported))
+    assert (code, out.splitlines()[-1]) == (0, "accepted 2, duplicates 0, rejected 0")
+    code, out = on(target, "events", "list", "api_calls", *SPAN, "--format", "json")
+    assert code == 0, out
+    items = sorted(json.loads(out)["items"], key=lambda e: e["id"])
+    assert [e["dimensions"] for e in items] == [line["dimensions"] for line in lines]
