@@ -142,10 +142,18 @@ Text = Annotated[str, Field(pattern=TEXT_PATTERN)]
 Identifier = Annotated[str, Field(min_length=1, max_length=100, pattern=TEXT_PATTERN)]
 
 
+_NUMBER_TEXT = re.compile(r"[-+]?[0-9]+(?:\.[0-9]*)?")
+"""Text pydantic reads as seconds or milliseconds since 1970, not as a date."""
+
+
 def _not_a_number(value: Any) -> Any:
     """A time is an ISO 8601 string (or a datetime), never a bare number: 1700000000 could
-    be seconds or milliseconds, and the schema says date-time."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    be seconds or milliseconds, and the schema says date-time. Nor is it a number as
+    text, which is how a query string or a CSV cell sends it, and which pydantic reads
+    as one: "2026" would be 33 minutes past midnight on 1 January 1970."""
+    if (isinstance(value, int | float) and not isinstance(value, bool)) or (
+        isinstance(value, str) and _NUMBER_TEXT.fullmatch(value)
+    ):
         raise ValueError(f"must be an ISO 8601 date-time with an offset, not a number ({value!r})")
     return value
 

@@ -101,7 +101,7 @@ def test_a_405_lists_every_method_the_path_takes(
     assert response.json()["error"]["type"] == "http_error"
 
 
-@pytest.mark.parametrize("timestamp", [1_700_000_000, 1_700_000_000_000, 1.5])
+@pytest.mark.parametrize("timestamp", [1_700_000_000, 1_700_000_000_000, 1.5, "2026", "17"])
 def test_a_numeric_timestamp_is_refused_naming_the_field(
     client: TestClient, timestamp: float
 ) -> None:
@@ -111,6 +111,26 @@ def test_a_numeric_timestamp_is_refused_naming_the_field(
     )
     assert response.status_code == 422
     assert response.json()["error"]["field"] == "events.0.timestamp"
+    assert "not a number" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/usage/events", "/usage/events/export", "/usage/m1"])
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [("1772323200", "2026-03-02T00:00:00Z"), ("2026-03-01T00:00:00Z", "1772409600000")],
+)
+def test_a_query_time_given_as_a_number_is_refused_naming_it(
+    client: TestClient, path: str, start: str, end: str
+) -> None:
+    """A number could be seconds or milliseconds (pydantic guesses by its size): the
+    query's times are date-times, as the library's own."""
+    params = {"start": start, "end": end}
+    if path != "/usage/m1":
+        params["event_name"] = "api_calls"
+    response = client.get(path, params=params, headers={"Authorization": "Bearer admin"})
+    assert response.status_code == 422, response.text
+    named = "start" if start.isdigit() else "end"
+    assert response.json()["error"]["field"] == named
     assert "not a number" in response.json()["error"]["message"]
 
 

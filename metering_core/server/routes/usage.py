@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -24,6 +23,8 @@ from metering_core.models import (
     Page,
     StoredEvent,
     Usage,
+    UtcDatetime,
+    UtcEnd,
     Window,
 )
 from metering_core.server.acting import ActingAs, check_batch
@@ -94,8 +95,8 @@ router.add_api_route(
 async def list_events(
     principal: Reader,
     shared: Shared,
-    start: datetime,
-    end: datetime,
+    start: UtcDatetime,
+    end: UtcEnd,
     meter_id: Name = None,
     event_name: EventName = None,
     customer_id: Name = None,
@@ -134,8 +135,8 @@ async def list_events(
 async def export_events(
     principal: Reader,
     shared: Shared,
-    start: datetime,
-    end: datetime,
+    start: UtcDatetime,
+    end: UtcEnd,
     meter_id: Name = None,
     event_name: EventName = None,
     customer_id: Name = None,
@@ -189,8 +190,8 @@ async def fetch_usage(
     meter_id: str,
     principal: Reader,
     shared: Shared,
-    start: datetime,
-    end: datetime,
+    start: UtcDatetime,
+    end: UtcEnd,
     customer_id: Name = None,
     window: Window | None = None,
     group_by: Annotated[list[GroupKey] | None, Query()] = None,
