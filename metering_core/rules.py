@@ -325,13 +325,16 @@ class Bucket:
     """The events of one (window, group): their values, and what some folds need."""
 
     values: list[Decimal] = field(default_factory=list)
-    latest: tuple[int, int, Decimal] | None = None
+    latest: tuple[int, str, Decimal] | None = None
     distinct: set[str] = field(default_factory=set)
 
-    def add_latest(self, micros: int, order: int, value: Decimal) -> None:
-        """Keep the value with the greatest time; a tie goes to the one ingested last."""
-        if self.latest is None or (micros, order) > self.latest[:2]:
-            self.latest = (micros, order, value)
+    def add_latest(self, micros: int, event_id: str, value: Decimal) -> None:
+        """Keep the value with the greatest time; a tie goes to the greatest id (by code
+        point, which is UTF-8's byte order). Ids travel with the events, so every copy of
+        them (an export loaded elsewhere, a mirror fed out of order, a retried batch)
+        breaks the tie alike; the order of arrival is no copy's to keep."""
+        if self.latest is None or (micros, event_id) > self.latest[:2]:
+            self.latest = (micros, event_id, value)
 
 
 def _sum(bucket: Bucket) -> Decimal:

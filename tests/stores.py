@@ -93,18 +93,25 @@ def postgres_url(postgres_server: str) -> str:
     return new_database(postgres_server)
 
 
-def new_database(postgres_server: str) -> str:
-    """The URL of a new, empty database on the private server."""
+def new_database(postgres_server: str, icu_locale: str | None = None) -> str:
+    """The URL of a new, empty database on the private server; with `icu_locale`, text
+    sorts by that ICU collation, as in a production database made with a language's
+    locale (the private server's own is C, which sorts by bytes)."""
     import asyncio
 
     import asyncpg
 
     name = f"t_{uuid.uuid4().hex[:12]}"
+    collated = (
+        f" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE '{icu_locale}' LOCALE 'C.utf8'"
+        if icu_locale
+        else ""
+    )
 
     async def create() -> None:
         connection = await asyncpg.connect(f"{postgres_server}/postgres")
         try:
-            await connection.execute(f'CREATE DATABASE "{name}"')
+            await connection.execute(f'CREATE DATABASE "{name}"{collated}')
         finally:
             await connection.close()
 

@@ -11,8 +11,8 @@ reads only the events of its range. Semantics every provider is measured against
   dimension, is rejected with the reason;
 - cancelling removes an event from usage; cancelling it again is rejected ("already
   cancelled");
-- `latest` takes the event with the greatest timestamp; a tie goes to the one ingested last,
-  whichever customer it belongs to;
+- `latest` takes the event with the greatest timestamp; a tie goes to the greatest id,
+  whichever customer it belongs to (`rules.Bucket.add_latest`);
 - creating a customer again with the same fields returns it; with other fields, `ConflictError`.
 """
 
@@ -139,7 +139,6 @@ class MemoryProvider(BaseProvider):
         self._dimension_sets = DimensionSets()
         self._customers: dict[str, Customer] = {}
         self._sequence = itertools.count()
-        self._ingested = itertools.count()
 
     def known_capabilities(self) -> Capabilities:
         return self._capabilities
@@ -248,7 +247,6 @@ class MemoryProvider(BaseProvider):
                     epoch_micros(event.timestamp),
                     _SHARED_VALUES.get(event.value, event.value),
                     number(event.dimensions),
-                    next(self._ingested),
                     now,
                 )
                 seen[event.id] = series.number
@@ -434,7 +432,7 @@ def _fill_per_event(
             bucket = buckets[(window, customer, group)] = rules.Bucket()
         bucket.values.append(value)
         if meter.aggregation is Aggregation.LATEST:
-            bucket.add_latest(series.times[position], series.order[position], value)
+            bucket.add_latest(series.times[position], series.ids[position], value)
         elif counted is not None:
             bucket.distinct.add(counted)
 

@@ -153,7 +153,6 @@ class Series:
         "ingested",
         "is_sorted",
         "number",
-        "order",
         "times",
         "values",
     )
@@ -163,7 +162,6 @@ class Series:
         self.event_name = event_name
         self.number = number  # its place in the provider's list of every series
         self.times = array("q")
-        self.order = array("q")  # provider-wide ingestion order: breaks ties for `latest`
         self.values: Column[Decimal | None] = Column()  # None marks a cancelled event
         self.dimensions = array("q")  # numbers of `DimensionSets`
         self.ids: Column[str] = Column()
@@ -177,25 +175,23 @@ class Series:
         micros: int,
         value: Decimal,
         dimensions: int,
-        order: int,
         ingested: int,
     ) -> None:
         if self.times and micros < self.times[-1]:
             self.is_sorted = False
         self.times.append(micros)
-        self.order.append(order)
         self.values.append(value)
         self.dimensions.append(dimensions)
         self.ids.append(event_id)
         self.ingested.append(ingested)
 
     def ensure_sorted(self) -> None:
-        """Sort the columns by time; stable, so ties keep ingestion order."""
+        """Sort the columns by time (a time's events are told apart by id where it matters:
+        listing and `latest`)."""
         if self.is_sorted:
             return
         by_time = sorted(range(len(self.times)), key=self.times.__getitem__)
         self.times = array("q", (self.times[i] for i in by_time))
-        self.order = array("q", (self.order[i] for i in by_time))
         self.dimensions = array("q", (self.dimensions[i] for i in by_time))
         self.ingested = array("q", (self.ingested[i] for i in by_time))
         values, ids = list(self.values), list(self.ids)

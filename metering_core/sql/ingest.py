@@ -201,7 +201,7 @@ def _postgres_insert(checked: bool) -> str:
 
 
 _POSTGRES = sa.text(_postgres_insert(checked=False))
-"""Arrival order numbers the rows (`seq`, the order `latest` breaks ties by); then they
+"""Arrival order numbers the rows (`seq`, the outbox's order); then they
 go in by id and their rollups by key: two processes writing overlapping batches take
 their locks in the same order, so neither waits on the other in a cycle (a process of
 an older version sorted ids by the database's collation: while both run, PostgreSQL may

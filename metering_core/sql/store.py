@@ -159,15 +159,15 @@ class _DecimalFold:
 
 
 class _Latest:
-    """The value with the greatest (time, ingestion order)."""
+    """The value with the greatest (time, id), as `rules.Bucket.add_latest` keeps it."""
 
     def __init__(self) -> None:
-        self.key: tuple[int, int] | None = None
+        self.key: tuple[int, str] | None = None
         self.value: str | None = None
 
-    def step(self, ts: int, seq: int, text: str) -> None:
-        if self.key is None or (ts, seq) > self.key:
-            self.key, self.value = (ts, seq), text
+    def step(self, ts: int, event_id: str, text: str) -> None:
+        if self.key is None or (ts, event_id) > self.key:
+            self.key, self.value = (ts, event_id), text
 
     def finalize(self) -> str | None:
         return self.value

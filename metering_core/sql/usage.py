@@ -62,11 +62,13 @@ def _fold(dialect: str, meter: Meter) -> list[sa.ColumnElement[Any]]:
             return [sa.func.max(value) if native else sa.func.dec_max(value)]
         case Aggregation.LATEST:
             if native:
+                # ids by bytes, UTF-8's code point order, as Python compares them
+                by_id = events.c.id.collate("C").desc()
                 ordered = sa.func.array_agg(
-                    postgresql.aggregate_order_by(value, events.c.ts.desc(), events.c.seq.desc())
+                    postgresql.aggregate_order_by(value, events.c.ts.desc(), by_id)
                 )
                 return [ordered[1]]
-            return [sa.func.latest_value(events.c.ts, events.c.seq, value)]
+            return [sa.func.latest_value(events.c.ts, events.c.id, value)]
         case Aggregation.UNIQUE_COUNT:
             assert meter.unique_dimension is not None
             counted = dimension(dialect, meter.unique_dimension)

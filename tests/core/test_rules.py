@@ -143,18 +143,22 @@ def test_rows_are_per_customer_when_grouped_by_customer_or_one_is_named(
 )
 def test_each_aggregation_folds_a_window(aggregation: Aggregation, expected: Decimal) -> None:
     bucket = Bucket(values=[Decimal("1.5"), Decimal(4), Decimal(-1), Decimal(2)])
-    for micros, order, value in ((30, 1, Decimal(4)), (50, 0, Decimal(2)), (50, 2, Decimal(2))):
-        bucket.add_latest(micros, order, value)
+    for micros, event_id, value in (
+        (30, "c", Decimal(4)),
+        (50, "a", Decimal(2)),
+        (50, "b", Decimal(2)),
+    ):
+        bucket.add_latest(micros, event_id, value)
     bucket.distinct.update({"u1", "u2"})
     assert FOLDS[aggregation](bucket) == expected
 
 
-def test_latest_takes_the_greatest_time_and_a_tie_the_one_ingested_last() -> None:
+def test_latest_takes_the_greatest_time_and_a_tie_the_greatest_id() -> None:
     bucket = Bucket()
-    bucket.add_latest(50, 3, Decimal(1))
-    bucket.add_latest(50, 7, Decimal(2))  # same time, ingested later: wins
-    bucket.add_latest(50, 5, Decimal(3))  # same time, ingested earlier: loses
-    bucket.add_latest(40, 9, Decimal(4))  # earlier time: loses
+    bucket.add_latest(50, "e10", Decimal(1))
+    bucket.add_latest(50, "e9", Decimal(2))  # same time, greater id (by code point): wins
+    bucket.add_latest(50, "E99", Decimal(3))  # same time, smaller id ("E" < "e"): loses
+    bucket.add_latest(40, "e99", Decimal(4))  # earlier time: loses
     assert FOLDS[Aggregation.LATEST](bucket) == Decimal(2)
 
 

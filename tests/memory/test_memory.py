@@ -111,14 +111,14 @@ def test_rows_are_clipped_to_the_query_range(m: Metering) -> None:
     ]
 
 
-def test_latest_ties_go_to_the_last_ingested_and_avg_stays_exact(m: Metering) -> None:
+def test_latest_ties_go_to_the_greatest_id_and_avg_stays_exact(m: Metering) -> None:
     at = datetime(2026, 6, 1, tzinfo=UTC)
     latest = m.create_meter(event_name="seats", aggregation="latest")
     average = m.create_meter(event_name="latency", aggregation="avg")
     m.ingest_usage_events(
         [
-            {"event_name": "seats", "customer_id": "t", "value": v, "timestamp": at}
-            for v in (5, 9, 7)
+            {"id": i, "event_name": "seats", "customer_id": "t", "value": v, "timestamp": at}
+            for i, v in (("s2", 5), ("s3", 7), ("s1", 9))
         ]
     )
     m.ingest_usage_events(
@@ -133,13 +133,16 @@ def test_latest_ties_go_to_the_last_ingested_and_avg_stays_exact(m: Metering) ->
     assert m.fetch_usage(average.id, **window).rows[0].value == Decimal("0.15")
 
 
-def test_a_latest_tie_across_customers_goes_to_the_last_ingested(m: Metering) -> None:
+def test_a_latest_tie_across_customers_goes_to_the_greatest_id(m: Metering) -> None:
     at = datetime(2026, 6, 1, tzinfo=UTC)
     meter = m.create_meter(event_name="seats", aggregation="latest")
     # "a" is stored first, so a fold over customers meets "a" before "b": the tie must still
-    # go to a's 6, the last event ingested
-    for customer, value, when in (("a", 1, at - timedelta(minutes=1)), ("b", 4, at), ("a", 6, at)):
-        m.ingest_usage_event(event_name="seats", customer_id=customer, value=value, timestamp=when)
+    # go to a's 6, the greatest id, though b's 4 is met last
+    sent = (("x3", "a", 1, at - timedelta(minutes=1)), ("x2", "a", 6, at), ("x1", "b", 4, at))
+    for event_id, customer, value, when in sent:
+        m.ingest_usage_event(
+            id=event_id, event_name="seats", customer_id=customer, value=value, timestamp=when
+        )
     m.flush()
     assert m.fetch_usage(meter.id, start=at, end=at + timedelta(hours=1)).rows[0].value == 6
 
@@ -355,12 +358,11 @@ def _brute_force(
         customer = event.customer_id if "customer_id" in group_by else None
         dimensions = tuple((k, event.dimensions[k]) for k in group_by if k != "customer_id")
         groups.setdefault((hour, customer, dimensions), []).append(event)
-    ingested = {event.id: n for n, event in enumerate(events)}
     fold = {
         "sum": lambda es: sum((e.value for e in es), Decimal(0)),
         "count": lambda es: Decimal(len(es)),
         "max": lambda es: max(e.value for e in es),
-        "latest": lambda es: max(es, key=lambda e: (e.timestamp, ingested[e.id])).value,
+        "latest": lambda es: max(es, key=lambda e: (e.timestamp, e.id)).value,
         "unique_count": lambda es: Decimal(len({e.dimensions["user"] for e in es})),
     }[aggregation]
     return {key: fold(members) for key, members in groups.items()}

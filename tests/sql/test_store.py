@@ -46,6 +46,7 @@ from metering_core.sql.provider import SqlProvider
 from metering_core.sql.rows import Trusted
 from metering_core.sql.store import _config, schema_revisions
 from tests.examples import examples
+from tests.stores import new_database
 
 START = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -848,28 +849,64 @@ def test_any_dimension_key_groups_and_counts_as_on_memory(any_url: str, key: str
     assert store == memory == (((("ß", Decimal(1)), ("ü", Decimal(2)))), Decimal(2))
 
 
-@pytest.mark.parametrize("ids", ["falling", "rising"])
-def test_latest_ties_in_one_batch_go_to_the_event_sent_last(any_url: str, ids: str) -> None:
-    """Whatever order the store keeps the rows in (PostgreSQL inserts them by id)."""
+TIED_IDS = ("tie-Z", "tie-a", "tie-z", "tie-é")
+"""In code point order (UTF-8's bytes); an en-US collation sorts them a, é, z, Z."""
 
-    async def scenario(provider: Any) -> Decimal:
+
+@pytest.fixture(params=["sqlite", "postgres", "postgres-en-US"])
+def collated_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store whose database sorts text by bytes (SQLite, the private server's C locale),
+    or by a language's rules, as production PostgreSQL databases are often made."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'metering.db'}"
+    server = request.getfixturevalue("postgres_server")
+    return new_database(server, icu_locale="en-US" if request.param.endswith("US") else None)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["one-batch", "one-by-one"])
+@pytest.mark.parametrize(
+    "sent",
+    [TIED_IDS, TIED_IDS[::-1], ("tie-z", "tie-é", "tie-Z", "tie-a")],
+    ids=["code-points", "reversed", "shuffled"],
+)
+def test_a_latest_tie_goes_to_the_greatest_id_whatever_order_it_arrives_in(
+    collated_url: str, sent: tuple[str, ...], batched: bool
+) -> None:
+    """So every copy of the events (an export loaded elsewhere, a mirror fed out of order,
+    a batch retried after a later one) bills the same value."""
+
+    async def scenario(provider: Any) -> tuple[Decimal, ...]:
         meter = await provider.create_meter(MeterCreate(event_name="seats", aggregation="latest"))
-        await provider.ingest_usage_events(
-            [
-                UsageEvent(
-                    id=f"latest-z{9 - i}" if ids == "falling" else f"latest-a{i}",
-                    event_name="seats",
-                    customer_id="t",
-                    value=i,
-                    timestamp=START,
-                )
-                for i in range(6)
-            ]
+        tied = [
+            UsageEvent(
+                id=event_id,
+                event_name="seats",
+                customer_id=f"t{n % 2}",
+                value=TIED_IDS.index(event_id),
+                timestamp=START,
+            )
+            for n, event_id in enumerate(sent)
+        ]
+        earlier = UsageEvent(  # a greater id a microsecond before does not tie
+            id="tie-ü",
+            event_name="seats",
+            customer_id="t0",
+            value=99,
+            timestamp=START - timedelta(microseconds=1),
         )
-        span = {"start": START, "end": START + timedelta(days=1)}
-        return (await provider.fetch_usage(UsageQuery(meter_id=meter.id, **span))).total
+        for batch in [[earlier, *tied]] if batched else [[earlier], *([e] for e in tied)]:
+            await provider.ingest_usage_events(batch)
+        span = {"start": START - timedelta(hours=1), "end": START + timedelta(hours=1)}
+        everyone = await provider.fetch_usage(UsageQuery(meter_id=meter.id, **span))
+        each = await provider.fetch_usage(
+            UsageQuery(meter_id=meter.id, group_by=("customer_id",), **span)
+        )
+        return everyone.total, *(row.value for row in each.rows)
 
-    assert asyncio.run(_both(any_url, scenario)) == (Decimal(5), Decimal(5))
+    # t0 holds tie-Z and tie-z, or tie-é and tie-a, as the order sent deals them
+    customers = {TIED_IDS.index(i) for i in sent[0::2]}, {TIED_IDS.index(i) for i in sent[1::2]}
+    expected = (Decimal(3), *(Decimal(max(values)) for values in customers))
+    assert asyncio.run(_both(collated_url, scenario)) == (expected, expected)
 
 
 def test_sums_of_38_digit_values_are_exact_everywhere(any_url: str) -> None:
