@@ -246,7 +246,7 @@ _PASSING = re.compile(r"disk is full|disk I/O error|connection closed", re.IGNOR
 a connection closed under a request (aiosqlite's own message)."""
 
 
-def sqlstate_of(exc: BaseException) -> str | None:
+def _sqlstate_of(exc: BaseException) -> str | None:
     """The SQLSTATE of a PostgreSQL failure, as asyncpg raised it or SQLAlchemy wrapped it."""
     origin = getattr(exc, "orig", None) or exc
     cause = getattr(origin, "__cause__", None) or origin
@@ -257,7 +257,7 @@ def sqlstate_of(exc: BaseException) -> str | None:
 def rolled_back(exc: BaseException) -> bool:
     """Whether the server rolled the transaction back on its own (a deadlock, a
     serialization failure: SQLSTATE class 40), so that none of it committed."""
-    sqlstate = sqlstate_of(exc)
+    sqlstate = _sqlstate_of(exc)
     return sqlstate is not None and sqlstate.startswith("40")
 
 
@@ -266,7 +266,7 @@ def store_error(exc: BaseException, store: StoreUrl) -> MeteringError:
     refused credentials are not, and a database that is not one is a configuration error."""
     origin = getattr(exc, "orig", None) or exc
     cause = getattr(origin, "__cause__", None) or origin
-    sqlstate = sqlstate_of(exc)
+    sqlstate = _sqlstate_of(exc)
     detail = f"{type(cause).__name__}: {cause}".splitlines()[0]
     where = f"store {store.shown}"
     if sqlstate in ("28P01", "28000"):
