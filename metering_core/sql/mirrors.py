@@ -175,11 +175,15 @@ class _Owed(NamedTuple):
 
 _HELD_EVENTS = """
     SELECT e.id, e.event_name, e.customer_id, e.ts, e.value,
-           CAST(e.dimensions AS TEXT), e.cancelled
+           CAST(e.dimensions AS TEXT),
+           e.cancelled OR e.meter_seq NOT IN (SELECT seq FROM meters)
     FROM outbox AS o JOIN events AS e ON {joined}
     WHERE o.mirror = :mirror AND o.refused IS NULL AND o.seq BETWEEN :first AND :last
       AND o.claimed_until = :until AND o.kind = 'usage'
     """
+"""The last column: nothing to send, the event cancelled or its meter deleted (the ledger
+counts it nowhere; sent, a meter made again with its event name would count it there,
+as the mirror's own meter of that name is made again too: probe)."""
 _EVENTS = sa.text(_HELD_EVENTS.format(joined="e.seq = o.event_seq AND e.id = o.event_id"))
 """The stored events of the usage rows a pass holds: read through its lease (its token
 and seq range, in the owed rows' index), not a list of thousands of ids, and each by the
@@ -498,17 +502,18 @@ class Forwarder:
         and, if `touching`, the (event name, customer, UTC hour) of each event the mirror
         took (for a mirror that shows what it takes only after a processing delay).
         A row whose delivery gave up (the mirror failing, not refusing) is in neither,
-        and is taken again by a later pass. An event cancelled here meanwhile is not
-        sent (a dead letter retried after its cancel would count it), and an event of a
+        and is taken again by a later pass. An event cancelled here meanwhile, or whose
+        meter was deleted, is not sent (a dead letter retried after its cancel would
+        count it), and an event of a
         meter the mirror refused is refused with it: sent, it would be billed by another
         aggregation, or the mirror's meter of that name might not be the ledger's."""
         if not owed:
             return [], {}, set()
-        live, cancelled = await self._events(held, owed)
+        live, uncounted = await self._events(held, owed)
         withheld = await self._refused_meters(held.mirror)
-        delivered = [owed[i] for i in cancelled]  # nothing left to send
+        delivered = [owed[i] for i in uncounted]  # nothing left to send
         gone = "the event is no longer in the store"
-        stored = {*live, *cancelled}
+        stored = {*live, *uncounted}
         refused = {seq: gone for event_id, seq in owed.items() if event_id not in stored}
         sending: list[UsageEvent] = []
         for event in live.values():
@@ -631,7 +636,7 @@ class Forwarder:
         self, held: _Held, owed: Mapping[str, int]
     ) -> tuple[dict[str, UsageEvent], set[str]]:
         """The stored events of the usage rows this pass holds (`owed`) that are live; and
-        the ids cancelled here."""
+        the ids the ledger counts nowhere: cancelled, or of a deleted meter."""
         parameters = {"mirror": held.mirror, "first": held.first, "last": held.last}
         parameters["until"] = held.until
         async with self._transaction(writes=False) as connection:
@@ -641,8 +646,8 @@ class Forwarder:
         values: dict[Any, Decimal] = {}  # an exact value, and dimensions, decoded once each
         dimensions: dict[str, dict[str, str]] = {}
         live: dict[str, UsageEvent] = {}
-        for event_id, name, customer, ts, value, text, cancelled in rows:
-            if cancelled:
+        for event_id, name, customer, ts, value, text, uncounted in rows:
+            if uncounted:
                 continue
             amount = values.get(value)
             if amount is None:

@@ -25,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
+import logging
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import NamedTuple
 
 import sqlalchemy as sa
@@ -39,6 +40,7 @@ from metering_core.epoch import epoch_micros
 from metering_core.errors import NotFoundError, UnsupportedOperationError, ValidationError
 from metering_core.interface import Capabilities, IMetering
 from metering_core.models import (
+    EXACT,
     Aggregation,
     CellStatus,
     Meter,
@@ -61,6 +63,8 @@ from metering_core.sql.schema import (
 from metering_core.sql.store_clock import StoreClock
 
 __all__ = ["DRIFT", "REPAIR_SETTLE", "held_by_repair", "one_repair_at_a_time", "reconcile"]
+
+logger = logging.getLogger("metering")
 
 Key = tuple[str, datetime]  # customer, window start
 _ZERO_WHEN_ABSENT = (Aggregation.SUM, Aggregation.COUNT)
@@ -159,16 +163,18 @@ async def _usage(
 async def _unsent(
     transaction: Transaction,
     mirror: str,
-    event_name: str,
+    meter_id: str,
     start: datetime,
     end: datetime,
 ) -> list[tuple[str, int, bool]]:
-    """(customer, time, refused) of the events of `event_name` in range whose usage the
+    """(customer, time, refused) of the meter's events in range whose usage the
     ledger has not delivered to `mirror` (still owed, or refused by it: its dead letters),
     or whose cancellation it still owes it. Read after the ledger's totals and before
     the mirror is asked: an event the totals count that is not owed now had reached the
     mirror before it was asked. (Read first, an event stored in between was counted, not
-    seen owed, and repaired as lost; then the forwarder delivered it too: probe.)"""
+    seen owed, and repaired as lost; then the forwarder delivered it too: probe.) The
+    meter's, not its event name's: a deleted meter's dead letters are not a cell's of the
+    meter made again with its name (probe)."""
     statement = (
         sa.select(events.c.customer_id, events.c.ts, outbox.c.refused.is_not(None))
         .join(outbox, outbox.c.event_id == events.c.id)
@@ -177,7 +183,7 @@ async def _unsent(
             # a cancellation owed makes its cell pending; one refused (Stripe cannot cancel
             # after 24 h) leaves the mirror over, which is what it bills
             (outbox.c.kind == "usage") | ((outbox.c.kind == "cancel") & outbox.c.refused.is_(None)),
-            events.c.event_name == event_name,
+            events.c.meter_seq == _meter_seq(meter_id),
             events.c.ts >= epoch_micros(start),
             events.c.ts < epoch_micros(end),
         )
@@ -337,13 +343,13 @@ class _Times:
 
 
 async def _customers(
-    transaction: Transaction, event_name: str, start: datetime, end: datetime
+    transaction: Transaction, meter_id: str, start: datetime, end: datetime
 ) -> set[str]:
     statement = (
         sa.select(events.c.customer_id)
         .distinct()
         .where(
-            events.c.event_name == event_name,
+            events.c.meter_seq == _meter_seq(meter_id),
             events.c.ts >= epoch_micros(start),
             events.c.ts < epoch_micros(end),
         )
@@ -431,7 +437,7 @@ async def reconcile(
         counted[meter.id] = _Counted(at, await _last_seq(transaction))
         # A mirror asked one customer at a time is asked for every customer the ledger
         # has events of in range, cancelled ones too: all cancelled here may be billed there.
-        customers = await _customers(transaction, meter.event_name, start, end)
+        customers = await _customers(transaction, meter.id, start, end)
         link = links.get(meter.id)
         counterpart = by_id.get(link) if link else by_name.get(meter.event_name)
         comparable = (
@@ -441,14 +447,16 @@ async def reconcile(
             and window in capabilities.windows
             and meter.aggregation in capabilities.aggregations
         )
-        unsent = await _unsent(transaction, mirror_name, meter.event_name, start, end)
+        unsent = await _unsent(transaction, mirror_name, meter.id, start, end)
         waiting: dict[tuple[str, bool], _Times] = {}
         for customer, ts, refused in unsent:
             waiting.setdefault((customer, refused), _Times()).times.append(ts)
         for times in waiting.values():
             times.times.sort()
         if not comparable or counterpart is None:
-            cells.extend(_not_comparable(meter, ours, waiting))
+            # the mirror has no meter yet, its making still owed: its cells are on their way
+            arriving = counterpart is None and await _change_owed(transaction, mirror_name, meter)
+            cells.extend(_not_comparable(meter, ours, waiting, arriving=arriving))
             continue
         asked = query.model_copy(update={"meter_id": counterpart.id})
         grouped = capabilities.group_by and not capabilities.requires_customer
@@ -456,7 +464,7 @@ async def reconcile(
         try:
             answered = await _usage(mirror, asked, customers, grouped)
         except UnsupportedOperationError:  # a query it cannot answer
-            cells.extend(_not_comparable(meter, ours, waiting))
+            cells.extend(_not_comparable(meter, ours, waiting, arriving=False))
             continue
         except ValidationError as exc:  # this range (unaligned, too long): the caller's to fix
             # not cells "not comparable" in a report that is ok: drift there went unseen
@@ -525,7 +533,7 @@ def _corrections(
     same totals (probe: an event cancelled and another lost gave the first repair's ids,
     the mirror answered duplicate, and the cell was marked repaired and stayed short)."""
     assert cell.ledger is not None
-    missing = cell.ledger - (cell.mirror or Decimal(0))
+    missing = _difference(cell)
     key = f"{meter.id}|{cell.customer_id}|{cell.start.isoformat()}|{cell.end.isoformat()}"
     drift = f"{key}|{cell.ledger}|{cell.mirror}|{newest}"
     digest = hashlib.sha256(drift.encode()).hexdigest()[:40]
@@ -540,8 +548,40 @@ def _corrections(
         )
 
     if meter.aggregation is Aggregation.SUM:
-        return [correction("", missing)]
+        if missing <= LARGEST_CORRECTION:
+            return [correction("", missing)]
+        with localcontext(EXACT):
+            whole, rest = divmod(missing, LARGEST_CORRECTION)
+        parts = [LARGEST_CORRECTION] * int(whole) + ([rest] if rest else [])
+        return [correction(f"-part{n}", value) for n, value in enumerate(parts)]
     return [correction(f"-{n}", Decimal(1)) for n in range(int(missing))]
+
+
+LARGEST_CORRECTION = Decimal(10) ** 19
+"""The most one correction event carries: an event's value has at most 20 digits before
+the point, and a cell's shortfall (many events' values) may have more; it is sent in
+parts of this (probe: one event of 2e20 failed validation, and the whole repair with
+it)."""
+
+
+def _difference(cell: ReconcileCell) -> Decimal:
+    """What the mirror lacks of the ledger's total, exact however many digits."""
+    with localcontext(EXACT):
+        return (cell.ledger or Decimal(0)) - (cell.mirror or Decimal(0))
+
+
+async def _change_owed(transaction: Transaction, mirror: str, meter: Meter) -> bool:
+    """Whether the ledger still owes `mirror` a change of `meter` (its making, first)."""
+    statement = sa.select(
+        sa.exists().where(
+            outbox.c.mirror == mirror,
+            outbox.c.kind == "meter",
+            outbox.c.event_id == meter.id,
+            outbox.c.refused.is_(None),
+        )
+    )
+    async with transaction(writes=False) as connection:
+        return bool(await connection.scalar(statement))
 
 
 def _meter_seq(meter_id: str) -> sa.ScalarSelect[int]:
@@ -588,7 +628,17 @@ async def _repair(
         at = cell.start if oldest is None else max(cell.start, oldest + timedelta(minutes=5))
         if at < cell.end:  # else the mirror no longer takes events of that window
             newest = await _newest_event(transaction, cell)
-            chosen[index] = _corrections(meter, cell, at, newest)
+            try:
+                chosen[index] = _corrections(meter, cell, at, newest)
+            except ValidationError as exc:  # no event can carry it: this cell stays short
+                logger.warning(
+                    "mirror %r: cell %s / %s from %s left short, not repaired: %s",
+                    name,
+                    cell.event_name,
+                    cell.customer_id,
+                    cell.start.isoformat(),
+                    exc,
+                )
     recorded = await _record(
         transaction, name, cells, chosen, counted, now, _settling(capabilities)
     )
@@ -649,7 +699,7 @@ async def _record(
         for index in chosen:
             cell = cells[index]
             since, until = epoch_micros(cell.start), epoch_micros(cell.end)
-            amount = (cell.ledger or Decimal(0)) - (cell.mirror or Decimal(0))
+            amount = _difference(cell)
             # "lately" from when this reconcile read the cell, not from now: one that read
             # the mirror over an hour ago would take a repair sent since as old (review)
             lately = epoch_micros(counted[cell.meter_id].at - settle)
@@ -667,16 +717,29 @@ async def _record(
             # what was owed): the mirror is to get those events, and the correction too
             # would count them twice (probe); the cell is left short, not repaired, and
             # the rows owed bring it level
-            owed = sa.select(1).where(
-                outbox.c.mirror == name,
-                outbox.c.kind == "usage",
-                outbox.c.refused.is_(None),
-                events.c.seq == outbox.c.event_seq,
+            in_cell = (
                 events.c.meter_seq == _meter_seq(cell.meter_id),
                 events.c.customer_id == cell.customer_id,
                 events.c.ts >= since,
                 events.c.ts < until,
                 events.c.seq <= counted[cell.meter_id].through,
+            )
+            owed = sa.select(1).where(
+                outbox.c.mirror == name,
+                outbox.c.kind == "usage",
+                outbox.c.refused.is_(None),
+                events.c.seq == outbox.c.event_seq,
+                *in_cell,
+            )
+            # and a cancellation owed, of an event the total counted: made after the
+            # totals were read again, the correction would hold the event, and the
+            # cancellation then find nothing to cancel there (probe: the mirror over)
+            cancel_owed = sa.select(1).where(
+                outbox.c.mirror == name,
+                outbox.c.kind == "cancel",
+                outbox.c.refused.is_(None),
+                events.c.id == outbox.c.event_id,
+                *in_cell,
             )
             row = sa.select(
                 sa.literal(name),
@@ -687,7 +750,7 @@ async def _record(
                 sa.literal(str(amount) if sqlite else amount, mirror_repairs.c.amount.type),
                 sa.literal(epoch_micros(now)),
                 sa.literal(counted[cell.meter_id].through),
-            ).where(~sa.exists(blocking), ~sa.exists(owed))
+            ).where(~sa.exists(blocking), ~sa.exists(owed), ~sa.exists(cancel_owed))
             inserted = await connection.execute(
                 sa.insert(mirror_repairs).from_select(
                     [
@@ -734,11 +797,24 @@ def _not_comparable(
     meter: Meter,
     ours: dict[Key, tuple[datetime, Decimal]],
     waiting: Mapping[tuple[str, bool], _Times],
+    *,
+    arriving: bool,
 ) -> list[ReconcileCell]:
-    """The ledger's cells of a meter the mirror cannot be asked about: not comparable,
+    """The ledger's cells of a meter the mirror cannot be asked about: not comparable;
     but refused where the mirror refused events of it (its meter, when the mirror's of
-    that name aggregates otherwise): those are not billed there, whatever it holds."""
+    that name aggregates otherwise): those are not billed there, whatever it holds; and
+    pending where the meter is `arriving`: the mirror has none of it yet, and its making
+    is still owed (probe: a meter the mirror's key could not make read not comparable,
+    while the mirror would bill 0)."""
     none = _Times()
+
+    def status(customer: str, start: datetime, end: datetime) -> CellStatus:
+        if waiting.get((customer, True), none).within(start, end):
+            return CellStatus.refused
+        if arriving:
+            return CellStatus.pending
+        return CellStatus.not_comparable
+
     return [
         ReconcileCell(
             meter_id=meter.id,
@@ -748,9 +824,7 @@ def _not_comparable(
             end=end,
             ledger=value,
             mirror=None,
-            status=CellStatus.refused
-            if waiting.get((customer, True), none).within(start, end)
-            else CellStatus.not_comparable,
+            status=status(customer, start, end),
         )
         for (customer, start), (end, value) in sorted(ours.items())
     ]
