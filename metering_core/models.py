@@ -12,7 +12,6 @@ import re
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal, localcontext
@@ -422,7 +421,8 @@ def new_event_id() -> str:
     with _stamping:
         stamp = _last_stamp = max(stamp, _last_stamp + 1)
     bits = (stamp >> 12 & (2**48 - 1)) << 80 | 0x7 << 76 | (stamp & 0xFFF) << 64 | 0b10 << 62
-    return str(uuid.UUID(int=bits | secrets.randbits(62)))
+    text = f"{bits | secrets.randbits(62):032x}"  # uuid.UUID's own text, without its checks
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 _stamping = threading.Lock()
@@ -437,7 +437,8 @@ def _unlock_in_child() -> None:
     _stamping = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_unlock_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_unlock_in_child)
 
 
 def _now() -> datetime:

@@ -176,14 +176,18 @@ class _Owed(NamedTuple):
 _HELD_EVENTS = """
     SELECT e.id, e.event_name, e.customer_id, e.ts, e.value,
            CAST(e.dimensions AS TEXT),
-           e.cancelled OR e.meter_seq NOT IN (SELECT seq FROM meters)
+           e.cancelled OR (e.meter_seq NOT IN (SELECT seq FROM meters)
+                           AND e.event_name IN (SELECT event_name FROM meters))
     FROM outbox AS o JOIN events AS e ON {joined}
     WHERE o.mirror = :mirror AND o.refused IS NULL AND o.seq BETWEEN :first AND :last
       AND o.claimed_until = :until AND o.kind = 'usage'
     """
-"""The last column: nothing to send, the event cancelled or its meter deleted (the ledger
-counts it nowhere; sent, a meter made again with its event name would count it there,
-as the mirror's own meter of that name is made again too: probe)."""
+"""The last column: nothing to send, the event cancelled, or its meter deleted and another
+made with its event name: the mirror's meter of that name is the new meter's now, and
+would bill an event the ledger counts nowhere (probe: a dead letter retried as
+reconcile advises). A deleted meter's event is sent while no other has its name: the
+mirror's meter is still the one the event was stored for (one the ledger found there
+outlives the ledger's; one it made is deleted after the rows owed before it)."""
 _EVENTS = sa.text(_HELD_EVENTS.format(joined="e.seq = o.event_seq AND e.id = o.event_id"))
 """The stored events of the usage rows a pass holds: read through its lease (its token
 and seq range, in the owed rows' index), not a list of thousands of ids, and each by the
@@ -503,8 +507,8 @@ class Forwarder:
         took (for a mirror that shows what it takes only after a processing delay).
         A row whose delivery gave up (the mirror failing, not refusing) is in neither,
         and is taken again by a later pass. An event cancelled here meanwhile, or whose
-        meter was deleted, is not sent (a dead letter retried after its cancel would
-        count it), and an event of a
+        meter was deleted and made again (`_HELD_EVENTS`), is not sent (a dead letter
+        retried after its cancel would count it), and an event of a
         meter the mirror refused is refused with it: sent, it would be billed by another
         aggregation, or the mirror's meter of that name might not be the ledger's."""
         if not owed:
@@ -636,7 +640,7 @@ class Forwarder:
         self, held: _Held, owed: Mapping[str, int]
     ) -> tuple[dict[str, UsageEvent], set[str]]:
         """The stored events of the usage rows this pass holds (`owed`) that are live; and
-        the ids the ledger counts nowhere: cancelled, or of a deleted meter."""
+        the ids not to send: cancelled, or of a meter deleted and made again."""
         parameters = {"mirror": held.mirror, "first": held.first, "last": held.last}
         parameters["until"] = held.until
         async with self._transaction(writes=False) as connection:

@@ -28,7 +28,7 @@ import hashlib
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
-from decimal import Decimal, localcontext
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import NamedTuple
 
 import sqlalchemy as sa
@@ -343,13 +343,16 @@ class _Times:
 
 
 async def _customers(
-    transaction: Transaction, meter_id: str, start: datetime, end: datetime
+    transaction: Transaction, event_name: str, start: datetime, end: datetime
 ) -> set[str]:
+    """Every customer the ledger has events of the event name of, of any meter it had:
+    the mirror's meter may bill any of them (an event of a deleted meter, sent before the
+    ledger's meter was made again, shows `over`, as on a mirror that groups)."""
     statement = (
         sa.select(events.c.customer_id)
         .distinct()
         .where(
-            events.c.meter_seq == _meter_seq(meter_id),
+            events.c.event_name == event_name,
             events.c.ts >= epoch_micros(start),
             events.c.ts < epoch_micros(end),
         )
@@ -437,7 +440,7 @@ async def reconcile(
         counted[meter.id] = _Counted(at, await _last_seq(transaction))
         # A mirror asked one customer at a time is asked for every customer the ledger
         # has events of in range, cancelled ones too: all cancelled here may be billed there.
-        customers = await _customers(transaction, meter.id, start, end)
+        customers = await _customers(transaction, meter.event_name, start, end)
         link = links.get(meter.id)
         counterpart = by_id.get(link) if link else by_name.get(meter.event_name)
         comparable = (
@@ -454,8 +457,15 @@ async def reconcile(
         for times in waiting.values():
             times.times.sort()
         if not comparable or counterpart is None:
-            # the mirror has no meter yet, its making still owed: its cells are on their way
-            arriving = counterpart is None and await _change_owed(transaction, mirror_name, meter)
+            # the mirror has no meter of it yet, its making still owed: its cells are on
+            # their way (if the mirror can answer them at all)
+            arriving = (
+                link is None
+                and counterpart is None
+                and window in capabilities.windows
+                and meter.aggregation in capabilities.aggregations
+                and await _change_owed(transaction, mirror_name, meter)
+            )
             cells.extend(_not_comparable(meter, ours, waiting, arriving=arriving))
             continue
         asked = query.model_copy(update={"meter_id": counterpart.id})
@@ -557,17 +567,25 @@ def _corrections(
     return [correction(f"-{n}", Decimal(1)) for n in range(int(missing))]
 
 
-LARGEST_CORRECTION = Decimal(10) ** 19
+LARGEST_CORRECTION = Decimal(10**20 - 1)
 """The most one correction event carries: an event's value has at most 20 digits before
 the point, and a cell's shortfall (many events' values) may have more; it is sent in
 parts of this (probe: one event of 2e20 failed validation, and the whole repair with
 it)."""
 
+_PLACES = Decimal(1).scaleb(-18)
+"""The places an event's value has at most."""
+
 
 def _difference(cell: ReconcileCell) -> Decimal:
-    """What the mirror lacks of the ledger's total, exact however many digits."""
+    """What the mirror lacks of the ledger's total, exact however many digits, to the
+    places an event carries: a float-summing mirror's total read to 15 significant
+    digits may have more (1 - 1.23456789012345E-10), and an exact one never has."""
     with localcontext(EXACT):
-        return (cell.ledger or Decimal(0)) - (cell.mirror or Decimal(0))
+        missing = (cell.ledger or Decimal(0)) - (cell.mirror or Decimal(0))
+        if int(missing.as_tuple().exponent) < -18:
+            missing = missing.quantize(_PLACES, rounding=ROUND_HALF_EVEN)
+        return missing
 
 
 async def _change_owed(transaction: Transaction, mirror: str, meter: Meter) -> bool:
@@ -803,9 +821,10 @@ def _not_comparable(
     """The ledger's cells of a meter the mirror cannot be asked about: not comparable;
     but refused where the mirror refused events of it (its meter, when the mirror's of
     that name aggregates otherwise): those are not billed there, whatever it holds; and
-    pending where the meter is `arriving`: the mirror has none of it yet, and its making
-    is still owed (probe: a meter the mirror's key could not make read not comparable,
-    while the mirror would bill 0)."""
+    pending where the meter is `arriving`: never linked to one of the mirror's, its
+    making still owed, and of a window and aggregation the mirror has (probe: a meter
+    the mirror's key could not make read not comparable, while the mirror would bill
+    0)."""
     none = _Times()
 
     def status(customer: str, start: datetime, end: datetime) -> CellStatus:
