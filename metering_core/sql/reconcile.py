@@ -163,7 +163,7 @@ async def _usage(
 async def _unsent(
     transaction: Transaction,
     mirror: str,
-    meter_id: str,
+    meter: Meter,
     start: datetime,
     end: datetime,
 ) -> list[tuple[str, int, bool]]:
@@ -174,22 +174,30 @@ async def _unsent(
     mirror before it was asked. (Read first, an event stored in between was counted, not
     seen owed, and repaired as lost; then the forwarder delivered it too: probe.) The
     meter's, not its event name's: a deleted meter's dead letters are not a cell's of the
-    meter made again with its name (probe)."""
+    meter made again with its name (probe). The meter is told in the answer, not in the
+    condition: the events' index by meter and time drew PostgreSQL, before a freshly
+    loaded table's statistics, to scan the outbox once per event (2.5 s became 7 s)."""
     statement = (
-        sa.select(events.c.customer_id, events.c.ts, outbox.c.refused.is_not(None))
+        sa.select(
+            events.c.customer_id,
+            events.c.ts,
+            outbox.c.refused.is_not(None),
+            events.c.meter_seq == _meter_seq(meter.id),
+        )
         .join(outbox, outbox.c.event_id == events.c.id)
         .where(
             outbox.c.mirror == mirror,
             # a cancellation owed makes its cell pending; one refused (Stripe cannot cancel
             # after 24 h) leaves the mirror over, which is what it bills
             (outbox.c.kind == "usage") | ((outbox.c.kind == "cancel") & outbox.c.refused.is_(None)),
-            events.c.meter_seq == _meter_seq(meter_id),
+            events.c.event_name == meter.event_name,
             events.c.ts >= epoch_micros(start),
             events.c.ts < epoch_micros(end),
         )
     )
     async with transaction(writes=False) as connection:
-        return [(row[0], row[1], bool(row[2])) for row in await connection.execute(statement)]
+        rows = await connection.execute(statement)
+        return [(row[0], row[1], bool(row[2])) for row in rows if row[3]]
 
 
 class _Counted(NamedTuple):
@@ -450,7 +458,7 @@ async def reconcile(
             and window in capabilities.windows
             and meter.aggregation in capabilities.aggregations
         )
-        unsent = await _unsent(transaction, mirror_name, meter.id, start, end)
+        unsent = await _unsent(transaction, mirror_name, meter, start, end)
         waiting: dict[tuple[str, bool], _Times] = {}
         for customer, ts, refused in unsent:
             waiting.setdefault((customer, refused), _Times()).times.append(ts)
