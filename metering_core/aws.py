@@ -25,7 +25,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from metering_core.client import AsyncMetering, Metering
-from metering_core.errors import ConfigurationError, ValidationError
+from metering_core.delivery import GAVE_UP
+from metering_core.errors import ConfigurationError, ProviderUnavailableError, ValidationError
 from metering_core.loop import shared_loop
 from metering_core.models import Customer
 
@@ -59,11 +60,29 @@ def load_secrets() -> None:
     client = boto3.client("secretsmanager")
     for name, secret_id in wanted.items():
         text = client.get_secret_value(SecretId=secret_id)["SecretString"]
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        os.environ[str(name)] = str(value.get(name, "")) if isinstance(value, dict) else text
+        os.environ[str(name)] = _secret_value(str(name), str(secret_id), text)
+
+
+def _secret_value(name: str, secret_id: str, text: str) -> str:
+    """The value a secret holds for variable `name`: its text, or a JSON object's string
+    under `name` (a JSON string literal, unquoted). Anything else is refused at cold start,
+    naming the secret and never its value: set to '' or 'None', the first delivery failed
+    instead, naming nothing (probe)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        held = value.get(name)
+        if isinstance(held, str) and held:
+            return held
+        raise ConfigurationError(
+            f"secret {secret_id!r} (for {name}) is a JSON object without a string under "
+            f"{name!r}; its keys: {sorted(map(str, value))}"
+        )
+    return text  # a number, say: its text as stored
 
 
 def _refuse_container_disk(provider_name: str, provider: object) -> None:
@@ -113,6 +132,12 @@ def event_handler(event: Mapping[str, Any], context: object) -> dict[str, Any]:
     metering = _container_metering()
     outcome = metering.handle_event(event)
     report = metering.flush()
+    undelivered = {i: why for i, why in report.rejected.items() if why.startswith(GAVE_UP)}
+    if undelivered:  # the provider failing, not the message: an outage to alarm on as one
+        raise ProviderUnavailableError(
+            f"usage events not delivered, to retry: {undelivered}",
+            provider=metering.provider_name,
+        )
     if report.rejected:
         raise ValidationError(
             f"rejected usage events: {report.rejected}", field="detail", value=list(report.rejected)

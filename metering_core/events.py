@@ -80,7 +80,8 @@ def _envelope(message: Any) -> _Envelope:
     the envelope's `time`, when the bus put the message on it."""
     if not isinstance(message, Mapping):
         raise ValidationError(f"event={message!r} is not an object", field="event", value=message)
-    envelope_id = str(message["id"]) if message.get("id") else None
+    given = message.get("id")
+    envelope_id = None if given is None or given == "" else str(given)  # 0 is an id
     sent = message.get("time")
     if "detail-type" in message:
         return _Envelope(str(message["detail-type"]), message.get("detail"), envelope_id, sent)
@@ -131,14 +132,51 @@ def _from_millis(millis: Any) -> datetime:
     )
 
 
+def _agreeing(detail: Mapping[str, Any]) -> None:
+    """Refuse a detail that names its tenant twice, differently: billed to either, the
+    other's usage would go to the wrong customer (probe: each shape picked another)."""
+    named = {key: detail[key] for key in ("tenantId", "customer_id") if key in detail}
+    if len(set(map(repr, named.values()))) > 1:
+        raise ValidationError(
+            f"detail.tenantId={named['tenantId']!r} and detail.customer_id="
+            f"{named['customer_id']!r} name different tenants",
+            field="customer_id",
+            value=named["customer_id"],
+        )
+
+
+def _amberflo_dimension(key: Any, value: Any) -> str:
+    """A top-level field of the Amberflo-style shape, as a dimension's text: a scalar as
+    written; null, a list or an object refused (as text, `None` or a Python list's repr
+    would be billed as a group of its own: probe)."""
+    if value is None or isinstance(value, list | dict):
+        raise ValidationError(
+            f"dimensions.{key}={value!r}: a dimension is a string",
+            field=f"dimensions.{key}",
+            value=value,
+        )
+    return str(value)
+
+
 def _usage_fields(detail: Mapping[str, Any]) -> dict[str, Any]:
     """The model's field names, the sbt-aws `tenantId`, or the Amberflo-style shape."""
+    _agreeing(detail)
     if "meterApiName" in detail:
+        if "value" in detail:  # a model field in the other shape: it would be a dimension
+            raise ValidationError(
+                f"detail.value={detail['value']!r}: with meterApiName the value is meterValue",
+                field="value",
+                value=detail["value"],
+            )
         fields: dict[str, Any] = {
             "event_name": detail["meterApiName"],
             "customer_id": detail.get("tenantId"),
             "value": detail.get("meterValue", 1),
-            "dimensions": {str(k): str(v) for k, v in detail.items() if k not in AMBERFLO_FIELDS},
+            "dimensions": {
+                str(k): _amberflo_dimension(k, v)
+                for k, v in detail.items()
+                if k not in AMBERFLO_FIELDS
+            },
         }
         if "uniqueId" in detail:
             fields["id"] = detail["uniqueId"]
@@ -195,6 +233,7 @@ def _usage(detail: Any, envelope_id: str | None, sent: Any) -> list[UsageEvent]:
 
 
 def _tenant(detail: Mapping[str, Any]) -> str:
+    _agreeing(detail)
     tenant = detail.get("tenantId", detail.get("customer_id", detail.get("id")))
     if not isinstance(tenant, str) or not tenant:
         raise ValidationError(

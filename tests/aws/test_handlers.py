@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -318,6 +319,48 @@ def test_secrets_come_from_secrets_manager_at_cold_start(
     status, capabilities = answer(aws.api_handler(http_api("GET", "/capabilities", ADMIN), None))
     assert (status, capabilities["max_batch_size"]) == (200, 7)
     assert asked == ["arn:aws:secretsmanager:us-east-1:1:secret:m"]
+
+
+def secrets_holding(text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Secrets Manager answering every secret with `text`; METERING_X asked of it."""
+
+    class SecretsManager:
+        def get_secret_value(self, SecretId: str) -> dict[str, str]:
+            return {"SecretString": text}
+
+    fake = types.ModuleType("boto3")
+    fake.client = lambda service: SecretsManager()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "boto3", fake)
+    monkeypatch.setenv("METERING_SECRETS", json.dumps({"METERING_X": "arn:secret:x"}))
+    monkeypatch.setenv("METERING_X", "unset by the test")
+    monkeypatch.delenv("METERING_X")
+
+
+@pytest.mark.parametrize(
+    ("text", "held"),
+    [("sk_plain", "sk_plain"), ('"sk_quoted"', "sk_quoted"), ('{"METERING_X": "sk_in"}', "sk_in")],
+)
+def test_a_secret_is_its_text_a_json_string_or_the_variables_own_field(
+    text: str, held: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secrets_holding(text, monkeypatch)
+    aws.load_secrets()
+    assert os.environ["METERING_X"] == held
+
+
+@pytest.mark.parametrize(
+    "text", ['{"apiKey": "sk_live_SECRET"}', '{"METERING_X": null, "k": "sk_live_SECRET"}']
+)
+def test_a_secret_without_the_variables_value_fails_cold_start_naming_it_not_its_value(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set to '' or 'None', the first delivery failed instead, naming nothing (probe)."""
+    secrets_holding(text, monkeypatch)
+    with pytest.raises(ConfigurationError, match="arn:secret:x") as caught:
+        aws.load_secrets()
+    assert "METERING_X" in str(caught.value)
+    assert "SECRET" not in str(caught.value)
+    assert "METERING_X" not in os.environ
 
 
 @pytest.mark.parametrize("url", [None, "sqlite:///{tmp}/metering.db", "memory"])

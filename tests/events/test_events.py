@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from metering_core import Customer, Metering, NotFoundError, ValidationError
+from metering_core import (
+    Customer,
+    Metering,
+    NotFoundError,
+    ProviderUnavailableError,
+    ValidationError,
+)
 from metering_core.events import NAMES
 
 INGEST = [name for name, kind in NAMES.items() if kind == "ingest"]
@@ -231,6 +237,39 @@ def test_an_envelope_time_that_is_not_a_time_is_refused(metering: Metering) -> N
         (eventbridge("INGEST_USAGE", "text"), "detail"),
         (eventbridge("ONBOARDING_REQUEST", {"tenantName": "no id"}), "tenantId"),
         (eventbridge("OFFBOARDING_REQUEST", None), "detail"),
+        # a tenant named twice, differently: billed to either, one's usage is the other's
+        (
+            eventbridge(
+                "INGEST_USAGE", {"event_name": "api_calls", "tenantId": "a", "customer_id": "b"}
+            ),
+            "detail[0].customer_id",
+        ),
+        (
+            eventbridge(
+                "INGEST_USAGE", {"meterApiName": "api_calls", "tenantId": "a", "customer_id": "b"}
+            ),
+            "detail[0].customer_id",
+        ),
+        (eventbridge("ONBOARDING_REQUEST", {"tenantId": "a", "customer_id": "b"}), "customer_id"),
+        # the Amberflo-style shape: a null or a list is no dimension; its value is meterValue
+        (
+            eventbridge(
+                "INGEST_USAGE", {"meterApiName": "api_calls", "tenantId": "a", "region": None}
+            ),
+            "detail[0].dimensions.region",
+        ),
+        (
+            eventbridge(
+                "INGEST_USAGE", {"meterApiName": "api_calls", "tenantId": "a", "region": ["eu"]}
+            ),
+            "detail[0].dimensions.region",
+        ),
+        (
+            eventbridge(
+                "INGEST_USAGE", {"meterApiName": "api_calls", "tenantId": "a", "value": 50}
+            ),
+            "detail[0].value",
+        ),
     ],
 )
 def test_malformed_messages_are_refused_naming_the_field(
@@ -239,6 +278,14 @@ def test_malformed_messages_are_refused_naming_the_field(
     with pytest.raises(ValidationError) as caught:
         metering.handle_event(message)
     assert caught.value.field == field
+
+
+def test_an_envelope_id_of_zero_is_an_id(metering: Metering) -> None:
+    detail = {"event_name": "api_calls", "tenantId": "t1", "timestamp": START.isoformat()}
+    message = {"id": 0, "detail-type": "INGEST_USAGE", "source": "sbt", "detail": detail}
+    assert metering.handle_event(message) == ["0:0"]
+    assert metering.handle_event(message) == ["0:0"]  # and a redelivery is a duplicate
+    assert total(metering) == 1
 
 
 def test_one_bad_event_in_a_list_changes_nothing(metering: Metering) -> None:
@@ -273,4 +320,24 @@ def test_event_handler_ingests_and_flushes(monkeypatch: pytest.MonkeyPatch) -> N
         eventbridge("INGEST_USAGE", {"event_name": "api_calls", "tenantId": "t1"}, "eb-9"), None
     )
     assert ok["ingested"] == ["eb-9:0"]
+    aws._metering.close()
+
+
+def test_event_handler_says_an_outage_is_one_not_a_bad_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bus retries either way; the error's type is what an alarm and whoever reads the
+    dead letters go by (probe: a dead port read as a ValidationError)."""
+    import metering_core.aws as aws
+
+    monkeypatch.setenv("METERING_PROVIDER", "http")
+    monkeypatch.setenv("METERING_HTTP_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("METERING_HTTP_API_KEY", "k")
+    monkeypatch.setenv("METERING_MAX_ATTEMPTS", "1")
+    monkeypatch.setattr(aws, "_metering", None)
+    message = eventbridge("INGEST_USAGE", {"event_name": "api_calls", "tenantId": "t1"})
+    with pytest.raises(ProviderUnavailableError, match="not delivered, to retry") as caught:
+        aws.event_handler(message, None)
+    assert "eb-1:0" in str(caught.value)
+    assert aws._metering is not None
     aws._metering.close()

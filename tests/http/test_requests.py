@@ -16,6 +16,7 @@ from metering_core import (
     AuthenticationError,
     Capabilities,
     ConflictError,
+    MeteringError,
     NotFoundError,
     ProviderError,
     ProviderUnavailableError,
@@ -112,6 +113,26 @@ async def test_cancel_sends_ids_and_event_name_in_a_delete_body(provider: HttpPr
 
 def error(status: int, kind: str, message: str = "nope", **extra: object) -> httpx.Response:
     return httpx.Response(status, json={"error": {"type": kind, "message": message, **extra}})
+
+
+@pytest.mark.parametrize("status", [400, 401, 500])
+@respx.mock
+async def test_a_key_the_service_echoes_back_never_reaches_an_error_or_a_log(
+    provider: HttpProvider, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service (or a proxy answering in its shape) quoting the request's Authorization
+    put the key in the exception and in every log line that quoted it (probe)."""
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        said = f"bad key {request.headers['Authorization']} (token {SECRET})"
+        return error(status, "unauthorized" if status == 401 else "validation_error", said)
+
+    respx.get(f"{BASE}/meters/m").mock(side_effect=echo)
+    with pytest.raises(MeteringError) as caught:
+        await provider.fetch_meter("m")
+    assert SECRET not in str(caught.value)
+    assert "bad key **********" in str(caught.value)
+    assert SECRET not in caplog.text
 
 
 @pytest.mark.parametrize(

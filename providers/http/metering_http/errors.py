@@ -31,13 +31,26 @@ def error_from_response(response: httpx.Response, operation: str) -> MeteringErr
         )
     return error_from_wire(
         kind,
-        message,
+        _without_credential(message, response),
         provider=PROVIDER,
         operation=operation,
         status=response.status_code,
         field=field if isinstance(field, str) else None,
         retry_after=_retry_after(response),
     )
+
+
+def _without_credential(message: str, response: httpx.Response) -> str:
+    """The message without the key the request carried: a service (or a proxy answering
+    in its shape) that echoes the request's Authorization back would put the key in every
+    log line and exception that quotes the answer (probe)."""
+    try:
+        sent = response.request.headers.get("Authorization", "")
+    except RuntimeError:  # an answer made without a request (tests)
+        return message
+    for credential in sorted({sent, sent.partition(" ")[2]} - {""}, key=len, reverse=True):
+        message = message.replace(credential, "**********")
+    return message
 
 
 def error_from_transport(
