@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -2631,10 +2632,11 @@ async def test_a_shortfall_larger_than_one_event_can_carry_is_repaired_in_parts(
     """An event holds at most 20 digits before the point; a cell's shortfall may have
     more. One correction failed validation, and the whole repair with it (probe)."""
     await ledger.create_meter(event_name="bytes")
-    biggest = Decimal("99999999999999999999.5")
+    # 38 digits each; the parts' last has more than a default decimal context keeps
+    values = ["99999999999999999999.123456789012345678", "50000000000000000000.5", "1"]
     lost = [
-        UsageEvent(id=f"b{n}", event_name="bytes", customer_id="acme", value=biggest, timestamp=AT)
-        for n in range(3)
+        UsageEvent(id=f"b{n}", event_name="bytes", customer_id="acme", value=v, timestamp=AT)
+        for n, v in enumerate(values)
     ]
     await ledger.ingest_usage_events([*lost, event(1), event(2)])
     await ledger.flush_mirrors(timeout=30)
@@ -2647,7 +2649,7 @@ async def test_a_shortfall_larger_than_one_event_can_carry_is_repaired_in_parts(
     after = await ledger.reconcile("billing", **span)
     assert after.ok
     [cell] = [c for c in after.cells if c.event_name == "bytes"]
-    assert cell.mirror == cell.ledger == 3 * biggest
+    assert cell.mirror == cell.ledger == Decimal("150000000000000000000.623456789012345678")
 
 
 async def test_a_deleted_meters_events_still_owed_reach_the_mirrors_meter_it_found(
@@ -2692,28 +2694,64 @@ async def test_a_linked_meter_gone_from_the_mirror_is_not_comparable_while_an_up
     assert [c.status for c in report.cells] == [CellStatus.not_comparable]
 
 
-def test_a_shortfall_with_more_places_than_an_event_carries_is_sent_to_its_places() -> None:
-    """A float-summing mirror's total, read to 15 significant digits, may have 24 places;
-    the cell was logged and left short (review)."""
-    meter = Meter(
+def a_meter(aggregation: str = "sum") -> Meter:
+    return Meter(
         id="mtr_1",
         event_name="calls",
         display_name="calls",
-        aggregation="sum",
+        aggregation=aggregation,
         dimensions=[],
         status="active",
         created_at=AT,
         updated_at=AT,
     )
-    cell = ReconcileCell(
-        meter_id=meter.id,
+
+
+def a_short_cell(ledger: Decimal, mirror: Decimal, customer: str = "acme") -> ReconcileCell:
+    return ReconcileCell(
+        meter_id="mtr_1",
         event_name="calls",
-        customer_id="acme",
+        customer_id=customer,
         start=AT,
         end=AT + timedelta(days=1),
-        ledger=Decimal(1),
-        mirror=Decimal("1.23456789012345E-10"),
+        ledger=ledger,
+        mirror=mirror,
         status=CellStatus.short,
     )
-    [correction] = reconcile_module._corrections(meter, cell, AT, newest=1)
+
+
+def test_a_shortfall_with_more_places_than_an_event_carries_is_sent_to_its_places() -> None:
+    """A float-summing mirror's total, read to 15 significant digits, may have 24 places;
+    the cell was logged and left short (review)."""
+    cell = a_short_cell(Decimal(1), Decimal("1.23456789012345E-10"))
+    [correction] = reconcile_module._corrections(a_meter(), cell, AT, newest=1)
     assert correction.value == Decimal("0.999999999876543211")
+
+
+def test_a_repairs_ids_are_the_same_for_the_same_drift_of_a_cell_and_new_for_another() -> None:
+    """A repair interrupted and run again sends the ids it sent, which the mirror answers
+    duplicate: new ones would bill the shortfall twice. (Their form is kept too: a repair
+    recorded by a version before sends the same ids from this one.)"""
+    cell = a_short_cell(Decimal(10), Decimal(7))
+
+    def ids(meter: Meter, cell: ReconcileCell, newest: int = 7) -> list[str]:
+        return [e.id for e in reconcile_module._corrections(meter, cell, AT, newest)]
+
+    [one] = ids(a_meter(), cell)
+    assert ids(a_meter(), cell) == [one]
+    assert re.fullmatch(r"reconcile-[0-9a-f]{40}", one)
+    others = [
+        ids(a_meter(), a_short_cell(Decimal(10), Decimal(7), customer="beta")),
+        ids(a_meter(), a_short_cell(Decimal(11), Decimal(7))),
+        ids(a_meter(), a_short_cell(Decimal(10), Decimal(6))),
+        ids(a_meter(), cell, newest=8),
+    ]
+    assert len({one, *(i for found in others for i in found)}) == 5
+    counted = ids(a_meter("count"), cell)
+    assert [i.rsplit("-", 1)[1] for i in counted] == ["0", "1", "2"]
+    assert len({i.rsplit("-", 1)[0] for i in counted}) == 1
+    parts = ids(a_meter(), a_short_cell(Decimal(3) * 10**20, Decimal(0)))
+    assert [i.rsplit("-", 1)[1] for i in parts] == ["part0", "part1", "part2", "part3"]
+    whole = reconcile_module.LARGEST_CORRECTION * 2  # no part of nothing after them
+    parts = ids(a_meter(), a_short_cell(whole, Decimal(0)))
+    assert [i.rsplit("-", 1)[1] for i in parts] == ["part0", "part1"]
