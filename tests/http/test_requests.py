@@ -135,6 +135,20 @@ async def test_a_key_the_service_echoes_back_never_reaches_an_error_or_a_log(
     assert SECRET not in caplog.text
 
 
+@respx.mock
+async def test_a_short_key_echoed_with_its_scheme_is_masked_and_the_message_kept() -> None:
+    provider = HttpProvider(HttpSettings(base_url=BASE, api_key="k"))
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        return error(422, "validation_error", f"key {request.headers['Authorization']}: kept")
+
+    respx.get(f"{BASE}/meters/m").mock(side_effect=echo)
+    with pytest.raises(ValidationError) as caught:
+        await provider.fetch_meter("m")
+    await provider.aclose()
+    assert "key **********: kept" in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("response", "expected"),
     [

@@ -48,9 +48,17 @@ def _without_credential(message: str, response: httpx.Response) -> str:
         sent = response.request.headers.get("Authorization", "")
     except RuntimeError:  # an answer made without a request (tests)
         return message
-    for credential in sorted({sent, sent.partition(" ")[2]} - {""}, key=len, reverse=True):
-        message = message.replace(credential, "**********")
+    token = sent.partition(" ")[2]
+    # the token alone only when long enough to be no word of the message ("admin")
+    for credential in (sent, token if len(token) >= SHORTEST_MASKED else ""):
+        if credential:
+            message = message.replace(credential, "**********")
     return message
+
+
+SHORTEST_MASKED = 8
+"""Keys shorter than this are masked only with their scheme ("Bearer k"): alone, every
+"k" of a message would go."""
 
 
 def error_from_transport(
