@@ -212,9 +212,12 @@ def run(label: str, server: str | None, count: int) -> None:
         f"{label} ingest, batches of {BATCH}: no mirror {plain:,.0f} events/s, one mirror "
         f"{mirrored:,.0f} events/s (cost {100 * (1 - mirrored / plain):.0f} %)"
     )
+    forwarded, delivered, by_cli = 0.0, 0.0, 0.0
     with mirror_service() as mirror_url:
-        forwarded, delivered = asyncio.run(forward_rate(fresh(server), mirror_url, count))
-        by_cli = cli_forward_rate(fresh(server), mirror_url, count)
+        for _ in range(3):  # in turns, the best of three each, as above
+            rates = asyncio.run(forward_rate(fresh(server), mirror_url, count))
+            forwarded, delivered = max(forwarded, rates[0]), max(delivered, rates[1])
+            by_cli = max(by_cli, cli_forward_rate(fresh(server), mirror_url, count))
     with mirror_service() as mirror_url:
         took = asyncio.run(reconcile_time(fresh(server), mirror_url, 1000, 31))
     print(f"{label} reconcile of 1,000 customers x 31 days, all equal: {took:.2f} s")
