@@ -116,11 +116,24 @@ def _decoded(encoded: Any) -> Any:
         ) from None
 
 
+SECONDS_LOOKALIKE = 10**11
+"""Milliseconds below this are before 3 March 1973: a time in seconds (1.7e9 in 2026)
+sent as milliseconds. Read as given, its usage was billed in January 1970, in no period
+anyone invoices (probe), so it is refused."""
+
+
 def _from_millis(millis: Any) -> datetime:
     """Epoch milliseconds as a moment (converted here: a bare number would be read as
-    milliseconds again past 2e10); refused by name when not a usable number. The range
-    itself is checked by the model."""
+    milliseconds again past 2e10); refused by name when not a usable number, or when it
+    looks like seconds (`SECONDS_LOOKALIKE`). The range itself is checked by the model."""
     if isinstance(millis, int | float) and not isinstance(millis, bool):
+        if millis < SECONDS_LOOKALIKE:
+            raise ValidationError(
+                f"meterTimeInMillis={millis!r} is before 1973 as milliseconds: it looks like "
+                "seconds; send milliseconds since the epoch",
+                field="meterTimeInMillis",
+                value=millis,
+            )
         try:
             return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
         except (OverflowError, ValueError):

@@ -280,6 +280,25 @@ def test_malformed_messages_are_refused_naming_the_field(
     assert caught.value.field == field
 
 
+@pytest.mark.parametrize("millis", [1_767_225_600, 0, -1, 99_999_999_999])
+def test_a_time_in_seconds_sent_as_milliseconds_is_refused_not_billed_in_1970(
+    metering: Metering, millis: int
+) -> None:
+    """1,767,225,600 is 1 January 2026 in seconds; as milliseconds it is 21 January 1970,
+    in no period anyone invoices (probe). Anything before 1973 is refused, naming the
+    field and the value, and nothing is stored."""
+    amberflo = {"tenantId": "t1", "meterApiName": "api_calls", "meterTimeInMillis": millis}
+    fine = {"event_name": "api_calls", "tenantId": "t1", "value": 1, "timestamp": START.isoformat()}
+    with pytest.raises(ValidationError, match=f"meterTimeInMillis={millis}.*looks like seconds"):
+        metering.handle_event(eventbridge("INGEST_USAGE", [fine, amberflo]))
+    assert total(metering, "t1") == 0
+    at = START + timedelta(hours=1)
+    first = {**amberflo, "meterTimeInMillis": 100_000_000_000, "uniqueId": "edge"}
+    in_range = {**amberflo, "meterTimeInMillis": int(at.timestamp() * 1000)}
+    assert len(metering.handle_event(eventbridge("INGEST_USAGE", [first, in_range], "eb-ok"))) == 2
+    assert total(metering, "t1") == 1  # 1973's event is taken too, outside this range
+
+
 def test_an_envelope_id_of_zero_is_an_id(metering: Metering) -> None:
     detail = {"event_name": "api_calls", "tenantId": "t1", "timestamp": START.isoformat()}
     message = {"id": 0, "detail-type": "INGEST_USAGE", "source": "sbt", "detail": detail}
