@@ -689,6 +689,10 @@ class MirrorStatus(_Model):
     reported: int = 0
     """Events the mirror reported refusing after it had accepted them (Stripe's error
     reports), in the notices this process received since it started."""
+    withheld: int = 0
+    """Usage rows this process's forwarder settled without sending, since it started:
+    the event was cancelled before it was sent, or its meter deleted and another made
+    with its event name (the mirror's meter of that name is the new one's)."""
 
 
 class RefusalNotice(_Model):

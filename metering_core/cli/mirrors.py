@@ -75,7 +75,7 @@ def run(
                 err.print(f"error: {owed} row(s) still owed after {timeout} s; they wait")
                 raise typer.Exit(1) from None
             took = time.perf_counter() - began
-            settled = sum(s.delivered + s.refused for s in statuses)
+            settled = sum(s.delivered + s.withheld + s.refused for s in statuses)
             dead = sum(s.dead_letters for s in statuses)
             # the rate for a cron's log, past the command's start (`bench_mirrors` reads it)
             err.print(

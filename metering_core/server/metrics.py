@@ -89,6 +89,11 @@ class _MirrorCollector(Collector):
             ("metering_mirror_delivered", "Rows this process delivered to the mirror", "delivered"),
             ("metering_mirror_refused", "Rows the mirror refused to this process", "refused"),
             (
+                "metering_mirror_withheld",
+                "Usage rows this process settled unsent (cancelled, or their meter made again)",
+                "withheld",
+            ),
+            (
                 "metering_mirror_reported_refusals",
                 "Events the mirror reported refusing after accepting them (its notices)",
                 "reported",

@@ -63,8 +63,8 @@ logger = logging.getLogger("metering")
 _rows = metrics.get_meter("metering_core").create_counter(
     "metering.mirror.rows",
     unit="{row}",
-    description="Rows settled with a mirror, by outcome (delivered, refused; reported: "
-    "refused later, by a notice)",
+    description="Rows settled with a mirror, by outcome (delivered, refused; withheld: "
+    "settled unsent; reported: refused later, by a notice)",
 )
 
 IDLE = 1.0
@@ -408,6 +408,7 @@ class Forwarder:
         seqs = [row[0] for row in leased]
         held = _Held(mirror, until, seqs[0], seqs[-1])
         delivered: list[int] = []
+        withheld: list[int] = []  # settled unsent: see _send_usage
         refused: dict[int, str] = {}
         touched: set[tuple[str, str, int]] = set()  # what the mirror took: see _send_usage
         try:
@@ -421,7 +422,7 @@ class Forwarder:
                     usage = [row for row in leased if row[1] == "usage"]
                     cancels = {row[2]: row[0] for row in leased if row[1] == "cancel"}
                     delayed = capabilities.processing_delay is not None
-                    delivered, refused, touched = await self._send_usage(
+                    delivered, withheld, refused, touched = await self._send_usage(
                         held, provider, usage, touching=delayed
                     )
                     cancelled, cancel_refused = await self._send_cancels(
@@ -438,16 +439,17 @@ class Forwarder:
                 await self._settle(held, [], {}, seqs)
             self._cursor.restart(mirror)  # given back: behind the cursor
             raise
-        settled = {*delivered, *refused}
+        settled = {*delivered, *withheld, *refused}
         retry = [seq for seq in seqs if seq not in settled]
         taken = {*delivered}
         superseding = [_Owed._make(row[:3]) for row in leased if changes and row[0] in taken]
-        await self._settle(held, delivered, refused, retry, superseding, touched)
+        await self._settle(held, [*delivered, *withheld], refused, retry, superseding, touched)
         if touched and capabilities.processing_delay is not None:
             await self._forget_deliveries(mirror, capabilities.processing_delay)
         if retry:
             self._cursor.restart(mirror)  # given back: behind the cursor
-        for outcome, rows in (("delivered", delivered), ("refused", refused)):
+        outcomes = (("delivered", delivered), ("withheld", withheld), ("refused", refused))
+        for outcome, rows in outcomes:
             if rows:
                 self._counts[mirror][outcome] += len(rows)
                 _rows.add(len(rows), {"mirror": mirror, "outcome": outcome})
@@ -559,11 +561,11 @@ class Forwarder:
 
     async def _send_usage(
         self, held: _Held, provider: IMetering, rows: Sequence[Sequence[Any]], *, touching: bool
-    ) -> tuple[list[int], dict[int, str], set[tuple[str, str, int]]]:
-        """Deliver the events of the usage `rows` (`_HELD_ROWS`); the rows delivered and
-        those refused (with the reason), and, if `touching`, the (event name, customer,
-        UTC hour) of each event the mirror took (for a mirror that shows what it takes
-        only after a processing delay).
+    ) -> tuple[list[int], list[int], dict[int, str], set[tuple[str, str, int]]]:
+        """Deliver the events of the usage `rows` (`_HELD_ROWS`); the rows delivered,
+        those withheld (settled unsent, below), those refused (with the reason), and, if
+        `touching`, the (event name, customer, UTC hour) of each event the mirror took
+        (for a mirror that shows what it takes only after a processing delay).
         A row whose delivery gave up (the mirror failing, not refusing) is in neither,
         and is taken again by a later pass. An event cancelled here meanwhile, or whose
         meter was deleted and made again (`_HELD_ROWS`), is not sent (a dead letter
@@ -572,29 +574,29 @@ class Forwarder:
         aggregation, or the mirror's meter of that name might not be the ledger's."""
         owed = {row[2]: row[0] for row in rows}
         if not owed:
-            return [], {}, set()
+            return [], [], {}, set()
         live, uncounted = await self._events(held, rows)
-        withheld = await self._refused_meters(held.mirror)
-        delivered = [owed[i] for i in uncounted]  # nothing left to send
+        refused_meters = await self._refused_meters(held.mirror)
+        withheld = [owed[i] for i in uncounted]  # nothing left to send
         gone = "the event is no longer in the store"
         stored = {*live, *uncounted}
         refused = {seq: gone for event_id, seq in owed.items() if event_id not in stored}
         sending: list[UsageEvent] = []
         for event in live.values():
-            if event.event_name in withheld:
-                reason = withheld[event.event_name]
+            if event.event_name in refused_meters:
+                reason = refused_meters[event.event_name]
                 refused[owed[event.id]] = f"the mirror refused its meter: {reason}"
             else:
                 sending.append(event)
         policy = DeliveryPolicy(provider, self._settings, durable=False)
         result = await policy.settle(sending)
         taken = [*result.accepted, *result.duplicates]
-        delivered.extend(owed[i] for i in taken)
+        delivered = [owed[i] for i in taken]
         for event_id, reason in result.rejected.items():
             if not reason.startswith(GAVE_UP):
                 refused[owed[event_id]] = reason
         touched = {_hour_of(live[i]) for i in taken if i in live} if touching else set()
-        return delivered, refused, touched
+        return delivered, withheld, refused, touched
 
     async def _refused_meters(self, mirror: str) -> dict[str, str]:
         """Event names of the ledger meters `mirror` refused (dead letters), and why."""
@@ -912,6 +914,7 @@ class Forwarder:
                     delivered=self._counts[name]["delivered"],
                     refused=self._counts[name]["refused"],
                     reported=self._counts[name]["reported"],
+                    withheld=self._counts[name]["withheld"],
                 )
             )
         return statuses

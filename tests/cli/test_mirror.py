@@ -108,6 +108,14 @@ def test_status_and_one_forwarding_pass_from_the_command_line(tmp_path: Path) ->
         assert code != 0
         assert "mirror='elsewhere'" in said
 
+        late = tmp_path / "late.jsonl"
+        late.write_text(json.dumps({"id": "late", "event_name": "calls", "customer_id": "acme"}))
+        assert metering("ingest", str(late))[0] == 0
+        assert metering("cancel", "late")[0] == 0  # before it was sent: it never is
+        code, said = metering("mirror", "run", "--once", "--timeout", "30")
+        assert code == 0, said
+        assert "mirrors up to date: 2 row(s) settled in " in said  # the event, its cancel
+
 
 def test_a_store_without_mirrors_is_refused_naming_the_setting(tmp_path: Path) -> None:
     result = runner.invoke(

@@ -167,7 +167,8 @@ async def test_every_stored_event_and_cancellation_reaches_the_mirror_once(
     # each once, nothing sent twice; the two cancelled before forwarding are never sent
     assert mirror_outcomes(url) == {"accepted": 298}
     [status] = statuses
-    assert (status.delivered, status.refused) == (1 + 300 + 2, 0)  # the meter, events, cancels
+    # the meter, the events sent, the cancels; the two cancelled before they were sent
+    assert (status.delivered, status.withheld, status.refused) == (1 + 298 + 2, 2, 0)
 
 
 async def owed(metering: AsyncMetering, *, until: int, seconds: float = 30) -> int:
@@ -1048,6 +1049,7 @@ def test_the_service_shows_the_outbox_at_get_mirrors_and_in_its_metrics(sqlite_u
         assert gauges[("metering_mirror_oldest_seconds", "billing")] >= 0
         assert gauges[("metering_mirror_delivered_total", "billing")] == 0  # it is down
         assert gauges[("metering_mirror_refused_total", "billing")] == 0
+        assert gauges[("metering_mirror_withheld_total", "billing")] == 0
         refused = httpx.get(f"{url}/mirrors", headers={"Authorization": "Bearer writer"})
         assert refused.status_code == 403
 
@@ -2520,6 +2522,7 @@ async def test_a_deleted_meters_events_never_reach_the_meter_made_again_with_its
     [status] = await ledger.flush_mirrors(timeout=30)
 
     assert (status.depth, status.dead_letters) == (0, 0)
+    assert status.withheld == 2  # e2 and e4, settled unsent: not counted as delivered
     [theirs] = [m for m in (await behind.fetch_all_meters()).items if m.event_name == "seats"]
     span = {"start": AT, "end": AT + timedelta(days=1)}
     assert (await behind.fetch_usage(theirs.id, **span)).total == event(7).value
