@@ -134,21 +134,14 @@ _ONE_CHANGE_PASS = sa.text("SELECT pg_advisory_xact_lock(hashtext('metering mirr
 uncommitted lease (READ COMMITTED): they take turns, for the claim's transaction."""
 
 
-def _free(changes: bool) -> str:
-    """A mirror's rows a claim may take, past the cursor."""
-    return f"""mirror = :mirror AND refused IS NULL
-          AND (claimed_until IS NULL OR claimed_until < :now) AND seq > :after
-          AND {_BARRIER[changes]}"""
-
-
-_LEASE = "UPDATE outbox SET claimed_until = :until, attempts = attempts + 1"
-
-
 def _claim(dialect: str, changes: bool) -> sa.TextClause:
-    """The claim of a pass's rows (SQLite's usage rows: `_SQLITE_CLAIM`)."""
-
     def picked(column: str) -> str:
-        return f"SELECT {column} FROM outbox WHERE {_free(changes)} ORDER BY seq LIMIT :limit"
+        return f"""
+        SELECT {column} FROM outbox
+        WHERE mirror = :mirror AND refused IS NULL
+          AND (claimed_until IS NULL OR claimed_until < :now) AND seq > :after
+          AND {_BARRIER[changes]}
+        ORDER BY seq LIMIT :limit"""
 
     # On PostgreSQL the rows picked, skipping those another pass is claiming, are updated
     # where they lie (their ctid, stable while this statement holds their lock): as
@@ -164,26 +157,15 @@ def _claim(dialect: str, changes: bool) -> sa.TextClause:
         else f"seq IN ({picked('seq')})"
     )
     claim = f"""
-        {_LEASE}
+        UPDATE outbox SET claimed_until = :until, attempts = attempts + 1
         WHERE {rows}
         RETURNING seq, kind, event_id, event_seq"""
-    if dialect == "postgresql" and not changes:  # the events with their rows, at once
+    if changes:
+        return sa.text(claim)
+    if dialect == "postgresql":  # the events with their rows, in the claim's statement
         held = _HELD_ROWS.format(rows="claimed", joined=_BY_SEQ, held="")
         return sa.text(f"WITH claimed AS ({claim}\n    ){held}")
-    return sa.text(claim)
-
-
-_SQLITE_CLAIM = (
-    sa.text(f"SELECT seq FROM outbox WHERE {_free(False)} ORDER BY seq LIMIT 1 OFFSET :limit - 1"),
-    sa.text(f"{_LEASE} WHERE {_free(False)} AND seq <= :last"),
-)
-"""SQLite's claim of usage rows: the seq of the last free row a pass takes (none: fewer
-are free), then the free rows up to it, by their range in the owed rows' index; the pass
-reads them through its lease (`_HELD`). Through `seq IN (…)` with RETURNING it cost a
-fifth more (10,000 rows: 54 ms with the read, against 44). The update's own conditions
-decide what is taken: another process's claim between the two statements leaves this
-one short, and rows freed meanwhile within the range make it a few rows longer (the
-delivery splits a pass into the mirror's batches)."""
+    return sa.text(claim)  # then `_HELD`, in the claim's transaction
 
 
 class _Owed(NamedTuple):
@@ -250,9 +232,6 @@ OWED_LOOKED_AT = 50_000
 
 _SEQ = operator.itemgetter(0)
 """A claimed row's seq."""
-
-_NO_SEQ = 2**63 - 1
-"""Past every seq (a store's are signed 64-bit integers)."""
 
 _usage_event = Trusted(UsageEvent)
 
@@ -491,17 +470,15 @@ class Forwarder:
                     changed = await rows_of(connection, _claim(dialect, True), parameters)
                     if changed:
                         return sorted(changed, key=_SEQ), True  # RETURNING has no order
+                claim = _claim(dialect, False)
 
                 async def take_from(after: int) -> Sequence[Sequence[Any]]:
-                    taking = {**parameters, "after": after}
-                    if dialect == "postgresql":
-                        return await rows_of(connection, _claim(dialect, False), taking)
-                    last_of, lease = _SQLITE_CLAIM
-                    last = await connection.scalar(last_of, taking)
-                    taking["last"] = _NO_SEQ if last is None else last
-                    if not (await connection.execute(lease, taking)).rowcount:
-                        return []
-                    return await rows_of(connection, _HELD, {**taking, "first": after + 1})
+                    claimed = await rows_of(connection, claim, {**parameters, "after": after})
+                    if claimed and dialect != "postgresql":
+                        seqs = [row[0] for row in claimed]
+                        held = {"first": min(seqs), "last": max(seqs), **parameters}
+                        claimed = await rows_of(connection, _HELD, held)
+                    return claimed
 
                 start = self._cursor.start(mirror, sweep=self.lease / 4)
                 claimed = await take_from(start.after)
