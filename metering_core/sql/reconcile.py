@@ -700,6 +700,18 @@ async def one_repair_at_a_time(connection: AsyncConnection, mirror: str) -> None
         await connection.execute(_ONE_REPAIR, {"mirror": mirror})
 
 
+_OWED_WITHOUT_SEQ = (
+    sa.select(1)
+    .where(
+        outbox.c.mirror == sa.bindparam("mirror"),
+        outbox.c.kind == "usage",
+        outbox.c.refused.is_(None),
+        outbox.c.event_seq.is_(None),
+    )
+    .limit(1)
+)
+
+
 async def _record(
     transaction: Transaction,
     name: str,
@@ -722,6 +734,12 @@ async def _record(
     async with transaction() as connection:
         sqlite = connection.dialect.name == "sqlite"
         await one_repair_at_a_time(connection, name)
+        # a usage row owed names its event by seq, or, written by a process still on
+        # 0008, by id alone: such rows are looked for by id too, and only while some are
+        # owed (no index finds them by id; a store mid-upgrade owes a few, then none)
+        by_seq: sa.ColumnElement[bool] = events.c.seq == outbox.c.event_seq
+        if await connection.scalar(_OWED_WITHOUT_SEQ, {"mirror": name}):
+            by_seq = by_seq | (outbox.c.event_seq.is_(None) & (events.c.id == outbox.c.event_id))
         for index in chosen:
             cell = cells[index]
             since, until = epoch_micros(cell.start), epoch_micros(cell.end)
@@ -754,7 +772,7 @@ async def _record(
                 outbox.c.mirror == name,
                 outbox.c.kind == "usage",
                 outbox.c.refused.is_(None),
-                events.c.seq == outbox.c.event_seq,
+                by_seq,
                 *in_cell,
             )
             # and a cancellation owed, of an event the total counted: made after the

@@ -1795,6 +1795,41 @@ async def test_a_backfill_committed_while_a_repair_runs_is_sent_and_the_repair_i
     assert await totals(mirror_service[1]) == await totals(ledger)
 
 
+async def test_rows_owed_without_the_events_seq_hold_a_repair_back_too(
+    ledger_url: str,
+    ledger: AsyncMetering,
+    mirror_service: tuple[str, AsyncMetering],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows owed by a process still on 0008 name their event by id alone: owed while a
+    repair is recorded, the repair looked for them by seq, found none, and the mirror
+    got the shortfall twice, as the correction and as the events."""
+    await ledger.ingest_usage_events([event(1)])
+    await ledger.flush_mirrors(timeout=30)
+    async with AsyncMetering("sql", url=ledger_url, linger=0) as unmirrored:
+        await unmirrored.ingest_usage_events([event(2), event(3)])
+    day = AT.replace(hour=0)
+    span = {"start": day, "end": day + timedelta(days=1)}
+    recording = reconcile_module._record
+
+    async def owed_by_an_older_process(*args: Any, **kwargs: Any) -> set[int]:
+        assert await ledger.backfill_mirror("billing", start=day, end=span["end"]) == 3
+        provider = ledger.provider
+        assert isinstance(provider, SqlProvider)
+        async with provider._transaction() as connection:
+            await connection.execute(sa.update(outbox).values(event_seq=None))
+        return await recording(*args, **kwargs)
+
+    monkeypatch.setattr(reconcile_module, "_record", owed_by_an_older_process)
+    [cell] = (await ledger.reconcile("billing", **span, repair=True)).cells
+    assert (cell.status, cell.repaired) == (CellStatus.short, False)
+    monkeypatch.setattr(reconcile_module, "_record", recording)
+    await ledger.flush_mirrors(timeout=30)
+    [cell] = (await ledger.reconcile("billing", **span, repair=True)).cells
+    assert (cell.status, cell.ledger, cell.mirror) == (CellStatus.equal, 9, 9)
+    assert await totals(mirror_service[1]) == await totals(ledger)
+
+
 @pytest.mark.parametrize("ledger_url", ["postgres_url"], indirect=True)
 async def test_backfills_and_retries_wait_for_a_repair_being_recorded(
     ledger: AsyncMetering,
