@@ -737,9 +737,10 @@ async def _record(
         # a usage row owed names its event by seq, or, written by a process still on
         # 0008, by id alone: such rows are looked for by id too, and only while some are
         # owed (no index finds them by id; a store mid-upgrade owes a few, then none)
-        by_seq: sa.ColumnElement[bool] = events.c.seq == outbox.c.event_seq
+        owed_event: sa.ColumnElement[bool] = events.c.seq == outbox.c.event_seq
         if await connection.scalar(_OWED_WITHOUT_SEQ, {"mirror": name}):
-            by_seq = by_seq | (outbox.c.event_seq.is_(None) & (events.c.id == outbox.c.event_id))
+            by_id = outbox.c.event_seq.is_(None) & (events.c.id == outbox.c.event_id)
+            owed_event = owed_event | by_id
         for index in chosen:
             cell = cells[index]
             since, until = epoch_micros(cell.start), epoch_micros(cell.end)
@@ -772,7 +773,7 @@ async def _record(
                 outbox.c.mirror == name,
                 outbox.c.kind == "usage",
                 outbox.c.refused.is_(None),
-                by_seq,
+                owed_event,
                 *in_cell,
             )
             # and a cancellation owed, of an event the total counted: made after the
