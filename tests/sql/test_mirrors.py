@@ -1762,6 +1762,17 @@ async def test_a_second_loss_to_the_same_totals_is_repaired_with_new_ids(
     assert (after.status, after.ledger, after.mirror) == (CellStatus.equal, 15, 15)
 
 
+async def two_the_mirror_lacks(ledger: AsyncMetering, ledger_url: str) -> dict[str, datetime]:
+    """The mirror has e1; e2 and e3 were stored by a process without it configured. The
+    span of the day they fall in."""
+    await ledger.ingest_usage_events([event(1)])
+    await ledger.flush_mirrors(timeout=30)
+    async with AsyncMetering("sql", url=ledger_url, linger=0) as unmirrored:
+        await unmirrored.ingest_usage_events([event(2), event(3)])
+    day = AT.replace(hour=0)
+    return {"start": day, "end": day + timedelta(days=1)}
+
+
 async def test_a_backfill_committed_while_a_repair_runs_is_sent_and_the_repair_is_not(
     ledger_url: str,
     ledger: AsyncMetering,
@@ -1772,12 +1783,8 @@ async def test_a_backfill_committed_while_a_repair_runs_is_sent_and_the_repair_i
     backfill that commits after reconcile read what was owed and before it recorded its
     repair: both reached the mirror, the shortfall billed twice (probe). The repair now
     sees the rows owed meanwhile and leaves the cell to them."""
-    await ledger.ingest_usage_events([event(1)])
-    await ledger.flush_mirrors(timeout=30)
-    async with AsyncMetering("sql", url=ledger_url, linger=0) as unmirrored:
-        await unmirrored.ingest_usage_events([event(2), event(3)])
-    day = AT.replace(hour=0)
-    span = {"start": day, "end": day + timedelta(days=1)}
+    span = await two_the_mirror_lacks(ledger, ledger_url)
+    day = span["start"]
     recording = reconcile_module._record
     owed: list[int] = []
 
@@ -1804,12 +1811,8 @@ async def test_rows_owed_without_the_events_seq_hold_a_repair_back_too(
     """Rows owed by a process still on 0008 name their event by id alone: owed while a
     repair is recorded, the repair looked for them by seq, found none, and the mirror
     got the shortfall twice, as the correction and as the events."""
-    await ledger.ingest_usage_events([event(1)])
-    await ledger.flush_mirrors(timeout=30)
-    async with AsyncMetering("sql", url=ledger_url, linger=0) as unmirrored:
-        await unmirrored.ingest_usage_events([event(2), event(3)])
-    day = AT.replace(hour=0)
-    span = {"start": day, "end": day + timedelta(days=1)}
+    span = await two_the_mirror_lacks(ledger, ledger_url)
+    day = span["start"]
     recording = reconcile_module._record
 
     async def owed_by_an_older_process(*args: Any, **kwargs: Any) -> set[int]:
