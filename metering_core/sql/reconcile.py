@@ -441,6 +441,7 @@ async def reconcile(
     repaired = await _repairs(transaction, mirror_name, start, end, _settling(capabilities), clock)
     cells: list[ReconcileCell] = []
     counted: dict[str, _Counted] = {}
+    unbilled: set[str] = set()  # meters the mirror has none of, and is not owed
     for meter in mine:
         query = UsageQuery(meter_id=meter.id, start=start, end=end, window=window)
         at = await clock.now()
@@ -464,15 +465,22 @@ async def reconcile(
             waiting.setdefault((customer, refused), _Times()).times.append(ts)
         for times in waiting.values():
             times.times.sort()
+        making_owed = (
+            link is None
+            and counterpart is None
+            and await _change_owed(transaction, mirror_name, meter)
+        )
+        if counterpart is None and meter.event_name not in by_name and not making_owed:
+            cells.extend(_billed_nowhere(meter, ours, waiting))
+            unbilled.add(meter.id)
+            continue
         if not comparable or counterpart is None:
             # the mirror has no meter of it yet, its making still owed: its cells are on
             # their way (if the mirror can answer them at all)
             arriving = (
-                link is None
-                and counterpart is None
+                making_owed
                 and window in capabilities.windows
                 and meter.aggregation in capabilities.aggregations
-                and await _change_owed(transaction, mirror_name, meter)
             )
             cells.extend(_not_comparable(meter, ours, waiting, arriving=arriving))
             continue
@@ -536,8 +544,9 @@ async def reconcile(
             )
     ok = not any(c.status in DRIFT for c in cells)
     if repair and not ok:
+        repairable = [meter for meter in mine if meter.id not in unbilled]
         cells = await _repair(
-            transaction, mirror_name, mirror, capabilities, mine, cells, counted, clock
+            transaction, mirror_name, mirror, capabilities, repairable, cells, counted, clock
         )
     return ReconcileReport(mirror=mirror_name, ok=ok, cells=cells)
 
@@ -637,19 +646,33 @@ async def _repair(
     counted: Mapping[str, _Counted],
     clock: StoreClock,
 ) -> list[ReconcileCell]:
-    """Send each short sum or count cell its corrections, each recorded first (see
-    `_record`); the cells, those whose corrections the mirror took marked `repaired`. A
-    cell whose window is older than the mirror accepts is left short. A record stays
-    unless the mirror refused every correction of it: one it did not answer it may have
-    taken all the same (an answer lost), and the cell is repaired again, if still short,
-    after `REPAIR_SETTLE` (review)."""
+    """Send each short sum or count cell of `meters` (those the mirror has a meter of)
+    its corrections, each recorded first (see `_record`); the cells, those whose
+    corrections the mirror took marked `repaired`. A cell whose window is older than the
+    mirror accepts is left short. A record stays unless the mirror refused every
+    correction of it: one it did not answer it may have taken all the same (an answer
+    lost), and the cell is repaired again, if still short, after `REPAIR_SETTLE`
+    (review)."""
     by_id = {meter.id: meter for meter in meters}
     now = await clock.now()
     oldest = None if capabilities.max_event_age is None else now - capabilities.max_event_age
     chosen: dict[int, list[UsageEvent]] = {}
     for index, cell in enumerate(cells):
-        meter = by_id[cell.meter_id]
-        if cell.status is not CellStatus.short or meter.aggregation not in _ZERO_WHEN_ABSENT:
+        if cell.status is not CellStatus.short:
+            continue
+        meter = by_id.get(cell.meter_id)
+        if meter is None:
+            logger.warning(
+                "mirror %r: cell %s / %s from %s left short, not repaired: the mirror has "
+                "no meter of that event name to take a correction (`metering mirror link` "
+                "makes it)",
+                name,
+                cell.event_name,
+                cell.customer_id,
+                cell.start.isoformat(),
+            )
+            continue
+        if meter.aggregation not in _ZERO_WHEN_ABSENT:
             continue
         at = cell.start if oldest is None else max(cell.start, oldest + timedelta(minutes=5))
         if at < cell.end:  # else the mirror no longer takes events of that window
@@ -836,6 +859,39 @@ async def _unrecord(
                     mirror_repairs.c.sent_at == epoch_micros(sent_at),
                 )
             )
+
+
+def _billed_nowhere(
+    meter: Meter,
+    ours: dict[Key, tuple[datetime, Decimal]],
+    waiting: Mapping[tuple[str, bool], _Times],
+) -> list[ReconcileCell]:
+    """The ledger's cells of a meter the mirror has none of (none linked, none of its
+    event name) and is not owed: the mirror bills nothing of them, so each cell with usage
+    is short (refused where the mirror refused its events, pending where some are still
+    owed), never "not comparable" in a report that is ok (probe: the mirror's meter
+    deleted there, and reconcile exited 0 while it billed nothing)."""
+    none = _Times()
+    return [
+        ReconcileCell(
+            meter_id=meter.id,
+            event_name=meter.event_name,
+            customer_id=customer,
+            start=start,
+            end=end,
+            ledger=value,
+            mirror=None,
+            status=_status(
+                meter.aggregation,
+                value,
+                None,
+                refused=waiting.get((customer, True), none).within(start, end),
+                pending=waiting.get((customer, False), none).within(start, end),
+                exact=True,
+            ),
+        )
+        for (customer, start), (end, value) in sorted(ours.items())
+    ]
 
 
 def _not_comparable(

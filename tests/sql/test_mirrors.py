@@ -748,21 +748,44 @@ async def test_reconcile_proves_agreement_and_names_every_cell_that_differs(
     }
 
 
-async def test_reconcile_marks_what_the_mirror_cannot_answer_not_comparable(
-    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+async def test_usage_of_a_meter_the_mirror_lacks_is_short_and_linking_lets_repair_fill_it(
+    ledger: AsyncMetering,
+    mirror_service: tuple[str, AsyncMetering],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A mirror with no meter of the event name bills nothing of it: drift, not "not
+    comparable" in a report that is ok (probe: the mirror's meter deleted there, and
+    `metering reconcile` exited 0). Repair has nothing to send it into; linking makes
+    the meter, and the next repair brings the mirror to the ledger's total."""
     await ledger.ingest_usage_events([event(1), event(2)])
-    report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
+    day = {"start": AT, "end": AT + timedelta(days=1)}
+    report = await ledger.reconcile("billing", **day)
     assert [c.status for c in report.cells] == [CellStatus.pending]  # its meter on its way
     await ledger.flush_mirrors(timeout=30)
     _, behind = mirror_service
     [theirs] = (await behind.fetch_all_meters()).items
     await behind.delete_meter(theirs.id)  # behind the ledger's back: none owed
-    report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
-    assert report.ok  # nothing proven wrong, and nothing proven right:
-    assert [c.status for c in report.cells] == [CellStatus.not_comparable]  # no meter there
+
+    report = await ledger.reconcile("billing", **day, repair=True)
+
+    assert not report.ok
+    [cell] = report.cells
+    total = event(1).value + event(2).value
+    assert (cell.status, cell.ledger, cell.mirror, cell.repaired) == (
+        CellStatus.short,
+        total,
+        None,
+        False,
+    )
+    assert (await behind.fetch_all_meters()).items == []  # nothing made or sent there
+    assert "no meter of that event name to take a correction" in caplog.text  # not sent
+    await ledger.link_mirror("billing")
+    repaired = await ledger.reconcile("billing", **day, repair=True)
+    assert [c.repaired for c in repaired.cells] == [True]
+    [made] = (await behind.fetch_all_meters()).items
+    assert (await behind.fetch_usage(made.id, **day)).total == total
     with pytest.raises(ValidationError, match="mirror='ledger'"):
-        await ledger.reconcile("ledger", start=AT, end=AT + timedelta(days=1))
+        await ledger.reconcile("ledger", **day)
 
 
 async def test_a_range_the_mirror_refuses_to_answer_is_an_error_not_an_ok_report(
@@ -2717,11 +2740,12 @@ async def test_a_deleted_meters_events_still_owed_reach_the_mirrors_meter_it_fou
     assert usage.total == sum(event(n).value for n in range(1, 5))
 
 
-async def test_a_linked_meter_gone_from_the_mirror_is_not_comparable_while_an_update_is_owed(
+async def test_a_linked_meter_gone_from_the_mirror_is_short_while_an_update_is_owed(
     ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
 ) -> None:
     """`pending` is for a meter on its way: one linked before, whose mirror meter went
-    behind the ledger's back, is not, whatever change of it is owed (review)."""
+    behind the ledger's back, is not, whatever change of it is owed (review); the
+    mirror bills nothing of it."""
     _, behind = mirror_service
     await ledger.ingest_usage_events([event(1)])
     await ledger.flush_mirrors(timeout=30)
@@ -2732,7 +2756,7 @@ async def test_a_linked_meter_gone_from_the_mirror_is_not_comparable_while_an_up
 
     report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
 
-    assert [c.status for c in report.cells] == [CellStatus.not_comparable]
+    assert [c.status for c in report.cells] == [CellStatus.short]
 
 
 def a_meter(aggregation: str = "sum") -> Meter:
