@@ -7,6 +7,7 @@ import itertools
 import logging
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,9 +15,11 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs
 
+import httpx
 import pytest
+import respx
 import stripe
-from metering_stripe import StripeProvider
+from metering_stripe import StripeProvider, StripeSettings
 from metering_stripe.deliveries import RecentDeliveries
 from metering_stripe.testing import FakeStripe
 from metering_stripe.usage import fold_summaries, summary_request
@@ -1074,3 +1077,46 @@ def test_configured_by_environment_through_the_entry_point(
         meter = m.create_meter(event_name="env_calls", display_name="Env calls")
         with pytest.raises(ValidationError, match="customer_id"):
             m.fetch_usage(meter.id, start=NOW - timedelta(hours=1), end=NOW)
+
+
+ECHOED_KEY = "sk_test_echoed_by_a_proxy_0123456789"
+
+
+def _echoing(status: int, said: str) -> Callable[[httpx.Request], httpx.Response]:
+    """A server at `base_url` that is not Stripe, quoting the credential it was sent."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent = request.headers["Authorization"]
+        error = {"type": "invalid_request_error", "message": f"{said}: {sent}"}
+        return httpx.Response(status, json={"error": error})
+
+    return answer
+
+
+@respx.mock
+async def test_a_server_echoing_the_key_never_puts_it_in_an_error_its_cause_or_a_reason() -> None:
+    """Stripe masks keys in its messages; a proxy or mock at `base_url` may not, and the
+    message went into every log line and dead letter that quoted it (probe)."""
+    base = "http://stripe-proxy.test"
+    respx.get(f"{base}/v1/billing/meters/mtr_x").mock(side_effect=_echoing(401, "Invalid key"))
+    respx.post(f"{base}/v1/billing/meter_event_adjustments").mock(
+        side_effect=_echoing(400, "older than 24 hours, and your key is")
+    )
+    settings = StripeSettings(api_key=SecretStr(ECHOED_KEY), base_url=base)
+    provider = StripeProvider(settings)
+    try:
+        with pytest.raises(AuthenticationError) as caught:
+            await provider.fetch_meter("mtr_x")
+        cancelled = await provider.cancel_usage_events(["e1"], event_name="api_calls")
+    finally:
+        await provider.aclose()
+
+    shown = [
+        str(caught.value),
+        "".join(traceback.format_exception(caught.value)),  # the SDK's error is its cause
+        repr(caught.value.__cause__),
+        cancelled.rejected["e1"],
+    ]
+    assert "Invalid key: Bearer **********" in shown[0]
+    assert "24 hours" in shown[3]
+    assert not [text for text in shown if ECHOED_KEY in text]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import stripe
 
 from metering_core.errors import (
@@ -26,10 +28,40 @@ def _retry_after(exc: stripe.StripeError) -> float | None:
         return None
 
 
-def translate(exc: stripe.StripeError) -> MeteringError:
-    """The core exception for a Stripe error; Stripe's own messages mask API keys."""
+SHORTEST_MASKED = 8
+"""Secrets shorter than this are not masked: every occurrence of a short word would be."""
+
+
+def masked(text: str, secrets: Iterable[str]) -> str:
+    """`text` without any of `secrets`. Stripe masks API keys in its messages; a server
+    at `base_url` that is not Stripe (a proxy, a mock) may echo the key it was sent, and
+    the message would carry it into every log line and dead letter that quotes it
+    (probe)."""
+    for secret in secrets:
+        if len(secret) >= SHORTEST_MASKED:
+            text = text.replace(secret, "**********")
+    return text
+
+
+def _scrub(exc: stripe.StripeError, secrets: Sequence[str]) -> None:
+    """Mask `secrets` in the SDK's error itself too: it stays the translated error's
+    cause, which a traceback shows."""
+    said = [exc.user_message or "", exc.http_body or "", repr(exc.json_body)]
+    if not any(secret in text for secret in secrets for text in said if secret):
+        return
+    exc._message = masked(exc.user_message or "", secrets)
+    exc.http_body = masked(exc.http_body or "", secrets)
+    exc.json_body = None
+    exc.error = None
+    exc.args = (exc._message,)
+
+
+def translate(exc: stripe.StripeError, secrets: Sequence[str] = ()) -> MeteringError:
+    """The core exception for a Stripe error, without any of `secrets` (the key and the
+    session token the request carried) in its message or its cause."""
+    _scrub(exc, [secret for secret in secrets if len(secret) >= SHORTEST_MASKED])
     status = exc.http_status
-    message = f"Stripe: {exc.user_message or str(exc)}".strip()
+    message = masked(f"Stripe: {exc.user_message or str(exc)}".strip(), secrets)
     if isinstance(exc, stripe.RateLimitError) or status == 429:
         return RateLimitedError(
             message, provider=PROVIDER, status_code=status, retry_after=_retry_after(exc)

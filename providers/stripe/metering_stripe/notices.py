@@ -4,7 +4,7 @@ whose details (the sampled identifiers Stripe refused, and why) are fetched from
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import stripe
@@ -28,6 +28,7 @@ async def read_notice(
     body: bytes,
     headers: Mapping[str, str],
     recorded: Callable[[str], Awaitable[bool]] | None = None,
+    secrets: Sequence[str] = (),
 ) -> RefusalNotice | None:
     """The refusals a verified notice reports; None for another kind of event, and for
     one `recorded` already (a replay within the five minutes: not fetched again)."""
@@ -55,7 +56,7 @@ async def read_notice(
     try:
         event: Any = await notification.fetch_event_async()
     except stripe.StripeError as exc:
-        raise translate(exc) from exc
+        raise translate(exc, secrets) from exc
     reason = event.data.reason
     refused = {
         sample.request.identifier: f"Stripe refused it later ({kind.code}): {sample.error_message}"

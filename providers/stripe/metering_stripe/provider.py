@@ -41,7 +41,7 @@ from metering_core.rules import answer
 from metering_stripe.capabilities import CAPABILITIES, FORMULAS, MAX_AGE, MAX_AHEAD
 from metering_stripe.customers import TenantCustomers
 from metering_stripe.deliveries import RecentDeliveries
-from metering_stripe.errors import translate
+from metering_stripe.errors import masked, translate
 from metering_stripe.notices import read_notice
 from metering_stripe.settings import StripeSettings
 from metering_stripe.usage import fold_summaries, summary_request, unix
@@ -132,6 +132,7 @@ class StripeProvider(BaseProvider):
         self._http = stripe.HTTPXClient(timeout=settings.timeout)
         self._client = self._new_client(settings.api_key.get_secret_value())
         self._stream: stripe.StripeClient | None = None
+        self._session_token: str | None = None
         self._stream_expires = 0.0
         self._session_lock = asyncio.Lock()
         self._meters_by_event: dict[str, Meter] = {}
@@ -153,6 +154,11 @@ class StripeProvider(BaseProvider):
     def __repr__(self) -> str:
         return f"StripeProvider(base_url={self._settings.base_url!r})"
 
+    def _secrets(self) -> tuple[str, ...]:
+        """What a request carries that no message may: the key and the session token."""
+        key = self._settings.api_key.get_secret_value()
+        return (key,) if self._session_token is None else (key, self._session_token)
+
     def _new_client(self, key: str) -> stripe.StripeClient:
         addresses: Any = {}
         if self._settings.base_url:
@@ -171,7 +177,7 @@ class StripeProvider(BaseProvider):
         try:
             return await request
         except stripe.StripeError as exc:
-            raise translate(exc) from exc
+            raise translate(exc, self._secrets()) from exc
 
     # meters
 
@@ -350,7 +356,7 @@ class StripeProvider(BaseProvider):
                 making.append(params)
                 continue
             except stripe.StripeError as exc:
-                raise translate(exc) from exc
+                raise translate(exc, self._secrets()) from exc
             if await self._retrieved(created["id"]) is not None:
                 self._customers.set(customer.id, created["id"])
                 return _customer(customer.id, created)
@@ -451,6 +457,7 @@ class StripeProvider(BaseProvider):
                 session = await self._call(
                     self._client.v2.billing.meter_event_session.create_async()
                 )
+                self._session_token = session.authentication_token
                 self._stream = self._new_client(session.authentication_token)
                 expires = datetime.fromisoformat(str(session.expires_at).replace("Z", "+00:00"))
                 self._stream_expires = expires.timestamp()
@@ -472,7 +479,7 @@ class StripeProvider(BaseProvider):
             client = await self._session_client(renew=True)
             await self._call(client.v2.billing.meter_event_stream.create_async(body))
         except stripe.StripeError as exc:
-            raise translate(exc) from exc
+            raise translate(exc, self._secrets()) from exc
         for event, _ in ready:
             self._delivered.add(event.id, event.event_name)
         return [event.id for event, _ in ready], [], {}
@@ -489,12 +496,14 @@ class StripeProvider(BaseProvider):
                 if exc.code == "resource_already_exists" and exc.param == "identifier":
                     duplicates.append(event.id)
                 elif exc.http_status == 400:
-                    rejected[event.id] = f"Stripe: {exc.user_message or exc}"
+                    rejected[event.id] = masked(
+                        f"Stripe: {exc.user_message or exc}", self._secrets()
+                    )
                     continue
                 else:
-                    raise translate(exc) from exc
+                    raise translate(exc, self._secrets()) from exc
             except stripe.StripeError as exc:
-                raise translate(exc) from exc
+                raise translate(exc, self._secrets()) from exc
             else:
                 sent.append(event.id)
             self._delivered.add(event.id, event.event_name)
@@ -554,15 +563,15 @@ class StripeProvider(BaseProvider):
             try:
                 await self._client.v1.billing.meter_event_adjustments.create_async(params)
             except stripe.InvalidRequestError as exc:
-                message = exc.user_message or str(exc)
+                message = masked(exc.user_message or str(exc), self._secrets())
                 if "24 hours" in message:
                     result.rejected[event_id] = f"Stripe: {message}"
                 elif exc.http_status in (400, 404):
                     result.not_found.append(event_id)
                 else:
-                    raise translate(exc) from exc
+                    raise translate(exc, self._secrets()) from exc
             except stripe.StripeError as exc:
-                raise translate(exc) from exc
+                raise translate(exc, self._secrets()) from exc
             else:
                 result.cancelled.append(event_id)
         return result
@@ -582,7 +591,7 @@ class StripeProvider(BaseProvider):
         that process's memory; reconcile then shows the cell short)."""
         secret = self._settings.webhook_secret
         shown = None if secret is None else secret.get_secret_value()
-        notice = await read_notice(self._client, shown, body, headers, recorded)
+        notice = await read_notice(self._client, shown, body, headers, recorded, self._secrets())
         if notice is not None:
             self._delivered.forget(notice.refused)
         return notice
