@@ -342,6 +342,7 @@ class Forwarder:
         self._settings = settings or MeteringSettings()
         self._given: MeteringSettings | None = None
         self._down: set[str] = set()
+        self._failing: dict[str, str] = {}  # the change each mirror last failed on, and how
         self._forgotten: dict[str, float] = {}  # when each mirror's old deliveries go next
         self._cursor = ClaimCursor()
         self._counts = {name: collections.Counter[str]() for name in self.mirrors}
@@ -510,12 +511,15 @@ class Forwarder:
                 logger.warning("mirror %r refused %s %r: %s", mirror, row.kind, row.event_id, exc)
                 refused[row.seq] = str(exc)
             except Exception as exc:
-                logger.warning(
-                    "mirror %r failed on %s %r (%s)", mirror, row.kind, row.event_id, exc
-                )
+                failure = f"{row.kind} {row.event_id!r} ({exc})"
+                if self._failing.get(mirror) != failure:  # once, not once a pass
+                    logger.warning("mirror %r failed on %s; changes wait", mirror, failure)
+                self._failing[mirror] = failure
                 break
             else:
                 delivered.append(row.seq)
+                if self._failing.pop(mirror, None) is not None:
+                    logger.warning("mirror %r takes changes again", mirror)
         return delivered, refused
 
     async def follow(

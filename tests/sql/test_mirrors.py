@@ -788,6 +788,35 @@ async def test_usage_of_a_meter_the_mirror_lacks_is_short_and_linking_lets_repai
         await ledger.reconcile("ledger", **day)
 
 
+async def test_a_mirror_failing_on_a_change_says_so_once_until_it_takes_changes_again(
+    ledger: AsyncMetering,
+    mirror_service: tuple[str, AsyncMetering],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not a line a pass (probe: 152 in ten seconds of `mirror run --once` against a
+    mirror refusing the credentials)."""
+    provider = ledger.provider
+    assert isinstance(provider, SqlProvider)
+    mirror = provider.forwarder.mirrors["billing"]
+    making = mirror.create_meter
+
+    async def failing(meter: MeterCreate) -> Meter:
+        raise ProviderUnavailableError("down for maintenance", provider="http")
+
+    mirror.create_meter = failing  # type: ignore[method-assign]
+    for _ in range(3):
+        assert await provider.forwarder.forward_all() == 0
+    said = [r.getMessage() for r in caplog.records if "failed on meter" in r.getMessage()]
+    assert len(said) == 1
+    assert "down for maintenance" in said[0]
+    assert "takes changes again" not in caplog.text
+
+    mirror.create_meter = making  # type: ignore[method-assign]
+    await ledger.flush_mirrors(timeout=30)
+    assert "mirror 'billing' takes changes again" in caplog.text
+    assert len((await mirror_service[1].fetch_all_meters()).items) == 1
+
+
 async def test_a_range_the_mirror_refuses_to_answer_is_an_error_not_an_ok_report(
     ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
 ) -> None:
