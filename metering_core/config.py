@@ -203,6 +203,15 @@ def _layered(
         _FILE_TABLE.reset(token)
 
 
+def settings_from_options(model: type[S], options: Mapping[str, Any], where: str) -> S:
+    """`model` from `options` alone: no environment variables, no file (a sql mirror of a
+    sql ledger: METERING_SQL_* are the ledger's own)."""
+    try:
+        return model.model_validate(dict(options))
+    except pydantic.ValidationError as exc:
+        raise _configuration_error(exc, model, where) from None
+
+
 def resolve_settings(
     overrides: Mapping[str, Any] | None = None, *, config_file: Path | str | None = None
 ) -> tuple[MeteringSettings, dict[str, Any]]:

@@ -31,7 +31,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from metering_core import rules
 from metering_core.collector import eased
-from metering_core.config import MeteringSettings, resolve_provider_settings
+from metering_core.config import (
+    MeteringSettings,
+    resolve_provider_settings,
+    settings_from_options,
+)
 from metering_core.delivery import GAVE_UP, DeliveryPolicy
 from metering_core.epoch import epoch_micros, from_epoch_micros
 from metering_core.errors import (
@@ -54,6 +58,8 @@ from metering_core.sql.mirror_sync import (
 )
 from metering_core.sql.rows import Transaction, Trusted
 from metering_core.sql.schema import events, meters, mirror_deliveries, outbox
+from metering_core.sql.settings import masked
+from metering_core.sql.store import StoreUrl
 from metering_core.sql.store_clock import StoreClock
 
 __all__ = ["IDLE", "LEASE", "PASSES", "REFUSED_METERS", "Forwarder", "build_mirrors"]
@@ -83,11 +89,15 @@ REFUSALS = (ValidationError, ConflictError, NotFoundError, UnsupportedOperationE
 (an outage, credentials, a server error) is the mirror failing, and the row waits."""
 
 
-def build_mirrors(configured: Mapping[str, Mapping[str, Any]]) -> dict[str, IMetering]:
+def build_mirrors(
+    configured: Mapping[str, Mapping[str, Any]], ledger: StoreUrl
+) -> dict[str, IMetering]:
     """The mirror providers `SqlSettings.mirrors` names, each built from its options as
     the facade builds a provider: what they leave out from its METERING_<PROVIDER>_*
     variables (the place for its secrets, which stay `SecretStr`), and a bad option is a
-    `ConfigurationError` that never shows a secret."""
+    `ConfigurationError` that never shows a secret. A sql mirror takes its options alone:
+    METERING_SQL_* are the `ledger`'s (probe: its mirrors made it mirror itself, without
+    end, and its url made it the ledger's own store, which it may not be)."""
     from metering_core.plugins import get_provider  # the plugin registry imports providers
 
     built: dict[str, IMetering] = {}
@@ -99,7 +109,18 @@ def build_mirrors(configured: Mapping[str, Mapping[str, Any]]) -> dict[str, IMet
                 f'mirrors.{name}: name its provider, e.g. {{"provider": "stripe", ...}}'
             )
         spec = get_provider(kind)
-        built[name] = spec.factory(resolve_provider_settings(spec.settings_model, kind, {}, given))
+        if kind != "sql":
+            settings = resolve_provider_settings(spec.settings_model, kind, {}, given)
+        elif "url" not in given:
+            raise ConfigurationError(f"mirrors.{name}: a sql mirror names its store's url")
+        else:
+            settings = settings_from_options(spec.settings_model, given, f"mirror {name!r}")
+            url = str(given["url"])
+            if ledger.same_store(StoreUrl(url)):
+                raise ConfigurationError(
+                    f"mirrors.{name}: url={masked(url)!r} is the ledger's own store"
+                )
+        built[name] = spec.factory(settings)
     return built
 
 

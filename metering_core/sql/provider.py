@@ -174,7 +174,7 @@ class SqlProvider(BaseProvider):
         """The clock of the marks forwarders on several hosts write and reconcile reads."""
         self.forwarder = Forwarder(
             self._transaction,
-            build_mirrors(settings.mirrors),
+            build_mirrors(settings.mirrors, self.store),
             lease=settings.mirror_lease,
             clock=self._clock,
         )

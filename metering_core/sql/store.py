@@ -108,6 +108,17 @@ class StoreUrl:
             return None
         return Path(database)
 
+    def same_store(self, other: StoreUrl) -> bool:
+        """Whether `other` names this store: the same SQLite file, or the same database
+        of the same PostgreSQL server (as far as the URLs tell)."""
+        if self.backend != other.backend:
+            return False
+        if self.backend == "sqlite":
+            mine, theirs = self.sqlite_path, other.sqlite_path
+            return mine is not None and theirs is not None and mine.resolve() == theirs.resolve()
+        where = (self.url.host or "localhost", self.url.port or 5432, self.url.database)
+        return where == (other.url.host or "localhost", other.url.port or 5432, other.url.database)
+
     def __repr__(self) -> str:
         return f"StoreUrl({self.shown!r})"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import re
 import socket
 import time
@@ -677,6 +678,36 @@ async def test_a_second_facade_over_one_ledger_says_whose_settings_its_forwarder
 def test_a_facade_without_mirrors_says_which_setting_gives_them() -> None:
     with pytest.raises(ConfigurationError, match="mirrors"):
         asyncio.run(AsyncMetering("memory").mirror_status())
+
+
+async def test_a_sql_mirror_takes_its_own_options_not_the_ledgers_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """METERING_SQL_* are the ledger's: read for a sql mirror too, its mirrors made it
+    mirror itself without end (RecursionError), and a mirror without a url became the
+    ledger's own store (probe)."""
+    ledger_file, copy_file = tmp_path / "ledger.db", tmp_path / "copy.db"
+    copy = {"copy": {"provider": "sql", "url": f"sqlite:///{copy_file}"}}
+    monkeypatch.setenv("METERING_SQL_URL", f"sqlite:///{ledger_file}")
+    monkeypatch.setenv("METERING_SQL_MIRRORS", json.dumps(copy))
+    async with AsyncMetering("sql", linger=0, mirror_forwarder=False) as ledger:
+        await ledger.create_meter(event_name="calls")
+        await ledger.ingest_usage_events([event(1), event(2)])
+        [status] = await ledger.flush_mirrors(timeout=30)
+    assert (status.mirror, status.depth, status.dead_letters) == ("copy", 0, 0)
+    monkeypatch.delenv("METERING_SQL_MIRRORS")
+    async with AsyncMetering("sql", url=f"sqlite:///{copy_file}") as mirrored:
+        [meter] = (await mirrored.fetch_all_meters()).items
+        usage = await mirrored.fetch_usage(meter.id, start=AT, end=AT + timedelta(days=1))
+    assert usage.total == event(1).value + event(2).value
+
+    monkeypatch.chdir(tmp_path)
+    for options, said in (
+        ({"provider": "sql"}, "mirrors.copy: a sql mirror names its store's url"),
+        ({"provider": "sql", "url": "sqlite:///ledger.db"}, "is the ledger's own store"),
+    ):
+        with pytest.raises(ConfigurationError, match=said):
+            AsyncMetering("sql", mirrors={"copy": options})
 
 
 def test_a_mirrors_secret_never_shows_in_a_repr_or_a_refusal(sqlite_url: str) -> None:
