@@ -53,8 +53,10 @@ customers_app = typer.Typer(help="Register and remove customers (tenants).", no_
 app.add_typer(meters_app, name="meters")
 app.add_typer(customers_app, name="customers")
 
-out = Console()
-err = Console(stderr=True)
+# No markup: what is printed holds the caller's ids and names, and "[red]acme[/red]" read
+# as markup showed "acme", and "[/x]" failed the command with a MarkupError (probe).
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,16 @@ def parse_time(value: str, option: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def parse_range(from_: str, to: str) -> tuple[datetime, datetime]:
+    """`--from` and `--to` as times, `--to` after `--from`: said of the options given,
+    not of the query's `end` they become (a ledger with nothing to ask answered a
+    reversed range "no usage", exit 0: probe)."""
+    start, end = parse_time(from_, "--from"), parse_time(to, "--to")
+    if end <= start:
+        raise ValidationError(f"--to={to!r} must be after --from={from_!r}", field="--to", value=to)
+    return start, end
+
+
 @app.command("usage")
 def usage(
     ctx: typer.Context,
@@ -209,12 +219,13 @@ def usage(
         raise ValidationError(
             f"--format={output!r} must be table, json or csv", field="format", value=output
         )
+    start, end = parse_range(from_, to)
     with connect(ctx) as m:
         answer = m.fetch_usage(
             resolve_meter(m, meter),
             customer_id=customer,
-            start=parse_time(from_, "--from"),
-            end=parse_time(to, "--to"),
+            start=start,
+            end=end,
             window=window,
             group_by=group_by or [],
             tz=tz,

@@ -21,7 +21,7 @@ from metering_core.cli.commands import (
     Format,
     FormatOption,
     parse_filters,
-    parse_time,
+    parse_range,
     resolve_meter,
 )
 from metering_core.client import Metering
@@ -47,12 +47,13 @@ def _query(
     filters: list[str] | None,
     **more: object,
 ) -> EventQuery:
+    start, end = parse_range(from_, to)
     return EventQuery.model_validate(
         {
             "meter_id": resolve_meter(m, meter),
             "customer_id": customer,
-            "start": parse_time(from_, "--from"),
-            "end": parse_time(to, "--to"),
+            "start": start,
+            "end": end,
             "filters": parse_filters(filters),
             **more,
         }

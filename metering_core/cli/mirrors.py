@@ -14,7 +14,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 from metering_core.cli.app import app, connect, err, out
-from metering_core.cli.commands import Format, FormatOption, parse_time, resolve_meter
+from metering_core.cli.commands import (
+    Format,
+    FormatOption,
+    parse_range,
+    parse_time,
+    resolve_meter,
+)
 from metering_core.cli.events import FromOption, ToOption
 from metering_core.client import Metering
 from metering_core.collector import eased
@@ -142,11 +148,12 @@ def backfill(
     """Owe a mirror every live event of the ledger from --from (to --to): for a mirror
     added after they were stored. `metering mirror run --once` (or the service) then
     sends them, and `metering reconcile` proves the result."""
+    start, end = (parse_time(from_, "--from"), None) if to is None else parse_range(from_, to)
     with connect(ctx) as m:
         owed = m.backfill_mirror(
             mirror,
-            start=parse_time(from_, "--from"),
-            end=None if to is None else parse_time(to, "--to"),
+            start=start,
+            end=end,
             mirror_added=None
             if mirror_added is None
             else parse_time(mirror_added, "--mirror-added"),
@@ -194,7 +201,7 @@ def reconcile(
     """Compare each meter, customer and window of the ledger with the mirror's. Exits 1
     when a cell is short, over or refused (drift); pending and not comparable cells are
     listed. A progress bar counts the meters on the terminal."""
-    start, end = parse_time(from_, "--from"), parse_time(to, "--to")
+    start, end = parse_range(from_, to)
     with connect(ctx) as m:
         meter_ids = list(  # a meter named twice (by id and event name) is compared once
             dict.fromkeys(
@@ -233,7 +240,9 @@ def reconcile(
         for cell in report.cells:
             writer.writerow(_cell_fields(cell))
     else:
-        table = Table("meter", "customer", "start", "ledger", "mirror", "status", "repaired")
+        table = Table()
+        for title in ("meter", "customer", "start", "ledger", "mirror", "status", "repaired"):
+            table.add_column(title, overflow="fold")  # whole, however narrow: wrapped, not cut
         for cell in report.cells:
             if cell.status is not CellStatus.equal:
                 name, customer, began, _, ours, theirs, status, repaired = _cell_fields(cell)

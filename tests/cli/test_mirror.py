@@ -148,3 +148,64 @@ def test_mirrors_that_do_not_parse_or_a_meter_named_wrong_are_bad_input(
     )
     assert misnamed.exit_code == 2, misnamed.output
     assert "'nosuch'" in misnamed.output
+
+
+def test_a_reversed_range_is_bad_input_naming_to_whatever_the_ledger_holds(
+    tmp_path: Path,
+) -> None:
+    """Exit 2 naming --to, before anything is asked: a ledger with no meters answered
+    reconcile's reversed range "no usage", exit 0 (probe)."""
+    env = {
+        "METERING_SQL_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "METERING_SQL_MIRRORS": json.dumps({"billing": {"provider": "memory"}}),
+    }
+    reversed_ = ["--from", "2026-03-10", "--to", "2026-03-01"]
+    for command in (
+        ["reconcile", "--mirror", "billing", *reversed_, "--repair"],
+        ["mirror", "backfill", "--mirror", "billing", *reversed_],
+        ["usage", "calls", *reversed_],
+        ["events", "list", "calls", *reversed_],
+    ):
+        result = runner.invoke(app, ["--provider", "sql", *command], env=env)
+        assert result.exit_code == 2, (command, result.output)
+        assert "--to='2026-03-01' must be after --from='2026-03-10'" in result.output, command
+
+
+def test_ids_in_the_reconcile_table_are_shown_as_they_are_whole(tmp_path: Path) -> None:
+    """Not read as markup ("[red]acme[/red]" showed "acme", and "[/x]" failed the
+    command), nor cut to an 80-column pipe's width."""
+    behind = AsyncMetering("memory")
+    with serve_in_thread(create_app(behind, keys=KEYS)) as url:
+        env = {
+            "METERING_SQL_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+            "METERING_SQL_MIRRORS": json.dumps(
+                {"billing": {"provider": "http", "base_url": url, "api_key": "admin"}}
+            ),
+        }
+        customers = ["[red]acme[/red]", "[/x]"]
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "id": f"e{n}",
+                        "event_name": "calls",
+                        "customer_id": customer,
+                        "timestamp": "2026-03-02T10:00:00Z",
+                    }
+                )
+                + "\n"
+                for n, customer in enumerate(customers)
+            )
+        )
+        for command in (["meters", "create", "calls"], ["ingest", str(rows)]):
+            assert runner.invoke(app, ["--provider", "sql", *command], env=env).exit_code == 0
+        span = ["--from", "2026-03-01T00:00:00Z", "--to", "2026-03-03T00:00:00Z"]
+        reconcile = ["--provider", "sql", "reconcile", "--mirror", "billing", *span]
+        wide = runner.invoke(app, reconcile, env={**env, "COLUMNS": "200"})
+        piped = runner.invoke(app, reconcile, env=env)  # 80 columns
+    assert (wide.exit_code, piped.exit_code) == (0, 0), piped.output  # pending: none sent
+    for customer in customers:
+        assert f" {customer} " in wide.output
+    assert "…" not in piped.output  # wrapped where it must be, never cut
+    assert "2026-03-02T00" in piped.output
