@@ -4,6 +4,8 @@ follow the ledger there, usage reaches Stripe once, and reconcile proves the two
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -264,6 +266,40 @@ async def test_events_stripe_reports_refusing_are_sent_again_not_answered_duplic
             sent.id: "Stripe refused it later (meter_event_customer_not_found): No customer"
         }
         assert (await mirror.ingest_usage_events([sent])).accepted == [sent.id]
+    finally:
+        await mirror.aclose()
+
+
+def signed_by(secret: str, body: bytes) -> dict[str, str]:
+    """Stripe-Signature for `body`, as Stripe signs it."""
+    at = int(time.time())
+    digest = hmac.new(secret.encode(), f"{at}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"stripe-signature": f"t={at},v1={digest}"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b'"a string"',
+        b"not json",
+        b'{"id": "evt_1", "object": "v2.core.event", "type": "v1.billing.meter.no_meter_found"}',
+        b'{"id": "evt_1", "object": "event", "type": "billing.meter.error_report_triggered"}',
+    ],
+)
+async def test_a_signed_notice_of_another_shape_is_bad_input_naming_the_body(
+    fake_stripe: FakeStripe, body: bytes
+) -> None:
+    """Signed, so not a forgery: the shape is what is wrong (a 500 before, and a snapshot
+    event's destination was told its signature did not verify: probe)."""
+    mirror = StripeProvider(settings_for(fake_stripe, webhook_secret=SECRET))
+    try:
+        with pytest.raises(ValidationError, match="not one of Stripe's thin events") as refused:
+            await mirror.read_refusal_notice(body, signed_by(SECRET, body))
+        assert refused.value.field == "body"
+        with pytest.raises(ValidationError, match="does not verify") as forged:
+            await mirror.read_refusal_notice(body, signed_by("whsec_someone_else", body))
+        assert forged.value.field == "Stripe-Signature"
     finally:
         await mirror.aclose()
 

@@ -39,15 +39,24 @@ async def read_notice(
         )
     signature = headers.get("stripe-signature")
     try:
-        notification: Any = client.parse_event_notification(
-            body, signature, secret, tolerance=TOLERANCE
-        )
-    except (stripe.SignatureVerificationError, ValueError) as exc:
+        stripe.WebhookSignature.verify_header(body, signature, secret, TOLERANCE)
+    except stripe.SignatureVerificationError as exc:
         raise ValidationError(
             "the notice's Stripe-Signature does not verify with the mirror's webhook secret, "
             "or is older than five minutes"
             + ("" if signature else " (no Stripe-Signature header)"),
             field="Stripe-Signature",
+        ) from exc
+    try:  # signed, so the SDK's parse of it failing is its shape, not its signature
+        notification: Any = client.parse_event_notification(
+            body, signature, secret, tolerance=TOLERANCE
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValidationError(
+            "the notice verifies but is not one of Stripe's thin events (an event "
+            "destination sending snapshot events, or a body of another shape): "
+            f"{type(exc).__name__}: {str(exc)[:200]}",
+            field="body",
         ) from exc
     if notification.type not in REFUSALS:
         return None
