@@ -199,6 +199,8 @@ def _layered(
         return model(_env_prefix=prefix, **{k: v for k, v in overrides.items() if v is not None})
     except pydantic.ValidationError as exc:
         raise _configuration_error(exc, model, where) from None
+    except RecursionError:  # an option's JSON nested past what the parser holds
+        raise ConfigurationError(f"{where} settings: an option is nested too deeply") from None
     finally:
         _FILE_TABLE.reset(token)
 

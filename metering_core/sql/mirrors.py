@@ -33,6 +33,7 @@ from metering_core import rules
 from metering_core.collector import eased
 from metering_core.config import (
     MeteringSettings,
+    ProviderSettings,
     resolve_provider_settings,
     settings_from_options,
 )
@@ -108,20 +109,27 @@ def build_mirrors(
             raise ConfigurationError(
                 f'mirrors.{name}: name its provider, e.g. {{"provider": "stripe", ...}}'
             )
-        spec = get_provider(kind)
-        if kind != "sql":
-            settings = resolve_provider_settings(spec.settings_model, kind, {}, given)
-        elif "url" not in given:
-            raise ConfigurationError(f"mirrors.{name}: a sql mirror names its store's url")
-        else:
-            settings = settings_from_options(spec.settings_model, given, f"mirror {name!r}")
-            url = str(given["url"])
-            if ledger.same_store(StoreUrl(url)):
-                raise ConfigurationError(
-                    f"mirrors.{name}: url={masked(url)!r} is the ledger's own store"
-                )
+        try:
+            spec = get_provider(kind)
+            settings = _mirror_settings(spec.settings_model, kind, given, ledger)
+        except ConfigurationError as exc:  # which mirror's (two may share a provider)
+            raise ConfigurationError(f"mirrors.{name}: {exc}") from None
         built[name] = spec.factory(settings)
     return built
+
+
+def _mirror_settings(
+    model: type[ProviderSettings], kind: str, given: Mapping[str, Any], ledger: StoreUrl
+) -> ProviderSettings:
+    if kind != "sql":
+        return resolve_provider_settings(model, kind, {}, given)
+    if "url" not in given:
+        raise ConfigurationError("a sql mirror names its store's url")
+    settings = settings_from_options(model, given, "sql mirror")
+    url = str(given["url"])
+    if ledger.same_store(StoreUrl(url)):
+        raise ConfigurationError(f"url={masked(url)!r} is the ledger's own store")
+    return settings
 
 
 _BARRIER = {

@@ -106,6 +106,24 @@ def test_bad_options_name_the_option_and_never_show_a_secret() -> None:
     assert "regoin" in message
 
 
+def test_an_option_nested_past_what_json_holds_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a RecursionError traceback (probe: METERING_SQL_MIRRORS of 5,000 brackets)."""
+    monkeypatch.setenv("METERING_SQL_MIRRORS", "[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigurationError, match="'sql' provider settings: an option is nested"):
+        Metering("sql", url="sqlite://")
+
+
+def test_two_mirrors_of_one_provider_each_name_their_own_bad_option() -> None:
+    mirrors = {
+        "billing": {"provider": "recording", "api_key": "k"},
+        "audit": {"provider": "recording", "api_key": "k", "timeout": "soon"},
+    }
+    with pytest.raises(ConfigurationError, match=r"^mirrors\.audit: .*timeout='soon'"):
+        Metering("sql", url="sqlite://", mirrors=mirrors)
+
+
 def test_missing_required_option_is_named() -> None:
     with pytest.raises(ConfigurationError, match="api_key is required"):
         build(provider="recording")
