@@ -819,6 +819,32 @@ async def test_usage_of_a_meter_the_mirror_lacks_is_short_and_linking_lets_repai
         await ledger.reconcile("ledger", **day)
 
 
+async def test_cells_of_a_meter_the_mirror_lacks_are_pending_then_refused_and_zero_is_equal(
+    ledger: AsyncMetering, mirror_service: tuple[str, AsyncMetering]
+) -> None:
+    """Its events still owed, a cell is pending; refused there (no meter to count them),
+    refused; a customer whose events sum to nothing has nothing unbilled: equal."""
+    await ledger.flush_mirrors(timeout=30)
+    _, behind = mirror_service
+    [theirs] = (await behind.fetch_all_meters()).items
+    await behind.delete_meter(theirs.id)
+    nothing = event(5, customer="zero").model_copy(update={"value": Decimal(0)})
+    await ledger.ingest_usage_events([event(1), nothing])
+    day = {"start": AT, "end": AT + timedelta(days=1)}
+
+    def statuses(report: ReconcileReport) -> dict[str, CellStatus]:
+        return {cell.customer_id: cell.status for cell in report.cells}
+
+    owed = await ledger.reconcile("billing", **day)
+    assert statuses(owed) == {"acme": CellStatus.pending, "zero": CellStatus.equal}
+    assert owed.ok
+    [status] = await ledger.flush_mirrors(timeout=30)
+    assert status.dead_letters == 2  # no meter there to take them
+    refused = await ledger.reconcile("billing", **day)
+    assert statuses(refused) == {"acme": CellStatus.refused, "zero": CellStatus.equal}
+    assert not refused.ok
+
+
 async def test_a_mirror_failing_on_a_change_says_so_once_until_it_takes_changes_again(
     ledger: AsyncMetering,
     mirror_service: tuple[str, AsyncMetering],
