@@ -200,6 +200,36 @@ async def _unsent(
         return [(row[0], row[1], bool(row[2])) for row in rows if row[3]]
 
 
+class _Theirs:
+    """The mirror's meters, and which of them the ledger's meters are linked to."""
+
+    def __init__(self, transaction: Transaction, name: str, mirror: IMetering) -> None:
+        self._transaction, self._name, self._mirror = transaction, name, mirror
+        self._by_id: dict[str, Meter] = {}
+        self._by_name: dict[str, Meter] = {}
+        self._links: dict[str, str] = {}
+
+    async def read(self) -> None:
+        found = await _meters(self._mirror)
+        self._by_id = {m.id: m for m in found}
+        self._by_name = {m.event_name: m for m in found}
+        linked = sa.select(mirror_meters.c.meter_id, mirror_meters.c.mirror_meter_id).where(
+            mirror_meters.c.mirror == self._name
+        )
+        async with self._transaction(writes=False) as connection:
+            self._links = {ours: theirs for ours, theirs in await connection.execute(linked)}
+
+    def of(self, meter: Meter) -> tuple[str | None, Meter | None]:
+        """The link of a ledger meter, and the mirror's meter it names: linked, or (never
+        linked) the one of its event name."""
+        link = self._links.get(meter.id)
+        return link, self._by_id.get(link) if link else self._by_name.get(meter.event_name)
+
+    def named(self, event_name: str) -> bool:
+        """Whether the mirror has a meter of `event_name`."""
+        return event_name in self._by_name
+
+
 class _Counted(NamedTuple):
     """When a meter's totals were read, and the highest event seq stored after the read:
     every event they hold is at or below it (one stored just after may be too: held by a
@@ -429,14 +459,8 @@ async def reconcile(
     """Compare every (meter, customer, window) of the ledger with `mirror`'s; with
     `repair`, send each short sum or count cell its correction."""
     mine = _chosen(await _meters(ledger), meter_ids)
-    found = await _meters(mirror)
-    by_id = {m.id: m for m in found}
-    by_name = {m.event_name: m for m in found}
-    async with transaction(writes=False) as connection:
-        linked = sa.select(mirror_meters.c.meter_id, mirror_meters.c.mirror_meter_id).where(
-            mirror_meters.c.mirror == mirror_name
-        )
-        links = {mine: theirs for mine, theirs in await connection.execute(linked)}
+    theirs = _Theirs(transaction, mirror_name, mirror)
+    await theirs.read()
     capabilities = await mirror.load_capabilities()
     repaired = await _repairs(transaction, mirror_name, start, end, _settling(capabilities), clock)
     cells: list[ReconcileCell] = []
@@ -450,15 +474,7 @@ async def reconcile(
         # A mirror asked one customer at a time is asked for every customer the ledger
         # has events of in range, cancelled ones too: all cancelled here may be billed there.
         customers = await _customers(transaction, meter.event_name, start, end)
-        link = links.get(meter.id)
-        counterpart = by_id.get(link) if link else by_name.get(meter.event_name)
-        comparable = (
-            counterpart is not None
-            and counterpart.aggregation == meter.aggregation  # else equal is a coincidence
-            and counterpart.unique_dimension == meter.unique_dimension
-            and window in capabilities.windows
-            and meter.aggregation in capabilities.aggregations
-        )
+        link, counterpart = theirs.of(meter)
         unsent = await _unsent(transaction, mirror_name, meter, start, end)
         waiting: dict[tuple[str, bool], _Times] = {}
         for customer, ts, refused in unsent:
@@ -470,10 +486,24 @@ async def reconcile(
             and counterpart is None
             and await _change_owed(transaction, mirror_name, meter)
         )
-        if counterpart is None and meter.event_name not in by_name and not making_owed:
-            cells.extend(_billed_nowhere(meter, ours, waiting))
-            unbilled.add(meter.id)
-            continue
+        if (
+            counterpart is None
+            and not making_owed
+            and meter.aggregation in capabilities.aggregations  # else no meter can be made
+        ):
+            await theirs.read()  # made there since they were read (review), or not at all
+            link, counterpart = theirs.of(meter)
+            if counterpart is None and not theirs.named(meter.event_name):
+                cells.extend(_billed_nowhere(meter, ours, waiting))
+                unbilled.add(meter.id)
+                continue
+        comparable = (
+            counterpart is not None
+            and counterpart.aggregation == meter.aggregation  # else equal is a coincidence
+            and counterpart.unique_dimension == meter.unique_dimension
+            and window in capabilities.windows
+            and meter.aggregation in capabilities.aggregations
+        )
         if not comparable or counterpart is None:
             # the mirror has no meter of it yet, its making still owed: its cells are on
             # their way (if the mirror can answer them at all)
@@ -867,10 +897,10 @@ def _billed_nowhere(
     waiting: Mapping[tuple[str, bool], _Times],
 ) -> list[ReconcileCell]:
     """The ledger's cells of a meter the mirror has none of (none linked, none of its
-    event name) and is not owed: the mirror bills nothing of them, so each cell with usage
-    is short (refused where the mirror refused its events, pending where some are still
-    owed), never "not comparable" in a report that is ok (probe: the mirror's meter
-    deleted there, and reconcile exited 0 while it billed nothing)."""
+    event name), is not owed, and could hold: the mirror bills nothing of them, so each
+    cell with usage is short (refused where the mirror refused its events, pending where
+    some are still owed), never "not comparable" in a report that is ok (probe: the
+    mirror's meter deleted there, and reconcile exited 0 while it billed nothing)."""
     none = _Times()
     return [
         ReconcileCell(
