@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import hashlib
 import logging
 from collections.abc import Collection, Mapping, Sequence
@@ -687,20 +688,13 @@ async def _repair(
     now = await clock.now()
     oldest = None if capabilities.max_event_age is None else now - capabilities.max_event_age
     chosen: dict[int, list[UsageEvent]] = {}
+    meterless = collections.Counter[str]()  # short cells by event name, of no meter there
     for index, cell in enumerate(cells):
         if cell.status is not CellStatus.short:
             continue
         meter = by_id.get(cell.meter_id)
         if meter is None:
-            logger.warning(
-                "mirror %r: cell %s / %s from %s left short, not repaired: the mirror has "
-                "no meter of that event name to take a correction (`metering mirror link` "
-                "makes it)",
-                name,
-                cell.event_name,
-                cell.customer_id,
-                cell.start.isoformat(),
-            )
+            meterless[cell.event_name] += 1
             continue
         if meter.aggregation not in _ZERO_WHEN_ABSENT:
             continue
@@ -718,6 +712,14 @@ async def _repair(
                     cell.start.isoformat(),
                     exc,
                 )
+    for event_name, count in meterless.items():  # a line a meter, not a line a cell
+        logger.warning(
+            "mirror %r: %d short cell(s) of %r left unrepaired: the mirror has no meter of "
+            "that event name to take a correction (`metering mirror link` makes it)",
+            name,
+            count,
+            event_name,
+        )
     recorded = await _record(
         transaction, name, cells, chosen, counted, now, _settling(capabilities)
     )

@@ -809,7 +809,7 @@ async def test_usage_of_a_meter_the_mirror_lacks_is_short_and_linking_lets_repai
         False,
     )
     assert (await behind.fetch_all_meters()).items == []  # nothing made or sent there
-    assert "no meter of that event name to take a correction" in caplog.text  # not sent
+    assert "1 short cell(s) of 'calls' left unrepaired" in caplog.text  # not sent
     await ledger.link_mirror("billing")
     repaired = await ledger.reconcile("billing", **day, repair=True)
     assert [c.repaired for c in repaired.cells] == [True]
