@@ -363,4 +363,5 @@ class ReportsRefusals(Protocol):
         """Verify and read a notice (`headers` with lower-case names); None when it is
         authentic but not about refused events, or when `recorded(its id)` says it was
         read before (a replay: nothing fetched, nothing changed). `ValidationError` when
-        not authentic."""
+        not authentic; one naming `field="body"` when authentic (this provider's) but not
+        a notice it reads."""

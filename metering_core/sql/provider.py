@@ -938,8 +938,10 @@ class SqlProvider(BaseProvider):
                 asks = "recorded" in inspect.signature(reader.read_refusal_notice).parameters
                 extra = {"recorded": self._notice_recorded} if asks else {}
                 notice = await reader.read_refusal_notice(body, headers, **extra)
-            except ValidationError as exc:  # not this mirror's secret
-                refusal = exc
+            except ValidationError as exc:
+                if exc.field == "body":  # this mirror's, verified, and not a notice
+                    raise
+                refusal = exc  # not this mirror's secret
                 continue
             except ConfigurationError as exc:  # no secret: another mirror may verify it
                 if not self._unverifiable_said:

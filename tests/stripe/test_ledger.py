@@ -304,6 +304,39 @@ async def test_a_signed_notice_of_another_shape_is_bad_input_naming_the_body(
         await mirror.aclose()
 
 
+async def test_a_notice_of_bytes_that_are_not_utf8_is_bad_input_not_a_failure(
+    fake_stripe: FakeStripe,
+) -> None:
+    """The SDK decodes before it verifies: unhandled, anyone with no secret had a 500 and a
+    logged traceback of every such request (review)."""
+    mirror = StripeProvider(settings_for(fake_stripe, webhook_secret=SECRET))
+    try:
+        with pytest.raises(ValidationError, match="does not verify") as refused:
+            await mirror.read_refusal_notice(b"\xff\xfe", signed_by("whsec_guess", b"x"))
+    finally:
+        await mirror.aclose()
+    assert refused.value.field == "Stripe-Signature"
+
+
+async def test_a_notice_one_of_two_stripe_mirrors_verifies_is_told_of_its_shape(
+    fake_stripe: FakeStripe, tmp_path: Path
+) -> None:
+    """Not "does not verify" from the mirror asked last (review)."""
+    other = "whsec_test_of_the_second_mirror"
+    mirrors = {
+        "eu": {**stripe_mirror(fake_stripe)["billing"], "webhook_secret": SECRET},
+        "us": {**stripe_mirror(fake_stripe)["billing"], "webhook_secret": other},
+    }
+    ledger = SqlProvider(SqlSettings(url=f"sqlite:///{tmp_path / 'l.db'}", mirrors=mirrors))
+    try:
+        for secret in (SECRET, other):
+            with pytest.raises(ValidationError, match="not one of Stripe's thin events") as bad:
+                await ledger.receive_notice("stripe", b"[]", signed_by(secret, b"[]"))
+            assert bad.value.field == "body"
+    finally:
+        await ledger.aclose()
+
+
 def test_a_notice_no_mirror_can_verify_is_a_404_that_leaves_health_alone(
     fake_stripe: FakeStripe, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

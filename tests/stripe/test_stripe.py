@@ -1120,3 +1120,51 @@ async def test_a_server_echoing_the_key_never_puts_it_in_an_error_its_cause_or_a
     assert "Invalid key: Bearer **********" in shown[0]
     assert "24 hours" in shown[3]
     assert not [text for text in shown if ECHOED_KEY in text]
+
+
+async def test_a_session_token_renewed_while_a_request_used_it_is_masked_too() -> None:
+    """A batch sent with the session's token fails after another batch renewed the
+    session (a minute before it ends): that token is still valid, and was shown (review)."""
+    base, first = "http://stripe-proxy.test", "ek_test_first_session_token_abcdef"
+    tokens = iter([first, "ek_test_second_session_token_uvwxyz"])
+
+    def session(request: httpx.Request) -> httpx.Response:
+        token = next(tokens)
+        lasts = timedelta(seconds=60.5) if token == first else timedelta(minutes=15)
+        body = {
+            "object": "v2.billing.meter_event_session",
+            "id": "mes_1",
+            "authentication_token": token,
+            "created": datetime.now(UTC).isoformat(),
+            "expires_at": (datetime.now(UTC) + lasts).isoformat().replace("+00:00", "Z"),
+            "livemode": False,
+        }
+        return httpx.Response(200, json=body)
+
+    async def stream(request: httpx.Request) -> httpx.Response:
+        if first in request.headers["Authorization"]:
+            await asyncio.sleep(1.0)  # the other batch renews the session meanwhile
+            return _echoing(400, "bad request")(request)
+        return httpx.Response(200, json={})
+
+    wire = {"event_name": "calls", "identifier": "e1", "payload": {"value": "1"}}
+    ready = [(event("e1", 1), wire)]
+    provider = StripeProvider(StripeSettings(api_key=SecretStr(ECHOED_KEY), base_url=base))
+    with respx.mock:
+        respx.post(f"{base}/v2/billing/meter_event_session").mock(side_effect=session)
+        respx.post(f"{base}/v2/billing/meter_event_stream").mock(side_effect=stream)
+
+        async def later() -> Any:
+            await asyncio.sleep(0.6)
+            return await provider._send_stream(ready)
+
+        try:
+            failed, sent = await asyncio.gather(
+                provider._send_stream(ready), later(), return_exceptions=True
+            )
+        finally:
+            await provider.aclose()
+    assert sent == (["e1"], [], {})
+    assert isinstance(failed, ValidationError)
+    assert "bad request: Bearer **********" in str(failed)
+    assert first not in "".join(traceback.format_exception(failed))

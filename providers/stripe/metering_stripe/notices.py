@@ -38,9 +38,9 @@ async def read_notice(
             "its mirror option): it cannot verify Stripe's notices"
         )
     signature = headers.get("stripe-signature")
-    try:
+    try:  # the SDK decodes the body first: bytes that are not UTF-8 verify nothing
         stripe.WebhookSignature.verify_header(body, signature, secret, TOLERANCE)
-    except stripe.SignatureVerificationError as exc:
+    except (stripe.SignatureVerificationError, UnicodeDecodeError) as exc:
         raise ValidationError(
             "the notice's Stripe-Signature does not verify with the mirror's webhook secret, "
             "or is older than five minutes"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import logging
@@ -132,7 +133,9 @@ class StripeProvider(BaseProvider):
         self._http = stripe.HTTPXClient(timeout=settings.timeout)
         self._client = self._new_client(settings.api_key.get_secret_value())
         self._stream: stripe.StripeClient | None = None
-        self._session_token: str | None = None
+        self._session_tokens: collections.deque[str] = collections.deque(maxlen=2)
+        """The session's token, and the one before: a request sent with that one may fail
+        after another renewed the session, while it is still valid (review)."""
         self._stream_expires = 0.0
         self._session_lock = asyncio.Lock()
         self._meters_by_event: dict[str, Meter] = {}
@@ -157,7 +160,7 @@ class StripeProvider(BaseProvider):
     def _secrets(self) -> tuple[str, ...]:
         """What a request carries that no message may: the key and the session token."""
         key = self._settings.api_key.get_secret_value()
-        return (key,) if self._session_token is None else (key, self._session_token)
+        return (key, *self._session_tokens)
 
     def _new_client(self, key: str) -> stripe.StripeClient:
         addresses: Any = {}
@@ -457,7 +460,7 @@ class StripeProvider(BaseProvider):
                 session = await self._call(
                     self._client.v2.billing.meter_event_session.create_async()
                 )
-                self._session_token = session.authentication_token
+                self._session_tokens.append(session.authentication_token)
                 self._stream = self._new_client(session.authentication_token)
                 expires = datetime.fromisoformat(str(session.expires_at).replace("Z", "+00:00"))
                 self._stream_expires = expires.timestamp()
