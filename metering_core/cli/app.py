@@ -53,10 +53,11 @@ customers_app = typer.Typer(help="Register and remove customers (tenants).", no_
 app.add_typer(meters_app, name="meters")
 app.add_typer(customers_app, name="customers")
 
-# No markup: what is printed holds the caller's ids and names, and "[red]acme[/red]" read
-# as markup showed "acme", and "[/x]" failed the command with a MarkupError (probe).
-out = Console(markup=False)
-err = Console(stderr=True, markup=False)
+# Neither markup nor emoji codes: what is printed holds the caller's ids and names, and
+# "[red]acme[/red]" read as markup showed "acme", "[/x]" failed the command with a
+# MarkupError (probe), and an id "e:thumbs_up:2" showed "e👍2", not what `cancel` takes.
+out = Console(markup=False, emoji=False)
+err = Console(stderr=True, markup=False, emoji=False)
 
 
 @dataclass(frozen=True)

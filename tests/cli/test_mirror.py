@@ -173,7 +173,8 @@ def test_a_reversed_range_is_bad_input_naming_to_whatever_the_ledger_holds(
 
 def test_ids_in_the_reconcile_table_are_shown_as_they_are_whole(tmp_path: Path) -> None:
     """Not read as markup ("[red]acme[/red]" showed "acme", and "[/x]" failed the
-    command), nor cut to an 80-column pipe's width."""
+    command) nor for emoji codes ("acme:cat:" showed a cat: review), nor cut to an
+    80-column pipe's width."""
     behind = AsyncMetering("memory")
     with serve_in_thread(create_app(behind, keys=KEYS)) as url:
         env = {
@@ -182,7 +183,7 @@ def test_ids_in_the_reconcile_table_are_shown_as_they_are_whole(tmp_path: Path) 
                 {"billing": {"provider": "http", "base_url": url, "api_key": "admin"}}
             ),
         }
-        customers = ["[red]acme[/red]", "[/x]"]
+        customers = ["[red]acme[/red]", "[/x]", "acme:cat:"]
         rows = tmp_path / "rows.jsonl"
         rows.write_text(
             "".join(
