@@ -424,6 +424,7 @@ class Forwarder:
             return 0
         if mirror in self._down:
             self._down.discard(mirror)
+            self._failing.pop(mirror, None)  # a change failing still is said again (review)
             logger.warning("mirror %r is reachable again; forwarding what it is owed", mirror)
         size = limit or capabilities.max_batch_size
         now = await self._clock.micros()

@@ -916,6 +916,18 @@ async def test_a_mirror_failing_on_a_change_says_so_once_until_it_takes_changes_
     assert "down for maintenance" in said[0]
     assert "takes changes again" not in caplog.text
 
+    stating = mirror.load_capabilities
+
+    async def unreachable() -> Capabilities:
+        raise ProviderUnavailableError("no route", provider="http")
+
+    mirror.load_capabilities = unreachable  # type: ignore[method-assign]
+    await provider.forwarder.forward_all()
+    mirror.load_capabilities = stating  # type: ignore[method-assign]
+    await provider.forwarder.forward_all()  # reachable again, still failing on the meter
+    said = [r.getMessage() for r in caplog.records if "failed on meter" in r.getMessage()]
+    assert len(said) == 2  # said again after "reachable again" (review)
+
     mirror.create_meter = making  # type: ignore[method-assign]
     await ledger.flush_mirrors(timeout=30)
     assert "mirror 'billing' takes changes again" in caplog.text
