@@ -125,6 +125,8 @@ def _mirror_settings(
         return resolve_provider_settings(model, kind, {}, given)
     if "url" not in given:
         raise ConfigurationError("a sql mirror names its store's url")
+    if given.get("mirrors"):  # nothing forwards them: its outbox would only grow
+        raise ConfigurationError("a sql mirror has no mirrors of its own")
     settings = settings_from_options(model, given, "sql mirror")
     url = str(given["url"])
     if ledger.same_store(StoreUrl(url)):

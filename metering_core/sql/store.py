@@ -13,6 +13,7 @@ import bisect
 import functools
 import hashlib
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -65,6 +66,9 @@ class StoreBounds:
     pool: float
 
 
+_LOOPBACK = frozenset({"", "localhost", "127.0.0.1", "::1", "[::1]"})
+
+
 class StoreUrl:
     """A store's URL: the async driver chosen, and a form safe to print."""
 
@@ -109,15 +113,29 @@ class StoreUrl:
         return Path(database)
 
     def same_store(self, other: StoreUrl) -> bool:
-        """Whether `other` names this store: the same SQLite file, or the same database
-        of the same PostgreSQL server (as far as the URLs tell)."""
+        """Whether `other` names this store: the same SQLite file (a link to it too), or
+        the same database of the same PostgreSQL server, as far as the URLs tell (a
+        loopback name, or none, is one host)."""
         if self.backend != other.backend:
             return False
         if self.backend == "sqlite":
             mine, theirs = self.sqlite_path, other.sqlite_path
-            return mine is not None and theirs is not None and mine.resolve() == theirs.resolve()
-        where = (self.url.host or "localhost", self.url.port or 5432, self.url.database)
-        return where == (other.url.host or "localhost", other.url.port or 5432, other.url.database)
+            if mine is None or theirs is None:
+                return False
+            if mine.exists() and theirs.exists():
+                return os.path.samefile(mine, theirs)
+            return mine.resolve() == theirs.resolve()
+        return self._server_database() == other._server_database()
+
+    def _server_database(self) -> tuple[str, int, str | None]:
+        host = self.url.host or str(self.url.query.get("host") or "")
+        local = host in _LOOPBACK or host.startswith("/")  # a unix socket is this host's
+        # PostgreSQL's default database is the user's name
+        return (
+            "local" if local else host,
+            self.url.port or 5432,
+            (self.url.database or self.url.username),
+        )
 
     def __repr__(self) -> str:
         return f"StoreUrl({self.shown!r})"

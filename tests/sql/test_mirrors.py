@@ -702,12 +702,36 @@ async def test_a_sql_mirror_takes_its_own_options_not_the_ledgers_environment(
     assert usage.total == event(1).value + event(2).value
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "linked.db").hardlink_to(ledger_file)
+    nested = {"back": {"provider": "sql", "url": f"sqlite:///{ledger_file}"}}
     for options, said in (
         ({"provider": "sql"}, "mirrors.copy: a sql mirror names its store's url"),
         ({"provider": "sql", "url": "sqlite:///ledger.db"}, "is the ledger's own store"),
+        ({"provider": "sql", "url": "sqlite:///linked.db"}, "is the ledger's own store"),
+        (copy["copy"] | {"mirrors": nested}, "a sql mirror has no mirrors of its own"),
     ):
         with pytest.raises(ConfigurationError, match=said):
             AsyncMetering("sql", mirrors={"copy": options})
+
+
+@pytest.mark.parametrize(
+    ("ledger_url", "mirror_url"),
+    [
+        ("postgresql://u@localhost/db", "postgresql+asyncpg://x@127.0.0.1:5432/db"),
+        ("postgresql://u@/db?host=/var/run/postgresql", "postgresql://u@localhost/db"),
+        ("postgresql://alice@db.example/", "postgresql://alice@db.example:5432/alice"),
+    ],
+)
+def test_a_sql_mirror_naming_the_ledgers_database_another_way_is_refused(
+    ledger_url: str, mirror_url: str
+) -> None:
+    """A loopback name, a socket, the default port and database (the user's name): the
+    same database of the same server (review)."""
+    mirrors = {"copy": {"provider": "sql", "url": mirror_url}}
+    with pytest.raises(ConfigurationError, match="is the ledger's own store"):
+        AsyncMetering("sql", url=ledger_url, mirrors=mirrors)
+    other = {"copy": {"provider": "sql", "url": mirror_url.replace("db", "other", 1)}}
+    AsyncMetering("sql", url=ledger_url, mirrors=other)  # another database: a mirror
 
 
 def test_a_mirrors_secret_never_shows_in_a_repr_or_a_refusal(sqlite_url: str) -> None:
