@@ -265,9 +265,10 @@ def check_filters(meter: Meter, filters: Mapping[str, Sequence[str]]) -> dict[st
 
 
 def admits(filters: Mapping[str, frozenset[str]], dimensions: Mapping[str, str]) -> bool:
-    """Whether an event with `dimensions` passes every filter (an absent dimension passes
-    none)."""
-    return all(dimensions.get(key) in values for key, values in filters.items())
+    """Whether an event with `dimensions` passes every filter: an absent dimension is `""`
+    here as in a group (`group_by` puts both in one row), so that a filter finds the
+    events of every row (review: a filter on `""` found only those that said it)."""
+    return all(dimensions.get(key, "") in values for key, values in filters.items())
 
 
 def answer(query: UsageQuery, aggregation: Aggregation, rows: list[UsageRow]) -> Usage:

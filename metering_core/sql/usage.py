@@ -124,10 +124,16 @@ def usage_statement(
 def filtered(
     dialect: str, filters: Mapping[str, frozenset[str]], dimensions: sa.ColumnElement[Any]
 ) -> list[sa.ColumnElement[bool]]:
-    """A condition per filter: the dimension has one of the values (an event without the
-    dimension has none of them)."""
+    """A condition per filter: the dimension has one of the values, an absent one being
+    `""` as in a group (`rules.admits`); read as it is where `""` is not a value asked
+    for."""
     return [
-        dimension(dialect, key, dimensions).in_(sorted(values)) for key, values in filters.items()
+        (
+            sa.func.coalesce(dimension(dialect, key, dimensions), "")
+            if "" in values
+            else dimension(dialect, key, dimensions)
+        ).in_(sorted(values))
+        for key, values in filters.items()
     ]
 
 
