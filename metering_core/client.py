@@ -402,6 +402,7 @@ class AsyncMetering:
         start: datetime | None = None,
         end: datetime | None = None,
         filters: Mapping[str, Sequence[str]] | None = None,
+        customer_ids: Sequence[str] = (),
         include_cancelled: bool = False,
         limit: int = 100,
         cursor: str | None = None,
@@ -419,6 +420,7 @@ class AsyncMetering:
                 start=start,
                 end=end,
                 filters=_filters(filters),
+                customer_ids=_listed("customer_ids", customer_ids),
                 include_cancelled=include_cancelled,
                 limit=limit,
                 cursor=cursor,
@@ -435,6 +437,7 @@ class AsyncMetering:
         start: datetime | None = None,
         end: datetime | None = None,
         filters: Mapping[str, Sequence[str]] | None = None,
+        customer_ids: Sequence[str] = (),
         include_cancelled: bool = False,
         page_size: int = 1000,
     ) -> AsyncIterator[StoredEvent]:
@@ -447,6 +450,7 @@ class AsyncMetering:
             start=start,
             end=end,
             filters=_filters(filters),
+            customer_ids=_listed("customer_ids", customer_ids),
             include_cancelled=include_cancelled,
             limit=page_size,
         )

@@ -83,11 +83,12 @@ def check_usage_query(caps: Capabilities, provider: str, query: UsageQuery) -> N
 
 def check_event_query(caps: Capabilities, provider: str, query: EventQuery) -> None:
     require_operation(caps, provider, Operation.LIST_USAGE_EVENTS)
-    if query.filters and not caps.filters:
+    if (query.filters or query.customer_ids) and not caps.filters:
+        refused = "filters" if query.filters else "customer_ids"
         raise UnsupportedOperationError(
             provider,
             Operation.LIST_USAGE_EVENTS.value,
-            f"filters={query.filters!r}: this provider cannot filter events",
+            f"{refused}={getattr(query, refused)!r}: this provider cannot filter events",
         )
 
 

@@ -607,6 +607,9 @@ class EventQuery(_Model):
     end: UtcEnd
     filters: Filters = {}
     """As in `UsageQuery`: a dimension -> the values it may have."""
+    customer_ids: Annotated[tuple[Identifier, ...], Field(max_length=MAX_CUSTOMER_IDS)] = ()
+    """As in `UsageQuery`: only these customers' events (with `customer_id` too: only
+    customers in both), so the events behind every number `fetch_usage` gives are listed."""
     include_cancelled: bool = False
     limit: Annotated[int, Field(ge=1, le=MAX_EVENTS_PER_PAGE)] = 100
     cursor: Annotated[str, Field(min_length=1, max_length=MAX_CURSOR_LENGTH)] | None = None

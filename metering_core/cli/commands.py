@@ -187,6 +187,12 @@ def parse_time(value: str, option: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+CustomerIdsOption = Annotated[
+    list[str] | None,
+    typer.Option("--customer-ids", help="Only these customers; repeat per customer."),
+]
+
+
 def parse_range(from_: str, to: str) -> tuple[datetime, datetime]:
     """`--from` and `--to` as times, `--to` after `--from`: said of the options given,
     not of the query's `end` they become (a ledger with nothing to ask answered a
@@ -209,10 +215,7 @@ def usage(
     tz: Annotated[str, typer.Option()] = "UTC",
     output: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
     filter_: FilterOption = None,
-    customer_ids: Annotated[
-        list[str] | None,
-        typer.Option("--customer-ids", help="Only these customers; repeat per customer."),
-    ] = None,
+    customer_ids: CustomerIdsOption = None,
 ) -> None:
     """Aggregated usage of one meter by window and group."""
     if output not in {"table", "json", "csv"}:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from metering_core.cli.app import app, connect, err, out
 from metering_core.cli.commands import (
+    CustomerIdsOption,
     FilterOption,
     Format,
     FormatOption,
@@ -68,6 +69,7 @@ def list_events(
     to: ToOption,
     customer: CustomerOption = None,
     filter_: FilterOption = None,
+    customer_ids: CustomerIdsOption = None,
     include_cancelled: Annotated[bool, typer.Option(help="Show cancelled events too.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=MAX_EVENTS_PER_PAGE)] = 100,
     cursor: Annotated[str | None, typer.Option(help="Where the last page ended.")] = None,
@@ -82,6 +84,7 @@ def list_events(
             to,
             customer,
             filter_,
+            customer_ids=customer_ids or [],
             include_cancelled=include_cancelled,
             limit=limit,
             cursor=cursor,
@@ -149,6 +152,7 @@ def export(
     to: ToOption,
     customer: CustomerOption = None,
     filter_: FilterOption = None,
+    customer_ids: CustomerIdsOption = None,
     form: Annotated[
         ExportFormat, typer.Option("--format", case_sensitive=False, help="csv or jsonl.")
     ] = ExportFormat.jsonl,
@@ -159,7 +163,16 @@ def export(
     """Every stored event of a meter in a range (cancelled ones left out), as CSV or JSON
     Lines that `metering ingest` reads back."""
     with connect(ctx) as m:
-        query = _query(m, meter, from_, to, customer, filter_, limit=MAX_EVENTS_PER_PAGE)
+        query = _query(
+            m,
+            meter,
+            from_,
+            to,
+            customer,
+            filter_,
+            customer_ids=customer_ids or [],
+            limit=MAX_EVENTS_PER_PAGE,
+        )
         found = m.fetch_meter(query.meter_id or "")
         keys = export_keys(found.dimensions, found.unique_dimension)
         with _target(output) as file, _progress() as progress, eased():

@@ -289,7 +289,7 @@ class MemoryProvider(BaseProvider):
             start, end = epoch_micros(query.start), epoch_micros(query.end)
             admitted = GroupOf(self._dimension_sets, (), None, filters)
             candidates = heapq.merge(
-                *(s.listed(start, end, after) for s in _series_of(stored, _one(query)))
+                *(s.listed(start, end, after) for s in _series_of(stored, _customers(query)))
             )
             page: list[tuple[int, str, StoredEvent]] = []
             for micros, event_id, series, position in candidates:
@@ -359,8 +359,8 @@ class MemoryProvider(BaseProvider):
                 raise NotFoundError(f"no customer with id {customer_id!r}")
 
 
-def _one(query: EventQuery) -> frozenset[str] | None:
-    return None if query.customer_id is None else frozenset({query.customer_id})
+def _customers(query: EventQuery) -> frozenset[str] | None:
+    return rules.admitted_customers(query.customer_id, query.customer_ids)
 
 
 def _series_of(stored: _StoredMeter, customers: frozenset[str] | None) -> list[Series]:

@@ -45,8 +45,11 @@ def events_statement(
         events.c.ts < epoch_micros(query.end),
         *filtered(dialect, filters, events.c.dimensions),
     ]
-    if query.customer_id is not None:
-        conditions.append(events.c.customer_id == query.customer_id)
+    customers = rules.admitted_customers(query.customer_id, query.customer_ids)
+    if customers is not None and len(customers) == 1:
+        conditions.append(events.c.customer_id == next(iter(customers)))  # as it was planned
+    elif customers is not None:
+        conditions.append(events.c.customer_id.in_(sorted(customers)))
     if not query.include_cancelled:
         conditions.append(events.c.cancelled == sa.false())
     tie = events.c.id.collate("C") if dialect == "postgresql" else events.c.id  # SQLite: bytes

@@ -525,6 +525,16 @@ class ProviderConformance:
             provider, meter, customer_ids=(first,), filters={"region": ("eu", "ap")}
         )
         assert filtered.total == 1 + 4
+        if not await self.supports(provider, Operation.LIST_USAGE_EVENTS):
+            return
+        # the events behind each of those numbers (review: listing took no customer_ids)
+        for asked, values in (
+            ({"customer_ids": (first, second, "nobody")}, [1, 2, 4, 8, 16, 32]),
+            ({"customer_ids": (second,)}, [16, 32]),
+            ({"customer_ids": (second,), "customer_id": first}, []),
+            ({"customer_ids": (first,), "filters": {"region": ("eu", "ap")}}, [1, 4]),
+        ):
+            assert [e.value for e in await self.listed(provider, meter, **asked)] == values
 
     async def test_a_filter_on_a_key_the_meter_does_not_declare_is_refused(
         self, provider: IMetering

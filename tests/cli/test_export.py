@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,23 @@ def test_an_export_filtered_to_a_customer_and_a_region_holds_only_those(
     assert {(e["customer_id"], e["dimensions"]["region"]) for e in events} == {("acme", "eu")}
     eu = usage(source, "--customer", "acme", "--filter", "region=eu")
     assert sum(float(row[2]) for row in eu) == sum(float(e["value"]) for e in events)
+
+
+def test_the_events_behind_a_number_for_some_customers_are_listed_and_exported(
+    source: Path, tmp_path: Path
+) -> None:
+    """`--customer-ids` narrows `events list` and `export` as it narrows `usage`."""
+    some = ["--customer-ids", "acme", "--customer-ids", "initech"]
+    number = sum(Decimal(row[2]) for row in usage(source, *some))
+    code, out = on(source, "events", "list", "api_calls", *SPAN, *some, "--format", "json")
+    assert code == 0, out
+    listed = json.loads(out)["items"]
+    exported = tmp_path / "some.jsonl"
+    assert on(source, "export", "api_calls", *SPAN, *some, "-o", str(exported))[0] == 0
+    lines = [json.loads(line) for line in exported.read_text().splitlines()]
+    for events in (listed, lines):
+        assert {e["customer_id"] for e in events} == {"acme", "initech"}
+        assert sum(Decimal(e["value"]) for e in events) == number
 
 
 def test_events_list_pages_with_a_cursor_and_shows_cancelled_events_when_asked(

@@ -210,11 +210,16 @@ def test_a_tenant_key_lists_exports_and_filters_only_its_own_events(
     assert "reserved" in resent["rejected"][listed["id"]]
     assert total(http.get(usage_of(meter), params=RANGE, headers=ACME)) == 1 + 2 + 4
     usage = f"/usage/{meter}"
-    for listed in (["globex"], ["acme", "globex"]):
-        query = [*RANGE.items(), *(("customer_ids", c) for c in listed)]
-        assert http.get(usage, params=query, headers=ACME).status_code == 403
+    for path in (usage, "/usage/events", "/usage/events/export"):  # the number, its events
+        for listed in (["globex"], ["acme", "globex"]):
+            query = [*RANGE.items(), ("meter_id", meter), *(("customer_ids", c) for c in listed)]
+            if path == usage:
+                query.remove(("meter_id", meter))
+            assert http.get(path, params=query, headers=ACME).status_code == 403, path
     query = [*RANGE.items(), ("customer_ids", "acme"), ("filter", "region:eu")]
     assert total(http.get(usage, params=query, headers=ACME)) == 1 + 4
+    behind = pages(http, ACME, meter_id=meter, customer_ids="acme", filter="region:eu")
+    assert [int(event["value"]) for event in behind] == [1, 4]
 
 
 def test_the_export_streams_csv_and_json_lines_that_ingest_reads(

@@ -91,6 +91,14 @@ router.add_api_route(
 )
 
 
+CustomerIds = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=TEXT_PATTERN)]]
+    | None,
+    Query(max_length=MAX_CUSTOMER_IDS),
+]
+"""Only these customers' events (repeat the parameter per customer)."""
+
+
 @router.get("/events", response_model=Page[StoredEvent], dependencies=[Depends(known_query_only)])
 async def list_events(
     principal: Reader,
@@ -101,6 +109,7 @@ async def list_events(
     event_name: EventName = None,
     customer_id: Name = None,
     filter: FilterParam = None,  # the query parameter's name
+    customer_ids: CustomerIds = None,
     include_cancelled: bool = False,
     limit: Annotated[int, Query(ge=1, le=MAX_EVENTS_PER_PAGE)] = 100,
     cursor: Annotated[str | None, Query(min_length=1, max_length=MAX_CURSOR_LENGTH)] = None,
@@ -115,6 +124,7 @@ async def list_events(
         start=start,
         end=end,
         filters=parse_filters(filter),
+        customer_ids=_own_all(principal, customer_ids),
         include_cancelled=include_cancelled,
         limit=limit,
         cursor=cursor,
@@ -141,6 +151,7 @@ async def export_events(
     event_name: EventName = None,
     customer_id: Name = None,
     filter: FilterParam = None,
+    customer_ids: CustomerIds = None,
     format: ExportFormat = ExportFormat.jsonl,
 ) -> StreamingResponse:
     """Every event `GET /usage/events` would page through (cancelled ones left out), as
@@ -149,6 +160,7 @@ async def export_events(
     incomplete response, never a file that looks whole)."""
     metering = shared.metering
     customer_id = _own(principal, customer_id)  # a tenant naming another: 403 before any read
+    listed = _own_all(principal, customer_ids)
     meter = await find_meter(metering, meter_id, event_name)
     query = EventQuery(
         meter_id=meter.id,
@@ -156,6 +168,7 @@ async def export_events(
         start=start,
         end=end,
         filters=parse_filters(filter),
+        customer_ids=listed,
         limit=MAX_EVENTS_PER_PAGE,
     )
     first = await metering.list_usage_events(query)  # a refusal is a status, not a stream
@@ -173,6 +186,13 @@ async def export_events(
             )
 
     return StreamingResponse(pieces(), media_type=format.media_type)
+
+
+def _own_all(principal: Principal, customer_ids: list[str] | None) -> list[str]:
+    """`customer_ids`, each the caller's to read (403 for another tenant's)."""
+    for listed in customer_ids or ():
+        principal.own_tenant(listed, "read usage of")
+    return customer_ids or []
 
 
 def _own(principal: Principal, customer_id: str | None) -> str | None:
@@ -197,17 +217,12 @@ async def fetch_usage(
     group_by: Annotated[list[GroupKey] | None, Query()] = None,
     tz: str = "UTC",
     filter: FilterParam = None,
-    customer_ids: Annotated[
-        list[Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=TEXT_PATTERN)]]
-        | None,
-        Query(max_length=MAX_CUSTOMER_IDS),
-    ] = None,
+    customer_ids: CustomerIds = None,
 ) -> Response:
     # Up to MAX_ROWS rows: computed and serialised off the event loop, in slices that
     # each hold the GIL briefly, so a large answer cannot delay other requests.
     customer_id = _own(principal, customer_id)
-    for listed in customer_ids or ():
-        principal.own_tenant(listed, "read usage of")
+    listed = _own_all(principal, customer_ids)
     usage = await shared.metering.fetch_usage(
         meter_id,
         customer_id=customer_id,
@@ -217,7 +232,7 @@ async def fetch_usage(
         group_by=group_by or (),
         tz=tz,
         filters=parse_filters(filter),
-        customer_ids=customer_ids or (),
+        customer_ids=listed,
     )
     return Response(await asyncio.to_thread(usage_json, usage), media_type="application/json")
 

@@ -210,6 +210,7 @@ class HttpProvider(BaseProvider):
             if value is not None:
                 params.append((name, value))
         params += _filter_params(query.filters)
+        params += [("customer_ids", customer) for customer in query.customer_ids]
         response = await self._call(
             Operation.LIST_USAGE_EVENTS, "GET", "/usage/events", params=params
         )
