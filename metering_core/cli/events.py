@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, TextIO
 
 import typer
+from rich.cells import cell_len
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,6 +38,10 @@ MeterArgument = Annotated[str, typer.Argument(help="The meter's id or event name
 FromOption = Annotated[str, typer.Option("--from", help="Start, ISO 8601 (inclusive).")]
 ToOption = Annotated[str, typer.Option("--to", help="End, ISO 8601 (exclusive).")]
 CustomerOption = Annotated[str | None, typer.Option("--customer", help="One customer's events.")]
+
+
+OTHER_COLUMNS = 80
+"""Columns an events table keeps for what is beside the id: a timestamp and a value whole."""
 
 
 def _query(
@@ -125,8 +130,11 @@ def _print_page(page: Page[StoredEvent], output: Format) -> None:
                 ]
             )
     else:
-        table = Table()
-        widest = max((len(event.id) for event in page.items), default=2)
+        widest = max((cell_len(event.id) for event in page.items), default=2)
+        # room for the ids whole and the other columns beside them, however narrow the
+        # terminal or the pipe's 80 columns (review: a long id was cut, the rest squeezed)
+        needed = widest + OTHER_COLUMNS
+        table = Table(width=needed if needed > out.width else None)
         table.add_column("id", no_wrap=True, min_width=widest)  # what `cancel` takes: whole
         for title in ("timestamp", "customer", "value", "dimensions", "cancelled"):
             table.add_column(title, overflow="fold")
@@ -139,7 +147,7 @@ def _print_page(page: Page[StoredEvent], output: Format) -> None:
                 ", ".join(f"{k}={v}" for k, v in event.dimensions.items()),
                 "yes" if event.cancelled else "",
             )
-        out.print(table)
+        out.print(table, crop=False)
     if page.next_cursor is not None:
         err.print(f"more: --cursor {page.next_cursor}")
 

@@ -141,6 +141,24 @@ def test_the_events_behind_a_number_for_some_customers_are_listed_and_exported(
         assert sum(Decimal(e["value"]) for e in events) == number
 
 
+def test_the_events_table_in_a_pipe_shows_a_long_id_whole_beside_its_time(
+    tmp_path: Path,
+) -> None:
+    """80 columns: a 100-character id was cut, and the columns beside it squeezed to one
+    character each (review); `cancel` takes the id as shown."""
+    store = tmp_path / "long.db"
+    assert on(store, "meters", "create", "api_calls")[0] == 0
+    long_id = "tenant-" + "7" * 93
+    line = {"id": long_id, "event_name": "api_calls", "customer_id": "acme"}
+    rows = tmp_path / "one.jsonl"
+    rows.write_text(json.dumps(line | {"timestamp": "2026-04-01T10:00:00Z"}) + "\n")
+    assert on(store, "ingest", str(rows))[0] == 0
+    code, out = on(store, "events", "list", "api_calls", *SPAN)
+    assert code == 0, out
+    [row] = [text for text in out.splitlines() if long_id in text]
+    assert "2026-04-01T10:00:00+00:00" in row
+
+
 def test_events_list_pages_with_a_cursor_and_shows_cancelled_events_when_asked(
     source: Path,
 ) -> None:
