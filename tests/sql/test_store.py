@@ -909,6 +909,43 @@ def test_a_latest_tie_goes_to_the_greatest_id_whatever_order_it_arrives_in(
     assert asyncio.run(_both(collated_url, scenario)) == (expected, expected)
 
 
+def test_events_of_one_time_are_listed_by_code_point_a_page_at_a_time_whatever_the_collation(
+    collated_url: str,
+) -> None:
+    """A listing's order, and the cursor that resumes it, are the ids' code points on every
+    store: an en-US database sorts them a, é, z, Z, and paging by that order against a
+    cursor compared by bytes would skip or repeat events (mutation testing: no test had
+    a database of another collation)."""
+
+    async def scenario(provider: Any) -> list[str]:
+        meter = await provider.create_meter(MeterCreate(event_name="seats"))
+        await provider.ingest_usage_events(
+            [
+                UsageEvent(id=event_id, event_name="seats", customer_id="t", timestamp=START)
+                for event_id in ("tie-z", "tie-é", "tie-Z", "tie-a")
+            ]
+        )
+        listed: list[str] = []
+        cursor = None
+        for _ in range(10):
+            page = await provider.list_usage_events(
+                EventQuery(
+                    meter_id=meter.id,
+                    start=START,
+                    end=START + timedelta(seconds=1),
+                    limit=1,
+                    cursor=cursor,
+                )
+            )
+            listed += [event.id for event in page.items]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return listed
+
+    assert asyncio.run(_both(collated_url, scenario)) == (list(TIED_IDS), list(TIED_IDS))
+
+
 def test_sums_of_38_digit_values_are_exact_everywhere(any_url: str) -> None:
     big = Decimal("12345678901234567890.123456789012345678")
 
