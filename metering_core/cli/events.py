@@ -13,6 +13,7 @@ from typing import Annotated, TextIO
 
 import typer
 from rich.cells import cell_len
+from rich.measure import Measurement
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -40,8 +41,8 @@ ToOption = Annotated[str, typer.Option("--to", help="End, ISO 8601 (exclusive)."
 CustomerOption = Annotated[str | None, typer.Option("--customer", help="One customer's events.")]
 
 
-OTHER_COLUMNS = 80
-"""Columns an events table keeps for what is beside the id: a timestamp and a value whole."""
+BESIDE_THE_ID = 120
+"""Columns an events table with long ids gives, at most, to the cells beside them."""
 
 
 def _query(
@@ -131,10 +132,7 @@ def _print_page(page: Page[StoredEvent], output: Format) -> None:
             )
     else:
         widest = max((cell_len(event.id) for event in page.items), default=2)
-        # room for the ids whole and the other columns beside them, however narrow the
-        # terminal or the pipe's 80 columns (review: a long id was cut, the rest squeezed)
-        needed = widest + OTHER_COLUMNS
-        table = Table(width=needed if needed > out.width else None)
+        table = Table()
         table.add_column("id", no_wrap=True, min_width=widest)  # what `cancel` takes: whole
         for title in ("timestamp", "customer", "value", "dimensions", "cancelled"):
             table.add_column(title, overflow="fold")
@@ -147,6 +145,13 @@ def _print_page(page: Page[StoredEvent], output: Format) -> None:
                 ", ".join(f"{k}={v}" for k, v in event.dimensions.items()),
                 "yes" if event.cancelled else "",
             )
+        # In a pipe (80 columns to rich) as wide as the table wants, and in a terminal
+        # too when its ids take more than half of it: its longest cells folded past
+        # BESIDE_THE_ID, rather than an id cut and the cells beside it squeezed to
+        # nothing (review). A terminal wide enough for the ids folds the other cells.
+        natural = Measurement.get(out, out.options.update_width(10**6), table).maximum
+        if natural > out.width and (not out.is_terminal or widest > out.width // 2):
+            table.width = min(natural, widest + BESIDE_THE_ID)
         out.print(table, crop=False)
     if page.next_cursor is not None:
         err.print(f"more: --cursor {page.next_cursor}")
