@@ -142,6 +142,13 @@ _MIGRATE_ATTEMPTS = 25
 """Checks of a new SQLite store's schema while other processes create it (~6 s in all)."""
 
 
+_PLANNED_FOR_ITS_CUSTOMERS = sa.text("SET LOCAL plan_cache_mode = force_custom_plan")
+"""A page of several customers' events is planned for the customers it names: after
+five pages PostgreSQL's generic plan read every remaining event of those customers by
+the customer index and sorted them, a page at a time (review: 400,000 events of two
+customers exported in 48 s against 3 s for one; 181 s for 800,000)."""
+
+
 class SqlProvider(BaseProvider):
     """Every operation, aggregation and window of the memory provider, kept in a database."""
 
@@ -563,7 +570,10 @@ class SqlProvider(BaseProvider):
             if row is None:
                 raise NotFoundError(missing)
             filters = rules.check_filters(meter_from_row(row), query.filters)
-            statement = events_statement(connection.dialect.name, row.seq, query, filters)
+            dialect = connection.dialect.name
+            if dialect == "postgresql" and len(query.customer_ids) > 1:
+                await connection.execute(_PLANNED_FOR_ITS_CUSTOMERS)
+            statement = events_statement(dialect, row.seq, query, filters)
             found = (await connection.execute(statement)).all()
         return event_page(found, query.limit)
 
