@@ -426,7 +426,9 @@ class AsyncMetering:
                 cursor=cursor,
             )
         guards.check_event_query(await self.load_capabilities(), self.provider_name, query)
-        return await self._provider.list_usage_events(query)
+        page = await self._provider.list_usage_events(query)
+        guards.check_event_page(self.provider_name, query, page)
+        return page
 
     async def iter_usage_events(
         self,

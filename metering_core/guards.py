@@ -7,12 +7,15 @@ from __future__ import annotations
 import pydantic
 from pydantic import TypeAdapter
 
-from metering_core.errors import UnsupportedOperationError, ValidationError
+from metering_core import rules
+from metering_core.errors import ProviderError, UnsupportedOperationError, ValidationError
 from metering_core.interface import Capabilities, Operation
 from metering_core.models import (
     EventQuery,
     MeterCreate,
     MeterUpdate,
+    Page,
+    StoredEvent,
     Text,
     UsageQuery,
     describe_error,
@@ -89,6 +92,31 @@ def check_event_query(caps: Capabilities, provider: str, query: EventQuery) -> N
             provider,
             Operation.LIST_USAGE_EVENTS.value,
             f"{refused}={getattr(query, refused)!r}: this provider cannot filter events",
+        )
+
+
+def check_event_page(provider: str, query: EventQuery, page: Page[StoredEvent]) -> None:
+    """Refuse a page holding an event the query leaves out: a provider (a plugin, a
+    service behind the HTTP provider) that ignored `customer_ids`, a filter or
+    `include_cancelled` would have its page taken as the events behind a number (an
+    audit, a dispute, an export loaded elsewhere) and be believed."""
+    customers = rules.admitted_customers(query.customer_id, query.customer_ids)
+    filters = {key: frozenset(values) for key, values in query.filters.items()}
+    for event in page.items:
+        if customers is not None and event.customer_id not in customers:
+            left_out = f"customer_id={event.customer_id!r}"
+        elif not rules.admits(filters, event.dimensions):
+            left_out = f"dimensions={event.dimensions!r}"
+        elif event.cancelled and not query.include_cancelled:
+            left_out = "cancelled=True"
+        elif not query.start <= event.timestamp < query.end:
+            left_out = f"timestamp={event.timestamp.isoformat()}"
+        else:
+            continue
+        raise ProviderError(
+            f"provider {provider!r} listed event {event.id!r} ({left_out}) that the query "
+            "leaves out: it ignores part of the query, and no page of it is used",
+            provider=provider,
         )
 
 

@@ -12,12 +12,15 @@ from metering_core import (
     IngestResult,
     MeterCreate,
     Metering,
+    ProviderError,
     UnsupportedOperationError,
     UsageEvent,
     ValidationError,
     hookimpl,
     register_plugin,
 )
+from metering_core.memory import MemoryProvider
+from metering_core.models import EventQuery, Page, StoredEvent
 from metering_core.plugins import unregister_plugin
 
 from .conftest import RecordingProvider, RecordingSettings
@@ -259,3 +262,48 @@ def test_a_list_given_as_one_string_is_refused_not_read_letter_by_letter(
         metering.fetch_usage("m1", customer_id="t", start=NOW, end=NOW + timedelta(1), **fields)
     assert caught.value.field == field
     assert provider.calls == []
+
+
+class _Unfiltering(MemoryProvider):
+    """A provider that lists events, states it filters, and ignores what it was asked to
+    leave out (a plugin written before listings took `customer_ids`, or a service behind
+    the HTTP provider that ignores query parameters it does not know)."""
+
+    async def list_usage_events(self, query: EventQuery) -> Page[StoredEvent]:
+        return await super().list_usage_events(
+            query.model_copy(update={"customer_id": None, "customer_ids": (), "filters": {}})
+        )
+
+
+def test_a_page_holding_an_event_the_query_leaves_out_is_refused_not_believed() -> None:
+    with Metering(_Unfiltering()) as metering:
+        meter = metering.create_meter(event_name="calls", dimensions=["region"])
+        for customer, region in (("acme", "eu"), ("globex", "us")):
+            metering.ingest_usage_event(
+                event_name="calls",
+                customer_id=customer,
+                timestamp=NOW,
+                dimensions={"region": region},
+            )
+        metering.flush()
+        span = {"start": NOW - timedelta(1), "end": NOW + timedelta(1)}
+        assert len(metering.list_usage_events(meter.id, **span).items) == 2  # nothing left out
+        for narrowed, says in (
+            ({"customer_ids": ["acme"]}, "customer_id='globex'"),
+            ({"customer_id": "globex"}, "customer_id='acme'"),
+            ({"filters": {"region": ["eu"]}}, "dimensions={'region': 'us'}"),
+        ):
+            with pytest.raises(ProviderError, match="leaves out") as refused:
+                metering.list_usage_events(meter.id, **span, **narrowed)
+            assert says in str(refused.value)
+
+
+def test_listing_by_customers_on_a_provider_that_cannot_filter_is_refused_first() -> None:
+    provider = MemoryProvider()
+    provider._capabilities = provider._capabilities.model_copy(update={"filters": False})
+    with Metering(provider) as metering:
+        meter = metering.create_meter(event_name="calls")
+        with pytest.raises(UnsupportedOperationError, match=r"customer_ids=\('t',\)"):
+            metering.list_usage_events(
+                meter.id, start=NOW, end=NOW + timedelta(1), customer_ids=["t"]
+            )
