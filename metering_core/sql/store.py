@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -66,7 +67,20 @@ class StoreBounds:
     pool: float
 
 
-_LOOPBACK = frozenset({"", "localhost", "127.0.0.1", "::1", "[::1]"})
+def _one(value: str | tuple[str, ...] | None) -> str | None:
+    """A query parameter's value (the first, if given more than once)."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _local(host: str) -> bool:
+    """Whether `host` names this machine: none, localhost, a loopback address, or a
+    unix socket's folder."""
+    if host in ("", "localhost") or host.startswith("/"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class StoreUrl:
@@ -128,14 +142,12 @@ class StoreUrl:
         return self._server_database() == other._server_database()
 
     def _server_database(self) -> tuple[str, int, str | None]:
-        host = self.url.host or str(self.url.query.get("host") or "")
-        local = host in _LOOPBACK or host.startswith("/")  # a unix socket is this host's
+        query = self.url.query
+        host = (self.url.host or _one(query.get("host")) or "").lower()
+        given = _one(query.get("port")) or ""
+        port = self.url.port or (int(given) if given.isdigit() else 5432)
         # PostgreSQL's default database is the user's name
-        return (
-            "local" if local else host,
-            self.url.port or 5432,
-            (self.url.database or self.url.username),
-        )
+        return "local" if _local(host) else host, port, self.url.database or self.url.username
 
     def __repr__(self) -> str:
         return f"StoreUrl({self.shown!r})"

@@ -720,6 +720,8 @@ async def test_a_sql_mirror_takes_its_own_options_not_the_ledgers_environment(
         ("postgresql://u@localhost/db", "postgresql+asyncpg://x@127.0.0.1:5432/db"),
         ("postgresql://u@/db?host=/var/run/postgresql", "postgresql://u@localhost/db"),
         ("postgresql://alice@db.example/", "postgresql://alice@db.example:5432/alice"),
+        ("postgresql://u@127.0.0.1:55432/db", "postgresql://u@/db?host=/tmp/pg&port=55432"),
+        ("postgresql://u@LOCALHOST/db", "postgresql://u@127.0.0.2/db"),
     ],
 )
 def test_a_sql_mirror_naming_the_ledgers_database_another_way_is_refused(
@@ -732,6 +734,8 @@ def test_a_sql_mirror_naming_the_ledgers_database_another_way_is_refused(
         AsyncMetering("sql", url=ledger_url, mirrors=mirrors)
     other = {"copy": {"provider": "sql", "url": mirror_url.replace("db", "other", 1)}}
     AsyncMetering("sql", url=ledger_url, mirrors=other)  # another database: a mirror
+    elsewhere = {"copy": {"provider": "sql", "url": "postgresql://u@/db?host=/tmp/pg&port=6543"}}
+    AsyncMetering("sql", url="postgresql://u@localhost/db", mirrors=elsewhere)  # another port
 
 
 def test_a_mirrors_secret_never_shows_in_a_repr_or_a_refusal(sqlite_url: str) -> None:
