@@ -209,6 +209,15 @@ class _Theirs:
         self._by_id: dict[str, Meter] = {}
         self._by_name: dict[str, Meter] = {}
         self._links: dict[str, str] = {}
+        self._read_again = False
+
+    async def read_again(self) -> None:
+        """Read them once more, once a reconcile: a meter the forwarder made after the
+        first read is seen; reading them for each meter the mirror lacks cost a listing
+        of the mirror's meters (Stripe: pages of requests) per meter (review)."""
+        if not self._read_again:
+            self._read_again = True
+            await self.read()
 
     async def read(self) -> None:
         found = await _meters(self._mirror)
@@ -492,7 +501,7 @@ async def reconcile(
             and not making_owed
             and meter.aggregation in capabilities.aggregations  # else no meter can be made
         ):
-            await theirs.read()  # made there since they were read (review), or not at all
+            await theirs.read_again()  # made there since they were read (review)?
             link, counterpart = theirs.of(meter)
             if counterpart is None and not theirs.named(meter.event_name):
                 cells.extend(_billed_nowhere(meter, ours, waiting))

@@ -898,6 +898,34 @@ async def test_a_meter_made_on_the_mirror_after_reconcile_listed_its_meters_is_c
     assert [c.status for c in report.cells] == [CellStatus.equal]
 
 
+async def test_the_mirrors_meters_are_read_again_once_however_many_it_lacks(
+    ledger: AsyncMetering,
+    mirror_service: tuple[str, AsyncMetering],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a listing of the mirror's meters (Stripe: pages of requests) per meter it
+    lacks (review)."""
+    for name in ("a", "b", "c"):
+        await ledger.create_meter(event_name=name)
+        await ledger.ingest_usage_events([event(1, name=name)])
+    await ledger.flush_mirrors(timeout=30)
+    _, behind = mirror_service
+    for made in (await behind.fetch_all_meters()).items:
+        await behind.delete_meter(made.id)
+    mirror = ledger.provider.forwarder.mirrors["billing"]  # type: ignore[attr-defined]
+    listed = reconcile_module._meters
+    asked: list[IMetering] = []
+
+    async def counted(provider: IMetering) -> list[Meter]:
+        asked.append(provider)
+        return await listed(provider)
+
+    monkeypatch.setattr(reconcile_module, "_meters", counted)
+    report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
+    assert {c.status for c in report.cells} == {CellStatus.short}
+    assert sum(provider is mirror for provider in asked) == 2  # first, and once again
+
+
 async def test_a_meter_of_an_aggregation_the_mirror_cannot_hold_stays_not_comparable(
     ledger: AsyncMetering,
     mirror_service: tuple[str, AsyncMetering],
