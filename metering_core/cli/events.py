@@ -15,7 +15,6 @@ import typer
 from rich.cells import cell_len
 from rich.measure import Measurement
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from metering_core.cli.app import app, connect, err, out
 from metering_core.cli.commands import (
@@ -27,6 +26,7 @@ from metering_core.cli.commands import (
     parse_range,
     resolve_meter,
 )
+from metering_core.cli.tables import EscapedTable
 from metering_core.client import Metering
 from metering_core.collector import eased
 from metering_core.export import ExportFormat, export_keys, header, piece
@@ -132,7 +132,7 @@ def _print_page(page: Page[StoredEvent], output: Format) -> None:
             )
     else:
         widest = max((cell_len(event.id) for event in page.items), default=2)
-        table = Table()
+        table = EscapedTable()
         table.add_column("id", no_wrap=True, min_width=widest)  # what `cancel` takes: whole
         for title in ("timestamp", "customer", "value", "dimensions", "cancelled"):
             table.add_column(title, overflow="fold")

@@ -11,7 +11,6 @@ from typing import Annotated
 
 import typer
 from rich.progress import Progress
-from rich.table import Table
 
 from metering_core.cli.app import app, connect, err, out
 from metering_core.cli.commands import (
@@ -22,6 +21,7 @@ from metering_core.cli.commands import (
     resolve_meter,
 )
 from metering_core.cli.events import FromOption, ToOption
+from metering_core.cli.tables import EscapedTable
 from metering_core.client import Metering
 from metering_core.collector import eased
 from metering_core.errors import NotFoundError, ValidationError
@@ -51,7 +51,7 @@ def status(ctx: typer.Context, output: FormatOption = Format.table) -> None:
             oldest = "" if s.oldest_seconds is None else f"{s.oldest_seconds:.3f}"
             out.print(f"{s.mirror},{s.provider},{s.depth},{oldest},{s.dead_letters}")
         return
-    table = Table("mirror", "provider", "owed", "oldest", "dead letters")
+    table = EscapedTable("mirror", "provider", "owed", "oldest", "dead letters")
     for s in statuses:
         oldest = "" if s.oldest_seconds is None else f"{s.oldest_seconds:.0f} s"
         table.add_row(s.mirror, s.provider, str(s.depth), oldest, str(s.dead_letters))
@@ -118,7 +118,7 @@ def link(ctx: typer.Context, mirror: MirrorOption, output: FormatOption = Format
                 [found.kind, found.id, found.mirror_id or "", found.outcome, found.reason or ""]
             )
     else:
-        table = Table("kind", "id", "on the mirror", "outcome", "reason")
+        table = EscapedTable("kind", "id", "on the mirror", "outcome", "reason")
         for found in links:
             table.add_row(
                 found.kind, found.id, found.mirror_id or "", found.outcome, found.reason or ""
@@ -240,7 +240,7 @@ def reconcile(
         for cell in report.cells:
             writer.writerow(_cell_fields(cell))
     else:
-        table = Table()
+        table = EscapedTable()
         for title in ("meter", "customer", "start", "ledger", "mirror", "status", "repaired"):
             table.add_column(title, overflow="fold")  # whole, however narrow: wrapped, not cut
         for cell in report.cells:

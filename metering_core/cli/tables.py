@@ -7,13 +7,32 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 from metering_core.interface import Capabilities, Operation
 from metering_core.models import Aggregation, Meter, Usage, Window
 from metering_core.plugins import ProviderSpec
+
+_ESCAPED = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+"""Control characters, and the escapes a table shows them as."""
+
+
+class EscapedTable(Table):
+    """A table whose text cells show control characters as escapes (`\x1b`, `\n`): the
+    text is a tenant's (ids, customers, dimensions), and raw an escape sequence drove the
+    operator's terminal, a newline split an id over two rows (review). `--format json`
+    or `csv` gives the text as it is."""
+
+    def add_row(self, *renderables: RenderableType | None, **options: Any) -> None:
+        shown = (r.translate(_ESCAPED) if isinstance(r, str) else r for r in renderables)
+        super().add_row(*shown, **options)
 
 
 def _mark(yes: bool) -> str:
@@ -81,7 +100,7 @@ def print_meters(out: Console, meters: Sequence[Meter], output: str) -> None:
                 [" ".join(v) if isinstance(v := record[f], list) else v for f in METER_FIELDS]
             )
         return
-    table = Table()
+    table = EscapedTable()
     for title, widest in (
         ("id", max((len(meter.id) for meter in meters), default=2)),
         ("event name", max((len(meter.event_name) for meter in meters), default=10)),
@@ -121,7 +140,7 @@ def print_usage(out: Console, usage: Usage, output: str) -> None:
                 ]
             )
         return
-    table = Table("start", "end", "customer", *keys, "value", "")
+    table = EscapedTable("start", "end", "customer", *keys, "value", "")
     top = max((abs(row.value) for row in usage.rows), default=0) or 1
     for row in usage.rows:
         bar = "█" * round(float(abs(row.value) / top) * 30)

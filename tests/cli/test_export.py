@@ -159,6 +159,30 @@ def test_the_events_table_in_a_pipe_shows_a_long_id_whole_beside_its_time(
     assert "2026-04-01T10:00:00+00:00" in row
 
 
+def test_the_events_table_shows_control_characters_as_escapes(tmp_path: Path) -> None:
+    """Stored text is a tenant's: raw, an escape sequence drove the operator's terminal
+    and a newline split an id over two rows (review). JSON keeps the text as it is."""
+    store = tmp_path / "controls.db"
+    assert on(store, "meters", "create", "api_calls", "--dimension", "region")[0] == 0
+    line = {
+        "id": "e\x1b[2J1",
+        "event_name": "api_calls",
+        "customer_id": "acme",
+        "timestamp": "2026-04-01T10:00:00Z",
+        "dimensions": {"region": "eu\nus"},
+    }
+    rows = tmp_path / "one.jsonl"
+    rows.write_text(json.dumps(line) + "\n")
+    assert on(store, "ingest", str(rows))[0] == 0
+    code, shown = on(store, "events", "list", "api_calls", *SPAN)
+    assert code == 0, shown
+    assert "\x1b" not in shown
+    assert "e\\x1b[2J1" in shown
+    assert "region=eu\\nus" in shown
+    code, exact = on(store, "events", "list", "api_calls", *SPAN, "--format", "json")
+    assert [e["id"] for e in json.loads(exact)["items"]] == [line["id"]]
+
+
 def test_events_list_pages_with_a_cursor_and_shows_cancelled_events_when_asked(
     source: Path,
 ) -> None:
