@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, NamedTuple, TextIO
 
 import typer
 from rich.cells import cell_len
@@ -45,26 +45,28 @@ BESIDE_THE_ID = 120
 """Columns an events table with long ids gives, at most, to the cells beside them."""
 
 
-def _query(
-    m: Metering,
-    meter: str,
-    from_: str,
-    to: str,
-    customer: str | None,
-    filters: list[str] | None,
-    **more: object,
-) -> EventQuery:
-    start, end = parse_range(from_, to)
-    return EventQuery.model_validate(
-        {
-            "meter_id": resolve_meter(m, meter),
-            "customer_id": customer,
-            "start": start,
-            "end": end,
-            "filters": parse_filters(filters),
-            **more,
-        }
-    )
+class _Asked(NamedTuple):
+    """The options `events list` and `export` share: which events."""
+
+    from_: str
+    to: str
+    customer: str | None
+    filters: list[str] | None
+    customer_ids: list[str] | None
+
+    def query(self, m: Metering, meter: str, **more: object) -> EventQuery:
+        start, end = parse_range(self.from_, self.to)
+        return EventQuery.model_validate(
+            {
+                "meter_id": resolve_meter(m, meter),
+                "customer_id": self.customer,
+                "start": start,
+                "end": end,
+                "filters": parse_filters(self.filters),
+                "customer_ids": self.customer_ids or [],
+                **more,
+            }
+        )
 
 
 @events_app.command("list")
@@ -82,18 +84,10 @@ def list_events(
     output: FormatOption = Format.table,
 ) -> None:
     """One page of a meter's stored events, oldest first."""
+    asked = _Asked(from_, to, customer, filter_, customer_ids)
     with connect(ctx) as m:
-        query = _query(
-            m,
-            meter,
-            from_,
-            to,
-            customer,
-            filter_,
-            customer_ids=customer_ids or [],
-            include_cancelled=include_cancelled,
-            limit=limit,
-            cursor=cursor,
+        query = asked.query(
+            m, meter, include_cancelled=include_cancelled, limit=limit, cursor=cursor
         )
         page = m.list_usage_events(query)
     _print_page(page, output)
@@ -175,17 +169,9 @@ def export(
 ) -> None:
     """Every stored event of a meter in a range (cancelled ones left out), as CSV or JSON
     Lines that `metering ingest` reads back."""
+    asked = _Asked(from_, to, customer, filter_, customer_ids)
     with connect(ctx) as m:
-        query = _query(
-            m,
-            meter,
-            from_,
-            to,
-            customer,
-            filter_,
-            customer_ids=customer_ids or [],
-            limit=MAX_EVENTS_PER_PAGE,
-        )
+        query = asked.query(m, meter, limit=MAX_EVENTS_PER_PAGE)
         found = m.fetch_meter(query.meter_id or "")
         keys = export_keys(found.dimensions, found.unique_dimension)
         with _target(output) as file, _progress() as progress, eased():

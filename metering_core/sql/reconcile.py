@@ -27,7 +27,7 @@ import bisect
 import collections
 import hashlib
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import NamedTuple
@@ -913,26 +913,18 @@ def _billed_nowhere(
     some are still owed), never "not comparable" in a report that is ok (probe: the
     mirror's meter deleted there, and reconcile exited 0 while it billed nothing)."""
     none = _Times()
-    return [
-        ReconcileCell(
-            meter_id=meter.id,
-            event_name=meter.event_name,
-            customer_id=customer,
-            start=start,
-            end=end,
-            ledger=value,
-            mirror=None,
-            status=_status(
-                meter.aggregation,
-                value,
-                None,
-                refused=waiting.get((customer, True), none).within(start, end),
-                pending=waiting.get((customer, False), none).within(start, end),
-                exact=True,
-            ),
+
+    def status(customer: str, start: datetime, end: datetime, value: Decimal) -> CellStatus:
+        return _status(
+            meter.aggregation,
+            value,
+            None,
+            refused=waiting.get((customer, True), none).within(start, end),
+            pending=waiting.get((customer, False), none).within(start, end),
+            exact=True,
         )
-        for (customer, start), (end, value) in sorted(ours.items())
-    ]
+
+    return _ledger_only(meter, ours, status)
 
 
 def _not_comparable(
@@ -951,13 +943,22 @@ def _not_comparable(
     0)."""
     none = _Times()
 
-    def status(customer: str, start: datetime, end: datetime) -> CellStatus:
+    def status(customer: str, start: datetime, end: datetime, value: Decimal) -> CellStatus:
         if waiting.get((customer, True), none).within(start, end):
             return CellStatus.refused
         if arriving:
             return CellStatus.pending
         return CellStatus.not_comparable
 
+    return _ledger_only(meter, ours, status)
+
+
+def _ledger_only(
+    meter: Meter,
+    ours: dict[Key, tuple[datetime, Decimal]],
+    status: Callable[[str, datetime, datetime, Decimal], CellStatus],
+) -> list[ReconcileCell]:
+    """The ledger's cells of a meter with no answer from the mirror, each of `status`."""
     return [
         ReconcileCell(
             meter_id=meter.id,
@@ -967,7 +968,7 @@ def _not_comparable(
             end=end,
             ledger=value,
             mirror=None,
-            status=status(customer, start, end),
+            status=status(customer, start, end, value),
         )
         for (customer, start), (end, value) in sorted(ours.items())
     ]

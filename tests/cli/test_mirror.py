@@ -16,15 +16,20 @@ runner = CliRunner()
 KEYS = {"admin": {"scopes": ["meters:read", "meters:write", "usage:read", "usage:write"]}}
 
 
+def ledger_mirrored_to(url: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of a SQLite ledger whose mirror `billing` is the service at `url`."""
+    return {
+        "METERING_SQL_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "METERING_SQL_MIRRORS": json.dumps(
+            {"billing": {"provider": "http", "base_url": url, "api_key": "admin"}}
+        ),
+    }
+
+
 def test_status_and_one_forwarding_pass_from_the_command_line(tmp_path: Path) -> None:
     behind = AsyncMetering("memory")
     with serve_in_thread(create_app(behind, keys=KEYS)) as url:
-        env = {
-            "METERING_SQL_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-            "METERING_SQL_MIRRORS": json.dumps(
-                {"billing": {"provider": "http", "base_url": url, "api_key": "admin"}}
-            ),
-        }
+        env = ledger_mirrored_to(url, tmp_path)
 
         def metering(*args: str) -> tuple[int, str]:
             result = runner.invoke(app, ["--provider", "sql", *args], env=env)
@@ -177,12 +182,7 @@ def test_ids_in_the_reconcile_table_are_shown_as_they_are_whole(tmp_path: Path) 
     80-column pipe's width."""
     behind = AsyncMetering("memory")
     with serve_in_thread(create_app(behind, keys=KEYS)) as url:
-        env = {
-            "METERING_SQL_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
-            "METERING_SQL_MIRRORS": json.dumps(
-                {"billing": {"provider": "http", "base_url": url, "api_key": "admin"}}
-            ),
-        }
+        env = ledger_mirrored_to(url, tmp_path)
         customers = ["[red]acme[/red]", "[/x]", "acme:cat:"]
         rows = tmp_path / "rows.jsonl"
         rows.write_text(
