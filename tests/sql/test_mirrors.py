@@ -873,32 +873,31 @@ async def test_cells_of_a_meter_the_mirror_lacks_are_pending_then_refused_and_ze
     assert not refused.ok
 
 
-async def test_a_meter_made_on_the_mirror_after_reconcile_listed_its_meters_is_compared(
+async def test_a_meter_the_forwarder_makes_while_reconcile_runs_is_compared(
     ledger: AsyncMetering,
     mirror_service: tuple[str, AsyncMetering],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The forwarder made it between reconcile's listing and its look at what is owed:
-    read again before it is called billed nowhere (review: `short`, and exit 1)."""
-    await ledger.ingest_usage_events([event(1)])
-    await ledger.flush_mirrors(timeout=30)
-    mirror = ledger.provider.forwarder.mirrors["billing"]  # type: ignore[attr-defined]
-    listed = reconcile_module._meters
-    stale = [True]
+    """Made on the mirror, linked and its events delivered after reconcile read the links
+    and the mirror's meters, and before it looked at what is owed: read again, not
+    called billed nowhere (review: short, and exit 1)."""
+    await ledger.ingest_usage_events([event(1)])  # the meter and the event owed
+    unsent = reconcile_module._unsent
+    forwarded: list[bool] = []
 
-    async def listed_before_it_was_made(provider: IMetering) -> list[Meter]:
-        if provider is mirror and stale:
-            stale.clear()
-            return []
-        return await listed(provider)
+    async def forwarded_first(*args: Any) -> Any:
+        if not forwarded:
+            forwarded.append(True)
+            await ledger.flush_mirrors(timeout=30)
+        return await unsent(*args)
 
-    monkeypatch.setattr(reconcile_module, "_meters", listed_before_it_was_made)
+    monkeypatch.setattr(reconcile_module, "_unsent", forwarded_first)
     report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
-    assert not stale  # the stale listing was the one read first
-    assert [c.status for c in report.cells] == [CellStatus.equal]
+    assert forwarded
+    assert [(c.status, c.mirror) for c in report.cells] == [(CellStatus.equal, event(1).value)]
 
 
-async def test_the_mirrors_meters_are_read_again_once_however_many_it_lacks(
+async def test_the_mirrors_meters_are_listed_once_however_many_it_lacks(
     ledger: AsyncMetering,
     mirror_service: tuple[str, AsyncMetering],
     monkeypatch: pytest.MonkeyPatch,
@@ -923,7 +922,7 @@ async def test_the_mirrors_meters_are_read_again_once_however_many_it_lacks(
     monkeypatch.setattr(reconcile_module, "_meters", counted)
     report = await ledger.reconcile("billing", start=AT, end=AT + timedelta(days=1))
     assert {c.status for c in report.cells} == {CellStatus.short}
-    assert sum(provider is mirror for provider in asked) == 2  # first, and once again
+    assert sum(provider is mirror for provider in asked) == 1  # no link changed meanwhile
 
 
 async def test_a_meter_of_an_aggregation_the_mirror_cannot_hold_stays_not_comparable(
