@@ -309,7 +309,7 @@ class Pipeline:
         if result.rejected:
             first_id, reason = next(iter(result.rejected.items()))
             logger.warning(
-                "provider %r refused %d event(s)%s; first: %s: %s",
+                "provider %r refused %d event(s)%s; first: %r: %s",  # the id a sender's
                 self._provider.name,
                 len(result.rejected),
                 " (kept as dead letters)" if dead else "",

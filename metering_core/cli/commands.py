@@ -19,7 +19,7 @@ from metering_core.cli.app import (
     print_json,
 )
 from metering_core.cli.backfill import check_rows, deliver
-from metering_core.cli.tables import capability_table, print_meters, print_usage
+from metering_core.cli.tables import capability_table, escaped, print_meters, print_usage
 from metering_core.client import Metering
 from metering_core.errors import NotFoundError, ValidationError
 from metering_core.filters import parse_filters as filters_from_text
@@ -269,7 +269,7 @@ def ingest(
     accepted, duplicates, rejected = deliver(ctx, file, total, spool)
     out.print(f"accepted {accepted:,}, duplicates {duplicates:,}, rejected {len(rejected):,}")
     for event_id, reason in rejected.items():
-        typer.echo(f"rejected {event_id}: {reason}", err=True)
+        typer.echo(f"rejected {escaped(event_id)}: {escaped(reason)}", err=True)
     if rejected:
         raise typer.Exit(1)
 

@@ -26,7 +26,7 @@ from metering_core.cli.commands import (
     parse_range,
     resolve_meter,
 )
-from metering_core.cli.tables import EscapedTable
+from metering_core.cli.tables import EscapedTable, escaped
 from metering_core.client import Metering
 from metering_core.collector import eased
 from metering_core.export import ExportFormat, export_keys, header, piece
@@ -125,7 +125,7 @@ def _print_page(page: Page[StoredEvent], output: Format) -> None:
                 ]
             )
     else:
-        widest = max((cell_len(event.id) for event in page.items), default=2)
+        widest = max((cell_len(escaped(event.id)) for event in page.items), default=2)
         table = EscapedTable()
         table.add_column("id", no_wrap=True, min_width=widest)  # what `cancel` takes: whole
         for title in ("timestamp", "customer", "value", "dimensions", "cancelled"):

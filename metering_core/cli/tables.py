@@ -20,19 +20,25 @@ _ESCAPED = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)
     ord("\n"): "\\n",
     ord("\r"): "\\r",
     ord("\t"): "\\t",
+    ord("\\"): "\\\\",
 }
-"""Control characters, and the escapes a table shows them as."""
+"""Control characters, and a backslash (so that no two texts show alike), and the escapes
+a table shows them as."""
+
+
+def escaped(text: str) -> str:
+    """`text` with control characters shown as escapes (`\\x1b`, `\\n`) and a backslash
+    doubled: the text is a tenant's (ids, customers, dimensions), and raw an escape
+    sequence drove the operator's terminal, a newline split an id over two rows
+    (review). `--format json` or `csv` gives it as it is."""
+    return text.translate(_ESCAPED)
 
 
 class EscapedTable(Table):
-    """A table whose text cells show control characters as escapes (`\x1b`, `\n`): the
-    text is a tenant's (ids, customers, dimensions), and raw an escape sequence drove the
-    operator's terminal, a newline split an id over two rows (review). `--format json`
-    or `csv` gives the text as it is."""
+    """A table whose text cells are `escaped`."""
 
     def add_row(self, *renderables: RenderableType | None, **options: Any) -> None:
-        shown = (r.translate(_ESCAPED) if isinstance(r, str) else r for r in renderables)
-        super().add_row(*shown, **options)
+        super().add_row(*(escaped(r) if isinstance(r, str) else r for r in renderables), **options)
 
 
 def _mark(yes: bool) -> str:

@@ -178,10 +178,15 @@ def test_serve_without_keys_is_exit_2_and_binds_loopback_by_default(
 
 def test_a_rejected_backfill_row_fails_the_command(shared: MemoryProvider, tmp_path: Path) -> None:
     rows = tmp_path / "usage.jsonl"
-    rows.write_text('{"id": "a", "event_name": "unmetered", "customer_id": "t1"}\n')
+    rows.write_text(
+        '{"id": "a", "event_name": "unmetered", "customer_id": "t1"}\n'
+        '{"id": "b\\u001b[2J", "event_name": "unmetered", "customer_id": "t1"}\n'
+    )
     code, out = metering("ingest", str(rows))
     assert code == 1
     assert "rejected a: no meter for event_name='unmetered'" in out
+    assert "rejected b\\x1b[2J: " in out  # a tenant's id drives no terminal (review)
+    assert "\x1b" not in out
 
 
 def test_a_backfill_keeps_every_digit_of_a_long_json_number(

@@ -171,16 +171,25 @@ def test_the_events_table_shows_control_characters_as_escapes(tmp_path: Path) ->
         "timestamp": "2026-04-01T10:00:00Z",
         "dimensions": {"region": "eu\nus"},
     }
-    rows = tmp_path / "one.jsonl"
-    rows.write_text(json.dumps(line) + "\n")
+    alike = line | {"id": "e\\x1b[2J1", "dimensions": {}}  # a backslash: shown apart
+    bells = line | {"id": "evt-" + "\a" * 30, "dimensions": {}}  # 4 columns each, shown
+    rows = tmp_path / "three.jsonl"
+    rows.write_text("".join(json.dumps(event) + "\n" for event in (line, alike, bells)))
     assert on(store, "ingest", str(rows))[0] == 0
     code, shown = on(store, "events", "list", "api_calls", *SPAN)
     assert code == 0, shown
     assert "\x1b" not in shown
+    assert "\a" not in shown
     assert "e\\x1b[2J1" in shown
+    assert "e\\\\x1b[2J1" in shown
     assert "region=eu\\nus" in shown
+    [row] = [text for text in shown.splitlines() if "evt-" in text]
+    assert "evt-" + "\\x07" * 30 in row  # whole, not cut to the raw id's width
+    assert "2026-04-01T10:00:00+00:00" in row
     code, exact = on(store, "events", "list", "api_calls", *SPAN, "--format", "json")
-    assert [e["id"] for e in json.loads(exact)["items"]] == [line["id"]]
+    assert sorted(e["id"] for e in json.loads(exact)["items"]) == sorted(
+        event["id"] for event in (line, alike, bells)
+    )
 
 
 def test_events_list_pages_with_a_cursor_and_shows_cancelled_events_when_asked(

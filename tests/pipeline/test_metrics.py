@@ -68,6 +68,6 @@ def test_a_delivery_with_faults_is_counted(
     assert len(retries) == 2
     assert "injected outage" in retries[0]
     assert any(
-        "refused 1 event(s) (kept as dead letters); first: e3" in r.getMessage()
+        "refused 1 event(s) (kept as dead letters); first: 'e3'" in r.getMessage()
         for r in caplog.records
     )
