@@ -78,9 +78,11 @@ def _local(host: str) -> bool:
     if host in ("", "localhost") or host.startswith("/"):
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class StoreUrl:
@@ -142,12 +144,19 @@ class StoreUrl:
         return self._server_database() == other._server_database()
 
     def _server_database(self) -> tuple[str, int, str | None]:
+        """Where the URL connects, as asyncpg's dialect reads it: `?host=` and `?port=`
+        before the URL's own, `?host=h:port` giving a port."""
         query = self.url.query
-        host = (self.url.host or _one(query.get("host")) or "").lower()
-        given = _one(query.get("port")) or ""
-        port = self.url.port or (int(given) if given.isdigit() else 5432)
+        host = _one(query.get("host")) or self.url.host or ""
+        port = _one(query.get("port")) or ""
+        if host.count(":") == 1:  # host:port (not an IPv6 address)
+            host, _, given = host.partition(":")
+            port = port or given
+        number = int(port) if port.isascii() and port.isdigit() else self.url.port or 5432
+        host = host.lower().rstrip(".")
         # PostgreSQL's default database is the user's name
-        return "local" if _local(host) else host, port, self.url.database or self.url.username
+        where = "local" if _local(host) else host
+        return where, number, self.url.database or self.url.username
 
     def __repr__(self) -> str:
         return f"StoreUrl({self.shown!r})"

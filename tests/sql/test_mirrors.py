@@ -722,6 +722,10 @@ async def test_a_sql_mirror_takes_its_own_options_not_the_ledgers_environment(
         ("postgresql://alice@db.example/", "postgresql://alice@db.example:5432/alice"),
         ("postgresql://u@127.0.0.1:55432/db", "postgresql://u@/db?host=/tmp/pg&port=55432"),
         ("postgresql://u@LOCALHOST/db", "postgresql://u@127.0.0.2/db"),
+        ("postgresql://u@localhost:55432/db", "postgresql://u@/db?host=localhost:55432"),
+        ("postgresql://u@localhost:55432/db", "postgresql://u@localhost:6543/db?port=55432"),
+        ("postgresql://u@localhost/db", "postgresql://u@db.example.com/db?host=localhost"),
+        ("postgresql://u@localhost/db", "postgresql://u@[::ffff:127.0.0.1]/db?port=%C2%B2"),
     ],
 )
 def test_a_sql_mirror_naming_the_ledgers_database_another_way_is_refused(
@@ -732,7 +736,8 @@ def test_a_sql_mirror_naming_the_ledgers_database_another_way_is_refused(
     mirrors = {"copy": {"provider": "sql", "url": mirror_url}}
     with pytest.raises(ConfigurationError, match="is the ledger's own store"):
         AsyncMetering("sql", url=ledger_url, mirrors=mirrors)
-    other = {"copy": {"provider": "sql", "url": mirror_url.replace("db", "other", 1)}}
+    another_database = re.sub(r"/(\w*)(\?|$)", r"/other\2", mirror_url, count=1)
+    other = {"copy": {"provider": "sql", "url": another_database}}
     AsyncMetering("sql", url=ledger_url, mirrors=other)  # another database: a mirror
     elsewhere = {"copy": {"provider": "sql", "url": "postgresql://u@/db?host=/tmp/pg&port=6543"}}
     AsyncMetering("sql", url="postgresql://u@localhost/db", mirrors=elsewhere)  # another port
