@@ -100,10 +100,18 @@ def check_event_page(provider: str, query: EventQuery, page: Page[StoredEvent]) 
     service behind the HTTP provider) that ignored `customer_ids`, a filter or
     `include_cancelled` would have its page taken as the events behind a number (an
     audit, a dispute, an export loaded elsewhere) and be believed."""
+    if len(page.items) > query.limit:
+        raise ProviderError(
+            f"provider {provider!r} listed {len(page.items)} events on a page of at most "
+            f"limit={query.limit}: no page of it is used",
+            provider=provider,
+        )
     customers = rules.admitted_customers(query.customer_id, query.customer_ids)
     filters = {key: frozenset(values) for key, values in query.filters.items()}
     for event in page.items:
-        if customers is not None and event.customer_id not in customers:
+        if query.event_name is not None and event.event_name != query.event_name:
+            left_out = f"event_name={event.event_name!r}"
+        elif customers is not None and event.customer_id not in customers:
             left_out = f"customer_id={event.customer_id!r}"
         elif not rules.admits(filters, event.dimensions):
             left_out = f"dimensions={event.dimensions!r}"

@@ -267,17 +267,26 @@ def test_a_list_given_as_one_string_is_refused_not_read_letter_by_letter(
 class _Unfiltering(MemoryProvider):
     """A provider that lists events, states it filters, and ignores what it was asked to
     leave out (a plugin written before listings took `customer_ids`, or a service behind
-    the HTTP provider that ignores query parameters it does not know)."""
+    the HTTP provider that ignores query parameters it does not know), down to the meter
+    and the page's size."""
+
+    calls_meter = ""
+    """The meter whose events it lists when asked for those of event name "other"."""
 
     async def list_usage_events(self, query: EventQuery) -> Page[StoredEvent]:
-        return await super().list_usage_events(
-            query.model_copy(update={"customer_id": None, "customer_ids": (), "filters": {}})
-        )
+        ignored = {"customer_id": None, "customer_ids": (), "filters": {}, "limit": 1000}
+        if query.event_name == "other":  # another meter's events, by its id
+            ignored |= {"event_name": None, "meter_id": self.calls_meter}
+        page = await super().list_usage_events(query.model_copy(update=ignored))
+        return page.model_copy(update={"next_cursor": None})
 
 
 def test_a_page_holding_an_event_the_query_leaves_out_is_refused_not_believed() -> None:
-    with Metering(_Unfiltering()) as metering:
+    provider = _Unfiltering()
+    with Metering(provider) as metering:
         meter = metering.create_meter(event_name="calls", dimensions=["region"])
+        provider.calls_meter = meter.id
+        metering.create_meter(event_name="other")
         for customer, region in (("acme", "eu"), ("globex", "us")):
             metering.ingest_usage_event(
                 event_name="calls",
@@ -292,10 +301,13 @@ def test_a_page_holding_an_event_the_query_leaves_out_is_refused_not_believed() 
             ({"customer_ids": ["acme"]}, "customer_id='globex'"),
             ({"customer_id": "globex"}, "customer_id='acme'"),
             ({"filters": {"region": ["eu"]}}, "dimensions={'region': 'us'}"),
+            ({"limit": 1}, "listed 2 events on a page of at most limit=1"),
         ):
-            with pytest.raises(ProviderError, match="leaves out") as refused:
+            with pytest.raises(ProviderError, match="used") as refused:
                 metering.list_usage_events(meter.id, **span, **narrowed)
             assert says in str(refused.value)
+        with pytest.raises(ProviderError, match="event_name='calls'"):
+            metering.list_usage_events(event_name="other", **span)
 
 
 def test_listing_by_customers_on_a_provider_that_cannot_filter_is_refused_first() -> None:
